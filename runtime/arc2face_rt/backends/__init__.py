@@ -1,0 +1,11 @@
+"""Backends run one exported stage each. Every backend session exposes the same small surface:
+
+    sess.input_names, sess.output_names
+    sess.run({name: np.ndarray}) -> {name: np.ndarray}     # synchronous, host arrays in and out
+    sess.close()  (also a context manager)
+
+ONNX Runtime (`ort`) is always available; TensorRT (`trt`) needs a GPU, TensorRT and cuda-python.
+"""
+from .ort import OrtSession, ort_providers
+
+__all__ = ["OrtSession", "ort_providers"]

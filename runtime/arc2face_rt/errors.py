@@ -1,0 +1,33 @@
+"""One exception type per failure a user can act on; each message names the fix."""
+
+
+class Arc2FaceError(Exception):
+    """Base class for every error arc2face-rt raises on purpose."""
+
+
+class MissingWeightsError(Arc2FaceError):
+    """A weight or config file of the model folder is missing, truncated or unreadable."""
+
+
+class EngineMismatchError(Arc2FaceError):
+    """An engines folder was built by another spec revision, library, GPU or precision, or its files changed."""
+
+
+class InvalidInputError(Arc2FaceError):
+    """A user input (embedding file, option value, output path) is unusable."""
+
+
+class OutputExistsError(Arc2FaceError):
+    """An output file already exists; arc2face-rt never overwrites silently."""
+
+
+class BackendUnavailableError(Arc2FaceError):
+    """The requested backend (TensorRT, CUDA) cannot run on this machine."""
+
+
+class ImageDecodeError(Arc2FaceError):
+    """An image file is empty, truncated, too large, of an unsupported format, or not an image."""
+
+
+class NoFaceError(Arc2FaceError):
+    """No face (of the required score and size) was found in an image."""
