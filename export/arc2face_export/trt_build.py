@@ -1,0 +1,474 @@
+"""TensorRT plans from an engines folder's ONNX graphs: `arc2face-export build-engines`.
+
+One code path for full TensorRT (`tensorrt`, 10.x/11.x) and TensorRT-RTX (`tensorrt_rtx`), written
+against the API both share. Both are built *strongly typed*: precision comes from the ONNX types (an
+fp16 graph gives an fp16 engine, Q/DQ nodes give int8), so there are no precision builder flags.
+
+Each stage's `<stage>.onnx` becomes `<stage>.plan` in the same folder, with static shapes except the
+batch axis and one optimisation profile (min, opt, max batch). A plan is rebuilt only when its cache
+key changes: sha256 of the ONNX files (from the manifest's file records) + build config + library
+name and version + target compute capabilities; everything that went into the key is recorded in
+manifest["plans"][stage], which the runtime checks before it loads a plan.
+
+Target compute capability:
+  * full TensorRT builds for the GPU it runs on (its plans are device specific): a GPU is required;
+  * TensorRT-RTX builds ahead of time without a GPU. "auto" picks the GPU present, else the explicit
+    portable set 8.0, 8.6, 8.9, 12.0 (RTX's documented default, written out so the manifest says what
+    the plan runs on); `--compute-capability 7.5` (Turing is never in the portable set), `8.9,12.0`
+    or `current` choose otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from arc2face_rt import manifest as mf
+from arc2face_rt import specs
+from arc2face_rt.backends import cuda
+from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError
+
+log = logging.getLogger(__name__)
+
+PLAN_FORMAT = 1                       # bump when the plan record layout or the build recipe changes
+PORTABLE_RTX_CCS = ("8.0", "8.6", "8.9", "12.0")
+TIMING_CACHE = "timing.cache"         # full TensorRT only; TensorRT-RTX's timing cache is a no-op
+
+
+def import_trt():
+    """`tensorrt` when installed, else `tensorrt_rtx` (same Python API for everything used here)."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        try:
+            import tensorrt_rtx as trt
+        except ImportError as e:
+            raise BackendUnavailableError(
+                "building engines needs TensorRT or TensorRT-RTX; install `pip install 'arc2face-rt[trt]'` "
+                "(tensorrt-rtx, builds on any machine) or NVIDIA's tensorrt") from e
+    return trt
+
+
+def library_info(trt) -> dict:
+    return {"name": trt.__name__, "version": trt.__version__}
+
+
+def is_rtx(trt) -> bool:
+    return trt.__name__ == "tensorrt_rtx"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How plans are built. Each field is one `build-engines` flag."""
+    batch: tuple[int, int, int] | None = None    # (min, opt, max); None: each spec's batch_range
+    opt_level: int = 3                           # builder optimisation level 0..5 (TensorRT default 3)
+    compute_capability: str = "auto"             # "auto" | "current" | "8.6,8.9" (TensorRT-RTX only)
+    timing_cache: bool = True                    # keep <out>/timing.cache (full TensorRT only)
+    workspace_mib: int | None = None             # workspace pool limit; None: the library's default
+
+
+def parse_batch(text: str) -> tuple[int, int, int]:
+    """'8' -> (1, 8, 8); '1,4' -> (1, 4, 4); '1,4,8' -> (1, 4, 8): min, opt, max of the batch axis."""
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if len(vals) == 1:
+        vals = [1, vals[0], vals[0]]
+    elif len(vals) == 2:
+        vals = [vals[0], vals[1], vals[1]]
+    if len(vals) != 3 or not 1 <= vals[0] <= vals[1] <= vals[2]:
+        raise argparse.ArgumentTypeError(f"--batch wants MAX, MIN,OPT or MIN,OPT,MAX with 1 <= min <= opt <= max, got {text!r}")
+    return tuple(vals)
+
+
+# ----------------------------------------------------------------------------- compute capability
+
+def resolve_compute_capabilities(trt, requested: str = "auto") -> tuple[str, ...]:
+    """The compute capabilities ('8.9', ...) a build targets; see the module docstring."""
+    requested = requested.strip().lower()
+    have_gpu = cuda.device_count() > 0
+    if not is_rtx(trt):
+        if not have_gpu:
+            raise BackendUnavailableError(
+                f"{trt.__name__} {trt.__version__} builds plans for the GPU it runs on and there is none here; "
+                "build on the target GPU, or install tensorrt-rtx, which builds without one")
+        cc = cuda.compute_capability()
+        if requested not in ("auto", "current", cc):
+            raise ValueError(f"full TensorRT can only target this GPU ({cc}), not {requested!r}")
+        return (cc,)
+    if requested == "auto":
+        return (cuda.compute_capability(),) if have_gpu else PORTABLE_RTX_CCS
+    if requested == "current":
+        if not have_gpu:
+            raise BackendUnavailableError("--compute-capability current needs a GPU; name one, e.g. 8.9")
+        return (cuda.compute_capability(),)
+    ccs = tuple(c.strip() for c in requested.split(",") if c.strip())
+    for c in ccs:
+        _rtx_cc_enum(trt, c)  # validate early
+    return ccs
+
+
+def _rtx_cc_enum(trt, cc: str):
+    member = "SM" + cc.replace(".", "")
+    if not hasattr(trt.ComputeCapability, member):
+        known = [m[2:-1] + "." + m[-1] for m in trt.ComputeCapability.__members__ if m.startswith("SM")]
+        raise ValueError(f"{trt.__name__} {trt.__version__} cannot target compute capability {cc}; it knows {known}")
+    return getattr(trt.ComputeCapability, member)
+
+
+def _apply_compute_capabilities(trt, config, ccs: tuple[str, ...]) -> None:
+    if not is_rtx(trt):
+        return  # full TensorRT: the current device, implicitly
+    gpu_cc = cuda.compute_capability() if cuda.device_count() else None
+    if len(ccs) == 1 and ccs[0] == gpu_cc and not hasattr(trt.ComputeCapability, "SM" + gpu_cc.replace(".", "")):
+        enums = [trt.ComputeCapability.CURRENT]  # a GPU RTX has no enum for (e.g. 9.0): compile for it as is
+    else:
+        enums = [_rtx_cc_enum(trt, c) for c in ccs]
+    config.num_compute_capabilities = len(enums)
+    for i, e in enumerate(enums):
+        if not config.set_compute_capability(e, i):
+            raise ValueError(f"{trt.__name__} refused compute capability {ccs[i]}")
+
+
+# ----------------------------------------------------------------------------- network parsing
+
+_DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
+                "INT64": "int64", "BOOL": "bool", "UINT8": "uint8", "FP8": "float8"}
+
+
+def dtype_name(trt_dtype) -> str:
+    return _DTYPE_NAMES.get(trt_dtype.name, trt_dtype.name.lower())
+
+
+def make_logger(trt, logger: logging.Logger = log):
+    """A trt.ILogger forwarding to `logger` (TensorRT's own console logger prints to stdout)."""
+
+    class Forward(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            level = {trt.ILogger.INTERNAL_ERROR: logging.ERROR, trt.ILogger.ERROR: logging.ERROR,
+                     trt.ILogger.WARNING: logging.WARNING}.get(severity, logging.DEBUG)
+            logger.log(level, "[%s] %s", trt.__name__, msg)
+
+    return Forward()
+
+
+def parse_onnx(trt, onnx_path: Path, logger=None):
+    """(builder, network, parser) for a strongly typed network parsed from `onnx_path`.
+
+    The parser reads external data (`*.onnx.data`) from the ONNX file's folder.
+    """
+    logger = logger or make_logger(trt)
+    builder = trt.Builder(logger)
+    flag = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flag)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineMismatchError(f"{onnx_path}: TensorRT's ONNX parser failed ({errors}); re-export it with `arc2face-export onnx`")
+    return builder, network, parser, logger
+
+
+def network_io(network) -> dict:
+    """{"inputs": [[name, dtype, shape]], "outputs": [...]} with -1 written as "B" on axis 0, as the specs do."""
+    def rec(t):
+        shape = [("B" if (d == -1 and i == 0) else int(d)) for i, d in enumerate(t.shape)]
+        return [t.name, dtype_name(t.dtype), shape]
+    return {"inputs": [rec(network.get_input(i)) for i in range(network.num_inputs)],
+            "outputs": [rec(network.get_output(i)) for i in range(network.num_outputs)]}
+
+
+def onnx_io(onnx_path: str | Path) -> dict:
+    """The I/O of an ONNX graph as TensorRT's parser sees it (no GPU needed); see `network_io`."""
+    trt = import_trt()
+    _, network, _, _ = parse_onnx(trt, Path(onnx_path))
+    return network_io(network)
+
+
+def spec_io(spec) -> dict:
+    def rec(t):
+        return [t.name, t.dtype, list(t.shape)]
+    return {"inputs": [rec(t) for t in spec.inputs], "outputs": [rec(t) for t in spec.outputs]}
+
+
+def check_network_against_spec(network, spec, onnx_path: Path) -> None:
+    """Names, dtypes and shapes of the parsed network must be the spec's (order-insensitive)."""
+    got, want = network_io(network), spec_io(spec)
+    for kind in ("inputs", "outputs"):
+        g = {r[0]: r for r in got[kind]}
+        w = {r[0]: r for r in want[kind]}
+        if g != w:
+            raise EngineMismatchError(
+                f"{onnx_path}: {kind} {sorted(g.values())} differ from stage spec '{spec.name}' {sorted(w.values())}; "
+                "re-export the folder with `arc2face-export onnx --force`")
+
+
+def _profile_shapes(spec, batch: tuple[int, int, int]) -> dict[str, tuple]:
+    return {t.name: tuple(t.concrete(b) for b in batch) for t in spec.inputs if "B" in t.shape}
+
+
+# ----------------------------------------------------------------------------- progress
+
+def _progress_monitor(trt):
+    """An IProgressMonitor that logs phase starts/ends (indented by depth) to the module logger."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self._depth: dict[str, int] = {}
+            self._t0: dict[str, float] = {}
+            self._lock = threading.Lock()   # TensorRT may call from several threads
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            with self._lock:
+                d = self._depth.get(parent_phase, -1) + 1 if parent_phase else 0
+                self._depth[phase_name], self._t0[phase_name] = d, time.perf_counter()
+                log.log(logging.INFO if d <= 1 else logging.DEBUG, "%s%s (%d steps)", "  " * (d + 1), phase_name, num_steps)
+
+        def step_complete(self, phase_name, step):
+            return True
+
+        def phase_finish(self, phase_name):
+            with self._lock:
+                d = self._depth.pop(phase_name, 0)
+                dt = time.perf_counter() - self._t0.pop(phase_name, time.perf_counter())
+                if dt > 1.0:
+                    log.info("%s%s done in %.1f s", "  " * (d + 1), phase_name, dt)
+
+    return Monitor()
+
+
+# ----------------------------------------------------------------------------- cache key
+
+def onnx_files_digest(engines_dir: Path, onnx_file: str, stage_record: dict | None) -> dict[str, str]:
+    """{relpath: sha256} of an ONNX graph and its external data.
+
+    Taken from the manifest's file records when there are some (after checking sizes: hashing a
+    multi-GB UNet at every build would be slow), else hashed here.
+    """
+    files = (stage_record or {}).get("files")
+    if files:
+        mf.verify_files(engines_dir, files)
+        return {rel: rec["sha256"] for rel, rec in sorted(files.items())}
+    out = {onnx_file: mf.sha256_file(engines_dir / onnx_file)}
+    for data in sorted(engines_dir.glob(onnx_file + ".data")):
+        out[data.name] = mf.sha256_file(data)
+    return out
+
+
+def cache_key(onnx_sha: dict, build: dict, library: dict, ccs: tuple[str, ...]) -> str:
+    blob = json.dumps({"plan_format": PLAN_FORMAT, "spec_revision": specs.SPEC_REVISION, "onnx": onnx_sha,
+                       "build": build, "library": library, "compute_capabilities": list(ccs)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- building
+
+def build_plan(onnx_path: str | Path, plan_path: str | Path, spec, options: BuildOptions = BuildOptions(),
+               precision: str = "unknown", trt=None, ccs: tuple[str, ...] | None = None,
+               onnx_sha: dict | None = None, timing_cache_path: Path | None = None) -> dict:
+    """Build one plan from any ONNX graph and a spec-like description (name, inputs, outputs of
+    TensorSpec, batch_range). Writes `plan_path` atomically and returns its manifest record."""
+    trt = trt or import_trt()
+    onnx_path, plan_path = Path(onnx_path), Path(plan_path)
+    ccs = ccs or resolve_compute_capabilities(trt, options.compute_capability)
+    batch = tuple(options.batch or spec.batch_range)
+    library = library_info(trt)
+    build = _build_record(spec, batch, options, precision, trt)
+    onnx_sha = onnx_sha or {onnx_path.name: mf.sha256_file(onnx_path)}
+    t0 = time.perf_counter()
+
+    builder, network, _parser, _logger = parse_onnx(trt, onnx_path)
+    check_network_against_spec(network, spec, onnx_path)
+    io = network_io(network)
+    config = builder.create_builder_config()
+    config.builder_optimization_level = options.opt_level
+    if options.workspace_mib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
+    _apply_compute_capabilities(trt, config, ccs)
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in _profile_shapes(spec, batch).items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    cache = None
+    if timing_cache_path is not None and not is_rtx(trt):
+        data = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
+        cache = config.create_timing_cache(data)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    monitor = _progress_monitor(trt)
+    config.progress_monitor = monitor
+
+    log.info("building %s from %s (%s, batch %s, opt level %d, %s %s, cc %s)", plan_path.name, onnx_path.name,
+             precision, batch, options.opt_level, library["name"], library["version"], ",".join(ccs))
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"{library['name']} failed to build {plan_path.name} (see the log above)")
+    data = memoryview(serialized)
+    tmp = plan_path.with_name(f".{plan_path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(plan_path)
+    if cache is not None:
+        _write_atomic(timing_cache_path, memoryview(cache.serialize()))
+    seconds = time.perf_counter() - t0
+    log.info("built %s: %.1f MiB in %.1f s", plan_path.name, len(data) / 2**20, seconds)
+    del config, network, builder  # release TensorRT objects before the monitor/logger they point to
+    return {
+        "file": plan_path.name,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "key": cache_key(onnx_sha, build, library, ccs),
+        "library": library,
+        "compute_capabilities": list(ccs),
+        "build": build,
+        "onnx": onnx_sha,
+        "io": io,
+        "build_seconds": round(seconds, 3),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _build_record(spec, batch, options: BuildOptions, precision: str, trt) -> dict:
+    return {"precision": precision, "strongly_typed": True, "profile": {"min": batch[0], "opt": batch[1], "max": batch[2]},
+            "opt_level": options.opt_level, "workspace_mib": options.workspace_mib,
+            "timing_cache": bool(options.timing_cache and not is_rtx(trt))}
+
+
+def _write_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def plan_is_current(engines_dir: Path, record: dict | None, key: str) -> bool:
+    """True when the recorded plan was built with `key` and its file is intact (size and sha256)."""
+    if not record or record.get("key") != key:
+        return False
+    p = engines_dir / record["file"]
+    return p.is_file() and p.stat().st_size == record["bytes"] and mf.sha256_file(p) == record["sha256"]
+
+
+def int8_onnx_file(stage: str) -> str:
+    return f"{stage}.int8.onnx"
+
+
+def build_engines(engines_dir: str | Path, stages: list[str] | None = None, precision: str | None = None,
+                  options: BuildOptions = BuildOptions(), force: bool = False, stage_specs: dict | None = None) -> dict:
+    """Build (or keep) `<stage>.plan` for each stage of an engines folder; return the updated manifest.
+
+    `precision` "int8" builds the step stages from their Q/DQ graphs `<stage>.int8.onnx` (written by
+    `arc2face_export.int8.quantize_stage`) and every other stage from the folder's fp16/fp32 ONNX.
+    """
+    engines_dir = Path(engines_dir)
+    trt = import_trt()
+    m = mf.load_manifest(engines_dir)
+    stage_specs = stage_specs or specs.STAGES
+    names = stages or [s for s in m.get("stages", {}) if s in stage_specs]
+    unknown = [s for s in names if s not in stage_specs]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; known: {sorted(stage_specs)}")
+    ccs = resolve_compute_capabilities(trt, options.compute_capability)
+    library = library_info(trt)
+    plans = m.setdefault("plans", {})
+    tc_path = engines_dir / TIMING_CACHE if options.timing_cache else None
+    for name in names:
+        spec = stage_specs[name]
+        onnx_file, stage_precision, record = spec.onnx_file, m.get("precision", "unknown"), m.get("stages", {}).get(name)
+        quant = m.get("quantized", {}).get(name)
+        if precision == "int8" and quant:
+            onnx_file, stage_precision, record = quant["file"], "int8", quant
+        if not (engines_dir / onnx_file).is_file():
+            raise EngineMismatchError(f"{engines_dir / onnx_file}: missing; run `arc2face-export onnx` for this folder")
+        onnx_sha = onnx_files_digest(engines_dir, onnx_file, record)
+        batch = tuple(options.batch or spec.batch_range)
+        key = cache_key(onnx_sha, _build_record(spec, batch, options, stage_precision, trt), library, ccs)
+        if not force and plan_is_current(engines_dir, plans.get(name), key):
+            log.info("%s: up to date (key %s), skipped", spec.plan_file, key[:12])
+            continue
+        rec = build_plan(engines_dir / onnx_file, engines_dir / spec.plan_file, spec, options, stage_precision,
+                         trt=trt, ccs=ccs, onnx_sha=onnx_sha, timing_cache_path=tc_path)
+        assert rec["key"] == key
+        plans[name] = rec
+        mf.write_json_atomic(engines_dir / mf.MANIFEST, m)
+    return m
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _onnx_precision(precision: str) -> str:
+    return "fp32" if precision == "fp32" else "fp16"   # int8 quantises the fp16 graphs
+
+
+def _needs_export(out: Path, onnx_precision: str, stages: list[str] | None) -> bool:
+    try:
+        m = mf.load_manifest(out)
+    except EngineMismatchError:
+        return True
+    if m.get("precision") != onnx_precision:
+        return True
+    names = stages or list(specs.STAGES)
+    return any(n not in m.get("stages", {}) or not (out / specs.STAGES[n].onnx_file).is_file()
+               for n in names if n in specs.STAGES)
+
+
+def cmd_build_engines(args) -> int:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    out = Path(args.out)
+    onnx_precision = _onnx_precision(args.precision)
+    if _needs_export(out, onnx_precision, args.stages):
+        if args.model_dir is None:
+            raise EngineMismatchError(f"{out} has no {onnx_precision} ONNX graphs; pass --model-dir to export them")
+        try:
+            from .onnx_export import export_all
+        except ImportError as e:
+            raise BackendUnavailableError(f"ONNX export is unavailable ({e}); run `arc2face-export onnx` first") from e
+        log.info("exporting %s ONNX graphs to %s first", onnx_precision, out)
+        export_all(Path(args.model_dir), out, precision=onnx_precision, force=False)
+    if args.precision == "int8":
+        from .int8 import ensure_int8_graphs
+        ensure_int8_graphs(out, calib_path=args.calib_data, stages=args.stages)
+    options = BuildOptions(batch=args.batch, opt_level=args.opt_level, compute_capability=args.compute_capability,
+                           timing_cache=not args.no_timing_cache, workspace_mib=args.workspace_mib)
+    build_engines(out, stages=args.stages, precision=args.precision, options=options, force=args.force)
+    return 0
+
+
+def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "build-engines", help="build TensorRT plans (<stage>.plan) next to the ONNX graphs",
+        description="Build a TensorRT / TensorRT-RTX plan per stage. Exports the ONNX graphs first when the "
+                    "folder lacks them. Plans are rebuilt only when the ONNX, the options, the library or the "
+                    "target GPU changed (recorded in manifest.json under 'plans').")
+    p.add_argument("--model-dir", help="model folder to export from when --out lacks the ONNX graphs")
+    p.add_argument("--out", required=True, help="engines folder (ONNX graphs + manifest.json)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16",
+                   help="fp16 (default) / fp32 build from the graphs of that precision; int8 builds the step "
+                        "stages from Q/DQ-quantised fp16 graphs (needs --calib-data the first time)")
+    p.add_argument("--batch", type=parse_batch, default=None,
+                   help="batch profile: MAX, MIN,OPT or MIN,OPT,MAX (e.g. 1,4,8: min 1, opt 4, max 8); "
+                        "default: each stage spec's batch_range")
+    p.add_argument("--opt-level", type=int, choices=range(6), default=3, metavar="{0..5}",
+                   help="builder optimisation level (default 3; higher builds longer)")
+    p.add_argument("--compute-capability", default="auto",
+                   help="TensorRT-RTX target(s): auto (this GPU, else the portable set 8.0,8.6,8.9,12.0), "
+                        "current, or a list such as 8.9,12.0 (7.5 for Turing)")
+    p.add_argument("--workspace-mib", type=int, default=None, help="workspace memory pool limit in MiB")
+    p.add_argument("--no-timing-cache", action="store_true", help="do not read/write <out>/timing.cache")
+    p.add_argument("--calib-data", default=None,
+                   help="int8: .npz of step-graph inputs recorded by the pipeline (one array per input, "
+                        "leading axis = sample)")
+    p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
+                   help=f"stages to build (default: all in the manifest): {' '.join(specs.STAGES)}")
+    p.add_argument("--force", action="store_true", help="rebuild even when the plans are up to date")
+    p.set_defaults(func=cmd_build_engines)
+    return p
