@@ -39,13 +39,16 @@ def _scalar(k: int, out: str):
 def _step_nodes(cfg: bool, rng):
     w = (rng.standard_normal((4, 4, 3, 3)) * 0.1).astype(np.float32)
     inits = [_init(f"idx{k}", np.array(k, np.int64)) for k in range(8)]
-    inits += [_init("w_c", w), _init("w_u", (w[::-1] * 0.5).copy()), 
+    w2 = (np.eye(4, dtype=np.float32)[:, :, None, None] + rng.standard_normal((4, 4, 1, 1)).astype(np.float32) * 0.1)
+    inits += [_init("w_c", w), _init("w_2", w2), _init("w_3", w2[::-1].copy()), 
               _init("shape_b111", np.array([-1, 1, 1, 1], np.int64)), _init("t_scale", np.array(1e-3, np.float32))]
     names = ["t", "s", "a", "b", "c0", "c1", "c2", "c3"]
     nodes = [_scalar(k, n) for k, n in enumerate(names)]
     nodes += [
         h.make_node("Mul", ["x", "s"], ["x_in"]),
-        h.make_node("Conv", ["x_in", "w_c"], ["conv_c"], pads=[1, 1, 1, 1]),
+        h.make_node("Conv", ["x_in", "w_c"], ["conv_1"], pads=[1, 1, 1, 1]),   # three convs: the middle
+        h.make_node("Conv", ["conv_1", "w_2"], ["conv_2"]),                     # ones are what int8 quantises
+        h.make_node("Conv", ["conv_2", "w_3"], ["conv_c"]),
         h.make_node("ReduceMean", ["cond"], ["cond_mean"], axes=[1, 2], keepdims=0),      # [B]
         h.make_node("Reshape", ["cond_mean", "shape_b111"], ["cond_b"]),                  # [B,1,1,1]
         h.make_node("Mul", ["t", "t_scale"], ["t_term"]),
@@ -53,6 +56,7 @@ def _step_nodes(cfg: bool, rng):
         h.make_node("Add", ["eps_c0", "t_term"], ["eps_c"]),
     ]
     if cfg:   # eps = eps_u + g*(eps_c - eps_u); the "uncond" branch is another conv
+        inits.append(_init("w_u", (w[::-1] * 0.5).copy()))
         nodes += [h.make_node("Conv", ["x_in", "w_u"], ["eps_u"], pads=[1, 1, 1, 1]),
                   h.make_node("Sub", ["eps_c", "eps_u"], ["d"]),
                   h.make_node("Mul", ["d", "guidance"], ["gd"]),
