@@ -1,0 +1,86 @@
+"""`arc2face-export`: random-weight checkpoints, ONNX export with validation, TensorRT engines."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from arc2face_rt.errors import Arc2FaceError
+from arc2face_rt.specs import PRECISIONS, STAGES
+
+
+def _say(msg: str) -> None:
+    print(f"arc2face-export: {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_random_checkpoint(args) -> int:
+    from arc2face_ref.random_ckpt import write_random_checkpoint
+
+    _say(f"writing a random-weight {args.size} checkpoint (seed {args.seed}) to {args.out}")
+    write_random_checkpoint(args.out, size=args.size, seed=args.seed, force=args.force,
+                            face_models=not args.no_face_models)
+    _say(f"done: {args.out} (random weights: generated images will look like noise)")
+    return 0
+
+
+def cmd_onnx(args) -> int:
+    from .onnx_export import export_all
+
+    m = export_all(args.model_dir, args.out, precision=args.precision, force=args.force,
+                   stages=tuple(args.stages) if args.stages else None, validate=not args.no_validate,
+                   progress=_say)
+    _say(f"manifest: {Path(args.out) / 'manifest.json'} ({len(m['stages'])} stages, {m['precision']})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arc2face-export", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("random-checkpoint", help="write a seeded random-weight model folder (released layout)")
+    p.add_argument("--size", choices=("tiny", "full"), default="tiny",
+                   help="tiny: fast tests and demo; full: exact SD1.5/CLIP-L architectures (3.4 GB UNet)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing folder")
+    p.add_argument("--no-face-models", action="store_true", help="skip the detector/ArcFace ONNX files")
+    p.set_defaults(func=cmd_random_checkpoint)
+
+    p = sub.add_parser("onnx", help="export, validate against torch, and write an engines folder")
+    p.add_argument("--model-dir", required=True, type=Path, help="arc2face/, encoder/, vae/, scheduler/")
+    p.add_argument("--out", required=True, type=Path, help="engines folder to write")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--stages", nargs="+", choices=sorted(STAGES), help="export only these (default: all)")
+    p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-torch check")
+    p.add_argument("--force", action="store_true", help="replace an existing export")
+    p.set_defaults(func=cmd_onnx)
+
+    try:
+        from .trt_build import add_build_engines_parser
+    except ImportError as e:            # TensorRT support is optional
+        _missing = str(e)
+        q = sub.add_parser("build-engines", help="build TensorRT engines (needs tensorrt or tensorrt-rtx)")
+        q.set_defaults(func=lambda a: (_say(f"build-engines unavailable: {_missing}; "
+                                            "pip install 'arc2face-rt[trt]'"), 2)[1])
+    else:
+        add_build_engines_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except Arc2FaceError as e:
+        print(f"arc2face-export: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("arc2face-export: interrupted; nothing half-written was kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Export the generation stages to ONNX, validate each against torch with onnxruntime, write a manifest.
+
+Fixed template per stage (style: CTranslate2's converter): build the torch module -> export ->
+validate against torch fp32 at the spec's tolerance -> save (external data when > 2 GB) -> record.
+Files are written into a temporary folder beside the output and moved in only when every stage has
+passed, manifest last, so an interrupted export never leaves a half-written engines folder.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from arc2face_rt import manifest as mf
+from arc2face_rt.errors import OutputExistsError
+from arc2face_rt.schedulers import make_schedule
+from arc2face_rt.specs import (PRECISIONS, PROJECTOR, SPEC_REVISION, STAGES, STEP, STEP_CFG, VAE_DECODER,
+                               StageSpec)
+from arc2face_ref.loading import load_models, model_files
+from arc2face_ref.modules import DenoiseStep, VaeDecode
+from arc2face_ref.projector import Arc2FaceProjector, unconditional_embedding
+
+log = logging.getLogger("arc2face_export")
+OPSET = 18
+_EXTERNAL_DATA_BYTES = 1 << 30  # graphs over 1 GiB keep weights in <file>.data (protobuf caps at 2 GiB)
+
+
+class ValidationError(RuntimeError):
+    """An exported graph disagrees with torch beyond its spec's tolerance."""
+
+
+def library_versions() -> dict:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def example_inputs(spec: StageSpec, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Realistic random inputs for validation: a real DPM-Solver++ coefficient row, unit-scale tensors."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for t in spec.inputs:
+        if t.name == "coeffs":
+            feeds[t.name] = make_schedule("dpmpp2m", 25).table()[12]
+        elif t.name == "guidance":
+            feeds[t.name] = np.array([3.0], np.float32)
+        else:
+            feeds[t.name] = rng.standard_normal(t.concrete(batch)).astype(t.dtype)
+    return feeds
+
+
+class _CastIO(torch.nn.Module):
+    """fp32 at the graph boundary, the wrapped module's dtype inside."""
+
+    def __init__(self, module, dtype):
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, x):
+        return self.module(x.to(self.dtype)).float()
+
+
+def _export_one(module, spec: StageSpec, feeds: dict, path: Path) -> None:
+    args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
+    dynamic = {t.name: {0: "B"} for t in spec.inputs + spec.outputs if t.shape and t.shape[0] == "B"}
+    raw = path.with_suffix(".raw.onnx")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)   # shape asserts in diffusers, expected
+        torch.onnx.export(module, args, str(raw), input_names=[t.name for t in spec.inputs],
+                          output_names=[t.name for t in spec.outputs], dynamic_axes=dynamic,
+                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
+    import onnx
+
+    model = onnx.load(str(raw), load_external_data=True)
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    for p in raw.parent.iterdir():   # the raw export (and any loose weight files it scattered)
+        p.unlink()
+    if size > _EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def _validate(module, spec: StageSpec, feeds: dict, path: Path, precision: str, reference) -> dict:
+    from arc2face_rt.backends.ort import OrtSession
+
+    got = OrtSession(path, device="cpu").run(feeds)
+    with torch.no_grad():
+        want = reference(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs))
+    want = want if isinstance(want, tuple) else (want,)
+    tol = spec.tolerance[precision]
+    worst = 0.0
+    for t, w in zip(spec.outputs, want):
+        g, w = got[t.name], w.numpy()
+        if g.shape != w.shape or g.dtype != np.dtype(t.dtype):
+            raise ValidationError(f"{spec.name}.{t.name}: got {g.dtype}{g.shape}, want {t.dtype}{w.shape}")
+        if t.dtype == "uint8":
+            err = float(np.abs(g.astype(np.int16) - w.astype(np.int16)).max())
+        else:
+            err = float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-12))
+        if not np.isfinite(err) or err > tol:
+            raise ValidationError(f"{spec.name}.{t.name}: error {err:.3g} exceeds tolerance {tol} "
+                                  f"({precision}); the export is wrong, please report it")
+        worst = max(worst, err)
+    metric = "max_abs_grey_levels" if spec.outputs[0].dtype == "uint8" else "relative_l2"
+    return {"metric": metric, "value": worst, "tolerance": tol, "batch": next(iter(feeds.values())).shape[0]}
+
+
+def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp32", force: bool = False,
+               stages: tuple[str, ...] | None = None, validate: bool = True, progress=None) -> dict:
+    """Export every generation stage of MODEL_DIR into OUT_DIR; returns the manifest written.
+
+    An OUT_DIR that already holds an export of the same model files, precision and spec revision is
+    kept as it is (returns its manifest); any other existing content needs `force`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}")
+    say = progress or (lambda msg: log.info(msg))
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    names = tuple(stages or STAGES)
+    source = {str(p.relative_to(model_dir)): mf.file_record(p) for p in model_files(model_dir)}
+    if (out_dir / mf.MANIFEST).is_file() and not force:
+        try:
+            old = mf.load_manifest(out_dir)
+        except Exception:
+            old = None
+        if old and old.get("precision") == precision and old.get("source", {}).get("files") == source \
+                and all(n in old["stages"] for n in names):
+            for n in names:
+                mf.verify_files(out_dir, old["stages"][n]["files"])
+            say(f"{out_dir}: up to date ({precision}), nothing to export")
+            return old
+        raise OutputExistsError(f"{out_dir}: holds another export; choose another --out or pass --force")
+    if out_dir.exists() and any(p.name != ".gitkeep" for p in out_dir.iterdir()) and not force \
+            and not (out_dir / mf.MANIFEST).is_file():
+        raise OutputExistsError(f"{out_dir}: exists and is not empty; choose another --out or pass --force")
+
+    t0 = time.perf_counter()
+    say(f"loading {model_dir}")
+    models = load_models(model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export-"))
+    records = {}
+    try:
+        for name in names:
+            spec = STAGES[name]
+            # fp16 stages are validated against the same module in fp32
+            ref32 = _reference_fp32(models, name) if precision == "fp16" and validate else None
+            module = _modules_for(models, name, precision)
+            feeds = example_inputs(spec, batch=2 if name != VAE_DECODER.name else 1)
+            ts = time.perf_counter()
+            say(f"[{name}] exporting ({precision})")
+            stage_dir = tmp / name
+            stage_dir.mkdir()
+            path = stage_dir / spec.onnx_file
+            _export_one(module, spec, feeds, path)
+            rec = {"file": spec.onnx_file, "export_s": round(time.perf_counter() - ts, 2)}
+            if validate:
+                say(f"[{name}] validating against torch with onnxruntime")
+                rec["validation"] = _validate(module, spec, feeds, path, precision, ref32 or module)
+                say(f"[{name}] {rec['validation']['metric']} = {rec['validation']['value']:.3g} "
+                    f"(tolerance {rec['validation']['tolerance']})")
+            for p in stage_dir.iterdir():
+                p.rename(tmp / p.name)
+            stage_dir.rmdir()
+            rec["files"] = {p.name: mf.file_record(tmp / p.name)
+                            for p in sorted(tmp.iterdir()) if p.name.startswith(spec.onnx_file)}
+            rec["inputs"] = [[t.name, t.dtype, list(t.shape)] for t in spec.inputs]
+            rec["outputs"] = [[t.name, t.dtype, list(t.shape)] for t in spec.outputs]
+            records[name] = rec
+        manifest = {
+            "format": mf.FORMAT, "format_version": mf.FORMAT_VERSION, "spec_revision": SPEC_REVISION,
+            "precision": precision, "opset": OPSET,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"model_dir": str(model_dir.resolve()), "files": source,
+                       "random_weights": (model_dir / "RANDOM_WEIGHTS.txt").is_file()},
+            "scheduler_config": models.scheduler_config,
+            "libraries": library_versions(),
+            "export_s": round(time.perf_counter() - t0, 1),
+            "stages": records,
+        }
+        old_manifest = out_dir / mf.MANIFEST
+        old_manifest.unlink(missing_ok=True)       # the folder is invalid until the new manifest lands
+        for p in tmp.iterdir():
+            p.replace(out_dir / p.name)
+        mf.write_json_atomic(out_dir / mf.MANIFEST, manifest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(f"wrote {out_dir} in {time.perf_counter() - t0:.1f} s")
+    return manifest
+
+
+def _modules_for(models, name: str, precision: str) -> torch.nn.Module:
+    """The torch module for one stage at `precision` (weights cast on a copy, models stay fp32)."""
+    import copy
+
+    dt = torch.float16 if precision == "fp16" else torch.float32
+    if name == PROJECTOR.name:
+        enc = models.encoder if dt == torch.float32 else copy.deepcopy(models.encoder).to(dt)
+        proj = Arc2FaceProjector(enc)
+        proj.prompt_tokens = proj.prompt_tokens.to(dt)
+        return _CastIO(proj, dt).eval()
+    if name in (STEP_CFG.name, STEP.name):
+        unet = models.unet if dt == torch.float32 else copy.deepcopy(models.unet).to(dt)
+        uncond = unconditional_embedding(models.encoder) if name == STEP_CFG.name else None
+        return DenoiseStep(unet, uncond).eval()
+    if name == VAE_DECODER.name:
+        vae = models.vae if dt == torch.float32 else copy.deepcopy(models.vae).to(dt)
+        return VaeDecode(vae).eval()
+    raise KeyError(name)
+
+
+def _reference_fp32(models, name: str) -> torch.nn.Module:
+    return _modules_for(models, name, "fp32")

@@ -1,0 +1,244 @@
+"""The generation pipeline: identity -> projector -> N denoise steps -> VAE decoder -> uint8 images.
+
+Backends only run graphs; all host arithmetic (scheduler tables, noise) is numpy and happens before
+the loop. A step session that offers `denoise_loop` (TensorRT: the whole loop as one CUDA graph)
+runs the loop itself; otherwise the loop below calls the step graph N times.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import __version__
+from .errors import BackendUnavailableError, InvalidInputError
+from .manifest import load_manifest, verify_files
+from .schedulers import SCHEDULERS, Schedule, make_schedule
+from .specs import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, ID_DIM, LATENT_CHANNELS, LATENT_SIZE,
+                    PROJECTOR, STEP, STEP_CFG, VAE_DECODER)
+
+BACKENDS = ("auto", "ort", "trt")
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What to generate; each field is one `arc2face-rt generate` flag."""
+    steps: int = DEFAULT_STEPS            # --steps: denoising steps
+    guidance: float = DEFAULT_GUIDANCE    # --guidance: CFG scale; <= 1 runs the no-CFG step graph
+    scheduler: str = DEFAULT_SCHEDULER    # --scheduler: dpmpp2m | ddim | euler | lcm
+    seed: int = 0                         # --seed: image i uses numpy default_rng([seed, i])
+    batch_size: int = 4                   # --batch: images per graph call (does not change the images)
+
+    def check(self) -> None:
+        if self.steps < 1:
+            raise InvalidInputError(f"--steps must be >= 1 (got {self.steps})")
+        if self.scheduler not in SCHEDULERS:
+            raise InvalidInputError(f"--scheduler must be one of {', '.join(SCHEDULERS)} (got {self.scheduler!r})")
+        if not np.isfinite(self.guidance) or self.guidance < 0:
+            raise InvalidInputError(f"--guidance must be a finite number >= 0 (got {self.guidance})")
+        if self.batch_size < 1:
+            raise InvalidInputError(f"--batch must be >= 1 (got {self.batch_size})")
+        if self.seed < 0:
+            raise InvalidInputError(f"--seed must be >= 0 (got {self.seed})")
+
+
+@dataclass
+class GenerationResult:
+    images: np.ndarray                    # [N, 512, 512, 3] uint8 RGB
+    params: list[dict]                    # per image: what to write into its PNG (never the embedding)
+    timings: dict = field(default_factory=dict)   # seconds: project, denoise, decode, total
+
+
+def normalize_identity(emb: np.ndarray, source: str = "embedding") -> np.ndarray:
+    """Validate an ArcFace embedding ([512] or [1, 512], float, finite, non-zero) -> unit float32 [512]."""
+    emb = np.asarray(emb)
+    if emb.dtype.kind != "f":
+        raise InvalidInputError(f"{source}: dtype {emb.dtype}, expected float32/float64 ArcFace features")
+    if emb.shape not in ((ID_DIM,), (1, ID_DIM)):
+        raise InvalidInputError(f"{source}: shape {emb.shape}, expected ({ID_DIM},) or (1, {ID_DIM}); "
+                                "make one with `arc2face-rt embed --image PHOTO --out id.npy`")
+    emb = emb.reshape(ID_DIM).astype(np.float64)
+    if not np.all(np.isfinite(emb)):
+        raise InvalidInputError(f"{source}: contains NaN or infinity")
+    norm = np.linalg.norm(emb)
+    if norm < 1e-6:
+        raise InvalidInputError(f"{source}: all zeros; not an identity")
+    return (emb / norm).astype(np.float32)
+
+
+def load_identity(path: str | Path) -> np.ndarray:
+    path = Path(path)
+    try:
+        emb = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InvalidInputError(f"{path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise InvalidInputError(f"{path}: not a .npy array ({e})") from e
+    return normalize_identity(emb, str(path))
+
+
+def random_identity(seed: int) -> np.ndarray:
+    """A random unit vector: a new, non-existent identity (how synthetic face datasets are made)."""
+    v = np.random.default_rng([seed, 0x1D]).standard_normal(ID_DIM)
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def image_noise(seed: int, index: int, schedule: Schedule) -> tuple[np.ndarray, np.ndarray | None]:
+    """Initial latents [4, 64, 64] (times init_noise_sigma) and, for samplers that add noise, the
+    per-step noise [N, 4, 64, 64]: a function of (seed, index) only, so batching never changes an image."""
+    rng = np.random.default_rng([seed, index])
+    shape = (LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE)
+    x = (rng.standard_normal(shape) * schedule.init_noise_sigma).astype(np.float32)
+    noise = rng.standard_normal((schedule.steps,) + shape).astype(np.float32) if schedule.uses_noise else None
+    return x, noise
+
+
+def _open_session(path: Path, backend: str, device: str):
+    if backend == "trt":
+        from .backends.trt import TrtSession   # imports TensorRT / cuda-python lazily
+        return TrtSession(path)
+    from .backends.ort import OrtSession
+    return OrtSession(path, device=device)
+
+
+def pick_backend(engines_dir: Path, manifest: dict, backend: str) -> str:
+    if backend not in BACKENDS:
+        raise InvalidInputError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    if backend != "auto":
+        return backend
+    if manifest.get("plans"):
+        try:
+            from .backends.trt import cuda_device_count
+            if cuda_device_count() > 0:
+                return "trt"
+        except (ImportError, BackendUnavailableError):
+            pass
+    return "ort"
+
+
+class Arc2FacePipeline:
+    """Opens an engines folder written by `arc2face-export`; stages are loaded on first use."""
+
+    def __init__(self, engines_dir: str | Path, backend: str = "auto", device: str = "auto",
+                 verify_hashes: bool = False):
+        self.engines_dir = Path(engines_dir)
+        self.manifest = load_manifest(self.engines_dir)
+        self.backend = pick_backend(self.engines_dir, self.manifest, backend)
+        self.device = device
+        section = "plans" if self.backend == "trt" else "stages"
+        if not self.manifest.get(section):
+            raise InvalidInputError(f"{self.engines_dir}: has no {section}; build them with "
+                                    f"`arc2face-export build-engines --out {self.engines_dir}`")
+        for rec in self.manifest[section].values():
+            verify_files(self.engines_dir, rec["files"], hashes=verify_hashes)
+        self._sessions: dict = {}
+
+    @property
+    def engine_id(self) -> str:
+        """Short hash naming the exact graphs used (recorded in every PNG)."""
+        h = [r["sha256"] for s in self.manifest["stages"].values() for r in s["files"].values()]
+        import hashlib
+        return hashlib.sha256("".join(sorted(h)).encode()).hexdigest()[:16]
+
+    def session(self, name: str):
+        if name not in self._sessions:
+            section = "plans" if self.backend == "trt" else "stages"
+            if name not in self.manifest[section]:
+                raise InvalidInputError(f"{self.engines_dir}: no '{name}' stage; re-export the folder")
+            ext = ".plan" if self.backend == "trt" else ".onnx"
+            self._sessions[name] = _open_session(self.engines_dir / f"{name}{ext}", self.backend, self.device)
+        return self._sessions[name]
+
+    def schedule(self, name: str, steps: int) -> Schedule:
+        return make_schedule(name, steps, self.manifest.get("scheduler_config"))
+
+    # ---- stages -------------------------------------------------------------------------------
+    def project(self, ids: np.ndarray) -> np.ndarray:
+        # ids: [B, 512] -> cond [B, 77, 768]
+        return self.session(PROJECTOR.name).run({"id": np.ascontiguousarray(ids, np.float32)})["cond"]
+
+    def denoise(self, cond: np.ndarray, x: np.ndarray, schedule: Schedule, guidance: float,
+                noise: np.ndarray | None = None, on_step: Callable[[int], None] | None = None,
+                trajectory: list | None = None) -> np.ndarray:
+        """cond [B, 77, 768], x [B, 4, 64, 64], noise [N, B, 4, 64, 64] or None -> final latents."""
+        cfg = guidance > 1.0
+        sess = self.session(STEP_CFG.name if cfg else STEP.name)
+        table = schedule.table(np.float32)
+        if hasattr(sess, "denoise_loop") and trajectory is None:
+            out = sess.denoise_loop(x, cond, table, guidance if cfg else None, noise)
+            if on_step:
+                on_step(schedule.steps)
+            return out
+        m = np.zeros_like(x)
+        zeros = m
+        feeds = {"cond": cond}
+        if cfg:
+            feeds["guidance"] = np.array([guidance], np.float32)
+        for k in range(schedule.steps):
+            feeds.update(x=x, m_prev=m, coeffs=table[k], noise=zeros if noise is None else noise[k])
+            out = sess.run(feeds)
+            x, m = out["x_out"], out["m0"]
+            if trajectory is not None:
+                trajectory.append(x)
+            if on_step:
+                on_step(1)
+        return x
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        # latents [B, 4, 64, 64] -> [B, 512, 512, 3] uint8
+        return self.session(VAE_DECODER.name).run({"latents": np.ascontiguousarray(latents, np.float32)})["image"]
+
+    # ---- the whole thing ----------------------------------------------------------------------
+    def generate(self, identity: np.ndarray, num_images: int = 1, options: GenerationOptions = GenerationOptions(),
+                 on_step: Callable[[int], None] | None = None, first_index: int = 0) -> GenerationResult:
+        """`num_images` images of one identity ([512] ArcFace features, any norm). Image i
+        (counting from `first_index`) depends only on (identity, options, i), not on the batch size."""
+        options.check()
+        if num_images < 1:
+            raise InvalidInputError(f"-n must be >= 1 (got {num_images})")
+        identity = normalize_identity(identity)
+        schedule = self.schedule(options.scheduler, options.steps)
+        t = {"project": 0.0, "denoise": 0.0, "decode": 0.0}
+        t_all = time.perf_counter()
+        t0 = time.perf_counter()
+        cond1 = self.project(identity[None])                      # [1, 77, 768]; same for every image
+        t["project"] = time.perf_counter() - t0
+        images, params = [], []
+        for start in range(first_index, first_index + num_images, options.batch_size):
+            idx = list(range(start, min(start + options.batch_size, first_index + num_images)))
+            draws = [image_noise(options.seed, i, schedule) for i in idx]
+            x = np.stack([d[0] for d in draws])
+            noise = np.stack([d[1] for d in draws], axis=1) if schedule.uses_noise else None
+            cond = np.repeat(cond1, len(idx), axis=0)
+            t0 = time.perf_counter()
+            lat = self.denoise(cond, x, schedule, options.guidance, noise, on_step=on_step)
+            t1 = time.perf_counter()
+            images.append(self.decode(lat))
+            t["denoise"] += t1 - t0
+            t["decode"] += time.perf_counter() - t1
+            params += [self._params(options, i) for i in idx]
+        t["total"] = time.perf_counter() - t_all
+        return GenerationResult(np.concatenate(images), params, t)
+
+    def _params(self, options: GenerationOptions, index: int) -> dict:
+        p = asdict(options)
+        p.pop("batch_size")
+        p.update(index=index, backend=self.backend, precision=self.manifest.get("precision"),
+                 engines=self.engine_id, arc2face_rt=__version__)
+        if self.manifest.get("source", {}).get("random_weights"):
+            p["random_weights"] = True
+        return p
+
+    def close(self) -> None:
+        for s in self._sessions.values():
+            s.close()
+        self._sessions.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
