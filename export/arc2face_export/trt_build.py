@@ -26,13 +26,14 @@ import logging
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from arc2face_rt import manifest as mf
 from arc2face_rt import specs
 from arc2face_rt.backends import cuda
+from arc2face_rt.backends.trt import dtype_name, import_trt, is_rtx, library_info, make_logger
 from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError
 
 log = logging.getLogger(__name__)
@@ -40,28 +41,6 @@ log = logging.getLogger(__name__)
 PLAN_FORMAT = 1                       # bump when the plan record layout or the build recipe changes
 PORTABLE_RTX_CCS = ("8.0", "8.6", "8.9", "12.0")
 TIMING_CACHE = "timing.cache"         # full TensorRT only; TensorRT-RTX's timing cache is a no-op
-
-
-def import_trt():
-    """`tensorrt` when installed, else `tensorrt_rtx` (same Python API for everything used here)."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        try:
-            import tensorrt_rtx as trt
-        except ImportError as e:
-            raise BackendUnavailableError(
-                "building engines needs TensorRT or TensorRT-RTX; install `pip install 'arc2face-rt[trt]'` "
-                "(tensorrt-rtx, builds on any machine) or NVIDIA's tensorrt") from e
-    return trt
-
-
-def library_info(trt) -> dict:
-    return {"name": trt.__name__, "version": trt.__version__}
-
-
-def is_rtx(trt) -> bool:
-    return trt.__name__ == "tensorrt_rtx"
 
 
 @dataclass(frozen=True)
@@ -139,29 +118,6 @@ def _apply_compute_capabilities(trt, config, ccs: tuple[str, ...]) -> None:
 
 
 # ----------------------------------------------------------------------------- network parsing
-
-_DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
-                "INT64": "int64", "BOOL": "bool", "UINT8": "uint8", "FP8": "float8"}
-
-
-def dtype_name(trt_dtype) -> str:
-    return _DTYPE_NAMES.get(trt_dtype.name, trt_dtype.name.lower())
-
-
-def make_logger(trt, logger: logging.Logger = log):
-    """A trt.ILogger forwarding to `logger` (TensorRT's own console logger prints to stdout)."""
-
-    class Forward(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-
-        def log(self, severity, msg):
-            level = {trt.ILogger.INTERNAL_ERROR: logging.ERROR, trt.ILogger.ERROR: logging.ERROR,
-                     trt.ILogger.WARNING: logging.WARNING}.get(severity, logging.DEBUG)
-            logger.log(level, "[%s] %s", trt.__name__, msg)
-
-    return Forward()
-
 
 def parse_onnx(trt, onnx_path: Path, logger=None):
     """(builder, network, parser) for a strongly typed network parsed from `onnx_path`.
@@ -355,10 +311,6 @@ def plan_is_current(engines_dir: Path, record: dict | None, key: str) -> bool:
         return False
     p = engines_dir / record["file"]
     return p.is_file() and p.stat().st_size == record["bytes"] and mf.sha256_file(p) == record["sha256"]
-
-
-def int8_onnx_file(stage: str) -> str:
-    return f"{stage}.int8.onnx"
 
 
 def build_engines(engines_dir: str | Path, stages: list[str] | None = None, precision: str | None = None,

@@ -82,3 +82,91 @@ def device_name(device: int | None = None) -> str:
     props = check(rt.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
     name = props.name
     return (name.decode(errors="replace") if isinstance(name, bytes) else str(name)).rstrip("\x00")
+
+
+class DeviceBuffer:
+    """`nbytes` of device memory (cudaMalloc: 256-byte aligned, as TensorRT wants); free() or `with`."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = int(nbytes)
+        self.ptr = int(check(cudart().cudaMalloc(max(self.nbytes, 1)), f"cudaMalloc({self.nbytes})"))
+
+    def free(self) -> None:
+        if self.ptr:
+            check(cudart().cudaFree(self.ptr), "cudaFree")
+            self.ptr = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.free()
+
+
+def create_stream() -> int:
+    rt = cudart()
+    return int(check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreate"))
+
+
+def destroy_stream(stream: int) -> None:
+    check(cudart().cudaStreamDestroy(stream), "cudaStreamDestroy")
+
+
+def synchronize(stream: int) -> None:
+    check(cudart().cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+
+
+def upload(dst_ptr: int, array, stream: int) -> None:
+    """Host -> device copy of a C-contiguous numpy array, enqueued on `stream`."""
+    rt = cudart()
+    check(rt.cudaMemcpyAsync(dst_ptr, array.ctypes.data, array.nbytes,
+                             rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync H2D")
+
+
+def download(array, src_ptr: int, stream: int) -> None:
+    """Device -> host copy into a C-contiguous numpy array, enqueued on `stream` (sync before reading)."""
+    rt = cudart()
+    check(rt.cudaMemcpyAsync(array.ctypes.data, src_ptr, array.nbytes,
+                             rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync D2H")
+
+
+def memset(ptr: int, nbytes: int, stream: int) -> None:
+    check(cudart().cudaMemsetAsync(ptr, 0, nbytes, stream), "cudaMemsetAsync")
+
+
+class CudaGraph:
+    """A stream capture turned into an executable graph: `with g.capture(stream): ...; g.launch(stream)`."""
+
+    def __init__(self):
+        self._graph = None
+        self._exec = None
+
+    def begin(self, stream: int) -> None:
+        rt = cudart()
+        # Thread-local: another thread's unrelated CUDA calls must not invalidate this capture.
+        check(rt.cudaStreamBeginCapture(stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
+              "cudaStreamBeginCapture")
+
+    def end(self, stream: int) -> None:
+        rt = cudart()
+        self._graph = check(rt.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
+        self._exec = check(rt.cudaGraphInstantiate(self._graph, 0), "cudaGraphInstantiate")
+
+    def abort(self, stream: int) -> None:
+        """End a failed capture, discarding what was captured (errors ignored: the capture is broken anyway)."""
+        rt = cudart()
+        err, graph = rt.cudaStreamEndCapture(stream)
+        if err == rt.cudaError_t.cudaSuccess and graph is not None:
+            rt.cudaGraphDestroy(graph)
+
+    def launch(self, stream: int) -> None:
+        check(cudart().cudaGraphLaunch(self._exec, stream), "cudaGraphLaunch")
+
+    def destroy(self) -> None:
+        rt = cudart()
+        if self._exec is not None:
+            rt.cudaGraphExecDestroy(self._exec)
+            self._exec = None
+        if self._graph is not None:
+            rt.cudaGraphDestroy(self._graph)
+            self._graph = None
