@@ -78,12 +78,14 @@ def _export_one(module, spec: StageSpec, feeds: dict, path: Path) -> None:
     raw = path.with_suffix(".raw.onnx")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)   # shape asserts in diffusers, expected
+        warnings.simplefilter("ignore", DeprecationWarning)        # the legacy exporter is chosen on purpose
         torch.onnx.export(module, args, str(raw), input_names=[t.name for t in spec.inputs],
                           output_names=[t.name for t in spec.outputs], dynamic_axes=dynamic,
                           opset_version=OPSET, dynamo=False, do_constant_folding=True)
     import onnx
 
     model = onnx.load(str(raw), load_external_data=True)
+    _stamp_io(model, spec)
     size = sum(t.ByteSize() for t in model.graph.initializer)
     for p in raw.parent.iterdir():   # the raw export (and any loose weight files it scattered)
         p.unlink()
@@ -92,6 +94,22 @@ def _export_one(module, spec: StageSpec, feeds: dict, path: Path) -> None:
                         location=path.name + ".data", size_threshold=1024)
     else:
         onnx.save_model(model, str(path))
+
+
+def _stamp_io(model, spec: StageSpec) -> None:
+    """Declare exactly the spec's I/O shapes (the tracer sometimes leaves outputs with made-up
+    symbolic dims); validation then checks the real outputs against them."""
+    for values, tensors in ((model.graph.input, spec.inputs), (model.graph.output, spec.outputs)):
+        for v, t in zip(values, tensors):
+            assert v.name == t.name, (v.name, t.name)
+            dims = v.type.tensor_type.shape.dim
+            del dims[:]
+            for d in t.shape:
+                dim = dims.add()
+                if isinstance(d, str):
+                    dim.dim_param = d
+                else:
+                    dim.dim_value = d
 
 
 def _validate(module, spec: StageSpec, feeds: dict, path: Path, precision: str, reference) -> dict:

@@ -1,0 +1,123 @@
+"""ONNX export: graphs match the stage specs, validate against torch, and the folder is handled safely."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from arc2face_rt import manifest as mf
+from arc2face_rt.errors import EngineMismatchError, OutputExistsError
+from arc2face_rt.specs import SPEC_REVISION, STAGES
+from arc2face_export import onnx_export
+
+_ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+                onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT64: "int64"}
+
+
+def _io(values):
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = tuple(d.dim_param or d.dim_value for d in t.shape.dim)
+        out.append((v.name, _ONNX_DTYPES[t.elem_type], shape))
+    return out
+
+
+def test_graphs_match_specs(tiny_engines):
+    m = mf.load_manifest(tiny_engines)
+    assert m["spec_revision"] == SPEC_REVISION and m["precision"] == "fp32"
+    assert m["source"]["random_weights"] is True
+    assert set(m["stages"]) == set(STAGES)
+    for name, spec in STAGES.items():
+        g = onnx.load(str(tiny_engines / spec.onnx_file), load_external_data=False).graph
+        assert _io(g.input) == [(t.name, t.dtype, t.shape) for t in spec.inputs]
+        assert _io(g.output) == [(t.name, t.dtype, t.shape) for t in spec.outputs]
+        rec = m["stages"][name]
+        assert rec["validation"]["value"] <= spec.tolerance["fp32"]
+        for rel, frec in rec["files"].items():
+            assert mf.sha256_file(tiny_engines / rel) == frec["sha256"]
+
+
+def test_reexport_is_a_no_op_and_other_content_is_refused(tiny_model_dir, tiny_engines):
+    before = (tiny_engines / "manifest.json").read_text()
+    onnx_export.export_all(tiny_model_dir, tiny_engines, precision="fp32")
+    assert (tiny_engines / "manifest.json").read_text() == before
+    with pytest.raises(OutputExistsError, match="--force"):
+        onnx_export.export_all(tiny_model_dir, tiny_engines, precision="fp16")
+
+
+def test_fp16_export_is_half_precision_and_validates(tiny_model_dir, tmp_path):
+    out = tmp_path / "fp16"
+    m = onnx_export.export_all(tiny_model_dir, out, precision="fp16", stages=("projector", "step_cfg"))
+    for name in ("projector", "step_cfg"):
+        g = onnx.load(str(out / f"{name}.onnx")).graph
+        kinds = {i.data_type for i in g.initializer if len(i.dims) >= 2}
+        assert kinds == {onnx.TensorProto.FLOAT16}, name       # weights really are fp16
+        v = m["stages"][name]["validation"]
+        assert 0 < v["value"] <= STAGES[name].tolerance["fp16"]  # fp16 differs from fp32, within bounds
+    # fp32 at the boundary, whatever the precision inside
+    assert _io(onnx.load(str(out / "step_cfg.onnx")).graph.input)[0] == ("x", "float32", ("B", 4, 64, 64))
+
+
+def test_large_graphs_use_external_data(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_export, "_EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "ext"
+    m = onnx_export.export_all(tiny_model_dir, out, stages=("projector",))
+    assert set(m["stages"]["projector"]["files"]) == {"projector.onnx", "projector.onnx.data"}
+    assert (out / "projector.onnx").stat().st_size < 1 << 20 < (out / "projector.onnx.data").stat().st_size
+    from arc2face_rt.backends.ort import OrtSession
+
+    y = OrtSession(out / "projector.onnx", device="cpu").run({"id": np.ones((1, 512), np.float32)})["cond"]
+    assert y.shape == (1, 77, 768) and np.isfinite(y).all()
+
+
+def test_interrupted_export_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    calls = []
+
+    def boom(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return {"metric": "relative_l2", "value": 0.0, "tolerance": 1, "batch": 1}
+
+    monkeypatch.setattr(onnx_export, "_validate", boom)
+    out = tmp_path / "int"
+    with pytest.raises(KeyboardInterrupt):
+        onnx_export.export_all(tiny_model_dir, out, stages=("projector", "step"))
+    assert list(out.iterdir()) == []
+
+
+def test_validation_failure_is_reported(tiny_model_dir, tmp_path, monkeypatch):
+    real = onnx_export._validate
+
+    def strict(module, spec, feeds, path, precision, reference):
+        import dataclasses
+        spec = dataclasses.replace(spec, tolerance={precision: 1e-12})
+        return real(module, spec, feeds, path, precision, reference)
+
+    monkeypatch.setattr(onnx_export, "_validate", strict)
+    with pytest.raises(onnx_export.ValidationError, match="exceeds tolerance"):
+        onnx_export.export_all(tiny_model_dir, tmp_path / "v", stages=("step",))
+    assert not (tmp_path / "v" / "manifest.json").exists()
+
+
+def test_engines_from_another_revision_or_damaged_are_refused(tiny_engines, tmp_path):
+    from arc2face_rt.pipeline import Arc2FacePipeline
+
+    copy = tmp_path / "e"
+    shutil.copytree(tiny_engines, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["spec_revision"] = SPEC_REVISION + 1
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EngineMismatchError, match="--force"):
+        Arc2FacePipeline(copy, backend="ort")
+    shutil.copy(tiny_engines / "manifest.json", copy / "manifest.json")
+    p = copy / "vae_decoder.onnx"
+    p.write_bytes(p.read_bytes()[:1000])
+    with pytest.raises(EngineMismatchError, match="truncated"):
+        Arc2FacePipeline(copy, backend="ort")
+    with pytest.raises(EngineMismatchError, match="no manifest.json"):
+        Arc2FacePipeline(tmp_path, backend="ort")
