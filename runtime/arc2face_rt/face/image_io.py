@@ -1,0 +1,166 @@
+"""Image input: PATH arguments → files → RGB uint8 arrays, refusing bad files with a message that names the fix.
+
+Conversions (every image leaves here as [H, W, 3] uint8 RGB, upright):
+- EXIF orientation is applied (PIL.ImageOps.exif_transpose), so phone photos come out upright.
+  The official Arc2Face demo (`np.array(Image.open(p))`) ignores EXIF; on rotated photos it sees a
+  sideways face, so this is a deliberate difference.
+- Grayscale ("1", "L") is replicated to three channels.
+- Alpha ("RGBA", "LA", "PA", palette with transparency) is **composited on black**: rgb·α/255.
+  Transparent pixels then look like the detector's own black padding, whatever colour the file
+  happened to store under them.
+- 16-bit samples keep their high byte (x >> 8). Pillow already does this for 16-bit RGB(A) PNGs;
+  we do the same for 16-bit grayscale ("I;16*", and "I", which we treat as 16-bit).
+- Anything else Pillow can read (CMYK, YCbCr, LAB, float "F") goes through Image.convert("RGB").
+- Multi-frame files (GIF, TIFF, WebP) give their first frame.
+
+Limits are checked before any pixel is decoded: the file size from stat(), the pixel count from the
+header (Pillow opens lazily). Pillow's own decompression-bomb guard still applies above its hard
+limit (2 × PIL.Image.MAX_IMAGE_PIXELS ≈ 179 MP); raising past that needs PIL.Image.MAX_IMAGE_PIXELS too.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import ImageDecodeError, InvalidInputError
+
+# Suffixes a folder argument expands to (compared lower-case). Files named explicitly, or matched
+# by a glob, are taken whatever their suffix: decoding decides.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif",
+                              ".ppm", ".pgm", ".pnm", ".jfif"})
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Refuse files larger than `max_bytes` or images with more than `max_pixels` pixels.
+
+    The defaults admit 48 MP phone photos and 16-bit PNGs of that size; raise them for larger scans."""
+    max_bytes: int = 200 * 2**20
+    max_pixels: int = 64_000_000
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+_FIX_FORMAT = "convert it to PNG or JPEG"
+
+
+def load_image(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """Read an image file; return it upright as [H, W, 3] uint8 RGB.
+
+    Raises ImageDecodeError (empty, too large, truncated, not an image or unsupported) and
+    InvalidInputError (no such file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"{path}: no such file; check the path")
+    size = path.stat().st_size
+    if size == 0:
+        raise ImageDecodeError(f"{path}: empty file (0 bytes); re-copy or re-download it")
+    if size > limits.max_bytes:
+        raise ImageDecodeError(
+            f"{path}: {size / 2**20:.1f} MiB exceeds the {limits.max_bytes / 2**20:.0f} MiB file-size limit; "
+            "downscale or recompress it, or raise the limit (ImageLimits.max_bytes)")
+    with open(path, "rb") as f:
+        return _decode(f, str(path), limits)
+
+
+def decode_image(data: bytes, name: str = "<bytes>", limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """Like load_image, for encoded bytes already in memory (`name` only labels errors)."""
+    if len(data) == 0:
+        raise ImageDecodeError(f"{name}: empty (0 bytes); send the image file's contents")
+    if len(data) > limits.max_bytes:
+        raise ImageDecodeError(
+            f"{name}: {len(data) / 2**20:.1f} MiB exceeds the {limits.max_bytes / 2**20:.0f} MiB limit; "
+            "downscale or recompress it, or raise ImageLimits.max_bytes")
+    return _decode(io.BytesIO(data), name, limits)
+
+
+def _decode(fp, name: str, limits: ImageLimits) -> np.ndarray:
+    with warnings.catch_warnings():
+        # Our own pixel limit (checked next, from the header) is the policy; Pillow's warning is noise.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(fp)  # lazy: reads the header only
+        except Image.DecompressionBombError as e:
+            raise ImageDecodeError(f"{name}: refused by Pillow's decompression-bomb guard ({e}); "
+                                   "downscale the image") from e
+        except UnidentifiedImageError as e:
+            raise ImageDecodeError(f"{name}: not an image, or a format Pillow cannot read; {_FIX_FORMAT}") from e
+        except Exception as e:  # a malformed header raises SyntaxError/OSError/ValueError by plugin
+            raise ImageDecodeError(f"{name}: unreadable image header ({e}); {_FIX_FORMAT}") from e
+        w, h = im.size
+        if w * h > limits.max_pixels:
+            raise ImageDecodeError(
+                f"{name}: {w}x{h} = {w * h / 1e6:.1f} MP exceeds the {limits.max_pixels / 1e6:.1f} MP limit; "
+                "downscale it, or raise the limit (--max-pixels / ImageLimits.max_pixels)")
+        fmt = im.format or "image"
+        try:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+        except Exception as e:  # truncated data: OSError; broken PNG chunks: SyntaxError; zlib errors ...
+            raise ImageDecodeError(f"{name}: cannot decode the {fmt} data ({e}); the file is truncated or "
+                                   f"corrupt: re-export or re-download it") from e
+        try:
+            return _to_rgb8(im)
+        except Exception as e:
+            raise ImageDecodeError(f"{name}: cannot convert {fmt} mode {im.mode!r} to RGB ({e}); "
+                                   f"{_FIX_FORMAT}") from e
+
+
+def _to_rgb8(im: Image.Image) -> np.ndarray:
+    """Any Pillow mode → [H, W, 3] uint8 RGB (see the module docstring for the rules)."""
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im, dtype=np.uint8).copy()
+    if mode in ("RGBa", "La"):  # premultiplied alpha is already "composited on black"
+        return np.asarray(im.convert("RGBa"))[..., :3].copy()
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.uint16)
+        # composite on black: round(rgb * a / 255), exact in integers
+        rgb = (rgba[..., :3] * rgba[..., 3:4] + 127) // 255
+        return rgb.astype(np.uint8)
+    if mode.startswith("I;16") or mode == "I":
+        x = np.asarray(im).astype(np.int64)
+        gray = (np.clip(x, 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode in ("1", "L"):
+        gray = np.asarray(im.convert("L"), dtype=np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def expand_paths(args: Iterable[str | Path], recursive: bool = False) -> list[Path]:
+    """PATH arguments (files, folders, glob patterns) → a sorted list of unique files.
+
+    A file is taken as given; a folder gives the image files in it (by suffix, hidden files skipped;
+    subfolders too when `recursive`); a pattern with * ? [ gives every file it matches (`**` recurses).
+    Raises InvalidInputError for an argument that names nothing, or a folder/pattern without images."""
+    out: set[Path] = set()
+    for arg in args:
+        s = str(arg)
+        p = Path(s).expanduser()
+        if p.is_file():
+            out.add(p)
+        elif p.is_dir():
+            it = p.rglob("*") if recursive else p.iterdir()
+            found = [q for q in it if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS
+                     and not q.name.startswith(".")]
+            if not found:
+                raise InvalidInputError(f"{s}: folder has no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                                        "point at the photos themselves")
+            out.update(found)
+        elif any(c in s for c in "*?["):
+            found = [Path(m) for m in glob.glob(str(Path(s).expanduser()), recursive=True) if Path(m).is_file()]
+            if not found:
+                raise InvalidInputError(f"{s}: pattern matches no files; check it (quote it so the shell "
+                                        "does not expand it first)")
+            out.update(found)
+        else:
+            raise InvalidInputError(f"{s}: no such file or folder; check the path")
+    return sorted(out, key=str)
