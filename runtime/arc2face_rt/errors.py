@@ -31,3 +31,7 @@ class ImageDecodeError(Arc2FaceError):
 
 class NoFaceError(Arc2FaceError):
     """No face (of the required score and size) was found in an image."""
+
+
+class ModelFormatError(Arc2FaceError):
+    """A model file (face detector, recognizer) does not have the inputs/outputs its role needs."""
