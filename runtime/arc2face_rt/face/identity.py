@@ -1,0 +1,132 @@
+"""Photos → identity: detect, choose, align, embed each photo; combine several photos into one identity.
+
+A bad file (unreadable, no face, face index out of range) is skipped and reported, never fatal to a
+batch: results say per file what happened and how many succeeded. Library code here never prints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from ..errors import ImageDecodeError, InvalidInputError, NoFaceError
+from ..specs import ID_DIM
+from .align import CROP_SIZE, align_face
+from .detector import Face, ScrfdDetector, choose_face
+from .image_io import DEFAULT_LIMITS, ImageLimits, load_image
+from .recognizer import ArcFaceRecognizer, l2_normalize
+
+# Per-file failures a batch skips; anything else (a broken model, a bug) still propagates.
+SKIPPABLE = (ImageDecodeError, NoFaceError, InvalidInputError)
+
+
+@dataclass(frozen=True, eq=False)
+class FileResult:
+    path: Path
+    embedding: np.ndarray | None = None   # [512] float32, unit norm; None when skipped
+    face: Face | None = None              # the chosen face (None for aligned input or when skipped)
+    n_faces: int = 0                      # eligible faces found; > 1 means a choice was made
+    error: str | None = None              # why the file was skipped
+    error_type: str | None = None         # the exception class name, e.g. "NoFaceError"
+
+    @property
+    def ok(self) -> bool:
+        return self.embedding is not None
+
+
+@dataclass(frozen=True, eq=False)
+class EmbedReport:
+    results: list[FileResult] = field(default_factory=list)
+
+    @property
+    def succeeded(self) -> list[FileResult]:
+        return [r for r in self.results if r.ok]
+
+    @property
+    def failed(self) -> list[FileResult]:
+        return [r for r in self.results if not r.ok]
+
+    @property
+    def n_ok(self) -> int:
+        return len(self.succeeded)
+
+    def embeddings(self) -> np.ndarray:
+        """[n_ok, 512] float32 of the files that succeeded, in order."""
+        ok = self.succeeded
+        return np.stack([r.embedding for r in ok]) if ok else np.zeros((0, ID_DIM), np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class Identity:
+    embedding: np.ndarray     # [512] float32, unit norm
+    cosines: np.ndarray       # [N] cosine of each photo's embedding to `embedding`
+    method: str
+
+
+def combine_embeddings(embeddings: np.ndarray, method: str = "mean") -> Identity:
+    """Several photos' embeddings [N, 512] → one identity: the normalised mean (or element-wise
+    median) of the normalised embeddings, and each photo's cosine similarity to it."""
+    e = np.asarray(embeddings, dtype=np.float32)
+    e = l2_normalize(e.reshape(-1, e.shape[-1]))
+    if len(e) == 0:
+        raise NoFaceError("no embeddings to combine: no photo gave a usable face")
+    if method == "mean":
+        centre = e.mean(axis=0)
+    elif method == "median":
+        centre = np.median(e, axis=0)
+    else:
+        raise InvalidInputError(f"identity combine method must be 'mean' or 'median', got {method!r}")
+    ident = l2_normalize(centre)
+    return Identity(embedding=ident.astype(np.float32), cosines=(e @ ident).astype(np.float32), method=method)
+
+
+class FaceAnalyzer:
+    """Detector + recognizer + the face-choice policy; embeds images and files."""
+
+    def __init__(self, detector: ScrfdDetector | None, recognizer: ArcFaceRecognizer,
+                 face: str | int = "largest", min_size: float = 0.0, limits: ImageLimits = DEFAULT_LIMITS):
+        self.detector, self.recognizer = detector, recognizer
+        self.face, self.min_size, self.limits = face, min_size, limits
+
+    def embed_image(self, image: np.ndarray, name: str = "image") -> tuple[np.ndarray, Face, int]:
+        """image [H, W, 3] uint8 RGB → (unit embedding [512], chosen face, eligible face count)."""
+        if self.detector is None:
+            raise InvalidInputError("no face detector loaded; pass one, or use aligned 112x112 crops")
+        chosen, n = choose_face(self.detector.detect(image), self.face, self.min_size, name)
+        return self.recognizer.embed(align_face(image, chosen.kps))[0], chosen, n
+
+    def embed_aligned(self, image: np.ndarray, name: str = "image") -> np.ndarray:
+        """An already aligned 112x112 RGB crop → unit embedding [512] (no detection)."""
+        if image.shape[:2] != (CROP_SIZE, CROP_SIZE):
+            raise InvalidInputError(f"{name}: {image.shape[1]}x{image.shape[0]} is not an aligned "
+                                    f"{CROP_SIZE}x{CROP_SIZE} face crop; drop --aligned to detect the face")
+        return self.recognizer.embed(image)[0]
+
+    def embed_file(self, path: str | Path, aligned: bool = False) -> FileResult:
+        """One file → FileResult; raises the per-file errors (see embed_files for the skipping form)."""
+        path = Path(path)
+        image = load_image(path, self.limits)
+        if aligned:
+            return FileResult(path, embedding=self.embed_aligned(image, str(path)), n_faces=1)
+        emb, face, n = self.embed_image(image, str(path))
+        return FileResult(path, embedding=emb, face=face, n_faces=n)
+
+    def embed_files(self, paths: Iterable[str | Path], aligned: bool = False) -> EmbedReport:
+        """Every file → a FileResult; unreadable files and photos without a usable face are recorded
+        (error, error_type) and skipped."""
+        results = []
+        for p in paths:
+            try:
+                results.append(self.embed_file(p, aligned))
+            except SKIPPABLE as e:
+                results.append(FileResult(Path(p), error=str(e), error_type=type(e).__name__))
+        return EmbedReport(results)
+
+
+def embed_images(paths: Iterable[str | Path], detector: ScrfdDetector | None, recognizer: ArcFaceRecognizer, *,
+                 face: str | int = "largest", min_size: float = 0.0, limits: ImageLimits = DEFAULT_LIMITS,
+                 aligned: bool = False) -> EmbedReport:
+    """Embed each file (see FaceAnalyzer.embed_files); bad files are skipped and reported."""
+    return FaceAnalyzer(detector, recognizer, face, min_size, limits).embed_files(paths, aligned)
