@@ -373,8 +373,13 @@ def _needs_export(out: Path, onnx_precision: str, stages: list[str] | None) -> b
 
 
 def cmd_build_engines(args) -> int:
+    # Progress, build time and plan size are the point of this command: show them (stderr) even when
+    # the CLI's logging is at WARNING.
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    for name in (__name__, __package__ + ".int8"):
+        if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
+            logging.getLogger(name).setLevel(logging.INFO)
     out = Path(args.out)
     onnx_precision = _onnx_precision(args.precision)
     if _needs_export(out, onnx_precision, args.stages):

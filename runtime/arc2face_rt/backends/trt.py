@@ -258,6 +258,8 @@ class TrtSession:
             # not in the background: a CUDA graph captured later must hold the final kernels.
             if hasattr(cfg, "dynamic_shapes_kernel_specialization_strategy"):
                 cfg.dynamic_shapes_kernel_specialization_strategy = trt.DynamicShapesKernelSpecializationStrategy.EAGER
+            if hasattr(cfg, "cuda_graph_strategy"):   # RTX's own graphs stay off: we capture the whole loop
+                cfg.cuda_graph_strategy = trt.CudaGraphStrategy.DISABLED
             ctx = self.engine.create_execution_context(cfg)
         else:
             ctx = self.engine.create_execution_context(strategy)
@@ -467,6 +469,8 @@ class TrtStepSession(TrtSession):
     def _capture(self, steps: int, batch: int, with_noise: bool, stream: int) -> None:
         # Warm-up: TensorRT (and RTX's JIT) do first-enqueue work that cannot be captured. Step 0 only
         # writes x1/m1, which the graph's step 0 does not read.
+        cuda.memset(self._bufs["m0"].ptr, self._bufs["m0"].nbytes, stream)
+        cuda.memset(self._bufs["noise"].ptr, self._bufs["noise"].nbytes, stream)
         self.enqueue(self._bindings(0, batch, with_noise), stream)
         cuda.synchronize(stream)
         if hasattr(self.context, "is_stream_capturable") and not self.context.is_stream_capturable(stream):
