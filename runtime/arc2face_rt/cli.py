@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import Arc2FaceError, InvalidInputError, OutputExistsError
+from .face.cli import add_embed_parser, add_score_parser
 from .pipeline import BACKENDS, GenerationOptions
 from .schedulers import SCHEDULERS
 from .specs import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS
@@ -27,7 +28,8 @@ def _add_generate(sub) -> None:
     who.add_argument("--random-id", action="store_true", help="a random unit vector: a new identity")
     who.add_argument("--image", nargs="+", metavar="PATH",
                      help="photos, folders or globs of one person (detect, align, ArcFace, average)")
-    p.add_argument("--models", type=Path, help="folder with scrfd_10g_bnkps.onnx and arcface.onnx (for --image)")
+    p.add_argument("--models", type=Path, help="folder with scrfd_10g_bnkps.onnx and arcface.onnx, for --image "
+                   "(default: $ARC2FACE_MODELS, else ./models)")
     p.add_argument("-n", "--num-images", type=int, default=4, help="images to generate (default 4)")
     p.add_argument("--seed", type=int, default=0, help="image i uses numpy default_rng([seed, i]) (default 0)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
@@ -67,7 +69,9 @@ def cmd_generate(args) -> int:
         identity, who = random_identity(args.seed), f"random (seed {args.seed})"
     else:
         from .face.cli import identity_from_images
-        identity, who = identity_from_images(args.image, models_dir=args.models, device=args.device), "photos"
+        identity = identity_from_images(args.image, models_dir=args.models, device=args.device,
+                                        log=lambda msg: print(msg, file=sys.stderr))
+        who = f"from {len(args.image)} photo path(s)"
     pipe = Arc2FacePipeline(args.engines, backend=args.backend, device=args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     rnd = pipe.manifest.get("source", {}).get("random_weights")
@@ -135,13 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
-    try:
-        from .face.cli import add_embed_parser, add_score_parser
-    except ImportError:       # face front end not installed in this build
-        pass
-    else:
-        add_embed_parser(sub)
-        add_score_parser(sub)
+    add_embed_parser(sub)
+    add_score_parser(sub)
     _add_info(sub)
     return parser
 

@@ -1,0 +1,103 @@
+"""The two commands as a user runs them: exit codes, one-line errors, files written or left alone."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from arc2face_rt.cli import main as rt_main
+from arc2face_rt.images import read_params
+from arc2face_export.cli import main as export_main
+
+
+def test_generate_writes_pngs_with_parameters(tiny_engines, tmp_path, capsys):
+    emb = tmp_path / "id.npy"
+    np.save(emb, np.random.default_rng(0).standard_normal(512).astype(np.float32))
+    out = tmp_path / "out"
+    rc = rt_main(["generate", "--engines", str(tiny_engines), "--embedding", str(emb), "-n", "3", "--batch", "2",
+                  "--steps", "2", "--seed", "9", "--out", str(out)])
+    assert rc == 0
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == [f"arc2face_9_000{i}.png" for i in range(3)]
+    p = read_params(files[2])
+    assert p["seed"] == 9 and p["index"] == 2 and p["steps"] == 2 and p["scheduler"] == "dpmpp2m"
+    assert p["guidance"] == 3.0 and len(p["engines"]) == 16 and p["random_weights"] is True
+    err = capsys.readouterr().err
+    assert "RANDOM-WEIGHT" in err and "wrote 3 image(s)" in err
+    assert not list(out.glob(".*"))                       # no temporary files left behind
+
+    # existing outputs are never overwritten
+    before = files[0].read_bytes()
+    rc = rt_main(["generate", "--engines", str(tiny_engines), "--random-id", "-n", "1", "--steps", "1",
+                  "--seed", "9", "--out", str(out)])
+    assert rc == 2 and "exist" in capsys.readouterr().err
+    assert files[0].read_bytes() == before
+
+
+@pytest.mark.parametrize("setup,args,msg", [
+    (lambda d: np.save(d / "e.npy", np.ones((3, 512), np.float32)), ["--embedding", "{d}/e.npy"], "shape"),
+    (lambda d: np.save(d / "e.npy", np.full(512, np.nan, np.float32)), ["--embedding", "{d}/e.npy"], "NaN"),
+    (lambda d: (d / "e.npy").write_text("hello"), ["--embedding", "{d}/e.npy"], "not a .npy"),
+    (lambda d: None, ["--embedding", "{d}/missing.npy"], "no such file"),
+    (lambda d: None, ["--random-id", "-n", "0"], "-n must be"),
+    (lambda d: None, ["--random-id", "--steps", "0"], "--steps must be"),
+])
+def test_generate_bad_input(tiny_engines, tmp_path, capsys, setup, args, msg):
+    setup(tmp_path)
+    out = tmp_path / "out"
+    argv = ["generate", "--engines", str(tiny_engines), "--out", str(out)] + [a.format(d=tmp_path) for a in args]
+    assert rt_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("arc2face-rt: error:") and msg in err[-1]
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_generate_without_engines_names_the_export_command(tmp_path, capsys):
+    assert rt_main(["generate", "--engines", str(tmp_path), "--random-id", "--out", str(tmp_path / "o")]) == 2
+    assert "arc2face-export onnx" in capsys.readouterr().err
+
+
+def test_info(tiny_engines, capsys):
+    assert rt_main(["info", "--engines", str(tiny_engines), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "step_cfg" in out and "sha256 verified" in out
+
+
+def test_export_cli_missing_weights(tmp_path, capsys):
+    (tmp_path / "m" / "arc2face").mkdir(parents=True)
+    assert export_main(["onnx", "--model-dir", str(tmp_path / "m"), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "arc2face/diffusion_pytorch_model.safetensors" in err and "random-checkpoint" in err
+    assert not (tmp_path / "e").exists()
+
+
+def test_runtime_never_imports_the_pytorch_stack():
+    code = ("import sys, arc2face_rt.cli, arc2face_rt.pipeline, arc2face_rt.schedulers, arc2face_rt.images, "
+            "arc2face_rt.backends.ort, arc2face_rt.backends.trt, arc2face_rt.face.cli\n"
+            "arc2face_rt.cli.build_parser()\n"
+            "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_generate_from_photos(tiny_engines, tmp_path, capsys):
+    """photo -> (random-weight) SCRFD -> alignment -> ArcFace -> generate, all offline."""
+    from PIL import Image
+    from skimage import data
+
+    from arc2face_ref.face_models import write_face_models
+
+    write_face_models(tmp_path / "models", seed=0, size="tiny")
+    Image.fromarray(data.astronaut()).save(tmp_path / "astronaut.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "out"
+    rc = rt_main(["generate", "--engines", str(tiny_engines), "--image", str(tmp_path / "astronaut.png"),
+                  str(tmp_path / "broken.jpg"), "--models", str(tmp_path / "models"), "-n", "1", "--steps", "1",
+                  "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "broken.jpg" in err                              # the bad photo is reported, not fatal
+    assert len(list(out.glob("*.png"))) == 1
