@@ -219,8 +219,9 @@ class TrtSession:
     """
 
     def __init__(self, plan_path: str | Path, stage: str | None = None, memory: SharedDeviceMemory | None = None,
-                 verify_sha256: bool = False):
+                 verify_sha256: bool = False, runtime_cache: bool = True):
         self.path = Path(plan_path)
+        self._use_runtime_cache, self._runtime_cache = runtime_cache, None
         self._trt, self._runtime, self.engine, self.record, self._logger = load_plan(self.path, stage, verify_sha256)
         trt = self._trt
         self.input_names, self.output_names, self.dtypes, self.shapes = [], [], {}, {}
@@ -260,12 +261,43 @@ class TrtSession:
                 cfg.dynamic_shapes_kernel_specialization_strategy = trt.DynamicShapesKernelSpecializationStrategy.EAGER
             if hasattr(cfg, "cuda_graph_strategy"):   # RTX's own graphs stay off: we capture the whole loop
                 cfg.cuda_graph_strategy = trt.CudaGraphStrategy.DISABLED
+            if self._use_runtime_cache and hasattr(cfg, "create_runtime_cache"):
+                self._runtime_cache = self._load_runtime_cache(cfg)
+            self._runtime_config = cfg       # kept alive with the context it configured
             ctx = self.engine.create_execution_context(cfg)
         else:
             ctx = self.engine.create_execution_context(strategy)
         if ctx is None:
             raise BackendUnavailableError(f"{self.path}: TensorRT could not create an execution context")
         return ctx
+
+    @property
+    def runtime_cache_path(self) -> Path:
+        return self.path.with_suffix(".rtcache")
+
+    def _load_runtime_cache(self, cfg):
+        """TensorRT-RTX compiles kernels on the device at load/first run; its runtime cache keeps them
+        across processes in `<stage>.rtcache` (the library validates a cache against this GPU,
+        driver and version itself, and ignores one that does not match)."""
+        cache = cfg.create_runtime_cache()
+        p = self.runtime_cache_path
+        if p.is_file() and not cache.deserialize(p.read_bytes()):
+            log.info("%s: runtime cache does not match this GPU/driver/version; starting a new one", p.name)
+        cfg.set_runtime_cache(cache)
+        return cache
+
+    def save_runtime_cache(self) -> None:
+        """Write the TensorRT-RTX runtime cache next to the plan (atomic; failures are only logged)."""
+        if self._runtime_cache is None:
+            return
+        p = self.runtime_cache_path
+        tmp = p.with_name(f".{p.name}.tmp")
+        try:
+            tmp.write_bytes(memoryview(self._runtime_cache.serialize()))
+            tmp.replace(p)
+        except OSError as e:
+            log.warning("%s: could not save the runtime cache (%s)", p, e)
+            tmp.unlink(missing_ok=True)
 
     def shape(self, name: str, batch: int) -> tuple[int, ...]:
         return tuple(batch if d == -1 else d for d in self.shapes[name])
@@ -334,6 +366,7 @@ class TrtSession:
             return
         if self._stream is not None:
             cuda.synchronize(self._stream)
+        self.save_runtime_cache()
         for b in self._debug_buffers.values():
             b.free()
         self._debug_buffers = {}
@@ -369,8 +402,9 @@ class TrtStepSession(TrtSession):
     `mode="plain"` enqueues the steps directly instead (debugging, and the reference in tests).
     """
 
-    def __init__(self, plan_path, stage=None, memory=None, verify_sha256=False, mode: str = "graph"):
-        super().__init__(plan_path, stage, memory, verify_sha256)
+    def __init__(self, plan_path, stage=None, memory=None, verify_sha256=False, runtime_cache=True,
+                 mode: str = "graph"):
+        super().__init__(plan_path, stage, memory, verify_sha256, runtime_cache)
         need = {"x", "m_prev", "noise", "cond", "coeffs", "x_out", "m0"}
         if not need <= set(self.input_names + self.output_names):
             raise EngineMismatchError(f"{self.path}: not a step plan (tensors {self.input_names + self.output_names})")
