@@ -120,10 +120,9 @@ def _apply_compute_capabilities(trt, config, ccs: tuple[str, ...]) -> None:
 # ----------------------------------------------------------------------------- network parsing
 
 def parse_onnx(trt, onnx_path: Path, logger=None):
-    """(builder, network, parser) for a strongly typed network parsed from `onnx_path`.
-
-    The parser reads external data (`*.onnx.data`) from the ONNX file's folder.
-    """
+    """(builder, network, parser, logger) for a strongly typed network parsed from `onnx_path`; keep
+    all four alive together (TensorRT holds pointers between them). External data (`*.onnx.data`)
+    is read from the ONNX file's folder."""
     logger = logger or make_logger(trt)
     builder = trt.Builder(logger)
     flag = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
@@ -317,7 +316,8 @@ def build_engines(engines_dir: str | Path, stages: list[str] | None = None, prec
                   options: BuildOptions = BuildOptions(), force: bool = False, stage_specs: dict | None = None) -> dict:
     """Build (or keep) `<stage>.plan` for each stage of an engines folder; return the updated manifest.
 
-    `precision` "int8" builds the step stages from their Q/DQ graphs `<stage>.int8.onnx` (written by
+    Plans take the precision of the folder's ONNX graphs (strongly typed); `precision` only matters
+    as "int8", which builds the step stages from their Q/DQ graphs `<stage>.int8.onnx` (written by
     `arc2face_export.int8.quantize_stage`) and every other stage from the folder's fp16/fp32 ONNX.
     """
     engines_dir = Path(engines_dir)
