@@ -503,8 +503,10 @@ class TrtStepSession(TrtSession):
     def _capture(self, steps: int, batch: int, with_noise: bool, stream: int) -> None:
         # Warm-up: TensorRT (and RTX's JIT) do first-enqueue work that cannot be captured. Step 0 only
         # writes x1/m1, which the graph's step 0 does not read.
+        # (noise is already uploaded: only the zero-noise buffer may be cleared here.)
         cuda.memset(self._bufs["m0"].ptr, self._bufs["m0"].nbytes, stream)
-        cuda.memset(self._bufs["noise"].ptr, self._bufs["noise"].nbytes, stream)
+        if not with_noise:
+            cuda.memset(self._bufs["noise"].ptr, self._bufs["noise"].nbytes, stream)
         self.enqueue(self._bindings(0, batch, with_noise), stream)
         cuda.synchronize(stream)
         if hasattr(self.context, "is_stream_capturable") and not self.context.is_stream_capturable(stream):
