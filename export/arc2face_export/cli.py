@@ -34,6 +34,14 @@ def cmd_onnx(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run = run_demo(args.out, size=args.size, num_images=args.num_images, seed=args.seed, steps=args.steps, say=_say)
+    _say(f"demo images: {run} (random weights: expect noise, not faces)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arc2face-export", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -56,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-torch check")
     p.add_argument("--force", action="store_true", help="replace an existing export")
     p.set_defaults(func=cmd_onnx)
+
+    p = sub.add_parser("demo", help="random checkpoint -> ONNX -> generate PNGs on the CPU, all offline")
+    p.add_argument("--out", type=Path, default=Path("demo"), help="working folder (default ./demo)")
+    p.add_argument("--size", choices=("tiny", "full"), default="tiny")
+    p.add_argument("-n", "--num-images", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25)
+    p.set_defaults(func=cmd_demo)
 
     try:
         from .trt_build import add_build_engines_parser
