@@ -92,6 +92,45 @@ def feeds_from_npz(path: str | Path) -> list[dict[str, np.ndarray]]:
 
 # ----------------------------------------------------------------------------- graph preparation
 
+class _RecordingSession:
+    """Wraps a step session and keeps a copy of the feeds of the steps listed in `keep`."""
+
+    def __init__(self, sess, keep: set[int], out: list, steps: int):
+        self.sess, self.keep, self.out, self.steps, self.k = sess, keep, out, steps, 0
+        self.input_names, self.output_names = sess.input_names, sess.output_names
+
+    def run(self, feeds):
+        if self.k % self.steps in self.keep:
+            self.out.append({n: np.array(v, copy=True) for n, v in feeds.items()})
+        self.k += 1
+        return self.sess.run(feeds)
+
+    def close(self):
+        self.sess.close()
+
+
+def pipeline_calibration_feeds(engines_dir: str | Path, stage: str, identities: int = 8, steps: int = 25,
+                               per_run: int = 4, seed: int = 0, device: str = "auto") -> list[dict]:
+    """Step-graph inputs the pipeline itself produces: `identities` random identities, the default
+    DPM-Solver++ schedule of `steps` steps, inputs kept at `per_run` evenly spaced steps of each run
+    (so early, noisy and late, clean latents are all represented). Runs with ONNX Runtime on the
+    folder's own graphs; guidance 3 for step_cfg, 1 for step."""
+    from arc2face_rt.pipeline import Arc2FacePipeline, GenerationOptions, random_identity
+
+    if stage not in INT8_STAGES:
+        raise ValueError(f"calibration is for {INT8_STAGES}, not {stage}")
+    guidance = 3.0 if stage == "step_cfg" else 1.0
+    keep = {int(round(v)) for v in np.linspace(0, steps - 1, per_run)}
+    feeds: list[dict] = []
+    with Arc2FacePipeline(engines_dir, backend="ort", device=device) as pipe:
+        pipe._sessions[stage] = _RecordingSession(pipe.session(stage), keep, feeds, steps)
+        for i in range(identities):
+            log.info("calibration: %s, identity %d/%d (%d steps)", stage, i + 1, identities, steps)
+            pipe.generate(random_identity(seed + 1000 + i), 1,
+                          GenerationOptions(steps=steps, guidance=guidance, seed=seed + i, batch_size=1))
+    return feeds
+
+
 def widen_fp16_to_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
     """Make an fp16-inside graph compute in fp32 (same ops, same I/O), so ORT can calibrate it."""
     g = model.graph
@@ -241,10 +280,9 @@ def ensure_int8_graphs(engines_dir: str | Path, calib_path: str | Path | None = 
             and not int8_is_current(engines_dir, m, s)]
     if not todo:
         return
-    if calib_path is None:
-        raise InvalidInputError(
-            f"int8 needs calibration data for {', '.join(todo)}: record step inputs with the pipeline and pass "
-            "`--calib-data FILE.npz` (see arc2face_export.int8.feeds_from_npz)")
-    feeds = feeds_from_npz(calib_path)
     for s in todo:
+        if calib_path is not None:
+            feeds = feeds_from_npz(calib_path)
+        else:
+            feeds = pipeline_calibration_feeds(engines_dir, s)
         quantize_stage(engines_dir, s, feeds)

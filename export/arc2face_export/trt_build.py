@@ -410,7 +410,7 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="engines folder (ONNX graphs + manifest.json)")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16",
                    help="fp16 (default) / fp32 build from the graphs of that precision; int8 builds the step "
-                        "stages from Q/DQ-quantised fp16 graphs (needs --calib-data the first time)")
+                        "stages from Q/DQ-quantised graphs calibrated on step inputs the pipeline itself produces")
     p.add_argument("--batch", type=parse_batch, default=None,
                    help="batch profile: MAX, MIN,OPT or MIN,OPT,MAX (e.g. 1,4,8: min 1, opt 4, max 8); "
                         "default: each stage spec's batch_range")
@@ -422,8 +422,8 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--workspace-mib", type=int, default=None, help="workspace memory pool limit in MiB")
     p.add_argument("--no-timing-cache", action="store_true", help="do not read/write <out>/timing.cache")
     p.add_argument("--calib-data", default=None,
-                   help="int8: .npz of step-graph inputs recorded by the pipeline (one array per input, "
-                        "leading axis = sample)")
+                   help="int8: .npz of step-graph inputs (one array per input, leading axis = sample); "
+                        "default: record them by running this folder's graphs on 8 random identities")
     p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
                    help=f"stages to build (default: all in the manifest): {' '.join(specs.STAGES)}")
     p.add_argument("--force", action="store_true", help="rebuild even when the plans are up to date")

@@ -62,4 +62,5 @@ class VaeDecode(nn.Module):
         dt = next(self.vae.parameters()).dtype
         img = self.vae.decode((latents / self.scale).to(dt)).sample.float()  # [B, 3, 512, 512]
         img = torch.round((img / 2 + 0.5).clamp(0, 1) * 255)
-        return img.to(torch.uint8).permute(0, 2, 3, 1)
+        # permute before the cast: TensorRT's parser takes uint8 only at the graph boundary
+        return img.permute(0, 2, 3, 1).to(torch.uint8)

@@ -117,15 +117,16 @@ def _add_info(sub) -> None:
 
 
 def cmd_info(args) -> int:
-    from .manifest import load_manifest, verify_files
+    from .manifest import load_manifest, record_files, verify_files
 
     m = load_manifest(args.engines)
     print(f"{args.engines}: spec revision {m['spec_revision']}, precision {m['precision']}, "
           f"created {m.get('created')}, random weights: {m.get('source', {}).get('random_weights')}")
     for section in ("stages", "plans"):
         for name, rec in m.get(section, {}).items():
-            verify_files(args.engines, rec["files"], hashes=args.verify)
-            size = sum(r["bytes"] for r in rec["files"].values()) / 2**20
+            files = record_files(rec)
+            verify_files(args.engines, files, hashes=args.verify)
+            size = sum(r["bytes"] for r in files.values()) / 2**20
             val = rec.get("validation")
             extra = f", {val['metric']} {val['value']:.3g} <= {val['tolerance']}" if val else ""
             print(f"  {section[:-1]} {name}: {size:.1f} MiB{extra}")

@@ -89,6 +89,11 @@ def load_manifest(engines_dir: str | Path) -> dict:
     return m
 
 
+def record_files(rec: dict) -> dict:
+    """{relative path: {"sha256", "bytes"}} of a stage record (several files) or a plan record (one)."""
+    return rec["files"] if "files" in rec else {rec["file"]: rec}
+
+
 def verify_files(engines_dir: str | Path, records: dict, hashes: bool = False) -> None:
     """Check that each recorded file exists with its size (and sha256 when `hashes`)."""
     engines_dir = Path(engines_dir)

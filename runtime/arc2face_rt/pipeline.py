@@ -15,7 +15,7 @@ import numpy as np
 
 from . import __version__
 from .errors import BackendUnavailableError, InvalidInputError
-from .manifest import load_manifest, verify_files
+from .manifest import load_manifest, record_files, verify_files
 from .schedulers import SCHEDULERS, Schedule, make_schedule
 from .specs import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, ID_DIM, LATENT_CHANNELS, LATENT_SIZE,
                     PROJECTOR, STEP, STEP_CFG, VAE_DECODER)
@@ -96,27 +96,27 @@ def image_noise(seed: int, index: int, schedule: Schedule) -> tuple[np.ndarray, 
     return x, noise
 
 
-def _open_session(path: Path, backend: str, device: str):
-    if backend == "trt":
-        from .backends.trt import TrtSession   # imports TensorRT / cuda-python lazily
-        return TrtSession(path)
-    from .backends.ort import OrtSession
-    return OrtSession(path, device=device)
-
-
 def pick_backend(engines_dir: Path, manifest: dict, backend: str) -> str:
     if backend not in BACKENDS:
         raise InvalidInputError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
     if backend != "auto":
         return backend
     if manifest.get("plans"):
-        try:
-            from .backends.trt import cuda_device_count
-            if cuda_device_count() > 0:
-                return "trt"
-        except (ImportError, BackendUnavailableError):
-            pass
+        from .backends import cuda
+
+        if cuda.device_count() > 0 and _trt_importable():
+            return "trt"
     return "ort"
+
+
+def _trt_importable() -> bool:
+    from .backends.trt import import_trt
+
+    try:
+        import_trt()
+    except BackendUnavailableError:
+        return False
+    return True
 
 
 class Arc2FacePipeline:
@@ -133,8 +133,9 @@ class Arc2FacePipeline:
             raise InvalidInputError(f"{self.engines_dir}: has no {section}; build them with "
                                     f"`arc2face-export build-engines --out {self.engines_dir}`")
         for rec in self.manifest[section].values():
-            verify_files(self.engines_dir, rec["files"], hashes=verify_hashes)
+            verify_files(self.engines_dir, record_files(rec), hashes=verify_hashes)
         self._sessions: dict = {}
+        self._trt_memory = None        # one activation buffer shared by the TensorRT engines
 
     @property
     def engine_id(self) -> str:
@@ -148,8 +149,15 @@ class Arc2FacePipeline:
             section = "plans" if self.backend == "trt" else "stages"
             if name not in self.manifest[section]:
                 raise InvalidInputError(f"{self.engines_dir}: no '{name}' stage; re-export the folder")
-            ext = ".plan" if self.backend == "trt" else ".onnx"
-            self._sessions[name] = _open_session(self.engines_dir / f"{name}{ext}", self.backend, self.device)
+            if self.backend == "trt":
+                from .backends.trt import SharedDeviceMemory, open_session   # TensorRT, cuda-python: lazily
+                if self._trt_memory is None:
+                    self._trt_memory = SharedDeviceMemory()
+                sess = open_session(self.engines_dir / f"{name}.plan", memory=self._trt_memory)
+            else:
+                from .backends.ort import OrtSession
+                sess = OrtSession(self.engines_dir / f"{name}.onnx", device=self.device)
+            self._sessions[name] = sess
         return self._sessions[name]
 
     def schedule(self, name: str, steps: int) -> Schedule:
@@ -236,6 +244,9 @@ class Arc2FacePipeline:
         for s in self._sessions.values():
             s.close()
         self._sessions.clear()
+        if self._trt_memory is not None:
+            self._trt_memory.close()
+            self._trt_memory = None
 
     def __enter__(self):
         return self
