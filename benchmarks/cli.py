@@ -1,0 +1,157 @@
+"""`python -m benchmarks`: run | report | export | demo (and the internal `_row` child)."""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+from pathlib import Path
+
+from . import env
+
+RESULTS = env.REPO / "benchmarks" / "results"
+CACHE = env.REPO / "benchmarks" / ".cache"
+ALL_BACKENDS = ("ort", "torch", "torch-compile", "diffusers", "trt")
+
+
+def _say(msg: str) -> None:
+    print(f"benchmarks: {msg}", file=sys.stderr, flush=True)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return vals
+
+
+def _stamp() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def cmd_run(args) -> int:
+    from .harness import RunOptions, run
+
+    if args.smoke:
+        args.size, args.steps, args.batches, args.repeats, args.warmup = "tiny", 2, (1,), 1, 0
+    opts = RunOptions(size=args.size, backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
+                      batches=args.batches, steps=args.steps, guidance=args.guidance, repeats=args.repeats,
+                      warmup=args.warmup, device=args.device, precision=args.precision,
+                      model_dir=str(args.model_dir) if args.model_dir else None,
+                      engines_dir=str(args.engines) if args.engines else None,
+                      cache_dir=str(args.cache), compile_on_cpu=args.compile_on_cpu,
+                      compile_mode=args.compile_mode, peak_tflops=args.peak_tflops,
+                      row_timeout_s=args.row_timeout, smoke=args.smoke)
+    result = run(opts, say=_say)
+    name = args.name or f"run-{opts.size}-{result['device_kind']}-{_stamp()}.json"
+    from .export_bench import write_result
+    path = write_result(result, name, Path(args.out))
+    _say(f"wrote {path}")
+    for row in result["rows"]:
+        lat = row.get("latency_s", {}).get("median") if row["status"] == "ok" else None
+        _say(f"  {row['backend']:14s} {row['status']:8s} "
+             + (f"batch-1 latency {lat:.3f} s" if lat is not None else row.get("reason", "")[:150]))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    md, charts = write_report(Path(args.results))
+    _say(f"wrote {md}" + (f" and {len(charts)} chart(s)" if charts else " (no chart: matplotlib not installed)"))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export_bench import bench_export, header, write_result
+
+    res = bench_export(args.size, tuple(args.precisions.split(",")), args.model_dir, Path(args.cache),
+                       timeout=args.timeout, say=_say)
+    path = write_result({**header(), **res}, args.name or f"export-{args.size}-{_stamp()}.json", Path(args.out))
+    _say(f"wrote {path}")
+    return 0 if all(r["status"] == "ok" for r in res["runs"]) else 1
+
+
+def cmd_demo(args) -> int:
+    from .export_bench import bench_demo, header, write_result
+
+    res = bench_demo(args.size, args.num_images, args.steps, say=_say)
+    path = write_result({**header(), **res}, args.name or f"demo-{args.size}-{_stamp()}.json", Path(args.out))
+    _say(f"wrote {path}")
+    return 0 if all(r["status"] == "ok" for r in res["runs"]) else 1
+
+
+def cmd_row(args) -> int:
+    from .harness import row_main
+
+    return row_main(Path(args.config), Path(args.result))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="measure backend rows; write one JSON under --out")
+    r.add_argument("--size", choices=("tiny", "full"), default="tiny",
+                   help="random-weight model size (full: exact SD1.5/CLIP-L architectures, real FLOPs)")
+    r.add_argument("--backends", default=",".join(ALL_BACKENDS),
+                   help=f"comma-separated rows (default all: {','.join(ALL_BACKENDS)})")
+    r.add_argument("--batches", type=_ints, default=(1, 4, 8, 16), help="throughput batch sizes (default 1,4,8,16)")
+    r.add_argument("--steps", type=int, default=25, help="DPM-Solver++ steps (default 25)")
+    r.add_argument("--guidance", type=float, default=3.0, help="CFG scale (default 3.0)")
+    r.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement; medians are reported")
+    r.add_argument("--warmup", type=int, default=1, help="untimed runs before each new batch size / stage")
+    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when a GPU is visible, else cpu")
+    r.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto",
+                   help="ONNX/TensorRT engines precision (auto: fp16 on a GPU, fp32 on a CPU)")
+    r.add_argument("--model-dir", type=Path, default=None,
+                   help="model folder (default: a random-weight one written into --cache)")
+    r.add_argument("--engines", type=Path, default=None,
+                   help="engines folder for ort/trt (default: exported into --cache, reused when current)")
+    r.add_argument("--cache", type=Path, default=CACHE, help="where random checkpoints and engines go")
+    r.add_argument("--compile-on-cpu", action="store_true",
+                   help="run the torch-compile row on a CPU too (skipped by default: minutes of compiling)")
+    r.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
+    r.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak rate for the compute floor instead of measuring one")
+    r.add_argument("--row-timeout", type=float, default=None, help="seconds before a row is stopped")
+    r.add_argument("--smoke", action="store_true", help="tiny, 2 steps, batch 1, 1 repeat (CI)")
+    r.add_argument("--out", type=Path, default=RESULTS)
+    r.add_argument("--name", default=None, help="result file name (default run-<size>-<device>-<UTC>.json)")
+    r.set_defaults(func=cmd_run)
+
+    r = sub.add_parser("report", help="RESULTS.md (+ PNG charts when matplotlib is installed) from the JSONs")
+    r.add_argument("--results", type=Path, default=RESULTS)
+    r.set_defaults(func=cmd_report)
+
+    r = sub.add_parser("export", help="time and peak memory of export_all per precision")
+    r.add_argument("--size", choices=("tiny", "full"), default="full")
+    r.add_argument("--precisions", default="fp32,fp16")
+    r.add_argument("--model-dir", type=Path, default=None)
+    r.add_argument("--cache", type=Path, default=CACHE, help="engines are written to <cache>/engines-<size>-<precision>")
+    r.add_argument("--timeout", type=float, default=None, help="seconds per precision")
+    r.add_argument("--out", type=Path, default=RESULTS)
+    r.add_argument("--name", default=None)
+    r.set_defaults(func=cmd_export)
+
+    r = sub.add_parser("demo", help="CPU time of `arc2face-export demo` (from nothing, then reusing the export)")
+    r.add_argument("--size", choices=("tiny", "full"), default="tiny")
+    r.add_argument("-n", "--num-images", type=int, default=4)
+    r.add_argument("--steps", type=int, default=25)
+    r.add_argument("--out", type=Path, default=RESULTS)
+    r.add_argument("--name", default=None)
+    r.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("_row", help=argparse.SUPPRESS)
+    r.add_argument("config")
+    r.add_argument("result")
+    r.set_defaults(func=cmd_row)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

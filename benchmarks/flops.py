@@ -1,0 +1,57 @@
+"""FLOP counts per stage and the compute floor they imply.
+
+Full size: the figures of design.md ("Figures worth knowing"): UNet 0.80 TFLOP per image-forward at
+64x64 (CFG doubles it), VAE decoder 2.5 TFLOP, CLIP text encoder 0.013 TFLOP. The tiny random model
+has other layer widths, so its counts come from torch's FlopCounterMode on the models themselves
+(matmul/conv/attention FLOPs, 2 per multiply-add, as the design figures count).
+
+floor_s = FLOPs / peak rate, with the peak measured once per device (env.measure_*_peak_flops).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+DESIGN_FLOPS = {"unet_forward": 0.80e12, "vae_decode": 2.5e12, "clip": 0.013e12}
+
+
+def count_flops(model_dir: str | Path) -> dict:
+    """FLOPs of one image through each model of MODEL_DIR (counted with torch, CPU, batch 1)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from arc2face_ref.loading import load_models
+    from arc2face_ref.modules import VaeDecode
+    from arc2face_ref.projector import Arc2FaceProjector
+
+    m = load_models(model_dir)
+    out = {}
+    with torch.no_grad():
+        for key, fn in (
+            ("unet_forward", lambda: m.unet(torch.randn(1, 4, 64, 64), torch.tensor([500.0]), torch.randn(1, 77, 768))),
+            ("vae_decode", lambda: VaeDecode(m.vae)(torch.randn(1, 4, 64, 64))),
+            ("clip", lambda: Arc2FaceProjector(m.encoder)(torch.randn(1, 512))),
+        ):
+            counter = FlopCounterMode(display=False)
+            with counter:
+                fn()
+            out[key] = float(counter.get_total_flops())
+    return out
+
+
+def flops_for(size: str, model_dir: str | Path | None = None) -> dict:
+    """{unet_forward, vae_decode, clip, source}: design figures for `full`, counted for anything else."""
+    if size == "full":
+        return dict(DESIGN_FLOPS, source="design.md (SD1.5 UNet/VAE, CLIP-L)")
+    counted = count_flops(model_dir)
+    return dict(counted, source="counted with torch.utils.flop_counter on the tiny random model")
+
+
+def image_flops(flops: dict, steps: int, cfg: bool = True) -> float:
+    """FLOPs to make one image from an identity: projector + steps x UNet (x2 with CFG) + VAE decode."""
+    return flops["clip"] + steps * (2 if cfg else 1) * flops["unet_forward"] + flops["vae_decode"]
+
+
+def stage_flops(flops: dict, steps: int, cfg: bool = True) -> dict:
+    """FLOPs of each timed stage at batch 1 (detect/embed are not counted: no figures for them)."""
+    step = (2 if cfg else 1) * flops["unet_forward"]
+    return {"project": flops["clip"], "step": step, "steps": steps * step, "decode": flops["vae_decode"]}

@@ -1,0 +1,341 @@
+"""`python -m benchmarks run`: set up the model and engines, then measure each backend row in a child.
+
+Parent: resolve device and precision, write the random checkpoint and export the engines when they
+are missing (reused when current), count FLOPs, measure the device's peak rate once, then for each
+requested backend either record why it is skipped or run `python -m benchmarks _row` and collect
+its row. A row that crashes or times out is recorded as failed with the tail of its output; the
+run still writes its results.
+
+Child (`row_main`): cold start (load -> first image), warm batch-1 latency (median of repeats),
+throughput per batch size, the per-stage split, peak host RSS and peak GPU memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import env
+from .flops import flops_for, image_flops, stage_flops
+
+KNOWN = ("ort", "torch", "torch-compile", "diffusers", "trt")
+TORCH_ROWS = ("torch", "torch-compile", "diffusers")
+STAGE_ORDER = ("detect", "embed", "project", "step", "steps", "decode")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """One `run`; each field is one CLI flag (see cli.py)."""
+    size: str = "tiny"
+    backends: tuple[str, ...] = KNOWN
+    batches: tuple[int, ...] = (1, 4, 8, 16)
+    steps: int = 25
+    guidance: float = 3.0
+    repeats: int = 5
+    warmup: int = 1
+    device: str = "auto"            # auto | cpu | cuda
+    precision: str = "auto"         # engines precision: auto | fp32 | fp16
+    model_dir: str | None = None
+    engines_dir: str | None = None
+    cache_dir: str = str(env.REPO / "benchmarks" / ".cache")
+    compile_on_cpu: bool = False
+    compile_mode: str | None = None
+    peak_tflops: float | None = None
+    row_timeout_s: float | None = None
+    smoke: bool = False
+
+
+class Skip(Exception):
+    """A row that cannot run here; the message says why and what would make it run."""
+
+
+# ----------------------------------------------------------------------------- parent
+
+def cuda_visible() -> bool:
+    if env.gpu_info():
+        return True
+    if env.has_module("torch"):
+        import torch
+        return torch.cuda.is_available()
+    return False
+
+
+def _ort_has_cuda() -> bool:
+    import onnxruntime as ort
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def availability(backend: str, device: str, opts: RunOptions) -> str | None:
+    """None when the row can run on `device`, else the reason it cannot."""
+    if backend not in KNOWN:
+        return f"unknown backend {backend!r}; known: {', '.join(KNOWN)}"
+    if backend in ("ort", "trt") and not env.has_module("onnxruntime"):
+        return "onnxruntime is not installed (pip install 'arc2face-rt[cpu]', or [gpu] on an NVIDIA machine)"
+    if backend == "ort" and device == "cuda" and not _ort_has_cuda():
+        return ("onnxruntime has no CUDAExecutionProvider here: install onnxruntime-gpu instead of onnxruntime "
+                "(or run with --device cpu)")
+    if backend in TORCH_ROWS:
+        missing = [m for m in ("torch", "diffusers", "transformers") if not env.has_module(m)]
+        if missing:
+            return f"{', '.join(missing)} not installed (pip install 'arc2face-rt[export]')"
+        if device == "cuda":
+            import torch
+            if not torch.cuda.is_available():
+                return "this torch build has no CUDA (install a CUDA torch of the pinned range)"
+    if backend == "torch-compile" and device == "cpu" and not opts.compile_on_cpu:
+        return ("torch.compile of the UNet on a CPU takes minutes of Inductor C++ compiling per shape on this "
+                "machine and is not what a CPU user would run; pass --compile-on-cpu to measure it anyway")
+    if backend == "trt":
+        if device != "cuda":
+            return "TensorRT needs an NVIDIA GPU and none is visible (nvidia-smi / CUDA found no device)"
+        from arc2face_rt.backends.cuda import device_count
+        from arc2face_rt.backends.trt import import_trt
+        from arc2face_rt.errors import BackendUnavailableError
+        try:
+            import_trt()
+        except BackendUnavailableError as e:
+            return str(e)
+        if device_count() == 0:
+            return "cuda-python finds no CUDA device (pip install cuda-python; check the driver)"
+    return None
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def _prepare_model(opts: RunOptions, say) -> tuple[Path, str | None]:
+    """The model folder, and a reason every row must be skipped (missing checkpoint) or None."""
+    from arc2face_rt.errors import MissingWeightsError
+
+    if opts.model_dir:
+        model_dir = Path(opts.model_dir)
+        try:
+            from arc2face_ref.loading import model_files
+            model_files(model_dir)
+        except MissingWeightsError as e:
+            return model_dir, f"missing checkpoint: {e}"
+        except ImportError:   # no torch here: the runtime rows only need the engines folder
+            pass
+        return model_dir, None
+    model_dir = Path(opts.cache_dir) / f"model-{opts.size}"
+    if not (model_dir / "RANDOM_WEIGHTS.txt").is_file():
+        try:
+            from arc2face_ref.random_ckpt import write_random_checkpoint
+        except ImportError as e:
+            return model_dir, f"no checkpoint at {model_dir} and cannot write a random one ({e})"
+        say(f"writing a random-weight {opts.size} checkpoint to {model_dir}")
+        write_random_checkpoint(model_dir, size=opts.size, seed=0, force=model_dir.exists())
+    return model_dir, None
+
+
+def _prepare_engines(opts: RunOptions, model_dir: Path, precision: str, want_plans: bool, say) -> Path:
+    engines = Path(opts.engines_dir) if opts.engines_dir else Path(opts.cache_dir) / f"engines-{opts.size}-{precision}"
+    from arc2face_rt.manifest import load_manifest
+    if not opts.engines_dir:
+        from arc2face_export.onnx_export import export_all
+        from arc2face_rt.errors import OutputExistsError
+        say(f"{precision} ONNX engines in {engines} (exported once, reused while current)")
+        try:
+            export_all(model_dir, engines, precision=precision, progress=say)
+        except OutputExistsError:       # another model's or an older export in the cache: replace it
+            export_all(model_dir, engines, precision=precision, force=True, progress=say)
+    if want_plans and not load_manifest(engines).get("plans"):
+        from arc2face_export.trt_build import build_engines
+        say(f"building TensorRT plans in {engines} (reused by later runs)")
+        build_engines(engines)
+    return engines
+
+
+def _run_child(cfg: dict, timeout: float | None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="a2f-bench-") as tmp:
+        cfg_path, res_path = Path(tmp) / "config.json", Path(tmp) / "row.json"
+        cfg_path.write_text(json.dumps(cfg))
+        envv = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(env.REPO), os.environ.get("PYTHONPATH")) if p))
+        t = time.perf_counter()
+        try:
+            p = subprocess.run([sys.executable, "-m", "benchmarks", "_row", str(cfg_path), str(res_path)],
+                               cwd=env.REPO, env=envv, capture_output=True, text=True, timeout=timeout)
+            rc, tail = p.returncode, (p.stderr or p.stdout)[-2500:]
+        except subprocess.TimeoutExpired:
+            rc, tail = "timeout", f"stopped after {timeout} s (--row-timeout)"
+        wall = round(time.perf_counter() - t, 1)
+        if res_path.is_file():
+            row = json.loads(res_path.read_text())
+        else:
+            row = {"status": "failed", "reason": f"row process ended with {rc} and no result: {tail}"}
+        if row.get("status") == "failed" and "output_tail" not in row:
+            row["output_tail"] = tail
+        row["process_wall_s"] = wall
+        return row
+
+
+def _add_floor(row: dict, flops: dict, peak: dict | None, opts: RunOptions) -> None:
+    if not peak or row.get("status") != "ok":
+        return
+    rate = peak["tflops"] * 1e12
+    cfg = opts.guidance > 1
+    per_image = image_flops(flops, opts.steps, cfg)
+    floor_s = per_image / rate
+    f = {"image_tflop": round(per_image / 1e12, 4), "latency_floor_s": floor_s,
+         "latency_ratio": row["latency_s"]["median"] / floor_s,
+         "throughput_floor_ips": 1 / floor_s,
+         "throughput_ratio": {b: (1 / ips) / floor_s for b, ips in row["throughput_ips"].items()},
+         "stages": {}}
+    for s, fl in stage_flops(flops, opts.steps, cfg).items():
+        if row["stages_s"].get(s) is not None:
+            f["stages"][s] = {"floor_s": fl / rate, "ratio": row["stages_s"][s] / (fl / rate)}
+    row["floor"] = f
+
+
+def _add_baseline(rows: list[dict]) -> None:
+    base = next((r for r in rows if r["backend"] == "diffusers" and r["status"] == "ok"), None)
+    if base is None:
+        return
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        r["vs_diffusers"] = {
+            "latency_speedup": base["latency_s"]["median"] / r["latency_s"]["median"],
+            "throughput_speedup": {b: ips / base["throughput_ips"][b] for b, ips in r["throughput_ips"].items()
+                                   if b in base["throughput_ips"]},
+        }
+
+
+def run(opts: RunOptions, say=print) -> dict:
+    device = opts.device if opts.device != "auto" else ("cuda" if cuda_visible() else "cpu")
+    precision = opts.precision if opts.precision != "auto" else ("fp16" if device == "cuda" else "fp32")
+    say(f"device {device}, engines precision {precision}, size {opts.size}, {opts.steps} steps, "
+        f"guidance {opts.guidance}, batches {list(opts.batches)}, repeats {opts.repeats}")
+    result = {"schema": 1, "kind": "run", "created": env.now_utc(), "git": env.git_commit(),
+              "machine": env.machine_info(), "libraries": env.library_versions(),
+              "options": {**asdict(opts), "device_resolved": device, "precision_resolved": precision},
+              "device_kind": device, "rows": []}
+    backends = list(dict.fromkeys(opts.backends))
+    model_dir, no_model = _prepare_model(opts, say)
+    result["options"]["model_dir_resolved"] = str(model_dir)
+
+    flops, peak = None, None
+    try:
+        flops = flops_for(opts.size, model_dir) if not no_model else None
+    except Exception as e:   # e.g. no torch: the floor is then left out, the rows still run
+        say(f"no FLOP counts ({type(e).__name__}: {e}); floor ratios left out")
+    if opts.peak_tflops:
+        peak = {"tflops": opts.peak_tflops, "how": "given with --peak-tflops"}
+    elif flops:
+        say("measuring the peak compute rate")
+        peak = env.measure_gpu_peak_flops() if device == "cuda" else env.measure_cpu_peak_flops()
+        peak = peak or env.measure_cpu_peak_flops()
+    result["flops"], result["peak"] = flops, peak
+
+    engines_cache: dict = {}
+    for backend in backends:
+        row = {"backend": backend, "device": device}
+        reason = availability(backend, device, opts)
+        if reason is None and no_model and not (backend in ("ort", "trt") and opts.engines_dir):
+            reason = no_model
+        if reason is None and backend in ("ort", "trt"):
+            key = backend == "trt"
+            try:
+                if key not in engines_cache:
+                    engines_cache[key] = _prepare_engines(opts, model_dir, precision, key, say)
+                row["engines_dir"] = str(engines_cache[key])
+            except Exception as e:
+                engines_cache[key] = e
+            if isinstance(engines_cache[key], Exception):
+                e = engines_cache[key]
+                reason = f"engines could not be prepared: {type(e).__name__}: {e}"
+        if reason is not None:
+            row.update(status="skipped", reason=reason)
+            say(f"{backend}: skipped: {reason}")
+            result["rows"].append(row)
+            continue
+        say(f"{backend}: measuring in a child process")
+        cfg = {"backend": backend, "size": opts.size, "model_dir": str(model_dir),
+               "engines_dir": row.get("engines_dir"), "device": device,
+               "ort_device": "cpu" if device == "cpu" else "cuda", "steps": opts.steps,
+               "guidance": opts.guidance, "batches": list(opts.batches), "repeats": opts.repeats,
+               "warmup": opts.warmup, "compile_mode": opts.compile_mode,
+               "random_weights": (model_dir / "RANDOM_WEIGHTS.txt").is_file()}
+        row.update(_run_child(cfg, opts.row_timeout_s))
+        row["backend"] = backend
+        if flops:
+            _add_floor(row, flops, peak, opts)
+        result["rows"].append(row)
+    _add_baseline(result["rows"])
+    return result
+
+
+# ----------------------------------------------------------------------------- child
+
+def _times(fn, sync, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def measure_row(cfg: dict) -> dict:
+    from .runners import RUNNERS
+
+    repeats, warmup = max(1, cfg["repeats"]), max(0, cfg["warmup"])
+    runner = RUNNERS[cfg["backend"]](cfg)
+    with env.GpuMemorySampler() as gpu:
+        t0 = time.perf_counter()
+        runner.load()
+        runner.sync()
+        t_load = time.perf_counter() - t0
+        first = runner.generate(1)
+        cold = time.perf_counter() - t0
+        # warm batch-1 latency
+        lat = _times(lambda: runner.generate(1), runner.sync, repeats)
+        runs = {1: lat}
+        for b in cfg["batches"]:
+            if b == 1:
+                continue
+            _times(lambda: runner.generate(b), runner.sync, warmup)
+            runs[b] = _times(lambda: runner.generate(b), runner.sync, repeats)
+        stages = {}
+        for name, fn in runner.stages().items():
+            _times(fn, runner.sync, warmup if name in ("detect", "embed", "step") else 0)
+            stages[name] = _median(_times(fn, runner.sync, repeats))
+        info = runner.info()
+        torch_peak = runner.peak_torch_gpu_mib() if hasattr(runner, "peak_torch_gpu_mib") else None
+    runner.close()
+    return {
+        "status": "ok",
+        "info": info,
+        "notes": runner.notes,
+        "load_s": t_load,
+        "cold_start_s": cold,
+        "latency_s": {"median": _median(lat), "min": min(lat), "max": max(lat), "runs": lat},
+        "throughput_ips": {str(b): b / _median(ts) for b, ts in runs.items() if b in cfg["batches"]},
+        "batch_runs_s": {str(b): ts for b, ts in runs.items()},
+        "stages_s": {s: stages.get(s) for s in STAGE_ORDER},
+        "peak_rss_mb": env.rss_high_water_mb(),
+        "peak_gpu_mib": gpu.peak_mib,
+        "peak_torch_gpu_mib": torch_peak,
+        "image_shape": list(first.shape),
+        "image_mean": float(first.astype("float64").mean()),
+    }
+
+
+def row_main(config: Path, result: Path) -> int:
+    cfg = json.loads(config.read_text())
+    try:
+        row = measure_row(cfg)
+    except Exception as e:
+        row = {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:2000],
+               "output_tail": traceback.format_exc()[-2500:], "peak_rss_mb": env.rss_high_water_mb()}
+    result.write_text(json.dumps(row))
+    return 0 if row["status"] == "ok" else 1

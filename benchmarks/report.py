@@ -1,0 +1,202 @@
+"""`python -m benchmarks report`: RESULTS.md (and one PNG chart per run when matplotlib is installed).
+
+The headline of every run is its ratio to the diffusers baseline measured in the same run (same
+machine, same moment); ratios to the compute floor say how far each row is from the hardware.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+STAGES = ("detect", "embed", "project", "step", "steps", "decode")
+
+
+def load_results(results: Path) -> list[dict]:
+    out = []
+    for p in sorted(results.glob("*.json")):
+        try:
+            d = json.loads(p.read_text())
+        except ValueError:
+            continue
+        if isinstance(d, dict) and d.get("kind") in ("run", "export", "demo"):
+            d["_file"] = p.name
+            out.append(d)
+    return out
+
+
+def _f(x, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, str):
+        return x
+    if x == 0:
+        return "0"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    return f"{x:.{digits}g}"
+
+
+def _machine(d: dict) -> str:
+    m = d.get("machine", {})
+    gpus = m.get("gpus") or []
+    gpu = f"{gpus[0]['name']} (driver {gpus[0]['driver']})" if gpus else "no GPU"
+    return f"{m.get('cpu_model', '?')}, {m.get('cpu_cores', '?')} cores, {m.get('host_memory_gb', '?')} GB; {gpu}"
+
+
+def _commit(d: dict) -> str:
+    g = d.get("git", {})
+    c = (g.get("commit") or "?")[:10]
+    return c + (" (uncommitted changes)" if g.get("dirty") else "")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def run_section(d: dict, chart: str | None) -> list[str]:
+    o = d["options"]
+    lines = [f"## Run `{d['_file']}`", "",
+             f"- size **{o['size']}**, device **{d['device_kind']}** ({_machine(d)}), engines precision "
+             f"{o.get('precision_resolved')}, {o['steps']} DPM-Solver++ steps, guidance {o['guidance']}, 512x512, "
+             f"batches {o['batches']}, median of {o['repeats']} repeat(s){' (smoke)' if o.get('smoke') else ''}",
+             f"- {d['created']}, commit {_commit(d)}"]
+    if d.get("peak"):
+        lines.append(f"- peak rate for the floor: **{d['peak']['tflops']:.3g} TFLOP/s** ({d['peak']['how']}); "
+                     f"FLOPs: {d['flops']['source']}")
+    lines.append("")
+    rows = d["rows"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    if ok:
+        head = ["backend", "precision", "batch-1 latency (s)", "speed-up vs diffusers", "x floor",
+                "cold start (s)", "peak RSS (MB)", "peak GPU (MiB)"]
+        body = []
+        for r in ok:
+            vs = r.get("vs_diffusers", {}).get("latency_speedup")
+            body.append([f"**{r['backend']}**", r.get("info", {}).get("precision", "–"),
+                         _f(r["latency_s"]["median"]), f"{vs:.2f}x" if vs else "–",
+                         _f(r.get("floor", {}).get("latency_ratio")), _f(r["cold_start_s"]), _f(r["peak_rss_mb"]),
+                         _f(r.get("peak_gpu_mib"))])
+        lines += _table(head, body) + [""]
+        batches = [str(b) for b in o["batches"]]
+        head = ["backend"] + [f"batch {b}: images/s (vs diffusers)" for b in batches]
+        body = []
+        for r in ok:
+            cells = []
+            for b in batches:
+                ips = r["throughput_ips"].get(b)
+                vs = r.get("vs_diffusers", {}).get("throughput_speedup", {}).get(b)
+                cells.append(f"{_f(ips)}" + (f" ({vs:.2f}x)" if vs else ""))
+            body.append([r["backend"]] + cells)
+        lines += ["Throughput:", ""] + _table(head, body) + [""]
+        head = ["backend"] + [f"{s} (s)" for s in STAGES]
+        body = []
+        for r in ok:
+            cells = []
+            for s in STAGES:
+                v = r["stages_s"].get(s)
+                fr = r.get("floor", {}).get("stages", {}).get(s, {}).get("ratio")
+                cells.append(_f(v) + (f" ({fr:.3g}x floor)" if fr else ""))
+            body.append([r["backend"]] + cells)
+        lines += ["Per-stage split at batch 1 (median; `step` = one denoise step with CFG, `steps` = all of them):",
+                  ""] + _table(head, body) + [""]
+        notes = [f"- {r['backend']}: {n}" for r in ok for n in r.get("notes", [])]
+        if notes:
+            lines += ["Notes:", ""] + notes + [""]
+    skipped = [r for r in rows if r["status"] != "ok"]
+    if skipped:
+        lines += ["Not measured:", ""]
+        lines += [f"- **{r['backend']}** {r['status']}: {r.get('reason', '')}" for r in skipped] + [""]
+    if chart:
+        lines += [f"![{d['_file']}]({chart})", ""]
+    return lines
+
+
+def export_section(d: dict) -> list[str]:
+    lines = [f"## Export `{d['_file']}`", "",
+             f"`export_all` on the **{d['size']}** random-weight checkpoint ({_f(d.get('model_mb'))} MB of model files), "
+             f"one child process per precision; {_machine(d)}; {d['created']}, commit {_commit(d)}.", ""]
+    body = []
+    for r in d["runs"]:
+        stages = "; ".join(f"{n} {v.get('export_s')} s" + (f", {v['validation']['metric']} {v['validation']['value']:.3g}"
+                                                          if v.get("validation") else "")
+                           for n, v in (r.get("stages") or {}).items())
+        body.append([r["precision"], "yes" if r.get("validate", True) else "no", r["status"], _f(r["wall_s"]),
+                     _f(r["cpu_user_s"] + r["cpu_system_s"]), _f((r.get("peak_rss_mb") or 0) / 1024),
+                     stages or "–", (r.get("error") or "")[:300].replace("|", "/").replace("\n", " ")])
+    lines += _table(["precision", "validated", "status", "wall (s)", "CPU (s)", "peak RSS (GB)",
+                     "per stage (export s, validation)", "error"], body) + [""]
+    return lines
+
+
+def demo_section(d: dict) -> list[str]:
+    lines = [f"## Demo `{d['_file']}`", "", f"`{d['command']}` in a fresh folder, twice; {_machine(d)}; "
+             f"{d['created']}, commit {_commit(d)}.", ""]
+    body = [[r["run"], r["status"], _f(r["wall_s"]), _f(r["cpu_s"]), _f(r.get("peak_rss_mb"))] for r in d["runs"]]
+    return lines + _table(["run", "status", "wall (s)", "CPU user+sys (s)", "peak RSS (MB)"], body) + [""]
+
+
+def chart(d: dict, path: Path) -> bool:
+    """Batch-1 latency and throughput per backend; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = [r for r in d["rows"] if r["status"] == "ok"]
+    if not ok:
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r["backend"] for r in ok]
+    lat = [r["latency_s"]["median"] for r in ok]
+    bars = a.barh(names, lat, color=["tab:orange" if n == "diffusers" else "tab:blue" for n in names])
+    for bar, r in zip(bars, ok):
+        vs = r.get("vs_diffusers", {}).get("latency_speedup")
+        if vs:
+            a.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {vs:.2f}x", va="center")
+    if ok[0].get("floor"):
+        a.axvline(ok[0]["floor"]["latency_floor_s"], color="k", ls="--", lw=1, label="compute floor")
+        a.legend(loc="lower right")
+    a.invert_yaxis()
+    a.set_xlabel("batch-1 latency (s), lower is better; label: speed-up vs diffusers")
+    o = d["options"]
+    for r in ok:
+        bs = sorted(int(k) for k in r["throughput_ips"])
+        b.plot(bs, [r["throughput_ips"][str(k)] for k in bs], marker="o", label=r["backend"])
+    b.set_xlabel("batch size")
+    b.set_ylabel("images / s, higher is better")
+    b.legend()
+    fig.suptitle(f"arc2face-rt, {o['size']} model, {d['device_kind']}: {d['machine']['device']}, "
+                 f"{o['steps']} steps, guidance {o['guidance']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def write_report(results: Path) -> tuple[Path, list[Path]]:
+    docs = load_results(results)
+    runs = sorted((d for d in docs if d["kind"] == "run"), key=lambda d: d["created"], reverse=True)
+    lines = ["# Benchmark results", "",
+             "Generated by `python -m benchmarks report` from the JSON files in this folder; do not edit by hand. "
+             "Random-weight checkpoints have the real architectures (same FLOPs and timings as the released "
+             "weights) but produce noise images. See ../README.md for the columns.", ""]
+    if not any(d["device_kind"] == "cuda" for d in runs):
+        lines += ["**GPU figures: pending.** No GPU was available when these results were made; the harness "
+                  "runs the GPU rows (CUDA torch, onnxruntime-gpu, TensorRT) wherever they are importable.", ""]
+    charts = []
+    for d in runs:
+        png = Path(d["_file"]).with_suffix(".png").name
+        made = chart(d, results / png)
+        if made:
+            charts.append(results / png)
+        lines += run_section(d, png if made else None)
+    for d in sorted((d for d in docs if d["kind"] == "export"), key=lambda d: d["created"], reverse=True):
+        lines += export_section(d)
+    for d in sorted((d for d in docs if d["kind"] == "demo"), key=lambda d: d["created"], reverse=True):
+        lines += demo_section(d)
+    md = results / "RESULTS.md"
+    md.write_text("\n".join(lines).rstrip() + "\n")
+    return md, charts

@@ -1,0 +1,85 @@
+"""The benchmark harness in smoke mode (tiny model, 2 steps, batch 1, 1 repeat) and its report."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _bench(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    p = subprocess.run([sys.executable, "-m", "benchmarks", *map(str, args)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def smoke(tiny_model_dir, tiny_engines, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    _bench("run", "--smoke", "--device", "cpu", "--model-dir", tiny_model_dir, "--engines", tiny_engines,
+           "--backends", "ort,torch,diffusers,trt,no-such-backend", "--out", out, "--name", "smoke.json")
+    return out, json.loads((out / "smoke.json").read_text())
+
+
+def test_smoke_result_has_the_expected_fields(smoke):
+    _, res = smoke
+    assert res["kind"] == "run" and res["device_kind"] == "cpu"
+    assert {"created", "git", "machine", "libraries", "options", "flops", "peak", "rows"} <= set(res)
+    m = res["machine"]
+    assert m["cpu_model"] and m["cpu_cores"] >= 1 and "gpus" in m
+    assert res["libraries"]["onnxruntime"] and res["libraries"]["torch"]
+    o = res["options"]
+    assert (o["steps"], o["batches"], o["repeats"], o["size"], o["smoke"]) == (2, [1], 1, "tiny", True)
+    assert res["peak"]["tflops"] > 0 and res["flops"]["unet_forward"] > 0
+
+
+def test_smoke_measures_ort_torch_diffusers(smoke):
+    _, res = smoke
+    rows = {r["backend"]: r for r in res["rows"]}
+    for name in ("ort", "torch", "diffusers"):
+        r = rows[name]
+        assert r["status"] == "ok", r
+        assert r["latency_s"]["median"] > 0 and r["cold_start_s"] >= r["load_s"] > 0
+        assert r["throughput_ips"]["1"] > 0 and r["peak_rss_mb"] > 0
+        assert r["image_shape"] == [1, 512, 512, 3]
+        assert r["stages_s"]["steps"] > 0 and r["stages_s"]["decode"] > 0 and r["stages_s"]["project"] > 0
+        assert r["floor"]["latency_ratio"] > 0 and r["floor"]["latency_floor_s"] > 0
+        assert r["vs_diffusers"]["latency_speedup"] > 0
+    assert rows["ort"]["stages_s"]["step"] > 0 and rows["torch"]["stages_s"]["step"] > 0
+    assert rows["diffusers"]["vs_diffusers"]["latency_speedup"] == pytest.approx(1.0)
+    # same identity, same noise: every row makes the same image up to rounding
+    means = [rows[n]["image_mean"] for n in ("ort", "torch", "diffusers")]
+    assert max(means) - min(means) < 0.5
+
+
+def test_unknown_backend_and_trt_without_gpu_are_skipped_with_reasons(smoke):
+    _, res = smoke
+    rows = {r["backend"]: r for r in res["rows"]}
+    assert rows["no-such-backend"]["status"] == "skipped"
+    assert "unknown backend" in rows["no-such-backend"]["reason"]
+    if not res["machine"]["gpus"]:
+        assert rows["trt"]["status"] == "skipped"
+        assert "GPU" in rows["trt"]["reason"] or "TensorRT" in rows["trt"]["reason"]
+
+
+def test_report_writes_markdown(smoke):
+    out, _ = smoke
+    _bench("report", "--results", out)
+    md = (out / "RESULTS.md").read_text()
+    assert "smoke.json" in md and "speed-up vs diffusers" in md
+    for name in ("ort", "torch", "diffusers", "no-such-backend", "trt"):
+        assert name in md
+
+
+def test_missing_checkpoint_is_a_skipped_row(tmp_path):
+    _bench("run", "--smoke", "--device", "cpu", "--model-dir", tmp_path / "nowhere", "--backends", "torch",
+           "--out", tmp_path, "--name", "r.json", "--peak-tflops", "1")
+    row = json.loads((tmp_path / "r.json").read_text())["rows"][0]
+    assert row["status"] == "skipped" and "missing checkpoint" in row["reason"]
