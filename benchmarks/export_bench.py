@@ -1,0 +1,140 @@
+"""Cost of the export path (issue 2): `export_all` per precision, and the `arc2face-export demo`.
+
+Each measured job runs in a child process of its own, so its peak RSS (ru_maxrss, the kernel's
+high-water mark of the process) belongs to that job alone; wall time and CPU time (user + system)
+come from the parent's clock and the child's rusage.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import env
+
+RESULTS = env.REPO / "benchmarks" / "results"
+CACHE = env.REPO / "benchmarks" / ".cache"
+
+
+def _child(code: str, timeout: float | None = None) -> dict:
+    """Run python `code` in a child; return wall/CPU seconds, peak RSS, exit code, output tail and the
+    JSON the child printed on its last stdout line (if any)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    envv = dict(os.environ, PYTHONPATH=os.pathsep.join([str(env.REPO), os.environ.get("PYTHONPATH", "")]))
+    try:
+        p = subprocess.run([sys.executable, "-c", code], cwd=env.REPO, capture_output=True, text=True,
+                           timeout=timeout, env=envv)
+        rc, out, err = p.returncode, p.stdout, p.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, out, err = "timeout", e.stdout or "", (e.stderr or "") if isinstance(e.stderr, str) else ""
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    res = {"returncode": rc, "wall_s": round(wall, 1),
+           "cpu_user_s": round(after.ru_utime - before.ru_utime, 1),
+           "cpu_system_s": round(after.ru_stime - before.ru_stime, 1)}
+    lines = [ln for ln in out.strip().splitlines() if ln.startswith("{")]
+    if lines:
+        try:
+            res.update(json.loads(lines[-1]))
+        except ValueError:
+            pass
+    if rc != 0:
+        res["error_tail"] = (err or out)[-3000:]
+    return res
+
+
+_EXPORT_CODE = """
+import json, resource, time, sys
+from pathlib import Path
+from arc2face_export.onnx_export import export_all
+from benchmarks.env import rss_high_water_mb
+log = []
+t0 = time.perf_counter()
+def say(msg):
+    log.append([round(time.perf_counter() - t0, 1), msg])
+    print(msg, file=sys.stderr, flush=True)
+out = {{}}
+try:
+    m = export_all({model!r}, {out!r}, precision={precision!r}, force=True, progress=say, validate={validate!r})
+    out["stages"] = {{n: {{k: r[k] for k in ("export_s", "validation") if k in r}} for n, r in m["stages"].items()}}
+    out["files_mb"] = {{f: round(p.stat().st_size / 2**20, 1) for f, p in
+                       ((p.name, p) for p in sorted(Path({out!r}).iterdir()) if p.is_file())}}
+    out["status"] = "ok"
+except BaseException as e:
+    out["status"] = "failed"
+    out["error"] = f"{{type(e).__name__}}: {{e}}"[:2000]
+out["inner_s"] = round(time.perf_counter() - t0, 1)
+out["peak_rss_mb"] = rss_high_water_mb()
+out["log"] = log
+print(json.dumps(out))
+"""
+
+
+def bench_export(size: str, precisions: tuple[str, ...], model_dir: Path | None, out_root: Path,
+                 timeout: float | None = None, say=print) -> dict:
+    from arc2face_ref.random_ckpt import write_random_checkpoint
+
+    model_dir = model_dir or CACHE / f"model-{size}"
+    if not (model_dir / "arc2face").is_dir():
+        say(f"writing a random-weight {size} checkpoint to {model_dir}")
+        write_random_checkpoint(model_dir, size=size, seed=0, force=model_dir.exists())
+    runs = []
+    for spec in precisions:      # "fp16" or "fp16:novalidate" (export only, no onnxruntime check)
+        precision, _, flag = spec.partition(":")
+        validate = flag != "novalidate"
+        out_dir = out_root / f"engines-{size}-{precision}"
+        say(f"export_all {size} {precision} (validate={validate}) -> {out_dir}")
+        res = _child(_EXPORT_CODE.format(model=str(model_dir), out=str(out_dir), precision=precision,
+                                         validate=validate), timeout)
+        res.update(precision=precision, validate=validate)
+        res.setdefault("status", "failed" if res["returncode"] != 0 else "ok")
+        say(f"  {precision}: {res['status']} in {res['wall_s']} s, peak RSS {res.get('peak_rss_mb')} MB")
+        runs.append(res)
+    return {"kind": "export", "size": size, "model_dir": str(model_dir),
+            "model_mb": round(sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file()) / 2**20, 1),
+            "runs": runs}
+
+
+_DEMO_CODE = """
+import json, sys
+from arc2face_export.cli import main
+from benchmarks.env import rss_high_water_mb
+rc = main(["demo", "--out", {out!r}, "--size", {size!r}, "-n", "{n}", "--steps", "{steps}"])
+print(json.dumps({{"cli_returncode": rc, "peak_rss_mb": rss_high_water_mb()}}))
+"""
+
+
+def bench_demo(size: str = "tiny", num_images: int = 4, steps: int = 25, say=print) -> dict:
+    """`arc2face-export demo` from nothing (checkpoint + export + generate), then again (reusing the
+    checkpoint and export: generation alone), each in a fresh process."""
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="a2f-demo-") as tmp:
+        for label in ("first run (random checkpoint + ONNX export + generate)",
+                      "second run (reuses checkpoint and export: generate only)"):
+            say(f"demo {size}: {label}")
+            res = _child(_DEMO_CODE.format(out=tmp, size=size, n=num_images, steps=steps))
+            res["run"] = label
+            res["status"] = "ok" if res["returncode"] == 0 and res.get("cli_returncode") == 0 else "failed"
+            res["cpu_s"] = round(res["cpu_user_s"] + res["cpu_system_s"], 1)
+            say(f"  {res['status']}: wall {res['wall_s']} s, CPU {res['cpu_s']} s, peak RSS {res.get('peak_rss_mb')} MB")
+            runs.append(res)
+    return {"kind": "demo", "size": size, "num_images": num_images, "steps": steps,
+            "command": f"arc2face-export demo --size {size} -n {num_images} --steps {steps}", "runs": runs}
+
+
+def header() -> dict:
+    return {"schema": 1, "created": env.now_utc(), "git": env.git_commit(), "machine": env.machine_info(),
+            "libraries": env.library_versions()}
+
+
+def write_result(result: dict, name: str, out: Path = RESULTS) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
