@@ -134,7 +134,7 @@ def test_load_identity_checks(tmp_path):
     np.save(tmp_path / "ok.npy", np.full((1, 512), 3.0, np.float32))
     assert abs(np.linalg.norm(load_identity(tmp_path / "ok.npy")) - 1) < 1e-6
     np.save(tmp_path / "bad.npy", np.zeros(128, np.float32))
-    with pytest.raises(InvalidInputError, match=r"\[512\]"):
+    with pytest.raises(InvalidInputError, match=r"expected \(512,\)"):
         load_identity(tmp_path / "bad.npy")
     with pytest.raises(InvalidInputError, match="no such file"):
         load_identity(tmp_path / "none.npy")

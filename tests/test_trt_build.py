@@ -16,7 +16,7 @@ import pytest
 from arc2face_rt import manifest as mf
 from arc2face_rt import specs
 from arc2face_rt.backends import cuda
-from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
+from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError
 
 trt_build = pytest.importorskip("arc2face_export.trt_build")
 try:

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from .atomic import atomic_write
 from .errors import EngineMismatchError
 from .specs import SPEC_REVISION
 
@@ -42,30 +41,10 @@ def file_record(path: Path) -> dict:
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def publish_mode(fd: int) -> None:
-    """mkstemp creates 0600 files; give finished outputs the usual 0666 & ~umask."""
-    os.fchmod(fd, 0o666 & ~_umask())
-
-
 def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Write JSON next to its destination, then rename: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        publish_mode(fd)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Replace `path` with `data` as JSON; readers never see half a file."""
+    text = (json.dumps(data, indent=2) + "\n").encode()
+    atomic_write(path, lambda f: f.write(text), overwrite=True)
 
 
 def load_manifest(engines_dir: str | Path) -> dict:

@@ -9,19 +9,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 
+from ..atomic import atomic_write
 from ..errors import InvalidInputError, MissingWeightsError, NoFaceError, OutputExistsError
-from ..specs import ID_DIM
+from ..pipeline import load_identity
 from .detector import DETECTOR_FILE, SCORE_THRESHOLD, ScrfdDetector
 from .identity import EmbedReport, FaceAnalyzer, combine_embeddings
 from .image_io import DEFAULT_LIMITS, ImageLimits, expand_paths
-from .recognizer import RECOGNIZER_FILE, ArcFaceRecognizer, l2_normalize
+from .recognizer import RECOGNIZER_FILE, ArcFaceRecognizer
 
 # Where a models folder may hold each file: Arc2Face's README puts arcface.onnx next to antelopev2's
 # files (models/antelopev2/), antelopev2 names the detector scrfd_10g_bnkps.onnx, buffalo_l det_10g.onnx.
@@ -148,35 +148,8 @@ def _describe(report: EmbedReport, face: str | int, log: Callable[[str], None]) 
 
 def save_npy_atomic(path: str | Path, array: np.ndarray, force: bool = False) -> None:
     """np.save to a temporary file beside `path`, then rename: no half-written or clobbered output."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists; choose another --out or pass --force to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_identity(path: str | Path) -> np.ndarray:
-    """An identity .npy ([512] or [1, 512]) → unit [512] float32."""
-    path = Path(path)
-    try:
-        x = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise InvalidInputError(f"{path}: no such file; write one with `arc2face-rt embed`") from None
-    except Exception as e:
-        raise InvalidInputError(f"{path}: not a .npy array ({e}); write one with `arc2face-rt embed`") from e
-    if x.size != ID_DIM or not np.issubdtype(x.dtype, np.floating) or not np.all(np.isfinite(x)) \
-            or not np.any(x):
-        raise InvalidInputError(f"{path}: expected a finite, non-zero float [{ID_DIM}] embedding, got "
-                                f"{x.dtype} {list(x.shape)}; write one with `arc2face-rt embed`")
-    return l2_normalize(x.reshape(ID_DIM))
+    atomic_write(path, lambda f: np.save(f, array), overwrite=force,
+                 hint="choose another --out or pass --force to replace it")
 
 
 def run_embed(args) -> int:
