@@ -122,3 +122,20 @@ def test_bad_options(pipe, opts):
 def test_zero_images_is_an_error(pipe):
     with pytest.raises(InvalidInputError, match="-n"):
         pipe.generate(random_identity(0), 0)
+
+
+def test_io_binding_loop_equals_the_plain_loop(pipe, tiny_engines):
+    """The device-resident loop used with CUDA (run here on the CPU provider) gives the same latents."""
+    from arc2face_rt.backends.ort import OrtStepSession
+
+    sched = pipe.schedule("dpmpp2m", 3)
+    x = np.stack([image_noise(2, i, sched)[0] for i in range(2)])
+    cond = np.repeat(pipe.project(random_identity(2)[None]), 2, axis=0)
+    want = pipe.denoise(cond, x, sched, 3.0)
+    got = OrtStepSession(tiny_engines / "step_cfg.onnx", device="cpu").denoise_loop(x, cond, sched.table(), 3.0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    lcm = pipe.schedule("lcm", 2)
+    noise = np.stack([image_noise(2, 0, lcm)[1]], axis=1)
+    got = OrtStepSession(tiny_engines / "step.onnx", device="cpu").denoise_loop(x[:1], cond[:1], lcm.table(), None,
+                                                                                 noise)
+    np.testing.assert_allclose(got, pipe.denoise(cond[:1], x[:1], lcm, 1.0, noise), rtol=1e-5, atol=1e-5)

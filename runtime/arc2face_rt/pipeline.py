@@ -70,13 +70,14 @@ def normalize_identity(emb: np.ndarray, source: str = "embedding") -> np.ndarray
 
 
 def load_identity(path: str | Path) -> np.ndarray:
+    """An identity .npy ([512] or [1, 512] float) -> unit float32 [512]."""
     path = Path(path)
     try:
         emb = np.load(path, allow_pickle=False)
     except FileNotFoundError:
-        raise InvalidInputError(f"{path}: no such file") from None
+        raise InvalidInputError(f"{path}: no such file; write one with `arc2face-rt embed`") from None
     except (OSError, ValueError) as e:
-        raise InvalidInputError(f"{path}: not a .npy array ({e})") from e
+        raise InvalidInputError(f"{path}: not a .npy array ({e}); write one with `arc2face-rt embed`") from e
     return normalize_identity(emb, str(path))
 
 
@@ -155,8 +156,10 @@ class Arc2FacePipeline:
                     self._trt_memory = SharedDeviceMemory()
                 sess = open_session(self.engines_dir / f"{name}.plan", memory=self._trt_memory)
             else:
-                from .backends.ort import OrtSession
-                sess = OrtSession(self.engines_dir / f"{name}.onnx", device=self.device)
+                from .backends.ort import OrtSession, OrtStepSession, ort_providers
+                on_gpu = ort_providers(self.device)[0] == "CUDAExecutionProvider"
+                cls = OrtStepSession if on_gpu and name in (STEP.name, STEP_CFG.name) else OrtSession
+                sess = cls(self.engines_dir / f"{name}.onnx", device=self.device)
             self._sessions[name] = sess
         return self._sessions[name]
 
