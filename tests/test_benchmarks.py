@@ -83,3 +83,21 @@ def test_missing_checkpoint_is_a_skipped_row(tmp_path):
            "--out", tmp_path, "--name", "r.json", "--peak-tflops", "1")
     row = json.loads((tmp_path / "r.json").read_text())["rows"][0]
     assert row["status"] == "skipped" and "missing checkpoint" in row["reason"]
+
+
+def test_build_records_each_plan(tiny_engines, tmp_path):
+    """`build` times a TensorRT(-RTX) build of every stage and records each plan's size."""
+    pytest.importorskip("tensorrt_rtx")
+    import shutil
+
+    engines = tmp_path / "engines"
+    shutil.copytree(tiny_engines, engines, ignore=shutil.ignore_patterns("*.plan"))
+    _bench("build", "--size", "tiny", "--precision", "fp32", "--engines", engines, "--out", tmp_path,
+           "--name", "b.json", "--opt-level", "0")
+    res = json.loads((tmp_path / "b.json").read_text())
+    run = res["runs"][0]
+    assert res["kind"] == "build" and run["status"] == "ok", run
+    assert set(run["plans"]) == {"projector", "step_cfg", "step", "vae_decoder"}
+    for name, p in run["plans"].items():
+        assert p["plan_mb"] > 0 and p["build_s"] > 0
+        assert (engines / f"{name}.plan").stat().st_size == pytest.approx(p["plan_mb"] * 2**20, rel=0.05, abs=0.06 * 2**20)

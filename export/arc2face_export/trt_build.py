@@ -320,11 +320,14 @@ def build_engines(engines_dir: str | Path, stages: list[str] | None = None, prec
     as "int8", which builds the step stages from their Q/DQ graphs `<stage>.int8.onnx` (written by
     `arc2face_export.int8.quantize_stage`) and every other stage from the folder's fp16/fp32 ONNX.
     """
+    from .face_plans import face_stage_specs
+
     engines_dir = Path(engines_dir)
     trt = import_trt()
     m = mf.load_manifest(engines_dir)
-    stage_specs = stage_specs or specs.STAGES
-    names = stages or [s for s in m.get("stages", {}) if s in stage_specs]
+    stage_specs = stage_specs or {**specs.STAGES, **face_stage_specs(m)}
+    recorded = {**m.get("stages", {}), **m.get("face_stages", {})}
+    names = stages or [s for s in recorded if s in stage_specs]
     unknown = [s for s in names if s not in stage_specs]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; known: {sorted(stage_specs)}")
@@ -334,7 +337,9 @@ def build_engines(engines_dir: str | Path, stages: list[str] | None = None, prec
     tc_path = engines_dir / TIMING_CACHE if options.timing_cache else None
     for name in names:
         spec = stage_specs[name]
-        onnx_file, stage_precision, record = spec.onnx_file, m.get("precision", "unknown"), m.get("stages", {}).get(name)
+        onnx_file, stage_precision, record = spec.onnx_file, m.get("precision", "unknown"), recorded.get(name)
+        if name in m.get("face_stages", {}):
+            stage_precision = "fp32"     # the released graphs are fp32; strongly typed plans keep that
         quant = m.get("quantized", {}).get(name)
         if precision == "int8" and quant:
             onnx_file, stage_precision, record = quant["file"], "int8", quant
@@ -391,6 +396,9 @@ def cmd_build_engines(args) -> int:
             raise BackendUnavailableError(f"ONNX export is unavailable ({e}); run `arc2face-export onnx` first") from e
         log.info("exporting %s ONNX graphs to %s first", onnx_precision, out)
         export_all(Path(args.model_dir), out, precision=onnx_precision, force=False)
+    if not args.no_face:
+        from .face_plans import add_face_stages
+        add_face_stages(out, args.face_models or args.model_dir, force=args.force)
     if args.precision == "int8":
         from .int8 import ensure_int8_graphs
         ensure_int8_graphs(out, calib_path=args.calib_data, stages=args.stages)
@@ -408,6 +416,10 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
                     "target GPU changed (recorded in manifest.json under 'plans').")
     p.add_argument("--model-dir", help="model folder to export from when --out lacks the ONNX graphs")
     p.add_argument("--out", required=True, help="engines folder (ONNX graphs + manifest.json)")
+    p.add_argument("--face-models", default=None,
+                   help="folder with scrfd_10g_bnkps.onnx / arcface.onnx (default: --model-dir); each one found "
+                        "becomes a 'detector' / 'arcface' stage and plan")
+    p.add_argument("--no-face", action="store_true", help="do not add the face detector and recognizer stages")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16",
                    help="fp16 (default) / fp32 build from the graphs of that precision; int8 builds the step "
                         "stages from Q/DQ-quantised graphs calibrated on step inputs the pipeline itself produces")
@@ -425,7 +437,7 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
                    help="int8: .npz of step-graph inputs (one array per input, leading axis = sample); "
                         "default: record them by running this folder's graphs on 8 random identities")
     p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
-                   help=f"stages to build (default: all in the manifest): {' '.join(specs.STAGES)}")
+                   help=f"stages to build (default: all in the manifest): {' '.join(specs.STAGES)} detector arcface")
     p.add_argument("--force", action="store_true", help="rebuild even when the plans are up to date")
     p.set_defaults(func=cmd_build_engines)
     return p

@@ -70,7 +70,8 @@ def cmd_generate(args) -> int:
     else:
         from .face.cli import identity_from_images
         identity = identity_from_images(args.image, models_dir=args.models, device=args.device,
-                                        log=lambda msg: print(msg, file=sys.stderr))
+                                        log=lambda msg: print(msg, file=sys.stderr),
+                                        engines=args.engines, backend=args.backend)
         who = f"from {len(args.image)} photo path(s)"
     pipe = Arc2FacePipeline(args.engines, backend=args.backend, device=args.device)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -122,14 +123,14 @@ def cmd_info(args) -> int:
     m = load_manifest(args.engines)
     print(f"{args.engines}: spec revision {m['spec_revision']}, precision {m['precision']}, "
           f"created {m.get('created')}, random weights: {m.get('source', {}).get('random_weights')}")
-    for section in ("stages", "plans"):
+    for section in ("stages", "face_stages", "plans"):
         for name, rec in m.get(section, {}).items():
             files = record_files(rec)
             verify_files(args.engines, files, hashes=args.verify)
             size = sum(r["bytes"] for r in files.values()) / 2**20
             val = rec.get("validation")
             extra = f", {val['metric']} {val['value']:.3g} <= {val['tolerance']}" if val else ""
-            print(f"  {section[:-1]} {name}: {size:.1f} MiB{extra}")
+            print(f"  {section[:-1].replace('_', ' ')} {name}: {size:.1f} MiB{extra}")
     print("files ok" + (" (sha256 verified)" if args.verify else " (sizes checked)"))
     return 0
 

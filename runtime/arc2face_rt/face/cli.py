@@ -16,8 +16,9 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..atomic import atomic_write
-from ..errors import InvalidInputError, MissingWeightsError, NoFaceError, OutputExistsError
-from ..pipeline import load_identity
+from ..errors import EngineMismatchError, InvalidInputError, MissingWeightsError, NoFaceError, OutputExistsError
+from ..manifest import load_manifest
+from ..pipeline import load_identity, pick_backend
 from .detector import DETECTOR_FILE, SCORE_THRESHOLD, ScrfdDetector
 from .identity import EmbedReport, FaceAnalyzer, combine_embeddings
 from .image_io import DEFAULT_LIMITS, ImageLimits, expand_paths
@@ -53,6 +54,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"ArcFace ONNX file (default DIR/{RECOGNIZER_FILE}, Arc2Face's own, not glintr100.onnx)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="ONNX Runtime device (auto: CUDA when onnxruntime-gpu has it)")
+    g.add_argument("--engines", metavar="DIR", type=Path, default=None,
+                   help="engines folder whose detector.plan / arcface.plan run the face models on TensorRT")
+    g.add_argument("--backend", choices=("auto", "ort", "trt"), default="auto",
+                   help="auto: TensorRT when --engines has face plans and a GPU is present, else ONNX Runtime")
     f = p.add_argument_group("face choice")
     f.add_argument("--face", type=_face_choice, default="largest", metavar="largest|INDEX",
                    help="which face of a photo with several: the largest (Arc2Face's choice) or the INDEX-th "
@@ -117,22 +122,55 @@ def resolve_model(kind: str, explicit: str | Path | None, models_dir: str | Path
                               "(`arc2face-export random-checkpoint` writes random test models)")
 
 
+def face_plan(engines: str | Path | None, backend: str, name: str) -> tuple[Path, dict] | None:
+    """(plan path, its face-stage record) when face stage `name` ("detector" / "arcface") runs on
+    TensorRT: `backend` "trt", or "auto" with a plan for it, a GPU and TensorRT; else None (ONNX Runtime)."""
+    if engines is None or backend == "ort":
+        if backend == "trt":
+            raise InvalidInputError("--backend trt needs --engines DIR (a folder `arc2face-export build-engines` wrote)")
+        return None
+    engines = Path(engines)
+    m = load_manifest(engines)
+    if name not in m.get("plans", {}):
+        if backend == "trt":
+            raise EngineMismatchError(f"{engines}: no TensorRT plan for the face stage '{name}'; build it with "
+                                      f"`arc2face-export build-engines --out {engines} --face-models DIR`")
+        return None
+    if pick_backend(engines, m, backend) != "trt":
+        return None
+    return engines / m["plans"][name]["file"], m.get("face_stages", {}).get(name, {})
+
+
 def load_face_models(models_dir: str | Path | None = None, detector_path: str | Path | None = None,
                      recognizer_path: str | Path | None = None, *, device: str = "auto",
                      min_score: float = SCORE_THRESHOLD, need_detector: bool = True,
+                     engines: str | Path | None = None, backend: str = "ort",
                      ) -> tuple[ScrfdDetector | None, ArcFaceRecognizer]:
-    """Open the detector (unless need_detector is False) and the recognizer."""
+    """Open the detector (unless need_detector is False) and the recognizer: from their ONNX files on
+    ONNX Runtime, or from the engines folder's `detector.plan` / `arcface.plan` on TensorRT."""
+    from ..backends.trt import open_session as open_plan   # imports no TensorRT until a plan is opened
+
     det = None
     if need_detector:
-        det = ScrfdDetector.from_file(resolve_model("detector", detector_path, models_dir), device=device,
-                                      score_threshold=min_score)
-    rec = ArcFaceRecognizer.from_file(resolve_model("recognizer", recognizer_path, models_dir), device=device)
+        plan = face_plan(engines, backend, "detector")
+        if plan:
+            det = ScrfdDetector(open_plan(plan[0]), score_threshold=min_score, name=str(plan[0]))
+        else:
+            det = ScrfdDetector.from_file(resolve_model("detector", detector_path, models_dir), device=device,
+                                          score_threshold=min_score)
+    plan = face_plan(engines, backend, "arcface")
+    if plan:
+        rec = ArcFaceRecognizer(open_plan(plan[0]), plan[1]["graph_normalises"], name=str(plan[0]),
+                                max_batch=plan[1]["batch_range"][2])
+    else:
+        rec = ArcFaceRecognizer.from_file(resolve_model("recognizer", recognizer_path, models_dir), device=device)
     return det, rec
 
 
 def _analyzer(args) -> FaceAnalyzer:
     det, rec = load_face_models(args.models, args.detector, args.recognizer, device=args.device,
-                                min_score=args.min_score, need_detector=not args.aligned)
+                                min_score=args.min_score, need_detector=not args.aligned,
+                                engines=args.engines, backend=args.backend)
     limits = ImageLimits(max_bytes=DEFAULT_LIMITS.max_bytes, max_pixels=args.max_pixels)
     return FaceAnalyzer(det, rec, face=args.face, min_size=args.min_size, limits=limits)
 
@@ -190,7 +228,8 @@ def identity_from_images(paths: Iterable[str | Path], models_dir: str | Path | N
                          detector_path: str | Path | None = None, recognizer_path: str | Path | None = None,
                          face: str | int = "largest", min_score: float = SCORE_THRESHOLD, min_size: float = 0.0,
                          limits: ImageLimits = DEFAULT_LIMITS, device: str = "auto", method: str = "mean",
-                         aligned: bool = False, log: Callable[[str], None] | None = None) -> np.ndarray:
+                         aligned: bool = False, log: Callable[[str], None] | None = None,
+                         engines: str | Path | None = None, backend: str = "ort") -> np.ndarray:
     """Photos (files, folders, globs) of one person → unit identity embedding [512] float32.
 
     Skipped photos and multi-face photos are reported through `log` (default: warnings.warn with
@@ -200,7 +239,7 @@ def identity_from_images(paths: Iterable[str | Path], models_dir: str | Path | N
             warnings.warn(msg, FaceWarning, stacklevel=3)
     files = expand_paths([paths] if isinstance(paths, (str, Path)) else paths)
     det, rec = load_face_models(models_dir, detector_path, recognizer_path, device=device,
-                                min_score=min_score, need_detector=not aligned)
+                                min_score=min_score, need_detector=not aligned, engines=engines, backend=backend)
     report = FaceAnalyzer(det, rec, face, min_size, limits).embed_files(files, aligned=aligned)
     _describe(report, face, log)
     if report.n_ok == 0:

@@ -46,8 +46,9 @@ class ArcFaceRecognizer:
     (False); from_file() decides it from the graph, other backends must say. The decision is kept
     in `input_mean`, `input_std` and the readable `convention`."""
 
-    def __init__(self, session, graph_normalises: bool, name: str = "face recognizer"):
+    def __init__(self, session, graph_normalises: bool, name: str = "face recognizer", max_batch: int | None = None):
         self.session = session
+        self.max_batch = max_batch       # crops per call at most (a TensorRT plan's profile)
         self.name = name
         self.graph_normalises = bool(graph_normalises)
         self.input_mean, self.input_std = (0.0, 1.0) if self.graph_normalises else (127.5, 127.5)
@@ -90,7 +91,7 @@ class ArcFaceRecognizer:
             raise InvalidInputError(f"recognizer input must be aligned [N, {CROP_SIZE}, {CROP_SIZE}, 3] uint8 "
                                     f"RGB crops, got {crops.shape} {crops.dtype}")
         blob = self.preprocess(crops)
-        step = self._fixed_batch or len(blob)    # a graph exported for batch 1 runs one crop at a time
+        step = self._fixed_batch or min(len(blob), self.max_batch or len(blob))   # e.g. batch-1 graphs: one by one
         out = [self._run(blob[i:i + step]) for i in range(0, len(blob), step)]
         return np.concatenate(out, axis=0)
 

@@ -1,0 +1,128 @@
+"""The face models as engines-folder stages: `detector` (SCRFD) and `arcface` (IResNet-100).
+
+Unlike the generation stages these graphs are not exported by us: they are the released ONNX files
+(`scrfd_10g_bnkps.onnx`, `arcface.onnx`). `add_face_stages` copies each into the engines folder with
+its input pinned to what the runtime feeds (detector [1,3,640,640], the letterboxed image; recognizer
+[B,3,112,112]), so TensorRT sees static shapes, and records in manifest.json under `face_stages`: the
+source file and its sha256, the graph's I/O, the recognizer's input convention (decided from the
+source graph exactly as the ONNX Runtime path decides it) and the batch profile. `build_engines`
+then builds `detector.plan` and `arcface.plan` like any other stage.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from arc2face_rt import manifest as mf
+from arc2face_rt.face.detector import INPUT_SIZE
+from arc2face_rt.face._onnx import first_nodes
+from arc2face_rt.face.align import CROP_SIZE
+from arc2face_rt.face.recognizer import _HEAD_NODES, graph_normalises
+from arc2face_rt.specs import StageSpec, TensorSpec
+
+log = logging.getLogger("arc2face_export")
+
+# name -> (role for resolve_model, pinned input shape, batch profile)
+FACE_STAGES = {
+    "detector": ("detector", (1, 3, INPUT_SIZE, INPUT_SIZE), (1, 1, 1)),
+    "arcface": ("recognizer", ("B", 3, CROP_SIZE, CROP_SIZE), (1, 1, 16)),
+}
+
+
+def _pin_input(src: Path, dst: Path, shape: tuple) -> dict:
+    """Write `src` to `dst` with its one input's dims set to `shape` ("B" stays symbolic); return its I/O
+    (TensorRT's view after parsing, batch axis as "B")."""
+    import onnx
+
+    model = onnx.load(str(src))
+    if len(model.graph.input) != 1:
+        names = [i.name for i in model.graph.input]
+        raise ValueError(f"{src}: expected one input, found {names}")
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    if len(dims) != len(shape):
+        raise ValueError(f"{src}: input has {len(dims)} dims, expected {len(shape)} ({shape})")
+    for d, want in zip(dims, shape):
+        if want == "B":
+            d.dim_param = "B"
+        elif d.HasField("dim_value") and d.dim_value not in (0, want):
+            raise ValueError(f"{src}: input dims {[x.dim_value or x.dim_param for x in dims]} cannot take {shape}")
+        else:
+            d.dim_value = want
+    for out in model.graph.output:      # output dims follow from the input: let the parser infer them
+        out.type.tensor_type.ClearField("shape")
+    with tempfile.NamedTemporaryFile(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp", delete=False) as f:
+        tmp = Path(f.name)
+    try:
+        onnx.save(model, str(tmp))
+        io = _parsed_io(tmp, batch_dynamic="B" in shape)
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return io
+
+
+def _parsed_io(path: Path, batch_dynamic: bool) -> dict:
+    from .trt_build import import_trt, network_io, parse_onnx
+
+    trt = import_trt()
+    _b, network, _p, _l = parse_onnx(trt, path)
+    io = network_io(network)
+    for kind in ("inputs", "outputs"):
+        for rec in io[kind]:
+            if batch_dynamic and rec[2] and rec[2][0] == -1:
+                rec[2][0] = "B"
+            if -1 in rec[2]:
+                raise ValueError(f"{path}: {kind[:-1]} {rec[0]} keeps a dynamic axis {rec[2]} after pinning the input")
+    return io
+
+
+def add_face_stages(engines_dir: str | Path, models_dir: str | Path | None = None, detector: str | Path | None = None,
+                    recognizer: str | Path | None = None, force: bool = False) -> list[str]:
+    """Copy the face models found (explicit paths, else in `models_dir`) into the engines folder as
+    `detector.onnx` / `arcface.onnx`; return the names added or kept. A model that cannot be found is
+    skipped with a log line; one whose source sha256 is unchanged is kept as it is."""
+    from arc2face_rt.errors import MissingWeightsError
+    from arc2face_rt.face.cli import resolve_model
+
+    engines_dir = Path(engines_dir)
+    m = mf.load_manifest(engines_dir)
+    face = m.setdefault("face_stages", {})
+    done = []
+    for name, (role, shape, batch) in FACE_STAGES.items():
+        explicit = detector if role == "detector" else recognizer
+        if explicit is None and models_dir is None:
+            continue
+        try:
+            src = resolve_model(role, explicit, models_dir)
+        except MissingWeightsError as e:
+            log.info("%s: no TensorRT stage (%s)", name, e)
+            continue
+        if not src.is_file():
+            raise MissingWeightsError(f"{src}: {role} not found")
+        src_sha = mf.sha256_file(src)
+        dst = engines_dir / f"{name}.onnx"
+        old = face.get(name)
+        if not force and old and old.get("source_sha256") == src_sha and dst.is_file():
+            done.append(name)
+            continue
+        log.info("%s: %s -> %s (input pinned to %s)", name, src, dst.name, list(shape))
+        io = _pin_input(src, dst, shape)
+        rec = {"files": {dst.name: mf.file_record(dst)}, "source": str(src), "source_sha256": src_sha,
+               "io": io, "batch_range": list(batch)}
+        if name == "arcface":
+            rec["graph_normalises"] = graph_normalises(first_nodes(src, _HEAD_NODES))
+        face[name] = rec
+        mf.write_json_atomic(engines_dir / mf.MANIFEST, m)
+        done.append(name)
+    return done
+
+
+def face_stage_specs(manifest: dict) -> dict[str, StageSpec]:
+    """StageSpecs for the face stages a manifest records (their I/O is the released graphs')."""
+    def tensors(recs):
+        return tuple(TensorSpec(n, dt, tuple(shape)) for n, dt, shape in recs)
+    return {name: StageSpec(name, tensors(r["io"]["inputs"]), tensors(r["io"]["outputs"]), tolerance={},
+                            batch_range=tuple(r["batch_range"]))
+            for name, r in manifest.get("face_stages", {}).items()}
+
