@@ -1,4 +1,4 @@
-"""`python -m benchmarks`: run | report | export | demo (and the internal `_row` child)."""
+"""`python -m benchmarks`: run | report | export | demo | build (and the internal `_row` child)."""
 from __future__ import annotations
 
 import argparse
@@ -83,6 +83,16 @@ def cmd_demo(args) -> int:
     return 0 if all(r["status"] == "ok" for r in res["runs"]) else 1
 
 
+def cmd_build(args) -> int:
+    from .export_bench import bench_build, header, write_result
+
+    res = bench_build(args.size, args.precision, args.engines, args.opt_level, timeout=args.timeout, say=_say)
+    path = write_result({**header(), **res}, args.name or f"build-{args.size}-{args.precision}-{_stamp()}.json",
+                        Path(args.out))
+    _say(f"wrote {path}")
+    return 0 if all(r["status"] == "ok" for r in res["runs"]) else 1
+
+
 def cmd_row(args) -> int:
     from .harness import row_main
 
@@ -144,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, default=RESULTS)
     r.add_argument("--name", default=None)
     r.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("build", help="TensorRT build time and plan sizes of an exported engines folder")
+    r.add_argument("--size", choices=("tiny", "full"), default="full")
+    r.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16")
+    r.add_argument("--engines", type=Path, default=None,
+                   help="engines folder (default <cache>/engines-<size>-<precision>, written by `export`)")
+    r.add_argument("--opt-level", type=int, default=3, help="builder optimisation level (default 3)")
+    r.add_argument("--timeout", type=float, default=None, help="seconds before the build is stopped")
+    r.add_argument("--out", type=Path, default=RESULTS)
+    r.add_argument("--name", default=None)
+    r.set_defaults(func=cmd_build)
 
     r = sub.add_parser("_row", help=argparse.SUPPRESS)
     r.add_argument("config")

@@ -138,3 +138,45 @@ def write_result(result: dict, name: str, out: Path = RESULTS) -> Path:
     path = out / name
     path.write_text(json.dumps(result, indent=1) + "\n")
     return path
+
+
+_BUILD_CODE = """
+import json, logging, sys, time
+from arc2face_export.trt_build import BuildOptions, build_engines
+from benchmarks.env import rss_high_water_mb
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+out = {{}}
+t0 = time.perf_counter()
+try:
+    m = build_engines({engines!r}, precision={precision!r}, options=BuildOptions(opt_level={opt_level}), force=True)
+    out["plans"] = {{n: {{"build_s": round(r["build_seconds"], 1), "plan_mb": round(r["bytes"] / 2**20, 1),
+                         "library": r["library"], "compute_capabilities": r["compute_capabilities"],
+                         "profile": r["build"]["profile"]}}
+                    for n, r in m["plans"].items()}}
+    out["status"] = "ok"
+except BaseException as e:
+    out["status"] = "failed"
+    out["error"] = f"{{type(e).__name__}}: {{e}}"[:2000]
+out["inner_s"] = round(time.perf_counter() - t0, 1)
+out["peak_rss_mb"] = rss_high_water_mb()
+print(json.dumps(out))
+"""
+
+
+def bench_build(size: str, precision: str, engines_dir: Path | None, opt_level: int = 3,
+                timeout: float | None = None, say=print) -> dict:
+    """`build_engines` (every stage, forced) on an exported engines folder, in a child process: per-plan
+    build seconds and size, total wall/CPU time and peak RSS. The folder comes from `export` (int8: from
+    fp16 plus `arc2face-export build-engines --precision int8` having written the Q/DQ graphs)."""
+    engines_dir = engines_dir or CACHE / f"engines-{size}-{'fp16' if precision == 'int8' else precision}"
+    if not (engines_dir / "manifest.json").is_file():
+        raise SystemExit(f"{engines_dir}: no exported engines folder; run `python -m benchmarks export "
+                         f"--size {size} --precisions {precision}` first")
+    say(f"build_engines {engines_dir} ({precision}, opt level {opt_level})")
+    res = _child(_BUILD_CODE.format(engines=str(engines_dir), precision=precision, opt_level=opt_level), timeout)
+    res.setdefault("status", "failed" if res["returncode"] != 0 else "ok")
+    say(f"  {res['status']} in {res['wall_s']} s, peak RSS {res.get('peak_rss_mb')} MB")
+    for name, p in res.get("plans", {}).items():
+        say(f"  {name}: {p['build_s']} s, {p['plan_mb']} MiB")
+    return {"kind": "build", "size": size, "precision": precision, "opt_level": opt_level,
+            "engines_dir": str(engines_dir), "runs": [res]}
