@@ -1,4 +1,4 @@
-"""`python -m benchmarks`: run | report | export | demo | build (and the internal `_row` child)."""
+"""`python -m benchmarks`: run | report | export | demo | build | int8 (and the internal `_row` child)."""
 from __future__ import annotations
 
 import argparse
@@ -93,6 +93,17 @@ def cmd_build(args) -> int:
     return 0 if all(r["status"] == "ok" for r in res["runs"]) else 1
 
 
+def cmd_int8(args) -> int:
+    from .export_bench import header, write_result
+    from .int8_quality import bench_int8
+
+    res = bench_int8(args.size, args.identities, args.steps, args.guidance, args.model_dir, args.engines,
+                     say=_say)
+    path = write_result({**header(), **res}, args.name or f"int8-{args.size}-{_stamp()}.json", Path(args.out))
+    _say(f"wrote {path}; medians: " + ", ".join(f"{k} {v:.4g}" for k, v in res["median"].items()))
+    return 0
+
+
 def cmd_row(args) -> int:
     from .harness import row_main
 
@@ -165,6 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, default=RESULTS)
     r.add_argument("--name", default=None)
     r.set_defaults(func=cmd_build)
+
+    r = sub.add_parser("int8", help="int8 vs fp16 step graph end to end: latent/image PSNR, ArcFace cosine")
+    r.add_argument("--size", choices=("tiny", "full"), default="tiny")
+    r.add_argument("--identities", type=int, default=4)
+    r.add_argument("--steps", type=int, default=25)
+    r.add_argument("--guidance", type=float, default=3.0)
+    r.add_argument("--model-dir", type=Path, default=None)
+    r.add_argument("--engines", type=Path, default=None,
+                   help="fp16 engines folder (default <cache>/engines-<size>-fp16, exported when missing)")
+    r.add_argument("--out", type=Path, default=RESULTS)
+    r.add_argument("--name", default=None)
+    r.set_defaults(func=cmd_int8)
 
     r = sub.add_parser("_row", help=argparse.SUPPRESS)
     r.add_argument("config")

@@ -18,7 +18,7 @@ def load_results(results: Path) -> list[dict]:
             d = json.loads(p.read_text())
         except ValueError:
             continue
-        if isinstance(d, dict) and d.get("kind") in ("run", "export", "demo"):
+        if isinstance(d, dict) and d.get("kind") in ("run", "export", "demo", "build", "int8"):
             d["_file"] = p.name
             out.append(d)
     return out
@@ -137,6 +137,37 @@ def demo_section(d: dict) -> list[str]:
     return lines + _table(["run", "status", "wall (s)", "CPU user+sys (s)", "peak RSS (MB)"], body) + [""]
 
 
+def build_section(d: dict) -> list[str]:
+    r = d["runs"][0]
+    plans = r.get("plans") or {}
+    lib = next(iter(plans.values()), {}).get("library", {})
+    lines = [f"## TensorRT build `{d['_file']}`", "",
+             f"`build_engines` ({d['precision']}, optimisation level {d['opt_level']}, every stage forced) on the "
+             f"**{d['size']}** export with {lib.get('name', '?')} {lib.get('version', '')}; {_machine(d)}; "
+             f"{d['created']}, commit {_commit(d)}. Status **{r['status']}**, wall {_f(r['wall_s'])} s, "
+             f"CPU {_f(r['cpu_user_s'] + r['cpu_system_s'])} s, peak RSS {_f((r.get('peak_rss_mb') or 0) / 1024)} GB.", ""]
+    if r.get("error"):
+        lines += [f"Error: {r['error'][:500]}", ""]
+    body = [[n, _f(p["build_s"]), _f(p["plan_mb"]), ",".join(p["compute_capabilities"]),
+             "{min}/{opt}/{max}".format(**p["profile"])] for n, p in plans.items()]
+    return lines + _table(["plan", "build (s)", "size (MiB)", "targets (compute capability)", "batch min/opt/max"],
+                          body) + [""]
+
+
+def int8_section(d: dict) -> list[str]:
+    q, med = d["quantization"], d["median"]
+    lines = [f"## int8 vs fp16 `{d['_file']}`", "",
+             f"**{d['size']}** model, {d['identities']} random identities, {d['steps']} steps, guidance "
+             f"{d['guidance']}, {d['backend']}; only `step_cfg` differs (int8 Q/DQ: {q['weights']} weights, "
+             f"{q['activations']} activations, {q['quantize_nodes']} QuantizeLinear nodes, {d['nodes_kept_in_float']} "
+             f"sensitive nodes kept in float, {q['calibration_samples']} calibration samples, quantised in "
+             f"{_f(d['quantize_s'])} s); {_machine(d)}; {d['created']}, commit {_commit(d)}.", ""]
+    keys = [k for k in ("latent_psnr_db", "image_psnr_db", "image_max_abs", "arcface_cosine") if k in med]
+    body = [[str(r["identity"])] + [_f(r.get(k), 4) for k in keys] for r in d["rows"]]
+    body.append(["**median**"] + [f"**{_f(med[k], 4)}**" for k in keys])
+    return lines + _table(["identity"] + keys, body) + [""]
+
+
 def chart(d: dict, path: Path) -> bool:
     """Batch-1 latency and throughput per backend; False when matplotlib is not installed."""
     try:
@@ -197,6 +228,9 @@ def write_report(results: Path) -> tuple[Path, list[Path]]:
         lines += export_section(d)
     for d in sorted((d for d in docs if d["kind"] == "demo"), key=lambda d: d["created"], reverse=True):
         lines += demo_section(d)
+    for kind, section in (("build", build_section), ("int8", int8_section)):
+        for d in sorted((d for d in docs if d["kind"] == kind), key=lambda d: d["created"], reverse=True):
+            lines += section(d)
     md = results / "RESULTS.md"
     md.write_text("\n".join(lines).rstrip() + "\n")
     return md, charts

@@ -101,3 +101,16 @@ def test_build_records_each_plan(tiny_engines, tmp_path):
     for name, p in run["plans"].items():
         assert p["plan_mb"] > 0 and p["build_s"] > 0
         assert (engines / f"{name}.plan").stat().st_size == pytest.approx(p["plan_mb"] * 2**20, rel=0.05, abs=0.06 * 2**20)
+
+
+def test_int8_quality_compares_against_fp16_on_the_same_seeds(tiny_model_dir, tmp_path):
+    """`int8` quantises the tiny fp16 step graph and reports how far the int8 images move."""
+    pytest.importorskip("onnxruntime.quantization")
+    _bench("int8", "--model-dir", tiny_model_dir, "--engines", tmp_path / "fp16", "--identities", "2",
+           "--steps", "3", "--out", tmp_path, "--name", "q.json", timeout=1200)
+    res = json.loads((tmp_path / "q.json").read_text())
+    assert res["kind"] == "int8" and len(res["rows"]) == 2
+    assert res["quantization"]["quantize_nodes"] > 0 and res["quantization"]["calibration_samples"] > 0
+    for r in res["rows"]:
+        assert 0 < r["latent_psnr_db"] < float("inf") and r["image_psnr_db"] > 0
+        assert "arcface_cosine" not in r          # this model folder has no face models
