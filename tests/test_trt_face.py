@@ -132,3 +132,19 @@ def test_info_lists_and_verifies_face_stages(face_engines, capsys):
     assert main(["info", "--engines", str(engines), "--verify"]) == 0
     out = capsys.readouterr().out
     assert "face stage detector" in out and "face stage arcface" in out and "plan arcface" in out
+
+
+def test_a_face_model_of_another_layout_is_refused_by_name(tiny_engines, tmp_path):
+    from onnx import TensorProto, helper
+
+    from arc2face_rt.errors import ModelFormatError
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 112])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 112])
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(g), str(tmp_path / "arcface.onnx"))
+    engines = tmp_path / "engines"
+    shutil.copytree(tiny_engines, engines, ignore=shutil.ignore_patterns("*.plan"))
+    with pytest.raises(ModelFormatError, match=r"arcface\.onnx: input has 3 dims"):
+        add_face_stages(engines, recognizer=tmp_path / "arcface.onnx")
+    assert not (engines / "arcface.onnx").exists()

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from arc2face_rt import manifest as mf
+from arc2face_rt.errors import ModelFormatError
 from arc2face_rt.face.detector import INPUT_SIZE
 from arc2face_rt.face._onnx import first_nodes
 from arc2face_rt.face.align import CROP_SIZE
@@ -38,15 +39,15 @@ def _pin_input(src: Path, dst: Path, shape: tuple) -> dict:
     model = onnx.load(str(src))
     if len(model.graph.input) != 1:
         names = [i.name for i in model.graph.input]
-        raise ValueError(f"{src}: expected one input, found {names}")
+        raise ModelFormatError(f"{src}: expected one input, found {names}")
     dims = model.graph.input[0].type.tensor_type.shape.dim
     if len(dims) != len(shape):
-        raise ValueError(f"{src}: input has {len(dims)} dims, expected {len(shape)} ({shape})")
+        raise ModelFormatError(f"{src}: input has {len(dims)} dims, expected {len(shape)} ({shape})")
     for d, want in zip(dims, shape):
         if want == "B":
             d.dim_param = "B"
         elif d.HasField("dim_value") and d.dim_value not in (0, want):
-            raise ValueError(f"{src}: input dims {[x.dim_value or x.dim_param for x in dims]} cannot take {shape}")
+            raise ModelFormatError(f"{src}: input dims {[x.dim_value or x.dim_param for x in dims]} cannot take {shape}")
         else:
             d.dim_value = want
     for out in model.graph.output:      # output dims follow from the input: let the parser infer them
@@ -73,7 +74,7 @@ def _parsed_io(path: Path, batch_dynamic: bool) -> dict:
             if batch_dynamic and rec[2] and rec[2][0] == -1:
                 rec[2][0] = "B"
             if -1 in rec[2]:
-                raise ValueError(f"{path}: {kind[:-1]} {rec[0]} keeps a dynamic axis {rec[2]} after pinning the input")
+                raise ModelFormatError(f"{path}: {kind[:-1]} {rec[0]} keeps a dynamic axis {rec[2]} after pinning the input")
     return io
 
 
