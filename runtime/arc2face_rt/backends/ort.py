@@ -44,13 +44,19 @@ class OrtSession:
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise EngineMismatchError(f"{path}: ONNX Runtime cannot load it ({e}); "
                                       "re-export it with `arc2face-export onnx`") from e
+        # On the CPU, give each run's activation memory back to the arena's owner afterwards: the
+        # stages run one after another, and without this each session keeps its own peak (full size:
+        # 9.3 GB peak for step + VAE decode instead of 6.0 GB, at the same speed).
+        self._run_options = ort.RunOptions()
+        if self.providers[0] == "CPUExecutionProvider":
+            self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self.path = path
         self.input_names = [i.name for i in self._sess.get_inputs()]
         self.output_names = [o.name for o in self._sess.get_outputs()]
         self.inputs = {i.name: i for i in self._sess.get_inputs()}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = self._sess.run(self.output_names, feeds)
+        outs = self._sess.run(self.output_names, feeds, self._run_options)
         return dict(zip(self.output_names, outs))
 
     def close(self) -> None:
@@ -102,7 +108,7 @@ class OrtStepSession(OrtSession):
             binding.bind_cpu_input("coeffs", np.ascontiguousarray(table[k], np.float32))
             for name in self.output_names:
                 binding.bind_output(name, self.device_type)
-            self._sess.run_with_iobinding(binding)
+            self._sess.run_with_iobinding(binding, self._run_options)
             outs = dict(zip(self.output_names, binding.get_outputs()))
             xv, mv = outs["x_out"], outs["m0"]
             binding.clear_binding_outputs()
