@@ -44,11 +44,11 @@ class OrtSession:
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise EngineMismatchError(f"{path}: ONNX Runtime cannot load it ({e}); "
                                       "re-export it with `arc2face-export onnx`") from e
-        # On the CPU, give each run's activation memory back to the arena's owner afterwards: the
-        # stages run one after another, and without this each session keeps its own peak (full size:
-        # 9.3 GB peak for step + VAE decode instead of 6.0 GB, at the same speed).
+        # Each session's CPU arena keeps its own peak. ARC2FACE_ORT_SHRINK_ARENA=1 gives it back after
+        # every run: full size fp32, step + VAE decode peak at 6.1 GB instead of 10.2 GB, but each
+        # denoise step is about 35% slower (2-core Xeon; benchmarks/README.md), so it is opt-in.
         self._run_options = ort.RunOptions()
-        if self.providers[0] == "CPUExecutionProvider":
+        if self.providers[0] == "CPUExecutionProvider" and os.environ.get("ARC2FACE_ORT_SHRINK_ARENA") == "1":
             self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self.path = path
         self.input_names = [i.name for i in self._sess.get_inputs()]
