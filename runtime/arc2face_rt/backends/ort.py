@@ -45,7 +45,7 @@ class OrtSession:
             raise EngineMismatchError(f"{path}: ONNX Runtime cannot load it ({e}); "
                                       "re-export it with `arc2face-export onnx`") from e
         # Each session's CPU arena keeps its own peak. ARC2FACE_ORT_SHRINK_ARENA=1 gives it back after
-        # every run: full size fp32, step + VAE decode peak at 6.1 GB instead of 10.2 GB, but each
+        # every run: full size fp32, step + VAE decode peak at 6.1 GiB instead of 10.2 GiB, but each
         # denoise step is about 35% slower (2-core Xeon; benchmarks/README.md), so it is opt-in.
         self._run_options = ort.RunOptions()
         if self.providers[0] == "CPUExecutionProvider" and os.environ.get("ARC2FACE_ORT_SHRINK_ARENA") == "1":
