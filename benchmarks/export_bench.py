@@ -49,30 +49,42 @@ def _child(code: str, timeout: float | None = None) -> dict:
     return res
 
 
-_EXPORT_CODE = """
-import json, resource, time, sys
-from pathlib import Path
-from arc2face_export.onnx_export import export_all
-from benchmarks.env import rss_high_water_mb
-log = []
+# A child job: imports, then `def job(out)` filling `out`; _JOB_END runs it and prints `out` as JSON
+# with status, error, inner time and the child's peak RSS (the last stdout line, read by _child).
+_JOB_END = """
+out = {}
 t0 = time.perf_counter()
-def say(msg):
-    log.append([round(time.perf_counter() - t0, 1), msg])
-    print(msg, file=sys.stderr, flush=True)
-out = {{}}
 try:
-    m = export_all({model!r}, {out!r}, precision={precision!r}, force=True, progress=say, validate={validate!r})
-    out["stages"] = {{n: {{k: r[k] for k in ("export_s", "validation") if k in r}} for n, r in m["stages"].items()}}
-    out["files_mb"] = {{f: round(p.stat().st_size / 2**20, 1) for f, p in
-                       ((p.name, p) for p in sorted(Path({out!r}).iterdir()) if p.is_file())}}
+    job(out)
     out["status"] = "ok"
 except BaseException as e:
     out["status"] = "failed"
-    out["error"] = f"{{type(e).__name__}}: {{e}}"[:2000]
+    out["error"] = f"{type(e).__name__}: {e}"[:2000]
 out["inner_s"] = round(time.perf_counter() - t0, 1)
 out["peak_rss_mb"] = rss_high_water_mb()
-out["log"] = log
 print(json.dumps(out))
+"""
+
+
+def _job_code(template: str, **values) -> str:
+    return template.format(**values) + _JOB_END
+
+
+_EXPORT_CODE = """
+import json, sys, time
+from pathlib import Path
+from arc2face_export.onnx_export import export_all
+from benchmarks.env import rss_high_water_mb
+def job(out):
+    log = out["log"] = []
+    t0 = time.perf_counter()
+    def say(msg):
+        log.append([round(time.perf_counter() - t0, 1), msg])
+        print(msg, file=sys.stderr, flush=True)
+    m = export_all({model!r}, {out!r}, precision={precision!r}, force=True, progress=say, validate={validate!r})
+    out["stages"] = {{n: {{k: r[k] for k in ("export_s", "validation") if k in r}} for n, r in m["stages"].items()}}
+    out["files_mb"] = {{p.name: round(p.stat().st_size / 2**20, 1) for p in sorted(Path({out!r}).iterdir())
+                       if p.is_file()}}
 """
 
 
@@ -90,7 +102,7 @@ def bench_export(size: str, precisions: tuple[str, ...], model_dir: Path | None,
         validate = flag != "novalidate"
         out_dir = out_root / f"engines-{size}-{precision}"
         say(f"export_all {size} {precision} (validate={validate}) -> {out_dir}")
-        res = _child(_EXPORT_CODE.format(model=str(model_dir), out=str(out_dir), precision=precision,
+        res = _child(_job_code(_EXPORT_CODE, model=str(model_dir), out=str(out_dir), precision=precision,
                                          validate=validate), timeout)
         res.update(precision=precision, validate=validate)
         res.setdefault("status", "failed" if res["returncode"] != 0 else "ok")
@@ -145,21 +157,12 @@ import json, logging, sys, time
 from arc2face_export.trt_build import BuildOptions, build_engines
 from benchmarks.env import rss_high_water_mb
 logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-out = {{}}
-t0 = time.perf_counter()
-try:
+def job(out):
     m = build_engines({engines!r}, precision={precision!r}, options=BuildOptions(opt_level={opt_level}), force=True)
     out["plans"] = {{n: {{"build_s": round(r["build_seconds"], 1), "plan_mb": round(r["bytes"] / 2**20, 1),
                          "library": r["library"], "compute_capabilities": r["compute_capabilities"],
                          "profile": r["build"]["profile"]}}
                     for n, r in m["plans"].items()}}
-    out["status"] = "ok"
-except BaseException as e:
-    out["status"] = "failed"
-    out["error"] = f"{{type(e).__name__}}: {{e}}"[:2000]
-out["inner_s"] = round(time.perf_counter() - t0, 1)
-out["peak_rss_mb"] = rss_high_water_mb()
-print(json.dumps(out))
 """
 
 
@@ -173,7 +176,7 @@ def bench_build(size: str, precision: str, engines_dir: Path | None, opt_level: 
         raise SystemExit(f"{engines_dir}: no exported engines folder; run `python -m benchmarks export "
                          f"--size {size} --precisions {precision}` first")
     say(f"build_engines {engines_dir} ({precision}, opt level {opt_level})")
-    res = _child(_BUILD_CODE.format(engines=str(engines_dir), precision=precision, opt_level=opt_level), timeout)
+    res = _child(_job_code(_BUILD_CODE, engines=str(engines_dir), precision=precision, opt_level=opt_level), timeout)
     res.setdefault("status", "failed" if res["returncode"] != 0 else "ok")
     say(f"  {res['status']} in {res['wall_s']} s, peak RSS {res.get('peak_rss_mb')} MB")
     for name, p in res.get("plans", {}).items():
