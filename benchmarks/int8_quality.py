@@ -84,7 +84,7 @@ def bench_int8(size: str = "tiny", identities: int = 4, steps: int = 25, guidanc
 
 def _face_models(model_dir: Path, say):
     from arc2face_rt.errors import MissingWeightsError
-    from arc2face_rt.face.cli import load_face_models
+    from arc2face_rt.face.models import load_face_models
     from arc2face_rt.face.identity import FaceAnalyzer
 
     try:

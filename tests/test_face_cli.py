@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from arc2face_rt.errors import InvalidInputError, MissingWeightsError, NoFaceError, OutputExistsError
-from arc2face_rt.face.cli import (FaceWarning, add_embed_parser, add_score_parser, identity_from_images,
-                                  load_identity, resolve_model, save_npy_atomic)
+from arc2face_rt.face.cli import add_embed_parser, add_score_parser, save_npy_atomic
+from arc2face_rt.face.models import FaceWarning, identity_from_images, resolve_model
+from arc2face_rt.pipeline import load_identity
 from face_fixtures import astronaut, tiny_models_dir
 
 
@@ -143,15 +144,15 @@ def test_load_identity_checks(tmp_path):
 def test_several_faces_and_skips_are_reported():
     from pathlib import Path
 
-    from arc2face_rt.face.cli import _describe
+    from arc2face_rt.face.models import describe_report
     from arc2face_rt.face.identity import EmbedReport, FileResult
     report = EmbedReport([FileResult(Path("group.jpg"), embedding=np.ones(512, np.float32), n_faces=3),
                           FileResult(Path("solo.jpg"), embedding=np.ones(512, np.float32), n_faces=1),
                           FileResult(Path("cat.jpg"), error="cat.jpg: no face found", error_type="NoFaceError")])
     lines = []
-    _describe(report, "largest", lines.append)
+    describe_report(report, "largest", lines.append)
     assert lines == ["group.jpg: 3 faces found, used the largest (--face INDEX picks another)",
                      "skipped: cat.jpg: no face found"]
     lines.clear()
-    _describe(report, 2, lines.append)
+    describe_report(report, 2, lines.append)
     assert "used face 2" in lines[0]

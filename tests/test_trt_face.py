@@ -14,7 +14,7 @@ import pytest
 from arc2face_rt import manifest as mf
 from arc2face_rt.backends import cuda
 from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
-from arc2face_rt.face.cli import face_plan, load_face_models
+from arc2face_rt.face.models import face_plan, load_face_models
 from arc2face_rt.face.recognizer import ArcFaceRecognizer
 
 trt_build = pytest.importorskip("arc2face_export.trt_build")

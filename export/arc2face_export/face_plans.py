@@ -84,7 +84,7 @@ def add_face_stages(engines_dir: str | Path, models_dir: str | Path | None = Non
     `detector.onnx` / `arcface.onnx`; return the names added or kept. A model that cannot be found is
     skipped with a log line; one whose source sha256 is unchanged is kept as it is."""
     from arc2face_rt.errors import MissingWeightsError
-    from arc2face_rt.face.cli import resolve_model
+    from arc2face_rt.face.models import resolve_model
 
     engines_dir = Path(engines_dir)
     m = mf.load_manifest(engines_dir)

@@ -68,7 +68,7 @@ def cmd_generate(args) -> int:
     elif args.random_id:
         identity, who = random_identity(args.seed), f"random (seed {args.seed})"
     else:
-        from .face.cli import identity_from_images
+        from .face.models import identity_from_images
         identity = identity_from_images(args.image, models_dir=args.models, device=args.device,
                                         log=lambda msg: print(msg, file=sys.stderr),
                                         engines=args.engines, backend=args.backend)

@@ -1,7 +1,8 @@
 """Face front end: image files → SCRFD detection → 5-point alignment → ArcFace → unit 512-d identity.
 
 numpy, OpenCV, Pillow and onnxruntime only (insightface itself is not needed; its behaviour is
-reproduced and cited where it matters). The CLI pieces live in `face.cli`.
+reproduced and cited where it matters). Model loading and photos -> identity live in
+`face.models`, the `embed`/`score` commands in `face.cli`.
 """
 from .align import ARCFACE_TEMPLATE, align_face, align_matrix, umeyama
 from .detector import Face, ScrfdDetector, choose_face

@@ -1,0 +1,130 @@
+"""Finding and opening the face models, and photos -> identity in one call.
+
+The detector and recognizer run from their ONNX files on ONNX Runtime, or from an engines folder's
+TensorRT plans (`detector.plan` / `arcface.plan`). `arc2face-rt embed/score/generate --image` and the
+exporter's face-plan builder use these; the CLI modules only parse flags.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from ..errors import EngineMismatchError, InvalidInputError, MissingWeightsError, NoFaceError
+from ..manifest import load_manifest
+from ..pipeline import pick_backend
+from .detector import DETECTOR_FILE, SCORE_THRESHOLD, ScrfdDetector
+from .identity import EmbedReport, FaceAnalyzer, combine_embeddings
+from .image_io import DEFAULT_LIMITS, ImageLimits, expand_paths
+from .recognizer import RECOGNIZER_FILE, ArcFaceRecognizer
+
+# Where a models folder may hold each file: Arc2Face's README puts arcface.onnx next to antelopev2's
+# files (models/antelopev2/), antelopev2 names the detector scrfd_10g_bnkps.onnx, buffalo_l det_10g.onnx.
+_DETECTOR_NAMES = (DETECTOR_FILE, "det_10g.onnx")
+_SUBDIRS = (".", "antelopev2")
+DEFAULT_MODELS_DIR = "models"
+
+
+class FaceWarning(UserWarning):
+    """A photo was skipped or had several faces (identity_from_images without a `log` callback)."""
+
+
+def resolve_model(kind: str, explicit: str | Path | None, models_dir: str | Path | None) -> Path:
+    """The detector ("detector") or recognizer ("recognizer") file: explicit path, else found in models_dir."""
+    if explicit:
+        return Path(explicit)
+    root = Path(models_dir or os.environ.get("ARC2FACE_MODELS") or DEFAULT_MODELS_DIR)
+    names = _DETECTOR_NAMES if kind == "detector" else (RECOGNIZER_FILE,)
+    for sub in _SUBDIRS:
+        for name in names:
+            if (root / sub / name).is_file():
+                return root / sub / name
+    if kind == "recognizer" and any((root / sub / "glintr100.onnx").is_file() for sub in _SUBDIRS):
+        raise MissingWeightsError(
+            f"{root}: has antelopev2's glintr100.onnx but no {RECOGNIZER_FILE}; Arc2Face was trained on the "
+            f"identity space of its own {RECOGNIZER_FILE} (FoivosPar/Arc2Face): download it into {root}")
+    what = (f"{DETECTOR_FILE} (insightface antelopev2; non-commercial licence)" if kind == "detector"
+            else f"{RECOGNIZER_FILE} (FoivosPar/Arc2Face)")
+    raise MissingWeightsError(f"{root}: no {what}; download it there, pass --{kind} FILE or --models DIR "
+                              "(`arc2face-export random-checkpoint` writes random test models)")
+
+
+def face_plan(engines: str | Path | None, backend: str, name: str) -> tuple[Path, dict] | None:
+    """(plan path, its face-stage record) when face stage `name` ("detector" / "arcface") runs on
+    TensorRT: `backend` "trt", or "auto" with a plan for it, a GPU and TensorRT; else None (ONNX Runtime)."""
+    if engines is None or backend == "ort":
+        if backend == "trt":
+            raise InvalidInputError("--backend trt needs --engines DIR (a folder `arc2face-export build-engines` wrote)")
+        return None
+    engines = Path(engines)
+    m = load_manifest(engines)
+    if name not in m.get("plans", {}):
+        if backend == "trt":
+            raise EngineMismatchError(f"{engines}: no TensorRT plan for the face stage '{name}'; build it with "
+                                      f"`arc2face-export build-engines --out {engines} --face-models DIR`")
+        return None
+    if pick_backend(engines, m, backend) != "trt":
+        return None
+    return engines / m["plans"][name]["file"], m.get("face_stages", {}).get(name, {})
+
+
+def load_face_models(models_dir: str | Path | None = None, detector_path: str | Path | None = None,
+                     recognizer_path: str | Path | None = None, *, device: str = "auto",
+                     min_score: float = SCORE_THRESHOLD, need_detector: bool = True,
+                     engines: str | Path | None = None, backend: str = "ort",
+                     ) -> tuple[ScrfdDetector | None, ArcFaceRecognizer]:
+    """Open the detector (unless need_detector is False) and the recognizer: from their ONNX files on
+    ONNX Runtime, or from the engines folder's `detector.plan` / `arcface.plan` on TensorRT."""
+    from ..backends.trt import open_session as open_plan   # imports no TensorRT until a plan is opened
+
+    det = None
+    if need_detector:
+        plan = face_plan(engines, backend, "detector")
+        if plan:
+            det = ScrfdDetector(open_plan(plan[0]), score_threshold=min_score, name=str(plan[0]))
+        else:
+            det = ScrfdDetector.from_file(resolve_model("detector", detector_path, models_dir), device=device,
+                                          score_threshold=min_score)
+    plan = face_plan(engines, backend, "arcface")
+    if plan:
+        rec = ArcFaceRecognizer(open_plan(plan[0]), plan[1]["graph_normalises"], name=str(plan[0]),
+                                max_batch=plan[1]["batch_range"][2])
+    else:
+        rec = ArcFaceRecognizer.from_file(resolve_model("recognizer", recognizer_path, models_dir), device=device)
+    return det, rec
+
+
+def describe_report(report: EmbedReport, face: str | int, log: Callable[[str], None]) -> None:
+    """Log each skipped photo (its message starts with the path) and each choice among several faces."""
+    for r in report.results:
+        if not r.ok:
+            log(f"skipped: {r.error}")   # the message starts with the path
+        elif r.n_faces > 1:
+            which = "the largest" if face == "largest" else f"face {face}"
+            log(f"{r.path}: {r.n_faces} faces found, used {which} (--face INDEX picks another)")
+
+
+def identity_from_images(paths: Iterable[str | Path], models_dir: str | Path | None = None, *,
+                         detector_path: str | Path | None = None, recognizer_path: str | Path | None = None,
+                         face: str | int = "largest", min_score: float = SCORE_THRESHOLD, min_size: float = 0.0,
+                         limits: ImageLimits = DEFAULT_LIMITS, device: str = "auto", method: str = "mean",
+                         aligned: bool = False, log: Callable[[str], None] | None = None,
+                         engines: str | Path | None = None, backend: str = "ort") -> np.ndarray:
+    """Photos (files, folders, globs) of one person → unit identity embedding [512] float32.
+
+    Skipped photos and multi-face photos are reported through `log` (default: warnings.warn with
+    FaceWarning). Raises NoFaceError when no photo gives a usable face."""
+    if log is None:
+        def log(msg: str) -> None:
+            warnings.warn(msg, FaceWarning, stacklevel=3)
+    files = expand_paths([paths] if isinstance(paths, (str, Path)) else paths)
+    det, rec = load_face_models(models_dir, detector_path, recognizer_path, device=device,
+                                min_score=min_score, need_detector=not aligned, engines=engines, backend=backend)
+    report = FaceAnalyzer(det, rec, face, min_size, limits).embed_files(files, aligned=aligned)
+    describe_report(report, face, log)
+    if report.n_ok == 0:
+        raise NoFaceError(f"none of the {len(files)} image(s) gave a usable face; use clear, frontal photos")
+    return combine_embeddings(report.embeddings(), method).embedding
