@@ -21,6 +21,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory):
+    """Verification stamps and other per-user caches go to a temporary folder, not ~/.cache
+    (child processes inherit the variable)."""
+    import os
+
+    old = os.environ.get("ARC2FACE_CACHE_DIR")
+    os.environ["ARC2FACE_CACHE_DIR"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ARC2FACE_CACHE_DIR", None)
+    else:
+        os.environ["ARC2FACE_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from arc2face_ref.random_ckpt import write_random_checkpoint

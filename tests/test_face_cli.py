@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from arc2face_rt.errors import InvalidInputError, MissingWeightsError, NoFaceError, OutputExistsError
-from arc2face_rt.face.cli import add_embed_parser, add_score_parser, save_npy_atomic
+from arc2face_rt.face.cli import add_embed_parser, add_score_parser
+from arc2face_rt.npyio import save_npy_atomic
 from arc2face_rt.face.models import FaceWarning, identity_from_images, resolve_model
 from arc2face_rt.pipeline import load_identity
 from face_fixtures import astronaut, tiny_models_dir

@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from arc2face_rt.errors import Arc2FaceError
+from arc2face_rt.exits import run_cli
 from arc2face_rt.specs import PRECISIONS, STAGES
 
 
@@ -88,14 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except Arc2FaceError as e:
-        print(f"arc2face-export: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("arc2face-export: interrupted; nothing half-written was kept", file=sys.stderr)
-        return 130
+    return run_cli(lambda: args.func(args), "arc2face-export", verbose=args.verbose)
 
 
 if __name__ == "__main__":

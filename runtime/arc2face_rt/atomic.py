@@ -2,21 +2,41 @@
 
 Readers never see half a file, an interrupted write leaves nothing behind, and without `overwrite`
 an existing file is never replaced (not even one that appears while we write).
+
+A process killed mid-write (SIGKILL, power loss) cannot clean up, so temporary names carry the
+writer's host and process id: `.NAME.arc2face-HOST-PID-RANDOM.tmp`. `remove_stale_temps` deletes the
+ones whose process is gone, and the next run in a folder calls it. Nothing else is ever deleted.
 """
 from __future__ import annotations
 
 import os
+import re
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 from .errors import OutputExistsError
+
+_TAG = "arc2face"
+_TEMP_RE = re.compile(r"^\..+\." + _TAG + r"-(?P<host>[A-Za-z0-9_.-]*)-(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp$")
+_STALE_AFTER_S = 60.0       # another host's temporary file this old belongs to no live write
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:32]
+
+
+def temp_prefix(name: str) -> str:
+    """The prefix of this process's temporary files for output `name` (mkstemp adds RANDOM.tmp)."""
+    return f".{name}.{_TAG}-{_host()}-{os.getpid()}-"
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], overwrite: bool = False,
@@ -26,7 +46,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], overwrite:
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path}: exists; {hint}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())        # mkstemp makes 0600; outputs get the usual mode
         with os.fdopen(fd, "wb") as f:
@@ -43,3 +63,44 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], overwrite:
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:              # exists, owned by someone else
+        return True
+    return True
+
+
+def is_stale_temp(path: Path, now: float | None = None) -> bool:
+    """Whether `path` is one of our temporary files whose writer is gone: written on this host by a
+    process that no longer runs, or on another host (sharing the folder) over a minute ago."""
+    m = _TEMP_RE.match(path.name)
+    if not m:
+        return False
+    if m["host"] == _host():
+        return not _process_alive(int(m["pid"]))
+    try:
+        return (now or time.time()) - path.lstat().st_mtime > _STALE_AFTER_S
+    except OSError:
+        return False
+
+
+def remove_stale_temps(folder: str | Path) -> int:
+    """Delete our own abandoned temporary files in `folder`; return how many (never raises)."""
+    removed, now = 0, time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for e in entries:
+        if e.name.startswith(".") and e.name.endswith(".tmp") and is_stale_temp(Path(e.path), now):
+            try:
+                os.unlink(e.path)
+                removed += 1
+            except OSError:
+                pass
+    return removed

@@ -7,9 +7,11 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 from . import __version__
-from .errors import Arc2FaceError, InvalidInputError, OutputExistsError
+from .errors import InvalidInputError, OutputExistsError, OutputWriteError
+from .exits import EXIT_INTERRUPTED, run_cli, user_error_message
 from .face.cli import add_embed_parser, add_score_parser
 from .pipeline import BACKENDS, GenerationOptions
 from .schedulers import SCHEDULERS
@@ -44,25 +46,48 @@ def _add_generate(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
     p.add_argument("--prefix", default="arc2face", help="file names: PREFIX_SEED_INDEX.png")
     p.add_argument("--overwrite", action="store_true", help="replace existing files of the same names")
+    p.add_argument("--resume", action="store_true",
+                   help="finish an interrupted run: keep the images already made with the same parameters "
+                        "and make only the missing ones")
+    p.add_argument("--no-verify", action="store_true",
+                   help="check the engines' file sizes only, not their content (sha256; after the first "
+                        "run this costs a stat() per file)")
     p.set_defaults(func=cmd_generate)
 
 
-def cmd_generate(args) -> int:
-    from tqdm import tqdm
+def _todo_batches(count: int, skip: set[int], batch: int) -> Iterator[list[int]]:
+    """Indices 0..count-1 not in `skip`, in batches; lazy, so a huge -n costs nothing up front."""
+    todo: list[int] = []
+    for i in range(count):
+        if i not in skip:
+            todo.append(i)
+            if len(todo) == batch:
+                yield todo
+                todo = []
+    if todo:
+        yield todo
 
-    from .images import save_png
+
+def cmd_generate(args) -> int:
+    from .outputs import check_output_dir, check_prefix, existing_images
     from .pipeline import Arc2FacePipeline, load_identity, random_identity
 
+    # Everything a user can get wrong is checked before any model is loaded.
     opts = GenerationOptions(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
                              seed=args.seed, batch_size=args.batch)
     opts.check()
     if args.num_images < 1:
         raise InvalidInputError(f"-n must be >= 1 (got {args.num_images})")
-    names = [args.out / f"{args.prefix}_{args.seed}_{i:04d}.png" for i in range(args.num_images)]
-    clash = [p for p in names if p.exists()]
-    if clash and not args.overwrite:
-        raise OutputExistsError(f"{clash[0]} (and {len(clash) - 1} more) exist; choose another --out, "
-                                "--seed or --prefix, or pass --overwrite")
+    if args.resume and args.overwrite:
+        raise InvalidInputError("--resume keeps finished images and --overwrite replaces them: pass one of them")
+    check_prefix(args.prefix)
+    out = check_output_dir(args.out)
+    existing = existing_images(out, args.prefix, args.seed, args.num_images)
+    if existing and not (args.overwrite or args.resume):
+        first = existing[min(existing)]
+        raise OutputExistsError(f"{first} (and {len(existing) - 1} more of this run's names) exist; pass --resume "
+                                "to finish an interrupted run, --overwrite to replace them, or choose another "
+                                "--out, --seed or --prefix")
     if args.embedding:
         identity, who = load_identity(args.embedding), str(args.embedding)
     elif args.random_id:
@@ -71,42 +96,65 @@ def cmd_generate(args) -> int:
         from .face.models import identity_from_images
         identity = identity_from_images(args.image, models_dir=args.models, device=args.device,
                                         log=lambda msg: print(msg, file=sys.stderr),
-                                        engines=args.engines, backend=args.backend)
+                                        engines=args.engines, backend=args.backend, verify=not args.no_verify)
         who = f"from {len(args.image)} photo path(s)"
-    pipe = Arc2FacePipeline(args.engines, backend=args.backend, device=args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    rnd = pipe.manifest.get("source", {}).get("random_weights")
+    pipe = Arc2FacePipeline(args.engines, backend=args.backend, device=args.device, verify=not args.no_verify)
+    with pipe:
+        return _generate_into(pipe, args, opts, identity, who, out, existing)
+
+
+def _generate_into(pipe, args, opts: GenerationOptions, identity, who: str, out: Path, existing: dict) -> int:
+    from tqdm import tqdm
+
+    from .atomic import remove_stale_temps
+    from .images import save_png
+    from .outputs import image_name, plan_resume
+
+    skip: set[int] = set()
+    if args.resume and existing:
+        plan = plan_resume(existing, lambda i: pipe.image_params(opts, i, identity))
+        skip = plan.done
+        if plan.redo:
+            print(f"resume: {len(plan.redo)} unreadable or incomplete file(s) of this run will be made again",
+                  file=sys.stderr)
+    todo = args.num_images - len(skip)
+    out.mkdir(parents=True, exist_ok=True)
+    removed = remove_stale_temps(out)
     print(f"arc2face-rt {__version__}: {args.num_images} image(s) of identity {who}, {opts.steps} "
           f"{opts.scheduler} steps, guidance {opts.guidance}, backend {pipe.backend} "
-          f"({pipe.manifest.get('precision')})", file=sys.stderr)
-    if rnd:
+          f"({pipe.manifest.get('precision')})" + (f"; {len(skip)} already done, skipped" if skip else "")
+          + (f"; removed {removed} abandoned temporary file(s)" if removed else ""), file=sys.stderr)
+    if pipe.manifest.get("source", {}).get("random_weights"):
         print("note: these engines come from a RANDOM-WEIGHT checkpoint: images will look like noise, "
               "not faces", file=sys.stderr)
-    batches = math.ceil(args.num_images / opts.batch_size)
     written, timings = 0, {}
     t0 = time.perf_counter()
-    with pipe, tqdm(total=batches * opts.steps, unit="step", desc="denoise", file=sys.stderr,
-                    disable=None) as bar:
+    with tqdm(total=todo * opts.steps, unit="step", desc="denoise", file=sys.stderr, disable=None) as bar:
         try:
-            for b in range(batches):
-                first = b * opts.batch_size
-                n = min(opts.batch_size, args.num_images - first)
-                res = pipe.generate(identity, n, opts, on_step=bar.update, first_index=first)
-                for img, params, path in zip(res.images, res.params, names[first:first + n]):
-                    save_png(path, img, params, overwrite=args.overwrite)
+            for idx in _todo_batches(args.num_images, skip, opts.batch_size):
+                res = pipe.generate(identity, options=opts, on_step=bar.update, indices=idx)
+                for img, params, i in zip(res.images, res.params, idx):
+                    # --resume replaces only the unfinished files of this run that it found
+                    save_png(out / image_name(args.prefix, args.seed, i), img, params,
+                             overwrite=args.overwrite or (args.resume and i in existing))
                     written += 1
                 for k, v in res.timings.items():
                     timings[k] = timings.get(k, 0.0) + v
         except KeyboardInterrupt:
             bar.close()
-            print(f"interrupted: {written} image(s) were written to {args.out}, none half-written",
-                  file=sys.stderr)
-            return 130
+            print(f"interrupted: {written} image(s) were written to {out}, none half-written; "
+                  "run the same command with --resume to finish", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except (OSError, MemoryError) as e:
+            bar.close()
+            raise OutputWriteError(f"{user_error_message(e)}; stopped after {written} of {todo} image(s), which "
+                                   f"are kept in {out}: run the same command with --resume to finish") from e
     total = time.perf_counter() - t0
-    per_step = timings.get("denoise", 0.0) / max(1, batches * opts.steps)
-    print(f"wrote {written} image(s) to {args.out} in {total:.1f} s (project {timings.get('project', 0):.2f} s, "
+    calls = math.ceil(todo / opts.batch_size) * opts.steps
+    per_step = timings.get("denoise", 0.0) / max(1, calls)
+    print(f"wrote {written} image(s) to {out} in {total:.1f} s (project {timings.get('project', 0):.2f} s, "
           f"denoise {timings.get('denoise', 0):.1f} s = {per_step * 1000:.0f} ms/step at batch "
-          f"{min(opts.batch_size, args.num_images)}, decode {timings.get('decode', 0):.1f} s)", file=sys.stderr)
+          f"{min(opts.batch_size, max(todo, 1))}, decode {timings.get('decode', 0):.1f} s)", file=sys.stderr)
     return 0
 
 
@@ -118,20 +166,23 @@ def _add_info(sub) -> None:
 
 
 def cmd_info(args) -> int:
-    from .manifest import load_manifest, record_files, verify_files
+    from .integrity import verify_records
+    from .manifest import load_manifest, record_files
 
     m = load_manifest(args.engines)
     print(f"{args.engines}: spec revision {m['spec_revision']}, precision {m['precision']}, "
           f"created {m.get('created')}, random weights: {m.get('source', {}).get('random_weights')}")
-    for section in ("stages", "face_stages", "plans"):
+    for section in ("stages", "face_stages", "quantized", "plans"):
         for name, rec in m.get(section, {}).items():
             files = record_files(rec)
-            verify_files(args.engines, files, hashes=args.verify)
+            verify_records(args.engines, files, mode="full" if args.verify else "size")
             size = sum(r["bytes"] for r in files.values()) / 2**20
             val = rec.get("validation")
-            extra = f", {val['metric']} {val['value']:.3g} <= {val['tolerance']}" if val else ""
+            extra = ""
+            if isinstance(val, dict) and all(isinstance(val.get(k), (int, float)) for k in ("value", "tolerance")):
+                extra = f", {val.get('metric')} {val['value']:.3g} <= {val['tolerance']}"
             print(f"  {section[:-1].replace('_', ' ')} {name}: {size:.1f} MiB{extra}")
-    print("files ok" + (" (sha256 verified)" if args.verify else " (sizes checked)"))
+    print("files ok" + (" (sha256 verified)" if args.verify else " (sizes checked; --verify checks content)"))
     return 0
 
 
@@ -151,14 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except Arc2FaceError as e:
-        print(f"arc2face-rt: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("arc2face-rt: interrupted", file=sys.stderr)
-        return 130
+    return run_cli(lambda: args.func(args), "arc2face-rt", verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ class OutputExistsError(Arc2FaceError):
     """An output file already exists; arc2face-rt never overwrites silently."""
 
 
+class OutputWriteError(Arc2FaceError):
+    """An output could not be written (full disk, permissions); what was finished is kept."""
+
+
 class BackendUnavailableError(Arc2FaceError):
     """The requested backend (TensorRT, CUDA) cannot run on this machine."""
 

@@ -22,11 +22,22 @@ from pathlib import Path
 
 from .atomic import atomic_write
 from .errors import EngineMismatchError
-from .specs import SPEC_REVISION
+from .specs import PRECISIONS, SPEC_REVISION, STAGES, STEP, STEP_CFG
 
 MANIFEST = "manifest.json"
 FORMAT = "arc2face-rt-engines"
 FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 16 << 20
+PLAN_PRECISIONS = ("fp32", "fp16", "int8")
+FACE_STAGES = ("detector", "arcface")
+# Manifest sections whose records name files, and the stage names each may hold.
+FILE_SECTIONS = {
+    "stages": tuple(STAGES),
+    "face_stages": FACE_STAGES,
+    "plans": tuple(STAGES) + FACE_STAGES,
+    "quantized": (STEP_CFG.name, STEP.name),
+}
+_REEXPORT = "re-export the folder (`arc2face-export onnx --out {d} --force`, then build-engines if you use plans)"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -48,24 +59,134 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
 
 
 def load_manifest(engines_dir: str | Path) -> dict:
-    """Read and sanity-check an engines folder's manifest; raise EngineMismatchError naming the fix."""
+    """Read an engines folder's manifest and check its schema; raise EngineMismatchError naming the fix."""
     engines_dir = Path(engines_dir)
     path = engines_dir / MANIFEST
+    if not engines_dir.is_dir():
+        raise EngineMismatchError(
+            f"{engines_dir}: no such engines folder; write one with "
+            f"`arc2face-export onnx --model-dir MODEL --out {engines_dir}`")
     if not path.is_file():
         raise EngineMismatchError(
             f"{engines_dir}: no {MANIFEST}; write this folder with "
             f"`arc2face-export onnx --model-dir MODEL --out {engines_dir}`")
     try:
-        m = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise EngineMismatchError(f"{path}: unreadable manifest ({e}); re-export the folder") from e
-    if m.get("format") != FORMAT:
-        raise EngineMismatchError(f"{path}: not an arc2face-rt engines manifest")
-    if m.get("spec_revision") != SPEC_REVISION:
-        raise EngineMismatchError(
-            f"{engines_dir}: written for spec revision {m.get('spec_revision')}, this arc2face-rt reads "
-            f"revision {SPEC_REVISION}; re-export with `arc2face-export onnx --model-dir MODEL --out {engines_dir} --force`")
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ValueError(f"{path.stat().st_size} bytes, far more than a manifest needs")
+        m = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:
+        raise EngineMismatchError(f"{path}: unreadable manifest ({e}); {_REEXPORT.format(d=engines_dir)}") from None
+    check_manifest(m, engines_dir)
     return m
+
+
+def check_manifest(m, engines_dir: str | Path) -> None:
+    """Refuse a manifest whose structure this version cannot trust: wrong types, missing keys, unknown
+    stages or precisions, or a file path that leaves the engines folder."""
+    engines_dir = Path(engines_dir)
+    where = engines_dir / MANIFEST
+    fix = _REEXPORT.format(d=engines_dir)
+    if not isinstance(m, dict):
+        raise EngineMismatchError(f"{where}: holds {_kind(m)}, not an engines manifest; {fix}")
+    if m.get("format") != FORMAT:
+        raise EngineMismatchError(f"{where}: not an arc2face-rt engines manifest (format {m.get('format')!r})")
+    version = m.get("format_version")
+    if not _is_int(version) or version > FORMAT_VERSION or version < 1:
+        raise EngineMismatchError(f"{where}: format_version {version!r}; this arc2face-rt reads version "
+                                  f"{FORMAT_VERSION}; {fix}")
+    rev = m.get("spec_revision")
+    if not _is_int(rev):
+        raise EngineMismatchError(f"{where}: spec_revision is {rev!r}, not a whole number; {fix}")
+    if rev != SPEC_REVISION:
+        raise EngineMismatchError(
+            f"{engines_dir}: written for spec revision {rev}, this arc2face-rt reads revision {SPEC_REVISION}; "
+            f"re-export with `arc2face-export onnx --model-dir MODEL --out {engines_dir} --force`")
+    if m.get("precision") not in PRECISIONS:
+        raise EngineMismatchError(f"{where}: precision {m.get('precision')!r} is not one of "
+                                  f"{', '.join(PRECISIONS)}; {fix}")
+    for key in ("source", "libraries", "scheduler_config"):
+        if key in m and not isinstance(m[key], dict):
+            raise EngineMismatchError(f"{where}: '{key}' is {_kind(m[key])}, expected an object; {fix}")
+    for section, known in FILE_SECTIONS.items():
+        recs = m.get(section, {})
+        if not isinstance(recs, dict):
+            raise EngineMismatchError(f"{where}: '{section}' is {_kind(recs)}, expected an object; {fix}")
+        for name, rec in recs.items():
+            if name not in known:
+                raise EngineMismatchError(f"{where}: unknown {section[:-1].replace('_', ' ')} '{name}' "
+                                          f"(known: {', '.join(known)}); {fix}")
+            problem = _record_problem(rec, section, engines_dir)
+            if problem:
+                raise EngineMismatchError(f"{where}: {section}.{name}: {problem}; {fix}")
+
+
+def _record_problem(rec, section: str, engines_dir: Path) -> str | None:
+    if not isinstance(rec, dict):
+        return f"is {_kind(rec)}, expected an object"
+    if section == "plans":
+        files = {rec.get("file"): rec}
+        if not isinstance(rec.get("library"), dict) or not isinstance(rec.get("build"), dict):
+            return "lacks its 'library' or 'build' record"
+        if rec["build"].get("precision") not in PLAN_PRECISIONS:
+            return f"build precision {rec['build'].get('precision')!r} is not one of {', '.join(PLAN_PRECISIONS)}"
+        if not isinstance(rec.get("compute_capabilities", []), list):
+            return "compute_capabilities is not a list"
+    else:
+        files = rec.get("files")
+        if not isinstance(files, dict) or not files:
+            return "lacks its 'files' record"
+        if "file" in rec and rec["file"] not in files:
+            return f"loads {rec['file']!r}, which is not among its checked files {sorted(files)}"
+        if "file" not in rec and len(files) != 1:
+            return "names no 'file' to load among several files"
+    if section == "face_stages":
+        br = rec.get("batch_range")
+        if not (isinstance(br, list) and len(br) == 3 and all(_is_int(b) and b >= 1 for b in br)):
+            return f"batch_range {br!r} is not three whole numbers >= 1"
+        if "graph_normalises" in rec and not isinstance(rec["graph_normalises"], bool):
+            return "graph_normalises is not true/false"
+    for rel, frec in files.items():
+        if not isinstance(rel, str):
+            return f"file name {rel!r} is not a string"
+        problem = _path_problem(engines_dir, rel)
+        if problem:
+            return f"{rel!r}: {problem}"
+        if not isinstance(frec, dict) or not _is_int(frec.get("bytes")) or frec["bytes"] < 0:
+            return f"{rel!r}: 'bytes' is {frec.get('bytes') if isinstance(frec, dict) else frec!r}, not a size"
+        sha = frec.get("sha256")
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            return f"{rel!r}: 'sha256' is {sha!r}, not a sha256 hex digest"
+    return None
+
+
+def _path_problem(engines_dir: Path, rel: str) -> str | None:
+    """Why `rel` may not be read as a file of the engines folder (None when it may)."""
+    pure = Path(rel)
+    if not rel or pure.is_absolute() or ".." in pure.parts or "\\" in rel or "\x00" in rel:
+        return "not a plain relative path inside the engines folder"
+    if pure.name in (MANIFEST, ""):
+        return "not a file of its own"
+    return None
+
+
+def stage_file(rec: dict) -> str:
+    """The file a (validated) record's backend loads: `file`, or the only file of a face stage."""
+    return rec["file"] if "file" in rec else next(iter(rec["files"]))
+
+
+def resolve_inside(engines_dir: str | Path, rel: str) -> Path:
+    """`engines_dir / rel`, refusing a path that leaves the folder once symbolic links are resolved."""
+    engines_dir = Path(engines_dir)
+    p = engines_dir / rel
+    root = engines_dir.resolve()
+    try:
+        real = p.resolve()
+    except (OSError, RuntimeError) as e:     # a symlink loop
+        raise EngineMismatchError(f"{p}: cannot be resolved ({e}); {_REEXPORT.format(d=engines_dir)}") from None
+    if real != root and root not in real.parents:
+        raise EngineMismatchError(f"{p}: points outside the engines folder (to {real}); copy the file into "
+                                  f"{engines_dir} or {_REEXPORT.format(d=engines_dir)}")
+    return p
 
 
 def record_files(rec: dict) -> dict:
@@ -74,15 +195,17 @@ def record_files(rec: dict) -> dict:
 
 
 def verify_files(engines_dir: str | Path, records: dict, hashes: bool = False) -> None:
-    """Check that each recorded file exists with its size (and sha256 when `hashes`)."""
-    engines_dir = Path(engines_dir)
-    for rel, rec in records.items():
-        p = engines_dir / rel
-        if not p.is_file():
-            raise EngineMismatchError(f"{p}: listed in the manifest but missing; re-export the folder")
-        if p.stat().st_size != rec["bytes"]:
-            raise EngineMismatchError(
-                f"{p}: {p.stat().st_size} bytes, the manifest says {rec['bytes']} (truncated or replaced); "
-                "re-export the folder")
-        if hashes and sha256_file(p) != rec["sha256"]:
-            raise EngineMismatchError(f"{p}: sha256 differs from the manifest; re-export the folder")
+    """Check each recorded file: inside the folder, present, its size, and its sha256 when `hashes`
+    (hashing everything; `integrity.verify_records` is the general form, with stamps)."""
+    from .integrity import verify_records
+
+    verify_records(engines_dir, records, mode="full" if hashes else "size")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _kind(v) -> str:
+    return {dict: "an object", list: "a list", str: "a string", type(None): "null", bool: "true/false"}.get(
+        type(v), "a number")

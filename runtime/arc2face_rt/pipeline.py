@@ -9,13 +9,15 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 from . import __version__
 from .errors import BackendUnavailableError, InvalidInputError
-from .manifest import load_manifest, record_files, verify_files
+from .integrity import verify_records
+from .manifest import load_manifest, record_files, resolve_inside, stage_file
+from .npyio import read_npy
 from .schedulers import SCHEDULERS, Schedule, make_schedule
 from .specs import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, ID_DIM, LATENT_CHANNELS, LATENT_SIZE,
                     PROJECTOR, STEP, STEP_CFG, VAE_DECODER)
@@ -69,16 +71,20 @@ def normalize_identity(emb: np.ndarray, source: str = "embedding") -> np.ndarray
     return (emb / norm).astype(np.float32)
 
 
+IDENTITY_MAX_BYTES = 1 << 20    # a [1, 512] float64 .npy is 4.2 kB; anything near 1 MiB is another file
+
+
 def load_identity(path: str | Path) -> np.ndarray:
     """An identity .npy ([512] or [1, 512] float) -> unit float32 [512]."""
-    path = Path(path)
-    try:
-        emb = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise InvalidInputError(f"{path}: no such file; write one with `arc2face-rt embed`") from None
-    except (OSError, ValueError) as e:
-        raise InvalidInputError(f"{path}: not a .npy array ({e}); write one with `arc2face-rt embed`") from e
+    emb = read_npy(path, IDENTITY_MAX_BYTES, fix="write one with `arc2face-rt embed --image PHOTO --out id.npy`")
     return normalize_identity(emb, str(path))
+
+
+def identity_fingerprint(identity: np.ndarray) -> str:
+    """16 hex digits of sha256 over the unit float32 identity: tells runs apart, reveals nothing."""
+    import hashlib
+
+    return hashlib.sha256(normalize_identity(identity).tobytes()).hexdigest()[:16]
 
 
 def random_identity(seed: int) -> np.ndarray:
@@ -123,8 +129,9 @@ def _trt_importable() -> bool:
 class Arc2FacePipeline:
     """Opens an engines folder written by `arc2face-export`; stages are loaded on first use."""
 
-    def __init__(self, engines_dir: str | Path, backend: str = "auto", device: str = "auto",
-                 verify_hashes: bool = False):
+    def __init__(self, engines_dir: str | Path, backend: str = "auto", device: str = "auto", verify: bool = True):
+        """`verify`: check every file's content against the manifest's sha256 before use (hashing a
+        file only when it changed since its last check, see `integrity`); False checks sizes only."""
         self.engines_dir = Path(engines_dir)
         self.manifest = load_manifest(self.engines_dir)
         self.backend = pick_backend(self.engines_dir, self.manifest, backend)
@@ -133,8 +140,8 @@ class Arc2FacePipeline:
         if not self.manifest.get(section):
             raise InvalidInputError(f"{self.engines_dir}: has no {section}; build them with "
                                     f"`arc2face-export build-engines --out {self.engines_dir}`")
-        for rec in self.manifest[section].values():
-            verify_files(self.engines_dir, record_files(rec), hashes=verify_hashes)
+        files = {rel: r for rec in self.manifest[section].values() for rel, r in record_files(rec).items()}
+        self.verify_report = verify_records(self.engines_dir, files, mode="stamp" if verify else "size")
         self._sessions: dict = {}
         self._trt_memory = None        # one activation buffer shared by the TensorRT engines
 
@@ -154,14 +161,18 @@ class Arc2FacePipeline:
                 from .backends.trt import SharedDeviceMemory, open_session   # TensorRT, cuda-python: lazily
                 if self._trt_memory is None:
                     self._trt_memory = SharedDeviceMemory()
-                sess = open_session(self.engines_dir / f"{name}.plan", memory=self._trt_memory)
+                sess = open_session(self._stage_path(section, name), memory=self._trt_memory)
             else:
                 from .backends.ort import OrtSession, OrtStepSession, ort_providers
                 on_gpu = ort_providers(self.device)[0] == "CUDAExecutionProvider"
                 cls = OrtStepSession if on_gpu and name in (STEP.name, STEP_CFG.name) else OrtSession
-                sess = cls(self.engines_dir / f"{name}.onnx", device=self.device)
+                sess = cls(self._stage_path(section, name), device=self.device)
             self._sessions[name] = sess
         return self._sessions[name]
+
+    def _stage_path(self, section: str, name: str) -> Path:
+        """The file the manifest records for a stage (the one that was verified), inside the folder."""
+        return resolve_inside(self.engines_dir, stage_file(self.manifest[section][name]))
 
     def schedule(self, name: str, steps: int) -> Schedule:
         return make_schedule(name, steps, self.manifest.get("scheduler_config"))
@@ -204,12 +215,19 @@ class Arc2FacePipeline:
 
     # ---- the whole thing ----------------------------------------------------------------------
     def generate(self, identity: np.ndarray, num_images: int = 1, options: GenerationOptions = GenerationOptions(),
-                 on_step: Callable[[int], None] | None = None, first_index: int = 0) -> GenerationResult:
-        """`num_images` images of one identity ([512] ArcFace features, any norm). Image i
-        (counting from `first_index`) depends only on (identity, options, i), not on the batch size."""
+                 on_step: Callable[[int], None] | None = None, first_index: int = 0,
+                 indices: Sequence[int] | None = None) -> GenerationResult:
+        """Images of one identity ([512] ArcFace features, any norm): indices `first_index` ..
+        `first_index + num_images - 1`, or exactly `indices`. Image i depends only on (identity,
+        options, i), never on the batch size or on which other images are made with it."""
         options.check()
-        if num_images < 1:
-            raise InvalidInputError(f"-n must be >= 1 (got {num_images})")
+        if indices is None:
+            if num_images < 1:
+                raise InvalidInputError(f"-n must be >= 1 (got {num_images})")
+            indices = range(first_index, first_index + num_images)
+        indices = [int(i) for i in indices]
+        if not indices or min(indices) < 0:
+            raise InvalidInputError(f"image indices must be a non-empty list of numbers >= 0 (got {indices[:4]})")
         identity = normalize_identity(identity)
         schedule = self.schedule(options.scheduler, options.steps)
         t = {"project": 0.0, "denoise": 0.0, "decode": 0.0}
@@ -218,8 +236,8 @@ class Arc2FacePipeline:
         cond1 = self.project(identity[None])                      # [1, 77, 768]; same for every image
         t["project"] = time.perf_counter() - t0
         images, params = [], []
-        for start in range(first_index, first_index + num_images, options.batch_size):
-            idx = list(range(start, min(start + options.batch_size, first_index + num_images)))
+        for start in range(0, len(indices), options.batch_size):
+            idx = indices[start:start + options.batch_size]
             draws = [image_noise(options.seed, i, schedule) for i in idx]
             x = np.stack([d[0] for d in draws])
             noise = np.stack([d[1] for d in draws], axis=1) if schedule.uses_noise else None
@@ -230,15 +248,17 @@ class Arc2FacePipeline:
             images.append(self.decode(lat))
             t["denoise"] += t1 - t0
             t["decode"] += time.perf_counter() - t1
-            params += [self._params(options, i) for i in idx]
+            params += [self.image_params(options, i, identity) for i in idx]
         t["total"] = time.perf_counter() - t_all
         return GenerationResult(np.concatenate(images), params, t)
 
-    def _params(self, options: GenerationOptions, index: int) -> dict:
+    def image_params(self, options: GenerationOptions, index: int, identity: np.ndarray) -> dict:
+        """What image `index` records in its PNG: everything it is a function of. The identity appears
+        only as a 64-bit fingerprint (which cannot be turned back into the embedding)."""
         p = asdict(options)
         p.pop("batch_size")
-        p.update(index=index, backend=self.backend, precision=self.manifest.get("precision"),
-                 engines=self.engine_id, arc2face_rt=__version__)
+        p.update(index=index, identity=identity_fingerprint(identity), backend=self.backend,
+                 precision=self.manifest.get("precision"), engines=self.engine_id, arc2face_rt=__version__)
         if self.manifest.get("source", {}).get("random_weights"):
             p["random_weights"] = True
         return p

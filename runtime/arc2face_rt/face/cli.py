@@ -10,10 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 
-from ..atomic import atomic_write
 from ..errors import InvalidInputError, NoFaceError, OutputExistsError
+from ..npyio import save_npy_atomic
 from ..pipeline import load_identity
 from .detector import DETECTOR_FILE, SCORE_THRESHOLD
 from .identity import FaceAnalyzer, combine_embeddings
@@ -45,6 +44,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="engines folder whose detector.plan / arcface.plan run the face models on TensorRT")
     g.add_argument("--backend", choices=("auto", "ort", "trt"), default="auto",
                    help="auto: TensorRT when --engines has face plans and a GPU is present, else ONNX Runtime")
+    g.add_argument("--no-verify", action="store_true",
+                   help="with --engines: check the plans' sizes only, not their content (sha256)")
     f = p.add_argument_group("face choice")
     f.add_argument("--face", type=_face_choice, default="largest", metavar="largest|INDEX",
                    help="which face of a photo with several: the largest (Arc2Face's choice) or the INDEX-th "
@@ -92,15 +93,9 @@ def add_score_parser(subparsers) -> argparse.ArgumentParser:
 def _analyzer(args) -> FaceAnalyzer:
     det, rec = load_face_models(args.models, args.detector, args.recognizer, device=args.device,
                                 min_score=args.min_score, need_detector=not args.aligned,
-                                engines=args.engines, backend=args.backend)
+                                engines=args.engines, backend=args.backend, verify=not args.no_verify)
     limits = ImageLimits(max_bytes=DEFAULT_LIMITS.max_bytes, max_pixels=args.max_pixels)
     return FaceAnalyzer(det, rec, face=args.face, min_size=args.min_size, limits=limits)
-
-
-def save_npy_atomic(path: str | Path, array: np.ndarray, force: bool = False) -> None:
-    """np.save to a temporary file beside `path`, then rename: no half-written or clobbered output."""
-    atomic_write(path, lambda f: np.save(f, array), overwrite=force,
-                 hint="choose another --out or pass --force to replace it")
 
 
 def run_embed(args) -> int:

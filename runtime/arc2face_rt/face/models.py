@@ -14,7 +14,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..errors import EngineMismatchError, InvalidInputError, MissingWeightsError, NoFaceError
-from ..manifest import load_manifest
+from ..integrity import verify_records
+from ..manifest import load_manifest, record_files, resolve_inside
 from ..pipeline import pick_backend
 from .detector import DETECTOR_FILE, SCORE_THRESHOLD, ScrfdDetector
 from .identity import EmbedReport, FaceAnalyzer, combine_embeddings
@@ -52,9 +53,10 @@ def resolve_model(kind: str, explicit: str | Path | None, models_dir: str | Path
                               "(`arc2face-export random-checkpoint` writes random test models)")
 
 
-def face_plan(engines: str | Path | None, backend: str, name: str) -> tuple[Path, dict] | None:
+def face_plan(engines: str | Path | None, backend: str, name: str, verify: bool = True) -> tuple[Path, dict] | None:
     """(plan path, its face-stage record) when face stage `name` ("detector" / "arcface") runs on
-    TensorRT: `backend` "trt", or "auto" with a plan for it, a GPU and TensorRT; else None (ONNX Runtime)."""
+    TensorRT: `backend` "trt", or "auto" with a plan for it, a GPU and TensorRT; else None (ONNX Runtime).
+    The plan's content is checked against the manifest (`verify`; sizes only when False)."""
     if engines is None or backend == "ort":
         if backend == "trt":
             raise InvalidInputError("--backend trt needs --engines DIR (a folder `arc2face-export build-engines` wrote)")
@@ -68,13 +70,19 @@ def face_plan(engines: str | Path | None, backend: str, name: str) -> tuple[Path
         return None
     if pick_backend(engines, m, backend) != "trt":
         return None
-    return engines / m["plans"][name]["file"], m.get("face_stages", {}).get(name, {})
+    stage = m.get("face_stages", {}).get(name)
+    if stage is None:
+        raise EngineMismatchError(f"{engines}: a plan for the face stage '{name}' but no face_stages record; "
+                                  f"rebuild with `arc2face-export build-engines --out {engines} --face-models DIR --force`")
+    rec = m["plans"][name]
+    verify_records(engines, record_files(rec), mode="stamp" if verify else "size")
+    return resolve_inside(engines, rec["file"]), stage
 
 
 def load_face_models(models_dir: str | Path | None = None, detector_path: str | Path | None = None,
                      recognizer_path: str | Path | None = None, *, device: str = "auto",
                      min_score: float = SCORE_THRESHOLD, need_detector: bool = True,
-                     engines: str | Path | None = None, backend: str = "ort",
+                     engines: str | Path | None = None, backend: str = "ort", verify: bool = True,
                      ) -> tuple[ScrfdDetector | None, ArcFaceRecognizer]:
     """Open the detector (unless need_detector is False) and the recognizer: from their ONNX files on
     ONNX Runtime, or from the engines folder's `detector.plan` / `arcface.plan` on TensorRT."""
@@ -82,13 +90,13 @@ def load_face_models(models_dir: str | Path | None = None, detector_path: str | 
 
     det = None
     if need_detector:
-        plan = face_plan(engines, backend, "detector")
+        plan = face_plan(engines, backend, "detector", verify)
         if plan:
             det = ScrfdDetector(open_plan(plan[0]), score_threshold=min_score, name=str(plan[0]))
         else:
             det = ScrfdDetector.from_file(resolve_model("detector", detector_path, models_dir), device=device,
                                           score_threshold=min_score)
-    plan = face_plan(engines, backend, "arcface")
+    plan = face_plan(engines, backend, "arcface", verify)
     if plan:
         rec = ArcFaceRecognizer(open_plan(plan[0]), plan[1]["graph_normalises"], name=str(plan[0]),
                                 max_batch=plan[1]["batch_range"][2])
@@ -112,7 +120,7 @@ def identity_from_images(paths: Iterable[str | Path], models_dir: str | Path | N
                          face: str | int = "largest", min_score: float = SCORE_THRESHOLD, min_size: float = 0.0,
                          limits: ImageLimits = DEFAULT_LIMITS, device: str = "auto", method: str = "mean",
                          aligned: bool = False, log: Callable[[str], None] | None = None,
-                         engines: str | Path | None = None, backend: str = "ort") -> np.ndarray:
+                         engines: str | Path | None = None, backend: str = "ort", verify: bool = True) -> np.ndarray:
     """Photos (files, folders, globs) of one person → unit identity embedding [512] float32.
 
     Skipped photos and multi-face photos are reported through `log` (default: warnings.warn with
@@ -122,7 +130,8 @@ def identity_from_images(paths: Iterable[str | Path], models_dir: str | Path | N
             warnings.warn(msg, FaceWarning, stacklevel=3)
     files = expand_paths([paths] if isinstance(paths, (str, Path)) else paths)
     det, rec = load_face_models(models_dir, detector_path, recognizer_path, device=device,
-                                min_score=min_score, need_detector=not aligned, engines=engines, backend=backend)
+                                min_score=min_score, need_detector=not aligned, engines=engines, backend=backend,
+                                verify=verify)
     report = FaceAnalyzer(det, rec, face, min_size, limits).embed_files(files, aligned=aligned)
     describe_report(report, face, log)
     if report.n_ok == 0:

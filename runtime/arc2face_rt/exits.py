@@ -1,0 +1,86 @@
+"""How both command-line tools turn a failure into one line on stderr and an exit code.
+
+Exit codes: 0 success, 1 partial result (e.g. `score` could not score every image), 2 a problem the
+user can fix (bad input, missing or changed files, no space, no permission), 130 interrupted.
+Errors raised on purpose are `Arc2FaceError`s and carry their own message. Operating-system errors a
+user can cause (a path that is a folder, a read-only or full disk, a missing file) are worded here
+from their errno, with the file name. Anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+from typing import Callable
+
+from .errors import Arc2FaceError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+_OS_FIX = {
+    errno.ENOSPC: "no space left on the device; free some space and run again",
+    errno.EDQUOT: "disk quota exceeded; free some space and run again",
+    errno.EACCES: "permission denied; choose a path you can write/read, or fix its permissions",
+    errno.EPERM: "operation not permitted; choose another path, or fix its permissions",
+    errno.EROFS: "read-only file system; choose a writable location",
+    errno.EISDIR: "is a folder, where a file was expected; give a file path",
+    errno.ENOTDIR: "part of this path is a file, where a folder was expected; check the path",
+    errno.EEXIST: "already exists; choose another path",
+    errno.ENOENT: "no such file or folder; check the path",
+    errno.ENAMETOOLONG: "file name too long; use a shorter path",
+    errno.ELOOP: "too many levels of symbolic links; check the path",
+    errno.EMFILE: "too many open files; raise the limit (`ulimit -n`) or process fewer files at once",
+    errno.ENFILE: "too many open files on the system; try again later",
+    errno.EIO: "input/output error from the disk or file system; check the device",
+    errno.ENXIO: "no such device (a special file, not a regular one?); give a regular file",
+    errno.EFBIG: "file too large for this file system",
+    errno.ENOTEMPTY: "folder not empty",
+    errno.EXDEV: "cannot move across file systems",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError: the file(s) involved, what happened, what to do."""
+    what = _OS_FIX.get(e.errno) or (e.strerror or type(e).__name__).rstrip(".").lower()
+    names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+    return f"{' -> '.join(names)}: {what}" if names else what
+
+
+def user_error_message(e: BaseException) -> str | None:
+    """The one-line message for an exception a user can cause and fix, or None for a bug."""
+    if isinstance(e, Arc2FaceError):
+        return str(e)
+    if isinstance(e, OSError):
+        return os_error_message(e)
+    if isinstance(e, MemoryError):
+        return ("out of memory; lower --batch, close other programs, or use a machine with more memory"
+                + (f" ({e})" if str(e) else ""))
+    if isinstance(e, EOFError):
+        return f"a file ended early ({e or 'unexpected end of file'}); it is truncated: write or download it again"
+    return None
+
+
+def run_cli(func: Callable[[], int], prog: str, verbose: bool = False) -> int:
+    """Call `func` and turn user-caused failures into one stderr line and exit code 2.
+
+    With `verbose`, the traceback of a mapped failure is logged too (for bug reports)."""
+    try:
+        return func()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `arc2face-rt score ... | head`: the reader left; stop quietly, as Unix tools do.
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 1
+    except (Arc2FaceError, OSError, MemoryError, EOFError) as e:
+        msg = user_error_message(e)
+        if verbose:
+            logging.getLogger(prog).exception("details")
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
