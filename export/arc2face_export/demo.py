@@ -13,10 +13,16 @@ def run_demo(out: Path, size: str = "tiny", num_images: int = 4, seed: int = 0, 
              say=print) -> Path:
     from arc2face_ref.random_ckpt import write_random_checkpoint
     from arc2face_rt.cli import main as rt_main
+    from arc2face_rt.errors import InvalidInputError
+    from arc2face_rt.outputs import check_output_dir
+    from arc2face_rt.pipeline import GenerationOptions
 
     from .onnx_export import export_all
 
-    out = Path(out)
+    if num_images < 1:
+        raise InvalidInputError(f"-n must be >= 1 (got {num_images})")
+    GenerationOptions(steps=steps, seed=seed).check()
+    out = check_output_dir(out)
     model, engines = out / f"model-{size}", out / f"engines-{size}-fp32"
     if not (model / "RANDOM_WEIGHTS.txt").is_file():
         say(f"writing a random-weight {size} checkpoint to {model}")

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from arc2face_rt import manifest as mf
+from arc2face_rt.atomic import temp_prefix
 from arc2face_rt.errors import ModelFormatError
 from arc2face_rt.face.detector import INPUT_SIZE
 from arc2face_rt.face._onnx import first_nodes
@@ -52,7 +53,7 @@ def _pin_input(src: Path, dst: Path, shape: tuple) -> dict:
             d.dim_value = want
     for out in model.graph.output:      # output dims follow from the input: let the parser infer them
         out.type.tensor_type.ClearField("shape")
-    with tempfile.NamedTemporaryFile(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp", delete=False) as f:
+    with tempfile.NamedTemporaryFile(dir=dst.parent, prefix=temp_prefix(dst.name), suffix=".tmp", delete=False) as f:
         tmp = Path(f.name)
     try:
         onnx.save(model, str(tmp))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +18,9 @@ import numpy as np
 import torch
 
 from arc2face_rt import manifest as mf
-from arc2face_rt.errors import OutputExistsError
+from arc2face_rt.atomic import remove_stale_temps, temp_dir
+from arc2face_rt.errors import InvalidInputError, OutputExistsError
+from arc2face_rt.outputs import check_output_dir
 from arc2face_rt.schedulers import make_schedule
 from arc2face_rt.specs import (PRECISIONS, PROJECTOR, SPEC_REVISION, STAGES, STEP, STEP_CFG, VAE_DECODER,
                                StageSpec)
@@ -144,9 +145,9 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
     An OUT_DIR that already holds an export of the same model files, precision and spec revision is
     kept as it is (returns its manifest); any other existing content needs `force`."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}")
+        raise InvalidInputError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
     say = progress or (lambda msg: log.info(msg))
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model_dir, out_dir = Path(model_dir), check_output_dir(out_dir)
     names = tuple(stages or STAGES)
     source = {str(p.relative_to(model_dir)): mf.file_record(p) for p in model_files(model_dir)}
     if (out_dir / mf.MANIFEST).is_file() and not force:
@@ -161,6 +162,7 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
             say(f"{out_dir}: up to date ({precision}), nothing to export")
             return old
         raise OutputExistsError(f"{out_dir}: holds another export; choose another --out or pass --force")
+    remove_stale_temps(out_dir)            # what a killed export left behind
     if out_dir.exists() and any(p.name != ".gitkeep" for p in out_dir.iterdir()) and not force \
             and not (out_dir / mf.MANIFEST).is_file():
         raise OutputExistsError(f"{out_dir}: exists and is not empty; choose another --out or pass --force")
@@ -169,7 +171,7 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
     say(f"loading {model_dir}")
     models = load_models(model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export-"))
+    tmp = temp_dir(out_dir, "export")
     records = {}
     try:
         for name in names:

@@ -34,7 +34,8 @@ from arc2face_rt import manifest as mf
 from arc2face_rt import specs
 from arc2face_rt.backends import cuda
 from arc2face_rt.backends.trt import dtype_name, import_trt, is_rtx, library_info, make_logger
-from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError
+from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
+from arc2face_rt.outputs import check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +331,7 @@ def build_engines(engines_dir: str | Path, stages: list[str] | None = None, prec
     names = stages or [s for s in recorded if s in stage_specs]
     unknown = [s for s in names if s not in stage_specs]
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; known: {sorted(stage_specs)}")
+        raise InvalidInputError(f"unknown stage(s) {unknown}; this folder has: {', '.join(sorted(stage_specs))}")
     ccs = resolve_compute_capabilities(trt, options.compute_capability)
     library = library_info(trt)
     plans = m.setdefault("plans", {})
@@ -385,7 +386,7 @@ def cmd_build_engines(args) -> int:
     for name in (__name__, __package__ + ".int8"):
         if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
             logging.getLogger(name).setLevel(logging.INFO)
-    out = Path(args.out)
+    out = check_output_dir(args.out)
     onnx_precision = _onnx_precision(args.precision)
     if _needs_export(out, onnx_precision, args.stages):
         if args.model_dir is None:

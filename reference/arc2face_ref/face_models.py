@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from arc2face_rt.atomic import temp_prefix
+
 from .iresnet import iresnet100, iresnet_tiny, randomize_
 
 DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
@@ -108,7 +110,7 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path, input_names, ou
     if proto.ir_version > MAX_IR_VERSION:   # onnxruntime 1.20 reads IR ≤ 10
         proto.ir_version = MAX_IR_VERSION
     onnx.checker.check_model(proto)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(proto.SerializeToString())

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from arc2face_rt.errors import OutputExistsError
+from arc2face_rt.atomic import remove_stale_temps, temp_dir
+from arc2face_rt.errors import InvalidInputError, OutputExistsError
+from arc2face_rt.outputs import check_output_dir
 from arc2face_rt.schedulers import SD15_SCHEDULER_CONFIG
 
 _UNET_BLOCKS = dict(
@@ -71,13 +72,15 @@ def write_random_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, 
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if size not in CONFIGS:
-        raise ValueError(f"size must be one of {sorted(CONFIGS)}")
-    out = Path(out)
+        raise InvalidInputError(f"size must be one of {sorted(CONFIGS)}")
+    out = check_output_dir(out)
+    if out.exists():
+        remove_stale_temps(out.parent)                  # what a killed run left beside it
     if out.exists() and any(out.iterdir()) and not force:
         raise OutputExistsError(f"{out}: exists and is not empty; choose another --out or pass --force")
     cfg = CONFIGS[size]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = temp_dir(out.parent, out.name)
     try:
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)

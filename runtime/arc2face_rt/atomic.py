@@ -3,14 +3,16 @@
 Readers never see half a file, an interrupted write leaves nothing behind, and without `overwrite`
 an existing file is never replaced (not even one that appears while we write).
 
-A process killed mid-write (SIGKILL, power loss) cannot clean up, so temporary names carry the
-writer's host and process id: `.NAME.arc2face-HOST-PID-RANDOM.tmp`. `remove_stale_temps` deletes the
-ones whose process is gone, and the next run in a folder calls it. Nothing else is ever deleted.
+A process killed mid-write (SIGKILL, power loss) cannot clean up, so temporary files and folders
+carry the writer's host and process id: `.NAME.arc2face-HOST-PID-RANDOM.tmp`. `remove_stale_temps`
+deletes the ones whose process is gone, and the next run in that folder calls it. Nothing else is
+ever deleted.
 """
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -89,8 +91,13 @@ def is_stale_temp(path: Path, now: float | None = None) -> bool:
         return False
 
 
+def temp_dir(parent: str | Path, name: str) -> Path:
+    """A new temporary folder in `parent` for building `name`, named so `remove_stale_temps` knows it."""
+    return Path(tempfile.mkdtemp(dir=parent, prefix=temp_prefix(name), suffix=".tmp"))
+
+
 def remove_stale_temps(folder: str | Path) -> int:
-    """Delete our own abandoned temporary files in `folder`; return how many (never raises)."""
+    """Delete our own abandoned temporary files and folders in `folder`; return how many (never raises)."""
     removed, now = 0, time.time()
     try:
         entries = list(os.scandir(folder))
@@ -99,7 +106,10 @@ def remove_stale_temps(folder: str | Path) -> int:
     for e in entries:
         if e.name.startswith(".") and e.name.endswith(".tmp") and is_stale_temp(Path(e.path), now):
             try:
-                os.unlink(e.path)
+                if e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(e.path)
+                else:
+                    os.unlink(e.path)
                 removed += 1
             except OSError:
                 pass

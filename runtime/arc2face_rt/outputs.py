@@ -38,7 +38,7 @@ def check_output_dir(out: str | Path) -> Path:
             break
         probe = probe.parent
     if not probe.is_dir():
-        where = "is" if probe == out else f"cannot be made: {probe}"
+        where = "is" if probe == out else f"cannot be made: {probe} is"
         raise InvalidInputError(f"--out {out}: {where} a file, not a folder; choose another --out")
     if not os.access(probe, os.W_OK | os.X_OK):
         what = "is not writable" if probe == out else f"cannot be made: {probe} is not writable"
