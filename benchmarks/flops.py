@@ -1,9 +1,9 @@
 """FLOP counts per stage and the compute floor they imply.
 
-Full size: the figures of design.md ("Figures worth knowing"): UNet 0.80 TFLOP per image-forward at
+Full size: the published SD1.5 figures: UNet 0.80 TFLOP per image-forward at
 64x64 (CFG doubles it), VAE decoder 2.5 TFLOP, CLIP text encoder 0.013 TFLOP. The tiny random model
 has other layer widths, so its counts come from torch's FlopCounterMode on the models themselves
-(matmul/conv/attention FLOPs, 2 per multiply-add, as the design figures count).
+(matmul/conv/attention FLOPs, 2 per multiply-add, as the full-size figures count).
 
 floor_s = FLOPs / peak rate, with the peak measured once per device (env.measure_*_peak_flops).
 """
@@ -41,7 +41,7 @@ def count_flops(model_dir: str | Path) -> dict:
 def flops_for(size: str, model_dir: str | Path | None = None) -> dict:
     """{unet_forward, vae_decode, clip, source}: design figures for `full`, counted for anything else."""
     if size == "full":
-        return dict(DESIGN_FLOPS, source="design.md (SD1.5 UNet/VAE, CLIP-L)")
+        return dict(DESIGN_FLOPS, source="published SD1.5 UNet/VAE and CLIP-L figures")
     counted = count_flops(model_dir)
     return dict(counted, source="counted with torch.utils.flop_counter on the tiny random model")
 

@@ -63,8 +63,10 @@ def test_embed_never_overwrites(photos, tmp_path):
 
 def test_embed_nothing_usable(photos, tmp_path):
     out = tmp_path / "id.npy"
-    with pytest.raises(NoFaceError, match="none of the 1 image"):
+    # an unreadable file is reported as unreadable, not as "no face"
+    with pytest.raises(InvalidInputError, match="none of the 1 image.*broken.jpg: not an image") as e:
         cli("embed", "--image", photos / "broken.jpg", "--out", out, "--models", tiny_models_dir(), "--device", "cpu")
+    assert not isinstance(e.value, NoFaceError) and "usable face" not in str(e.value)
     with pytest.raises(NoFaceError):   # the random detector's face is ~224 px wide in a 512 px photo
         cli("embed", "--image", photos / "a.png", "--out", out, "--models", tiny_models_dir(), "--device", "cpu",
             "--min-size", 400)
@@ -105,8 +107,10 @@ def test_identity_from_images_warns_and_raises(photos):
     logged = []
     identity_from_images([photos], tiny_models_dir(), device="cpu", method="median", log=logged.append)
     assert len(logged) == 1 and "broken.jpg" in logged[0]
-    with pytest.raises(NoFaceError):
+    with pytest.raises(InvalidInputError, match="broken.jpg: not an image"):
         identity_from_images(photos / "broken.jpg", tiny_models_dir(), device="cpu", log=logged.append)
+    with pytest.raises(NoFaceError, match="usable face"):    # the random detector's face is ~224 px wide
+        identity_from_images(photos / "a.png", tiny_models_dir(), device="cpu", min_size=400, log=logged.append)
 
 
 def test_face_option_parsing(photos, tmp_path):

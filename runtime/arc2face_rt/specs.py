@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 SPEC_REVISION = 1
 
-# Arc2Face facts (see design.md "Facts that must be exact").
+# Arc2Face facts, from the official code and its pinned libraries; each must be exact.
 ID_DIM = 512                    # ArcFace embedding width
 TEXT_LEN, TEXT_DIM = 77, 768    # CLIP-L text sequence
 ID_SLOT = 4                     # index of token 1014 ("id") in PROMPT_IDS

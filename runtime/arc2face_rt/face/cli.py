@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 
-from ..errors import InvalidInputError, NoFaceError, OutputExistsError
+from ..errors import InvalidInputError, OutputExistsError
 from ..npyio import save_npy_atomic
 from ..pipeline import load_identity
 from .detector import DETECTOR_FILE, SCORE_THRESHOLD
@@ -108,9 +108,7 @@ def run_embed(args) -> int:
     report = _analyzer(args).embed_files(paths, aligned=args.aligned)
     log = _stderr
     describe_report(report, args.face, log)
-    if report.n_ok == 0:
-        raise NoFaceError(f"none of the {len(paths)} image(s) gave a usable face (see above); "
-                          "use clear, frontal photos, or lower --min-score / --min-size")
+    report.require_some()
     ident = combine_embeddings(report.embeddings(), args.combine)
     for r, c in zip(report.succeeded, ident.cosines):
         log(f"  cos {c:+.3f}  {r.path}")

@@ -5,7 +5,14 @@ resize keeping aspect to fit 640x640, paste top-left on black, (rgb − 127.5)/1
 8/16/32 the graph gives, for (640/s)² cells × 2 anchors, a sigmoid score, 4 box distances and 10
 keypoint distances in units of s; box = centre ∓ distance·s, keypoints = centre + distance·s;
 score ≥ 0.5; divide by the resize factor; greedy NMS at IoU 0.4 with "+1" areas, in original-image
-pixels (the +1 makes the order of these two steps matter; design.md lists them the other way round).
+pixels (the +1 makes the order of these two steps matter: rescaling after NMS would change which
+boxes survive).
+
+The rescale uses insightface's single factor (resized height / height) for both axes, so that boxes
+and keypoints match insightface to float rounding; on the long axis that factor is off by less than
+1/(resized short side) (0.2% for a 4:3 photo). Images whose short side would be under
+MIN_CANVAS_SIDE px on the 640x640 input (longer than 10:1) are refused, as are images under
+MIN_IMAGE_SIDE px: neither can hold a face the detector and ArcFace could use.
 
 The session is anything with `.run({name: array}) -> {name: array}` and `input_names`/`output_names`
 (arc2face_rt.backends.OrtSession, or a TensorRT session later).
@@ -27,6 +34,8 @@ NUM_ANCHORS = 2
 SCORE_THRESHOLD = 0.5
 NMS_THRESHOLD = 0.4
 DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
+MIN_IMAGE_SIDE = 20             # px: smaller images cannot hold a detectable face
+MIN_CANVAS_SIDE = 64            # px on the 640x640 detector input: i.e. at most 10:1
 _FIX = (f"put {DETECTOR_FILE} (insightface antelopev2's det_10g.onnx; non-commercial licence) in the "
         "models folder or pass --detector FILE; `arc2face-export random-checkpoint` writes a random test one")
 # Output columns per kind, in insightface's output order: 3 score maps, 3 box maps, 3 keypoint maps.
@@ -73,6 +82,17 @@ def preprocess(image: np.ndarray, size: int = INPUT_SIZE) -> tuple[np.ndarray, f
     # (x − 127.5)·(1/128): 1/128 is exact in float32, so this equals blobFromImage bit for bit
     blob = (canvas.astype(np.float32) - 127.5) * np.float32(1.0 / 128.0)
     return blob.transpose(2, 0, 1)[None].copy(), det_scale
+
+
+def check_detectable(h: int, w: int, size: int = INPUT_SIZE, name: str = "image") -> None:
+    """Refuse images that cannot hold a face the detector could find (too small, or too elongated)."""
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise InvalidInputError(f"{name}: {w}x{h} pixels is too small to hold a face (needs at least {MIN_IMAGE_SIDE} px "
+                                "each way); use a larger photo")
+    short = min(h, w) * size / max(h, w)
+    if short < MIN_CANVAS_SIDE:
+        raise InvalidInputError(f"{name}: {w}x{h} pixels is too elongated (over {size // MIN_CANVAS_SIDE}:1) to hold a "
+                                "detectable face; crop it around the face")
 
 
 def anchor_centers(size: int, stride: int, num_anchors: int = NUM_ANCHORS) -> np.ndarray:
@@ -183,6 +203,7 @@ class ScrfdDetector:
         """image: [H, W, 3] uint8 RGB → faces (score ≥ threshold, after NMS), best score first."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise InvalidInputError(f"detector input must be [H, W, 3] uint8 RGB, got {image.shape} {image.dtype}")
+        check_detectable(image.shape[0], image.shape[1], self.input_size)
         thr = self.score_threshold if score_threshold is None else score_threshold
         blob, det_scale = preprocess(image, self.input_size)
         levels = self._levels(self.session.run({self.input_name: blob}))

@@ -5,6 +5,7 @@ batch: results say per file what happened and how many succeeded. Library code h
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -14,9 +15,12 @@ import numpy as np
 from ..errors import ImageDecodeError, InvalidInputError, NoFaceError
 from ..specs import ID_DIM
 from .align import CROP_SIZE, align_face
-from .detector import Face, ScrfdDetector, choose_face
+from .detector import Face, ScrfdDetector, check_detectable, choose_face
 from .image_io import DEFAULT_LIMITS, ImageLimits, load_image
 from .recognizer import ArcFaceRecognizer, l2_normalize
+
+_CAUSES = {"ImageDecodeError": "unreadable", "NoFaceError": "without a usable face",
+           "InvalidInputError": "unusable (missing, too small, or not an aligned crop)"}
 
 # Per-file failures a batch skips; anything else (a broken model, a bug) still propagates.
 SKIPPABLE = (ImageDecodeError, NoFaceError, InvalidInputError)
@@ -51,6 +55,25 @@ class EmbedReport:
     @property
     def n_ok(self) -> int:
         return len(self.succeeded)
+
+    def failure_summary(self) -> str:
+        """Why files were skipped: the one file's message, else a count per cause."""
+        failed = self.failed
+        if len(failed) == 1:
+            return failed[0].error or "unknown problem"
+        causes = Counter(_CAUSES.get(r.error_type, "unusable") for r in failed)
+        return ", ".join(f"{n} {cause}" for cause, n in causes.most_common())
+
+    def require_some(self) -> None:
+        """Raise, naming the real causes, when no file gave an embedding."""
+        if self.n_ok:
+            return
+        if {r.error_type for r in self.failed} == {"NoFaceError"}:
+            raise NoFaceError(f"none of the {len(self.results)} image(s) shows a usable face "
+                              f"({self.failure_summary()}); use clear, frontal photos, or lower --min-score / "
+                              "--min-size")
+        raise InvalidInputError(f"none of the {len(self.results)} image(s) could be used ({self.failure_summary()}); "
+                                "fix or replace them")
 
     def embeddings(self) -> np.ndarray:
         """[n_ok, 512] float32 of the files that succeeded, in order."""
@@ -94,6 +117,7 @@ class FaceAnalyzer:
         """image [H, W, 3] uint8 RGB → (unit embedding [512], chosen face, eligible face count)."""
         if self.detector is None:
             raise InvalidInputError("no face detector loaded; pass one, or use aligned 112x112 crops")
+        check_detectable(image.shape[0], image.shape[1], self.detector.input_size, name)
         chosen, n = choose_face(self.detector.detect(image), self.face, self.min_size, name)
         return self.recognizer.embed(align_face(image, chosen.kps))[0], chosen, n
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import io
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageDecodeError, InvalidInputError
+from ..exits import os_error_message
 
 # Suffixes a folder argument expands to (compared lower-case). Files named explicitly, or matched
 # by a glob, are taken whatever their suffix: decoding decides.
@@ -57,17 +59,31 @@ def load_image(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -> np.nda
     Raises ImageDecodeError (empty, too large, truncated, not an image or unsupported) and
     InvalidInputError (no such file)."""
     path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f"{path}: no such file; check the path")
-    size = path.stat().st_size
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise InvalidInputError(f"{path}: no such file; check the path") from None
+    except OSError as e:
+        raise ImageDecodeError(f"{path}: cannot be read ({os_error_message(e)})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe, socket or device)"
+        raise ImageDecodeError(f"{path}: is {kind}, not an image file")
+    size = st.st_size
     if size == 0:
         raise ImageDecodeError(f"{path}: empty file (0 bytes); re-copy or re-download it")
     if size > limits.max_bytes:
         raise ImageDecodeError(
             f"{path}: {size / 2**20:.1f} MiB exceeds the {limits.max_bytes / 2**20:.0f} MiB file-size limit; "
             "downscale or recompress it, or raise the limit (ImageLimits.max_bytes)")
-    with open(path, "rb") as f:
-        return _decode(f, str(path), limits)
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ImageDecodeError(f"{path}: cannot be read ({os_error_message(e)})") from None
+    with f:
+        try:
+            return _decode(f, str(path), limits)
+        except OSError as e:          # an I/O error while decoding (the file system, not the format)
+            raise ImageDecodeError(f"{path}: cannot be read ({os_error_message(e)})") from None
 
 
 def decode_image(data: bytes, name: str = "<bytes>", limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:

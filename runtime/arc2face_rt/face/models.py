@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ..errors import EngineMismatchError, InvalidInputError, MissingWeightsError, NoFaceError
+from ..errors import EngineMismatchError, InvalidInputError, MissingWeightsError
 from ..integrity import verify_records
 from ..manifest import load_manifest, record_files, resolve_inside
 from ..pipeline import pick_backend
@@ -134,6 +134,5 @@ def identity_from_images(paths: Iterable[str | Path], models_dir: str | Path | N
                                 verify=verify)
     report = FaceAnalyzer(det, rec, face, min_size, limits).embed_files(files, aligned=aligned)
     describe_report(report, face, log)
-    if report.n_ok == 0:
-        raise NoFaceError(f"none of the {len(files)} image(s) gave a usable face; use clear, frontal photos")
+    report.require_some()
     return combine_embeddings(report.embeddings(), method).embedding
