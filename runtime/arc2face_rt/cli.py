@@ -6,6 +6,7 @@ import logging
 import math
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -55,17 +56,21 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-def _todo_batches(count: int, skip: set[int], batch: int) -> Iterator[list[int]]:
-    """Indices 0..count-1 not in `skip`, in batches; lazy, so a huge -n costs nothing up front."""
-    todo: list[int] = []
-    for i in range(count):
-        if i not in skip:
-            todo.append(i)
-            if len(todo) == batch:
-                yield todo
-                todo = []
-    if todo:
-        yield todo
+def _batches(count: int, batch: int, done: set[int]) -> Iterator[list[int]]:
+    """Indices 0..count-1 in batches aligned to multiples of `batch`, leaving out batches whose
+    images are all `done`; lazy, so a huge -n costs nothing up front. A partly done batch is made
+    whole again (only its missing images are written), so every image comes from the same batch
+    as in an uninterrupted run: a resumed run gives the same bytes."""
+    for start in range(0, count, batch):
+        idx = range(start, min(start + batch, count))
+        if not all(i in done for i in idx):
+            yield list(idx)
+
+
+def _batches_to_run(count: int, batch: int, done: set[int]) -> int:
+    full = Counter(i // batch for i in done)
+    skipped = sum(1 for k, n in full.items() if n == min(batch, count - k * batch))
+    return math.ceil(count / batch) - skipped
 
 
 def cmd_generate(args) -> int:
@@ -118,6 +123,7 @@ def _generate_into(pipe, args, opts: GenerationOptions, identity, who: str, out:
             print(f"resume: {len(plan.redo)} unreadable or incomplete file(s) of this run will be made again",
                   file=sys.stderr)
     todo = args.num_images - len(skip)
+    runs = _batches_to_run(args.num_images, opts.batch_size, skip)
     out.mkdir(parents=True, exist_ok=True)
     removed = remove_stale_temps(out)
     print(f"arc2face-rt {__version__}: {args.num_images} image(s) of identity {who}, {opts.steps} "
@@ -129,11 +135,13 @@ def _generate_into(pipe, args, opts: GenerationOptions, identity, who: str, out:
               "not faces", file=sys.stderr)
     written, timings = 0, {}
     t0 = time.perf_counter()
-    with tqdm(total=todo * opts.steps, unit="step", desc="denoise", file=sys.stderr, disable=None) as bar:
+    with tqdm(total=runs * opts.steps, unit="step", desc="denoise", file=sys.stderr, disable=None) as bar:
         try:
-            for idx in _todo_batches(args.num_images, skip, opts.batch_size):
+            for idx in _batches(args.num_images, opts.batch_size, skip):
                 res = pipe.generate(identity, options=opts, on_step=bar.update, indices=idx)
                 for img, params, i in zip(res.images, res.params, idx):
+                    if i in skip:
+                        continue
                     # --resume replaces only the unfinished files of this run that it found
                     save_png(out / image_name(args.prefix, args.seed, i), img, params,
                              overwrite=args.overwrite or (args.resume and i in existing))
@@ -150,8 +158,7 @@ def _generate_into(pipe, args, opts: GenerationOptions, identity, who: str, out:
             raise OutputWriteError(f"{user_error_message(e)}; stopped after {written} of {todo} image(s), which "
                                    f"are kept in {out}: run the same command with --resume to finish") from e
     total = time.perf_counter() - t0
-    calls = math.ceil(todo / opts.batch_size) * opts.steps
-    per_step = timings.get("denoise", 0.0) / max(1, calls)
+    per_step = timings.get("denoise", 0.0) / max(1, runs * opts.steps)
     print(f"wrote {written} image(s) to {out} in {total:.1f} s (project {timings.get('project', 0):.2f} s, "
           f"denoise {timings.get('denoise', 0):.1f} s = {per_step * 1000:.0f} ms/step at batch "
           f"{min(opts.batch_size, max(todo, 1))}, decode {timings.get('decode', 0):.1f} s)", file=sys.stderr)

@@ -123,6 +123,8 @@ def check_manifest(m, engines_dir: str | Path) -> None:
 def _record_problem(rec, section: str, engines_dir: Path) -> str | None:
     if not isinstance(rec, dict):
         return f"is {_kind(rec)}, expected an object"
+    if not isinstance(rec.get("file", ""), str) or (section == "plans" and "file" not in rec):
+        return f"'file' is {rec.get('file')!r}, not a file name"
     if section == "plans":
         files = {rec.get("file"): rec}
         if not isinstance(rec.get("library"), dict) or not isinstance(rec.get("build"), dict):
@@ -135,10 +137,6 @@ def _record_problem(rec, section: str, engines_dir: Path) -> str | None:
         files = rec.get("files")
         if not isinstance(files, dict) or not files:
             return "lacks its 'files' record"
-        if "file" in rec and rec["file"] not in files:
-            return f"loads {rec['file']!r}, which is not among its checked files {sorted(files)}"
-        if "file" not in rec and len(files) != 1:
-            return "names no 'file' to load among several files"
     if section == "face_stages":
         br = rec.get("batch_range")
         if not (isinstance(br, list) and len(br) == 3 and all(_is_int(b) and b >= 1 for b in br)):
@@ -156,6 +154,11 @@ def _record_problem(rec, section: str, engines_dir: Path) -> str | None:
         sha = frec.get("sha256")
         if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
             return f"{rel!r}: 'sha256' is {sha!r}, not a sha256 hex digest"
+    if section != "plans":
+        if "file" in rec and rec["file"] not in files:
+            return f"loads {rec['file']!r}, which is not among its checked files {sorted(files)}"
+        if "file" not in rec and len(files) != 1:
+            return "names no 'file' to load among several files"
     return None
 
 

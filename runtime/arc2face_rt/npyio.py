@@ -47,8 +47,8 @@ def read_npy(path: str | Path, max_bytes: int, fix: str = "write it again") -> n
                 if read_header is None:
                     raise ValueError(f"unknown .npy format version {version}")
                 shape, fortran, dtype = read_header(f)
-            except (ValueError, EOFError, SyntaxError, TypeError) as e:
-                raise InvalidInputError(f"{path}: not a .npy array ({e}); {fix}") from None
+            except Exception as e:    # numpy parses the header with Python's tokenizer: many error types
+                raise InvalidInputError(f"{path}: not a .npy array ({type(e).__name__}: {e}); {fix}") from None
             if dtype.hasobject:
                 raise InvalidInputError(f"{path}: holds Python objects, not numbers; {fix}")
             data_bytes = math.prod(shape) * dtype.itemsize

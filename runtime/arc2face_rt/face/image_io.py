@@ -161,7 +161,7 @@ def expand_paths(args: Iterable[str | Path], recursive: bool = False) -> list[Pa
     for arg in args:
         s = str(arg)
         p = Path(s).expanduser()
-        if p.is_file():
+        if p.exists() and not p.is_dir():     # files, and pipes/devices (load_image refuses those)
             out.add(p)
         elif p.is_dir():
             it = p.rglob("*") if recursive else p.iterdir()

@@ -1,0 +1,241 @@
+"""Every bad input, through the real command-line tools in a child process, as a user meets them:
+exit code 2, one `PROG: error:` line naming the problem, no traceback, nothing written or changed.
+
+Each case builds its inputs in a fresh folder (engines are hard-linked copies of the tiny export; a
+case that damages a file replaces it, so the shared export is never touched) and the whole folder is
+snapshotted before and after the command.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+RT = [sys.executable, "-c", "import sys; from arc2face_rt.cli import main; sys.exit(main())"]
+EXPORT = [sys.executable, "-c", "import sys; from arc2face_export.cli import main; sys.exit(main())"]
+
+
+def snapshot(root: Path) -> dict:
+    """{relative path: (kind, size, content hash)} of everything under root (FIFOs are not read)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            rel = str(p.relative_to(root))
+            if stat.S_ISREG(st.st_mode):
+                out[rel] = ("file", st.st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+            else:
+                out[rel] = (stat.filemode(st.st_mode)[0], 0, os.readlink(p) if p.is_symlink() else "")
+    return out
+
+
+def engines_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, copy_function=os.link)
+    return dst
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Give `path` new content without touching the (hard-linked) original."""
+    path.unlink()
+    path.write_bytes(data)
+
+
+def edit_manifest(d: Path, fn) -> None:
+    m = json.loads((d / "manifest.json").read_text())
+    m = fn(m)
+    replace_file(d / "manifest.json", json.dumps(m).encode())
+
+
+def _set(path: list, value):
+    def fn(m):
+        node = m
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = value
+        return m
+    return fn
+
+
+def _npy_with_header(p: Path, shape, descr="<f4", payload=b"\0" * 64):
+    with open(p, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": shape})
+        f.write(payload)
+
+
+def _corrupt_same_size(d: Path, name: str):
+    data = bytearray((d / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    replace_file(d / name, bytes(data))
+
+
+# Each case: (id, setup(tmp, engines) -> argv list for `arc2face-rt`, expected words in the error line)
+GEN = ["generate", "--engines", "{e}", "--steps", "1", "--out", "{t}/out"]
+CASES = [
+    # identity files
+    ("npy-empty", lambda t, e: (t / "id.npy").touch(), GEN + ["--embedding", "{t}/id.npy"], "empty"),
+    ("npy-huge-header", lambda t, e: _npy_with_header(t / "id.npy", (10**12,)), GEN + ["--embedding", "{t}/id.npy"],
+     "header announces"),
+    ("npy-fifo", lambda t, e: os.mkfifo(t / "id.npy"), GEN + ["--embedding", "{t}/id.npy"], "not a regular file"),
+    ("npy-folder", lambda t, e: (t / "id.npy").mkdir(), GEN + ["--embedding", "{t}/id.npy"], "folder"),
+    ("npy-text", lambda t, e: (t / "id.npy").write_text("hello"), GEN + ["--embedding", "{t}/id.npy"], "not a .npy"),
+    ("npy-pickle", lambda t, e: np.save(t / "id.npy", np.array([1, None], object), allow_pickle=True),
+     GEN + ["--embedding", "{t}/id.npy"], "Python objects"),
+    ("npy-int", lambda t, e: np.save(t / "id.npy", np.ones(512, np.int32)), GEN + ["--embedding", "{t}/id.npy"],
+     "dtype"),
+    ("npy-zeros", lambda t, e: np.save(t / "id.npy", np.zeros(512, np.float32)), GEN + ["--embedding", "{t}/id.npy"],
+     "all zeros"),
+    ("npy-big-file", lambda t, e: np.save(t / "id.npy", np.ones((600, 512))), GEN + ["--embedding", "{t}/id.npy"],
+     "more than"),
+    ("npy-missing", lambda t, e: None, GEN + ["--embedding", "{t}/nope.npy"], "no such file"),
+    # options and outputs
+    ("batch-0", lambda t, e: None, GEN + ["--random-id", "--batch", "0"], "--batch"),
+    ("seed-negative", lambda t, e: None, GEN + ["--random-id", "--seed", "-1"], "--seed"),
+    ("guidance-nan", lambda t, e: None, GEN + ["--random-id", "--guidance", "nan"], "--guidance"),
+    ("prefix-slash", lambda t, e: None, GEN + ["--random-id", "--prefix", "a/b"], "--prefix"),
+    ("prefix-empty", lambda t, e: None, GEN + ["--random-id", "--prefix", ""], "--prefix"),
+    ("out-is-file", lambda t, e: (t / "f").write_text("x"),
+     ["generate", "--engines", "{e}", "--random-id", "--out", "{t}/f"], "is a file"),
+    ("out-under-file", lambda t, e: (t / "f").write_text("x"),
+     ["generate", "--engines", "{e}", "--random-id", "--out", "{t}/f/sub"], "cannot be made"),
+    ("image-name-is-folder", lambda t, e: (t / "out" / "arc2face_0_0001.png").mkdir(parents=True),
+     GEN + ["--random-id", "-n", "3"], "exist"),
+    ("image-name-is-folder-resume", lambda t, e: (t / "out" / "arc2face_0_0001.png").mkdir(parents=True),
+     GEN + ["--random-id", "-n", "3", "--resume"], "is a folder"),
+    ("resume-and-overwrite", lambda t, e: None, GEN + ["--random-id", "--resume", "--overwrite"], "pass one"),
+    ("huge-n-collision", lambda t, e: (t / "out" / "arc2face_0_0000.png").parent.mkdir() or
+     (t / "out" / "arc2face_0_0000.png").write_bytes(b"x"), GEN + ["--random-id", "-n", str(10**9)], "exist"),
+    # engines folders
+    ("engines-missing", lambda t, e: None, ["generate", "--engines", "{t}/none", "--random-id", "--out", "{t}/o"],
+     "no such engines folder"),
+    ("engines-is-file", lambda t, e: (t / "f").write_text("x"),
+     ["generate", "--engines", "{t}/f", "--random-id", "--out", "{t}/o"], "engines folder"),
+    ("manifest-null", lambda t, e: replace_file(e / "manifest.json", b"null"), GEN + ["--random-id"], "null"),
+    ("manifest-list", lambda t, e: replace_file(e / "manifest.json", b"[1, 2]"), GEN + ["--random-id"], "a list"),
+    ("manifest-garbage", lambda t, e: replace_file(e / "manifest.json", b"{not json"), GEN + ["--random-id"],
+     "unreadable manifest"),
+    ("manifest-no-files", lambda t, e: edit_manifest(e, lambda m: (m["stages"]["step_cfg"].pop("files"), m)[1]),
+     GEN + ["--random-id"], "files"),
+    ("manifest-stages-list", lambda t, e: edit_manifest(e, _set(["stages"], [])), GEN + ["--random-id"], "stages"),
+    ("manifest-traversal", lambda t, e: edit_manifest(e, _set(["stages", "projector", "files"],
+                                                               {"../../etc/passwd": {"sha256": "0" * 64, "bytes": 1}})),
+     GEN + ["--random-id"], "relative path"),
+    ("manifest-absolute", lambda t, e: edit_manifest(e, _set(["stages", "projector", "file"], "/etc/passwd")),
+     GEN + ["--random-id"], "projector"),
+    ("manifest-int4", lambda t, e: edit_manifest(e, _set(["precision"], "int4")), GEN + ["--random-id"], "int4"),
+    ("manifest-revision-string", lambda t, e: edit_manifest(e, _set(["spec_revision"], "1")), GEN + ["--random-id"],
+     "not a whole number"),
+    ("manifest-bytes-string", lambda t, e: edit_manifest(
+        e, lambda m: (m["stages"]["vae_decoder"]["files"]["vae_decoder.onnx"].update(
+            bytes=str(m["stages"]["vae_decoder"]["files"]["vae_decoder.onnx"]["bytes"])), m)[1]),
+     GEN + ["--random-id"], "not a size"),
+    ("manifest-unknown-stage", lambda t, e: edit_manifest(e, lambda m: (m["stages"].update(evil=m["stages"]["step"]),
+                                                                        m)[1]), GEN + ["--random-id"], "evil"),
+    ("file-loaded-not-checked", lambda t, e: edit_manifest(e, _set(["stages", "step_cfg", "file"], "step.onnx")),
+     GEN + ["--random-id"], "not among its checked files"),
+    ("symlink-outside", lambda t, e: ((t / "outside.onnx").write_bytes((e / "projector.onnx").read_bytes()),
+                                      (e / "projector.onnx").unlink(),
+                                      (e / "projector.onnx").symlink_to(t / "outside.onnx")),
+     GEN + ["--random-id"], "outside the engines folder"),
+    ("corrupt-same-size", lambda t, e: _corrupt_same_size(e, "step_cfg.onnx"), GEN + ["--random-id"],
+     "content differs"),
+    ("truncated-graph", lambda t, e: replace_file(e / "vae_decoder.onnx", (e / "vae_decoder.onnx").read_bytes()[:999]),
+     GEN + ["--random-id"], "truncated"),
+    ("graph-missing", lambda t, e: (e / "step.onnx").unlink(), GEN + ["--random-id"], "missing"),
+    ("info-traversal", lambda t, e: edit_manifest(e, _set(["stages", "projector", "files"],
+                                                           {"../../../etc/hostname": {"sha256": "0" * 64, "bytes": 1}})),
+     ["info", "--engines", "{e}", "--verify"], "relative path"),
+    ("info-corrupt", lambda t, e: _corrupt_same_size(e, "projector.onnx"), ["info", "--engines", "{e}", "--verify"],
+     "content differs"),
+    # identity from files for score
+    ("score-bad-identity", lambda t, e: (t / "id.npy").write_bytes(b"\x93NUMPY"), ["score", "--identity", "{t}/id.npy",
+                                                                                   "{t}"], "not a .npy"),
+    ("embed-out-not-npy", lambda t, e: None, ["embed", "--image", "{t}", "--out", "{t}/id.txt"], ".npy"),
+    ("embed-out-is-folder", lambda t, e: (t / "id.npy").mkdir(), ["embed", "--image", "{t}", "--out", "{t}/id.npy"],
+     "exist"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_runtime_cli_refuses(case, tiny_engines, tmp_path):
+    _, setup, argv, words = case
+    t = tmp_path / "sandbox"
+    t.mkdir()
+    e = engines_copy(tiny_engines, t / "engines")
+    setup(t, e)
+    before = snapshot(t)
+    args = [a.format(t=t, e=e) for a in argv]
+    r = subprocess.run(RT + args, capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert lines and lines[-1].startswith("arc2face-rt: error:"), r.stderr
+    assert words.lower() in lines[-1].lower(), lines[-1]
+    assert snapshot(t) == before, "the command changed files"
+
+
+IMAGE_CASES = [
+    ("image-1x1", lambda t: Image.new("RGB", (1, 1)).save(t / "p.png"), "too small"),
+    ("image-100000x1", lambda t: Image.new("RGB", (100000, 1)).save(t / "p.png"), "too small"),
+    ("image-30000x40", lambda t: Image.new("RGB", (30000, 40)).save(t / "p.png"), "too elongated"),
+    ("image-not-an-image", lambda t: (t / "p.png").write_text("hello"), "not an image"),
+    ("image-empty", lambda t: (t / "p.png").touch(), "empty"),
+    ("image-fifo", lambda t: os.mkfifo(t / "p.png"), "not a regular file"),
+    ("image-truncated", lambda t: (Image.new("RGB", (300, 300), (90, 20, 200)).save(t / "full.png"),
+                                   (t / "p.png").write_bytes((t / "full.png").read_bytes()[:200]),
+                                   (t / "full.png").unlink()), "p.png"),
+]
+
+
+@pytest.mark.parametrize("case", IMAGE_CASES, ids=[c[0] for c in IMAGE_CASES])
+def test_embed_refuses_unusable_photos(case, tmp_path):
+    from face_fixtures import tiny_models_dir
+
+    _, setup, words = case
+    t = tmp_path / "sandbox"
+    t.mkdir()
+    setup(t)
+    before = snapshot(t)
+    r = subprocess.run(RT + ["embed", "--image", str(t / "p.png"), "--out", str(t / "id.npy"), "--models",
+                             str(tiny_models_dir()), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("arc2face-rt: error:") and words in last, r.stderr
+    assert "usable face" not in last, last            # the cause was the file, not the face
+    assert snapshot(t) == before
+
+
+EXPORT_CASES = [
+    ("onnx-out-is-file", lambda t: (t / "f").write_text("x"), ["onnx", "--model-dir", "{t}/m", "--out", "{t}/f"],
+     "is a file"),
+    ("onnx-no-model", lambda t: None, ["onnx", "--model-dir", "{t}/none", "--out", "{t}/e"], "no such model folder"),
+    ("checkpoint-out-is-file", lambda t: (t / "f").write_text("x"), ["random-checkpoint", "--out", "{t}/f"],
+     "is a file"),
+    ("demo-n-0", lambda t: None, ["demo", "--out", "{t}/d", "-n", "0"], "-n must be"),
+    ("build-unknown-stage", lambda t: None, ["build-engines", "--out", "{e}", "--precision", "fp32", "--no-face", "--stages", "bogus"],
+     "unknown stage"),
+]
+
+
+@pytest.mark.parametrize("case", EXPORT_CASES, ids=[c[0] for c in EXPORT_CASES])
+def test_export_cli_refuses(case, tiny_engines, tmp_path):
+    _, setup, argv, words = case
+    t = tmp_path / "sandbox"
+    t.mkdir()
+    e = engines_copy(tiny_engines, t / "engines")
+    setup(t)
+    before = snapshot(t)
+    r = subprocess.run(EXPORT + [a.format(t=t, e=e) for a in argv], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("arc2face-export: error:") and words in last, r.stderr
+    assert snapshot(t) == before
