@@ -1,0 +1,146 @@
+"""Interrupted runs lose nothing: SIGINT/SIGKILL at several moments of `generate -n 20`, then
+`--resume`, gives the same folder as an uninterrupted run, byte for byte; a full disk stops cleanly
+and keeps every finished image; abandoned temporary files are removed by the next run."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from arc2face_rt.atomic import is_stale_temp, remove_stale_temps, temp_prefix
+from arc2face_rt.cli import main as rt_main
+
+RT = [sys.executable, "-c", "import sys; from arc2face_rt.cli import main; sys.exit(main())"]
+N, STEPS, BATCH = 20, 2, 3
+
+
+def _generate_args(engines: Path, out: Path, *extra: str) -> list[str]:
+    return ["generate", "--engines", str(engines), "--random-id", "--seed", "3", "-n", str(N), "--steps", str(STEPS),
+            "--batch", str(BATCH), "--device", "cpu", "--out", str(out), *extra]
+
+
+def _folder(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_engines, tmp_path_factory):
+    """The uninterrupted run everything is compared with."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    r = subprocess.run(RT + _generate_args(tiny_engines, out), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return _folder(out)
+
+
+def _interrupt(engines: Path, out: Path, sig: int, after_images: int) -> int:
+    """Start a run and send `sig` once `after_images` PNGs exist; return its exit code."""
+    p = subprocess.Popen(RT + _generate_args(engines, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and p.poll() is None:
+        if after_images == 0 and out.is_dir() or \
+                out.is_dir() and sum(1 for q in out.iterdir() if q.suffix == ".png") >= after_images:
+            break
+        time.sleep(0.005)
+    p.send_signal(sig)
+    p.wait(timeout=120)
+    p.stderr.close()
+    return p.returncode
+
+
+@pytest.mark.parametrize("sig,after", [(signal.SIGINT, 0), (signal.SIGINT, 7), (signal.SIGKILL, 1),
+                                       (signal.SIGKILL, 11)])
+def test_interrupt_then_resume_equals_uninterrupted(tiny_engines, reference_run, tmp_path, sig, after):
+    out = tmp_path / "out"
+    rc = _interrupt(tiny_engines, out, sig, after)
+    assert rc in ((130, 0) if sig == signal.SIGINT else (-signal.SIGKILL, 0))
+    pngs = [p for p in out.iterdir() if p.suffix == ".png"] if out.is_dir() else []
+    for p in pngs:                          # whatever was finished is a whole image, never half of one
+        assert p.read_bytes() == reference_run[p.name]
+    r = subprocess.run(RT + _generate_args(tiny_engines, out, "--resume"), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    if pngs and rc != 0:
+        assert f"{len(pngs)} already done, skipped" in r.stderr, r.stderr
+    assert _folder(out) == reference_run     # same names, same bytes, no temporary files left
+
+
+def test_full_disk_keeps_finished_images(tiny_engines, tmp_path, monkeypatch, capsys):
+    import arc2face_rt.images as images
+
+    real_save, calls = images.save_png, []
+
+    def save_until_full(path, image, params, overwrite=False):
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        calls.append(path)
+        return real_save(path, image, params, overwrite=overwrite)
+
+    monkeypatch.setattr(images, "save_png", save_until_full)
+    out = tmp_path / "out"
+    assert rt_main(_generate_args(tiny_engines, out)) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("arc2face-rt: error:") and "no space left" in last and "3 of 20" in last
+    assert "--resume" in last
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in calls)
+
+    monkeypatch.setattr(images, "save_png", real_save)
+    assert rt_main(_generate_args(tiny_engines, out, "--resume")) == 0
+    assert len(list(out.iterdir())) == N
+
+
+def test_resume_replaces_an_unfinished_file_and_refuses_foreign_ones(tiny_engines, reference_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "arc2face_3_0004.png").write_bytes(reference_run["arc2face_3_0004.png"][:500])   # cut short
+    assert rt_main(_generate_args(tiny_engines, out, "--resume")) == 0
+    assert "1 unreadable or incomplete" in capsys.readouterr().err
+    assert _folder(out) == reference_run
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "arc2face_3_0000.png").write_bytes(reference_run["arc2face_3_0000.png"])
+    args = _generate_args(tiny_engines, other, "--resume")
+    args[args.index("--steps") + 1] = "3"                                   # another run's parameters
+    assert rt_main(args) == 2
+    assert "other parameters (steps: 2 there, 3 now)" in capsys.readouterr().err
+    assert _folder(other) == {"arc2face_3_0000.png": reference_run["arc2face_3_0000.png"]}
+
+
+def test_stale_temporary_files(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine = tmp_path / (temp_prefix("a.png") + "x1.tmp")
+    theirs = tmp_path / (temp_prefix("b.png").replace(f"-{os.getpid()}-", f"-{dead.pid}-") + "x2.tmp")
+    other_host = tmp_path / ".c.png.arc2face-elsewhere-123-x3.tmp"
+    foreign = tmp_path / ".d.png.tmp"                       # not ours: never touched
+    for p in (mine, theirs, other_host, foreign):
+        p.write_bytes(b"x")
+    old = time.time() - 3600
+    os.utime(other_host, (old, old))
+    assert not is_stale_temp(mine) and is_stale_temp(theirs) and is_stale_temp(other_host)
+    assert remove_stale_temps(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, foreign.name])
+
+
+def test_huge_n_costs_nothing_up_front(tiny_engines, tmp_path):
+    """-n 10**9 starts generating at once (no list of names is built); the first images appear."""
+    out = tmp_path / "out"
+    args = _generate_args(tiny_engines, out)
+    args[args.index("-n") + 1] = str(10**9)
+    p = subprocess.Popen(RT + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out.is_dir() and any(q.suffix == ".png" for q in out.iterdir())):
+        assert p.poll() is None, p.stderr.read()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=120) == 130
+    p.stderr.close()
+    assert any(q.suffix == ".png" for q in out.iterdir())
+    from arc2face_rt.images import read_params
+    assert read_params(out / "arc2face_3_0000.png")["index"] == 0
