@@ -4,15 +4,19 @@ Layout (format 1):
     {
       "format": "arc2face-rt-engines", "format_version": 1, "spec_revision": 1,
       "precision": "fp32" | "fp16", "opset": 18, "created": ISO-8601,
-      "source": {"model_dir": str, "kind": "released" | "random-tiny" | "random-full"},
+      "source": {"model_dir": str, "files": {...}, "random_weights": bool},
       "libraries": {"torch": ..., "diffusers": ..., "onnx": ..., "onnxruntime": ...},
+      "scheduler_config": {...},
       "stages": {name: {"file": "step_cfg.onnx", "files": {relpath: {"sha256": hex, "bytes": n}},
                         "inputs": [[name, dtype, shape], ...], "outputs": [...],
                         "validation": {"metric": str, "value": float, "tolerance": float}}},
-      "plans": {name: {...}}   # written by `arc2face-export build-engines` (TensorRT)
+      "face_stages": {"detector" | "arcface": {"files": {...}, "io": {...}, "batch_range": [lo, opt, hi], ...}},
+      "quantized": {"step_cfg" | "step": {"file": ..., "files": {...}, ...}},   # int8 Q/DQ graphs
+      "plans": {name: {"file", "sha256", "bytes", "library", "build", ...}}     # TensorRT (build-engines)
     }
-The runtime checks revision, precision and that every file exists with its recorded size; a full
-sha256 check is `verify_files(..., hashes=True)` (slow for multi-GB graphs, so opt-in).
+`load_manifest` checks this structure before anything reads it (`check_manifest`): types, known
+stages and precisions, a size and sha256 per file, and paths that stay inside the folder. File
+content is checked against the recorded hashes by `integrity.verify_records`.
 """
 from __future__ import annotations
 
