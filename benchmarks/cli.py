@@ -1,4 +1,4 @@
-"""`python -m benchmarks`: run | report | export | demo | build | int8 (and the internal `_row` child)."""
+"""`python -m benchmarks`: run | report | export | demo | build | int8 | verify (and the internal `_row` child)."""
 from __future__ import annotations
 
 import argparse
@@ -104,6 +104,16 @@ def cmd_int8(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from .export_bench import header, write_result
+    from .verify_bench import bench_verify
+
+    res = bench_verify(args.engines, repeats=args.repeats, say=_say)
+    path = write_result({**header(), **res}, args.name or f"verify-{res['precision']}-{_stamp()}.json", Path(args.out))
+    _say(f"wrote {path}")
+    return 0
+
+
 def cmd_row(args) -> int:
     from .harness import row_main
 
@@ -188,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, default=RESULTS)
     r.add_argument("--name", default=None)
     r.set_defaults(func=cmd_int8)
+
+    r = sub.add_parser("verify", help="cost of checking an engines folder's files against its manifest")
+    r.add_argument("--engines", type=Path, required=True, help="engines folder (e.g. a full-size fp16 export)")
+    r.add_argument("--repeats", type=int, default=20)
+    r.add_argument("--out", type=Path, default=RESULTS)
+    r.add_argument("--name", default=None)
+    r.set_defaults(func=cmd_verify)
 
     r = sub.add_parser("_row", help=argparse.SUPPRESS)
     r.add_argument("config")

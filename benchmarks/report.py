@@ -18,7 +18,7 @@ def load_results(results: Path) -> list[dict]:
             d = json.loads(p.read_text())
         except ValueError:
             continue
-        if isinstance(d, dict) and d.get("kind") in ("run", "export", "demo", "build", "int8"):
+        if isinstance(d, dict) and d.get("kind") in ("run", "export", "demo", "build", "int8", "verify"):
             d["_file"] = p.name
             out.append(d)
     return out
@@ -154,6 +154,22 @@ def build_section(d: dict) -> list[str]:
                           body) + [""]
 
 
+def verify_section(d: dict) -> list[str]:
+    f, later = d["first"], d["later_pipeline_open"]
+    lines = [f"## Engine verification `{d['_file']}`", "",
+             f"Checking {d['files']} files ({_f(d['bytes'] / 1e9)} GB, {d['precision']}) against the manifest's "
+             f"sha256; {_machine(d)}; {d['created']}, commit {_commit(d)}.", ""]
+    body = [["first run, files not in the page cache", f"{_f(f['evicted']['seconds'])} s",
+             f"{_f(f['evicted']['GB_per_s'])} GB/s hashed"],
+            ["first run, files in the page cache", f"{_f(f['cached']['seconds'])} s",
+             f"{_f(f['cached']['GB_per_s'])} GB/s hashed"],
+            ["later runs: verify_records (stamps)", f"{_f(d['later_verify_records']['median_ms'])} ms",
+             f"median of {d['later_verify_records']['repeats']}"],
+            ["later runs: open the pipeline, verify on", f"{_f(later['verify']['median_ms'])} ms", ""],
+            ["later runs: open the pipeline, --no-verify", f"{_f(later['no_verify']['median_ms'])} ms", ""]]
+    return lines + _table(["what", "time", "note"], body) + [""]
+
+
 def int8_section(d: dict) -> list[str]:
     q, med = d["quantization"], d["median"]
     lines = [f"## int8 vs fp16 `{d['_file']}`", "",
@@ -228,7 +244,7 @@ def write_report(results: Path) -> tuple[Path, list[Path]]:
         lines += export_section(d)
     for d in sorted((d for d in docs if d["kind"] == "demo"), key=lambda d: d["created"], reverse=True):
         lines += demo_section(d)
-    for kind, section in (("build", build_section), ("int8", int8_section)):
+    for kind, section in (("build", build_section), ("int8", int8_section), ("verify", verify_section)):
         for d in sorted((d for d in docs if d["kind"] == kind), key=lambda d: d["created"], reverse=True):
             lines += section(d)
     md = results / "RESULTS.md"
