@@ -165,22 +165,31 @@ CASES = [
 ]
 
 
+def assert_refused(tool: list[str], prog: str, args: list[str], sandbox: Path, words: str) -> str:
+    """Run a CLI in a child: exit 2, a final one-line `PROG: error:` naming `words`, no traceback,
+    and the sandbox exactly as before. Returns that line."""
+    before = snapshot(sandbox)
+    r = subprocess.run(tool + args, capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert lines and lines[-1].startswith(f"{prog}: error:"), r.stderr
+    assert words.lower() in lines[-1].lower(), lines[-1]
+    assert snapshot(sandbox) == before, "the command changed files"
+    return lines[-1]
+
+
+def _sandbox(tmp_path: Path, tiny_engines: Path) -> tuple[Path, Path]:
+    t = tmp_path / "sandbox"
+    t.mkdir()
+    return t, engines_copy(tiny_engines, t / "engines")
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_runtime_cli_refuses(case, tiny_engines, tmp_path):
     _, setup, argv, words = case
-    t = tmp_path / "sandbox"
-    t.mkdir()
-    e = engines_copy(tiny_engines, t / "engines")
+    t, e = _sandbox(tmp_path, tiny_engines)
     setup(t, e)
-    before = snapshot(t)
-    args = [a.format(t=t, e=e) for a in argv]
-    r = subprocess.run(RT + args, capture_output=True, text=True, timeout=300)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr, r.stderr
-    assert lines and lines[-1].startswith("arc2face-rt: error:"), r.stderr
-    assert words.lower() in lines[-1].lower(), lines[-1]
-    assert snapshot(t) == before, "the command changed files"
+    assert_refused(RT, "arc2face-rt", [a.format(t=t, e=e) for a in argv], t, words)
 
 
 IMAGE_CASES = [
@@ -204,14 +213,9 @@ def test_embed_refuses_unusable_photos(case, tmp_path):
     t = tmp_path / "sandbox"
     t.mkdir()
     setup(t)
-    before = snapshot(t)
-    r = subprocess.run(RT + ["embed", "--image", str(t / "p.png"), "--out", str(t / "id.npy"), "--models",
-                             str(tiny_models_dir()), "--device", "cpu"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("arc2face-rt: error:") and words in last, r.stderr
+    last = assert_refused(RT, "arc2face-rt", ["embed", "--image", str(t / "p.png"), "--out", str(t / "id.npy"),
+                                              "--models", str(tiny_models_dir()), "--device", "cpu"], t, words)
     assert "usable face" not in last, last            # the cause was the file, not the face
-    assert snapshot(t) == before
 
 
 EXPORT_CASES = [
@@ -221,21 +225,14 @@ EXPORT_CASES = [
     ("checkpoint-out-is-file", lambda t: (t / "f").write_text("x"), ["random-checkpoint", "--out", "{t}/f"],
      "is a file"),
     ("demo-n-0", lambda t: None, ["demo", "--out", "{t}/d", "-n", "0"], "-n must be"),
-    ("build-unknown-stage", lambda t: None, ["build-engines", "--out", "{e}", "--precision", "fp32", "--no-face", "--stages", "bogus"],
-     "unknown stage"),
+    ("build-unknown-stage", lambda t: None,
+     ["build-engines", "--out", "{e}", "--precision", "fp32", "--no-face", "--stages", "bogus"], "unknown stage"),
 ]
 
 
 @pytest.mark.parametrize("case", EXPORT_CASES, ids=[c[0] for c in EXPORT_CASES])
 def test_export_cli_refuses(case, tiny_engines, tmp_path):
     _, setup, argv, words = case
-    t = tmp_path / "sandbox"
-    t.mkdir()
-    e = engines_copy(tiny_engines, t / "engines")
+    t, e = _sandbox(tmp_path, tiny_engines)
     setup(t)
-    before = snapshot(t)
-    r = subprocess.run(EXPORT + [a.format(t=t, e=e) for a in argv], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("arc2face-export: error:") and words in last, r.stderr
-    assert snapshot(t) == before
+    assert_refused(EXPORT, "arc2face-export", [a.format(t=t, e=e) for a in argv], t, words)
