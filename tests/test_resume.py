@@ -53,13 +53,15 @@ def _interrupt(engines: Path, out: Path, sig: int, after_images: int) -> int:
     return p.returncode
 
 
-@pytest.mark.parametrize("sig,after", [(signal.SIGINT, 0), (signal.SIGINT, 7), (signal.SIGKILL, 1),
-                                       (signal.SIGKILL, 11)])
+@pytest.mark.parametrize("sig,after", [(signal.SIGINT, 0), (signal.SIGINT, 7), (signal.SIGTERM, 4),
+                                       (signal.SIGKILL, 1), (signal.SIGKILL, 11)])
 def test_interrupt_then_resume_equals_uninterrupted(tiny_engines, reference_run, tmp_path, sig, after):
     out = tmp_path / "out"
     rc = _interrupt(tiny_engines, out, sig, after)
-    assert rc in ((130, 0) if sig == signal.SIGINT else (-signal.SIGKILL, 0))
+    assert rc in {signal.SIGINT: (130, 0), signal.SIGTERM: (143, 0), signal.SIGKILL: (-signal.SIGKILL, 0)}[sig]
     pngs = [p for p in out.iterdir() if p.suffix == ".png"] if out.is_dir() else []
+    if sig != signal.SIGKILL:               # a clean stop leaves no temporary file behind
+        assert all(p.suffix == ".png" for p in out.iterdir())
     for p in pngs:                          # whatever was finished is a whole image, never half of one
         assert p.read_bytes() == reference_run[p.name]
     r = subprocess.run(RT + _generate_args(tiny_engines, out, "--resume"), capture_output=True, text=True,

@@ -12,7 +12,7 @@ from typing import Iterator
 
 from . import __version__
 from .errors import InvalidInputError, OutputExistsError, OutputWriteError
-from .exits import EXIT_INTERRUPTED, run_cli, user_error_message
+from .exits import Terminated, run_cli, user_error_message
 from .face.cli import add_embed_parser, add_score_parser
 from .pipeline import BACKENDS, GenerationOptions
 from .schedulers import SCHEDULERS
@@ -148,11 +148,13 @@ def _generate_into(pipe, args, opts: GenerationOptions, identity, who: str, out:
                     written += 1
                 for k, v in res.timings.items():
                     timings[k] = timings.get(k, 0.0) + v
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:           # Ctrl-C, or SIGTERM (exits.Terminated)
             bar.close()
-            print(f"interrupted: {written} image(s) were written to {out}, none half-written; "
-                  "run the same command with --resume to finish", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            print(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}: {written} image(s) were "
+                  f"written to {out}, none half-written; run the same command with --resume to finish",
+                  file=sys.stderr)
+            e.reported = True
+            raise
         except (OSError, MemoryError) as e:
             bar.close()
             raise OutputWriteError(f"{user_error_message(e)}; stopped after {written} of {todo} image(s), which "

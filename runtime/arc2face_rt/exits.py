@@ -1,7 +1,8 @@
 """How both command-line tools turn a failure into one line on stderr and an exit code.
 
 Exit codes: 0 success, 1 partial result (e.g. `score` could not score every image), 2 a problem the
-user can fix (bad input, missing or changed files, no space, no permission), 130 interrupted.
+user can fix (bad input, missing or changed files, no space, no permission), 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM).
 Errors raised on purpose are `Arc2FaceError`s and carry their own message. Operating-system errors a
 user can cause (a path that is a folder, a read-only or full disk, a missing file) are worded here
 from their errno, with the file name. Anything else is a bug and keeps its traceback.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import sys
 from typing import Callable
 
@@ -18,6 +20,7 @@ from .errors import Arc2FaceError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 _OS_FIX = {
     errno.ENOSPC: "no space left on the device; free some space and run again",
@@ -62,15 +65,30 @@ def user_error_message(e: BaseException) -> str | None:
     return None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `docker stop`, a scheduler cancelling a job), raised where Python can clean up:
+    temporary files are removed and finished outputs kept, as after Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def run_cli(func: Callable[[], int], prog: str, verbose: bool = False) -> int:
     """Call `func` and turn user-caused failures into one stderr line and exit code 2.
 
-    With `verbose`, the traceback of a mapped failure is logged too (for bug reports)."""
+    SIGTERM is handled like Ctrl-C (exit 143 instead of 130). With `verbose`, the traceback of a
+    mapped failure is logged too (for bug reports)."""
+    try:
+        old = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:                  # not the main thread: leave signals alone
+        old = None
     try:
         return func()
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        if not getattr(e, "reported", False):
+            print(f"{prog}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
     except BrokenPipeError:
         # `arc2face-rt score ... | head`: the reader left; stop quietly, as Unix tools do.
         try:
@@ -84,3 +102,6 @@ def run_cli(func: Callable[[], int], prog: str, verbose: bool = False) -> int:
             logging.getLogger(prog).exception("details")
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
