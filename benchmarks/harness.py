@@ -95,15 +95,10 @@ def availability(backend: str, device: str, opts: RunOptions) -> str | None:
     if backend == "trt":
         if device != "cuda":
             return "TensorRT needs an NVIDIA GPU and none is visible (nvidia-smi / CUDA found no device)"
-        from arc2face_rt.backends.cuda import device_count
-        from arc2face_rt.backends.trt import import_trt
-        from arc2face_rt.errors import BackendUnavailableError
-        try:
-            import_trt()
-        except BackendUnavailableError as e:
-            return str(e)
-        if device_count() == 0:
-            return "cuda-python finds no CUDA device (pip install cuda-python; check the driver)"
+        from arc2face_rt.backends.trt import unusable_reason
+        reason = unusable_reason()          # no library, no CUDA device, or a GPU the library cannot run on
+        if reason:
+            return reason
     return None
 
 

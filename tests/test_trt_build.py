@@ -16,9 +16,10 @@ import pytest
 from arc2face_rt import manifest as mf
 from arc2face_rt import specs
 from arc2face_rt.backends import cuda
-from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError
+from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
 
 trt_build = pytest.importorskip("arc2face_export.trt_build")
+trt_network = pytest.importorskip("arc2face_export.trt_network")
 try:
     TRT = trt_build.import_trt()
 except BackendUnavailableError:
@@ -60,11 +61,11 @@ def test_build_every_stage_with_spec_io_and_manifest_record(tmp_path, precision)
         assert rec["sha256"] == mf.sha256_file(plan)
         assert rec["library"] == lib
         assert rec["build"]["precision"] == precision and rec["build"]["strongly_typed"]
-        assert rec["build"]["profile"] == dict(zip(("min", "opt", "max"), spec.batch_range))
+        assert rec["build"]["profile"] == dict(zip(("min", "opt", "max"), trt_build.stage_profile(spec, trt_build.BuildOptions())[0]))
         assert rec["onnx"] == {spec.onnx_file: m["stages"][name]["files"][spec.onnx_file]["sha256"]}
         # The network TensorRT compiled has exactly the spec's I/O (names, dtypes, shapes with "B").
-        assert rec["io"] == trt_build.spec_io(spec)
-        assert trt_build.onnx_io(d / spec.onnx_file) == trt_build.spec_io(spec)
+        assert rec["io"] == trt_network.spec_io(spec)
+        assert trt_network.onnx_io(d / spec.onnx_file) == trt_network.spec_io(spec)
         if NO_GPU:
             assert rec["compute_capabilities"] == list(trt_build.PORTABLE_RTX_CCS)
 
@@ -124,6 +125,32 @@ def test_batch_option_sets_the_profile(tmp_path):
     assert m["plans"]["vae_decoder"]["build"]["profile"] == {"min": 1, "opt": 4, "max": 8}
 
 
+def test_per_image_stages_are_tuned_for_the_served_batch(tmp_path):
+    d = make_engines_dir(tmp_path / "e", "fp32", stages=("projector", "vae_decoder"))
+    m = trt_build.build_engines(d)
+    vae, proj = m["plans"]["vae_decoder"]["build"], m["plans"]["projector"]["build"]
+    assert vae["profile"] == {"min": 1, "opt": specs.DEFAULT_BATCH, "max": 16}      # what generate serves
+    assert "default --batch" in vae["opt_batch_from"]
+    assert proj["profile"]["opt"] == 1                                             # once per identity
+    assert trt_build.stage_profile(specs.STEP_CFG, trt_build.BuildOptions(opt_batch=8)) == ((1, 8, 16), "--opt-batch")
+    assert trt_build.stage_profile(specs.STEP, trt_build.BuildOptions(batch=(1, 2, 8)))[0] == (1, 2, 8)
+    assert trt_build.stage_profile(specs.PROJECTOR, trt_build.BuildOptions(opt_batch=8))[0] == (1, 1, 16)
+    with pytest.raises(InvalidInputError, match="outside the batch profile"):
+        trt_build.stage_profile(specs.STEP, trt_build.BuildOptions(batch=(1, 2, 4), opt_batch=8))
+
+
+@pytest.mark.skipif(not trt_build.is_rtx(TRT), reason="TensorRT-RTX only")
+def test_rtx_will_not_target_a_gpu_it_cannot_run_on(monkeypatch):
+    from sim_cuda import FakeCudart
+
+    rt = FakeCudart(cc="9.0", name="NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(cuda, "cudart", lambda: rt)
+    for requested in ("auto", "current"):
+        with pytest.raises(BackendUnavailableError, match=r"H100.*9\.0.*pip install tensorrt"):
+            trt_build.resolve_compute_capabilities(TRT, requested)
+    assert trt_build.resolve_compute_capabilities(TRT, "8.9,12.0") == ("8.9", "12.0")   # for other GPUs: fine
+
+
 def test_onnx_that_does_not_match_its_spec_is_refused(tmp_path):
     # A projector graph saved as "step": names and shapes differ from the step spec.
     p = make_stage_onnx("projector", tmp_path / "step.onnx")
@@ -169,8 +196,8 @@ def test_int8_qdq_step_graphs_build(tmp_path):
         plan = m["plans"][stage]
         assert plan["build"]["precision"] == "int8"
         assert list(plan["onnx"]) == [int8.int8_onnx_file(stage)]
-        assert plan["io"] == trt_build.spec_io(specs.STAGES[stage])
-        _, net, _, _ = trt_build.parse_onnx(TRT, d / int8.int8_onnx_file(stage))
+        assert plan["io"] == trt_network.spec_io(specs.STAGES[stage])
+        _, net, _, _ = trt_network.parse_onnx(TRT, d / int8.int8_onnx_file(stage))
         kinds = {net.get_layer(i).type.name for i in range(net.num_layers)}
         assert {"QUANTIZE", "DEQUANTIZE"} <= kinds          # explicit Q/DQ reached TensorRT
     assert m["plans"]["projector"]["build"]["precision"] == "fp16"   # no int8 graph: the fp16 one
@@ -229,5 +256,5 @@ def test_plans_from_the_real_tiny_export(tiny_engines, tmp_path):
     m = trt_build.build_engines(d)
     assert set(m["plans"]) == set(specs.STAGES)
     for name, spec in specs.STAGES.items():
-        assert m["plans"][name]["io"] == trt_build.spec_io(spec)
+        assert m["plans"][name]["io"] == trt_network.spec_io(spec)
         assert (d / spec.plan_file).stat().st_size == m["plans"][name]["bytes"]

@@ -14,6 +14,7 @@ from arc2face_rt import manifest as mf
 from arc2face_rt import specs
 from arc2face_rt.backends import cuda
 from arc2face_rt.backends import trt as trt_backend
+from arc2face_rt.backends.trt import plan as trt_plan
 from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
 
 trt_build = pytest.importorskip("arc2face_export.trt_build")
@@ -70,11 +71,12 @@ class _FakeTrt(types.SimpleNamespace):
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """Pretend CUDA sees an 'sm 8.9' GPU, so the plan checks run; TensorRT itself is never reached."""
-    state = {"cc": "8.9", "trt": _FakeTrt(__name__=TRT.__name__, __version__=TRT.__version__)}
+    extra = {"ComputeCapability": TRT.ComputeCapability} if trt_plan.is_rtx(TRT) else {}
+    state = {"cc": "8.9", "trt": _FakeTrt(__name__=TRT.__name__, __version__=TRT.__version__, **extra)}
     monkeypatch.setattr(cuda, "require_device", lambda what="": 0)
     monkeypatch.setattr(cuda, "compute_capability", lambda device=None: state["cc"])
     monkeypatch.setattr(cuda, "device_name", lambda device=None: "Fake GPU")
-    monkeypatch.setattr(trt_backend, "import_trt", lambda: state["trt"])
+    monkeypatch.setattr(trt_plan, "import_trt", lambda: state["trt"])
     return state
 
 
@@ -133,9 +135,9 @@ def test_unrecorded_or_missing_plan_is_refused(folder, fake_gpu):
 
 def test_plan_record_targets(built):
     rec = json.loads((built / mf.MANIFEST).read_text())["plans"]["step"]
-    lib = trt_backend.library_info(TRT)
-    assert trt_backend.check_plan_record(rec, built, lib, rec["compute_capabilities"][0]) is True
-    assert trt_backend.check_plan_record(rec, built, lib, "9.0") is False   # RTX: left to the library
+    lib = trt_plan.library_info(TRT)
+    assert trt_plan.check_plan_record(rec, built, lib, rec["compute_capabilities"][0]) is True
+    assert trt_plan.check_plan_record(rec, built, lib, "8.6" if "8.6" not in rec["compute_capabilities"] else "7.5") is False
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -239,193 +241,47 @@ def test_sessions_share_activation_memory_and_enqueue_async(built):
 
 
 # ----------------------------------------------------------------------------- simulated device
-# The loop logic (ping-pong buffers, table rows by pointer offset, warm-up/capture/replay protocol,
-# one host sync) checked without a GPU: device memory is host bytes addressed by fake pointers,
-# a "CUDA graph" records the stream's operations during capture and replays them, and the
-# "engine" runs the step's ONNX graph with onnxruntime on whatever its tensor addresses point at.
+# The loop protocol with the real tiny step graphs: FakeCudart memory, simulated engines whose kernels
+# run the stage's ONNX graph with onnxruntime on whatever their tensor addresses point at, compared
+# with an onnxruntime host loop (test_trt_sim.py covers the protocol with known functions).
 
-class _SimDevice:
-    def __init__(self):
-        self.mem: dict[int, np.ndarray] = {}
-        self.next_ptr = 1 << 20
-        self.capturing: list | None = None
-        self.syncs = 0
-        self.captures = 0
+class OrtKernels:
+    def __init__(self, rt, onnx_dir):
+        self.rt, self.sessions = rt, {}
+        self.onnx_dir = onnx_dir
 
-    def alloc(self, n):
-        ptr, self.next_ptr = self.next_ptr, self.next_ptr + ((n + 4095) // 4096 + 1) * 4096
-        self.mem[ptr] = np.full(n, 0xFF, np.uint8)        # garbage, not zeros
-        return ptr
+    def launch(self, stage, ptrs, batch, scratch, stream):
+        spec = specs.STAGES[stage]
+        if stage not in self.sessions:
+            self.sessions[stage] = _ort(self.onnx_dir / spec.onnx_file)
+        sess = self.sessions[stage]
 
-    def view(self, ptr, nbytes):
-        base = max(b for b in self.mem if b <= ptr)
-        off = ptr - base
-        assert off + nbytes <= self.mem[base].size, "out-of-bounds device access"
-        return self.mem[base][off:off + nbytes]
-
-    def op(self, fn):
-        if self.capturing is not None:
-            self.capturing.append(fn)
-        else:
-            fn()
-
-
-@pytest.fixture
-def sim(monkeypatch, built):
-    dev = _SimDevice()
-
-    class Buf:
-        def __init__(self, n):
-            self.nbytes, self.ptr = int(n), dev.alloc(int(n))
-
-        def free(self):
-            dev.mem.pop(self.ptr, None)
-            self.ptr = 0
-
-    class Graph:
-        def begin(self, stream):
-            dev.capturing, dev.captures = [], dev.captures + 1
-
-        def end(self, stream):
-            self.ops, dev.capturing = dev.capturing, None
-
-        def abort(self, stream):
-            dev.capturing = None
-
-        def launch(self, stream):
-            for fn in self.ops:
-                fn()
-
-        def destroy(self):
-            self.ops = []
-
-    def upload(dst, arr, stream):
-        data = np.ascontiguousarray(arr).view(np.uint8).reshape(-1).copy()
-        dev.op(lambda: dev.view(dst, data.size).__setitem__(slice(None), data))
-
-    def download(arr, src, stream):
-        dev.op(lambda: arr.reshape(-1).view(np.uint8).__setitem__(slice(None), dev.view(src, arr.nbytes)))
-
-    def memset(ptr, n, stream):
-        dev.op(lambda: dev.view(ptr, n).__setitem__(slice(None), 0))
-
-    def synchronize(stream):
-        assert dev.capturing is None, "host sync during capture"
-        dev.syncs += 1
-
-    for name, fn in {"require_device": lambda what="": 0, "compute_capability": lambda device=None: "8.9",
-                     "device_name": lambda device=None: "Simulated GPU", "DeviceBuffer": Buf, "CudaGraph": Graph,
-                     "create_stream": lambda: 7, "destroy_stream": lambda s: None, "synchronize": synchronize,
-                     "upload": upload, "download": download, "memset": memset}.items():
-        monkeypatch.setattr(cuda, name, fn)
-
-    class Enum(types.SimpleNamespace):
-        pass
-
-    fake_trt = Enum(TensorIOMode=Enum(INPUT="in", OUTPUT="out"),
-                    ExecutionContextAllocationStrategy=Enum(USER_MANAGED="user"))
-
-    class Context:
-        def __init__(self, engine):
-            self.engine, self.addr, self.shape = engine, {}, {}
-
-        def set_device_memory(self, ptr, n):
-            self.memory = (ptr, n)
-
-        def set_input_shape(self, name, shape):
-            self.shape[name] = tuple(shape)
-            return True
-
-        def set_tensor_address(self, name, ptr):
-            self.addr[name] = ptr
-            return name in self.engine.spec_names
-
-        def is_stream_capturable(self, stream):
-            return True
-
-        def execute_async_v3(self, stream):
-            addr, batch = dict(self.addr), next(iter(self.shape.values()))[0]   # snapshot, as a captured launch is
-            eng = self.engine
-
-            def run():
-                feeds = {}
-                for t in eng.spec.inputs:
-                    shape = t.concrete(batch)
-                    feeds[t.name] = dev.view(addr[t.name], int(np.prod(shape)) * 4).view(np.float32).reshape(shape).copy()
-                outs = eng.ort.run([t.name for t in eng.spec.outputs], feeds)
-                for t, o in zip(eng.spec.outputs, outs):
-                    dev.view(addr[t.name], o.nbytes)[:] = np.ascontiguousarray(o).view(np.uint8).reshape(-1)
-            dev.op(run)
-            return True
-
-    class Engine:
-        device_memory_size_v2 = 4096
-
-        def __init__(self, stage):
-            self.spec = specs.STAGES[stage]
-            self.ort = _ort(built / self.spec.onnx_file)
-            self.tensors = list(self.spec.inputs) + list(self.spec.outputs)
-            self.spec_names = {t.name for t in self.tensors}
-            self.num_io_tensors = len(self.tensors)
-
-        def get_tensor_name(self, i):
-            return self.tensors[i].name
-
-        def get_tensor_mode(self, name):
-            return "in" if any(t.name == name for t in self.spec.inputs) else "out"
-
-        def get_tensor_dtype(self, name):
-            return types.SimpleNamespace(name={"float32": "FLOAT", "uint8": "UINT8"}[
-                next(t.dtype for t in self.tensors if t.name == name)])
-
-        def get_tensor_shape(self, name):
-            return tuple(-1 if d == "B" else d for d in next(t.shape for t in self.tensors if t.name == name))
-
-        def create_execution_context(self, strategy):
-            assert strategy == "user"
-            return Context(self)
-
-    def load_plan(path, stage=None, verify_sha256=False):
-        rec = json.loads((path.parent / mf.MANIFEST).read_text())["plans"][path.stem]
-        return fake_trt, None, Engine(path.stem), rec, None
-
-    monkeypatch.setattr(trt_backend, "load_plan", load_plan)
-    monkeypatch.setattr(trt_backend, "dtype_name", lambda dt: {"FLOAT": "float32", "UINT8": "uint8"}[dt.name])
-    return dev
+        def run():
+            feeds = {t.name: self.rt.device_array(ptrs[t.name], t.dtype, t.concrete(batch)).copy() for t in spec.inputs}
+            for t, o in zip(spec.outputs, sess.run([t.name for t in spec.outputs], feeds)):
+                self.rt.device_array(ptrs[t.name], t.dtype, t.concrete(batch))[...] = o
+        self.rt.enqueue(stream, run)
 
 
 @pytest.mark.parametrize("stage,guidance,with_noise", [("step_cfg", 3.0, False), ("step", None, True)])
-def test_simulated_graph_loop_equals_plain_and_host_loop(built, sim, stage, guidance, with_noise):
+def test_simulated_graph_loop_with_real_graphs_equals_onnxruntime(tmp_path, monkeypatch, stage, guidance, with_noise):
+    from sim_cuda import FakeCudart
+    from sim_trt import fake_trt, make_sim_engines
+
+    onnx_dir = make_engines_dir(tmp_path / "onnx", "fp32", stages=(stage,))
+    rt = FakeCudart()
+    trt = fake_trt(OrtKernels(rt, onnx_dir))
+    monkeypatch.setattr(cuda, "cudart", lambda: rt)
+    monkeypatch.setattr(trt_plan, "import_trt", lambda: trt)
+    engines = make_sim_engines(tmp_path / "sim", trt, stages=(stage,))
     rng = np.random.default_rng(1)
-    ort_sess = _ort(built / f"{stage}.onnx")
-    graph = trt_backend.TrtStepSession(built / f"{stage}.plan", mode="graph", runtime_cache=False)
-    plain = trt_backend.TrtStepSession(built / f"{stage}.plan", mode="plain", runtime_cache=False)
-    captures = 0
-    for batch, n, recapture in [(1, 4, True), (1, 4, False), (1, 3, True), (2, 3, True), (2, 3, False)]:
-        x = rng.standard_normal((batch, 4, 64, 64)).astype(np.float32)
-        cond = rng.standard_normal((batch, 77, 768)).astype(np.float32)
-        noise = rng.standard_normal((n, batch, 4, 64, 64)).astype(np.float32) if with_noise else None
-        table = _table(n, seed=n)
-        syncs = sim.syncs
-        got = graph.denoise_loop(x, cond, table, guidance, noise)
-        assert sim.syncs - syncs == (2 if recapture else 1)    # warm-up sync only when capturing
-        captures += recapture
-        assert sim.captures == captures
-        np.testing.assert_array_equal(got, plain.denoise_loop(x, cond, table, guidance, noise))
-        np.testing.assert_allclose(got, _host_loop(ort_sess, x, cond, table, guidance, noise), rtol=1e-6, atol=1e-6)
-    graph.close()
-    plain.close()
-
-
-def test_simulated_run_and_shared_memory(built, sim):
-    sessions = trt_backend.open_sessions(built, ["projector", "step"], runtime_cache=False)
-    assert sessions["projector"].memory is sessions["step"].memory
-    feeds = random_feeds(specs.PROJECTOR, 3)
-    out = sessions["projector"].run(feeds)
-    np.testing.assert_array_equal(out["cond"], _ort(built / "projector.onnx").run(None, feeds)[0])
-    with pytest.raises(InvalidInputError, match="guidance must be None"):
-        sessions["step"].denoise_loop(np.zeros((1, 4, 64, 64), np.float32), np.zeros((1, 77, 768), np.float32),
-                                      _table(2), guidance=3.0)
-    for s in sessions.values():
-        s.close()
-    assert sim.mem == {}                                  # every device buffer was freed
+    ort_sess = _ort(onnx_dir / f"{stage}.onnx")
+    with trt_backend.TrtStepSession(engines / f"{stage}.plan") as sess:
+        for batch, n in [(1, 4), (1, 4), (2, 3)]:
+            x = rng.standard_normal((batch, 4, 64, 64)).astype(np.float32)
+            cond = rng.standard_normal((batch, 77, 768)).astype(np.float32)
+            noise = rng.standard_normal((n, batch, 4, 64, 64)).astype(np.float32) if with_noise else None
+            table = _table(n, seed=n)
+            got = sess.denoise_loop(x, cond, table, guidance, noise)
+            np.testing.assert_allclose(got, _host_loop(ort_sess, x, cond, table, guidance, noise), rtol=1e-6, atol=1e-6)
+        assert sess.mode == "graph" and rt.captures == 2

@@ -23,6 +23,8 @@ from arc2face_rt.face.align import CROP_SIZE
 from arc2face_rt.face.recognizer import _HEAD_NODES, graph_normalises
 from arc2face_rt.specs import StageSpec, TensorSpec
 
+from .trt_network import import_trt, network_io, parse_onnx
+
 log = logging.getLogger("arc2face_export")
 
 # name -> (role for resolve_model, pinned input shape, batch profile)
@@ -65,8 +67,6 @@ def _pin_input(src: Path, dst: Path, shape: tuple) -> dict:
 
 
 def _parsed_io(path: Path, batch_dynamic: bool) -> dict:
-    from .trt_build import import_trt, network_io, parse_onnx
-
     trt = import_trt()
     _b, network, _p, _l = parse_onnx(trt, path)
     io = network_io(network)

@@ -15,7 +15,8 @@ Target compute capability:
   * TensorRT-RTX builds ahead of time without a GPU. "auto" picks the GPU present, else the explicit
     portable set 8.0, 8.6, 8.9, 12.0 (RTX's documented default, written out so the manifest says what
     the plan runs on); `--compute-capability 7.5` (Turing is never in the portable set), `8.9,12.0`
-    or `current` choose otherwise.
+    or `current` choose otherwise. A GPU TensorRT-RTX cannot target (Hopper 9.0, Jetson Orin 8.7) is
+    refused for "auto"/"current": it needs full TensorRT.
 """
 from __future__ import annotations
 
@@ -33,9 +34,13 @@ from pathlib import Path
 from arc2face_rt import manifest as mf
 from arc2face_rt import specs
 from arc2face_rt.backends import cuda
-from arc2face_rt.backends.trt import dtype_name, import_trt, is_rtx, library_info, make_logger
+from arc2face_rt.backends.trt.plan import (import_trt, is_rtx, library_info, rtx_compute_capabilities,
+                                          unsupported_gpu_reason)
 from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
 from arc2face_rt.outputs import check_output_dir
+
+from .face_plans import add_face_stages, face_stage_specs
+from .trt_network import check_network_against_spec, network_io, parse_onnx
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,7 @@ TIMING_CACHE = "timing.cache"         # full TensorRT only; TensorRT-RTX's timin
 class BuildOptions:
     """How plans are built. Each field is one `build-engines` flag."""
     batch: tuple[int, int, int] | None = None    # (min, opt, max); None: each spec's batch_range
+    opt_batch: int | None = None                 # opt of the per-image stages; None: --batch's, else DEFAULT_BATCH
     opt_level: int = 3                           # builder optimisation level 0..5 (TensorRT default 3)
     compute_capability: str = "auto"             # "auto" | "current" | "8.6,8.9" (TensorRT-RTX only)
     timing_cache: bool = True                    # keep <out>/timing.cache (full TensorRT only)
@@ -84,11 +90,15 @@ def resolve_compute_capabilities(trt, requested: str = "auto") -> tuple[str, ...
         if requested not in ("auto", "current", cc):
             raise ValueError(f"full TensorRT can only target this GPU ({cc}), not {requested!r}")
         return (cc,)
-    if requested == "auto":
-        return (cuda.compute_capability(),) if have_gpu else PORTABLE_RTX_CCS
-    if requested == "current":
+    if requested in ("auto", "current"):
         if not have_gpu:
+            if requested == "auto":
+                return PORTABLE_RTX_CCS
             raise BackendUnavailableError("--compute-capability current needs a GPU; name one, e.g. 8.9")
+        reason = unsupported_gpu_reason(trt, cuda.compute_capability(), cuda.device_name())
+        if reason:
+            raise BackendUnavailableError(f"{reason}. To build TensorRT-RTX plans here for other GPUs, name their "
+                                          f"compute capabilities, e.g. --compute-capability {','.join(PORTABLE_RTX_CCS)}")
         return (cuda.compute_capability(),)
     ccs = tuple(c.strip() for c in requested.split(",") if c.strip())
     for c in ccs:
@@ -97,76 +107,40 @@ def resolve_compute_capabilities(trt, requested: str = "auto") -> tuple[str, ...
 
 
 def _rtx_cc_enum(trt, cc: str):
-    member = "SM" + cc.replace(".", "")
-    if not hasattr(trt.ComputeCapability, member):
-        known = [m[2:-1] + "." + m[-1] for m in trt.ComputeCapability.__members__ if m.startswith("SM")]
-        raise ValueError(f"{trt.__name__} {trt.__version__} cannot target compute capability {cc}; it knows {known}")
-    return getattr(trt.ComputeCapability, member)
+    if cc not in rtx_compute_capabilities(trt):
+        raise ValueError(f"{trt.__name__} {trt.__version__} cannot target compute capability {cc}; it knows "
+                         f"{list(rtx_compute_capabilities(trt))}")
+    return getattr(trt.ComputeCapability, "SM" + cc.replace(".", ""))
 
 
 def _apply_compute_capabilities(trt, config, ccs: tuple[str, ...]) -> None:
     if not is_rtx(trt):
         return  # full TensorRT: the current device, implicitly
-    gpu_cc = cuda.compute_capability() if cuda.device_count() else None
-    if len(ccs) == 1 and ccs[0] == gpu_cc and not hasattr(trt.ComputeCapability, "SM" + gpu_cc.replace(".", "")):
-        enums = [trt.ComputeCapability.CURRENT]  # a GPU RTX has no enum for (e.g. 9.0): compile for it as is
-    else:
-        enums = [_rtx_cc_enum(trt, c) for c in ccs]
+    enums = [_rtx_cc_enum(trt, c) for c in ccs]
     config.num_compute_capabilities = len(enums)
     for i, e in enumerate(enums):
         if not config.set_compute_capability(e, i):
             raise ValueError(f"{trt.__name__} refused compute capability {ccs[i]}")
 
 
-# ----------------------------------------------------------------------------- network parsing
+def stage_profile(spec, options: BuildOptions) -> tuple[tuple[int, int, int], str]:
+    """(min, opt, max) of a stage's batch profile, and where its opt comes from.
 
-def parse_onnx(trt, onnx_path: Path, logger=None):
-    """(builder, network, parser, logger) for a strongly typed network parsed from `onnx_path`; keep
-    all four alive together (TensorRT holds pointers between them). External data (`*.onnx.data`)
-    is read from the ONNX file's folder."""
-    logger = logger or make_logger(trt)
-    builder = trt.Builder(logger)
-    flag = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flag)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineMismatchError(f"{onnx_path}: TensorRT's ONNX parser failed ({errors}); re-export it with `arc2face-export onnx`")
-    return builder, network, parser, logger
-
-
-def network_io(network) -> dict:
-    """{"inputs": [[name, dtype, shape]], "outputs": [...]} with -1 written as "B" on axis 0, as the specs do."""
-    def rec(t):
-        shape = [("B" if (d == -1 and i == 0) else int(d)) for i, d in enumerate(t.shape)]
-        return [t.name, dtype_name(t.dtype), shape]
-    return {"inputs": [rec(network.get_input(i)) for i in range(network.num_inputs)],
-            "outputs": [rec(network.get_output(i)) for i in range(network.num_outputs)]}
-
-
-def onnx_io(onnx_path: str | Path) -> dict:
-    """The I/O of an ONNX graph as TensorRT's parser sees it (no GPU needed); see `network_io`."""
-    trt = import_trt()
-    _, network, _, _ = parse_onnx(trt, Path(onnx_path))
-    return network_io(network)
-
-
-def spec_io(spec) -> dict:
-    def rec(t):
-        return [t.name, t.dtype, list(t.shape)]
-    return {"inputs": [rec(t) for t in spec.inputs], "outputs": [rec(t) for t in spec.outputs]}
-
-
-def check_network_against_spec(network, spec, onnx_path: Path) -> None:
-    """Names, dtypes and shapes of the parsed network must be the spec's (order-insensitive)."""
-    got, want = network_io(network), spec_io(spec)
-    for kind in ("inputs", "outputs"):
-        g = {r[0]: r for r in got[kind]}
-        w = {r[0]: r for r in want[kind]}
-        if g != w:
-            raise EngineMismatchError(
-                f"{onnx_path}: {kind} {sorted(g.values())} differ from stage spec '{spec.name}' {sorted(w.values())}; "
-                "re-export the folder with `arc2face-export onnx --force`")
+    TensorRT tunes kernels for the opt batch, so for the stages that run at the generation batch
+    (specs.PER_IMAGE_STAGES) it is the batch that will be served: --opt-batch, else --batch's OPT,
+    else the runtime's default --batch (specs.DEFAULT_BATCH)."""
+    lo, opt, hi = options.batch or spec.batch_range
+    if spec.name not in specs.PER_IMAGE_STAGES:
+        return (lo, opt, hi), "--batch" if options.batch else "the stage's batch range"
+    if options.opt_batch is not None:
+        opt, why = options.opt_batch, "--opt-batch"
+    elif options.batch:
+        why = "--batch"
+    else:
+        opt, why = specs.DEFAULT_BATCH, f"the default --batch of arc2face-rt generate ({specs.DEFAULT_BATCH})"
+    if not lo <= opt <= hi:
+        raise InvalidInputError(f"--opt-batch {opt} is outside the batch profile {lo}..{hi}; widen --batch")
+    return (lo, opt, hi), why
 
 
 def _profile_shapes(spec, batch: tuple[int, int, int]) -> dict[str, tuple]:
@@ -238,9 +212,9 @@ def build_plan(onnx_path: str | Path, plan_path: str | Path, spec, options: Buil
     trt = trt or import_trt()
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     ccs = ccs or resolve_compute_capabilities(trt, options.compute_capability)
-    batch = tuple(options.batch or spec.batch_range)
+    batch, opt_from = stage_profile(spec, options)
     library = library_info(trt)
-    build = _build_record(spec, batch, options, precision, trt)
+    build = _build_record(batch, opt_from, options, precision, trt)
     onnx_sha = onnx_sha or {onnx_path.name: mf.sha256_file(onnx_path)}
     t0 = time.perf_counter()
 
@@ -293,8 +267,9 @@ def build_plan(onnx_path: str | Path, plan_path: str | Path, spec, options: Buil
     }
 
 
-def _build_record(spec, batch, options: BuildOptions, precision: str, trt) -> dict:
+def _build_record(batch, opt_from: str, options: BuildOptions, precision: str, trt) -> dict:
     return {"precision": precision, "strongly_typed": True, "profile": {"min": batch[0], "opt": batch[1], "max": batch[2]},
+            "opt_batch_from": opt_from,
             "opt_level": options.opt_level, "workspace_mib": options.workspace_mib,
             "timing_cache": bool(options.timing_cache and not is_rtx(trt))}
 
@@ -321,8 +296,6 @@ def build_engines(engines_dir: str | Path, stages: list[str] | None = None, prec
     as "int8", which builds the step stages from their Q/DQ graphs `<stage>.int8.onnx` (written by
     `arc2face_export.int8.quantize_stage`) and every other stage from the folder's fp16/fp32 ONNX.
     """
-    from .face_plans import face_stage_specs
-
     engines_dir = Path(engines_dir)
     trt = import_trt()
     m = mf.load_manifest(engines_dir)
@@ -347,8 +320,8 @@ def build_engines(engines_dir: str | Path, stages: list[str] | None = None, prec
         if not (engines_dir / onnx_file).is_file():
             raise EngineMismatchError(f"{engines_dir / onnx_file}: missing; run `arc2face-export onnx` for this folder")
         onnx_sha = onnx_files_digest(engines_dir, onnx_file, record)
-        batch = tuple(options.batch or spec.batch_range)
-        key = cache_key(onnx_sha, _build_record(spec, batch, options, stage_precision, trt), library, ccs)
+        batch, opt_from = stage_profile(spec, options)
+        key = cache_key(onnx_sha, _build_record(batch, opt_from, options, stage_precision, trt), library, ccs)
         if not force and plan_is_current(engines_dir, plans.get(name), key):
             log.info("%s: up to date (key %s), skipped", spec.plan_file, key[:12])
             continue
@@ -398,12 +371,11 @@ def cmd_build_engines(args) -> int:
         log.info("exporting %s ONNX graphs to %s first", onnx_precision, out)
         export_all(Path(args.model_dir), out, precision=onnx_precision, force=False)
     if not args.no_face:
-        from .face_plans import add_face_stages
         add_face_stages(out, args.face_models or args.model_dir, force=args.force)
     if args.precision == "int8":
         from .int8 import ensure_int8_graphs
         ensure_int8_graphs(out, calib_path=args.calib_data, stages=args.stages)
-    options = BuildOptions(batch=args.batch, opt_level=args.opt_level, compute_capability=args.compute_capability,
+    options = BuildOptions(batch=args.batch, opt_batch=args.opt_batch, opt_level=args.opt_level, compute_capability=args.compute_capability,
                            timing_cache=not args.no_timing_cache, workspace_mib=args.workspace_mib)
     build_engines(out, stages=args.stages, precision=args.precision, options=options, force=args.force)
     return 0
@@ -427,6 +399,9 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=parse_batch, default=None,
                    help="batch profile: MAX, MIN,OPT or MIN,OPT,MAX (e.g. 1,4,8: min 1, opt 4, max 8); "
                         "default: each stage spec's batch_range")
+    p.add_argument("--opt-batch", type=int, default=None, metavar="N",
+                   help="the batch TensorRT tunes the step and decoder plans for: the --batch you will generate "
+                        f"with (default: --batch's OPT, else {specs.DEFAULT_BATCH}, the default of arc2face-rt generate)")
     p.add_argument("--opt-level", type=int, choices=range(6), default=3, metavar="{0..5}",
                    help="builder optimisation level (default 3; higher builds longer)")
     p.add_argument("--compute-capability", default="auto",

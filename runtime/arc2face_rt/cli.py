@@ -16,7 +16,7 @@ from .exits import Terminated, run_cli, user_error_message
 from .face.cli import add_embed_parser, add_score_parser
 from .pipeline import BACKENDS, GenerationOptions
 from .schedulers import SCHEDULERS
-from .specs import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS
+from .specs import DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS
 
 log = logging.getLogger("arc2face_rt")
 
@@ -40,7 +40,8 @@ def _add_generate(sub) -> None:
                    help=f"classifier-free guidance; <= 1 disables CFG (default {DEFAULT_GUIDANCE})")
     p.add_argument("--scheduler", choices=SCHEDULERS, default=DEFAULT_SCHEDULER,
                    help=f"sampler (default {DEFAULT_SCHEDULER}: DPM-Solver++ 2M, as Arc2Face)")
-    p.add_argument("--batch", type=int, default=4, help="images per graph call (default 4)")
+    p.add_argument("--batch", type=int, default=DEFAULT_BATCH,
+                   help=f"images per graph call (default {DEFAULT_BATCH}; TensorRT plans are tuned for it)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto: TensorRT when a GPU and plans are present, else ONNX Runtime")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime device")

@@ -1,11 +1,14 @@
 """The generation pipeline: identity -> projector -> N denoise steps -> VAE decoder -> uint8 images.
 
 Backends only run graphs; all host arithmetic (scheduler tables, noise) is numpy and happens before
-the loop. A step session that offers `denoise_loop` (TensorRT: the whole loop as one CUDA graph)
-runs the loop itself; otherwise the loop below calls the step graph N times.
+the loop. With TensorRT a whole batch (projector, the loop as one CUDA graph, decoder) runs on one
+stream with one host sync (`backends.trt.TrtGenerator`); otherwise a step session that offers
+`denoise_loop` (ONNX Runtime on CUDA: device-resident loop) runs the loop itself, and on a CPU the
+loop below calls the step graph N times.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,15 +17,16 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import __version__
-from .errors import BackendUnavailableError, InvalidInputError
+from .errors import InvalidInputError
 from .integrity import verify_records
 from .manifest import load_manifest, record_files, resolve_inside, stage_file
 from .npyio import read_npy
 from .schedulers import SCHEDULERS, Schedule, make_schedule
-from .specs import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, ID_DIM, LATENT_CHANNELS, LATENT_SIZE,
-                    PROJECTOR, STEP, STEP_CFG, VAE_DECODER)
+from .specs import (DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, ID_DIM, LATENT_CHANNELS,
+                    LATENT_SIZE, PROJECTOR, STEP, STEP_CFG, VAE_DECODER)
 
 BACKENDS = ("auto", "ort", "trt")
+log = logging.getLogger("arc2face_rt")
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,7 @@ class GenerationOptions:
     guidance: float = DEFAULT_GUIDANCE    # --guidance: CFG scale; <= 1 runs the no-CFG step graph
     scheduler: str = DEFAULT_SCHEDULER    # --scheduler: dpmpp2m | ddim | euler | lcm
     seed: int = 0                         # --seed: image i uses numpy default_rng([seed, i])
-    batch_size: int = 4                   # --batch: images per graph call (does not change the images)
+    batch_size: int = DEFAULT_BATCH       # --batch: images per graph call (does not change the images)
 
     def check(self) -> None:
         if self.steps < 1:
@@ -104,26 +108,20 @@ def image_noise(seed: int, index: int, schedule: Schedule) -> tuple[np.ndarray, 
 
 
 def pick_backend(engines_dir: Path, manifest: dict, backend: str) -> str:
+    """`backend`, or for "auto": TensorRT when the folder has plans and TensorRT can run on this GPU
+    (`backends.trt.unusable_reason`), else ONNX Runtime (which takes CUDA where it can load it)."""
     if backend not in BACKENDS:
         raise InvalidInputError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
     if backend != "auto":
         return backend
     if manifest.get("plans"):
-        from .backends import cuda
+        from .backends.trt import unusable_reason
 
-        if cuda.device_count() > 0 and _trt_importable():
+        reason = unusable_reason()
+        if reason is None:
             return "trt"
+        log.info("--backend auto: ONNX Runtime, not TensorRT (%s)", reason)
     return "ort"
-
-
-def _trt_importable() -> bool:
-    from .backends.trt import import_trt
-
-    try:
-        import_trt()
-    except BackendUnavailableError:
-        return False
-    return True
 
 
 class Arc2FacePipeline:
@@ -144,6 +142,7 @@ class Arc2FacePipeline:
         self.verify_report = verify_records(self.engines_dir, files, mode="stamp" if verify else "size")
         self._sessions: dict = {}
         self._trt_memory = None        # one activation buffer shared by the TensorRT engines
+        self._trt_generators: dict = {}  # step stage -> TrtGenerator (TensorRT: one host sync per batch)
 
     @property
     def engine_id(self) -> str:
@@ -173,6 +172,17 @@ class Arc2FacePipeline:
     def _stage_path(self, section: str, name: str) -> Path:
         """The file the manifest records for a stage (the one that was verified), inside the folder."""
         return resolve_inside(self.engines_dir, stage_file(self.manifest[section][name]))
+
+    def _trt_generator(self, cfg: bool):
+        """TensorRT: projector, loop and decoder of a batch on one stream with one host sync; else None."""
+        if self.backend != "trt":
+            return None
+        name = STEP_CFG.name if cfg else STEP.name
+        if name not in self._trt_generators:
+            from .backends.trt import TrtGenerator
+            self._trt_generators[name] = TrtGenerator(self.session(PROJECTOR.name), self.session(name),
+                                                      self.session(VAE_DECODER.name))
+        return self._trt_generators[name]
 
     def schedule(self, name: str, steps: int) -> Schedule:
         return make_schedule(name, steps, self.manifest.get("scheduler_config"))
@@ -232,25 +242,40 @@ class Arc2FacePipeline:
         schedule = self.schedule(options.scheduler, options.steps)
         t = {"project": 0.0, "denoise": 0.0, "decode": 0.0}
         t_all = time.perf_counter()
-        t0 = time.perf_counter()
-        cond1 = self.project(identity[None])                      # [1, 77, 768]; same for every image
-        t["project"] = time.perf_counter() - t0
+        gen = self._trt_generator(options.guidance > 1.0)
+        cond1 = None
+        if gen is None:
+            t0 = time.perf_counter()
+            cond1 = self.project(identity[None])                  # [1, 77, 768]; same for every image
+            t["project"] = time.perf_counter() - t0
         images, params = [], []
         for start in range(0, len(indices), options.batch_size):
             idx = indices[start:start + options.batch_size]
             draws = [image_noise(options.seed, i, schedule) for i in idx]
             x = np.stack([d[0] for d in draws])
             noise = np.stack([d[1] for d in draws], axis=1) if schedule.uses_noise else None
-            cond = np.repeat(cond1, len(idx), axis=0)
-            t0 = time.perf_counter()
-            lat = self.denoise(cond, x, schedule, options.guidance, noise, on_step=on_step)
-            t1 = time.perf_counter()
-            images.append(self.decode(lat))
-            t["denoise"] += t1 - t0
-            t["decode"] += time.perf_counter() - t1
+            imgs, seconds = self._batch(gen, identity, cond1, x, noise, schedule, options.guidance, on_step)
+            images.append(imgs)
+            for k, v in seconds.items():
+                t[k] += v
             params += [self.image_params(options, i, identity) for i in idx]
         t["total"] = time.perf_counter() - t_all
         return GenerationResult(np.concatenate(images), params, t)
+
+    def _batch(self, gen, identity, cond1, x, noise, schedule: Schedule, guidance: float, on_step) -> tuple:
+        """Images of one batch and the seconds of its stages: TensorRT runs the batch on one stream with
+        one host sync (stage times from CUDA events); otherwise denoise and decode with host arrays."""
+        if gen is not None:
+            imgs, seconds = gen.generate(identity, x, schedule.table(np.float32),
+                                         guidance if guidance > 1.0 else None, noise)
+            if on_step:
+                on_step(schedule.steps)
+            return imgs, seconds
+        t0 = time.perf_counter()
+        lat = self.denoise(np.repeat(cond1, len(x), axis=0), x, schedule, guidance, noise, on_step=on_step)
+        t1 = time.perf_counter()
+        imgs = self.decode(lat)
+        return imgs, {"denoise": t1 - t0, "decode": time.perf_counter() - t1}
 
     def image_params(self, options: GenerationOptions, index: int, identity: np.ndarray) -> dict:
         """What image `index` records in its PNG: everything it is a function of. The identity appears
@@ -264,6 +289,9 @@ class Arc2FacePipeline:
         return p
 
     def close(self) -> None:
+        for g in self._trt_generators.values():
+            g.close()
+        self._trt_generators.clear()
         for s in self._sessions.values():
             s.close()
         self._sessions.clear()

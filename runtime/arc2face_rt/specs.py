@@ -24,6 +24,7 @@ VAE_SCALING = 0.18215
 DEFAULT_GUIDANCE = 3.0
 DEFAULT_STEPS = 25
 DEFAULT_SCHEDULER = "dpmpp2m"
+DEFAULT_BATCH = 4               # images per graph call of `arc2face-rt generate` (--batch); plans are tuned for it
 
 # One row of the per-step coefficient table (see schedulers.py):
 #   x_in = s*x; eps = eps_u + g*(eps_c - eps_u); m0 = a*x + b*eps
@@ -102,3 +103,5 @@ VAE_DECODER = StageSpec(
 
 GENERATION_STAGES = (PROJECTOR, STEP_CFG, STEP, VAE_DECODER)
 STAGES = {s.name: s for s in GENERATION_STAGES}
+# Stages that run at the generation batch (--batch images per call); the projector runs once per identity.
+PER_IMAGE_STAGES = (STEP_CFG.name, STEP.name, VAE_DECODER.name)

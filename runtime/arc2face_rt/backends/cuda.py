@@ -1,11 +1,15 @@
-"""Thin cuda-python helpers for the TensorRT backend (no torch, nothing touches the GPU at import).
+"""Thin cuda-python helpers for the TensorRT backend and ONNX Runtime's device loop (no torch, nothing
+touches the GPU at import).
 
 cuda-python moved its runtime module from `cuda.cudart` (<= 12.x) to `cuda.bindings.runtime`
 (12.6+, 13.x); both return `(err, *values)` tuples, which `check` unpacks.
 """
 from __future__ import annotations
 
+import ctypes
 from functools import lru_cache
+
+import numpy as np
 
 from ..errors import BackendUnavailableError
 
@@ -103,6 +107,34 @@ class DeviceBuffer:
         self.free()
 
 
+class HostBuffer:
+    """`nbytes` of pinned (page-locked) host memory: asynchronous copies from and to it really are
+    asynchronous. `array(dtype, shape)` views its start as a numpy array; free() or `with`."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = int(nbytes)
+        self.ptr = int(check(cudart().cudaMallocHost(max(self.nbytes, 1)), f"cudaMallocHost({self.nbytes})"))
+
+    def array(self, dtype, shape) -> np.ndarray:
+        dtype, shape = np.dtype(dtype), tuple(shape)
+        n = int(np.prod(shape)) * dtype.itemsize
+        if n > self.nbytes:
+            raise ValueError(f"a {shape} {dtype} view needs {n} bytes, the buffer has {self.nbytes}")
+        raw = (ctypes.c_uint8 * max(n, 1)).from_address(self.ptr)
+        return np.frombuffer(raw, np.uint8, n).view(dtype).reshape(shape)
+
+    def free(self) -> None:
+        if self.ptr:
+            check(cudart().cudaFreeHost(self.ptr), "cudaFreeHost")
+            self.ptr = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.free()
+
+
 def create_stream() -> int:
     rt = cudart()
     return int(check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreate"))
@@ -130,12 +162,43 @@ def download(array, src_ptr: int, stream: int) -> None:
                              rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync D2H")
 
 
+def copy_device(dst_ptr: int, src_ptr: int, nbytes: int, stream: int) -> None:
+    """Device -> device copy of `nbytes`, enqueued on `stream`."""
+    rt = cudart()
+    check(rt.cudaMemcpyAsync(dst_ptr, src_ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream),
+          "cudaMemcpyAsync D2D")
+
+
 def memset(ptr: int, nbytes: int, stream: int) -> None:
     check(cudart().cudaMemsetAsync(ptr, 0, nbytes, stream), "cudaMemsetAsync")
 
 
+class Event:
+    """A CUDA event for timing work on a stream without a host synchronisation in between."""
+
+    def __init__(self):
+        self.handle = check(cudart().cudaEventCreate(), "cudaEventCreate")
+
+    def record(self, stream: int) -> None:
+        check(cudart().cudaEventRecord(self.handle, stream), "cudaEventRecord")
+
+    def seconds_since(self, start: "Event") -> float:
+        """Seconds between `start` and this event (both recorded and completed)."""
+        return float(check(cudart().cudaEventElapsedTime(start.handle, self.handle), "cudaEventElapsedTime")) / 1e3
+
+    def destroy(self) -> None:
+        if self.handle is not None:
+            cudart().cudaEventDestroy(self.handle)
+            self.handle = None
+
+
 class CudaGraph:
-    """A stream capture turned into an executable graph: `with g.capture(stream): ...; g.launch(stream)`."""
+    """A stream capture turned into an executable graph: begin(stream), enqueue work, end(stream), then
+    launch(stream) any number of times.
+
+    `end` returns False instead of raising when CUDA invalidated the capture (something in it cannot
+    be captured on this stream); the caller then runs the work uncaptured.
+    """
 
     def __init__(self):
         self._graph = None
@@ -147,17 +210,26 @@ class CudaGraph:
         check(rt.cudaStreamBeginCapture(stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
               "cudaStreamBeginCapture")
 
-    def end(self, stream: int) -> None:
-        rt = cudart()
-        self._graph = check(rt.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
-        self._exec = check(rt.cudaGraphInstantiate(self._graph, 0), "cudaGraphInstantiate")
-
-    def abort(self, stream: int) -> None:
-        """End a failed capture, discarding what was captured (errors ignored: the capture is broken anyway)."""
+    def end(self, stream: int) -> bool:
+        """Finish the capture and instantiate it; False when the capture was invalidated."""
         rt = cudart()
         err, graph = rt.cudaStreamEndCapture(stream)
-        if err == rt.cudaError_t.cudaSuccess and graph is not None:
+        if err == rt.cudaError_t.cudaErrorStreamCaptureInvalidated:
+            if graph is not None:
+                rt.cudaGraphDestroy(graph)
+            return False
+        self._graph = check((err, graph), "cudaStreamEndCapture")
+        self._exec = check(rt.cudaGraphInstantiate(self._graph, 0), "cudaGraphInstantiate")
+        return True
+
+    def abort(self, stream: int) -> bool:
+        """End a capture that raised, discarding what was captured; True when CUDA had invalidated it
+        (the error then came from the capture itself), False for any other state."""
+        rt = cudart()
+        err, graph = rt.cudaStreamEndCapture(stream)
+        if graph is not None:
             rt.cudaGraphDestroy(graph)
+        return err == rt.cudaError_t.cudaErrorStreamCaptureInvalidated
 
     def launch(self, stream: int) -> None:
         check(cudart().cudaGraphLaunch(self._exec, stream), "cudaGraphLaunch")

@@ -1,0 +1,218 @@
+"""The TensorRT backend driven end to end on a simulated GPU (no TensorRT, no GPU needed).
+
+`sim_cuda.FakeCudart` replaces cuda-python's runtime module under the real `backends.cuda` helpers,
+and `sim_trt.fake_trt` replaces the TensorRT module under the real plan checks and sessions, so what
+runs is our code: load_plan, TrtSession, SharedDeviceMemory, TrtStepSession (warm-up, capture,
+replay, ping-pong pointers, the coefficient table) and the pipeline's one-sync batch path. The
+simulated engines compute known functions (`sim_trt.*_reference`), so every result is compared
+with a numpy oracle, exactly: the same numpy arithmetic runs inside the simulated kernels.
+"""
+from __future__ import annotations
+
+import logging
+import types
+
+import numpy as np
+import pytest
+
+from arc2face_rt.backends import cuda
+from arc2face_rt.backends.trt import plan as trt_plan
+from arc2face_rt.backends.trt import SharedDeviceMemory, TrtSession, TrtStepSession, open_sessions
+from arc2face_rt.errors import BackendUnavailableError, InvalidInputError
+from arc2face_rt.pipeline import Arc2FacePipeline, GenerationOptions, image_noise, pick_backend, random_identity
+from arc2face_rt.schedulers import make_schedule
+from sim_cuda import FakeCudart
+from sim_trt import HostKernels, fake_trt, loop_reference, make_sim_engines, projector_reference, vae_reference
+
+
+def make_world(monkeypatch, root, cc="8.9", trt_name="tensorrt_rtx", **engines_kw):
+    rt = FakeCudart(cc=cc)
+    trt = fake_trt(HostKernels(rt), name=trt_name)
+    monkeypatch.setattr(cuda, "cudart", lambda: rt)
+    monkeypatch.setattr(trt_plan, "import_trt", lambda: trt)
+    return types.SimpleNamespace(rt=rt, trt=trt, engines=make_sim_engines(root, trt, **engines_kw))
+
+
+@pytest.fixture
+def sim(monkeypatch, tmp_path):
+    return make_world(monkeypatch, tmp_path / "engines")
+
+
+def _inputs(rng, batch, steps, with_noise):
+    x = rng.standard_normal((batch, 4, 64, 64)).astype(np.float32)
+    cond = rng.standard_normal((batch, 77, 768)).astype(np.float32)
+    table = np.zeros((steps, 8), np.float32)
+    table[:, 0] = np.linspace(999, 40, steps)
+    table[:, 1], table[:, 2], table[:, 3] = 1.0, 1.0, rng.uniform(-0.3, -0.1, steps)
+    table[:, 4], table[:, 5], table[:, 6] = 0.6, 0.4, rng.uniform(0, 0.1, steps)
+    table[:, 7] = 0.05 if with_noise else 0.0
+    noise = rng.standard_normal((steps, batch, 4, 64, 64)).astype(np.float32) if with_noise else None
+    return x, cond, table, noise
+
+
+SIGNATURES = [(1, 5), (1, 5), (1, 4), (4, 25), (2, 25)]
+
+
+@pytest.mark.parametrize("stage,guidance,with_noise", [("step_cfg", 3.0, False), ("step", None, True)])
+def test_graph_loop_equals_plain_loop_and_reference(sim, stage, guidance, with_noise):
+    rng = np.random.default_rng(1)
+    graph = TrtStepSession(sim.engines / f"{stage}.plan", mode="graph")
+    plain = TrtStepSession(sim.engines / f"{stage}.plan", mode="plain")
+    seen = set()
+    for batch, steps in SIGNATURES:
+        x, cond, table, noise = _inputs(rng, batch, steps, with_noise)
+        syncs, captures = sim.rt.syncs, sim.rt.captures
+        got = graph.denoise_loop(x, cond, table, guidance, noise)
+        new = (batch, steps) not in seen
+        seen.add((batch, steps))
+        assert sim.rt.captures - captures == int(new)               # one capture per new signature
+        assert sim.rt.syncs - syncs == (2 if new else 1)              # + the warm-up sync when capturing
+        np.testing.assert_array_equal(got, plain.denoise_loop(x, cond, table, guidance, noise))
+        np.testing.assert_array_equal(got, loop_reference(x, cond, table, guidance, noise))
+    assert graph.mode == "graph" and sim.rt.launches == len(SIGNATURES)
+    graph.close(), plain.close()
+    assert sim.rt.live_device_bytes() == 0
+
+
+def test_not_capturable_context_runs_the_loop_uncaptured(monkeypatch, tmp_path, caplog):
+    world = make_world(monkeypatch, tmp_path, step_cfg={"capturable": False})
+    x, cond, table, _ = _inputs(np.random.default_rng(2), 2, 3, False)
+    with TrtStepSession(world.engines / "step_cfg.plan") as sess, caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            np.testing.assert_array_equal(sess.denoise_loop(x, cond, table, 3.0), loop_reference(x, cond, table, 3.0))
+        assert sess.mode == "plain" and world.rt.launches == 0
+    assert "cannot be captured" in caplog.text
+
+
+def test_capture_invalidated_at_end_runs_the_loop_uncaptured(sim, caplog):
+    x, cond, table, _ = _inputs(np.random.default_rng(3), 1, 4, False)
+    sim.rt.invalidate_next_capture = True
+    with TrtStepSession(sim.engines / "step_cfg.plan") as sess, caplog.at_level(logging.WARNING):
+        np.testing.assert_array_equal(sess.denoise_loop(x, cond, table, 3.0), loop_reference(x, cond, table, 3.0))
+        assert sess.mode == "plain"
+    assert "invalidated" in caplog.text
+
+
+def test_misaligned_tensor_address_is_named_as_such(sim):
+    with TrtSession(sim.engines / "projector.plan") as sess:
+        d_in, d_out = cuda.DeviceBuffer(4096), cuda.DeviceBuffer(2 * 77 * 768 * 4)
+        stream = cuda.create_stream()
+        with pytest.raises(InvalidInputError, match=r"'id'.*not aligned to 256 bytes"):
+            sess.enqueue({"id": d_in.ptr + 32, "cond": d_out.ptr}, stream, batch=1)
+        with pytest.raises(InvalidInputError, match="no tensor 'idx'"):
+            sess.enqueue({"idx": d_in.ptr, "cond": d_out.ptr}, stream, batch=1)
+        d_in.free(), d_out.free()
+
+
+def test_rtx_on_a_gpu_it_cannot_target_needs_full_tensorrt(monkeypatch, tmp_path):
+    world = make_world(monkeypatch, tmp_path, cc="9.0", step_cfg={"invalid": ["UNSUPPORTED_CC"]})
+    for stage in ("step_cfg", "projector"):
+        with pytest.raises(BackendUnavailableError) as e:
+            TrtSession(world.engines / f"{stage}.plan")
+        assert "pip install tensorrt" in str(e.value) and "current" not in str(e.value)
+    from arc2face_rt.manifest import load_manifest
+    assert pick_backend(world.engines, load_manifest(world.engines), "auto") == "ort"
+    assert trt_plan.unusable_reason().startswith("tensorrt_rtx 1.7.1.116 cannot run on Simulated GPU")
+
+
+def test_auto_picks_trt_where_the_library_can_run(monkeypatch, tmp_path):
+    world = make_world(monkeypatch, tmp_path, cc="8.6")
+    from arc2face_rt.manifest import load_manifest
+    assert pick_backend(world.engines, load_manifest(world.engines), "auto") == "trt"
+    world.rt.cc = "8.7"                                        # Jetson Orin: TensorRT-RTX cannot
+    assert pick_backend(world.engines, load_manifest(world.engines), "auto") == "ort"
+
+
+def test_plain_loop_sets_its_batch_every_time(sim):
+    rng = np.random.default_rng(4)
+    x, cond, table, _ = _inputs(rng, 1, 3, False)
+    with TrtStepSession(sim.engines / "step_cfg.plan", mode="plain") as sess:
+        sess.denoise_loop(x, cond, table, 3.0)
+        feeds = {"x": np.ones((2, 4, 64, 64), np.float32), "m_prev": np.zeros((2, 4, 64, 64), np.float32),
+                 "noise": np.zeros((2, 4, 64, 64), np.float32), "cond": np.zeros((2, 77, 768), np.float32),
+                 "coeffs": table[0], "guidance": np.array([3.0], np.float32)}
+        sess.run(feeds)                                         # the debug path at batch 2 in between
+        np.testing.assert_array_equal(sess.denoise_loop(x, cond, table, 3.0), loop_reference(x, cond, table, 3.0))
+
+
+def test_shared_memory_starts_with_a_zero_byte_engine(sim):
+    sessions = open_sessions(sim.engines, ["projector", "step_cfg", "vae_decoder"])
+    mem = sessions["projector"].memory
+    assert sessions["projector"].engine.device_memory_size_v2 == 0
+    assert mem.nbytes >= max(s.engine.device_memory_size_v2 for s in sessions.values())
+    ids = np.random.default_rng(5).standard_normal((2, 512)).astype(np.float32)
+    np.testing.assert_array_equal(sessions["projector"].run({"id": ids})["cond"], projector_reference(ids))
+    for s in sessions.values():
+        s.close()
+    assert sim.rt.live_device_bytes() == 0
+
+
+def test_memory_growth_recaptures_the_loop(sim):
+    x, cond, table, _ = _inputs(np.random.default_rng(6), 1, 3, False)
+    mem = SharedDeviceMemory()
+    step = TrtStepSession(sim.engines / "step_cfg.plan", memory=mem)
+    step.denoise_loop(x, cond, table, 3.0)
+    big = make_sim_engines(sim.engines.parent / "big", sim.trt, stages=("vae_decoder",),
+                           vae_decoder={"device_memory": 64 << 20})
+    vae = TrtSession(big / "vae_decoder.plan", memory=mem)          # grows the buffer, frees the old one
+    captures = sim.rt.captures
+    np.testing.assert_array_equal(step.denoise_loop(x, cond, table, 3.0), loop_reference(x, cond, table, 3.0))
+    assert sim.rt.captures == captures + 1
+    step.close(), vae.close()
+    assert sim.rt.live_device_bytes() == 0
+
+
+def test_runtime_cache_is_saved_after_the_first_warm_up(sim):
+    x, cond, table, _ = _inputs(np.random.default_rng(7), 1, 2, False)
+    sess = TrtStepSession(sim.engines / "step_cfg.plan")
+    cache = sim.engines / "step_cfg.rtcache"
+    assert not cache.exists()
+    sess.denoise_loop(x, cond, table, 3.0)
+    assert cache.is_file() and b"step_cfg:1" in cache.read_bytes()      # before close: a crash keeps it
+    x4, cond4, _, _ = _inputs(np.random.default_rng(7), 4, 2, False)
+    sess.denoise_loop(x4, cond4, table, 3.0)
+    assert b"step_cfg:4" in cache.read_bytes()                           # a new shape is saved too
+    sess.close()
+
+
+def test_one_graph_per_signature_is_kept(sim):
+    rng = np.random.default_rng(8)
+    with TrtStepSession(sim.engines / "step_cfg.plan") as sess:
+        for batch in (4, 1, 4, 1, 4):                              # full batches and a final partial one
+            x, cond, table, _ = _inputs(rng, batch, 5, False)
+            np.testing.assert_array_equal(sess.denoise_loop(x, cond, table, 3.0),
+                                          loop_reference(x, cond, table, 3.0))
+    assert sim.rt.captures == 2 and sim.rt.instantiations == 2
+
+
+def _pipeline_reference(identity, n, opts, config=None):
+    sched = make_schedule(opts.scheduler, opts.steps, config)
+    cond1 = projector_reference(identity[None])
+    images = []
+    for start in range(0, n, opts.batch_size):
+        idx = range(start, min(start + opts.batch_size, n))
+        draws = [image_noise(opts.seed, i, sched) for i in idx]
+        x = np.stack([d[0] for d in draws])
+        noise = np.stack([d[1] for d in draws], axis=1) if sched.uses_noise else None
+        lat = loop_reference(x, np.repeat(cond1, len(idx), 0), sched.table(np.float32),
+                             opts.guidance if opts.guidance > 1 else None, noise)
+        images.append(vae_reference(lat))
+    return np.concatenate(images)
+
+
+@pytest.mark.parametrize("scheduler,guidance", [("dpmpp2m", 3.0), ("lcm", 1.0)])
+def test_pipeline_one_host_sync_per_batch_through_pinned_memory(sim, scheduler, guidance):
+    identity = random_identity(3)
+    opts = GenerationOptions(steps=4, guidance=guidance, scheduler=scheduler, seed=2, batch_size=4)
+    with Arc2FacePipeline(sim.engines, backend="trt") as pipe:
+        first = pipe.generate(identity, 6, opts)                      # captures the (4,) and (2,) loops
+        syncs, copies = sim.rt.syncs, len(sim.rt.copies)
+        again = pipe.generate(identity, 6, opts)
+        assert sim.rt.syncs - syncs == 2                                # two batches, one sync each
+        host_copies = [c for c in sim.rt.copies[copies:] if c[0] != "DeviceToDevice"]
+        assert host_copies and all(pinned for _, _, pinned in host_copies)
+        assert set(again.timings) >= {"project", "denoise", "decode", "total"}
+    ref = _pipeline_reference(identity, 6, opts)
+    np.testing.assert_array_equal(first.images, ref)
+    np.testing.assert_array_equal(again.images, ref)
+    assert sim.rt.live_device_bytes() == 0 and not sim.rt.allocs       # device and pinned memory freed
