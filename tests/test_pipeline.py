@@ -126,7 +126,7 @@ def test_zero_images_is_an_error(pipe):
 
 def test_io_binding_loop_equals_the_plain_loop(pipe, tiny_engines):
     """The device-resident loop used with CUDA (run here on the CPU provider) gives the same latents."""
-    from arc2face_rt.backends.ort import OrtStepSession
+    from arc2face_rt.backends.ort_loop import OrtStepSession
 
     sched = pipe.schedule("dpmpp2m", 3)
     x = np.stack([image_noise(2, i, sched)[0] for i in range(2)])

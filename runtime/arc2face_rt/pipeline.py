@@ -162,10 +162,9 @@ class Arc2FacePipeline:
                     self._trt_memory = SharedDeviceMemory()
                 sess = open_session(self._stage_path(section, name), memory=self._trt_memory)
             else:
-                from .backends.ort import OrtSession, OrtStepSession, ort_providers
-                on_gpu = ort_providers(self.device)[0] == "CUDAExecutionProvider"
-                cls = OrtStepSession if on_gpu and name in (STEP.name, STEP_CFG.name) else OrtSession
-                sess = cls(self._stage_path(section, name), device=self.device)
+                from .backends.ort import open_session as open_ort   # "on GPU": what ORT reports
+                sess = open_ort(self._stage_path(section, name), device=self.device,
+                                step=name in (STEP.name, STEP_CFG.name))
             self._sessions[name] = sess
         return self._sessions[name]
 

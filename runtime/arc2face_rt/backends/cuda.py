@@ -135,9 +135,11 @@ class HostBuffer:
         self.free()
 
 
-def create_stream() -> int:
+def create_stream(blocking: bool = False) -> int:
+    """A new stream; non-blocking (no implicit ordering with the legacy default stream) unless `blocking`."""
     rt = cudart()
-    return int(check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreate"))
+    flags = 0 if blocking else rt.cudaStreamNonBlocking
+    return int(check(rt.cudaStreamCreateWithFlags(flags), "cudaStreamCreate"))
 
 
 def destroy_stream(stream: int) -> None:

@@ -1,6 +1,16 @@
-"""ONNX Runtime backend: CPU everywhere, CUDA execution provider when onnxruntime-gpu is installed."""
+"""ONNX Runtime backend: CPU everywhere, CUDA execution provider when onnxruntime-gpu is installed.
+
+Where a session runs is what ONNX Runtime reports (`InferenceSession.get_providers()`), not what was
+asked for: onnxruntime-gpu silently falls back to the CPU when the CUDA or cuDNN libraries it was
+built against fail to load. `--device cuda` then stops with an error naming the fix; `--device auto`
+logs a warning and runs on the CPU. onnxruntime-gpu 1.31 on PyPI is a CUDA 13 / cuDNN 9 build; it
+loads those libraries from the `nvidia-*` wheels (a CUDA 13 torch brings them, or
+`pip install 'onnxruntime-gpu[cuda,cudnn]'`) through `onnxruntime.preload_dlls()`, called here
+before the first CUDA session.
+"""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -8,27 +18,48 @@ import numpy as np
 
 from ..errors import BackendUnavailableError, EngineMismatchError
 
+log = logging.getLogger("arc2face_rt.backends.ort")
+
+CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
+_preloaded = False
+
 
 def ort_providers(device: str = "auto") -> list[str]:
-    """Execution providers for `device` in {"auto", "cpu", "cuda"}; "auto" takes CUDA when present."""
+    """Execution providers to ask for, for `device` in {"auto", "cpu", "cuda"}; "auto" takes CUDA
+    when this onnxruntime has it."""
     import onnxruntime as ort
 
     have = ort.get_available_providers()
     if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device == "cuda" and "CUDAExecutionProvider" not in have:
+        return [CPU_EP]
+    if device == "cuda" and CUDA_EP not in have:
         raise BackendUnavailableError(
             "ONNX Runtime has no CUDA execution provider here; install onnxruntime-gpu "
             "(instead of onnxruntime) or use --device cpu")
-    if device in ("cuda", "auto") and "CUDAExecutionProvider" in have:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    if device in ("cuda", "auto") and CUDA_EP in have:
+        return [CUDA_EP, CPU_EP]
+    return [CPU_EP]
+
+
+def _preload_cuda_libraries(ort) -> None:
+    global _preloaded
+    if not _preloaded and hasattr(ort, "preload_dlls"):
+        _preloaded = True
+        try:
+            ort.preload_dlls()                # CUDA/cuDNN from the nvidia-* wheels, where installed
+        except Exception as e:                # noqa: BLE001 - a failed preload shows up as "no CUDA" below
+            log.info("onnxruntime.preload_dlls() failed: %s", e)
 
 
 class OrtSession:
-    """One ONNX graph in an onnxruntime InferenceSession."""
+    """One ONNX graph in an onnxruntime InferenceSession.
 
-    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None):
+    `providers` is what the session runs on (ONNX Runtime's own report); `on_gpu` whether that is CUDA.
+    `cuda_options` are CUDA execution provider options (strings), used when CUDA is asked for; TF32
+    is off unless ARC2FACE_ORT_TF32=1."""
+
+    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None,
+                 cuda_options: dict | None = None):
         import onnxruntime as ort
 
         path = Path(path)
@@ -38,17 +69,32 @@ class OrtSession:
         opts.log_severity_level = 3
         if threads or os.environ.get("ARC2FACE_ORT_THREADS"):
             opts.intra_op_num_threads = int(threads or os.environ["ARC2FACE_ORT_THREADS"])
-        self.providers = ort_providers(device)
+        requested = ort_providers(device)
+        if CUDA_EP in requested:
+            _preload_cuda_libraries(ort)
+        # fp32 graphs stay fp32 on the GPU (TF32 matmuls would cost the one-grey-level parity with the CPU);
+        # ARC2FACE_ORT_TF32=1 allows TF32. fp16 graphs are unaffected.
+        cuda_opts = {"use_tf32": "1" if os.environ.get("ARC2FACE_ORT_TF32") == "1" else "0", **(cuda_options or {})}
+        providers = [(p, cuda_opts) if p == CUDA_EP else p for p in requested]
         try:
-            self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
+            self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise EngineMismatchError(f"{path}: ONNX Runtime cannot load it ({e}); "
                                       "re-export it with `arc2face-export onnx`") from e
+        self.providers = list(self._sess.get_providers())
+        self.on_gpu = self.providers[0] == CUDA_EP
+        if CUDA_EP in requested and not self.on_gpu:
+            why = ("ONNX Runtime could not load its CUDA execution provider (the CUDA 13 / cuDNN 9 libraries "
+                   "onnxruntime-gpu needs are missing or of another version; `pip install "
+                   "'onnxruntime-gpu[cuda,cudnn]'` installs them)")
+            if device == "cuda":
+                raise BackendUnavailableError(f"{why}; or use --device cpu")
+            log.warning("%s: %s; running on the CPU", path.name, why)
         # Each session's CPU arena keeps its own peak. ARC2FACE_ORT_SHRINK_ARENA=1 gives it back after
         # every run: full size fp32, step + VAE decode peak at 6.1 GiB instead of 10.2 GiB, but each
         # denoise step is about 35% slower (2-core Xeon; benchmarks/README.md), so it is opt-in.
         self._run_options = ort.RunOptions()
-        if self.providers[0] == "CPUExecutionProvider" and os.environ.get("ARC2FACE_ORT_SHRINK_ARENA") == "1":
+        if not self.on_gpu and os.environ.get("ARC2FACE_ORT_SHRINK_ARENA") == "1":
             self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self.path = path
         self.input_names = [i.name for i in self._sess.get_inputs()]
@@ -69,47 +115,21 @@ class OrtSession:
         self.close()
 
 
-class OrtStepSession(OrtSession):
-    """A step graph whose latents stay on the execution device for the whole loop (I/O binding).
+def open_session(path: str | Path, device: str = "auto", step: bool = False, threads: int | None = None):
+    """The session for one stage: for a step graph that runs on the GPU, an `OrtStepSession` (the
+    device-resident loop, ONNX Runtime's CUDA graph); otherwise an `OrtSession`. On a CPU the plain
+    host loop is as fast and reports progress per step."""
+    if step and CUDA_EP in ort_providers(device):
+        from .ort_loop import OrtStepSession, cuda_loop_unavailable
 
-    With the CUDA execution provider this keeps x, m_prev, cond and the noise on the GPU: each step
-    binds the previous step's output OrtValues as inputs, and only the final latents come back. The
-    pipeline uses it for step stages when CUDA is present (on a CPU the plain loop is as fast and
-    reports progress per step); it works on any provider, which is how it is tested here.
-    """
-
-    def __init__(self, path, device: str = "auto", threads: int | None = None):
-        super().__init__(path, device=device, threads=threads)
-        self.device_type = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
-
-    def _value(self, array: np.ndarray):
-        import onnxruntime as ort
-
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, np.float32), self.device_type, 0)
-
-    def denoise_loop(self, x: np.ndarray, cond: np.ndarray, table: np.ndarray, guidance: float | None = None,
-                     noise: np.ndarray | None = None) -> np.ndarray:
-        """x [B,4,64,64], cond [B,77,768], table [N,8], noise [N,B,4,64,64] or None -> final latents."""
-        cfg = "guidance" in self.input_names
-        if cfg != (guidance is not None):
-            raise ValueError(f"{self.path.name}: guidance must be {'given' if cfg else 'None'} for this graph")
-        xv, mv = self._value(x), self._value(np.zeros_like(x))
-        condv = self._value(cond)
-        zeros = mv
-        noisev = [self._value(n) for n in noise] if noise is not None else None
-        binding = self._sess.io_binding()
-        if cfg:
-            binding.bind_cpu_input("guidance", np.array([guidance], np.float32))
-        binding.bind_ortvalue_input("cond", condv)
-        for k in range(table.shape[0]):
-            binding.bind_ortvalue_input("x", xv)
-            binding.bind_ortvalue_input("m_prev", mv)
-            binding.bind_ortvalue_input("noise", noisev[k] if noisev else zeros)
-            binding.bind_cpu_input("coeffs", np.ascontiguousarray(table[k], np.float32))
-            for name in self.output_names:
-                binding.bind_output(name, self.device_type)
-            self._sess.run_with_iobinding(binding, self._run_options)
-            outs = dict(zip(self.output_names, binding.get_outputs()))
-            xv, mv = outs["x_out"], outs["m0"]
-            binding.clear_binding_outputs()
-        return xv.numpy()
+        reason = cuda_loop_unavailable()
+        if reason is None:
+            sess = OrtStepSession(path, device=device, threads=threads)
+            if sess.on_gpu:
+                return sess
+            sess.close()
+            device = "cpu"                    # CUDA did not load: OrtStepSession has said so
+        else:
+            log.warning("%s: the device-resident loop is unavailable (%s); stepping from the host", Path(path).name,
+                        reason)
+    return OrtSession(path, device=device, threads=threads)

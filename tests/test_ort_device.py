@@ -1,0 +1,83 @@
+"""ONNX Runtime: where a session runs comes from the session, and the fixed-address device loop.
+
+onnxruntime-gpu falls back to the CPU without an error when CUDA or cuDNN fail to load; that is
+simulated here by an onnxruntime that lists the CUDA provider while its sessions run on the CPU
+(exactly what the CPU build does when asked for CUDA: it warns and drops it).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnxruntime
+import pytest
+
+from arc2face_rt.backends import cuda
+from arc2face_rt.backends import ort as ort_backend
+from arc2face_rt.backends.ort_loop import OrtStepSession
+from arc2face_rt.errors import BackendUnavailableError
+from arc2face_rt.pipeline import Arc2FacePipeline, GenerationOptions, image_noise, random_identity
+
+
+@pytest.fixture
+def cuda_fails_to_load(monkeypatch):
+    """onnxruntime-gpu whose CUDA libraries did not load: CUDA listed, sessions on the CPU."""
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "preload_dlls", lambda *a, **kw: None, raising=False)
+
+
+def _images(engines, device, n=2, steps=3):
+    opts = GenerationOptions(steps=steps, seed=5, batch_size=2)
+    with Arc2FacePipeline(engines, backend="ort", device=device) as pipe:
+        res = pipe.generate(random_identity(5), n, opts)
+        return res.images, {k: type(s).__name__ for k, s in pipe._sessions.items()}, pipe._sessions
+
+
+@pytest.mark.parametrize("with_cuda_python", [False, True])
+def test_cuda_that_did_not_load_runs_on_the_cpu_with_a_warning(tiny_engines, cuda_fails_to_load, monkeypatch,
+                                                                 caplog, with_cuda_python):
+    if with_cuda_python:                          # the device loop is set up, then finds the session on the CPU
+        from sim_cuda import FakeCudart
+        rt = FakeCudart()
+        monkeypatch.setattr(cuda, "cudart", lambda: rt)
+    want, _, _ = _images(tiny_engines, "cpu")
+    with caplog.at_level(logging.WARNING):
+        got, kinds, sessions = _images(tiny_engines, "auto")
+    np.testing.assert_array_equal(got, want)
+    assert kinds["step_cfg"] == "OrtSession" and not any(s.on_gpu for s in sessions.values())
+    assert "could not load its CUDA execution provider" in caplog.text
+    if with_cuda_python:
+        assert not rt.streams                     # the loop's stream was given back
+
+
+def test_cuda_asked_for_but_not_loaded_is_an_error(tiny_engines, cuda_fails_to_load):
+    with pytest.raises(BackendUnavailableError, match="could not load its CUDA execution provider.*--device cpu"):
+        ort_backend.OrtSession(tiny_engines / "projector.onnx", device="cuda")
+
+
+def test_cpu_sessions_report_the_cpu(tiny_engines):
+    sess = ort_backend.open_session(tiny_engines / "step_cfg.onnx", device="auto", step=True)
+    assert type(sess).__name__ == "OrtSession" and sess.providers == ["CPUExecutionProvider"] and not sess.on_gpu
+
+
+def test_device_loop_keeps_its_bound_addresses_and_matches_the_host_loop(tiny_engines):
+    """The CUDA graph needs every bound tensor at a fixed address; here on the CPU provider."""
+    with Arc2FacePipeline(tiny_engines, backend="ort", device="cpu") as pipe:
+        loop = OrtStepSession(tiny_engines / "step_cfg.onnx", device="cpu")
+        plain = OrtStepSession(tiny_engines / "step.onnx", device="cpu")
+        addresses = {}
+        for batch, steps, sampler in [(2, 3, "dpmpp2m"), (1, 4, "lcm"), (2, 2, "ddim"), (1, 2, "dpmpp2m")]:
+            sched = pipe.schedule(sampler, steps)
+            x = np.stack([image_noise(7, i, sched)[0] for i in range(batch)])
+            cond = np.repeat(pipe.project(random_identity(7)[None]), batch, axis=0)
+            if sampler == "lcm":
+                noise = np.stack([image_noise(7, i, sched)[1] for i in range(batch)], axis=1)
+                got = plain.denoise_loop(x, cond, sched.table(), None, noise)
+                np.testing.assert_allclose(got, pipe.denoise(cond, x, sched, 1.0, noise), rtol=1e-5, atol=1e-5)
+                continue
+            got = loop.denoise_loop(x, cond, sched.table(), 3.0)
+            np.testing.assert_allclose(got, pipe.denoise(cond, x, sched, 3.0), rtol=1e-5, atol=1e-5)
+            ptrs = {n: loop._bound[batch].ptr(n) for n in loop._bound[batch].values}
+            assert addresses.setdefault(batch, ptrs) == ptrs
+        assert sorted(loop._bound) == [1, 2] and not loop.cuda_graph and loop.device_type == "cpu"
