@@ -1,8 +1,10 @@
-"""`python -m benchmarks`: run | report | export | demo | build | int8 | verify (and the internal `_row` child)."""
+"""`python -m benchmarks`: run | report | export | demo | build | int8 | verify | gpu-check | wheels
+(and the internal `_row` child)."""
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import sys
 from pathlib import Path
 
@@ -114,6 +116,37 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_gpu_check(args) -> int:
+    from .gpu_check import GpuCheckOptions, gpu_check, parse_phases
+
+    try:
+        phases = parse_phases(args.phase)
+    except ValueError as e:
+        _say(str(e))
+        return 2
+    opts = GpuCheckOptions(out=args.out, phases=phases, wheels=args.wheels, copy_to=args.copy_to, size=args.size,
+                           device=args.device, batches=args.batches, steps=args.steps, guidance=args.guidance,
+                           repeats=args.repeats, warmup=args.warmup, row_timeout_s=args.row_timeout,
+                           compile_mode=args.compile_mode)
+    written = gpu_check(opts)
+    statuses = {}
+    for p in written:
+        if p.suffix == ".json":
+            statuses[p.name] = json.loads(p.read_text()).get("status", "ok")
+    _say("wrote " + ", ".join(f"{n} ({s})" for n, s in statuses.items()))
+    return 0 if all(s == "ok" for s in statuses.values()) else 1
+
+
+def cmd_wheels(args) -> int:
+    from .wheels import DEFAULT_PACKAGES, download, pack
+
+    wheels = download(args.packages or DEFAULT_PACKAGES, args.out / "download", python=args.python)
+    for d in pack(wheels, args.out, args.max_mib):
+        size = sum(f.stat().st_size for f in d.iterdir()) / 2**20
+        _say(f"{d}: {size:.1f} MiB: {', '.join(sorted(f.name for f in d.iterdir()))}")
+    return 0
+
+
 def cmd_row(args) -> int:
     from .harness import row_main
 
@@ -205,6 +238,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, default=RESULTS)
     r.add_argument("--name", default=None)
     r.set_defaults(func=cmd_verify)
+
+    r = sub.add_parser("gpu-check", help="the whole first GPU session, in phases (see benchmarks/gpu_check.py)")
+    r.add_argument("--out", type=Path, required=True, help="results and a work folder (kept between calls)")
+    r.add_argument("--phase", default="all", help="comma-separated: probe,tests,export,ort,row:diffusers,"
+                   "row:torch-compile,row:ort,row:trt,report; or all, rows (default all)")
+    r.add_argument("--wheels", type=Path, default=None, help="a folder from `benchmarks wheels` to install from first")
+    r.add_argument("--copy-to", type=Path, default=None, help="also copy this call's result files here")
+    r.add_argument("--size", choices=("tiny", "full"), default="full")
+    r.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    r.add_argument("--batches", type=_ints, default=(1, 4, 16))
+    r.add_argument("--steps", type=int, default=25)
+    r.add_argument("--guidance", type=float, default=3.0)
+    r.add_argument("--repeats", type=int, default=3)
+    r.add_argument("--warmup", type=int, default=1)
+    r.add_argument("--row-timeout", type=float, default=540.0, help="seconds per row (partial results are kept)")
+    r.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of the torch-compile row")
+    r.set_defaults(func=cmd_gpu_check)
+
+    r = sub.add_parser("wheels", help="download wheels for a Python 3.12 x86-64 GPU machine and pack them "
+                                      "into folders that each fit one transfer")
+    r.add_argument("--out", type=Path, default=env.REPO / ".whl")
+    r.add_argument("--max-mib", type=float, default=60.0, help="size of each folder (default 60 MiB)")
+    r.add_argument("--python", default="3.12")
+    r.add_argument("packages", nargs="*", help="requirements (default: diffusers and onnxruntime-gpu, pinned)")
+    r.set_defaults(func=cmd_wheels)
 
     r = sub.add_parser("_row", help=argparse.SUPPRESS)
     r.add_argument("config")

@@ -162,8 +162,13 @@ def _run_child(cfg: dict, timeout: float | None) -> dict:
         except subprocess.TimeoutExpired:
             rc, tail = "timeout", f"stopped after {timeout} s (--row-timeout)"
         wall = round(time.perf_counter() - t, 1)
+        partial = res_path.with_name("row.partial.json")
         if res_path.is_file():
             row = json.loads(res_path.read_text())
+        elif partial.is_file():            # stopped (timeout, crash) after some measurements: keep them
+            row = json.loads(partial.read_text())
+            row["reason"] = (f"stopped after {wall} s (--row-timeout)" if rc == "timeout"
+                             else f"row process ended with {rc}: {tail[-500:]}") + "; partial measurements kept"
         else:
             row = {"status": "failed", "reason": f"row process ended with {rc} and no result: {tail}"}
         if row.get("status") == "failed" and "output_tail" not in row:
@@ -172,8 +177,13 @@ def _run_child(cfg: dict, timeout: float | None) -> dict:
         return row
 
 
+def measured(row: dict) -> bool:
+    """A row with a batch-1 latency: complete, or stopped part-way (status "partial")."""
+    return row.get("status") in ("ok", "partial") and bool(row.get("latency_s"))
+
+
 def _add_floor(row: dict, flops: dict, peak: dict | None, opts: RunOptions) -> None:
-    if not peak or row.get("status") != "ok":
+    if not peak or not measured(row):
         return
     rate = peak["tflops"] * 1e12
     cfg = opts.guidance > 1
@@ -191,11 +201,11 @@ def _add_floor(row: dict, flops: dict, peak: dict | None, opts: RunOptions) -> N
 
 
 def _add_baseline(rows: list[dict]) -> None:
-    base = next((r for r in rows if r["backend"] == "diffusers" and r["status"] == "ok"), None)
+    base = next((r for r in rows if r["backend"] == "diffusers" and measured(r)), None)
     if base is None:
         return
     for r in rows:
-        if r["status"] != "ok":
+        if not measured(r):
             continue
         r["vs_diffusers"] = {
             "latency_speedup": base["latency_s"]["median"] / r["latency_s"]["median"],
@@ -280,57 +290,64 @@ def _times(fn, sync, n: int) -> list[float]:
     return out
 
 
-def measure_row(cfg: dict) -> dict:
+def measure_row(cfg: dict, save=None) -> dict:
+    """The row's measurements. `save(row)` is called after each one with the row so far (status
+    "partial"), so a row stopped at --row-timeout still reports what it measured."""
     from .runners import RUNNERS
 
     repeats, warmup = max(1, cfg["repeats"]), max(0, cfg["warmup"])
     runner = RUNNERS[cfg["backend"]](cfg)
+    row = {"status": "partial", "info": {}, "notes": runner.notes, "load_s": None, "cold_start_s": None,
+           "latency_s": None, "throughput_ips": {}, "batch_runs_s": {}, "stages_s": {s: None for s in STAGE_ORDER},
+           "peak_rss_mb": None, "peak_gpu_mib": None, "peak_torch_gpu_mib": None}
     with env.GpuMemorySampler() as gpu:
+        def checkpoint():
+            row.update(peak_rss_mb=env.rss_high_water_mb(), peak_gpu_mib=gpu.peak_mib)
+            if save:
+                save(row)
         t0 = time.perf_counter()
         runner.load()
         runner.sync()
-        t_load = time.perf_counter() - t0
+        row["load_s"] = time.perf_counter() - t0
         first = runner.generate(1)
-        cold = time.perf_counter() - t0
-        # warm batch-1 latency
-        lat = _times(lambda: runner.generate(1), runner.sync, repeats)
-        runs = {1: lat}
-        for b in cfg["batches"]:
+        row.update(cold_start_s=time.perf_counter() - t0, image_shape=list(first.shape),
+                   image_mean=float(first.astype("float64").mean()))
+        checkpoint()
+        for b in [1] + [b for b in cfg["batches"] if b != 1]:       # batch 1: warm latency (after the cold run)
+            if b != 1:
+                _times(lambda: runner.generate(b), runner.sync, warmup)
+            ts = _times(lambda: runner.generate(b), runner.sync, repeats)
+            row["batch_runs_s"][str(b)] = ts
+            if b in cfg["batches"]:
+                row["throughput_ips"][str(b)] = b / _median(ts)
             if b == 1:
-                continue
-            _times(lambda: runner.generate(b), runner.sync, warmup)
-            runs[b] = _times(lambda: runner.generate(b), runner.sync, repeats)
-        stages = {}
+                row["latency_s"] = {"median": _median(ts), "min": min(ts), "max": max(ts), "runs": ts}
+            checkpoint()
         for name, fn in runner.stages().items():
             _times(fn, runner.sync, warmup if name in ("detect", "embed", "step") else 0)
-            stages[name] = _median(_times(fn, runner.sync, repeats))
-        info = runner.info()
-        torch_peak = runner.peak_torch_gpu_mib() if hasattr(runner, "peak_torch_gpu_mib") else None
+            row["stages_s"][name] = _median(_times(fn, runner.sync, repeats))
+            checkpoint()
+        row["info"] = runner.info()
+        row["peak_torch_gpu_mib"] = runner.peak_torch_gpu_mib() if hasattr(runner, "peak_torch_gpu_mib") else None
     runner.close()
-    return {
-        "status": "ok",
-        "info": info,
-        "notes": runner.notes,
-        "load_s": t_load,
-        "cold_start_s": cold,
-        "latency_s": {"median": _median(lat), "min": min(lat), "max": max(lat), "runs": lat},
-        "throughput_ips": {str(b): b / _median(ts) for b, ts in runs.items() if b in cfg["batches"]},
-        "batch_runs_s": {str(b): ts for b, ts in runs.items()},
-        "stages_s": {s: stages.get(s) for s in STAGE_ORDER},
-        "peak_rss_mb": env.rss_high_water_mb(),
-        "peak_gpu_mib": gpu.peak_mib,
-        "peak_torch_gpu_mib": torch_peak,
-        "image_shape": list(first.shape),
-        "image_mean": float(first.astype("float64").mean()),
-    }
+    row.update(status="ok", peak_rss_mb=env.rss_high_water_mb(), peak_gpu_mib=gpu.peak_mib)
+    return row
 
 
 def row_main(config: Path, result: Path) -> int:
     cfg = json.loads(config.read_text())
+    partial = result.with_name(result.stem + ".partial.json")
+
+    def save(row):
+        tmp = partial.with_suffix(".tmp")
+        tmp.write_text(json.dumps(row))
+        tmp.replace(partial)
     try:
-        row = measure_row(cfg)
+        row = measure_row(cfg, save)
     except Exception as e:
         row = {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:2000],
                "output_tail": traceback.format_exc()[-2500:], "peak_rss_mb": env.rss_high_water_mb()}
+        if partial.is_file():
+            row["partial"] = json.loads(partial.read_text())
     result.write_text(json.dumps(row))
     return 0 if row["status"] == "ok" else 1

@@ -49,6 +49,15 @@ def _commit(d: dict) -> str:
     return c + (" (uncommitted changes)" if g.get("dirty") else "")
 
 
+def _measured(r: dict) -> bool:
+    """Complete rows, and rows stopped part-way (status "partial") that have a batch-1 latency."""
+    return r.get("status") in ("ok", "partial") and bool(r.get("latency_s"))
+
+
+def _name(r: dict) -> str:
+    return r["backend"] + (" (partial)" if r.get("status") == "partial" else "")
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -67,14 +76,14 @@ def run_section(d: dict, chart: str | None) -> list[str]:
                      f"FLOPs: {d['flops']['source']}")
     lines.append("")
     rows = d["rows"]
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if _measured(r)]
     if ok:
         head = ["backend", "precision", "batch-1 latency (s)", "speed-up vs diffusers", "x floor",
                 "cold start (s)", "peak RSS (MB)", "peak GPU (MiB)"]
         body = []
         for r in ok:
             vs = r.get("vs_diffusers", {}).get("latency_speedup")
-            body.append([f"**{r['backend']}**", r.get("info", {}).get("precision", "–"),
+            body.append([f"**{_name(r)}**", r.get("info", {}).get("precision", "–"),
                          _f(r["latency_s"]["median"]), f"{vs:.2f}x" if vs else "–",
                          _f(r.get("floor", {}).get("latency_ratio")), _f(r["cold_start_s"]), _f(r["peak_rss_mb"]),
                          _f(r.get("peak_gpu_mib"))])
@@ -106,7 +115,7 @@ def run_section(d: dict, chart: str | None) -> list[str]:
             lines += ["Notes:", ""] + notes + [""]
     skipped = [r for r in rows if r["status"] != "ok"]
     if skipped:
-        lines += ["Not measured:", ""]
+        lines += ["Not (fully) measured:", ""]
         lines += [f"- **{r['backend']}** {r['status']}: {r.get('reason', '')}" for r in skipped] + [""]
     if chart:
         lines += [f"![{d['_file']}]({chart})", ""]
@@ -192,11 +201,11 @@ def chart(d: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    ok = [r for r in d["rows"] if r["status"] == "ok"]
+    ok = [r for r in d["rows"] if _measured(r)]
     if not ok:
         return False
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    names = [r["backend"] for r in ok]
+    names = [_name(r) for r in ok]
     lat = [r["latency_s"]["median"] for r in ok]
     bars = a.barh(names, lat, color=["tab:orange" if n == "diffusers" else "tab:blue" for n in names])
     for bar, r in zip(bars, ok):
@@ -211,7 +220,7 @@ def chart(d: dict, path: Path) -> bool:
     o = d["options"]
     for r in ok:
         bs = sorted(int(k) for k in r["throughput_ips"])
-        b.plot(bs, [r["throughput_ips"][str(k)] for k in bs], marker="o", label=r["backend"])
+        b.plot(bs, [r["throughput_ips"][str(k)] for k in bs], marker="o", label=_name(r))
     b.set_xlabel("batch size")
     b.set_ylabel("images / s, higher is better")
     b.legend()

@@ -1,0 +1,113 @@
+"""The GPU-session tooling that can be checked without a GPU: wheels carried in pieces, partial rows
+of a stopped benchmark, and `gpu-check` phases writing their JSON (the GPU parts skip or report why)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _wheel(path: Path, payload_bytes: int) -> Path:
+    """A minimal pure-Python wheel `tinypkg` whose module carries `payload_bytes` of incompressible data."""
+    payload = random.Random(0).randbytes(payload_bytes)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("tinypkg/__init__.py", f"SIZE = {payload_bytes}\n")
+        z.writestr("tinypkg/payload.bin", payload)
+        z.writestr("tinypkg-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: tinypkg\nVersion: 1.0\n")
+        z.writestr("tinypkg-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                  "Tag: py3-none-any\n")
+        z.writestr("tinypkg-1.0.dist-info/RECORD", "")
+    return path
+
+
+def test_wheels_travel_in_pieces_and_install_when_complete(tmp_path):
+    from benchmarks.wheels import install, pack
+
+    big = _wheel(tmp_path / "tinypkg-1.0-py3-none-any.whl", 600_000)
+    folders = pack([big], tmp_path / "whl", max_mib=0.25)              # ~0.6 MB in 0.25 MiB folders
+    assert len(folders) == 3 and all(sum(f.stat().st_size for f in d.iterdir()) <= 0.25 * 2**20 + 4096
+                                     for d in folders)
+    stash, site = tmp_path / "stash", tmp_path / "site"
+    first = install(folders[2], stash, site)                           # any order
+    assert first["installed"] == [] and len(first["waiting"][big.name]) == 2
+    install(folders[0], stash, site)
+    last = install(folders[1], stash, site)
+    assert last["installed"] == [big.name]
+    assert install(folders[1], stash, site)["already"] == [big.name]   # a repeated call installs nothing
+    code = "import tinypkg, pathlib; print(tinypkg.SIZE, pathlib.Path(tinypkg.__file__).parent.joinpath('payload.bin').stat().st_size)"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(site)),
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["600000", "600000"]
+
+
+class _SlowRunner:
+    """A benchmark row that measures batch 1 and then dies at batch 4 (as a row stopped by a timeout)."""
+    notes: list = []
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def load(self):
+        pass
+
+    def sync(self):
+        pass
+
+    def generate(self, batch):
+        if batch == 4:
+            raise TimeoutError("stopped")
+        return np.zeros((batch, 512, 512, 3), np.uint8)
+
+    def stages(self):
+        return {}
+
+
+def test_a_row_stopped_part_way_keeps_what_it_measured(monkeypatch, tmp_path):
+    from benchmarks import harness, report, runners
+
+    monkeypatch.setitem(runners.RUNNERS, "slow", _SlowRunner)
+    cfg = {"backend": "slow", "repeats": 2, "warmup": 0, "batches": [1, 4]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert harness.row_main(tmp_path / "config.json", tmp_path / "row.json") == 1
+    row = json.loads((tmp_path / "row.json").read_text())
+    assert row["status"] == "failed" and "stopped" in row["reason"]
+    partial = row["partial"]
+    assert partial["status"] == "partial" and partial["latency_s"]["median"] >= 0
+    assert partial["throughput_ips"].keys() == {"1"} and partial["cold_start_s"] is not None
+    partial.update(backend="slow", reason="stopped after 540 s (--row-timeout); partial measurements kept")
+    assert harness.measured(partial)
+    doc = {"_file": "x.json", "options": {"size": "full", "steps": 25, "guidance": 3.0, "batches": [1, 4],
+                                          "repeats": 2, "precision_resolved": "fp16"},
+           "device_kind": "cuda", "machine": {}, "created": "now", "git": {}, "rows": [partial]}
+    text = "\n".join(report.run_section(doc, None))
+    assert "**slow (partial)**" in text and "stopped after 540 s" in text
+
+
+def test_gpu_check_phases_write_their_json_without_a_gpu(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    out, copies = tmp_path / "gc", tmp_path / "copies"
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "gpu-check", "--out", str(out), "--copy-to", str(copies),
+                        "--size", "tiny", "--phase", "probe,row:trt,report"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    probe = json.loads((out / "probe.json").read_text())
+    assert probe["status"] == "ok" and "gpus" in probe["machine"] and probe["onnxruntime"]["session_providers"]
+    assert probe["tensorrt_unusable_reason"]                         # no GPU here: says why
+    row = json.loads((out / "row-trt.json").read_text())["rows"][0]
+    assert row["status"] == "skipped" and row["reason"]
+    summary = json.loads((out / "gpu-check-summary.json").read_text())
+    assert summary["kind"] == "gpu-check" and "probe" in summary["phases"] and summary["run"].startswith("run-tiny-")
+    assert sorted(f.name for f in copies.iterdir()) == sorted(
+        ["probe.json", "row-trt.json", "gpu-check-summary.json", summary["run"]])
+    bad = subprocess.run([sys.executable, "-m", "benchmarks", "gpu-check", "--out", str(out), "--phase", "nope"],
+                         cwd=REPO, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown phase 'nope'" in bad.stderr
