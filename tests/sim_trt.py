@@ -235,6 +235,14 @@ class FakeRuntime:
     def __init__(self, trt, logger):
         self.trt = trt
 
+    def deserialize_cuda_engine(self, data):
+        cls = FakeRtxEngine if self.trt.__name__ == "tensorrt_rtx" else FakeEngine
+        return cls(self.trt, json.loads(bytes(data)))
+
+
+class FakeRtxRuntime(FakeRuntime):
+    """TensorRT-RTX's runtime also judges a plan against this GPU before deserialising it."""
+
     def get_engine_validity(self, data):
         desc = json.loads(bytes(data))
         bad = desc.get("invalid", [])
@@ -242,10 +250,6 @@ class FakeRuntime:
         for n in bad:
             mask |= int(self.trt.EngineInvalidityDiagnostics.__members__[n])
         return (self.trt.EngineValidity.INVALID if bad else self.trt.EngineValidity.VALID), mask
-
-    def deserialize_cuda_engine(self, data):
-        cls = FakeRtxEngine if self.trt.__name__ == "tensorrt_rtx" else FakeEngine
-        return cls(self.trt, json.loads(bytes(data)))
 
 
 def fake_trt(kernels, name: str = "tensorrt_rtx", version: str = "1.7.1.116", ccs=RTX_CCS):
@@ -256,7 +260,7 @@ def fake_trt(kernels, name: str = "tensorrt_rtx", version: str = "1.7.1.116", cc
     trt.TensorIOMode = _Enum("INPUT", "OUTPUT")
     trt.ExecutionContextAllocationStrategy = _Enum("STATIC", "ON_PROFILE_CHANGE", "USER_MANAGED")
     trt.ILogger = _Logger
-    trt.Runtime = lambda logger: FakeRuntime(trt, logger)
+    trt.Runtime = lambda logger: (FakeRtxRuntime if name == "tensorrt_rtx" else FakeRuntime)(trt, logger)
     if name == "tensorrt_rtx":
         trt.ComputeCapability = _Enum("NONE", "CURRENT", *("SM" + c.replace(".", "") for c in ccs))
         trt.EngineValidity = _Enum("VALID", "SUBOPTIMAL", "INVALID")

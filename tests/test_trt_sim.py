@@ -18,7 +18,7 @@ import pytest
 from arc2face_rt.backends import cuda
 from arc2face_rt.backends.trt import plan as trt_plan
 from arc2face_rt.backends.trt import SharedDeviceMemory, TrtSession, TrtStepSession, open_sessions
-from arc2face_rt.errors import BackendUnavailableError, InvalidInputError
+from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
 from arc2face_rt.pipeline import Arc2FacePipeline, GenerationOptions, image_noise, pick_backend, random_identity
 from arc2face_rt.schedulers import make_schedule
 from sim_cuda import FakeCudart
@@ -72,6 +72,18 @@ def test_graph_loop_equals_plain_loop_and_reference(sim, stage, guidance, with_n
     assert graph.mode == "graph" and sim.rt.launches == len(SIGNATURES)
     graph.close(), plain.close()
     assert sim.rt.live_device_bytes() == 0
+
+
+def test_full_tensorrt_flavour_runs_the_same_loop(monkeypatch, tmp_path):
+    """Full TensorRT (what a Hopper GPU needs): no runtime config, plans built for this GPU only."""
+    world = make_world(monkeypatch, tmp_path, cc="9.0", trt_name="tensorrt", ccs=("9.0",))
+    x, cond, table, _ = _inputs(np.random.default_rng(9), 2, 6, False)
+    with TrtStepSession(world.engines / "step_cfg.plan") as sess:
+        np.testing.assert_array_equal(sess.denoise_loop(x, cond, table, 3.0), loop_reference(x, cond, table, 3.0))
+        assert sess._runtime_cache is None and world.rt.captures == 1
+    other = make_sim_engines(tmp_path / "other", world.trt, ccs=("8.9",))
+    with pytest.raises(EngineMismatchError, match=r"built for compute capability \['8.9'\].*9\.0"):
+        TrtSession(other / "projector.plan")
 
 
 def test_not_capturable_context_runs_the_loop_uncaptured(monkeypatch, tmp_path, caplog):
