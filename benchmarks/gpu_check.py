@@ -80,6 +80,27 @@ def _setup_paths(work: Path) -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
 
+def _link_nvidia_libraries(site: Path) -> list[str]:
+    """onnxruntime.preload_dlls() looks for the nvidia-* wheels' CUDA/cuDNN libraries next to its own
+    package folder; installed into `site` it would not see the torch image's. Link them in (idempotent)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    dst = site / "nvidia"
+    dst.mkdir(parents=True, exist_ok=True)
+    linked = []
+    for loc in list(spec.submodule_search_locations):
+        if Path(loc).resolve() == dst.resolve():
+            continue
+        for child in Path(loc).iterdir():
+            if child.is_dir() and not (dst / child.name).exists():
+                (dst / child.name).symlink_to(child)
+                linked.append(str(child))
+    return linked
+
+
 def _write(opts: GpuCheckOptions, name: str, data: dict, written: list) -> Path:
     path = opts.out / name
     tmp = path.with_suffix(".tmp")
@@ -259,6 +280,7 @@ def gpu_check(opts: GpuCheckOptions) -> list[Path]:
         try:
             if phase == "install":
                 data = install(opts.wheels, work / "wheels", work / "site")
+                data["nvidia_libraries_linked"] = _link_nvidia_libraries(work / "site")
                 prev = opts.out / "install.json"
                 if prev.is_file():
                     data["earlier"] = json.loads(prev.read_text())

@@ -111,3 +111,19 @@ def test_gpu_check_phases_write_their_json_without_a_gpu(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "benchmarks", "gpu-check", "--out", str(out), "--phase", "nope"],
                          cwd=REPO, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown phase 'nope'" in bad.stderr
+
+
+def test_nvidia_libraries_are_linked_next_to_an_onnxruntime_installed_apart(tmp_path, monkeypatch):
+    """onnxruntime.preload_dlls() searches the folder onnxruntime is installed in for nvidia/cu13, nvidia/cudnn."""
+    from benchmarks.gpu_check import _link_nvidia_libraries
+
+    image = tmp_path / "image-site"
+    (image / "nvidia" / "cu13" / "lib").mkdir(parents=True)
+    (image / "nvidia" / "cudnn" / "lib").mkdir(parents=True)
+    monkeypatch.syspath_prepend(str(image))
+    site = tmp_path / "site"
+    linked = _link_nvidia_libraries(site)
+    assert sorted(Path(p).name for p in linked) == ["cu13", "cudnn"]
+    assert (site / "nvidia" / "cu13" / "lib").is_dir() and (site / "nvidia" / "cu13").is_symlink()
+    monkeypatch.syspath_prepend(str(site))
+    assert _link_nvidia_libraries(site) == []                         # idempotent
