@@ -106,8 +106,16 @@ def _write(opts: GpuCheckOptions, name: str, data: dict, written: list) -> Path:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
     tmp.replace(path)
-    written.append(path)
+    _keep(opts, path, written)
     return path
+
+
+def _keep(opts: GpuCheckOptions, path: Path, written: list) -> None:
+    """Note a written file and copy it to --copy-to at once: a call stopped later still returns it."""
+    written.append(path)
+    if opts.copy_to is not None:
+        opts.copy_to.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, opts.copy_to / path.name)
 
 
 def _say(msg: str) -> None:
@@ -258,13 +266,13 @@ def phase_report(opts: GpuCheckOptions, work: Path, written: list) -> dict:
         png = path.with_suffix(".png")
         run["_file"] = name
         if chart(run, png):
-            written.append(png)
+            _keep(opts, png, written)
         summary["run"] = name
     return summary
 
 
 def gpu_check(opts: GpuCheckOptions) -> list[Path]:
-    """Run the phases; return the files written (also copied to `copy_to`)."""
+    """Run the phases; return the files written (each also copied to `copy_to` as soon as it is written)."""
     opts.out.mkdir(parents=True, exist_ok=True)
     work = opts.out / "work"
     work.mkdir(exist_ok=True)
@@ -298,8 +306,4 @@ def gpu_check(opts: GpuCheckOptions) -> list[Path]:
         name = {"report": "gpu-check-summary.json"}.get(phase, f"{phase.replace(':', '-')}.json")
         _write(opts, name, data, written)
         _say(f"phase {phase}: {data['status']} in {data['phase_wall_s']} s -> {opts.out / name}")
-    if opts.copy_to is not None:
-        opts.copy_to.mkdir(parents=True, exist_ok=True)
-        for p in dict.fromkeys(written):
-            shutil.copyfile(p, opts.copy_to / p.name)
     return written

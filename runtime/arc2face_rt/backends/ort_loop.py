@@ -163,6 +163,8 @@ class OrtStepSession(OrtSession):
         self._copies = _DeviceCopies(stream) if self.on_gpu else _HostCopies()
         self._bound: dict[int, _Bound] = {}
         self._run_opts: dict[int, object] = {}
+        if self.cuda_graph:              # run() (host arrays, new buffers each call) must not capture or replay
+            self._run_options.add_run_config_entry("gpu_graph_id", "-1")
 
     def _state(self, batch: int):
         if batch not in self._bound:
