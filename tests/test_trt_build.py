@@ -19,6 +19,7 @@ from arc2face_rt.backends import cuda
 from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
 
 trt_build = pytest.importorskip("arc2face_export.trt_build")
+build_cli = pytest.importorskip("arc2face_export.build_cli")
 trt_network = pytest.importorskip("arc2face_export.trt_network")
 try:
     TRT = trt_build.import_trt()
@@ -233,7 +234,7 @@ def test_int8_from_recorded_calibration_data(tmp_path):
 def test_build_engines_cli_on_an_exported_folder(tmp_path):
     d = make_engines_dir(tmp_path / "e", "fp16", stages=("projector",))
     parser = argparse.ArgumentParser()
-    trt_build.add_build_engines_parser(parser.add_subparsers())
+    build_cli.add_build_engines_parser(parser.add_subparsers())
     args = parser.parse_args(["build-engines", "--out", str(d), "--stages", "projector", "--batch", "1,2,4",
                               "--opt-level", "2"])
     assert args.func(args) == 0
@@ -243,7 +244,7 @@ def test_build_engines_cli_on_an_exported_folder(tmp_path):
 
 def test_build_engines_cli_without_onnx_needs_model_dir(tmp_path):
     parser = argparse.ArgumentParser()
-    trt_build.add_build_engines_parser(parser.add_subparsers())
+    build_cli.add_build_engines_parser(parser.add_subparsers())
     args = parser.parse_args(["build-engines", "--out", str(tmp_path / "none")])
     with pytest.raises(EngineMismatchError, match="--model-dir"):
         args.func(args)

@@ -18,6 +18,7 @@ from arc2face_rt.face.models import face_plan, load_face_models
 from arc2face_rt.face.recognizer import ArcFaceRecognizer
 
 trt_build = pytest.importorskip("arc2face_export.trt_build")
+build_cli = pytest.importorskip("arc2face_export.build_cli")
 try:
     trt_build.import_trt()
 except BackendUnavailableError:
@@ -50,7 +51,7 @@ def face_engines(tiny_engines, tmp_path_factory):
     engines = root / "engines"
     shutil.copytree(tiny_engines, engines, ignore=shutil.ignore_patterns("*.plan"))
     parser = argparse.ArgumentParser()
-    trt_build.add_build_engines_parser(parser.add_subparsers())
+    build_cli.add_build_engines_parser(parser.add_subparsers())
     args = parser.parse_args(["build-engines", "--out", str(engines), "--face-models", str(models),
                               "--stages", "detector", "arcface", "--opt-level", "0", "--precision", "fp32"])
     assert args.func(args) == 0

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     try:
-        from .trt_build import add_build_engines_parser
+        from .build_cli import add_build_engines_parser
     except ImportError as e:            # TensorRT support is optional
         _missing = str(e)
         q = sub.add_parser("build-engines", help="build TensorRT engines (needs tensorrt or tensorrt-rtx)")

@@ -1,0 +1,102 @@
+"""`arc2face-export build-engines`: export the ONNX graphs when the folder lacks them, add the face
+stages, quantise for int8, then build the TensorRT plans (`trt_build.build_engines`)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from arc2face_rt import manifest as mf
+from arc2face_rt import specs
+from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError
+from arc2face_rt.outputs import check_output_dir
+
+from .face_plans import add_face_stages
+from .trt_build import BuildOptions, build_engines, parse_batch
+
+log = logging.getLogger("arc2face_export.trt_build")
+
+
+def _onnx_precision(precision: str) -> str:
+    return "fp32" if precision == "fp32" else "fp16"   # int8 quantises the fp16 graphs
+
+
+def _needs_export(out: Path, onnx_precision: str, stages: list[str] | None) -> bool:
+    try:
+        m = mf.load_manifest(out)
+    except EngineMismatchError:
+        return True
+    if m.get("precision") != onnx_precision:
+        return True
+    names = stages or list(specs.STAGES)
+    return any(n not in m.get("stages", {}) or not (out / specs.STAGES[n].onnx_file).is_file()
+               for n in names if n in specs.STAGES)
+
+
+def cmd_build_engines(args) -> int:
+    # Progress, build time and plan size are the point of this command: show them (stderr) even when
+    # the CLI's logging is at WARNING.
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    for name in (log.name, __package__ + ".int8"):
+        if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
+            logging.getLogger(name).setLevel(logging.INFO)
+    out = check_output_dir(args.out)
+    onnx_precision = _onnx_precision(args.precision)
+    if _needs_export(out, onnx_precision, args.stages):
+        if args.model_dir is None:
+            raise EngineMismatchError(f"{out} has no {onnx_precision} ONNX graphs; pass --model-dir to export them")
+        try:
+            from .onnx_export import export_all
+        except ImportError as e:
+            raise BackendUnavailableError(f"ONNX export is unavailable ({e}); run `arc2face-export onnx` first") from e
+        log.info("exporting %s ONNX graphs to %s first", onnx_precision, out)
+        export_all(Path(args.model_dir), out, precision=onnx_precision, force=False)
+    if not args.no_face:
+        add_face_stages(out, args.face_models or args.model_dir, force=args.force)
+    if args.precision == "int8":
+        from .int8 import ensure_int8_graphs
+        ensure_int8_graphs(out, calib_path=args.calib_data, stages=args.stages)
+    options = BuildOptions(batch=args.batch, opt_batch=args.opt_batch, opt_level=args.opt_level, compute_capability=args.compute_capability,
+                           timing_cache=not args.no_timing_cache, workspace_mib=args.workspace_mib)
+    build_engines(out, stages=args.stages, precision=args.precision, options=options, force=args.force)
+    return 0
+
+
+def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "build-engines", help="build TensorRT plans (<stage>.plan) next to the ONNX graphs",
+        description="Build a TensorRT / TensorRT-RTX plan per stage. Exports the ONNX graphs first when the "
+                    "folder lacks them. Plans are rebuilt only when the ONNX, the options, the library or the "
+                    "target GPU changed (recorded in manifest.json under 'plans').")
+    p.add_argument("--model-dir", help="model folder to export from when --out lacks the ONNX graphs")
+    p.add_argument("--out", required=True, help="engines folder (ONNX graphs + manifest.json)")
+    p.add_argument("--face-models", default=None,
+                   help="folder with scrfd_10g_bnkps.onnx / arcface.onnx (default: --model-dir); each one found "
+                        "becomes a 'detector' / 'arcface' stage and plan")
+    p.add_argument("--no-face", action="store_true", help="do not add the face detector and recognizer stages")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16",
+                   help="fp16 (default) / fp32 build from the graphs of that precision; int8 builds the step "
+                        "stages from Q/DQ-quantised graphs calibrated on step inputs the pipeline itself produces")
+    p.add_argument("--batch", type=parse_batch, default=None,
+                   help="batch profile: MAX, MIN,OPT or MIN,OPT,MAX (e.g. 1,4,8: min 1, opt 4, max 8); "
+                        "default: each stage spec's batch_range")
+    p.add_argument("--opt-batch", type=int, default=None, metavar="N",
+                   help="the batch TensorRT tunes the step and decoder plans for: the --batch you will generate "
+                        f"with (default: --batch's OPT, else {specs.DEFAULT_BATCH}, the default of arc2face-rt generate)")
+    p.add_argument("--opt-level", type=int, choices=range(6), default=3, metavar="{0..5}",
+                   help="builder optimisation level (default 3; higher builds longer)")
+    p.add_argument("--compute-capability", default="auto",
+                   help="TensorRT-RTX target(s): auto (this GPU, else the portable set 8.0,8.6,8.9,12.0), "
+                        "current, or a list such as 8.9,12.0 (7.5 for Turing)")
+    p.add_argument("--workspace-mib", type=int, default=None, help="workspace memory pool limit in MiB")
+    p.add_argument("--no-timing-cache", action="store_true", help="do not read/write <out>/timing.cache")
+    p.add_argument("--calib-data", default=None,
+                   help="int8: .npz of step-graph inputs (one array per input, leading axis = sample); "
+                        "default: record them by running this folder's graphs on 8 random identities")
+    p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
+                   help=f"stages to build (default: all in the manifest): {' '.join(specs.STAGES)} detector arcface")
+    p.add_argument("--force", action="store_true", help="rebuild even when the plans are up to date")
+    p.set_defaults(func=cmd_build_engines)
+    return p
