@@ -10,6 +10,7 @@ ever deleted.
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -41,29 +42,49 @@ def temp_prefix(name: str) -> str:
     return f".{name}.{_TAG}-{_host()}-{os.getpid()}-"
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], overwrite: bool = False,
+def atomic_write(path: str | Path, data: bytes | memoryview | Callable[[BinaryIO], None], overwrite: bool = False,
                  hint: str = "choose another --out or pass --force") -> Path:
-    """Call `write(file)` on a temporary file, then move it to `path`."""
+    """Write `data` (bytes, or a function that writes into a file object) to a temporary file beside
+    `path`, flush it to the disk, then move it into place.
+
+    A callable renders into memory first, so no library's unchecked writes (numpy's tofile ignores a
+    failed fwrite) can leave a short file: every byte goes through os.write, which raises on a full
+    disk or a file-size limit, and fsync surfaces errors a file system reports late. Outputs written
+    this way are small (images, embeddings, JSON), or already in memory (TensorRT plans)."""
     path = Path(path)
-    if path.exists() and not overwrite:
+    if os.path.lexists(path) and not overwrite:        # lexists: a dangling symbolic link counts too
         raise OutputExistsError(f"{path}: exists; {hint}")
+    if callable(data):
+        buf = io.BytesIO()
+        data(buf)
+        data = buf.getbuffer()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
+    tmp = None
     try:
-        os.fchmod(fd, 0o666 & ~_umask())        # mkstemp makes 0600; outputs get the usual mode
-        with os.fdopen(fd, "wb") as f:
-            write(f)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())    # mkstemp makes 0600; outputs get the usual mode
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.write(fd, view[:1 << 24]):]
+            os.fsync(fd)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(path)) from None     # name the output, not the temp
+        finally:
+            os.close(fd)
         if overwrite:
             os.replace(tmp, path)
         else:
             try:
                 os.link(tmp, path)              # fails if `path` appeared meanwhile: never clobber
             except FileExistsError:
-                raise OutputExistsError(f"{path}: appeared while writing; not overwritten") from None
+                raise OutputExistsError(f"{path}: appeared while this run was writing it (another process "
+                                        "writing into the same folder?); not overwritten") from None
             except OSError:                     # filesystems without hard links
                 os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return path
 
 

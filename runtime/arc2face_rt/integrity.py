@@ -80,7 +80,7 @@ class StampStore:
             return
         text = json.dumps({"version": _STAMP_VERSION, "files": self.stamps}).encode()
         try:
-            atomic_write(self.path, lambda f: f.write(text), overwrite=True)
+            atomic_write(self.path, text, overwrite=True)
             self.dirty = False
         except OSError as e:
             log.info("could not save verification stamps to %s (%s); the next run checks the files again",

@@ -59,7 +59,7 @@ def file_record(path: Path) -> dict:
 def write_json_atomic(path: str | Path, data: dict) -> None:
     """Replace `path` with `data` as JSON; readers never see half a file."""
     text = (json.dumps(data, indent=2) + "\n").encode()
-    atomic_write(path, lambda f: f.write(text), overwrite=True)
+    atomic_write(path, text, overwrite=True)
 
 
 def load_manifest(engines_dir: str | Path) -> dict:
