@@ -68,12 +68,12 @@ def test_interrupt_then_resume_equals_uninterrupted(tiny_engines, reference_run,
                        timeout=600)
     assert r.returncode == 0, r.stderr
     if pngs and rc != 0:
-        assert f"{len(pngs)} already done, skipped" in r.stderr, r.stderr
+        assert f"{len(pngs)} already there" in r.stderr, r.stderr
     assert _folder(out) == reference_run     # same names, same bytes, no temporary files left
 
 
 def test_full_disk_keeps_finished_images(tiny_engines, tmp_path, monkeypatch, capsys):
-    import arc2face_rt.images as images
+    import arc2face_rt.folder_run as images
 
     real_save, calls = images.save_png, []
 
@@ -96,22 +96,40 @@ def test_full_disk_keeps_finished_images(tiny_engines, tmp_path, monkeypatch, ca
     assert len(list(out.iterdir())) == N
 
 
-def test_resume_replaces_an_unfinished_file_and_refuses_foreign_ones(tiny_engines, reference_run, tmp_path, capsys):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "arc2face_3_0004.png").write_bytes(reference_run["arc2face_3_0004.png"][:500])   # cut short
-    assert rt_main(_generate_args(tiny_engines, out, "--resume")) == 0
-    assert "1 unreadable or incomplete" in capsys.readouterr().err
-    assert _folder(out) == reference_run
+def test_resume_never_replaces_what_it_did_not_write(tiny_engines, reference_run, tmp_path, capsys):
+    """A file at one of the run's names that is not a finished image of this run is somebody else's:
+    --resume refuses before any work (ours are written whole or not at all)."""
+    for name, content in (("cut-short", reference_run["arc2face_3_0004.png"][:500]),
+                          ("notes", b"my notes, not an image"),
+                          ("other-params", reference_run["arc2face_3_0000.png"])):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "arc2face_3_0004.png").write_bytes(content)
+        args = _generate_args(tiny_engines, out, "--resume")
+        if name == "other-params":
+            args[args.index("--steps") + 1] = "3"
+        assert rt_main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "arc2face_3_0004.png" in err and ("not an image this run wrote" in err or
+                                                 "other parameters" in err), err
+        assert _folder(out) == {"arc2face_3_0004.png": content}
 
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "arc2face_3_0000.png").write_bytes(reference_run["arc2face_3_0000.png"])
-    args = _generate_args(tiny_engines, other, "--resume")
-    args[args.index("--steps") + 1] = "3"                                   # another run's parameters
-    assert rt_main(args) == 2
-    assert "other parameters (steps: 2 there, 3 now)" in capsys.readouterr().err
-    assert _folder(other) == {"arc2face_3_0000.png": reference_run["arc2face_3_0000.png"]}
+
+def test_a_concurrent_writer_of_the_same_image_is_not_an_error(tiny_engines, reference_run, tmp_path, monkeypatch):
+    """Two runs writing the same images into one folder: what the other wrote meanwhile counts as done."""
+    import arc2face_rt.folder_run as folder_run
+
+    out = tmp_path / "out"
+    real_save = folder_run.save_png
+
+    def racing_save(path, image, params, overwrite=False):
+        if path.name == "arc2face_3_0005.png":        # the other run gets there first
+            (path.parent / path.name).write_bytes(reference_run[path.name])
+        return real_save(path, image, params, overwrite=overwrite)
+
+    monkeypatch.setattr(folder_run, "save_png", racing_save)
+    assert rt_main(_generate_args(tiny_engines, out)) == 0
+    assert _folder(out) == reference_run
 
 
 def test_stale_temporary_files(tmp_path):

@@ -255,8 +255,8 @@ def test_sd15_config_as_released():
 
 @pytest.mark.parametrize("name,steps,config,match", [
     ("pndm", 25, None, "dpmpp2m, ddim, euler, lcm"),
-    ("dpmpp2m", 0, None, "steps=0"),
-    ("ddim", -3, None, "steps=-3"),
+    ("dpmpp2m", 0, None, "--steps 0"),
+    ("ddim", -3, None, "--steps -3"),
     ("euler", 1001, None, "1..1000"),
     ("ddim", 1000, None, "training range"),            # leading spacing + steps_offset 1 reaches t=1000
     ("dpmpp2m", 1000, None, "repeated timesteps"),     # linspace rounding repeats a timestep
@@ -269,6 +269,17 @@ def test_sd15_config_as_released():
     ("ddim", 25, {**SD15_SCHEDULER_CONFIG, "timestep_spacing": "sideways"}, "timestep_spacing"),
     ("ddim", 25, {**SD15_SCHEDULER_CONFIG, "beta_schedule": "quadratic"}, "beta_schedule"),
     ("ddim", 25, [1, 2], "dict"),
+    # hostile values a manifest may carry: refused with InvalidInputError, never another exception or a hang
+    ("dpmpp2m", 25, {**SD15_SCHEDULER_CONFIG, "num_train_timesteps": 10**9}, "num_train_timesteps"),
+    ("dpmpp2m", 25, {**SD15_SCHEDULER_CONFIG, "num_train_timesteps": float("inf")}, "bad numeric"),
+    ("dpmpp2m", 25, {**SD15_SCHEDULER_CONFIG, "steps_offset": 1e400}, "bad numeric"),
+    ("dpmpp2m", 25, {**SD15_SCHEDULER_CONFIG, "beta_end": 2}, "beta_end"),
+    ("dpmpp2m", 25, {**SD15_SCHEDULER_CONFIG, "beta_start": float("nan")}, "beta_start"),
+    ("dpmpp2m", 25, {**SD15_SCHEDULER_CONFIG, "trained_betas": ["x"] * 1000}, "trained_betas"),
+    ("dpmpp2m", 25, {**SD15_SCHEDULER_CONFIG, "trained_betas": {"a": 1}}, "trained_betas"),
+    ("dpmpp2m", 25, {**SD15_SCHEDULER_CONFIG, "trained_betas": [[0.1], [0.1, 0.2]]}, "trained_betas"),
+    ("dpmpp2m", 25, {**SD15_SCHEDULER_CONFIG, "trained_betas": [None] * 1000}, "trained_betas"),
+    ("lcm", 4, {**SD15_SCHEDULER_CONFIG, "original_inference_steps": 1e400}, "bad numeric"),
 ])
 def test_errors(name, steps, config, match):
     with pytest.raises(InvalidInputError, match=match):

@@ -5,14 +5,10 @@ import argparse
 import logging
 import math
 import sys
-import time
-from collections import Counter
 from pathlib import Path
-from typing import Iterator
 
 from . import __version__
-from .errors import InvalidInputError, OutputExistsError, OutputWriteError
-from .exits import Terminated, run_cli, user_error_message
+from .exits import run_cli
 from .face.cli import add_embed_parser, add_score_parser
 from .pipeline import BACKENDS, GenerationOptions
 from .schedulers import SCHEDULERS
@@ -57,43 +53,18 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-def _batches(count: int, batch: int, done: set[int]) -> Iterator[list[int]]:
-    """Indices 0..count-1 in batches aligned to multiples of `batch`, leaving out batches whose
-    images are all `done`; lazy, so a huge -n costs nothing up front. A partly done batch is made
-    whole again (only its missing images are written), so every image comes from the same batch
-    as in an uninterrupted run: a resumed run gives the same bytes."""
-    for start in range(0, count, batch):
-        idx = range(start, min(start + batch, count))
-        if not all(i in done for i in idx):
-            yield list(idx)
-
-
-def _batches_to_run(count: int, batch: int, done: set[int]) -> int:
-    full = Counter(i // batch for i in done)
-    skipped = sum(1 for k, n in full.items() if n == min(batch, count - k * batch))
-    return math.ceil(count / batch) - skipped
-
-
 def cmd_generate(args) -> int:
-    from .outputs import check_output_dir, check_prefix, existing_images
+    from .folder_run import FolderRun
     from .pipeline import Arc2FacePipeline, load_identity, random_identity
 
-    # Everything a user can get wrong is checked before any model is loaded.
+    # Everything a user can get wrong is checked before any model is loaded, and everything the
+    # engines folder can get wrong before the output folder is made.
     opts = GenerationOptions(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
                              seed=args.seed, batch_size=args.batch)
     opts.check()
-    if args.num_images < 1:
-        raise InvalidInputError(f"-n must be >= 1 (got {args.num_images})")
-    if args.resume and args.overwrite:
-        raise InvalidInputError("--resume keeps finished images and --overwrite replaces them: pass one of them")
-    check_prefix(args.prefix)
-    out = check_output_dir(args.out)
-    existing = existing_images(out, args.prefix, args.seed, args.num_images)
-    if existing and not (args.overwrite or args.resume):
-        first = existing[min(existing)]
-        raise OutputExistsError(f"{first} (and {len(existing) - 1} more of this run's names) exist; pass --resume "
-                                "to finish an interrupted run, --overwrite to replace them, or choose another "
-                                "--out, --seed or --prefix")
+    run = FolderRun(out=args.out, count=args.num_images, prefix=args.prefix, resume=args.resume,
+                    overwrite=args.overwrite)
+    existing = run.check(args.seed)
     if args.embedding:
         identity, who = load_identity(args.embedding), str(args.embedding)
     elif args.random_id:
@@ -101,71 +72,36 @@ def cmd_generate(args) -> int:
     else:
         from .face.models import identity_from_images
         identity = identity_from_images(args.image, models_dir=args.models, device=args.device,
-                                        log=lambda msg: print(msg, file=sys.stderr),
-                                        engines=args.engines, backend=args.backend, verify=not args.no_verify)
+                                        log=_stderr, engines=args.engines, backend=args.backend,
+                                        verify=not args.no_verify)
         who = f"from {len(args.image)} photo path(s)"
-    pipe = Arc2FacePipeline(args.engines, backend=args.backend, device=args.device, verify=not args.no_verify)
-    with pipe:
-        return _generate_into(pipe, args, opts, identity, who, out, existing)
+    with Arc2FacePipeline(args.engines, backend=args.backend, device=args.device, verify=not args.no_verify) as pipe:
+        pipe.prepare(opts)
+        _stderr(f"arc2face-rt {__version__}: {args.num_images} image(s) of identity {who}, {opts.steps} "
+                f"{opts.scheduler} steps, guidance {opts.guidance}, backend {pipe.backend} "
+                f"({pipe.manifest.get('precision')})")
+        if pipe.manifest.get("source", {}).get("random_weights"):
+            _stderr("note: these engines come from a RANDOM-WEIGHT checkpoint: images will look like noise, not faces")
+        s = run.write(pipe, identity, opts, existing, log=_stderr, progress=_progress_bar)
+    t = s.timings
+    steps_run = max(1, math.ceil(max(s.written, 1) / opts.batch_size) * opts.steps)
+    _stderr(f"wrote {s.written} image(s) to {args.out} in {s.seconds:.1f} s"
+            + (f", {s.skipped} already there" if s.skipped else "")
+            + (f", {s.made_elsewhere} written meanwhile by another process" if s.made_elsewhere else "")
+            + f" (project {t.get('project', 0):.2f} s, denoise {t.get('denoise', 0):.1f} s = "
+            f"{t.get('denoise', 0) / steps_run * 1000:.0f} ms/step at batch {opts.batch_size}, "
+            f"decode {t.get('decode', 0):.1f} s)")
+    return 0
 
 
-def _generate_into(pipe, args, opts: GenerationOptions, identity, who: str, out: Path, existing: dict) -> int:
+def _progress_bar(total: int):
     from tqdm import tqdm
 
-    from .atomic import remove_stale_temps
-    from .images import save_png
-    from .outputs import image_name, plan_resume
+    return tqdm(total=total, unit="step", desc="denoise", file=sys.stderr, disable=None)
 
-    skip: set[int] = set()
-    if args.resume and existing:
-        plan = plan_resume(existing, lambda i: pipe.image_params(opts, i, identity))
-        skip = plan.done
-        if plan.redo:
-            print(f"resume: {len(plan.redo)} unreadable or incomplete file(s) of this run will be made again",
-                  file=sys.stderr)
-    todo = args.num_images - len(skip)
-    runs = _batches_to_run(args.num_images, opts.batch_size, skip)
-    out.mkdir(parents=True, exist_ok=True)
-    removed = remove_stale_temps(out)
-    print(f"arc2face-rt {__version__}: {args.num_images} image(s) of identity {who}, {opts.steps} "
-          f"{opts.scheduler} steps, guidance {opts.guidance}, backend {pipe.backend} "
-          f"({pipe.manifest.get('precision')})" + (f"; {len(skip)} already done, skipped" if skip else "")
-          + (f"; removed {removed} abandoned temporary file(s)" if removed else ""), file=sys.stderr)
-    if pipe.manifest.get("source", {}).get("random_weights"):
-        print("note: these engines come from a RANDOM-WEIGHT checkpoint: images will look like noise, "
-              "not faces", file=sys.stderr)
-    written, timings = 0, {}
-    t0 = time.perf_counter()
-    with tqdm(total=runs * opts.steps, unit="step", desc="denoise", file=sys.stderr, disable=None) as bar:
-        try:
-            for idx in _batches(args.num_images, opts.batch_size, skip):
-                res = pipe.generate(identity, options=opts, on_step=bar.update, indices=idx)
-                for img, params, i in zip(res.images, res.params, idx):
-                    if i in skip:
-                        continue
-                    # --resume replaces only the unfinished files of this run that it found
-                    save_png(out / image_name(args.prefix, args.seed, i), img, params,
-                             overwrite=args.overwrite or (args.resume and i in existing))
-                    written += 1
-                for k, v in res.timings.items():
-                    timings[k] = timings.get(k, 0.0) + v
-        except KeyboardInterrupt as e:           # Ctrl-C, or SIGTERM (exits.Terminated)
-            bar.close()
-            print(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}: {written} image(s) were "
-                  f"written to {out}, none half-written; run the same command with --resume to finish",
-                  file=sys.stderr)
-            e.reported = True
-            raise
-        except (OSError, MemoryError) as e:
-            bar.close()
-            raise OutputWriteError(f"{user_error_message(e)}; stopped after {written} of {todo} image(s), which "
-                                   f"are kept in {out}: run the same command with --resume to finish") from e
-    total = time.perf_counter() - t0
-    per_step = timings.get("denoise", 0.0) / max(1, runs * opts.steps)
-    print(f"wrote {written} image(s) to {out} in {total:.1f} s (project {timings.get('project', 0):.2f} s, "
-          f"denoise {timings.get('denoise', 0):.1f} s = {per_step * 1000:.0f} ms/step at batch "
-          f"{min(opts.batch_size, max(todo, 1))}, decode {timings.get('decode', 0):.1f} s)", file=sys.stderr)
-    return 0
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
 
 
 def _add_info(sub) -> None:
@@ -188,9 +124,7 @@ def cmd_info(args) -> int:
             verify_records(args.engines, files, mode="full" if args.verify else "size")
             size = sum(r["bytes"] for r in files.values()) / 2**20
             val = rec.get("validation")
-            extra = ""
-            if isinstance(val, dict) and all(isinstance(val.get(k), (int, float)) for k in ("value", "tolerance")):
-                extra = f", {val.get('metric')} {val['value']:.3g} <= {val['tolerance']}"
+            extra = f", {val.get('metric')} {val['value']:.3g} <= {val['tolerance']}" if val else ""
             print(f"  {section[:-1].replace('_', ' ')} {name}: {size:.1f} MiB{extra}")
     print("files ok" + (" (sha256 verified)" if args.verify else " (sizes checked; --verify checks content)"))
     return 0

@@ -24,13 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_write
-from .errors import EngineMismatchError
+from .errors import Arc2FaceError, EngineMismatchError
+from .fileio import read_regular_file
 from .manifest import resolve_inside, sha256_file
 
 log = logging.getLogger(__name__)
 
 MODES = ("size", "stamp", "full")   # size only; content via stamps; content, hashing everything
 _STAMP_VERSION = 1
+_MAX_STAMP_BYTES = 64 << 20
 
 
 def cache_dir() -> Path:
@@ -62,11 +64,11 @@ class StampStore:
         self.stamps: dict[str, list] = {}
         self.dirty = False
         try:
-            data = json.loads(self.path.read_bytes())
+            data = json.loads(read_regular_file(self.path, _MAX_STAMP_BYTES, what="stamp file"))
             if isinstance(data, dict) and data.get("version") == _STAMP_VERSION and isinstance(data.get("files"), dict):
                 self.stamps = data["files"]
-        except (OSError, ValueError, RecursionError):
-            pass                      # no stamps yet, or an unreadable file: hash again
+        except (Arc2FaceError, ValueError, RecursionError):
+            pass                      # no stamps yet, or not a stamp file we wrote: hash again
 
     def matches(self, real: str, st: os.stat_result, sha256: str) -> bool:
         return self.stamps.get(real) == _stat_key(st) + [sha256]

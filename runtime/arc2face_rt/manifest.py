@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 from pathlib import Path
 
 from .atomic import atomic_write
 from .errors import EngineMismatchError
+from .fileio import read_regular_file
 from .specs import PRECISIONS, SPEC_REVISION, STAGES, STEP, STEP_CFG
 
 MANIFEST = "manifest.json"
@@ -70,16 +73,16 @@ def load_manifest(engines_dir: str | Path) -> dict:
         raise EngineMismatchError(
             f"{engines_dir}: no such engines folder; write one with "
             f"`arc2face-export onnx --model-dir MODEL --out {engines_dir}`")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise EngineMismatchError(
             f"{engines_dir}: no {MANIFEST}; write this folder with "
             f"`arc2face-export onnx --model-dir MODEL --out {engines_dir}`")
+    fix = _REEXPORT.format(d=engines_dir)
+    raw = read_regular_file(path, MAX_MANIFEST_BYTES, what="manifest", fix=fix, error=EngineMismatchError)
     try:
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise ValueError(f"{path.stat().st_size} bytes, far more than a manifest needs")
-        m = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError) as e:
-        raise EngineMismatchError(f"{path}: unreadable manifest ({e}); {_REEXPORT.format(d=engines_dir)}") from None
+        m = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise EngineMismatchError(f"{path}: unreadable manifest ({' '.join(str(e).split())}); {fix}") from None
     check_manifest(m, engines_dir)
     return m
 
@@ -141,6 +144,9 @@ def _record_problem(rec, section: str, engines_dir: Path) -> str | None:
         files = rec.get("files")
         if not isinstance(files, dict) or not files:
             return "lacks its 'files' record"
+    val = rec.get("validation")
+    if val is not None and not (isinstance(val, dict) and all(_is_finite(val.get(k)) for k in ("value", "tolerance"))):
+        return "validation record is not {metric, value, tolerance} with finite numbers"
     if section == "face_stages":
         br = rec.get("batch_range")
         if not (isinstance(br, list) and len(br) == 3 and all(_is_int(b) and b >= 1 for b in br)):
@@ -207,6 +213,13 @@ def verify_files(engines_dir: str | Path, records: dict, hashes: bool = False) -
     from .integrity import verify_records
 
     verify_records(engines_dir, records, mode="full" if hashes else "size")
+
+
+def _is_finite(v) -> bool:
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def _is_int(v) -> bool:

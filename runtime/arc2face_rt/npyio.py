@@ -1,23 +1,23 @@
 """.npy files in and out, safely.
 
-`read_npy` trusts nothing in the file: it must be a regular file (a FIFO would block a plain open
-forever), no larger than the caller's bound, with a valid header whose shape and dtype account for
-exactly the bytes that follow (a header may claim 10^12 elements; we never allocate from the header
-alone), and no Python objects (never unpickled). `save_npy_atomic` writes through a temporary file.
+`read_npy` trusts nothing in the file: it must be a regular file (`fileio.read_regular_file`) no
+larger than the caller's bound, with a valid header whose shape and dtype account for exactly the
+bytes that follow (a header may claim 10^12 elements; we never allocate from the header alone), and
+no Python objects (never unpickled). `save_npy_atomic` writes through a temporary file.
 """
 from __future__ import annotations
 
+import io
 import math
-import os
-import stat
 from pathlib import Path
 
 import numpy as np
 
 from .atomic import atomic_write
 from .errors import InvalidInputError
-from .exits import os_error_message
+from .fileio import read_regular_file
 
+_MAX_HEADER = 10000            # numpy's own default bound on a header's size
 _READ_HEADER = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0,
                 (3, 0): np.lib.format.read_array_header_2_0}   # 3.0 = 2.0 with a UTF-8 header
 
@@ -25,44 +25,31 @@ _READ_HEADER = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.form
 def read_npy(path: str | Path, max_bytes: int, fix: str = "write it again") -> np.ndarray:
     """The array in a .npy file; InvalidInputError (naming `fix`) for anything that is not one."""
     path = Path(path)
+    raw = read_regular_file(path, max_bytes, what=".npy file", fix=fix)
+    f = io.BytesIO(raw)
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise InvalidInputError(f"{path}: no such file; {fix}") from None
-    except OSError as e:
-        raise InvalidInputError(os_error_message(e)) from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe, socket or device)"
-        raise InvalidInputError(f"{path}: is {kind}, expected a .npy file")
-    if st.st_size == 0:
-        raise InvalidInputError(f"{path}: empty file (0 bytes); {fix}")
-    if st.st_size > max_bytes:
-        raise InvalidInputError(f"{path}: {st.st_size} bytes, more than the {max_bytes} such a file can need; "
-                                f"is it the right file? {fix}")
+        version = np.lib.format.read_magic(f)
+        read_header = _READ_HEADER.get(version)
+        if read_header is None:
+            raise ValueError(f"unknown .npy format version {version}")
+        shape, fortran, dtype = read_header(f, max_header_size=_MAX_HEADER)
+    except Exception as e:    # numpy parses the header with Python's tokenizer: many error types
+        why = " ".join(str(e).split()[:12])
+        raise InvalidInputError(f"{path}: not a .npy array ({type(e).__name__}: {why}); {fix}") from None
+    if dtype.hasobject:
+        raise InvalidInputError(f"{path}: holds Python objects, not numbers; {fix}")
+    if any(d < 0 for d in shape) or dtype.subdtype is not None or dtype.itemsize == 0:
+        raise InvalidInputError(f"{path}: header describes shape {tuple(shape)} of {dtype}, not a plain array; {fix}")
+    data_bytes = math.prod(shape) * dtype.itemsize
+    have = len(raw) - f.tell()
+    if have != data_bytes:
+        raise InvalidInputError(
+            f"{path}: its header announces shape {tuple(shape)} {dtype} ({data_bytes} bytes of data), "
+            f"but {have} bytes follow; the file is truncated or not a .npy array; {fix}")
     try:
-        with open(path, "rb") as f:
-            try:
-                version = np.lib.format.read_magic(f)
-                read_header = _READ_HEADER.get(version)
-                if read_header is None:
-                    raise ValueError(f"unknown .npy format version {version}")
-                shape, fortran, dtype = read_header(f)
-            except Exception as e:    # numpy parses the header with Python's tokenizer: many error types
-                raise InvalidInputError(f"{path}: not a .npy array ({type(e).__name__}: {e}); {fix}") from None
-            if dtype.hasobject:
-                raise InvalidInputError(f"{path}: holds Python objects, not numbers; {fix}")
-            data_bytes = math.prod(shape) * dtype.itemsize
-            have = st.st_size - f.tell()
-            if have != data_bytes:
-                raise InvalidInputError(
-                    f"{path}: its header announces shape {tuple(shape)} {dtype} ({data_bytes} bytes of data), "
-                    f"but {have} bytes follow; the file is truncated or not a .npy array; {fix}")
-            data = f.read(data_bytes)
-    except OSError as e:
-        raise InvalidInputError(os_error_message(e)) from None
-    if len(data) != data_bytes:
-        raise InvalidInputError(f"{path}: changed while being read; {fix}")
-    return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+        return np.frombuffer(raw, dtype, offset=f.tell()).reshape(shape, order="F" if fortran else "C")
+    except (ValueError, TypeError) as e:
+        raise InvalidInputError(f"{path}: not a plain numeric array ({e}); {fix}") from None
 
 
 def save_npy_atomic(path: str | Path, array: np.ndarray, force: bool = False) -> None:

@@ -9,22 +9,26 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InvalidInputError
 from .exits import os_error_message
 from .images import PARAMS_KEY
 
-_NAME_MAX = 200
+_NAME_MAX = 170        # file systems allow 255 bytes; atomic_write adds ~80 for its temporary name
 
 
-def check_prefix(prefix: str) -> None:
-    """A file-name prefix: non-empty, no path separators, not hidden, printable."""
+def check_names(prefix: str, seed: int, count: int) -> None:
+    """Image names `PREFIX_SEED_INDEX.png`: a plain prefix (non-empty, no path separators, not hidden,
+    printable), and names short enough for the file system with room for the temporary-file tag."""
     bad = [c for c in prefix if c in "/\\\x00" or not c.isprintable()]
-    if not prefix or bad or prefix.startswith(".") or len(prefix) > _NAME_MAX:
+    if not prefix or bad or prefix.startswith("."):
         raise InvalidInputError(f"--prefix {prefix!r}: must be a plain file-name prefix (no '/', no leading '.', "
-                                f"printable, at most {_NAME_MAX} characters); put folders into --out instead")
+                                "printable); put folders into --out instead")
+    longest = len(image_name(prefix, seed, max(count - 1, 0)).encode())
+    if longest > _NAME_MAX:
+        raise InvalidInputError(f"--prefix and --seed make file names of {longest} bytes; at most {_NAME_MAX} fit "
+                                "(with room for the temporary-file tag): use a shorter --prefix")
 
 
 def check_output_dir(out: str | Path) -> Path:
@@ -68,12 +72,6 @@ def existing_images(out: Path, prefix: str, seed: int, count: int) -> dict[int, 
     return found
 
 
-@dataclass
-class ResumePlan:
-    done: set[int] = field(default_factory=set)       # valid images with matching parameters: skipped
-    redo: set[int] = field(default_factory=set)       # unreadable/incomplete files of our names: replaced
-
-
 def read_image_params(path: Path) -> dict | None:
     """The parameters a finished arc2face-rt PNG records, or None when the file is not one (unreadable,
     truncated, another image, no parameters)."""
@@ -94,27 +92,37 @@ def read_image_params(path: Path) -> dict | None:
     return params
 
 
-def plan_resume(existing: dict[int, Path], expected) -> ResumePlan:
-    """Sort existing images into done (valid, same parameters) and redo (not a finished image).
+def params_differ(got: dict, want: dict) -> list[str]:
+    """The recorded parameters that differ (the arc2face-rt version is not a parameter of the image)."""
+    return sorted(k for k in set(want) | set(got) if k != "arc2face_rt" and got.get(k) != want.get(k))
 
-    `expected(i)` gives image i's parameters. A finished image made with other parameters is
-    someone else's work: InvalidInputError, before anything is generated."""
-    plan = ResumePlan()
+
+def is_same_image(path: Path, want: dict) -> bool:
+    """Whether `path` is a finished image with exactly these parameters."""
+    got = read_image_params(path)
+    return got is not None and not params_differ(got, want)
+
+
+def plan_resume(existing: dict[int, Path], expected) -> set[int]:
+    """The indices among `existing` that are finished images of this run (`expected(i)` gives image
+    i's parameters): --resume skips them. Anything else at one of this run's names is refused before
+    any work, never replaced: a finished image with other parameters is another run's, and a file
+    that is not a complete arc2face-rt PNG is not ours (ours are written whole or not at all)."""
+    done = set()
     for i, path in sorted(existing.items()):
         if path.is_dir() or path.is_symlink():
             raise InvalidInputError(f"{path}: is a {'folder' if path.is_dir() else 'symbolic link'} where image "
                                     f"{i} goes; move it away or choose another --out/--prefix")
         got = read_image_params(path)
         if got is None:
-            plan.redo.add(i)
-            continue
-        want = expected(i)
-        diff = sorted(k for k in set(want) | set(got) if k != "arc2face_rt" and got.get(k) != want.get(k))
+            raise InvalidInputError(f"{path}: is not an image this run wrote (unreadable, incomplete, or a PNG "
+                                    "without arc2face-rt parameters); move it away or choose another --out/--prefix")
+        diff = params_differ(got, expected(i))
         if diff:
             k = diff[0]
             raise InvalidInputError(
-                f"{path}: was made with other parameters ({k}: {got.get(k)!r} there, {want.get(k)!r} now"
+                f"{path}: was made with other parameters ({k}: {got.get(k)!r} there, {expected(i).get(k)!r} now"
                 f"{f', and {len(diff) - 1} more' if len(diff) > 1 else ''}); --resume only continues the same "
                 "run: choose another --out/--prefix/--seed, or pass --overwrite")
-        plan.done.add(i)
-    return plan
+        done.add(i)
+    return done

@@ -17,15 +17,16 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import __version__
-from .errors import InvalidInputError
+from .errors import EngineMismatchError, InvalidInputError
 from .integrity import verify_records
 from .manifest import load_manifest, record_files, resolve_inside, stage_file
 from .npyio import read_npy
 from .schedulers import SCHEDULERS, Schedule, make_schedule
 from .specs import (DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, ID_DIM, LATENT_CHANNELS,
-                    LATENT_SIZE, PROJECTOR, STEP, STEP_CFG, VAE_DECODER)
+                    LATENT_SIZE, PROJECTOR, STAGES, STEP, STEP_CFG, VAE_DECODER)
 
 BACKENDS = ("auto", "ort", "trt")
+MAX_GUIDANCE = 100.0        # CFG scales beyond this are a typo, not a setting (1e39 overflows float32)
 log = logging.getLogger("arc2face_rt")
 
 
@@ -43,12 +44,13 @@ class GenerationOptions:
             raise InvalidInputError(f"--steps must be >= 1 (got {self.steps})")
         if self.scheduler not in SCHEDULERS:
             raise InvalidInputError(f"--scheduler must be one of {', '.join(SCHEDULERS)} (got {self.scheduler!r})")
-        if not np.isfinite(self.guidance) or self.guidance < 0:
-            raise InvalidInputError(f"--guidance must be a finite number >= 0 (got {self.guidance})")
+        if not np.isfinite(self.guidance) or not 0 <= self.guidance <= MAX_GUIDANCE:
+            raise InvalidInputError(f"--guidance must be a number in 0..{MAX_GUIDANCE:g} (got {self.guidance}; "
+                                    f"Arc2Face uses {DEFAULT_GUIDANCE}, and images saturate well below {MAX_GUIDANCE:g})")
         if self.batch_size < 1:
             raise InvalidInputError(f"--batch must be >= 1 (got {self.batch_size})")
-        if self.seed < 0:
-            raise InvalidInputError(f"--seed must be >= 0 (got {self.seed})")
+        if not 0 <= self.seed < 2**63:
+            raise InvalidInputError(f"--seed must be in 0..2**63-1 (got {self.seed})")
 
 
 @dataclass
@@ -69,10 +71,11 @@ def normalize_identity(emb: np.ndarray, source: str = "embedding") -> np.ndarray
     emb = emb.reshape(ID_DIM).astype(np.float64)
     if not np.all(np.isfinite(emb)):
         raise InvalidInputError(f"{source}: contains NaN or infinity")
-    norm = np.linalg.norm(emb)
-    if norm < 1e-6:
+    peak = np.abs(emb).max()
+    if peak == 0:
         raise InvalidInputError(f"{source}: all zeros; not an identity")
-    return (emb / norm).astype(np.float32)
+    emb = emb / peak                       # first to the largest entry: the norm of 1e308s would overflow
+    return (emb / np.linalg.norm(emb)).astype(np.float32)
 
 
 IDENTITY_MAX_BYTES = 1 << 20    # a [1, 512] float64 .npy is 4.2 kB; anything near 1 MiB is another file
@@ -136,8 +139,9 @@ class Arc2FacePipeline:
         self.device = device
         section = "plans" if self.backend == "trt" else "stages"
         if not self.manifest.get(section):
-            raise InvalidInputError(f"{self.engines_dir}: has no {section}; build them with "
-                                    f"`arc2face-export build-engines --out {self.engines_dir}`")
+            how = "build-engines --out" if section == "plans" else "onnx --model-dir MODEL --out"
+            raise EngineMismatchError(f"{self.engines_dir}: has no {section}; write them with "
+                                      f"`arc2face-export {how} {self.engines_dir}`")
         files = {rel: r for rec in self.manifest[section].values() for rel, r in record_files(rec).items()}
         self.verify_report = verify_records(self.engines_dir, files, mode="stamp" if verify else "size")
         self._sessions: dict = {}
@@ -155,7 +159,8 @@ class Arc2FacePipeline:
         if name not in self._sessions:
             section = "plans" if self.backend == "trt" else "stages"
             if name not in self.manifest[section]:
-                raise InvalidInputError(f"{self.engines_dir}: no '{name}' stage; re-export the folder")
+                raise EngineMismatchError(f"{self.engines_dir}: no '{name}' stage; re-export the folder "
+                                          f"(`arc2face-export onnx --out {self.engines_dir} --force`)")
             if self.backend == "trt":
                 from .backends.trt import SharedDeviceMemory, open_session   # TensorRT, cuda-python: lazily
                 if self._trt_memory is None:
@@ -165,8 +170,21 @@ class Arc2FacePipeline:
                 from .backends.ort import open_session as open_ort   # "on GPU": what ORT reports
                 sess = open_ort(self._stage_path(section, name), device=self.device,
                                 step=name in (STEP.name, STEP_CFG.name))
+            self._check_io(name, sess)
             self._sessions[name] = sess
         return self._sessions[name]
+
+    def _check_io(self, name: str, sess) -> None:
+        """The graph loaded for a stage must have that stage's inputs and outputs (a manifest whose
+        records were swapped would otherwise feed latents to the projector)."""
+        spec = STAGES[name]
+        want = (sorted(t.name for t in spec.inputs), sorted(t.name for t in spec.outputs))
+        got = (sorted(sess.input_names), sorted(sess.output_names))
+        if got != want:
+            sess.close()
+            raise EngineMismatchError(f"{self._stage_path('plans' if self.backend == 'trt' else 'stages', name)}: "
+                                      f"is not a '{name}' graph (inputs {got[0]}, outputs {got[1]}; expected "
+                                      f"{want[0]}, {want[1]}); re-export the folder")
 
     def _stage_path(self, section: str, name: str) -> Path:
         """The file the manifest records for a stage (the one that was verified), inside the folder."""
@@ -184,7 +202,23 @@ class Arc2FacePipeline:
         return self._trt_generators[name]
 
     def schedule(self, name: str, steps: int) -> Schedule:
-        return make_schedule(name, steps, self.manifest.get("scheduler_config"))
+        """The coefficient table of `name` for `steps`, from this folder's scheduler config."""
+        config = self.manifest.get("scheduler_config")
+        try:
+            make_schedule(name, 1, config)
+        except InvalidInputError as e:            # the folder's config, not the user's options
+            raise EngineMismatchError(f"{self.engines_dir / 'manifest.json'}: {e}; re-export from a model whose "
+                                      "scheduler/scheduler_config.json is valid") from None
+        return make_schedule(name, steps, config)
+
+    def prepare(self, options: GenerationOptions) -> Schedule:
+        """Check `options` against this folder and open every session a run with them needs, so that a
+        run fails before it has written anything (steps out of range, a step graph or backend missing)."""
+        options.check()
+        schedule = self.schedule(options.scheduler, options.steps)
+        for name in (PROJECTOR.name, STEP_CFG.name if options.guidance > 1.0 else STEP.name, VAE_DECODER.name):
+            self.session(name)
+        return schedule
 
     # ---- stages -------------------------------------------------------------------------------
     def project(self, ids: np.ndarray) -> np.ndarray:

@@ -134,6 +134,7 @@ _RESTRICTIONS = {
     "final_sigmas_type": (("zero", "sigma_min"), "final_sigmas_type must be 'zero' or 'sigma_min'"),
 }
 _SPACINGS = ("linspace", "leading", "trailing")
+MAX_TRAIN_TIMESTEPS = 100_000   # a bound on what a config may ask us to tabulate (SD uses 1000)
 _CLASS_NAMES = {"dpmpp2m": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler",
                 "euler": "EulerDiscreteScheduler", "lcm": "LCMScheduler"}
 
@@ -156,10 +157,18 @@ def _effective_config(name: str, config: Mapping) -> dict:
         cfg["steps_offset"] = int(cfg["steps_offset"])
         cfg["beta_start"] = float(cfg["beta_start"])
         cfg["beta_end"] = float(cfg["beta_end"])
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise InvalidInputError(f"scheduler config: bad numeric value ({e})") from None
-    if cfg["num_train_timesteps"] < 1:
-        raise InvalidInputError(f"scheduler config: num_train_timesteps={cfg['num_train_timesteps']} must be >= 1")
+    n = cfg["num_train_timesteps"]
+    if not 1 <= n <= MAX_TRAIN_TIMESTEPS:
+        raise InvalidInputError(f"scheduler config: num_train_timesteps={n} must be in 1..{MAX_TRAIN_TIMESTEPS} "
+                                "(Stable Diffusion uses 1000)")
+    if not 0 <= cfg["steps_offset"] < n:
+        raise InvalidInputError(f"scheduler config: steps_offset={cfg['steps_offset']} must be in 0..{n - 1}")
+    for key in ("beta_start", "beta_end"):
+        if not 0.0 <= cfg[key] < 1.0:
+            raise InvalidInputError(f"scheduler config: {key}={cfg[key]} must be in [0, 1) (a noise variance "
+                                    "per training step; Stable Diffusion uses 0.00085 .. 0.012)")
     return cfg
 
 
@@ -167,10 +176,15 @@ def _alphas_cumprod(cfg: dict) -> np.ndarray:
     """alpha_bar[t] = prod_{i<=t} (1 - beta_i), t = 0..T-1, from the config's beta schedule (float64)."""
     n = cfg["num_train_timesteps"]
     if cfg["trained_betas"] is not None:
-        betas = np.asarray(cfg["trained_betas"], dtype=np.float64).reshape(-1)
+        try:
+            betas = np.asarray(cfg["trained_betas"], dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError, OverflowError):
+            raise InvalidInputError("scheduler config: trained_betas is not a list of numbers") from None
         if betas.shape[0] != n:
             raise InvalidInputError(f"scheduler config: trained_betas has {betas.shape[0]} values, "
                                     f"num_train_timesteps is {n}")
+        if not np.all((betas >= 0) & (betas < 1)):
+            raise InvalidInputError("scheduler config: trained_betas must all be in [0, 1)")
     elif cfg["beta_schedule"] == "linear":
         betas = np.linspace(cfg["beta_start"], cfg["beta_end"], n, dtype=np.float64)
     elif cfg["beta_schedule"] == "scaled_linear":
@@ -313,8 +327,10 @@ def _lcm(cfg: dict, steps: int) -> tuple[np.ndarray, float]:
     try:
         original = int(cfg["original_inference_steps"])
         scaling = float(cfg["timestep_scaling"])
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise InvalidInputError(f"scheduler config: bad numeric value ({e})") from None
+    if not math.isfinite(scaling) or scaling <= 0:
+        raise InvalidInputError(f"scheduler 'lcm': timestep_scaling={scaling} must be a positive number")
     if not 1 <= original <= n:
         raise InvalidInputError(f"scheduler 'lcm': original_inference_steps={original} must be in 1..{n}")
     if steps > original:
@@ -371,11 +387,13 @@ def make_schedule(name: str, steps: int, config: Mapping | None = None) -> Sched
     steps = int(steps)
     n = cfg["num_train_timesteps"]
     if not 1 <= steps <= n:
-        raise InvalidInputError(f"steps={steps} is out of range; use 1..{n} (num_train_timesteps)")
+        raise InvalidInputError(f"--steps {steps} is out of range for this model: use 1..{n} "
+                                "(its scheduler's num_train_timesteps)")
     rows, init_noise_sigma = _BUILDERS[name](cfg, steps)
-    if not np.all(np.isfinite(rows)):
-        raise InvalidInputError(f"scheduler {name!r} with steps={steps} gives a degenerate schedule "
-                                "(repeated timesteps); use fewer steps")
+    if not np.all(np.isfinite(rows)) or not math.isfinite(init_noise_sigma):
+        raise InvalidInputError(f"scheduler {name!r} with steps={steps} gives non-finite coefficients (repeated "
+                                "timesteps, or a noise schedule that reaches zero signal); use fewer steps or "
+                                "check the scheduler config's betas")
     rows = np.ascontiguousarray(rows, dtype=np.float64)
     rows.setflags(write=False)
     return Schedule(name=name, coeffs=rows, init_noise_sigma=float(init_noise_sigma),
