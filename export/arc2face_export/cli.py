@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+from arc2face_rt import argtypes
 from arc2face_rt.exits import run_cli
 from arc2face_rt.specs import PRECISIONS, STAGES
 
@@ -43,7 +44,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arc2face-export", description=__doc__)
+    parser = argtypes.Parser(prog="arc2face-export", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 

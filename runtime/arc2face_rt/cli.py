@@ -5,9 +5,8 @@ import argparse
 import logging
 import math
 import sys
-from pathlib import Path
 
-from . import __version__
+from . import __version__, argtypes
 from .exits import run_cli
 from .face.cli import add_embed_parser, add_score_parser
 from .pipeline import BACKENDS, GenerationOptions
@@ -21,13 +20,13 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate face images of one identity",
                        description="Generate 512x512 faces of one identity with an engines folder "
                                    "written by `arc2face-export onnx` / `build-engines`.")
-    p.add_argument("--engines", required=True, type=Path, help="engines folder (manifest.json + graphs)")
+    p.add_argument("--engines", required=True, type=argtypes.path, help="engines folder (manifest.json + graphs)")
     who = p.add_mutually_exclusive_group(required=True)
-    who.add_argument("--embedding", type=Path, help="ArcFace embedding .npy, shape (512,) or (1, 512)")
+    who.add_argument("--embedding", type=argtypes.path, help="ArcFace embedding .npy, shape (512,) or (1, 512)")
     who.add_argument("--random-id", action="store_true", help="a random unit vector: a new identity")
     who.add_argument("--image", nargs="+", metavar="PATH",
                      help="photos, folders or globs of one person (detect, align, ArcFace, average)")
-    p.add_argument("--models", type=Path, help="folder with scrfd_10g_bnkps.onnx and arcface.onnx, for --image "
+    p.add_argument("--models", type=argtypes.path, help="folder with scrfd_10g_bnkps.onnx and arcface.onnx, for --image "
                    "(default: $ARC2FACE_MODELS, else ./models)")
     p.add_argument("-n", "--num-images", type=int, default=4, help="images to generate (default 4)")
     p.add_argument("--seed", type=int, default=0, help="image i uses numpy default_rng([seed, i]) (default 0)")
@@ -41,7 +40,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto: TensorRT when a GPU and plans are present, else ONNX Runtime")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime device")
-    p.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
+    p.add_argument("--out", required=True, type=argtypes.path, help="output folder (created if missing)")
     p.add_argument("--prefix", default="arc2face", help="file names: PREFIX_SEED_INDEX.png")
     p.add_argument("--overwrite", action="store_true", help="replace existing files of the same names")
     p.add_argument("--resume", action="store_true",
@@ -106,7 +105,7 @@ def _stderr(msg: str) -> None:
 
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="describe an engines folder and check its files")
-    p.add_argument("--engines", required=True, type=Path)
+    p.add_argument("--engines", required=True, type=argtypes.path)
     p.add_argument("--verify", action="store_true", help="also check every file's sha256 (slow for big graphs)")
     p.set_defaults(func=cmd_info)
 
@@ -127,11 +126,15 @@ def cmd_info(args) -> int:
             extra = f", {val.get('metric')} {val['value']:.3g} <= {val['tolerance']}" if val else ""
             print(f"  {section[:-1].replace('_', ' ')} {name}: {size:.1f} MiB{extra}")
     print("files ok" + (" (sha256 verified)" if args.verify else " (sizes checked; --verify checks content)"))
+    missing = [s for s in ("projector", "step_cfg", "step", "vae_decoder") if s not in m.get("stages", {})]
+    if missing:
+        print(f"note: no {', '.join(missing)} stage(s): `generate` needs them; write them with "
+              f"`arc2face-export onnx --out {args.engines}`")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arc2face-rt", description=__doc__)
+    parser = argtypes.Parser(prog="arc2face-rt", description=__doc__)
     parser.add_argument("--version", action="version", version=f"arc2face-rt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)

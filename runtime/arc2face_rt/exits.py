@@ -2,7 +2,7 @@
 
 Exit codes: 0 success, 1 partial result (e.g. `score` could not score every image), 2 a problem the
 user can fix (bad input, missing or changed files, no space, no permission), 130 interrupted (Ctrl-C),
-143 terminated (SIGTERM).
+143 terminated (SIGTERM, SIGHUP).
 Errors raised on purpose are `Arc2FaceError`s and carry their own message. Operating-system errors a
 user can cause (a path that is a folder, a read-only or full disk, a missing file) are worded here
 from their errno, with the file name. Anything else is a bug and keeps its traceback.
@@ -46,7 +46,7 @@ _OS_FIX = {
 
 def os_error_message(e: OSError) -> str:
     """One line for an OSError: the file(s) involved, what happened, what to do."""
-    what = _OS_FIX.get(e.errno) or (e.strerror or type(e).__name__).rstrip(".").lower()
+    what = _OS_FIX.get(e.errno) or (e.strerror or str(e) or type(e).__name__).rstrip(".")
     names = [str(n) for n in (e.filename, e.filename2) if n is not None]
     return f"{' -> '.join(names)}: {what}" if names else what
 
@@ -66,8 +66,9 @@ def user_error_message(e: BaseException) -> str | None:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, `docker stop`, a scheduler cancelling a job), raised where Python can clean up:
-    temporary files are removed and finished outputs kept, as after Ctrl-C."""
+    """SIGTERM (`kill`, `docker stop`, a scheduler cancelling a job) or SIGHUP (the terminal closed),
+    raised where Python can clean up: temporary files are removed and finished outputs kept, as
+    after Ctrl-C."""
 
 
 def _raise_terminated(signum, frame):
@@ -77,12 +78,15 @@ def _raise_terminated(signum, frame):
 def run_cli(func: Callable[[], int], prog: str, verbose: bool = False) -> int:
     """Call `func` and turn user-caused failures into one stderr line and exit code 2.
 
-    SIGTERM is handled like Ctrl-C (exit 143 instead of 130). With `verbose`, the traceback of a
+    SIGTERM and SIGHUP are handled like Ctrl-C (exit 143 instead of 130). With `verbose`, the traceback of a
     mapped failure is logged too (for bug reports)."""
-    try:
-        old = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:                  # not the main thread: leave signals alone
-        old = None
+    old = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        try:
+            if sig is not None:
+                old[sig] = signal.signal(sig, _raise_terminated)
+        except ValueError:              # not the main thread: leave signals alone
+            break
     try:
         return func()
     except KeyboardInterrupt as e:
@@ -97,11 +101,11 @@ def run_cli(func: Callable[[], int], prog: str, verbose: bool = False) -> int:
             pass
         return 1
     except (Arc2FaceError, OSError, MemoryError, EOFError) as e:
-        msg = user_error_message(e)
+        msg = " ".join(str(user_error_message(e)).split())     # one line, whatever a library put in it
         if verbose:
             logging.getLogger(prog).exception("details")
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
     finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

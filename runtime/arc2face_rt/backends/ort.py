@@ -51,6 +51,19 @@ def _preload_cuda_libraries(ort) -> None:
             log.info("onnxruntime.preload_dlls() failed: %s", e)
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def raise_if_out_of_memory(e: BaseException, doing: str) -> None:
+    """ONNX Runtime reports a failed allocation as its generic Fail/RuntimeException: make it the
+    MemoryError it is, so the user is told to lower --batch or free memory."""
+    text = str(e).lower()
+    if isinstance(e, MemoryError) or "failed to allocate memory" in text or "bad_alloc" in text \
+            or "out of memory" in text:
+        raise MemoryError(f"{doing}: {_first_line(e)}") from e
+
+
 class OrtSession:
     """One ONNX graph in an onnxruntime InferenceSession.
 
@@ -79,7 +92,8 @@ class OrtSession:
         try:
             self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise EngineMismatchError(f"{path}: ONNX Runtime cannot load it ({e}); "
+            raise_if_out_of_memory(e, f"loading {path.name}")
+            raise EngineMismatchError(f"{path}: ONNX Runtime cannot load it ({_first_line(e)}); "
                                       "re-export it with `arc2face-export onnx`") from e
         self.providers = list(self._sess.get_providers())
         self.on_gpu = self.providers[0] == CUDA_EP
@@ -102,7 +116,11 @@ class OrtSession:
         self.inputs = {i.name: i for i in self._sess.get_inputs()}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = self._sess.run(self.output_names, feeds, self._run_options)
+        try:
+            outs = self._sess.run(self.output_names, feeds, self._run_options)
+        except Exception as e:
+            raise_if_out_of_memory(e, f"running {self.path.name}")
+            raise
         return dict(zip(self.output_names, outs))
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import specs
 from ..errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
-from .ort import CUDA_EP, OrtSession, ort_providers
+from .ort import CUDA_EP, OrtSession, ort_providers, raise_if_out_of_memory
 
 log = logging.getLogger("arc2face_rt.backends.ort")
 
@@ -210,7 +210,11 @@ class OrtStepSession(OrtSession):
             c.copy(b.ptr("coeffs"), d_table + k * row, row)
             if d_noise is not None:
                 c.copy(b.ptr("noise"), d_noise + k * lat, lat)
-            self._sess.run_with_iobinding(b.binding, ro)
+            try:
+                self._sess.run_with_iobinding(b.binding, ro)
+            except Exception as e:
+                raise_if_out_of_memory(e, f"running {self.path.name}")
+                raise
             c.copy(b.ptr("x"), b.ptr("x_out"), lat)
             c.copy(b.ptr("m_prev"), b.ptr("m0"), lat)
         out = np.empty_like(x)

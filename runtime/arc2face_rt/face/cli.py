@@ -7,12 +7,14 @@ prints those). Progress and summaries go to stderr; `score` writes its table to 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-
+from .. import argtypes
 from ..errors import InvalidInputError, OutputExistsError
 from ..npyio import save_npy_atomic
+from ..outputs import check_output_dir
 from ..pipeline import load_identity
 from .detector import DETECTOR_FILE, SCORE_THRESHOLD
 from .identity import FaceAnalyzer, combine_embeddings
@@ -25,9 +27,12 @@ def _face_choice(s: str) -> str | int:
     if s == "largest":
         return s
     try:
-        return int(s)
+        i = int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--face takes 'largest' or a face index, not {s!r}") from None
+    if i < 0:
+        raise argparse.ArgumentTypeError(f"--face takes 'largest' or a face index >= 0, not {s}")
+    return i
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -40,7 +45,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"ArcFace ONNX file (default DIR/{RECOGNIZER_FILE}, Arc2Face's own, not glintr100.onnx)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="ONNX Runtime device (auto: CUDA when onnxruntime-gpu has it)")
-    g.add_argument("--engines", metavar="DIR", type=Path, default=None,
+    g.add_argument("--engines", metavar="DIR", type=argtypes.path, default=None,
                    help="engines folder whose detector.plan / arcface.plan run the face models on TensorRT")
     g.add_argument("--backend", choices=("auto", "ort", "trt"), default="auto",
                    help="auto: TensorRT when --engines has face plans and a GPU is present, else ONNX Runtime")
@@ -50,11 +55,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     f.add_argument("--face", type=_face_choice, default="largest", metavar="largest|INDEX",
                    help="which face of a photo with several: the largest (Arc2Face's choice) or the INDEX-th "
                         "in detection order (best score first)")
-    f.add_argument("--min-score", type=float, default=SCORE_THRESHOLD, metavar="S",
+    f.add_argument("--min-score", type=argtypes.number(0.0, 1.0, "a score"), default=SCORE_THRESHOLD, metavar="S",
                    help=f"detection score threshold (default {SCORE_THRESHOLD})")
-    f.add_argument("--min-size", type=float, default=0.0, metavar="PX",
+    f.add_argument("--min-size", type=argtypes.number(0.0, name="a size in pixels"), default=0.0, metavar="PX",
                    help="ignore faces whose box is narrower or shorter than PX pixels")
-    f.add_argument("--max-pixels", type=lambda s: int(float(s)), default=DEFAULT_LIMITS.max_pixels, metavar="N",
+    f.add_argument("--max-pixels", type=argtypes.count(1, name="a pixel count"), default=DEFAULT_LIMITS.max_pixels,
+                   metavar="N",
                    help=f"refuse images with more than N pixels, checked before decoding "
                         f"(default {DEFAULT_LIMITS.max_pixels / 1e6:g}e6)")
     f.add_argument("--aligned", action="store_true",
@@ -69,7 +75,8 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:
                     "[512] float32. Unreadable photos and photos without a face are skipped and reported.")
     p.add_argument("--image", nargs="+", action="extend", required=True, metavar="PATH",
                    help="image files, folders or glob patterns (repeatable)")
-    p.add_argument("--out", required=True, metavar="FILE.npy", help="output embedding (never overwritten)")
+    p.add_argument("--out", required=True, type=argtypes.path, metavar="FILE.npy",
+                   help="output embedding (never overwritten)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--combine", choices=("mean", "median"), default="mean",
                    help="how several photos combine (normalised mean or element-wise median)")
@@ -102,8 +109,10 @@ def run_embed(args) -> int:
     out = Path(args.out)
     if out.suffix != ".npy":
         raise InvalidInputError(f"--out {out}: must end in .npy")
-    if out.exists() and not args.force:  # fail before the slow part
-        raise OutputExistsError(f"{out} exists; choose another --out or pass --force to replace it")
+    if os.path.lexists(out) and (not args.force or out.is_dir()):  # fail before the slow part
+        raise OutputExistsError(f"--out {out}: exists{' as a folder' if out.is_dir() else ''}; choose another "
+                                f"--out{'' if out.is_dir() else ' or pass --force to replace it'}")
+    check_output_dir(out.parent)
     paths = expand_paths(args.image, recursive=args.recursive)
     report = _analyzer(args).embed_files(paths, aligned=args.aligned)
     log = _stderr
@@ -119,6 +128,8 @@ def run_embed(args) -> int:
 
 
 def run_score(args) -> int:
+    if sys.stdout is None:
+        raise InvalidInputError("standard output is closed; `score` prints its table there (redirect it to a file)")
     ident = load_identity(args.identity)
     paths = expand_paths(args.images, recursive=args.recursive)
     report = _analyzer(args).embed_files(paths, aligned=args.aligned)

@@ -19,7 +19,6 @@ limit (2 × PIL.Image.MAX_IMAGE_PIXELS ≈ 179 MP); raising past that needs PIL.
 """
 from __future__ import annotations
 
-import glob
 import io
 import stat
 import warnings
@@ -119,11 +118,15 @@ def _decode(fp, name: str, limits: ImageLimits) -> np.ndarray:
         try:
             im.load()
             im = ImageOps.exif_transpose(im)
+        except MemoryError:
+            raise
         except Exception as e:  # truncated data: OSError; broken PNG chunks: SyntaxError; zlib errors ...
             raise ImageDecodeError(f"{name}: cannot decode the {fmt} data ({e}); the file is truncated or "
                                    f"corrupt: re-export or re-download it") from e
         try:
             return _to_rgb8(im)
+        except MemoryError:
+            raise
         except Exception as e:
             raise ImageDecodeError(f"{name}: cannot convert {fmt} mode {im.mode!r} to RGB ({e}); "
                                    f"{_FIX_FORMAT}") from e
@@ -151,6 +154,18 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
+def _glob(pattern: str) -> list[Path]:
+    """Files matching a pattern (`**` = any depth), hidden names left out. pathlib's `**` does not
+    descend into symbolic links to folders, so a link loop cannot make the search explode."""
+    parts = Path(pattern).expanduser().parts
+    first = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+    root = Path(*parts[:first]) if first else Path(".")
+    try:
+        return [q for q in root.glob(str(Path(*parts[first:]))) if q.is_file() and not q.name.startswith(".")]
+    except (OSError, ValueError) as e:
+        raise InvalidInputError(f"{pattern}: cannot be searched ({e})") from None
+
+
 def expand_paths(args: Iterable[str | Path], recursive: bool = False) -> list[Path]:
     """PATH arguments (files, folders, glob patterns) → a sorted list of unique files.
 
@@ -172,7 +187,7 @@ def expand_paths(args: Iterable[str | Path], recursive: bool = False) -> list[Pa
                                         "point at the photos themselves")
             out.update(found)
         elif any(c in s for c in "*?["):
-            found = [Path(m) for m in glob.glob(str(Path(s).expanduser()), recursive=True) if Path(m).is_file()]
+            found = _glob(s)
             if not found:
                 raise InvalidInputError(f"{s}: pattern matches no files; check it (quote it so the shell "
                                         "does not expand it first)")

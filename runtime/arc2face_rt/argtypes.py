@@ -1,0 +1,57 @@
+"""argparse types shared by the command-line tools: a bad value is refused while parsing, with the
+flag's own range in the message, before anything is loaded."""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+
+def path(text: str) -> Path:
+    """A path that is not empty (Path("") would silently mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return Path(text)
+
+
+def number(lo: float = -math.inf, hi: float = math.inf, name: str = "a number"):
+    """A finite float in [lo, hi]."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
+        if not math.isfinite(v) or not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{text} is outside {lo:g}..{hi:g}")
+        return v
+    parse.__name__ = name
+    return parse
+
+
+def count(lo: int = 0, hi: int = 2**63 - 1, name: str = "a whole number"):
+    """A whole number in [lo, hi]; accepts 64e6-style spellings of whole numbers."""
+    def parse(text: str) -> int:
+        try:
+            v = float(text) if any(c in text.lower() for c in ".e") else int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
+        if isinstance(v, float) and (not math.isfinite(v) or v != int(v)):
+            raise argparse.ArgumentTypeError(f"{text} is not {name}")
+        if not lo <= int(v) <= hi:
+            raise argparse.ArgumentTypeError(f"{text} is outside {lo}..{hi}")
+        return int(v)
+    parse.__name__ = name
+    return parse
+
+
+seed = count(0, 2**63 - 1, "a seed")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the tools' error format: one line `TOOL: error: COMMAND: what (see ... --help)`,
+    exit code 2, instead of the usage block followed by `TOOL COMMAND: error: ...`."""
+
+    def error(self, message: str):
+        tool, _, command = self.prog.partition(" ")
+        where = f"{command}: " if command else ""
+        self.exit(2, f"{tool}: error: {where}{' '.join(message.split())} (see `{self.prog} --help`)\n")
