@@ -72,6 +72,18 @@ def _npy_with_header(p: Path, shape, descr="<f4", payload=b"\0" * 64):
         f.write(payload)
 
 
+def _npy_raw_header(p: Path, header: str, payload: bytes = b"\0" * 2048):
+    """A .npy whose header dict is written verbatim (numpy's writer refuses odd ones)."""
+    import struct
+
+    text = (header + "\n").encode("latin1")
+    with open(p, "wb") as f:
+        if len(text) + 12 < 65536:
+            f.write(np.lib.format.magic(1, 0) + struct.pack("<H", len(text)) + text + payload)
+        else:
+            f.write(np.lib.format.magic(2, 0) + struct.pack("<I", len(text)) + text + payload)
+
+
 def _corrupt_same_size(d: Path, name: str):
     data = bytearray((d / name).read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -156,6 +168,49 @@ CASES = [
      ["info", "--engines", "{e}", "--verify"], "relative path"),
     ("info-corrupt", lambda t, e: _corrupt_same_size(e, "projector.onnx"), ["info", "--engines", "{e}", "--verify"],
      "content differs"),
+    # found by a hostile-input review
+    ("npy-subarray-header", lambda t, e: _npy_raw_header(t / "id.npy", "{'descr': ('<f4', (512,)), "
+                                                           "'fortran_order': False, 'shape': ()}"),
+     GEN + ["--embedding", "{t}/id.npy"], "not a plain array"),
+    ("npy-negative-shape", lambda t, e: _npy_with_header(t / "id.npy", (-1, -512)),
+     GEN + ["--embedding", "{t}/id.npy"], "not a plain array"),
+    ("npy-huge-header", lambda t, e: _npy_raw_header(t / "id.npy", "{'descr': '<f4', 'fortran_order': False, "
+                                                       "'shape': (512,)}" + " " * 20000),
+     GEN + ["--embedding", "{t}/id.npy"], "not a .npy array"),
+    ("steps-out-of-range", lambda t, e: None, GEN + ["--random-id", "--steps", "100000"], "--steps 100000"),
+    ("lcm-too-many-steps", lambda t, e: None, GEN + ["--random-id", "--scheduler", "lcm", "--steps", "51"],
+     "original_inference_steps"),
+    ("guidance-overflows-float32", lambda t, e: None, GEN + ["--random-id", "--guidance", "1e39"], "--guidance"),
+    ("prefix-too-long", lambda t, e: None, GEN + ["--random-id", "--prefix", "a" * 200], "shorter --prefix"),
+    ("out-empty", lambda t, e: None, ["generate", "--engines", "{e}", "--random-id", "--out", ""], "empty"),
+    ("bad-int-option", lambda t, e: None, GEN + ["--random-id", "--batch", "four"], "invalid int"),
+    ("resume-foreign-file", lambda t, e: ((t / "out").mkdir(), (t / "out" / "arc2face_0_0001.png").write_text("mine")),
+     GEN + ["--random-id", "-n", "3", "--resume"], "not an image this run wrote"),
+    ("scheduler-betas-strings", lambda t, e: edit_manifest(e, _set(["scheduler_config", "trained_betas"], ["x"] * 1000)),
+     GEN + ["--random-id"], "trained_betas"),
+    ("scheduler-huge-train-steps", lambda t, e: edit_manifest(e, _set(["scheduler_config", "num_train_timesteps"],
+                                                                      10**9)), GEN + ["--random-id"],
+     "num_train_timesteps"),
+    ("scheduler-beta-end-2", lambda t, e: edit_manifest(e, _set(["scheduler_config", "beta_end"], 2)),
+     GEN + ["--random-id"], "beta_end"),
+    ("stages-swapped", lambda t, e: edit_manifest(e, lambda m: (m["stages"].update(
+        projector=m["stages"]["vae_decoder"], vae_decoder=m["stages"]["projector"]), m)[1]),
+     GEN + ["--random-id"], "is not a 'projector' graph"),
+    ("stages-empty", lambda t, e: edit_manifest(e, _set(["stages"], {})), GEN + ["--random-id"],
+     "arc2face-export onnx"),
+    ("info-validation-overflow", lambda t, e: edit_manifest(e, _set(["stages", "projector", "validation", "value"],
+                                                                   10**400)),
+     ["info", "--engines", "{e}"], "validation record"),
+    ("manifest-is-fifo", lambda t, e: ((e / "manifest.json").unlink(), os.mkfifo(e / "manifest.json")),
+     GEN + ["--random-id"], "not a regular file"),
+    ("embed-out-under-file", lambda t, e: (t / "f").write_text("x"),
+     ["embed", "--image", "{t}", "--out", "{t}/f/id.npy"], "cannot be written"),
+    ("embed-max-pixels-inf", lambda t, e: None, ["embed", "--image", "{t}", "--out", "{t}/id.npy", "--max-pixels",
+                                                 "inf"], "--max-pixels"),
+    ("embed-min-score-2", lambda t, e: None, ["embed", "--image", "{t}", "--out", "{t}/id.npy", "--min-score", "2"],
+     "--min-score"),
+    ("embed-face-negative", lambda t, e: None, ["embed", "--image", "{t}", "--out", "{t}/id.npy", "--face", "-1"],
+     "--face"),
     # identity from files for score
     ("score-bad-identity", lambda t, e: (t / "id.npy").write_bytes(b"\x93NUMPY"), ["score", "--identity", "{t}/id.npy",
                                                                                    "{t}"], "not a .npy"),

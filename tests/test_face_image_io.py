@@ -221,3 +221,19 @@ def test_expand_paths_errors(tmp_path, arg, match):
     (tmp_path / "emptydir" / "readme.txt").write_text("x")
     with pytest.raises(InvalidInputError, match=match):
         expand_paths([str(tmp_path / arg)])
+
+
+def test_glob_does_not_follow_symlink_loops(tmp_path, monkeypatch):
+    """`**` with folders linking back up must neither explode nor count a photo twice."""
+    from PIL import Image
+
+    from arc2face_rt.face.image_io import expand_paths
+
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    (tmp_path / "d" / "b").mkdir()
+    Image.new("RGB", (40, 40)).save(tmp_path / "d" / "a" / "ok.png")
+    (tmp_path / "d" / "a" / "up").symlink_to("..")
+    (tmp_path / "d" / "b" / "up").symlink_to("..")
+    monkeypatch.chdir(tmp_path)
+    assert expand_paths(["d/**/*.png"]) == [tmp_path.joinpath("d/a/ok.png").relative_to(tmp_path)]
+    assert expand_paths([str(tmp_path / "d" / "**" / "*.png")]) == [tmp_path / "d" / "a" / "ok.png"]

@@ -82,3 +82,24 @@ def test_damaged_stamp_file_is_ignored(engines):
     store.path.write_text("{broken")
     assert verify_records(engines, files).hashed == len(files)
     assert verify_records(engines, files).hashed == 0
+
+
+def test_stamp_file_that_is_a_pipe_or_device_is_ignored(engines):
+    """A FIFO (or /dev/zero) where the stamp file goes must neither block nor eat memory."""
+    import subprocess
+    import sys
+
+    files = _all_files(engines)
+    store = StampStore(engines)
+    store.path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(store.path)
+    code = ("import sys; from arc2face_rt.integrity import verify_records\n"
+            "from arc2face_rt.manifest import load_manifest, record_files\n"
+            f"d = {str(engines)!r}\n"
+            "f = {r: x for s in load_manifest(d)['stages'].values() for r, x in record_files(s).items()}\n"
+            "print(verify_records(d, f).hashed)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == str(len(files)), r.stderr
+    store.path.unlink()
+    store.path.symlink_to("/dev/zero")
+    assert verify_records(engines, files).hashed == len(files)

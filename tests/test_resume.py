@@ -164,3 +164,20 @@ def test_huge_n_costs_nothing_up_front(tiny_engines, tmp_path):
     assert any(q.suffix == ".png" for q in out.iterdir())
     from arc2face_rt.images import read_params
     assert read_params(out / "arc2face_3_0000.png")["index"] == 0
+
+
+@pytest.mark.parametrize("tool", ["arc2face_rt.entry", "arc2face_export.entry"])
+def test_ctrl_c_while_still_importing(tool, tiny_engines, tmp_path):
+    """Ctrl-C in the first moments (numpy, ONNX Runtime or torch still loading): one line, exit 130."""
+    code = f"import sys; from {tool} import main; sys.exit(main())"
+    args = (_generate_args(tiny_engines, tmp_path / "never") if tool == "arc2face_rt.entry"
+            else ["random-checkpoint", "--out", str(tmp_path / "never")])
+    for delay in (0.08, 0.3):
+        p = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=120)[1]
+        assert p.returncode == 130 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].endswith("interrupted"), err
+    assert not (tmp_path / "never").exists()

@@ -15,7 +15,7 @@ from arc2face_rt import specs
 from arc2face_rt.backends import cuda
 from arc2face_rt.backends import trt as trt_backend
 from arc2face_rt.backends.trt import plan as trt_plan
-from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
+from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError
 
 trt_build = pytest.importorskip("arc2face_export.trt_build")
 try:

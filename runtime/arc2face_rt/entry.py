@@ -1,16 +1,45 @@
-"""The `arc2face-rt` console script. It imports nothing heavy itself, so Ctrl-C while numpy and ONNX
-Runtime are still loading ends with one line and exit 130 rather than a traceback."""
+"""The console scripts' first code. It imports nothing heavy itself, so Ctrl-C while numpy, ONNX
+Runtime or torch are still loading ends with one line and exit 130 rather than a traceback.
+
+A KeyboardInterrupt that lands inside a C extension's import can surface as another exception
+(numpy turns it into an ImportError), so the import runs under a SIGINT handler that remembers the
+signal: whatever the import then raises, it was the user's Ctrl-C.
+"""
 from __future__ import annotations
 
+import signal
 import sys
 
 
 def interruptible(prog: str, load_main):
-    """Run `load_main()()` (import the CLI, then call it), turning Ctrl-C during the import into
-    `PROG: interrupted` and exit 130."""
+    """Import the CLI (`load_main()` returns its main) and run it; Ctrl-C during the import gives
+    `PROG: interrupted` and exit 130 (once it runs, the CLI handles Ctrl-C itself)."""
+    seen = []
+
+    def on_sigint(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
     try:
-        return load_main()()
-    except KeyboardInterrupt:            # the CLI handles it itself once it runs; this is the import
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:                    # not the main thread
+        previous = None
+    try:
+        main = load_main()
+    except BaseException:
+        if seen:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if seen:                               # the signal arrived as the import finished
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    try:
+        return main()
+    except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 

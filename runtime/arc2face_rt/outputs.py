@@ -50,6 +50,18 @@ def check_output_dir(out: str | Path) -> Path:
     return out
 
 
+def check_output_file(path: str | Path) -> Path:
+    """Check, without creating anything, that a file can be written at `path` (its folder is a
+    writable folder or can be made into one)."""
+    path = Path(path)
+    try:
+        check_output_dir(path.parent)
+    except InvalidInputError as e:
+        why = str(e).split(": ", 1)[-1]
+        raise InvalidInputError(f"--out {path}: cannot be written ({path.parent}: {why})") from None
+    return path
+
+
 def image_name(prefix: str, seed: int, index: int) -> str:
     return f"{prefix}_{seed}_{index:04d}.png"
 

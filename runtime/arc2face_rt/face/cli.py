@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import argtypes
 from ..errors import InvalidInputError, OutputExistsError
 from ..npyio import save_npy_atomic
-from ..outputs import check_output_dir
+from ..outputs import check_output_file
 from ..pipeline import load_identity
 from .detector import DETECTOR_FILE, SCORE_THRESHOLD
 from .identity import FaceAnalyzer, combine_embeddings
@@ -112,7 +112,7 @@ def run_embed(args) -> int:
     if os.path.lexists(out) and (not args.force or out.is_dir()):  # fail before the slow part
         raise OutputExistsError(f"--out {out}: exists{' as a folder' if out.is_dir() else ''}; choose another "
                                 f"--out{'' if out.is_dir() else ' or pass --force to replace it'}")
-    check_output_dir(out.parent)
+    check_output_file(out)
     paths = expand_paths(args.image, recursive=args.recursive)
     report = _analyzer(args).embed_files(paths, aligned=args.aligned)
     log = _stderr
