@@ -17,10 +17,11 @@ import shutil
 import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from .errors import OutputExistsError
+from .errors import OutputExistsError, OutputWriteError
 
 _TAG = "arc2face"
 _TEMP_RE = re.compile(r"^\..+\." + _TAG + r"-(?P<host>[A-Za-z0-9_.-]*)-(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp$")
@@ -112,9 +113,48 @@ def is_stale_temp(path: Path, now: float | None = None) -> bool:
         return False
 
 
+def usual_mode(folder: bool = False) -> int:
+    """The mode a new file (0666) or folder (0777) gets from the umask, for outputs made by tools that
+    create them private (mkstemp, mkdtemp, some library writers)."""
+    return (0o777 if folder else 0o666) & ~_umask()
+
+
+def set_usual_modes(root: str | Path) -> None:
+    """Give every file and folder under `root` (a tree this process wrote) the usual mode: several
+    writers (mkstemp, mkdtemp, safetensors, onnx's external data) make theirs private."""
+    os.chmod(root, usual_mode(folder=True))
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), usual_mode(folder=True))
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), usual_mode())
+
+
 def temp_dir(parent: str | Path, name: str) -> Path:
-    """A new temporary folder in `parent` for building `name`, named so `remove_stale_temps` knows it."""
-    return Path(tempfile.mkdtemp(dir=parent, prefix=temp_prefix(name), suffix=".tmp"))
+    """A new temporary folder in `parent` for building `name`, named so `remove_stale_temps` knows it.
+    It has the usual mode (not mkdtemp's 0700), so it can be renamed into place as the output."""
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=temp_prefix(name), suffix=".tmp"))
+    os.chmod(path, usual_mode(folder=True))
+    return path
+
+
+@contextmanager
+def undo_new_folders(path: str | Path):
+    """Make folder `path` and its missing parents; if the block fails, remove those of them that are
+    still empty, so a failed run leaves no folder behind that was not there before."""
+    path = Path(path)
+    full = Path(os.path.abspath(path))
+    made = [p for p in (full, *full.parents) if not os.path.lexists(p)]
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for p in made:                      # deepest first
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def remove_stale_temps(folder: str | Path) -> int:
@@ -135,3 +175,20 @@ def remove_stale_temps(folder: str | Path) -> int:
             except OSError:
                 pass
     return removed
+
+
+@contextmanager
+def naming_output(final: str | Path, library_errors: tuple = (), staged: tuple[Path, Path] | None = None):
+    """Turn a failed write of output `final` (a full disk, a file-size limit) into one OutputWriteError
+    that names it: an OSError, or one of `library_errors`, the types some writers raise for it instead
+    (safetensors, torch.save). With `staged` = (temporary folder, its final place), the file an OSError
+    names inside the temporary folder is named where it would have ended up."""
+    try:
+        yield
+    except (OSError, *library_errors) as e:
+        final = Path(final)
+        if staged and isinstance(e, OSError) and e.filename and Path(e.filename).is_relative_to(staged[0]):
+            final = staged[1] / Path(e.filename).relative_to(staged[0])
+        why = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)).strip().splitlines()
+        raise OutputWriteError(f"{final}: could not be written ({why[0] if why else type(e).__name__}); free some "
+                               "space or raise the file-size limit (ulimit -f), or choose another --out") from None
