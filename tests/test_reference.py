@@ -114,3 +114,23 @@ def test_full_config_is_sd15():
     n = sum(p.numel() for p in unet.parameters())
     assert 859_000_000 < n < 860_000_000      # SD1.5 UNet: 859.52 M parameters
     assert cfg["encoder"]["num_hidden_layers"] == 12 and cfg["encoder"]["hidden_size"] == 768
+
+
+def test_force_replaces_a_random_checkpoint_and_outputs_get_the_usual_modes(tiny_model_dir, tmp_path):
+    import os
+    import stat
+
+    from arc2face_ref.random_ckpt import write_random_checkpoint
+
+    c = tmp_path / "c"
+    shutil.copytree(tiny_model_dir, c, copy_function=os.link)     # one this tool wrote
+    old = os.umask(0o027)
+    try:
+        assert write_random_checkpoint(c, size="tiny", seed=1, force=True) == c
+    finally:
+        os.umask(old)
+    assert "seed=1" in (c / "RANDOM_WEIGHTS.txt").read_text() and (c / "arcface.onnx").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]           # neither the old one nor a temporary is left
+    for p in [c, *c.rglob("*")]:
+        want = (0o777 if p.is_dir() else 0o666) & ~0o027
+        assert stat.S_IMODE(p.stat().st_mode) == want, p

@@ -19,8 +19,6 @@ Both are deterministic functions of `seed`.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from arc2face_rt.atomic import temp_prefix
+from arc2face_rt.atomic import atomic_write
 
 from .iresnet import iresnet100, iresnet_tiny, randomize_
 
@@ -110,15 +108,7 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path, input_names, ou
     if proto.ir_version > MAX_IR_VERSION:   # onnxruntime 1.20 reads IR ≤ 10
         proto.ir_version = MAX_IR_VERSION
     onnx.checker.check_model(proto)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-        os.chmod(tmp, 0o644)   # mkstemp makes it private; these are ordinary artefacts
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, proto.SerializeToString(), overwrite=True)
 
 
 def build_detector(seed: int = 0, size: str = "tiny") -> RandomScrfd:

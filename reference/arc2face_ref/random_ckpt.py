@@ -7,15 +7,19 @@ few, narrow layers, for fast tests and the demo. Random weights give random-look
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from arc2face_rt.atomic import remove_stale_temps, temp_dir
+from arc2face_rt.atomic import (atomic_write, naming_output, remove_stale_temps, set_usual_modes, temp_dir,
+                               undo_new_folders)
 from arc2face_rt.errors import InvalidInputError, OutputExistsError
 from arc2face_rt.outputs import check_output_dir
 from arc2face_rt.schedulers import SD15_SCHEDULER_CONFIG
+
+from .face_models import DETECTOR_FILE, RECOGNIZER_FILE
 
 _UNET_BLOCKS = dict(
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -64,54 +68,134 @@ def _perturb_(module: torch.nn.Module, gen: torch.Generator) -> None:
             p.add_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
+# Everything a random checkpoint of either size holds. `force` replaces a folder only when it is
+# empty or holds MARKER and nothing but these: never files this tool did not write.
+MARKER = "RANDOM_WEIGHTS.txt"
+_OWN_FOLDERS = {"arc2face", "vae", "encoder", "scheduler"}
+_OWN_FILES = {MARKER, DETECTOR_FILE, RECOGNIZER_FILE, "arc2face/config.json",
+              "arc2face/diffusion_pytorch_model.safetensors", "vae/config.json",
+              "vae/diffusion_pytorch_model.safetensors", "encoder/config.json", "encoder/pytorch_model.bin",
+              "scheduler/scheduler_config.json"}
+
+
+def _not_ours(folder: Path) -> str | None:
+    """Why `folder` is not a random checkpoint this tool wrote (None when it is one)."""
+    if not (folder / MARKER).is_file():
+        return f"it has no {MARKER}"
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            rel = p.relative_to(folder).as_posix()
+            ours = _OWN_FOLDERS if p.is_dir() and not p.is_symlink() else _OWN_FILES
+            if p.is_symlink() or rel not in ours:
+                return f"it holds {rel}, which this tool does not write"
+    return None
+
+
+def _check_target(out: str | Path, force: bool) -> Path:
+    """The absolute folder to write, after refusing everything `out` may not be (see write_random_checkpoint)."""
+    if not str(out).strip():
+        raise InvalidInputError("--out must not be empty; name the folder to write, e.g. --out model")
+    given = out
+    check_output_dir(out)
+    out = Path(out).resolve()                   # `.`, `sub/..` and symbolic links name the real folder
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        where = "the current folder" if out == cwd else "a folder that contains the current folder"
+        raise InvalidInputError(f"--out {given}: is {where} ({out}); a checkpoint needs a folder of its own: "
+                                "name a new one, e.g. --out model")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise OutputExistsError(f"{out}: exists and is not empty; choose another --out, or pass --force to "
+                                    "replace a random checkpoint written by this tool")
+        why = _not_ours(out)
+        if why:
+            raise OutputExistsError(f"{out}: is not a random checkpoint written by arc2face-export ({why}); "
+                                    "--force replaces only those: choose another --out")
+    return out
+
+
 def write_random_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, force: bool = False,
                             face_models: bool = True) -> Path:
-    """Write MODEL_DIR with seeded random weights. Refuses an existing folder unless `force`."""
+    """Write MODEL_DIR with seeded random weights; return its absolute path.
+
+    An existing folder must be empty, or with `force` a random checkpoint this tool wrote (it holds
+    RANDOM_WEIGHTS.txt and only the files listed in _OWN_FILES); anything else is refused, and so is
+    the current folder or one that contains it. Everything is written into a temporary folder beside
+    `out` and renamed into place at the end: a failure leaves `out` as it was."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if size not in CONFIGS:
         raise InvalidInputError(f"size must be one of {sorted(CONFIGS)}")
-    out = check_output_dir(out)
-    if out.exists():
-        remove_stale_temps(out.parent)                  # what a killed run left beside it
-    if out.exists() and any(out.iterdir()) and not force:
-        raise OutputExistsError(f"{out}: exists and is not empty; choose another --out or pass --force")
+    if not 0 <= seed < 2**63:
+        raise InvalidInputError(f"--seed must be in 0..2**63-1 (got {seed})")
+    out = _check_target(out, force)
+    if out.parent.is_dir():
+        remove_stale_temps(out.parent)          # what a killed run left beside it
     cfg = CONFIGS[size]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(out.parent, out.name)
-    try:
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        for sub, cls, kwargs in (("arc2face", UNet2DConditionModel, cfg["unet"]),
-                                 ("vae", AutoencoderKL, cfg["vae"])):
-            model = cls(**kwargs)
-            _perturb_(model, gen)
-            (tmp / sub).mkdir()
-            model.save_config(str(tmp / sub))
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                      str(tmp / sub / "diffusion_pytorch_model.safetensors"))
-            del model
-        enc_cfg = CLIPTextConfig(**cfg["encoder"])
-        enc = CLIPTextModel(enc_cfg)
-        (tmp / "encoder").mkdir()
-        enc_cfg.to_json_file(str(tmp / "encoder" / "config.json"))
-        # The release stores the encoder as pytorch_model.bin with a "text_model." key prefix.
-        torch.save({f"text_model.{k}": v for k, v in enc.state_dict().items()},
-                   tmp / "encoder" / "pytorch_model.bin")
-        (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER_CONFIG, indent=2))
-        if face_models:
-            from .face_models import write_face_models
-            write_face_models(tmp, seed=seed, size=size)
-        (tmp / "RANDOM_WEIGHTS.txt").write_text(
-            f"Random weights (size={size}, seed={seed}) written by arc2face-export random-checkpoint.\n"
-            "Images generated from them are random-looking, not faces.\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with undo_new_folders(out.parent):
+        tmp = temp_dir(out.parent, out.name)
+
+        def writing(rel: str, library_errors: tuple = ()):
+            return naming_output(out / rel, library_errors, staged=(tmp, out))
+
+        try:
+            torch.manual_seed(seed)
+            gen = torch.Generator().manual_seed(seed)
+            for sub, cls, kwargs in (("arc2face", UNet2DConditionModel, cfg["unet"]),
+                                     ("vae", AutoencoderKL, cfg["vae"])):
+                model = cls(**kwargs)
+                _perturb_(model, gen)
+                (tmp / sub).mkdir()
+                with writing(f"{sub}/config.json"):
+                    model.save_config(str(tmp / sub))
+                with writing(f"{sub}/diffusion_pytorch_model.safetensors", (SafetensorError,)):
+                    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                              str(tmp / sub / "diffusion_pytorch_model.safetensors"))
+                del model
+            enc_cfg = CLIPTextConfig(**cfg["encoder"])
+            enc = CLIPTextModel(enc_cfg)
+            (tmp / "encoder").mkdir()
+            with writing("encoder/config.json"):
+                enc_cfg.to_json_file(str(tmp / "encoder" / "config.json"))
+            # The release stores the encoder as pytorch_model.bin with a "text_model." key prefix.
+            with writing("encoder/pytorch_model.bin", (RuntimeError,)):   # torch.save's type for it
+                torch.save({f"text_model.{k}": v for k, v in enc.state_dict().items()},
+                           tmp / "encoder" / "pytorch_model.bin")
+            (tmp / "scheduler").mkdir()
+            with writing("scheduler/scheduler_config.json"):
+                atomic_write(tmp / "scheduler" / "scheduler_config.json",
+                             json.dumps(SD15_SCHEDULER_CONFIG, indent=2).encode())
+            if face_models:
+                from .face_models import write_face_models
+                with writing("."):
+                    write_face_models(tmp, seed=seed, size=size)
+            with writing(MARKER):
+                atomic_write(tmp / MARKER, (
+                    f"Random weights (size={size}, seed={seed}) written by arc2face-export random-checkpoint.\n"
+                    "Images generated from them are random-looking, not faces.\n").encode())
+            set_usual_modes(tmp)
+            _move_into_place(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder `tmp` to `out`; an old checkpoint there is first moved aside and
+    deleted only once the new one is in place (put back if the rename fails)."""
+    if not out.exists() or not any(out.iterdir()):
+        os.replace(tmp, out)                    # a missing or empty folder is replaced at once
+        return
+    aside = temp_dir(out.parent, out.name)
+    os.replace(out, aside)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(aside, out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)    # what is left is a stale temporary folder: removed next run
