@@ -9,6 +9,7 @@ Either weight format (.safetensors or .bin) is accepted in each folder.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,14 @@ def model_files(model_dir: str | Path) -> list[Path]:
     return found
 
 
+def _first_line(e: BaseException) -> str:
+    """A library's message on one line: its first line (torch's run to dozens), with the next when the
+    first only introduces it ("...:"), at most 300 characters."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    line = " ".join(lines[:2] if len(lines) > 1 and lines[0].endswith(":") else lines[:1]) or type(e).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
 def _read_state_dict(path: Path) -> dict:
     try:
         if path.suffix == ".safetensors":
@@ -56,43 +65,85 @@ def _read_state_dict(path: Path) -> dict:
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or corrupt files raise library-specific errors
-        raise MissingWeightsError(f"{path}: unreadable or truncated ({type(e).__name__}: {e}); "
-                                  "download it again") from e
+        # torch's weights-only refusal opens with advice to load untrusted code; its reason comes later
+        reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
+        raise MissingWeightsError(f"{path}: unreadable or truncated ({type(e).__name__}: "
+                                  f"{reason[1].strip() if reason else _first_line(e)}); download it again") from e
+
+
+def _build(config_path: Path, make):
+    """The model `make()` builds from a config file; a config it cannot build from (a JSON list, a value of
+    the wrong type or range) is the file's fault, not a bug."""
+    try:
+        return make()
+    except Exception as e:  # the model classes raise whatever their arithmetic hits
+        raise MissingWeightsError(f"{config_path}: the model cannot be built from this config ({type(e).__name__}: "
+                                  f"{_first_line(e)}); download it again") from e
+
+
+def _load_weights(model, state: dict, weights: Path, config_path: Path):
+    """Load `state` into `model`: every tensor present, of the shape the config gives."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:               # size mismatches, listed one per line
+        detail = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        raise MissingWeightsError(f"{weights}: does not match {config_path} ({detail[0] if detail else _first_line(e)}"
+                                  f"{f', and {len(detail) - 1} more' if len(detail) > 1 else ''}); download both "
+                                  "again") from e
+    if missing or unexpected:
+        raise MissingWeightsError(
+            f"{weights}: does not match {config_path} (missing {len(missing)} tensors, e.g. "
+            f"{missing[:2]}; unexpected {len(unexpected)}, e.g. {unexpected[:2]}); download both again")
+    return model
 
 
 def _load_diffusers(cls, folder: Path, weights: Path, dtype):
+    config_path = folder / "config.json"
     try:
         config = cls.load_config(str(folder))
     except Exception as e:
-        raise MissingWeightsError(f"{folder / 'config.json'}: unreadable ({e}); download it again") from e
-    model = cls.from_config(config)
-    state = _read_state_dict(weights)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise MissingWeightsError(
-            f"{weights}: does not match {folder / 'config.json'} (missing {len(missing)} tensors, e.g. "
-            f"{missing[:2]}; unexpected {len(unexpected)}, e.g. {unexpected[:2]}); download both again")
+        raise MissingWeightsError(f"{config_path}: unreadable or invalid ({_first_line(e)}); download it again") from e
+    if not isinstance(config, dict):
+        raise MissingWeightsError(f"{config_path}: holds a JSON {type(config).__name__}, not a model config (an "
+                                  "object); download it again")
+    model = _build(config_path, lambda: cls.from_config(config))
+    model = _load_weights(model, _read_state_dict(weights), weights, config_path)
     return model.to(dtype).eval()
 
 
 def load_encoder(folder: Path, weights: Path, dtype=torch.float32):
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    config_path = folder / "config.json"
     try:
-        config = CLIPTextConfig.from_json_file(str(folder / "config.json"))
+        config = CLIPTextConfig.from_json_file(str(config_path))
     except Exception as e:
-        raise MissingWeightsError(f"{folder / 'config.json'}: unreadable ({e}); download it again") from e
+        raise MissingWeightsError(f"{config_path}: unreadable or invalid ({_first_line(e)}); download it again") from e
     config._attn_implementation = "eager"  # exact reference math; also what exports cleanly
-    model = CLIPTextModel(config)
+    model = _build(config_path, lambda: CLIPTextModel(config))
     state = _read_state_dict(weights)
     # The release was saved by transformers 4.x with a "text_model." prefix (CLIPTextModel wrapper).
     state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise MissingWeightsError(
-            f"{weights}: does not match {folder / 'config.json'} (missing {missing[:2]}, unexpected "
-            f"{unexpected[:2]}); download both again")
-    return model.to(dtype).eval()
+    return _load_weights(model, state, weights, config_path).to(dtype).eval()
+
+
+def read_scheduler_config(path: Path) -> dict:
+    """scheduler_config.json, checked by building every sampler the runtime offers from it (an export
+    whose config the runtime cannot use would be refused by every run)."""
+    from arc2face_rt.errors import InvalidInputError
+    from arc2face_rt.schedulers import SCHEDULERS, make_schedule
+
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:
+        raise MissingWeightsError(f"{path}: not valid JSON ({e}); download it again") from e
+    for name in SCHEDULERS:
+        try:
+            make_schedule(name, 1, config)
+        except (InvalidInputError, ValueError, TypeError, ArithmeticError) as e:   # numpy on odd values
+            raise MissingWeightsError(f"{path}: unusable ({e}); download it again (Arc2Face ships Stable "
+                                      "Diffusion 1.5's scheduler_config.json)") from None
+    return config
 
 
 @dataclass
@@ -109,11 +160,7 @@ def load_models(model_dir: str | Path, dtype=torch.float32) -> Arc2FaceModels:
 
     model_dir = Path(model_dir)
     files = {p.parent.name: p for p in model_files(model_dir) if p.name != "config.json"}
-    sched_path = model_dir / "scheduler" / "scheduler_config.json"
-    try:
-        scheduler_config = json.loads(sched_path.read_text())
-    except ValueError as e:
-        raise MissingWeightsError(f"{sched_path}: not valid JSON ({e}); download it again") from e
+    scheduler_config = read_scheduler_config(model_dir / "scheduler" / "scheduler_config.json")
     return Arc2FaceModels(
         unet=_load_diffusers(UNet2DConditionModel, model_dir / "arc2face", files["arc2face"], dtype),
         vae=_load_diffusers(AutoencoderKL, model_dir / "vae", files["vae"], dtype),
