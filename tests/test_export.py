@@ -1,8 +1,12 @@
 """ONNX export: graphs match the stage specs, validate against torch, and the folder is handled safely."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import stat
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -84,10 +88,10 @@ def test_interrupted_export_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch
         return {"metric": "relative_l2", "value": 0.0, "tolerance": 1, "batch": 1}
 
     monkeypatch.setattr(onnx_export, "_validate", boom)
-    out = tmp_path / "int"
+    out = tmp_path / "new"
     with pytest.raises(KeyboardInterrupt):
-        onnx_export.export_all(tiny_model_dir, out, stages=("projector", "step"))
-    assert list(out.iterdir()) == []
+        onnx_export.export_all(tiny_model_dir, out / "engines", stages=("projector", "step"))
+    assert not out.exists()           # the folders the export made are gone with it
 
 
 def test_validation_failure_is_reported(tiny_model_dir, tmp_path, monkeypatch):
@@ -121,3 +125,62 @@ def test_engines_from_another_revision_or_damaged_are_refused(tiny_engines, tmp_
         Arc2FacePipeline(copy, backend="ort")
     with pytest.raises(EngineMismatchError, match="no manifest.json"):
         Arc2FacePipeline(tmp_path, backend="ort")
+
+
+def _linked_copy(src, dst):
+    """A copy whose files are hard links: renames in it never touch the shared fixture's files."""
+    shutil.copytree(src, dst, copy_function=os.link)
+    return dst
+
+
+def test_force_replaces_the_old_export_and_keeps_the_caches(tiny_model_dir, tiny_engines, tmp_path):
+    d = _linked_copy(tiny_engines, tmp_path / "e")
+    (d / "projector.plan").write_bytes(b"a plan of the old graphs")
+    (d / "timing.cache").write_bytes(b"cache")
+    (d / ".gitkeep").touch()
+    onnx_export.export_all(tiny_model_dir, d, force=True, stages=("projector",), validate=False)
+    assert sorted(p.name for p in d.iterdir()) == [".gitkeep", "manifest.json", "projector.onnx", "timing.cache"]
+    assert set(mf.load_manifest(d)["stages"]) == {"projector"}
+
+
+@pytest.mark.parametrize("side", ["old file cannot be moved aside", "new file cannot be moved in"])
+def test_a_failed_swap_puts_the_old_export_back(tiny_model_dir, tiny_engines, tmp_path, monkeypatch, side):
+    """E.g. `chattr +i` on one old file: the folder stays the working export it was, manifest included."""
+    from test_bad_input import snapshot
+
+    d = _linked_copy(tiny_engines, tmp_path / "e")
+    before = snapshot(d)
+    victim = d / "step.onnx"
+    real_rename, real_replace = os.rename, os.replace
+    failed = []
+
+    def guarded(real):
+        def move(src, dst, *a, **k):
+            if Path(src if side.startswith("old") else dst) == victim and not failed:   # once: the rollback may
+                failed.append(src)
+                raise PermissionError(errno.EPERM, "Operation not permitted", str(src), None, str(dst))
+            return real(src, dst, *a, **k)
+        return move
+
+    monkeypatch.setattr(os, "rename", guarded(real_rename))
+    monkeypatch.setattr(os, "replace", guarded(real_replace))
+    with pytest.raises(PermissionError):
+        onnx_export.export_all(tiny_model_dir, d, force=True, validate=False)
+    monkeypatch.undo()
+    assert snapshot(d) == before                      # no backup or temporary folder left either
+    assert set(mf.load_manifest(d)["stages"]) == set(STAGES)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_export_files_get_the_usual_modes(tiny_model_dir, tmp_path, monkeypatch, umask):
+    monkeypatch.setattr(onnx_export, "_EXTERNAL_DATA_BYTES", 0)         # a *.onnx.data file too
+    old = os.umask(umask)
+    try:
+        onnx_export.export_all(tiny_model_dir, tmp_path / "e", stages=("projector",), validate=False)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "e").iterdir()}
+    assert set(modes) == {"manifest.json", "projector.onnx", "projector.onnx.data"}
+    assert set(modes.values()) == {0o666 & ~umask}
+    assert stat.S_IMODE((tmp_path / "e").stat().st_mode) == 0o777 & ~umask
+

@@ -19,6 +19,7 @@ manifest["quantized"][stage] with the source graph's sha256, the exclusions and 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from arc2face_rt import manifest as mf
+from arc2face_rt.atomic import usual_mode
 from arc2face_rt.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
@@ -251,7 +253,10 @@ def quantize_stage(engines_dir: str | Path, stage: str, feeds: list[dict], nodes
     mf.verify_files(engines_dir, stage_rec["files"])
     info = quantize_int8(src, dst, feeds, nodes_to_exclude=nodes_to_exclude)
     loss = quantization_loss(src, dst, feeds)
-    files = {p.name: mf.file_record(p) for p in sorted(engines_dir.glob(dst.name + "*")) if p.is_file()}
+    written = [p for p in sorted(engines_dir.glob(dst.name + "*")) if p.is_file()]
+    for p in written:
+        os.chmod(p, usual_mode())           # onnx writes external data private
+    files = {p.name: mf.file_record(p) for p in written}
     rec = {"file": dst.name, "files": files, "source": {"file": stage_rec["file"], "precision": m.get("precision"),
            "sha256": {k: v["sha256"] for k, v in stage_rec["files"].items()}}, **info, "loss_vs_source": loss}
     m.setdefault("quantized", {})[stage] = rec

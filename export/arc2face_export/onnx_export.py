@@ -2,8 +2,9 @@
 
 Fixed template per stage (style: CTranslate2's converter): build the torch module -> export ->
 validate against torch fp32 at the spec's tolerance -> save (external data when > 2 GB) -> record.
-Files are written into a temporary folder beside the output and moved in only when every stage has
-passed, manifest last, so an interrupted export never leaves a half-written engines folder.
+Files are written into a temporary folder inside the output and moved in only when every stage has
+passed, manifest last, replacing the previous export all or nothing (`engines_folder.swap_in`), so an
+interrupted or failed export never leaves a half-written engines folder.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from arc2face_rt import manifest as mf
-from arc2face_rt.atomic import remove_stale_temps, temp_dir
+from arc2face_rt.atomic import naming_output, remove_stale_temps, temp_dir, undo_new_folders
 from arc2face_rt.errors import InvalidInputError, OutputExistsError
 from arc2face_rt.outputs import check_output_dir
 from arc2face_rt.schedulers import make_schedule
@@ -27,6 +28,8 @@ from arc2face_rt.specs import (PRECISIONS, PROJECTOR, SPEC_REVISION, STAGES, STE
 from arc2face_ref.loading import load_models, model_files
 from arc2face_ref.modules import DenoiseStep, VaeDecode
 from arc2face_ref.projector import Arc2FaceProjector, unconditional_embedding
+
+from .engines_folder import KEPT_ALWAYS, foreign_entry, replaced_entries, swap_in
 
 log = logging.getLogger("arc2face_export")
 OPSET = 18
@@ -143,7 +146,9 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
     """Export every generation stage of MODEL_DIR into OUT_DIR; returns the manifest written.
 
     An OUT_DIR that already holds an export of the same model files, precision and spec revision is
-    kept as it is (returns its manifest); any other existing content needs `force`."""
+    kept as it is (returns its manifest). Other content needs `force`, which replaces only what this
+    tool writes into an engines folder (`engines_folder`); a folder holding anything else is refused.
+    A failed export leaves OUT_DIR as it was, and removes it when it did not exist before."""
     if precision not in PRECISIONS:
         raise InvalidInputError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
     say = progress or (lambda msg: log.info(msg))
@@ -161,65 +166,79 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
                 mf.verify_files(out_dir, old["stages"][n]["files"])
             say(f"{out_dir}: up to date ({precision}), nothing to export")
             return old
-        raise OutputExistsError(f"{out_dir}: holds another export; choose another --out or pass --force")
-    remove_stale_temps(out_dir)            # what a killed export left behind
-    if out_dir.exists() and any(p.name != ".gitkeep" for p in out_dir.iterdir()) and not force \
-            and not (out_dir / mf.MANIFEST).is_file():
-        raise OutputExistsError(f"{out_dir}: exists and is not empty; choose another --out or pass --force")
+    replaced = _replaced_entries(out_dir, force)
 
     t0 = time.perf_counter()
     say(f"loading {model_dir}")
     models = load_models(model_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(out_dir, "export")
-    records = {}
-    try:
-        for name in names:
-            spec = STAGES[name]
-            # fp16 stages are validated against the same module in fp32
-            ref32 = _reference_fp32(models, name) if precision == "fp16" and validate else None
-            module = _modules_for(models, name, precision)
-            feeds = example_inputs(spec, batch=2 if name != VAE_DECODER.name else 1)
-            ts = time.perf_counter()
-            say(f"[{name}] exporting ({precision})")
-            stage_dir = tmp / name
-            stage_dir.mkdir()
-            path = stage_dir / spec.onnx_file
-            _export_one(module, spec, feeds, path)
-            rec = {"file": spec.onnx_file, "export_s": round(time.perf_counter() - ts, 2)}
-            if validate:
-                say(f"[{name}] validating against torch with onnxruntime")
-                rec["validation"] = _validate(module, spec, feeds, path, precision, ref32 or module)
-                say(f"[{name}] {rec['validation']['metric']} = {rec['validation']['value']:.3g} "
-                    f"(tolerance {rec['validation']['tolerance']})")
-            for p in stage_dir.iterdir():
-                p.rename(tmp / p.name)
-            stage_dir.rmdir()
-            rec["files"] = {p.name: mf.file_record(tmp / p.name)
-                            for p in sorted(tmp.iterdir()) if p.name.startswith(spec.onnx_file)}
-            rec["inputs"] = [[t.name, t.dtype, list(t.shape)] for t in spec.inputs]
-            rec["outputs"] = [[t.name, t.dtype, list(t.shape)] for t in spec.outputs]
-            records[name] = rec
-        manifest = {
-            "format": mf.FORMAT, "format_version": mf.FORMAT_VERSION, "spec_revision": SPEC_REVISION,
-            "precision": precision, "opset": OPSET,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"model_dir": str(model_dir.resolve()), "files": source,
-                       "random_weights": (model_dir / "RANDOM_WEIGHTS.txt").is_file()},
-            "scheduler_config": models.scheduler_config,
-            "libraries": library_versions(),
-            "export_s": round(time.perf_counter() - t0, 1),
-            "stages": records,
-        }
-        old_manifest = out_dir / mf.MANIFEST
-        old_manifest.unlink(missing_ok=True)       # the folder is invalid until the new manifest lands
-        for p in tmp.iterdir():
-            p.replace(out_dir / p.name)
-        mf.write_json_atomic(out_dir / mf.MANIFEST, manifest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with undo_new_folders(out_dir):
+        tmp = temp_dir(out_dir, "export")
+        try:
+            records = {name: _export_stage(models, name, precision, validate, tmp, out_dir, say) for name in names}
+            manifest = {
+                "format": mf.FORMAT, "format_version": mf.FORMAT_VERSION, "spec_revision": SPEC_REVISION,
+                "precision": precision, "opset": OPSET,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "source": {"model_dir": str(model_dir.resolve()), "files": source,
+                           "random_weights": (model_dir / "RANDOM_WEIGHTS.txt").is_file()},
+                "scheduler_config": models.scheduler_config,
+                "libraries": library_versions(),
+                "export_s": round(time.perf_counter() - t0, 1),
+                "stages": records,
+            }
+            mf.write_json_atomic(tmp / mf.MANIFEST, manifest)
+            swap_in(out_dir, tmp, replaced)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     say(f"wrote {out_dir} in {time.perf_counter() - t0:.1f} s")
     return manifest
+
+
+def _replaced_entries(out_dir: Path, force: bool) -> list[str]:
+    """What an export into `out_dir` replaces, after refusing a folder it may not write into."""
+    if not out_dir.is_dir():
+        return []
+    remove_stale_temps(out_dir)            # what a killed export left behind
+    if all(p.name in KEPT_ALWAYS for p in out_dir.iterdir()):
+        return []
+    foreign = foreign_entry(out_dir)
+    if foreign:
+        raise OutputExistsError(f"{out_dir}: holds {foreign}, which arc2face-export does not write: it is not an "
+                                "engines folder; choose another --out (--force replaces only an export)")
+    if not force:
+        what = "holds another export" if (out_dir / mf.MANIFEST).exists() else "exists and is not empty"
+        raise OutputExistsError(f"{out_dir}: {what}; choose another --out or pass --force")
+    return replaced_entries(out_dir)
+
+
+def _export_stage(models, name: str, precision: str, validate: bool, tmp: Path, out_dir: Path, say) -> dict:
+    """Export and validate one stage into `tmp` (for `out_dir`); return its manifest record."""
+    spec = STAGES[name]
+    # fp16 stages are validated against the same module in fp32
+    ref32 = _reference_fp32(models, name) if precision == "fp16" and validate else None
+    module = _modules_for(models, name, precision)
+    feeds = example_inputs(spec, batch=2 if name != VAE_DECODER.name else 1)
+    ts = time.perf_counter()
+    say(f"[{name}] exporting ({precision})")
+    stage_dir = tmp / name
+    stage_dir.mkdir()
+    path = stage_dir / spec.onnx_file
+    with naming_output(out_dir / spec.onnx_file):
+        _export_one(module, spec, feeds, path)
+    rec = {"file": spec.onnx_file, "export_s": round(time.perf_counter() - ts, 2)}
+    if validate:
+        say(f"[{name}] validating against torch with onnxruntime")
+        rec["validation"] = _validate(module, spec, feeds, path, precision, ref32 or module)
+        say(f"[{name}] {rec['validation']['metric']} = {rec['validation']['value']:.3g} "
+            f"(tolerance {rec['validation']['tolerance']})")
+    for p in stage_dir.iterdir():
+        p.rename(tmp / p.name)
+    stage_dir.rmdir()
+    rec["files"] = {p.name: mf.file_record(tmp / p.name)
+                    for p in sorted(tmp.iterdir()) if p.name.startswith(spec.onnx_file)}
+    rec["inputs"] = [[t.name, t.dtype, list(t.shape)] for t in spec.inputs]
+    rec["outputs"] = [[t.name, t.dtype, list(t.shape)] for t in spec.outputs]
+    return rec
 
 
 def _modules_for(models, name: str, precision: str) -> torch.nn.Module:

@@ -1,0 +1,103 @@
+"""What an export may replace in an engines folder, and how it swaps the new files in.
+
+`arc2face-export` writes only these names into an engines folder: `manifest.json`, the stage graphs
+and plans (`<stage>.onnx`, `<stage>.onnx.data`, `<stage>.int8.onnx[.data]`, `<stage>.plan`, the face
+stages `detector` and `arcface` included) and the caches `timing.cache` and `<stage>.rtcache`.
+`onnx --force` replaces a folder only when every entry in it is one of these (a `.gitkeep` aside):
+anything else means the folder is not ours, and is refused. The caches are kept (the TensorRT
+libraries check them against themselves), the rest of the old export goes.
+
+`swap_in` makes the replacement recoverable: the old files are first renamed into a tagged
+temporary folder, then the new ones are renamed in, manifest last; any failure puts everything back
+as it was, and the old files are deleted only after the new manifest is in place. A folder caught
+mid-swap (power loss) has no manifest, so no tool trusts it, and the backup folder is removed by the
+next export as a stale temporary.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from arc2face_rt import manifest as mf
+from arc2face_rt.atomic import set_usual_modes, temp_dir
+from arc2face_rt.specs import STAGES
+
+_STAGE_NAMES = "|".join(re.escape(n) for n in (*STAGES, *mf.FACE_STAGES))
+ARTEFACT = re.compile(rf"^(?:{_STAGE_NAMES})(?:\.int8)?\.(?:onnx|onnx\.data|plan)$")
+CACHE = re.compile(rf"^(?:timing\.cache|(?:{_STAGE_NAMES})\.rtcache)$")
+KEPT_ALWAYS = (".gitkeep",)
+
+
+def _foreign_manifest(folder: Path) -> str | None:
+    """Why a folder's manifest.json is someone else's: a JSON object without our `format`. One that
+    cannot be read as an object at all is a damaged one of ours (what `--force` is there to repair)."""
+    try:
+        m = json.loads((folder / mf.MANIFEST).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if isinstance(m, dict) and m.get("format") != mf.FORMAT:
+        return f"format {m.get('format')!r}, not an engines manifest"
+    return None
+
+
+def foreign_entry(folder: Path) -> str | None:
+    """The first entry of `folder` that this tool does not write (None when every one is ours)."""
+    for e in sorted(os.scandir(folder), key=lambda e: e.name):
+        if e.name in KEPT_ALWAYS:
+            continue
+        if e.is_dir(follow_symlinks=False):
+            return f"{e.name}/"
+        if e.name == mf.MANIFEST:
+            why = _foreign_manifest(folder)
+            if why:
+                return f"{e.name} ({why})"
+        elif not (ARTEFACT.match(e.name) or CACHE.match(e.name)):
+            return e.name
+    return None
+
+
+def replaced_entries(folder: Path) -> list[str]:
+    """The entries of an engines folder that a new export replaces: its manifest and stage artefacts."""
+    return sorted(e.name for e in os.scandir(folder)
+                  if not e.is_dir(follow_symlinks=False) and (e.name == mf.MANIFEST or ARTEFACT.match(e.name)))
+
+
+def swap_in(out_dir: Path, new_dir: Path, old: list[str], last: str = mf.MANIFEST) -> None:
+    """Replace the entries `old` of `out_dir` by the files of `new_dir` (`last` moved in last), all or
+    nothing; new files get the usual mode (0666 less the umask). See the module docstring."""
+    backup = temp_dir(out_dir, "previous-export")
+    moved_aside: list[str] = []
+    moved_in: list[str] = []
+    new = sorted(p.name for p in new_dir.iterdir() if p.name != last) + [last]
+    set_usual_modes(new_dir)
+    try:
+        for name in old:
+            os.rename(out_dir / name, backup / name)
+            moved_aside.append(name)
+        for name in new:
+            os.rename(new_dir / name, out_dir / name)
+            moved_in.append(name)
+    except BaseException:
+        for name in reversed(moved_in):
+            try:
+                os.rename(out_dir / name, new_dir / name)
+            except OSError:
+                pass
+        for name in reversed(moved_aside):
+            try:
+                os.rename(backup / name, out_dir / name)
+            except OSError:
+                pass
+        _remove_if_empty(backup)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:                 # something could not be put back: it stays, named as our temporary
+        pass
