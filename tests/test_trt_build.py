@@ -165,7 +165,7 @@ def test_compute_capability_choice_without_gpu():
     assert trt_build.resolve_compute_capabilities(TRT, "auto") == trt_build.PORTABLE_RTX_CCS
     assert trt_build.resolve_compute_capabilities(TRT, "8.9, 12.0") == ("8.9", "12.0")
     assert trt_build.resolve_compute_capabilities(TRT, "7.5") == ("7.5",)
-    with pytest.raises(ValueError, match="cannot target"):
+    with pytest.raises(InvalidInputError, match="cannot target"):
         trt_build.resolve_compute_capabilities(TRT, "9.9")
     with pytest.raises(BackendUnavailableError):
         trt_build.resolve_compute_capabilities(TRT, "current")

@@ -77,6 +77,17 @@ def test_face_stages_are_recorded_with_static_io(face_engines):
         assert plan["build"]["precision"] == "fp32"
 
 
+def test_face_graphs_in_the_engines_folder_get_the_usual_mode(face_engines):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    _, engines = face_engines
+    for name in ("detector.onnx", "arcface.onnx"):
+        assert stat.S_IMODE((engines / name).stat().st_mode) == 0o666 & ~umask, name
+
+
 def test_pinned_detector_computes_what_the_released_graph_does(face_engines):
     """Oracle: onnxruntime on the source graph (dynamic H/W) and on the pinned copy."""
     models, engines = face_engines

@@ -187,6 +187,23 @@ def test_runtime_cache_is_saved_after_the_first_warm_up(sim):
     sess.close()
 
 
+def test_an_interrupted_runtime_cache_save_leaves_no_temporary_file(sim, monkeypatch):
+    """Killed between writing and renaming: nothing left but what remove_stale_temps would recognise."""
+    import os
+
+    x, cond, table, _ = _inputs(np.random.default_rng(7), 1, 2, False)
+    sess = TrtStepSession(sim.engines / "step_cfg.plan")
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(os, "replace", killed)
+        sess.denoise_loop(x, cond, table, 3.0)
+    assert not [p.name for p in sim.engines.iterdir() if p.name.startswith(".")]
+    sess.close()
+
+
 def test_one_graph_per_signature_is_kept(sim):
     rng = np.random.default_rng(8)
     with TrtStepSession(sim.engines / "step_cfg.plan") as sess:

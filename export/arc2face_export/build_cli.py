@@ -12,8 +12,10 @@ from arc2face_rt import specs
 from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError
 from arc2face_rt.outputs import check_output_dir
 
-from .face_plans import add_face_stages
-from .trt_build import BuildOptions, build_engines, parse_batch
+from .args import int_in, path_arg
+from .face_plans import add_face_stages, find_face_models
+from .trt_build import (MAX_BATCH, MAX_WORKSPACE_MIB, BuildOptions, build_engines, import_trt, parse_batch,
+                        parse_compute_capability, resolve_compute_capabilities)
 
 log = logging.getLogger("arc2face_export.trt_build")
 
@@ -28,7 +30,10 @@ def _needs_export(out: Path, onnx_precision: str, stages: list[str] | None) -> b
     except EngineMismatchError:
         return True
     if m.get("precision") != onnx_precision:
-        return True
+        raise EngineMismatchError(
+            f"{out}: holds {m.get('precision')} graphs, and this build needs {onnx_precision} ones; choose another "
+            f"--out, or re-export this one: `arc2face-export onnx --model-dir MODEL --out {out} --precision "
+            f"{onnx_precision} --force`")
     names = stages or list(specs.STAGES)
     return any(n not in m.get("stages", {}) or not (out / specs.STAGES[n].onnx_file).is_file()
                for n in names if n in specs.STAGES)
@@ -43,6 +48,10 @@ def cmd_build_engines(args) -> int:
         if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
             logging.getLogger(name).setLevel(logging.INFO)
     out = check_output_dir(args.out)
+    # Refuse what cannot work before exporting or copying anything: the target GPUs, the face models.
+    resolve_compute_capabilities(import_trt(), args.compute_capability)
+    if not args.no_face and args.face_models is not None:
+        find_face_models(args.face_models, explicit=True)
     onnx_precision = _onnx_precision(args.precision)
     if _needs_export(out, onnx_precision, args.stages):
         if args.model_dir is None:
@@ -54,7 +63,8 @@ def cmd_build_engines(args) -> int:
         log.info("exporting %s ONNX graphs to %s first", onnx_precision, out)
         export_all(Path(args.model_dir), out, precision=onnx_precision, force=False)
     if not args.no_face:
-        add_face_stages(out, args.face_models or args.model_dir, force=args.force)
+        add_face_stages(out, args.face_models or args.model_dir, force=args.force,
+                        explicit=args.face_models is not None)
     if args.precision == "int8":
         from .int8 import ensure_int8_graphs
         ensure_int8_graphs(out, calib_path=args.calib_data, stages=args.stages)
@@ -70,9 +80,9 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
         description="Build a TensorRT / TensorRT-RTX plan per stage. Exports the ONNX graphs first when the "
                     "folder lacks them. Plans are rebuilt only when the ONNX, the options, the library or the "
                     "target GPU changed (recorded in manifest.json under 'plans').")
-    p.add_argument("--model-dir", help="model folder to export from when --out lacks the ONNX graphs")
-    p.add_argument("--out", required=True, help="engines folder (ONNX graphs + manifest.json)")
-    p.add_argument("--face-models", default=None,
+    p.add_argument("--model-dir", type=path_arg, help="model folder to export from when --out lacks the ONNX graphs")
+    p.add_argument("--out", required=True, type=path_arg, help="engines folder (ONNX graphs + manifest.json)")
+    p.add_argument("--face-models", default=None, type=path_arg,
                    help="folder with scrfd_10g_bnkps.onnx / arcface.onnx (default: --model-dir); each one found "
                         "becomes a 'detector' / 'arcface' stage and plan")
     p.add_argument("--no-face", action="store_true", help="do not add the face detector and recognizer stages")
@@ -82,17 +92,18 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=parse_batch, default=None,
                    help="batch profile: MAX, MIN,OPT or MIN,OPT,MAX (e.g. 1,4,8: min 1, opt 4, max 8); "
                         "default: each stage spec's batch_range")
-    p.add_argument("--opt-batch", type=int, default=None, metavar="N",
+    p.add_argument("--opt-batch", type=int_in(1, MAX_BATCH), default=None, metavar="N",
                    help="the batch TensorRT tunes the step and decoder plans for: the --batch you will generate "
                         f"with (default: --batch's OPT, else {specs.DEFAULT_BATCH}, the default of arc2face-rt generate)")
     p.add_argument("--opt-level", type=int, choices=range(6), default=3, metavar="{0..5}",
                    help="builder optimisation level (default 3; higher builds longer)")
-    p.add_argument("--compute-capability", default="auto",
+    p.add_argument("--compute-capability", default="auto", type=parse_compute_capability,
                    help="TensorRT-RTX target(s): auto (this GPU, else the portable set 8.0,8.6,8.9,12.0), "
                         "current, or a list such as 8.9,12.0 (7.5 for Turing)")
-    p.add_argument("--workspace-mib", type=int, default=None, help="workspace memory pool limit in MiB")
+    p.add_argument("--workspace-mib", type=int_in(1, MAX_WORKSPACE_MIB), default=None,
+                   help="workspace memory pool limit in MiB (default: the library's)")
     p.add_argument("--no-timing-cache", action="store_true", help="do not read/write <out>/timing.cache")
-    p.add_argument("--calib-data", default=None,
+    p.add_argument("--calib-data", default=None, type=path_arg,
                    help="int8: .npz of step-graph inputs (one array per input, leading axis = sample); "
                         "default: record them by running this folder's graphs on 8 random identities")
     p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",

@@ -11,11 +11,12 @@ then builds `detector.plan` and `arcface.plan` like any other stage.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 
 from arc2face_rt import manifest as mf
-from arc2face_rt.atomic import temp_prefix
+from arc2face_rt.atomic import temp_prefix, usual_mode
 from arc2face_rt.errors import ModelFormatError
 from arc2face_rt.face.detector import INPUT_SIZE
 from arc2face_rt.face._onnx import first_nodes
@@ -58,6 +59,7 @@ def _pin_input(src: Path, dst: Path, shape: tuple) -> dict:
     with tempfile.NamedTemporaryFile(dir=dst.parent, prefix=temp_prefix(dst.name), suffix=".tmp", delete=False) as f:
         tmp = Path(f.name)
     try:
+        os.chmod(tmp, usual_mode())             # NamedTemporaryFile makes it private; this becomes dst
         onnx.save(model, str(tmp))
         io = _parsed_io(tmp, batch_dynamic="B" in shape)
         tmp.replace(dst)
@@ -79,29 +81,49 @@ def _parsed_io(path: Path, batch_dynamic: bool) -> dict:
     return io
 
 
-def add_face_stages(engines_dir: str | Path, models_dir: str | Path | None = None, detector: str | Path | None = None,
-                    recognizer: str | Path | None = None, force: bool = False) -> list[str]:
-    """Copy the face models found (explicit paths, else in `models_dir`) into the engines folder as
-    `detector.onnx` / `arcface.onnx`; return the names added or kept. A model that cannot be found is
-    skipped with a log line; one whose source sha256 is unchanged is kept as it is."""
-    from arc2face_rt.errors import MissingWeightsError
-    from arc2face_rt.face.models import resolve_model
+def find_face_models(models_dir: str | Path | None, detector: str | Path | None = None,
+                     recognizer: str | Path | None = None, explicit: bool = False) -> dict[str, Path]:
+    """{stage name: source file} of the face models found (explicit paths, else in `models_dir`).
 
-    engines_dir = Path(engines_dir)
-    m = mf.load_manifest(engines_dir)
-    face = m.setdefault("face_stages", {})
-    done = []
-    for name, (role, shape, batch) in FACE_STAGES.items():
-        explicit = detector if role == "detector" else recognizer
-        if explicit is None and models_dir is None:
+    A folder the user named on purpose (`explicit`, e.g. --face-models) must exist and hold at least
+    one of them; a folder that is only the default (--model-dir) may hold none."""
+    from arc2face_rt.errors import MissingWeightsError
+    from arc2face_rt.face.models import DETECTOR_FILE, RECOGNIZER_FILE, resolve_model
+
+    if explicit and models_dir is not None and not Path(models_dir).is_dir():
+        raise MissingWeightsError(f"--face-models {models_dir}: no such folder; name the folder holding "
+                                  "scrfd_10g_bnkps.onnx / arcface.onnx, or pass --no-face")
+    found = {}
+    for name, (role, _shape, _batch) in FACE_STAGES.items():
+        path = detector if role == "detector" else recognizer
+        if path is None and models_dir is None:
             continue
         try:
-            src = resolve_model(role, explicit, models_dir)
+            src = resolve_model(role, path, models_dir)
         except MissingWeightsError as e:
             log.info("%s: no TensorRT stage (%s)", name, e)
             continue
         if not src.is_file():
             raise MissingWeightsError(f"{src}: {role} not found")
+        found[name] = src
+    if explicit and not found:
+        raise MissingWeightsError(f"--face-models {models_dir}: holds neither face model ({DETECTOR_FILE} or "
+                                  f"det_10g.onnx, {RECOGNIZER_FILE}); name the folder that holds them, or pass --no-face")
+    return found
+
+
+def add_face_stages(engines_dir: str | Path, models_dir: str | Path | None = None, detector: str | Path | None = None,
+                    recognizer: str | Path | None = None, force: bool = False, explicit: bool = False) -> list[str]:
+    """Copy the face models found (`find_face_models`) into the engines folder as `detector.onnx` /
+    `arcface.onnx`; return the names added or kept. A model that cannot be found is skipped with a
+    log line (unless `explicit`); one whose source sha256 is unchanged is kept as it is."""
+    engines_dir = Path(engines_dir)
+    sources = find_face_models(models_dir, detector, recognizer, explicit)
+    m = mf.load_manifest(engines_dir)
+    face = m.setdefault("face_stages", {})
+    done = []
+    for name, src in sources.items():
+        _role, shape, batch = FACE_STAGES[name]
         src_sha = mf.sha256_file(src)
         dst = engines_dir / f"{name}.onnx"
         old = face.get(name)

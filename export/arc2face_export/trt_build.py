@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -33,10 +34,11 @@ from pathlib import Path
 
 from arc2face_rt import manifest as mf
 from arc2face_rt import specs
+from arc2face_rt.atomic import atomic_write, remove_stale_temps
 from arc2face_rt.backends import cuda
 from arc2face_rt.backends.trt.plan import (import_trt, is_rtx, library_info, rtx_compute_capabilities,
                                           unsupported_gpu_reason)
-from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
+from arc2face_rt.errors import BackendUnavailableError, BuildFailedError, EngineMismatchError, InvalidInputError
 
 from .face_plans import face_stage_specs
 from .trt_network import check_network_against_spec, network_io, parse_onnx
@@ -45,6 +47,10 @@ log = logging.getLogger(__name__)
 
 PLAN_FORMAT = 1                       # bump when the plan record layout or the build recipe changes
 PORTABLE_RTX_CCS = ("8.0", "8.6", "8.9", "12.0")
+# TensorRT reserves activation memory for a profile's largest batch: beyond this no GPU holds the step
+# graphs (and TensorRT-RTX builds, with only a warning, plans whose profile it cannot serve).
+MAX_BATCH = 256
+MAX_WORKSPACE_MIB = 1 << 24           # 16 TiB: more than any GPU's memory
 TIMING_CACHE = "timing.cache"         # full TensorRT only; TensorRT-RTX's timing cache is a no-op
 
 
@@ -69,9 +75,22 @@ def parse_batch(text: str) -> tuple[int, int, int]:
         vals = [1, vals[0], vals[0]]
     elif len(vals) == 2:
         vals = [vals[0], vals[1], vals[1]]
-    if len(vals) != 3 or not 1 <= vals[0] <= vals[1] <= vals[2]:
-        raise argparse.ArgumentTypeError(f"--batch wants MAX, MIN,OPT or MIN,OPT,MAX with 1 <= min <= opt <= max, got {text!r}")
+    if len(vals) != 3 or not 1 <= vals[0] <= vals[1] <= vals[2] <= MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"wants MAX, MIN,OPT or MIN,OPT,MAX with 1 <= min <= opt <= max <= "
+                                         f"{MAX_BATCH}, got {text!r}")
     return tuple(vals)
+
+
+def parse_compute_capability(text: str) -> str:
+    """'auto', 'current', or a comma-separated list of compute capabilities such as '8.9,12.0'."""
+    value = text.strip().lower()
+    if value in ("auto", "current"):
+        return value
+    ccs = [c.strip() for c in value.split(",") if c.strip()]
+    if not ccs or not all(re.fullmatch(r"\d{1,2}\.\d", c) for c in ccs):
+        raise argparse.ArgumentTypeError(f"wants auto, current or compute capabilities such as 8.9 or 8.6,12.0; "
+                                         f"got {text!r}")
+    return ",".join(ccs)
 
 
 # ----------------------------------------------------------------------------- compute capability
@@ -87,7 +106,9 @@ def resolve_compute_capabilities(trt, requested: str = "auto") -> tuple[str, ...
                 "build on the target GPU, or install tensorrt-rtx, which builds without one")
         cc = cuda.compute_capability()
         if requested not in ("auto", "current", cc):
-            raise ValueError(f"full TensorRT can only target this GPU ({cc}), not {requested!r}")
+            raise InvalidInputError(f"--compute-capability {requested}: {trt.__name__} builds only for the GPU it "
+                                    f"runs on ({cc}); pass --compute-capability auto, or build on the target GPU "
+                                    "(or with tensorrt-rtx, which builds for others)")
         return (cc,)
     if requested in ("auto", "current"):
         if not have_gpu:
@@ -107,8 +128,8 @@ def resolve_compute_capabilities(trt, requested: str = "auto") -> tuple[str, ...
 
 def _rtx_cc_enum(trt, cc: str):
     if cc not in rtx_compute_capabilities(trt):
-        raise ValueError(f"{trt.__name__} {trt.__version__} cannot target compute capability {cc}; it knows "
-                         f"{list(rtx_compute_capabilities(trt))}")
+        raise InvalidInputError(f"--compute-capability {cc}: {trt.__name__} {trt.__version__} cannot target it; "
+                                f"choose among {', '.join(rtx_compute_capabilities(trt))}")
     return getattr(trt.ComputeCapability, "SM" + cc.replace(".", ""))
 
 
@@ -119,7 +140,8 @@ def _apply_compute_capabilities(trt, config, ccs: tuple[str, ...]) -> None:
     config.num_compute_capabilities = len(enums)
     for i, e in enumerate(enums):
         if not config.set_compute_capability(e, i):
-            raise ValueError(f"{trt.__name__} refused compute capability {ccs[i]}")
+            raise BuildFailedError(f"{trt.__name__} refused compute capability {ccs[i]}; choose others with "
+                                   "--compute-capability")
 
 
 def stage_profile(spec, options: BuildOptions) -> tuple[tuple[int, int, int], str]:
@@ -241,13 +263,14 @@ def build_plan(onnx_path: str | Path, plan_path: str | Path, spec, options: Buil
              precision, batch, options.opt_level, library["name"], library["version"], ",".join(ccs))
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise RuntimeError(f"{library['name']} failed to build {plan_path.name} (see the log above)")
+        raise BuildFailedError(
+            f"{library['name']} could not build {plan_path} (its reason is in the log above; batch profile "
+            f"{batch[0]}..{batch[2]}, workspace {options.workspace_mib or 'default'} MiB): try a smaller --batch, a "
+            "larger --workspace-mib or none, or another --opt-level")
     data = memoryview(serialized)
-    tmp = plan_path.with_name(f".{plan_path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(plan_path)
+    atomic_write(plan_path, data, overwrite=True)
     if cache is not None:
-        _write_atomic(timing_cache_path, memoryview(cache.serialize()))
+        atomic_write(timing_cache_path, memoryview(cache.serialize()), overwrite=True)
     seconds = time.perf_counter() - t0
     log.info("built %s: %.1f MiB in %.1f s", plan_path.name, len(data) / 2**20, seconds)
     del config, network, builder  # release TensorRT objects before the monitor/logger they point to
@@ -273,12 +296,6 @@ def _build_record(batch, opt_from: str, options: BuildOptions, precision: str, t
             "timing_cache": bool(options.timing_cache and not is_rtx(trt))}
 
 
-def _write_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def plan_is_current(engines_dir: Path, record: dict | None, key: str) -> bool:
     """True when the recorded plan was built with `key` and its file is intact (size and sha256)."""
     if not record or record.get("key") != key:
@@ -298,6 +315,7 @@ def build_engines(engines_dir: str | Path, stages: list[str] | None = None, prec
     engines_dir = Path(engines_dir)
     trt = import_trt()
     m = mf.load_manifest(engines_dir)
+    remove_stale_temps(engines_dir)          # what a killed build left behind
     stage_specs = stage_specs or {**specs.STAGES, **face_stage_specs(m)}
     recorded = {**m.get("stages", {}), **m.get("face_stages", {})}
     names = stages or [s for s in recorded if s in stage_specs]

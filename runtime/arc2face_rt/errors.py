@@ -39,3 +39,7 @@ class NoFaceError(Arc2FaceError):
 
 class ModelFormatError(Arc2FaceError):
     """A model file (face detector, recognizer) does not have the inputs/outputs its role needs."""
+
+
+class BuildFailedError(Arc2FaceError):
+    """TensorRT refused to build a plan with the options given (batch profile, workspace, target)."""

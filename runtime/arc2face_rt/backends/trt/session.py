@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...atomic import atomic_write
 from ...errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
 from .. import cuda
 from . import plan as _plan
@@ -153,13 +154,10 @@ class TrtSession:
         if self._runtime_cache is None:
             return
         p = self.runtime_cache_path
-        tmp = p.with_name(f".{p.name}.tmp")
         try:
-            tmp.write_bytes(memoryview(self._runtime_cache.serialize()))
-            tmp.replace(p)
+            atomic_write(p, memoryview(self._runtime_cache.serialize()), overwrite=True)
         except OSError as e:
             log.warning("%s: could not save the runtime cache (%s)", p, e)
-            tmp.unlink(missing_ok=True)
 
     def shape(self, name: str, batch: int) -> tuple[int, ...]:
         return tuple(batch if d == -1 else d for d in self.shapes[name])
