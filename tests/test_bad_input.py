@@ -220,11 +220,11 @@ CASES = [
 ]
 
 
-def assert_refused(tool: list[str], prog: str, args: list[str], sandbox: Path, words: str) -> str:
+def assert_refused(tool: list[str], prog: str, args: list[str], sandbox: Path, words: str, **run) -> str:
     """Run a CLI in a child: exit 2, a final one-line `PROG: error:` naming `words`, no traceback,
-    and the sandbox exactly as before. Returns that line."""
+    and the sandbox exactly as before. Returns that line. `run`: more subprocess.run arguments."""
     before = snapshot(sandbox)
-    r = subprocess.run(tool + args, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(tool + args, capture_output=True, text=True, timeout=300, **run)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert lines and lines[-1].startswith(f"{prog}: error:"), r.stderr
@@ -273,21 +273,118 @@ def test_embed_refuses_unusable_photos(case, tmp_path):
     assert "usable face" not in last, last            # the cause was the file, not the face
 
 
+def model_copy(m: Path, dst: Path) -> Path:
+    """A model folder whose files are hard links to the tiny checkpoint's (change them with replace_file)."""
+    return engines_copy(m, dst)
+
+
+def _edit_json(path: Path, **changes) -> None:
+    replace_file(path, json.dumps({**json.loads(path.read_text()), **changes}).encode())
+
+
+def _fake_checkpoint(d: Path, extra: str | None = None) -> None:
+    d.mkdir()
+    (d / "RANDOM_WEIGHTS.txt").write_text("x")
+    if extra:
+        (d / extra).write_text("mine")
+
+
+# Each case: (id, setup(sandbox, tiny model dir), argv of `arc2face-export` run in the sandbox, words)
 EXPORT_CASES = [
-    ("onnx-out-is-file", lambda t: (t / "f").write_text("x"), ["onnx", "--model-dir", "{t}/m", "--out", "{t}/f"],
+    ("onnx-out-is-file", lambda t, m: (t / "f").write_text("x"), ["onnx", "--model-dir", "{t}/m", "--out", "{t}/f"],
      "is a file"),
-    ("onnx-no-model", lambda t: None, ["onnx", "--model-dir", "{t}/none", "--out", "{t}/e"], "no such model folder"),
-    ("checkpoint-out-is-file", lambda t: (t / "f").write_text("x"), ["random-checkpoint", "--out", "{t}/f"],
+    ("onnx-no-model", lambda t, m: None, ["onnx", "--model-dir", "{t}/none", "--out", "{t}/e"], "no such model folder"),
+    ("onnx-out-empty", lambda t, m: None, ["onnx", "--model-dir", "{m}", "--out", ""], "must not be empty"),
+    ("onnx-force-user-folder", lambda t, m: ((t / "f").mkdir(), (t / "f" / "notes.txt").write_text("x")),
+     ["onnx", "--model-dir", "{m}", "--out", "{t}/f", "--force"], "not an engines folder"),
+    ("onnx-force-foreign-manifest", lambda t, m: ((t / "f").mkdir(), (t / "f" / "manifest.json").write_text("{}"),
+                                                  (t / "f" / "projector.onnx").write_text("x")),
+     ["onnx", "--model-dir", "{m}", "--out", "{t}/f", "--force"], "not an engines manifest"),
+    ("onnx-size-mismatch", lambda t, m: _edit_json(model_copy(m, t / "m2") / "vae" / "config.json", latent_channels=8),
+     ["onnx", "--model-dir", "{t}/m2", "--out", "{t}/e2"], "does not match"),
+    ("onnx-config-list", lambda t, m: replace_file(model_copy(m, t / "m2") / "vae" / "config.json", b"[1, 2]"),
+     ["onnx", "--model-dir", "{t}/m2", "--out", "{t}/e2"], "not a model config"),
+    ("onnx-config-unbuildable", lambda t, m: _edit_json(model_copy(m, t / "m2") / "arc2face" / "config.json",
+                                                        block_out_channels=[32]),
+     ["onnx", "--model-dir", "{t}/m2", "--out", "{t}/e2"], "cannot be built"),
+    ("onnx-encoder-garbage", lambda t, m: replace_file(model_copy(m, t / "m2") / "encoder" / "pytorch_model.bin",
+                                                       b"garbage" * 100),
+     ["onnx", "--model-dir", "{t}/m2", "--out", "{t}/e2"], "pytorch_model.bin: unreadable"),
+    ("onnx-scheduler-list", lambda t, m: replace_file(model_copy(m, t / "m2") / "scheduler" / "scheduler_config.json",
+                                                      b"[]"),
+     ["onnx", "--model-dir", "{t}/m2", "--out", "{t}/e2"], "scheduler_config.json: unusable"),
+    ("onnx-scheduler-not-a-number", lambda t, m: _edit_json(model_copy(m, t / "m2") / "scheduler" /
+                                                            "scheduler_config.json", num_train_timesteps="x"),
+     ["onnx", "--model-dir", "{t}/m2", "--out", "{t}/e2"], "scheduler_config.json: unusable"),
+    ("checkpoint-out-is-file", lambda t, m: (t / "f").write_text("x"), ["random-checkpoint", "--out", "{t}/f"],
      "is a file"),
-    ("demo-n-0", lambda t: None, ["demo", "--out", "{t}/d", "-n", "0"], "-n must be"),
-    ("build-unknown-stage", lambda t: None,
+    ("checkpoint-out-empty", lambda t, m: None, ["random-checkpoint", "--out", ""], "must not be empty"),
+    ("checkpoint-force-current-folder", lambda t, m: (t / "notes.txt").write_text("x"),
+     ["random-checkpoint", "--out", ".", "--force"], "current folder"),
+    ("checkpoint-force-current-folder-spelled", lambda t, m: (t / "sub").mkdir(),
+     ["random-checkpoint", "--out", "sub/..", "--force"], "current folder"),
+    ("checkpoint-force-ancestor", lambda t, m: None, ["random-checkpoint", "--out", "..", "--force"],
+     "contains the current folder"),
+    ("checkpoint-force-user-folder", lambda t, m: ((t / "u").mkdir(), (t / "u" / "a.txt").write_text("x")),
+     ["random-checkpoint", "--out", "u", "--force"], "not a random checkpoint"),
+    ("checkpoint-force-checkpoint-with-user-file", lambda t, m: _fake_checkpoint(t / "u", "notes.txt"),
+     ["random-checkpoint", "--out", "{t}/u", "--force"], "notes.txt"),
+    ("checkpoint-seed-huge", lambda t, m: None, ["random-checkpoint", "--out", "{t}/c", "--seed", str(2**70)],
+     "--seed"),
+    ("demo-n-0", lambda t, m: None, ["demo", "--out", "{t}/d", "-n", "0"], "-n must be"),
+    ("demo-steps-5000", lambda t, m: None, ["demo", "--out", "{t}/d", "--steps", "5000"], "--steps"),
+    ("demo-seed-huge", lambda t, m: None, ["demo", "--out", "{t}/d", "--seed", str(2**64)], "--seed"),
+    ("build-unknown-stage", lambda t, m: None,
      ["build-engines", "--out", "{e}", "--precision", "fp32", "--no-face", "--stages", "bogus"], "unknown stage"),
+    ("build-compute-capability-unknown", lambda t, m: None,
+     ["build-engines", "--out", "{e}", "--precision", "fp32", "--no-face", "--compute-capability", "99.9"],
+     "cannot target"),
+    ("build-compute-capability-garbage", lambda t, m: None,
+     ["build-engines", "--out", "{e}", "--precision", "fp32", "--compute-capability", "abc"], "--compute-capability"),
+    ("build-workspace-negative", lambda t, m: None,
+     ["build-engines", "--out", "{e}", "--precision", "fp32", "--workspace-mib", "-5"], "--workspace-mib"),
+    ("build-batch-huge", lambda t, m: None,
+     ["build-engines", "--out", "{e}", "--precision", "fp32", "--batch", "100000000000"], "--batch"),
+    ("build-refused-by-the-library", lambda t, m: None,
+     ["build-engines", "--out", "{e}", "--precision", "fp32", "--no-face", "--stages", "projector", "--batch",
+      "1,1,256", "--workspace-mib", "1"], "could not build"),
+    ("build-face-models-missing", lambda t, m: None,
+     ["build-engines", "--out", "{e}", "--precision", "fp32", "--face-models", "{t}/none"], "no such folder"),
+    ("build-face-models-none-there", lambda t, m: (t / "faces").mkdir(),
+     ["build-engines", "--out", "{e}", "--precision", "fp32", "--face-models", "{t}/faces"], "neither face model"),
+    ("build-other-precision", lambda t, m: None, ["build-engines", "--out", "{e}", "--precision", "fp16"],
+     "holds fp32 graphs"),
 ]
 
 
 @pytest.mark.parametrize("case", EXPORT_CASES, ids=[c[0] for c in EXPORT_CASES])
-def test_export_cli_refuses(case, tiny_engines, tmp_path):
+def test_export_cli_refuses(case, tiny_model_dir, tiny_engines, tmp_path):
     _, setup, argv, words = case
     t, e = _sandbox(tmp_path, tiny_engines)
-    setup(t)
-    assert_refused(EXPORT, "arc2face-export", [a.format(t=t, e=e) for a in argv], t, words)
+    setup(t, tiny_model_dir)
+    assert_refused(EXPORT, "arc2face-export", [a.format(t=t, e=e, m=tiny_model_dir) for a in argv], t, words, cwd=t)
+
+
+def _file_size_limit(nbytes: int):
+    """preexec_fn: `ulimit -f` for the child (Python ignores SIGXFSZ, so a write past it fails with EFBIG)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+
+
+# A write that fails half-way (file-size limit): one line naming the file, no temporary left, nothing changed
+WRITE_LIMIT_CASES = [
+    ("checkpoint", ["random-checkpoint", "--out", "{t}/new/model"], "diffusion_pytorch_model.safetensors"),
+    ("onnx", ["onnx", "--model-dir", "{m}", "--out", "{t}/new/engines", "--no-validate"], "projector.onnx"),
+    ("build-engines", ["build-engines", "--out", "{e}", "--precision", "fp32", "--no-face", "--stages", "projector"],
+     "projector.plan"),
+]
+
+
+@pytest.mark.parametrize("case", WRITE_LIMIT_CASES, ids=[c[0] for c in WRITE_LIMIT_CASES])
+def test_export_cli_write_failure(case, tiny_model_dir, tiny_engines, tmp_path):
+    _, argv, words = case
+    t, e = _sandbox(tmp_path, tiny_engines)
+    last = assert_refused(EXPORT, "arc2face-export", [a.format(t=t, e=e, m=tiny_model_dir) for a in argv], t, words,
+                          cwd=t, preexec_fn=_file_size_limit(1 << 20))
+    assert "could not be written" in last or "file too large" in last, last

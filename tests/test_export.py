@@ -184,3 +184,24 @@ def test_export_files_get_the_usual_modes(tiny_model_dir, tmp_path, monkeypatch,
     assert set(modes.values()) == {0o666 & ~umask}
     assert stat.S_IMODE((tmp_path / "e").stat().st_mode) == 0o777 & ~umask
 
+
+def test_demo_reuses_its_folder_and_reports_failures_as_its_own(tiny_model_dir, tiny_engines, tmp_path,
+                                                                 monkeypatch, capsys):
+    from arc2face_export.cli import main
+    from arc2face_rt.errors import InvalidInputError
+    from arc2face_rt.pipeline import Arc2FacePipeline
+
+    d = tmp_path / "demo"
+    _linked_copy(tiny_model_dir, d / "model-tiny")            # what an earlier demo run wrote: reused
+    _linked_copy(tiny_engines, d / "engines-tiny-fp32")
+    argv = ["demo", "--out", str(d), "-n", "1", "--steps", "1"]
+    assert main(argv) == 0
+    assert (d / "images" / "run-001" / "arc2face_0_0000.png").is_file()
+
+    def refused(*a, **k):
+        raise InvalidInputError("something the runtime refused")
+
+    monkeypatch.setattr(Arc2FacePipeline, "generate", refused)
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "arc2face-export: error: something the runtime refused"

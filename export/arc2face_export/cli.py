@@ -11,8 +11,11 @@ from arc2face_rt.exits import run_cli
 from arc2face_rt.specs import PRECISIONS, STAGES
 
 
+PROG = "arc2face-export"
+
+
 def _say(msg: str) -> None:
-    print(f"arc2face-export: {msg}", file=sys.stderr, flush=True)
+    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
 
 
 def cmd_random_checkpoint(args) -> int:
@@ -44,22 +47,22 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argtypes.Parser(prog="arc2face-export", description=__doc__)
+    parser = argtypes.Parser(prog=PROG, description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("random-checkpoint", help="write a seeded random-weight model folder (released layout)")
     p.add_argument("--size", choices=("tiny", "full"), default="tiny",
                    help="tiny: fast tests and demo; full: exact SD1.5/CLIP-L architectures (3.4 GB UNet)")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=argtypes.path)
+    p.add_argument("--seed", type=argtypes.seed, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing folder")
     p.add_argument("--no-face-models", action="store_true", help="skip the detector/ArcFace ONNX files")
     p.set_defaults(func=cmd_random_checkpoint)
 
     p = sub.add_parser("onnx", help="export, validate against torch, and write an engines folder")
-    p.add_argument("--model-dir", required=True, type=Path, help="arc2face/, encoder/, vae/, scheduler/")
-    p.add_argument("--out", required=True, type=Path, help="engines folder to write")
+    p.add_argument("--model-dir", required=True, type=argtypes.path, help="arc2face/, encoder/, vae/, scheduler/")
+    p.add_argument("--out", required=True, type=argtypes.path, help="engines folder to write")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--stages", nargs="+", choices=sorted(STAGES), help="export only these (default: all)")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-torch check")
@@ -67,10 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_onnx)
 
     p = sub.add_parser("demo", help="random checkpoint -> ONNX -> generate PNGs on the CPU, all offline")
-    p.add_argument("--out", type=Path, default=Path("demo"), help="working folder (default ./demo)")
+    p.add_argument("--out", type=argtypes.path, default=Path("demo"), help="working folder (default ./demo)")
     p.add_argument("--size", choices=("tiny", "full"), default="tiny")
     p.add_argument("-n", "--num-images", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=argtypes.seed, default=0)
     p.add_argument("--steps", type=int, default=25)
     p.set_defaults(func=cmd_demo)
 
@@ -89,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    return run_cli(lambda: args.func(args), "arc2face-export", verbose=args.verbose)
+    return run_cli(lambda: args.func(args), PROG, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -9,22 +9,40 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def run_demo(out: Path, size: str = "tiny", num_images: int = 4, seed: int = 0, steps: int = 25,
-             say=print) -> Path:
-    from arc2face_ref.random_ckpt import write_random_checkpoint
-    from arc2face_rt.cli import main as rt_main
+def check_demo_options(size: str = "tiny", num_images: int = 4, seed: int = 0, steps: int = 25) -> None:
+    """Refuse every option the demo's generation would refuse, before anything is written."""
     from arc2face_rt.errors import InvalidInputError
-    from arc2face_rt.outputs import check_output_dir
     from arc2face_rt.pipeline import GenerationOptions
+    from arc2face_rt.schedulers import make_schedule
+    from arc2face_rt.specs import DEFAULT_SCHEDULER
 
-    from .onnx_export import export_all
-
+    if size not in ("tiny", "full"):
+        raise InvalidInputError(f"--size must be tiny or full (got {size!r})")
     if num_images < 1:
         raise InvalidInputError(f"-n must be >= 1 (got {num_images})")
     GenerationOptions(steps=steps, seed=seed).check()
+    try:
+        make_schedule(DEFAULT_SCHEDULER, steps)         # the demo's checkpoint has the SD1.5 scheduler config
+    except InvalidInputError as e:
+        raise InvalidInputError(f"--steps {steps}: {e}") from None
+
+
+def run_demo(out: Path, size: str = "tiny", num_images: int = 4, seed: int = 0, steps: int = 25,
+             say=print) -> Path:
+    """Write (or reuse) the checkpoint and the export under `out`, then generate into a new run folder.
+
+    Every option is checked first; the generation itself runs `arc2face-rt generate`'s code without
+    its exit-code wrapper, so a failure there reaches this command's own error handling."""
+    from arc2face_ref.random_ckpt import MARKER, write_random_checkpoint
+    from arc2face_rt.cli import build_parser as rt_parser
+    from arc2face_rt.outputs import check_output_dir
+
+    from .onnx_export import export_all
+
+    check_demo_options(size, num_images, seed, steps)
     out = check_output_dir(out)
     model, engines = out / f"model-{size}", out / f"engines-{size}-fp32"
-    if not (model / "RANDOM_WEIGHTS.txt").is_file():
+    if not (model / MARKER).is_file():
         say(f"writing a random-weight {size} checkpoint to {model}")
         write_random_checkpoint(model, size=size, seed=seed, force=model.exists())
     export_all(model, engines, precision="fp32", progress=say)
@@ -32,8 +50,8 @@ def run_demo(out: Path, size: str = "tiny", num_images: int = 4, seed: int = 0, 
     runs.mkdir(parents=True, exist_ok=True)
     k = 1 + max((int(p.name[4:]) for p in runs.glob("run-[0-9][0-9][0-9]")), default=0)
     run_dir = runs / f"run-{k:03d}"
-    rc = rt_main(["generate", "--engines", str(engines), "--random-id", "-n", str(num_images), "--seed", str(seed),
-                  "--steps", str(steps), "--device", "cpu", "--out", str(run_dir)])
-    if rc != 0:
-        raise SystemExit(rc)
+    args = rt_parser().parse_args(["generate", "--engines", str(engines), "--random-id", "-n", str(num_images),
+                                   "--seed", str(seed), "--steps", str(steps), "--device", "cpu",
+                                   "--out", str(run_dir)])
+    args.func(args)
     return run_dir
