@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 
 import numpy as np
@@ -229,6 +230,33 @@ def test_int8_from_recorded_calibration_data(tmp_path):
     m = _manifest(d)
     assert m["quantized"]["step"]["calibration_samples"] == 3
     assert int8.int8_is_current(d, m, "step")
+
+
+@pytest.mark.parametrize("bad,words", [
+    (lambda p: np.save(open(p, "wb"), np.zeros(3)), "not an .npz"),
+    (lambda p: p.write_bytes(b"PK\x03\x04 garbage"), "cannot read"),
+    (lambda p: np.savez(p, x=np.float32(1)), "no per-sample arrays"),
+    (lambda p: np.savez(p, x=np.zeros((2, 1, 4, 64, 64), np.float32)), "is missing"),
+    (lambda p: np.savez(p, **{k: (v[..., :8, :] if k == "x" else v) for k, v in _calib_arrays().items()}),
+     "'x' is float32[1, 4, 8, 64]"),
+], ids=["npy", "garbage", "scalar", "missing-input", "wrong-shape"])
+def test_unusable_calibration_data_is_refused_before_any_work(tmp_path, bad, words):
+    d = make_engines_dir(tmp_path / "e", "fp16", stages=("step",))
+    before = sorted(p.name for p in d.iterdir())
+    npz = tmp_path / "calib.npz"
+    bad(npz)
+    parser = argparse.ArgumentParser()
+    build_cli.add_build_engines_parser(parser.add_subparsers())
+    args = parser.parse_args(["build-engines", "--out", str(d), "--precision", "int8", "--calib-data", str(npz),
+                              "--stages", "step"])
+    with pytest.raises(InvalidInputError, match=re.escape(words)):
+        args.func(args)
+    assert sorted(p.name for p in d.iterdir()) == before
+
+
+def _calib_arrays():
+    feeds = [random_feeds(specs.STEP, 1, seed=i) for i in range(2)]
+    return {k: np.stack([f[k] for f in feeds]) for k in feeds[0]}
 
 
 def test_build_engines_cli_on_an_exported_folder(tmp_path):

@@ -52,6 +52,13 @@ def cmd_build_engines(args) -> int:
     resolve_compute_capabilities(import_trt(), args.compute_capability)
     if not args.no_face and args.face_models is not None:
         find_face_models(args.face_models, explicit=True)
+    if args.precision == "int8" and args.calib_data is not None:
+        from .int8 import INT8_STAGES, load_calibration
+        try:
+            have = set(mf.load_manifest(out).get("stages", {}))
+        except EngineMismatchError:             # exported below, with every stage
+            have = set(INT8_STAGES)
+        load_calibration(args.calib_data, [s for s in (args.stages or INT8_STAGES) if s in have])
     onnx_precision = _onnx_precision(args.precision)
     if _needs_export(out, onnx_precision, args.stages):
         if args.model_dir is None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from onnx import TensorProto, numpy_helper
 from arc2face_rt import manifest as mf
 from arc2face_rt.atomic import usual_mode
 from arc2face_rt.errors import InvalidInputError
+from arc2face_rt.specs import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +85,31 @@ def feeds_from_npz(path: str | Path) -> list[dict[str, np.ndarray]]:
     coeffs [8], guidance [1]; so the npz holds x [S,B,4,64,64], coeffs [S,8], guidance [S,1], ...
     """
     try:
-        data = np.load(path)
-    except (OSError, ValueError) as e:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an .npz archive of named arrays")
+        arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise InvalidInputError(f"{path}: cannot read calibration data ({e}); pass an .npz written by the pipeline") from e
-    n = {len(data[k]) for k in data.files}
+    if not arrays or any(a.ndim == 0 for a in arrays.values()):
+        raise InvalidInputError(f"{path}: holds no per-sample arrays (leading axis = sample); pass an .npz written "
+                                "by the pipeline")
+    n = {len(a) for a in arrays.values()}
     if len(n) != 1:
         raise InvalidInputError(f"{path}: arrays have different sample counts {sorted(n)}")
-    return [{k: data[k][i] for k in data.files} for i in range(n.pop())]
+    return [{k: a[i] for k, a in arrays.items()} for i in range(n.pop())]
+
+
+def check_feeds(feeds: list[dict], stage: str, source) -> None:
+    """Every input of step stage `stage`, as a float array of its spec's shape, in every sample."""
+    for t in STAGES[stage].inputs:
+        for i, feed in enumerate(feeds):
+            a = feed.get(t.name)
+            batch = a.shape[0] if a is not None and a.ndim and "B" in t.shape else 0
+            if a is None or a.dtype.kind != "f" or a.shape != t.concrete(batch):
+                got = "missing" if a is None else f"{a.dtype}{list(a.shape)}"
+                raise InvalidInputError(f"{source}: sample {i} input '{t.name}' is {got}; the {stage} graph takes float "
+                                        f"{list(t.shape)}: pass an .npz written by the pipeline")
 
 
 # ----------------------------------------------------------------------------- graph preparation
@@ -285,9 +305,15 @@ def ensure_int8_graphs(engines_dir: str | Path, calib_path: str | Path | None = 
             and not int8_is_current(engines_dir, m, s)]
     if not todo:
         return
+    recorded = load_calibration(calib_path, todo) if calib_path is not None else None
     for s in todo:
-        if calib_path is not None:
-            feeds = feeds_from_npz(calib_path)
-        else:
-            feeds = pipeline_calibration_feeds(engines_dir, s)
-        quantize_stage(engines_dir, s, feeds)
+        quantize_stage(engines_dir, s, recorded if recorded is not None else pipeline_calibration_feeds(engines_dir, s))
+
+
+def load_calibration(path: str | Path, stages: Iterable[str]) -> list[dict]:
+    """The calibration feeds of `path`, checked against every step stage in `stages` (before any is quantised)."""
+    feeds = feeds_from_npz(path)
+    for s in stages:
+        if s in INT8_STAGES:
+            check_feeds(feeds, s, path)
+    return feeds
