@@ -7,12 +7,12 @@ import logging
 import sys
 from pathlib import Path
 
+from arc2face_rt import argtypes
 from arc2face_rt import manifest as mf
 from arc2face_rt import specs
 from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError
 from arc2face_rt.outputs import check_output_dir
 
-from .args import int_in, path_arg
 from .face_plans import add_face_stages, find_face_models
 from .trt_build import (MAX_BATCH, MAX_WORKSPACE_MIB, BuildOptions, build_engines, import_trt, parse_batch,
                         parse_compute_capability, resolve_compute_capabilities)
@@ -87,9 +87,9 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
         description="Build a TensorRT / TensorRT-RTX plan per stage. Exports the ONNX graphs first when the "
                     "folder lacks them. Plans are rebuilt only when the ONNX, the options, the library or the "
                     "target GPU changed (recorded in manifest.json under 'plans').")
-    p.add_argument("--model-dir", type=path_arg, help="model folder to export from when --out lacks the ONNX graphs")
-    p.add_argument("--out", required=True, type=path_arg, help="engines folder (ONNX graphs + manifest.json)")
-    p.add_argument("--face-models", default=None, type=path_arg,
+    p.add_argument("--model-dir", type=argtypes.path, help="model folder to export from when --out lacks the ONNX graphs")
+    p.add_argument("--out", required=True, type=argtypes.path, help="engines folder (ONNX graphs + manifest.json)")
+    p.add_argument("--face-models", default=None, type=argtypes.path,
                    help="folder with scrfd_10g_bnkps.onnx / arcface.onnx (default: --model-dir); each one found "
                         "becomes a 'detector' / 'arcface' stage and plan")
     p.add_argument("--no-face", action="store_true", help="do not add the face detector and recognizer stages")
@@ -99,7 +99,7 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=parse_batch, default=None,
                    help="batch profile: MAX, MIN,OPT or MIN,OPT,MAX (e.g. 1,4,8: min 1, opt 4, max 8); "
                         "default: each stage spec's batch_range")
-    p.add_argument("--opt-batch", type=int_in(1, MAX_BATCH), default=None, metavar="N",
+    p.add_argument("--opt-batch", type=argtypes.count(1, MAX_BATCH, "a batch size"), default=None, metavar="N",
                    help="the batch TensorRT tunes the step and decoder plans for: the --batch you will generate "
                         f"with (default: --batch's OPT, else {specs.DEFAULT_BATCH}, the default of arc2face-rt generate)")
     p.add_argument("--opt-level", type=int, choices=range(6), default=3, metavar="{0..5}",
@@ -107,10 +107,10 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--compute-capability", default="auto", type=parse_compute_capability,
                    help="TensorRT-RTX target(s): auto (this GPU, else the portable set 8.0,8.6,8.9,12.0), "
                         "current, or a list such as 8.9,12.0 (7.5 for Turing)")
-    p.add_argument("--workspace-mib", type=int_in(1, MAX_WORKSPACE_MIB), default=None,
+    p.add_argument("--workspace-mib", type=argtypes.count(1, MAX_WORKSPACE_MIB, "a size in MiB"), default=None,
                    help="workspace memory pool limit in MiB (default: the library's)")
     p.add_argument("--no-timing-cache", action="store_true", help="do not read/write <out>/timing.cache")
-    p.add_argument("--calib-data", default=None, type=path_arg,
+    p.add_argument("--calib-data", default=None, type=argtypes.path,
                    help="int8: .npz of step-graph inputs (one array per input, leading axis = sample); "
                         "default: record them by running this folder's graphs on 8 random identities")
     p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
