@@ -8,6 +8,7 @@ import sys
 
 from . import __version__, argtypes
 from .exits import run_cli
+from .backends.openvino import CPU_PRECISIONS
 from .face.cli import add_embed_parser, add_score_parser
 from .pipeline import BACKENDS, GenerationOptions
 from .schedulers import SCHEDULERS
@@ -38,8 +39,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH,
                    help=f"images per graph call (default {DEFAULT_BATCH}; TensorRT plans are tuned for it)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto: TensorRT when a GPU and plans are present, else ONNX Runtime")
+                   help="auto: TensorRT when a GPU and plans are present, ONNX Runtime on another usable GPU, "
+                        "else OpenVINO when installed (CPU), else ONNX Runtime")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime device")
+    p.add_argument("--cpu-precision", choices=CPU_PRECISIONS, default="auto",
+                   help="OpenVINO: auto = bf16 where the CPU has AMX-BF16/AVX512-BF16, else fp32; int8 runs the "
+                        "step graphs `arc2face-export openvino-int8` wrote (default auto)")
     p.add_argument("--out", required=True, type=argtypes.path, help="output folder (created if missing)")
     p.add_argument("--prefix", default="arc2face", help="file names: PREFIX_SEED_INDEX.png")
     p.add_argument("--overwrite", action="store_true", help="replace existing files of the same names")
@@ -74,11 +79,12 @@ def cmd_generate(args) -> int:
                                         log=_stderr, engines=args.engines, backend=args.backend,
                                         verify=not args.no_verify)
         who = f"from {len(args.image)} photo path(s)"
-    with Arc2FacePipeline(args.engines, backend=args.backend, device=args.device, verify=not args.no_verify) as pipe:
+    with Arc2FacePipeline(args.engines, backend=args.backend, device=args.device, verify=not args.no_verify,
+                          cpu_precision=args.cpu_precision) as pipe:
         pipe.prepare(opts)
         _stderr(f"arc2face-rt {__version__}: {args.num_images} image(s) of identity {who}, {opts.steps} "
-                f"{opts.scheduler} steps, guidance {opts.guidance}, backend {pipe.backend} "
-                f"({pipe.manifest.get('precision')})")
+                f"{opts.scheduler} steps, guidance {opts.guidance}, backend {pipe.backend} ({pipe.precision}"
+                + (f"; CPU {pipe.openvino.isa.summary()}" if pipe.openvino else "") + ")")
         if pipe.manifest.get("source", {}).get("random_weights"):
             _stderr("note: these engines come from a RANDOM-WEIGHT checkpoint: images will look like noise, not faces")
         s = run.write(pipe, identity, opts, existing, log=_stderr, progress=_progress_bar)

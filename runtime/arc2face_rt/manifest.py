@@ -12,6 +12,7 @@ Layout (format 1):
                         "validation": {"metric": str, "value": float, "tolerance": float}}},
       "face_stages": {"detector" | "arcface": {"files": {...}, "io": {...}, "batch_range": [lo, opt, hi], ...}},
       "quantized": {"step_cfg" | "step": {"file": ..., "files": {...}, ...}},   # int8 Q/DQ graphs
+      "openvino_int8": {"step_cfg" | "step": {"file": ..., "files": {...}, "source": {...}, ...}},  # NNCF IR
       "plans": {name: {"file", "sha256", "bytes", "library", "build", ...}}     # TensorRT (build-engines)
     }
 `load_manifest` checks this structure before anything reads it (`check_manifest`): types, known
@@ -43,6 +44,7 @@ FILE_SECTIONS = {
     "face_stages": FACE_STAGES,
     "plans": tuple(STAGES) + FACE_STAGES,
     "quantized": (STEP_CFG.name, STEP.name),
+    "openvino_int8": (STEP_CFG.name, STEP.name),
 }
 _REEXPORT = "re-export the folder (`arc2face-export onnx --out {d} --force`, then build-engines if you use plans)"
 

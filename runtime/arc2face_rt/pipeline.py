@@ -25,7 +25,7 @@ from .schedulers import SCHEDULERS, Schedule, make_schedule
 from .specs import (DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, ID_DIM, LATENT_CHANNELS,
                     LATENT_SIZE, PROJECTOR, STAGES, STEP, STEP_CFG, VAE_DECODER)
 
-BACKENDS = ("auto", "ort", "trt")
+BACKENDS = ("auto", "ort", "trt", "openvino")
 MAX_GUIDANCE = 100.0        # CFG scales beyond this are a typo, not a setting (1e39 overflows float32)
 log = logging.getLogger("arc2face_rt")
 
@@ -110,32 +110,57 @@ def image_noise(seed: int, index: int, schedule: Schedule) -> tuple[np.ndarray, 
     return x, noise
 
 
-def pick_backend(engines_dir: Path, manifest: dict, backend: str) -> str:
+def pick_backend(engines_dir: Path, manifest: dict, backend: str, device: str = "auto") -> str:
     """`backend`, or for "auto": TensorRT when the folder has plans and TensorRT can run on this GPU
-    (`backends.trt.unusable_reason`), else ONNX Runtime (which takes CUDA where it can load it)."""
+    (`backends.trt.unusable_reason`); else ONNX Runtime when it can use a GPU; else (no usable GPU)
+    OpenVINO when installed; else ONNX Runtime on the CPU."""
     if backend not in BACKENDS:
         raise InvalidInputError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    if backend == "openvino" and device == "cuda":
+        raise InvalidInputError("--backend openvino runs on the CPU; drop --device cuda or use --backend ort/trt")
     if backend != "auto":
         return backend
-    if manifest.get("plans"):
+    if manifest.get("plans") and device != "cpu":
         from .backends.trt import unusable_reason
 
         reason = unusable_reason()
         if reason is None:
             return "trt"
-        log.info("--backend auto: ONNX Runtime, not TensorRT (%s)", reason)
+        log.info("--backend auto: not TensorRT (%s)", reason)
+    if device != "cuda" and not _ort_gpu_usable(device):
+        from .backends.openvino import openvino_installed
+
+        if openvino_installed():
+            return "openvino"
     return "ort"
+
+
+def _ort_gpu_usable(device: str) -> bool:
+    """Whether ONNX Runtime has its CUDA provider and a CUDA device is present."""
+    if device == "cpu":
+        return False
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return False
+    from .backends import cuda
+
+    return cuda.device_count() > 0
 
 
 class Arc2FacePipeline:
     """Opens an engines folder written by `arc2face-export`; stages are loaded on first use."""
 
-    def __init__(self, engines_dir: str | Path, backend: str = "auto", device: str = "auto", verify: bool = True):
+    def __init__(self, engines_dir: str | Path, backend: str = "auto", device: str = "auto", verify: bool = True,
+                 cpu_precision: str = "auto"):
         """`verify`: check every file's content against the manifest's sha256 before use (hashing a
-        file only when it changed since its last check, see `integrity`); False checks sizes only."""
+        file only when it changed since its last check, see `integrity`); False checks sizes only.
+        `cpu_precision`: OpenVINO's auto | fp32 | bf16 | int8 (`backends.openvino`)."""
         self.engines_dir = Path(engines_dir)
         self.manifest = load_manifest(self.engines_dir)
-        self.backend = pick_backend(self.engines_dir, self.manifest, backend)
+        self.backend = pick_backend(self.engines_dir, self.manifest, backend, device)
         self.device = device
         section = "plans" if self.backend == "trt" else "stages"
         if not self.manifest.get(section):
@@ -147,6 +172,17 @@ class Arc2FacePipeline:
         self._sessions: dict = {}
         self._trt_memory = None        # one activation buffer shared by the TensorRT engines
         self._trt_generators: dict = {}  # step stage -> TrtGenerator (TensorRT: one host sync per batch)
+        self.openvino = None           # OpenVINO: the resolved --cpu-precision and compile cache
+        if self.backend == "openvino":
+            from .backends.openvino import OpenVinoStages
+            self.openvino = OpenVinoStages(self.engines_dir, self.manifest, cpu_precision, cache_key=self.engine_id,
+                                           verify=verify)
+        elif cpu_precision not in ("auto", "fp32"):
+            raise InvalidInputError(f"--cpu-precision {cpu_precision} needs --backend openvino "
+                                    f"(the {self.backend} backend runs the folder's {self.manifest.get('precision')} "
+                                    "graphs); install it with `pip install 'arc2face-rt[openvino]'`")
+        # what every PNG records as `precision`: the compute precision of the denoiser
+        self.precision = self.openvino.precision.name if self.openvino else self.manifest.get("precision")
 
     @property
     def engine_id(self) -> str:
@@ -166,6 +202,8 @@ class Arc2FacePipeline:
                 if self._trt_memory is None:
                     self._trt_memory = SharedDeviceMemory()
                 sess = open_session(self._stage_path(section, name), memory=self._trt_memory)
+            elif self.openvino is not None:
+                sess = self.openvino.open(name)
             else:
                 from .backends.ort import open_session as open_ort   # "on GPU": what ORT reports
                 sess = open_ort(self._stage_path(section, name), device=self.device,
@@ -316,7 +354,7 @@ class Arc2FacePipeline:
         p = asdict(options)
         p.pop("batch_size")
         p.update(index=index, identity=identity_fingerprint(identity), backend=self.backend,
-                 precision=self.manifest.get("precision"), engines=self.engine_id, arc2face_rt=__version__)
+                 precision=self.precision, engines=self.engine_id, arc2face_rt=__version__)
         if self.manifest.get("source", {}).get("random_weights"):
             p["random_weights"] = True
         return p

@@ -14,14 +14,18 @@ from pathlib import Path
 from ..errors import EngineMismatchError, MissingWeightsError, ModelFormatError
 
 
-def open_session(path: str | Path, what: str, fix: str, device: str = "auto", threads: int | None = None):
-    """An OrtSession for a face model, with errors that say which model and how to get it."""
-    from ..backends import OrtSession
-
+def open_session(path: str | Path, what: str, fix: str, device: str = "auto", threads: int | None = None,
+                 backend: str = "ort"):
+    """A session for a face model (ONNX Runtime, or OpenVINO in f32 with backend "openvino"), with
+    errors that say which model and how to get it."""
     path = Path(path)
     if not path.is_file():
         raise MissingWeightsError(f"{path}: {what} not found; {fix}")
     try:
+        if backend == "openvino":
+            from ..backends.openvino import open_model_file
+            return open_model_file(path)
+        from ..backends import OrtSession
         return OrtSession(path, device=device, threads=threads)
     except EngineMismatchError as e:  # its message suggests re-exporting, which is wrong for these files
         raise MissingWeightsError(f"{path}: {what} is not a loadable ONNX file ({e.__cause__ or e}); "

@@ -47,8 +47,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="ONNX Runtime device (auto: CUDA when onnxruntime-gpu has it)")
     g.add_argument("--engines", metavar="DIR", type=argtypes.path, default=None,
                    help="engines folder whose detector.plan / arcface.plan run the face models on TensorRT")
-    g.add_argument("--backend", choices=("auto", "ort", "trt"), default="auto",
-                   help="auto: TensorRT when --engines has face plans and a GPU is present, else ONNX Runtime")
+    g.add_argument("--backend", choices=("auto", "ort", "trt", "openvino"), default="auto",
+                   help="auto: TensorRT when --engines has face plans and a GPU is present, else OpenVINO (f32) "
+                        "when installed and no GPU is usable, else ONNX Runtime")
     g.add_argument("--no-verify", action="store_true",
                    help="with --engines: check the plans' sizes only, not their content (sha256)")
     f = p.add_argument_group("face choice")

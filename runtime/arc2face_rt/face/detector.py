@@ -159,8 +159,9 @@ class ScrfdDetector:
         self.input_name = self._check_graph()
 
     @classmethod
-    def from_file(cls, path: str | Path, device: str = "auto", threads: int | None = None, **kw) -> "ScrfdDetector":
-        sess = open_session(path, "face detector", _FIX, device, threads)
+    def from_file(cls, path: str | Path, device: str = "auto", threads: int | None = None, backend: str = "ort",
+                  **kw) -> "ScrfdDetector":
+        sess = open_session(path, "face detector", _FIX, device, threads, backend)
         return cls(sess, name=str(path), **kw)
 
     def _expected_text(self) -> str:

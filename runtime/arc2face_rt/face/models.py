@@ -79,29 +79,39 @@ def face_plan(engines: str | Path | None, backend: str, name: str, verify: bool 
     return resolve_inside(engines, rec["file"]), stage
 
 
+def file_backend(engines: str | Path | None, backend: str, device: str = "auto") -> str:
+    """"openvino" or "ort": what runs a face model from its ONNX file (no TensorRT plan) for `backend`."""
+    if backend in ("ort", "openvino"):
+        return backend
+    m = load_manifest(engines) if engines is not None else {}
+    return "openvino" if pick_backend(Path(engines or "."), m, "auto", device) == "openvino" else "ort"
+
+
 def load_face_models(models_dir: str | Path | None = None, detector_path: str | Path | None = None,
                      recognizer_path: str | Path | None = None, *, device: str = "auto",
                      min_score: float = SCORE_THRESHOLD, need_detector: bool = True,
                      engines: str | Path | None = None, backend: str = "ort", verify: bool = True,
                      ) -> tuple[ScrfdDetector | None, ArcFaceRecognizer]:
     """Open the detector (unless need_detector is False) and the recognizer: from their ONNX files on
-    ONNX Runtime, or from the engines folder's `detector.plan` / `arcface.plan` on TensorRT."""
+    ONNX Runtime or OpenVINO (f32), or from the engines folder's `detector.plan` / `arcface.plan` on TensorRT."""
     from ..backends.trt import open_session as open_plan   # imports no TensorRT until a plan is opened
 
     det = None
+    on_file = "ort" if backend == "trt" else file_backend(engines, backend, device)
     if need_detector:
         plan = face_plan(engines, backend, "detector", verify)
         if plan:
             det = ScrfdDetector(open_plan(plan[0]), score_threshold=min_score, name=str(plan[0]))
         else:
             det = ScrfdDetector.from_file(resolve_model("detector", detector_path, models_dir), device=device,
-                                          score_threshold=min_score)
+                                          score_threshold=min_score, backend=on_file)
     plan = face_plan(engines, backend, "arcface", verify)
     if plan:
         rec = ArcFaceRecognizer(open_plan(plan[0]), plan[1]["graph_normalises"], name=str(plan[0]),
                                 max_batch=plan[1]["batch_range"][2])
     else:
-        rec = ArcFaceRecognizer.from_file(resolve_model("recognizer", recognizer_path, models_dir), device=device)
+        rec = ArcFaceRecognizer.from_file(resolve_model("recognizer", recognizer_path, models_dir), device=device,
+                                          backend=on_file)
     return det, rec
 
 

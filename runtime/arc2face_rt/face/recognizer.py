@@ -59,8 +59,9 @@ class ArcFaceRecognizer:
         self._fixed_batch = shape[0] if shape is not None and shape[0] is not None else None
 
     @classmethod
-    def from_file(cls, path: str | Path, device: str = "auto", threads: int | None = None) -> "ArcFaceRecognizer":
-        sess = open_session(path, "face recognizer", _FIX, device, threads)
+    def from_file(cls, path: str | Path, device: str = "auto", threads: int | None = None,
+                  backend: str = "ort") -> "ArcFaceRecognizer":
+        sess = open_session(path, "face recognizer", _FIX, device, threads, backend)
         return cls(sess, graph_normalises(first_nodes(path, _HEAD_NODES)), name=str(path))
 
     def _expected_text(self) -> str:

@@ -1,0 +1,113 @@
+"""Where OpenVINO keeps compiled blobs, and the record that says what they were compiled with.
+
+OpenVINO's model cache (CACHE_DIR) stores one blob per compiled graph, keyed by OpenVINO itself from
+the model, the device and the compile options, so a second process imports the blob instead of
+compiling. We add a folder choice and a record:
+
+- the folder is `ENGINES/openvino_cache/` when the engines folder is writable, else
+  `openvino/<engines id>/` in arc2face-rt's per-user cache (`integrity.cache_dir`: $ARC2FACE_CACHE_DIR,
+  else $XDG_CACHE_HOME/arc2face-rt, else ~/.cache/arc2face-rt), else no cache at all (an info log says
+  which). The engines folder's manifest is never touched at run time.
+- `record.json` in that folder names the OpenVINO version and the CPU (model, ISA flags, OpenVINO
+  capabilities) the blobs were made with, and per compiled stage and inference precision the graph's sha256 (from
+  the manifest). When the version or the CPU differs (a copied folder, an upgrade) every blob is
+  deleted and compiled again, instead of importing a blob made for other hardware.
+Writes of the record are atomic (temporary file, then rename).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from ..manifest import write_json_atomic
+
+log = logging.getLogger("arc2face_rt")
+
+CACHE_SUBDIR = "openvino_cache"
+RECORD = "record.json"
+FORMAT = "arc2face-rt-openvino-cache"
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+        return True
+    except OSError:
+        return False
+
+
+def user_cache_root() -> Path:
+    from ..integrity import cache_dir
+
+    return cache_dir() / "openvino"
+
+
+def choose_cache_dir(engines_dir: Path | None, key: str) -> Path | None:
+    """The engines folder's openvino_cache/ if writable, else the per-user cache (subfolder `key`), else None.
+
+    ARC2FACE_OV_CACHE=0 turns the cache off; ARC2FACE_OV_CACHE=DIR puts it in DIR/`key`."""
+    env = os.environ.get("ARC2FACE_OV_CACHE")
+    if env == "0":
+        return None
+    candidates = [Path(env) / key] if env else []
+    if engines_dir is not None and not env:
+        candidates.append(Path(engines_dir) / CACHE_SUBDIR)
+    candidates.append(user_cache_root() / key)
+    for i, folder in enumerate(candidates):
+        if _writable(folder):
+            if i:
+                log.info("OpenVINO cache: %s is not writable, using %s", candidates[0], folder)
+            return folder
+    log.info("OpenVINO cache: no writable folder (%s); every process compiles its graphs",
+             ", ".join(map(str, candidates)))
+    return None
+
+
+class CompileCache:
+    """One cache folder and its record; `prepare(stage, ...)` before compiling a stage into it."""
+
+    def __init__(self, folder: Path, openvino: str, cpu: dict):
+        self.folder, self.openvino, self.cpu = folder, openvino, cpu
+        self.record = self._read()
+        if self.record.get("openvino") != openvino or self.record.get("cpu") != cpu:
+            if self.record:
+                log.info("OpenVINO cache %s was made with OpenVINO %s on %s; recompiling for OpenVINO %s on %s",
+                         folder, self.record.get("openvino"), (self.record.get("cpu") or {}).get("model"),
+                         openvino, cpu.get("model"))
+            self._clear()
+            self.record = {"format": FORMAT, "openvino": openvino, "cpu": cpu, "compiled": {}}
+            self._write()
+
+    def _read(self) -> dict:
+        try:
+            rec = json.loads((self.folder / RECORD).read_text())
+        except (OSError, ValueError):
+            return {}
+        return rec if isinstance(rec, dict) and rec.get("format") == FORMAT else {}
+
+    def _write(self) -> None:
+        try:
+            write_json_atomic(self.folder / RECORD, self.record)
+        except OSError as e:
+            log.info("OpenVINO cache: cannot write %s (%s)", self.folder / RECORD, e)
+
+    def _clear(self) -> None:
+        for p in self.folder.iterdir():
+            if p.is_file() and p.suffix == ".blob":
+                try:
+                    p.unlink()
+                except OSError as e:
+                    log.info("OpenVINO cache: cannot delete %s (%s)", p, e)
+
+    def prepare(self, stage: str, precision: str, hint: str, graph_sha256: str) -> None:
+        """Note that `stage` is compiled here with inference precision `hint` as part of a `precision`
+        run, from the graph with `graph_sha256` (OpenVINO keys the blob itself)."""
+        key, want = f"{stage}:{hint}", {"run_precision": precision, "graph_sha256": graph_sha256}
+        if self.record["compiled"].get(key) != want:
+            self.record["compiled"][key] = want
+            self._write()
