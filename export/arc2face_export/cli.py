@@ -1,4 +1,5 @@
-"""`arc2face-export`: random-weight checkpoints, ONNX export with validation, TensorRT engines."""
+"""`arc2face-export`: random-weight checkpoints, ONNX export with validation, TensorRT engines,
+OpenVINO int8 step graphs."""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +47,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_openvino_int8(args) -> int:
+    from .ov_int8 import ensure_ov_int8
+
+    try:
+        import nncf  # noqa: F401
+        import openvino  # noqa: F401
+    except ImportError as e:
+        _say(f"openvino-int8 needs openvino and nncf ({e}); pip install 'arc2face-rt[openvino,export]'")
+        return 2
+    ensure_ov_int8(args.engines, stages=tuple(args.stages), identities=args.identities, steps=args.steps,
+                   per_run=args.per_run, force=args.force, say=_say)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argtypes.Parser(prog=PROG, description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -76,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=argtypes.seed, default=0)
     p.add_argument("--steps", type=int, default=25)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("openvino-int8", help="int8 step graphs for `--backend openvino --cpu-precision int8` (NNCF)",
+                       description="Quantise the step graphs of an fp32 engines folder with NNCF post-training "
+                                   "quantisation, calibrated on step inputs the pipeline records; writes "
+                                   "<stage>.ov-int8.xml/.bin and manifest['openvino_int8'].")
+    p.add_argument("--engines", required=True, type=Path, help="fp32 engines folder (`arc2face-export onnx`)")
+    p.add_argument("--stages", nargs="+", choices=("step_cfg", "step"), default=["step_cfg", "step"])
+    p.add_argument("--identities", type=int, default=4, help="random identities to calibrate on (default 4)")
+    p.add_argument("--steps", type=int, default=25, help="DPM-Solver++ steps per calibration run (default 25)")
+    p.add_argument("--per-run", type=int, default=4, help="steps kept per run, evenly spaced (default 4)")
+    p.add_argument("--force", action="store_true", help="quantise again even when current")
+    p.set_defaults(func=cmd_openvino_int8)
 
     try:
         from .build_cli import add_build_engines_parser

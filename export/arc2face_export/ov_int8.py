@@ -1,0 +1,155 @@
+"""int8 step graphs for the OpenVINO backend: NNCF post-training quantisation of the UNet.
+
+Tool: `nncf.quantize` on the OpenVINO model read from `<stage>.onnx` (model_type TRANSFORMER: NNCF's
+scheme for networks with attention; preset MIXED: symmetric per-channel int8 weights, asymmetric int8
+activations), calibrated on step-graph inputs the pipeline itself records
+(`int8.pipeline_calibration_feeds`: random identities, the default DPM-Solver++ schedule, inputs kept at
+evenly spaced steps, run by ONNX Runtime in fp32), as the GPU int8 path is.
+
+Kept in float (NNCF's ignored scope): the sensitive layers of the GPU int8 path (first and last
+convolution, time embedding, norms: `int8.SENSITIVE_NAME`), and every node computed from the
+scheduler coefficients (the timestep sinusoid, s·x, the CFG mix and the scheduler update), so the
+scheduler arithmetic is never quantised.
+
+Files: `<stage>.ov-int8.xml` + `.bin` next to the source graph, moved into place after they are
+complete, recorded in manifest["openvino_int8"][stage] with the source graph's sha256, the scheme,
+and the quantised outputs' error against the source graph on the calibration inputs (both run by
+OpenVINO in f32). The runtime uses them with `--backend openvino --cpu-precision int8`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from arc2face_rt import manifest as mf
+from arc2face_rt.backends.openvino import INT8_KEY, OpenVinoSession, core, scheduler_subgraph
+from arc2face_rt.errors import InvalidInputError
+
+from .int8 import INT8_STAGES, SENSITIVE_NAME, pipeline_calibration_feeds
+
+log = logging.getLogger(__name__)
+
+
+def ov_int8_file(stage: str) -> str:
+    return f"{stage}.ov-int8.xml"
+
+
+def _bin(xml: Path) -> Path:
+    return xml.with_suffix(".bin")
+
+
+def ignored_names(model) -> list[str]:
+    """Friendly names NNCF must leave in float: sensitive layers and the scheduler subgraph."""
+    names, _ = scheduler_subgraph(model)
+    convs = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"]
+    keep = set(names) | {n for n in (op.get_friendly_name() for op in model.get_ops()) if SENSITIVE_NAME.search(n)}
+    if convs:
+        keep |= {convs[0], convs[-1]}
+    return sorted(keep)
+
+
+def quantize_ov_int8(src_onnx: str | Path, dst_xml: str | Path, feeds: list[dict]) -> dict:
+    """Write an NNCF int8 copy of `src_onnx` as OpenVINO IR calibrated on `feeds`; return what was done."""
+    import nncf
+    import openvino as ov
+
+    if not feeds:
+        raise InvalidInputError("int8 calibration got no samples; pass step-graph inputs recorded by the pipeline")
+    src_onnx, dst_xml = Path(src_onnx), Path(dst_xml)
+    model = core().read_model(str(src_onnx))
+    names = {p.get_any_name() for p in model.inputs}
+    data = [{k: np.ascontiguousarray(v, np.float32) for k, v in f.items() if k in names} for f in feeds]
+    ignored = ignored_names(model)
+    q = nncf.quantize(model, nncf.Dataset(data), preset=nncf.QuantizationPreset.MIXED,
+                      model_type=nncf.ModelType.TRANSFORMER, subset_size=len(data),
+                      ignored_scope=nncf.IgnoredScope(names=ignored, validate=False))
+    n_fq = sum(op.get_type_name() == "FakeQuantize" for op in q.get_ops())
+    tmp = dst_xml.with_name(f".{dst_xml.stem}.{os.getpid()}.tmp.xml")
+    try:
+        ov.save_model(q, str(tmp), compress_to_fp16=False)
+        os.replace(_bin(tmp), _bin(dst_xml))          # weights first: the .xml names a complete .bin
+        os.replace(tmp, dst_xml)
+    finally:
+        tmp.unlink(missing_ok=True)
+        _bin(tmp).unlink(missing_ok=True)
+    log.info("%s: %d FakeQuantize nodes, %d nodes kept in float, %d calibration samples",
+             dst_xml.name, n_fq, len(ignored), len(data))
+    return {"tool": f"nncf {nncf.__version__} quantize (OpenVINO {ov.get_version()})", "preset": "MIXED",
+            "model_type": "TRANSFORMER", "weights": "int8 per-channel symmetric", "activations": "int8 asymmetric",
+            "calibration_samples": len(data), "fake_quantize_nodes": n_fq, "nodes_excluded": len(ignored)}
+
+
+def quantization_loss(ref: str | Path, quant: str | Path, feeds: list[dict]) -> dict:
+    """{output: {"rel_l2", "psnr_db"}} of the quantised graph against the source, OpenVINO f32, same inputs."""
+    a, b = OpenVinoSession(ref, "f32"), OpenVinoSession(quant, "f32")
+    acc = {n: [0.0, 0.0, np.inf, -np.inf, 0] for n in a.output_names}
+    for feed in feeds:
+        f = {k: np.ascontiguousarray(v, np.float32) for k, v in feed.items() if k in a.input_names}
+        ra, rb = a.run(f), b.run(f)
+        for n, s in acc.items():
+            r, q = ra[n].astype(np.float64), rb[n].astype(np.float64)
+            s[0] += float(np.sum((q - r) ** 2))
+            s[1] += float(np.sum(r ** 2))
+            s[2], s[3] = min(s[2], float(r.min())), max(s[3], float(r.max()))
+            s[4] += r.size
+    out = {}
+    for n, (se, sr, lo, hi, cnt) in acc.items():
+        rmse = np.sqrt(se / max(cnt, 1))
+        out[n] = {"rel_l2": float(np.sqrt(se / sr)) if sr > 0 else float("nan"),
+                  "psnr_db": float(20 * np.log10((hi - lo) / rmse)) if rmse > 0 else float("inf")}
+    return out
+
+
+def is_current(engines_dir: Path, m: dict, stage: str) -> bool:
+    q, src = m.get(INT8_KEY, {}).get(stage), m.get("stages", {}).get(stage)
+    if not q or not src or q["source"]["sha256"] != {k: v["sha256"] for k, v in src["files"].items()}:
+        return False
+    return all((engines_dir / k).is_file() and (engines_dir / k).stat().st_size == v["bytes"]
+               for k, v in q["files"].items())
+
+
+def ensure_ov_int8(engines_dir: str | Path, stages=INT8_STAGES, feeds: list[dict] | None = None,
+                   identities: int = 4, steps: int = 25, per_run: int = 4, force: bool = False,
+                   say=log.info) -> dict:
+    """Quantise the folder's step graphs that lack a current OpenVINO int8 copy; return manifest[INT8_KEY].
+
+    `feeds` (one list for every stage) replaces the pipeline-recorded calibration inputs."""
+    engines_dir = Path(engines_dir)
+    m = mf.load_manifest(engines_dir)
+    if m.get("precision") != "fp32":
+        raise InvalidInputError(f"{engines_dir}: {m.get('precision')} graphs; OpenVINO int8 is quantised from an "
+                                "fp32 export (`arc2face-export onnx --precision fp32`)")
+    for stage in stages:
+        if stage not in INT8_STAGES:
+            raise InvalidInputError(f"int8 is for the step graphs {INT8_STAGES}, not {stage}")
+        src_rec = m.get("stages", {}).get(stage)
+        if not src_rec:
+            raise InvalidInputError(f"{engines_dir}: no stage '{stage}'; export it first")
+        if not force and is_current(engines_dir, m, stage):
+            say(f"{stage}: OpenVINO int8 graph is current")
+            continue
+        mf.verify_files(engines_dir, src_rec["files"])
+        t0 = time.perf_counter()
+        if feeds is None:
+            say(f"{stage}: recording calibration inputs ({identities} identities x {per_run} of {steps} steps)")
+            calib = pipeline_calibration_feeds(engines_dir, stage, identities=identities, steps=steps, per_run=per_run)
+        else:
+            calib = feeds
+        say(f"{stage}: NNCF quantisation on {len(calib)} samples")
+        dst = engines_dir / ov_int8_file(stage)
+        info = quantize_ov_int8(engines_dir / src_rec["file"], dst, calib)
+        loss = quantization_loss(engines_dir / src_rec["file"], dst, calib)
+        files = {p.name: mf.file_record(p) for p in (dst, _bin(dst))}
+        m = mf.load_manifest(engines_dir)      # re-read: write only our key on top of the current manifest
+        m.setdefault(INT8_KEY, {})[stage] = {
+            "file": dst.name, "files": files, "seconds": round(time.perf_counter() - t0, 1),
+            "source": {"file": src_rec["file"], "sha256": {k: v["sha256"] for k, v in src_rec["files"].items()}},
+            **info, "loss_vs_source": loss}
+        mf.write_json_atomic(engines_dir / mf.MANIFEST, m)
+        say(f"{stage}: wrote {dst.name}; vs fp32: " + ", ".join(
+            f"{k} rel L2 {v['rel_l2']:.3g}, PSNR {v['psnr_db']:.1f} dB" for k, v in loss.items()))
+    return m.get(INT8_KEY, {})
