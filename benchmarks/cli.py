@@ -1,5 +1,5 @@
-"""`python -m benchmarks`: run | report | export | demo | build | int8 | verify | gpu-check | wheels
-(and the internal `_row` child)."""
+"""`python -m benchmarks`: run | report | export | demo | build | int8 | cpu-precision | verify | gpu-check |
+wheels (and the internal `_row` child)."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,8 @@ from . import env
 
 RESULTS = env.REPO / "benchmarks" / "results"
 CACHE = env.REPO / "benchmarks" / ".cache"
-ALL_BACKENDS = ("ort", "torch", "torch-compile", "diffusers", "trt")
+ALL_BACKENDS = ("ort", "torch", "torch-compile", "diffusers", "diffusers-bf16", "trt", "openvino-fp32", "openvino-bf16",
+                "openvino-int8")
 
 
 def _say(msg: str) -> None:
@@ -147,6 +148,19 @@ def cmd_wheels(args) -> int:
     return 0
 
 
+def cmd_cpu_precision(args) -> int:
+    from .cpu_precision import bench_cpu_precision
+    from .export_bench import header, write_result
+
+    res = bench_cpu_precision(args.size, tuple(args.precisions.split(",")), args.identities, args.steps,
+                              args.guidance, args.model_dir, args.engines, say=_say)
+    path = write_result({**header(), **res}, args.name or f"cpu-precision-{args.size}-{_stamp()}.json", Path(args.out))
+    _say(f"wrote {path}; " + "; ".join(f"{p}: " + ", ".join(f"{k} {v:.4g}" for k, v in r["median"].items())
+                                       + (" (gates passed)" if r["gates_passed"] else " (GATES FAILED)")
+                                       for p, r in res["precisions"].items()))
+    return 0 if all(r["gates_passed"] for r in res["precisions"].values()) else 1
+
+
 def cmd_row(args) -> int:
     from .harness import row_main
 
@@ -263,6 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--python", default="3.12")
     r.add_argument("packages", nargs="*", help="requirements (default: diffusers and onnxruntime-gpu, pinned)")
     r.set_defaults(func=cmd_wheels)
+
+    r = sub.add_parser("cpu-precision", help="OpenVINO bf16/int8 vs fp32 end to end: PSNR, ArcFace cosine, gates")
+    r.add_argument("--size", choices=("tiny", "full"), default="tiny")
+    r.add_argument("--precisions", default="bf16,int8", help="comma-separated OpenVINO precisions (default bf16,int8)")
+    r.add_argument("--identities", type=int, default=4)
+    r.add_argument("--steps", type=int, default=25)
+    r.add_argument("--guidance", type=float, default=3.0)
+    r.add_argument("--model-dir", type=Path, default=None)
+    r.add_argument("--engines", type=Path, default=None,
+                   help="fp32 engines folder (default <cache>/engines-<size>-fp32, exported when missing)")
+    r.add_argument("--out", type=Path, default=RESULTS)
+    r.add_argument("--name", default=None)
+    r.set_defaults(func=cmd_cpu_precision)
 
     r = sub.add_parser("_row", help=argparse.SUPPRESS)
     r.add_argument("config")

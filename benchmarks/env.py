@@ -18,7 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LIBRARIES = ("arc2face_rt", "numpy", "onnxruntime", "onnx", "torch", "diffusers", "transformers", "tensorrt",
-             "tensorrt_rtx", "cuda", "psutil", "matplotlib")
+             "tensorrt_rtx", "cuda", "openvino", "nncf", "psutil", "matplotlib")
 
 
 def now_utc() -> str:
@@ -129,6 +129,73 @@ def measure_cpu_peak_flops(n: int = 2048, repeats: int = 5) -> dict:
         best = min(best, time.perf_counter() - t)
     return {"tflops": 2 * n**3 / best / 1e12, "dtype": "float32",
             "how": f"numpy float32 matmul {n}x{n}x{n}, best of {repeats}, {os.cpu_count()} cores"}
+
+
+def _best_rate(fn, flop: float, repeats: int) -> float:
+    fn()                                                         # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return flop / best / 1e12
+
+
+def _openvino_gemm(n: int, precision: str):
+    """A compiled OpenVINO n x n x n GEMM (activations x constant weights, as the UNet's layers are) in
+    `precision` (fp32, bf16: inference hint; int8: FakeQuantize'd activations x int8 weights), and its input."""
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(0)
+    a = ops.parameter([n, n], np.float32, name="a")
+    if precision == "int8":
+        lo, hi = ops.constant(np.float32(-4)), ops.constant(np.float32(4))
+        x = ops.fake_quantize(a, lo, hi, lo, hi, 256)
+        w = ops.multiply(ops.convert(ops.constant(rng.integers(-127, 128, (n, n), dtype=np.int8)), "f32"),
+                         ops.constant(np.full((n, 1), 0.01, np.float32)))
+    else:
+        x, w = a, ops.constant(rng.standard_normal((n, n)).astype(np.float32))
+    model = ov.Model([ops.matmul(x, w, False, True)], [a])
+    hint = "bf16" if precision == "bf16" else "f32"
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
+    return compiled.create_infer_request(), {"a": rng.standard_normal((n, n)).astype(np.float32)}
+
+
+def measure_cpu_peaks(n: int = 2048, repeats: int = 5, precisions=("fp32", "bf16", "int8")) -> dict:
+    """The CPU's dense GEMM rate per precision: {precision: {"tflops": best, "methods": {method: tflops}}}.
+
+    fp32: numpy, torch, OpenVINO; bf16: torch, OpenVINO (bf16 hint), only where the CPU has native bf16
+    (AMX-BF16/AVX512-BF16); int8: OpenVINO (u8 x i8). Each method is best of `repeats`; `tflops` is the
+    best method, the rate this CPU has shown it can reach at that precision. Methods whose library is
+    missing are left out; a precision with no method is left out."""
+    import numpy as np
+
+    flop = 2 * n ** 3
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    methods: dict[str, dict[str, float]] = {p: {} for p in precisions}
+    if "fp32" in methods:
+        methods["fp32"]["numpy"] = _best_rate(lambda: a @ b, flop, repeats)
+    bf16_native = None
+    if has_module("openvino"):
+        import openvino as ov
+        bf16_native = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        for p in methods:
+            if p == "bf16" and not bf16_native:
+                continue
+            req, feed = _openvino_gemm(n, p)
+            methods[p]["openvino"] = _best_rate(lambda: req.infer(feed), flop, repeats)
+    if has_module("torch"):
+        import torch
+        for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            if p in methods and (p == "fp32" or bf16_native is not False):
+                ta, tb = torch.from_numpy(a).to(dt), torch.from_numpy(b).to(dt)
+                methods[p]["torch"] = _best_rate(lambda: ta @ tb, flop, repeats)
+    how = f"{n}x{n}x{n} GEMM, best of {repeats}, {os.cpu_count()} cores"
+    return {p: {"tflops": max(m.values()), "methods": m, "how": how} for p, m in methods.items() if m}
 
 
 def measure_gpu_peak_flops(n: int = 8192, repeats: int = 10) -> dict | None:

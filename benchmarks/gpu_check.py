@@ -221,7 +221,7 @@ def phase_export(opts: GpuCheckOptions, work: Path) -> dict:
     if missing:
         raise RuntimeError(missing)
     t_model = time.perf_counter() - t
-    engines = _prepare_engines(ro, model_dir, ro.precision, False, _say)
+    engines = _prepare_engines(ro, model_dir, ro.precision, "onnx", _say)
     return {"model_dir": str(model_dir), "engines_dir": str(engines), "checkpoint_s": round(t_model, 1),
             "export_s": round(time.perf_counter() - t - t_model, 1), "precision": ro.precision}
 

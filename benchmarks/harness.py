@@ -23,10 +23,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import env
-from .flops import flops_for, image_flops, stage_flops
+from .flops import add_floor, flops_for
 
-KNOWN = ("ort", "torch", "torch-compile", "diffusers", "trt")
-TORCH_ROWS = ("torch", "torch-compile", "diffusers")
+KNOWN = ("ort", "torch", "torch-compile", "diffusers", "diffusers-bf16", "trt", "openvino-fp32", "openvino-bf16",
+         "openvino-int8")
+TORCH_ROWS = ("torch", "torch-compile", "diffusers", "diffusers-bf16")
+OPENVINO_ROWS = {"openvino-fp32": "fp32", "openvino-bf16": "bf16", "openvino-int8": "int8"}
 STAGE_ORDER = ("detect", "embed", "project", "step", "steps", "decode")
 
 
@@ -89,6 +91,19 @@ def availability(backend: str, device: str, opts: RunOptions) -> str | None:
             import torch
             if not torch.cuda.is_available():
                 return "this torch build has no CUDA (install a CUDA torch of the pinned range)"
+    if backend == "diffusers-bf16" and device != "cpu":
+        return "the bf16 diffusers row is the CPU comparison; on a GPU the diffusers row runs fp16"
+    if backend in OPENVINO_ROWS:
+        if device != "cpu":
+            return "OpenVINO rows run on the CPU; measure them with --device cpu"
+        if not env.has_module("openvino"):
+            return "openvino is not installed (pip install 'arc2face-rt[openvino]')"
+        if backend == "openvino-int8" and not (env.has_module("nncf") or opts.engines_dir):
+            return "the int8 step graphs are made with nncf (pip install 'arc2face-rt[openvino,export]')"
+    if backend in ("openvino-bf16", "diffusers-bf16") and device == "cpu" and env.has_module("openvino"):
+        from arc2face_rt.backends.openvino import cpu_isa
+        if not cpu_isa().bf16:
+            return f"this CPU ({cpu_isa().summary()}) has no AMX-BF16 or AVX512-BF16"
     if backend == "torch-compile" and device == "cpu" and not opts.compile_on_cpu:
         return ("torch.compile of the UNet on a CPU takes minutes of Inductor C++ compiling per shape on this "
                 "machine and is not what a CPU user would run; pass --compile-on-cpu to measure it anyway")
@@ -131,7 +146,8 @@ def _prepare_model(opts: RunOptions, say) -> tuple[Path, str | None]:
     return model_dir, None
 
 
-def _prepare_engines(opts: RunOptions, model_dir: Path, precision: str, want_plans: bool, say) -> Path:
+def _prepare_engines(opts: RunOptions, model_dir: Path, precision: str, key: str, say) -> Path:
+    """The engines folder; with key "trt" it gets TensorRT plans, with "int8" OpenVINO int8 step graphs."""
     engines = Path(opts.engines_dir) if opts.engines_dir else Path(opts.cache_dir) / f"engines-{opts.size}-{precision}"
     from arc2face_rt.manifest import load_manifest
     if not opts.engines_dir:
@@ -142,11 +158,26 @@ def _prepare_engines(opts: RunOptions, model_dir: Path, precision: str, want_pla
             export_all(model_dir, engines, precision=precision, progress=say)
         except OutputExistsError:       # another model's or an older export in the cache: replace it
             export_all(model_dir, engines, precision=precision, force=True, progress=say)
-    if want_plans and not load_manifest(engines).get("plans"):
+    stage = "step_cfg" if opts.guidance > 1 else "step"
+    if key == "int8" and stage not in load_manifest(engines).get("openvino_int8", {}):
+        from arc2face_export.ov_int8 import ensure_ov_int8
+        say(f"quantising {stage} of {engines} for OpenVINO int8 (reused by later runs)")
+        ensure_ov_int8(engines, stages=(stage,), say=say)
+    if key == "trt" and not load_manifest(engines).get("plans"):
         from arc2face_export.trt_build import build_engines
         say(f"building TensorRT plans in {engines} (reused by later runs)")
         build_engines(engines)
     return engines
+
+
+def _row_cfg(opts: RunOptions, backend: str, model_dir: Path, engines, device: str, prepare_only=False) -> dict:
+    return {"backend": backend, "size": opts.size, "model_dir": str(model_dir),
+            "engines_dir": str(engines) if engines else None, "device": device,
+            "ort_device": "cpu" if device == "cpu" else "cuda", "steps": opts.steps,
+            "guidance": opts.guidance, "batches": list(opts.batches), "repeats": opts.repeats,
+            "warmup": opts.warmup, "compile_mode": opts.compile_mode, "prepare_only": prepare_only,
+            "cpu_precision": OPENVINO_ROWS.get(backend), "torch_dtype": "bf16" if backend.endswith("-bf16") else None,
+            "random_weights": (model_dir / "RANDOM_WEIGHTS.txt").is_file()}
 
 
 def _run_child(cfg: dict, timeout: float | None) -> dict:
@@ -182,36 +213,20 @@ def measured(row: dict) -> bool:
     return row.get("status") in ("ok", "partial") and bool(row.get("latency_s"))
 
 
-def _add_floor(row: dict, flops: dict, peak: dict | None, opts: RunOptions) -> None:
-    if not peak or not measured(row):
-        return
-    rate = peak["tflops"] * 1e12
-    cfg = opts.guidance > 1
-    per_image = image_flops(flops, opts.steps, cfg)
-    floor_s = per_image / rate
-    f = {"image_tflop": round(per_image / 1e12, 4), "latency_floor_s": floor_s,
-         "latency_ratio": row["latency_s"]["median"] / floor_s,
-         "throughput_floor_ips": 1 / floor_s,
-         "throughput_ratio": {b: (1 / ips) / floor_s for b, ips in row["throughput_ips"].items()},
-         "stages": {}}
-    for s, fl in stage_flops(flops, opts.steps, cfg).items():
-        if row["stages_s"].get(s) is not None:
-            f["stages"][s] = {"floor_s": fl / rate, "ratio": row["stages_s"][s] / (fl / rate)}
-    row["floor"] = f
-
-
 def _add_baseline(rows: list[dict]) -> None:
-    base = next((r for r in rows if r["backend"] == "diffusers" and measured(r)), None)
-    if base is None:
-        return
-    for r in rows:
-        if not measured(r):
+    """vs_diffusers (the fp32 / GPU fp16 diffusers row) and vs_diffusers_bf16 (the CPU bf16 one) per row."""
+    for base_name, key in (("diffusers", "vs_diffusers"), ("diffusers-bf16", "vs_diffusers_bf16")):
+        base = next((r for r in rows if r["backend"] == base_name and measured(r)), None)
+        if base is None:
             continue
-        r["vs_diffusers"] = {
-            "latency_speedup": base["latency_s"]["median"] / r["latency_s"]["median"],
-            "throughput_speedup": {b: ips / base["throughput_ips"][b] for b, ips in r["throughput_ips"].items()
-                                   if b in base["throughput_ips"]},
-        }
+        for r in rows:
+            if not measured(r):
+                continue
+            r[key] = {
+                "latency_speedup": base["latency_s"]["median"] / r["latency_s"]["median"],
+                "throughput_speedup": {b: ips / base["throughput_ips"][b] for b, ips in r["throughput_ips"].items()
+                                       if b in base["throughput_ips"]},
+            }
 
 
 def run(opts: RunOptions, say=print) -> dict:
@@ -227,18 +242,23 @@ def run(opts: RunOptions, say=print) -> dict:
     model_dir, no_model = _prepare_model(opts, say)
     result["options"]["model_dir_resolved"] = str(model_dir)
 
-    flops, peak = None, None
+    flops, peaks = None, {}
     try:
         flops = flops_for(opts.size, model_dir) if not no_model else None
     except Exception as e:   # e.g. no torch: the floor is then left out, the rows still run
         say(f"no FLOP counts ({type(e).__name__}: {e}); floor ratios left out")
     if opts.peak_tflops:
-        peak = {"tflops": opts.peak_tflops, "how": "given with --peak-tflops"}
-    elif flops:
+        peaks = {"given": {"tflops": opts.peak_tflops, "how": "given with --peak-tflops"}}
+    elif flops and device == "cuda":
         say("measuring the peak compute rate")
-        peak = env.measure_gpu_peak_flops() if device == "cuda" else env.measure_cpu_peak_flops()
-        peak = peak or env.measure_cpu_peak_flops()
-    result["flops"], result["peak"] = flops, peak
+        gpu = env.measure_gpu_peak_flops()
+        peaks = {"fp16": gpu} if gpu else {}
+    elif flops:
+        say("measuring the CPU's GEMM rate per precision (fp32, bf16, int8)")
+        peaks = env.measure_cpu_peaks()
+    # `peak`: the one rate older results had (fp32 on a CPU, fp16 on a GPU); `peaks`: per precision
+    result["flops"], result["peaks"] = flops, peaks
+    result["peak"] = next(iter(peaks.values()), None)
 
     engines_cache: dict = {}
     for backend in backends:
@@ -246,11 +266,15 @@ def run(opts: RunOptions, say=print) -> dict:
         reason = availability(backend, device, opts)
         if reason is None and no_model and not (backend in ("ort", "trt") and opts.engines_dir):
             reason = no_model
-        if reason is None and backend in ("ort", "trt"):
-            key = backend == "trt"
+        if reason is None and backend in ("ort", "trt") + tuple(OPENVINO_ROWS):
+            key = {"trt": "trt", "openvino-int8": "int8"}.get(backend, "onnx")
             try:
                 if key not in engines_cache:
                     engines_cache[key] = _prepare_engines(opts, model_dir, precision, key, say)
+                if backend in OPENVINO_ROWS and not isinstance(engines_cache[key], Exception):
+                    # compile into the blob cache: the row's cold start is a later process's
+                    row["first_compile"] = _run_child(_row_cfg(opts, backend, model_dir, engines_cache[key], device,
+                                                               prepare_only=True), opts.row_timeout_s)
                 row["engines_dir"] = str(engines_cache[key])
             except Exception as e:
                 engines_cache[key] = e
@@ -263,16 +287,11 @@ def run(opts: RunOptions, say=print) -> dict:
             result["rows"].append(row)
             continue
         say(f"{backend}: measuring in a child process")
-        cfg = {"backend": backend, "size": opts.size, "model_dir": str(model_dir),
-               "engines_dir": row.get("engines_dir"), "device": device,
-               "ort_device": "cpu" if device == "cpu" else "cuda", "steps": opts.steps,
-               "guidance": opts.guidance, "batches": list(opts.batches), "repeats": opts.repeats,
-               "warmup": opts.warmup, "compile_mode": opts.compile_mode,
-               "random_weights": (model_dir / "RANDOM_WEIGHTS.txt").is_file()}
+        cfg = _row_cfg(opts, backend, model_dir, row.get("engines_dir"), device)
         row.update(_run_child(cfg, opts.row_timeout_s))
         row["backend"] = backend
         if flops:
-            _add_floor(row, flops, peak, opts)
+            add_floor(row, flops, peaks, opts.steps, opts.guidance > 1)
         result["rows"].append(row)
     _add_baseline(result["rows"])
     return result
@@ -309,6 +328,9 @@ def measure_row(cfg: dict, save=None) -> dict:
         runner.load()
         runner.sync()
         row["load_s"] = time.perf_counter() - t0
+        if cfg.get("prepare_only"):      # OpenVINO: compile into the cache, then stop
+            runner.close()
+            return {"status": "ok", "load_s": row["load_s"], "peak_rss_mb": env.rss_high_water_mb()}
         first = runner.generate(1)
         row.update(cold_start_s=time.perf_counter() - t0, image_shape=list(first.shape),
                    image_mean=float(first.astype("float64").mean()))

@@ -18,7 +18,7 @@ def load_results(results: Path) -> list[dict]:
             d = json.loads(p.read_text())
         except ValueError:
             continue
-        if isinstance(d, dict) and d.get("kind") in ("run", "export", "demo", "build", "int8", "verify"):
+        if isinstance(d, dict) and d.get("kind") in ("run", "export", "demo", "build", "int8", "verify", "cpu_precision"):
             d["_file"] = p.name
             out.append(d)
     return out
@@ -71,22 +71,31 @@ def run_section(d: dict, chart: str | None) -> list[str]:
              f"{o.get('precision_resolved')}, {o['steps']} DPM-Solver++ steps, guidance {o['guidance']}, 512x512, "
              f"batches {o['batches']}, median of {o['repeats']} repeat(s){' (smoke)' if o.get('smoke') else ''}",
              f"- {d['created']}, commit {_commit(d)}"]
-    if d.get("peak"):
+    if d.get("peaks"):
+        rates = ", ".join(f"{p} **{v['tflops']:.3g}**" + (f" ({', '.join(f'{m} {r:.3g}' for m, r in v['methods'].items())})"
+                                                           if v.get("methods") else "") for p, v in d["peaks"].items())
+        how = next(iter(d["peaks"].values()))["how"]
+        lines.append(f"- peak rates for the floor, TFLOP/s per precision: {rates} ({how}); each stage's floor uses "
+                     f"the rate of the precision it runs in; FLOPs: {d['flops']['source']}")
+    elif d.get("peak"):
         lines.append(f"- peak rate for the floor: **{d['peak']['tflops']:.3g} TFLOP/s** ({d['peak']['how']}); "
                      f"FLOPs: {d['flops']['source']}")
     lines.append("")
     rows = d["rows"]
     ok = [r for r in rows if _measured(r)]
     if ok:
-        head = ["backend", "precision", "batch-1 latency (s)", "speed-up vs diffusers", "x floor",
-                "cold start (s)", "peak RSS (MB)", "peak GPU (MiB)"]
+        bf16 = any(r.get("vs_diffusers_bf16") for r in ok)
+        head = ["backend", "precision", "batch-1 latency (s)", "speed-up vs diffusers"] \
+            + (["vs diffusers bf16"] if bf16 else []) + ["x floor", "cold start (s)", "peak RSS (MB)", "peak GPU (MiB)"]
         body = []
         for r in ok:
             vs = r.get("vs_diffusers", {}).get("latency_speedup")
+            vb = r.get("vs_diffusers_bf16", {}).get("latency_speedup")
             body.append([f"**{_name(r)}**", r.get("info", {}).get("precision", "–"),
-                         _f(r["latency_s"]["median"]), f"{vs:.2f}x" if vs else "–",
-                         _f(r.get("floor", {}).get("latency_ratio")), _f(r["cold_start_s"]), _f(r["peak_rss_mb"]),
-                         _f(r.get("peak_gpu_mib"))])
+                         _f(r["latency_s"]["median"]), f"{vs:.2f}x" if vs else "–"]
+                        + ([f"{vb:.2f}x" if vb else "–"] if bf16 else [])
+                        + [_f(r.get("floor", {}).get("latency_ratio")), _f(r["cold_start_s"]), _f(r["peak_rss_mb"]),
+                           _f(r.get("peak_gpu_mib"))])
         lines += _table(head, body) + [""]
         batches = [str(b) for b in o["batches"]]
         head = ["backend"] + [f"batch {b}: images/s (vs diffusers)" for b in batches]
@@ -111,6 +120,8 @@ def run_section(d: dict, chart: str | None) -> list[str]:
         lines += ["Per-stage split at batch 1 (median; `step` = one denoise step with CFG, `steps` = all of them):",
                   ""] + _table(head, body) + [""]
         notes = [f"- {r['backend']}: {n}" for r in ok for n in r.get("notes", [])]
+        notes += [f"- {r['backend']}: {r['info']['isa']}; first compile {_f(r['first_compile'].get('load_s'))} s "
+                  "(cold start is a later process, compiled blobs from the cache)" for r in ok if r.get("first_compile")]
         if notes:
             lines += ["Notes:", ""] + notes + [""]
     skipped = [r for r in rows if r["status"] != "ok"]
@@ -193,6 +204,21 @@ def int8_section(d: dict) -> list[str]:
     return lines + _table(["identity"] + keys, body) + [""]
 
 
+def cpu_precision_section(d: dict) -> list[str]:
+    lines = [f"## OpenVINO precision vs fp32 `{d['_file']}`", "",
+             f"**{d['size']}** model{' (random weights: these numbers measure computational drift, not face quality)' if d.get('random_weights') else ''}, "
+             f"{d['identities']} identities, {d['steps']} steps, guidance {d['guidance']}; reference: {d['reference']}; "
+             f"CPU {d['isa']}; {_machine(d)}; {d['created']}, commit {_commit(d)}. Gates on the medians: image PSNR "
+             f">= 30 dB, ArcFace cosine >= 0.95.", ""]
+    keys = ("latent_psnr_db", "image_psnr_db", "image_max_abs", "arcface_cosine")
+    body = []
+    for prec, r in d["precisions"].items():
+        med = r["median"]
+        body.append([f"**{prec}**"] + [_f(med.get(k), 4) for k in keys] + ["passed" if r["gates_passed"] else "**FAILED**"])
+    return lines + _table(["precision", "median latent PSNR (dB)", "image PSNR (dB)", "max grey-level diff",
+                           "ArcFace cosine", "gates"], body) + [""]
+
+
 def chart(d: dict, path: Path) -> bool:
     """Batch-1 latency and throughput per backend; False when matplotlib is not installed."""
     try:
@@ -212,9 +238,12 @@ def chart(d: dict, path: Path) -> bool:
         vs = r.get("vs_diffusers", {}).get("latency_speedup")
         if vs:
             a.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {vs:.2f}x", va="center")
-    if ok[0].get("floor"):
-        a.axvline(ok[0]["floor"]["latency_floor_s"], color="k", ls="--", lw=1, label="compute floor")
-        a.legend(loc="lower right")
+    floors = {r["floor"].get("precisions", {}).get("step", "fp32"): r["floor"]["latency_floor_s"]
+              for r in ok if r.get("floor")}
+    for (prec, floor_s), ls in zip(sorted(floors.items()), ("--", ":", "-.", (0, (1, 3)))):
+        a.axvline(floor_s, color="k", ls=ls, lw=1, label=f"compute floor ({prec} UNet)")
+    if floors:
+        a.legend(loc="lower right", fontsize=7)
     a.invert_yaxis()
     a.set_xlabel("batch-1 latency (s), lower is better; label: speed-up vs diffusers")
     o = d["options"]
@@ -253,7 +282,8 @@ def write_report(results: Path) -> tuple[Path, list[Path]]:
         lines += export_section(d)
     for d in sorted((d for d in docs if d["kind"] == "demo"), key=lambda d: d["created"], reverse=True):
         lines += demo_section(d)
-    for kind, section in (("build", build_section), ("int8", int8_section), ("verify", verify_section)):
+    for kind, section in (("build", build_section), ("int8", int8_section), ("verify", verify_section),
+                          ("cpu_precision", cpu_precision_section)):
         for d in sorted((d for d in docs if d["kind"] == kind), key=lambda d: d["created"], reverse=True):
             lines += section(d)
     md = results / "RESULTS.md"

@@ -7,7 +7,7 @@ Every runner starts from the same identity (random_identity(0)) and the same ini
 `image_mean` lets the harness check that. `generate` returns host uint8 images, so GPU work is
 finished when it returns (torch rows also synchronise explicitly before a timer is read).
 
-The ONNX Runtime and TensorRT runners import no torch: their child process's memory is the runtime's.
+The ONNX Runtime, TensorRT and OpenVINO runners import no torch: their child process's memory is the runtime's.
 """
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ class Runner:
     def close(self) -> None:
         pass
 
-    # ---- the face front end (detect, embed): ONNX Runtime whatever the generator backend ----------
-    def face_stages(self, device: str) -> dict:
+    # ---- the face front end (detect, embed): ONNX Runtime (OpenVINO f32 for the OpenVINO rows) ------
+    def face_stages(self, device: str, backend: str = "ort") -> dict:
         face_dir = Path(self.cfg.get("face_dir") or self.cfg["model_dir"])
         det_path, rec_path = face_dir / DETECTOR_FILE, face_dir / RECOGNIZER_FILE
         if not (det_path.is_file() and rec_path.is_file()):
@@ -64,8 +64,8 @@ class Runner:
             return {}
         from arc2face_rt.face import ArcFaceRecognizer, ScrfdDetector, align_face
 
-        det = ScrfdDetector.from_file(det_path, device=device)
-        rec = ArcFaceRecognizer.from_file(rec_path, device=device)
+        det = ScrfdDetector.from_file(det_path, device=device, backend=backend)
+        rec = ArcFaceRecognizer.from_file(rec_path, device=device, backend=backend)
         # A fixed 512x512 photo-sized input. The random-weight detector "finds" one face on any image;
         # real SCRFD finds none in noise, which does not change its cost (NMS over no boxes is free).
         image = np.random.default_rng(SEED).integers(0, 256, (512, 512, 3), dtype=np.uint8)
@@ -78,14 +78,15 @@ class Runner:
 
 
 class RuntimeRunner(Runner):
-    """arc2face_rt.pipeline.Arc2FacePipeline on an engines folder (backend ort or trt)."""
+    """arc2face_rt.pipeline.Arc2FacePipeline on an engines folder (backend ort, trt or openvino)."""
     backend = "ort"
     has_face_stages = True
 
     def load(self) -> None:
         from arc2face_rt.pipeline import Arc2FacePipeline
 
-        self.pipe = Arc2FacePipeline(self.cfg["engines_dir"], backend=self.backend, device=self.cfg["ort_device"])
+        self.pipe = Arc2FacePipeline(self.cfg["engines_dir"], backend=self.backend, device=self.cfg["ort_device"],
+                                     cpu_precision=self.cfg.get("cpu_precision") or "auto")
         # open every stage now: loading is part of the cold start, not of the first timed stage
         from arc2face_rt.specs import PROJECTOR, STEP_CFG, VAE_DECODER
         for s in (PROJECTOR, STEP_CFG, VAE_DECODER):
@@ -112,13 +113,22 @@ class RuntimeRunner(Runner):
         out = {"project": lambda: p.project(ids), "step": lambda: step_sess.run(feeds),
                "steps": lambda: p.denoise(cond, x, sched, self.guidance), "decode": lambda: p.decode(lat)}
         face_device = "cpu" if self.cfg["device"] == "cpu" else "auto"
-        return {**self.face_stages(face_device), **out}
+        return {**self.face_stages(face_device, "openvino" if self.backend == "openvino" else "ort"), **out}
 
     def info(self) -> dict:
         sess = self.pipe._sessions.get("step_cfg")
-        info = {"engines_dir": str(self.cfg["engines_dir"]), "precision": self.pipe.manifest.get("precision")}
+        info = {"engines_dir": str(self.cfg["engines_dir"]), "precision": self.pipe.precision}
         if sess is not None and hasattr(sess, "providers"):
             info["providers"] = list(sess.providers)
+        ov = self.pipe.openvino
+        if ov is not None:
+            import openvino
+
+            heavy = "bf16" if ov.precision.heavy == "bf16" else "fp32"
+            info.update(openvino=openvino.get_version(), cpu=ov.isa.as_dict(), isa=ov.isa.summary(),
+                        compile_cache=str(ov.cache.folder) if ov.cache else None,
+                        stage_precisions={"project": "fp32", "decode": heavy,
+                                          "step": "int8" if ov.precision.int8_steps else heavy})
         return info
 
     def close(self) -> None:
@@ -131,6 +141,11 @@ class OrtRunner(RuntimeRunner):
 
 class TrtRunner(RuntimeRunner):
     name, backend = "trt", "trt"
+
+
+class OpenVinoRunner(RuntimeRunner):
+    """The pipeline with backend="openvino" at cfg["cpu_precision"] (fp32 | bf16 | int8)."""
+    name, backend = "openvino", "openvino"
 
 
 class TorchRunner(Runner):
@@ -153,6 +168,8 @@ class TorchRunner(Runner):
         self.torch = torch
         self.dev = torch.device(self.cfg["device"])
         self.dtype = torch.float16 if self.dev.type == "cuda" else torch.float32
+        if self.cfg.get("torch_dtype") == "bf16":      # diffusers-bf16: the whole pipeline in bfloat16
+            self.dtype = torch.bfloat16
         m = load_models(self.cfg["model_dir"])
         for mod in (m.unet, m.vae, m.encoder):
             mod.to(self.dev, self.dtype)
@@ -227,7 +244,8 @@ class TorchRunner(Runner):
                 "steps": nograd(lambda: self._loop(cond, x)), "decode": nograd(lambda: self.decoder(lat))}
 
     def info(self) -> dict:
-        return {"precision": "fp16" if self.dtype == self.torch.float16 else "fp32",
+        names = {self.torch.float16: "fp16", self.torch.bfloat16: "bf16", self.torch.float32: "fp32"}
+        return {"precision": names[self.dtype],
                 "torch_threads": self.torch.get_num_threads(),
                 **({"compile_mode": self.cfg.get("compile_mode") or "default"} if self.compile else {})}
 
@@ -244,7 +262,8 @@ class TorchCompileRunner(TorchRunner):
 
 class DiffusersRunner(TorchRunner):
     """The baseline a user would otherwise run: diffusers' StableDiffusionPipeline (fp16 on a GPU, fp32 on
-    a CPU), given the Arc2Face projector output as prompt_embeds and the constant uncond as
+    a CPU; `diffusers-bf16`: every model and the latents in bfloat16, as with torch_dtype=torch.bfloat16),
+    given the Arc2Face projector output as prompt_embeds and the constant uncond as
     negative_prompt_embeds (tokenizer=None: the prompt is never tokenised)."""
     name = "diffusers"
 
@@ -302,4 +321,5 @@ class DiffusersRunner(TorchRunner):
 
 
 RUNNERS = {"ort": OrtRunner, "torch": TorchRunner, "torch-compile": TorchCompileRunner,
-           "diffusers": DiffusersRunner, "trt": TrtRunner}
+           "diffusers": DiffusersRunner, "diffusers-bf16": DiffusersRunner, "trt": TrtRunner,
+           "openvino-fp32": OpenVinoRunner, "openvino-bf16": OpenVinoRunner, "openvino-int8": OpenVinoRunner}

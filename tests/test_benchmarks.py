@@ -114,3 +114,87 @@ def test_int8_quality_compares_against_fp16_on_the_same_seeds(tiny_model_dir, tm
     for r in res["rows"]:
         assert 0 < r["latent_psnr_db"] < float("inf") and r["image_psnr_db"] > 0
         assert "arcface_cosine" not in r          # this model folder has no face models
+
+
+@pytest.fixture(scope="module")
+def ov_engines(tiny_engines, tmp_path_factory):
+    """A copy of the tiny engines with an OpenVINO int8 step_cfg (calibrated on 2 identities x 2 steps)."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    import shutil
+
+    from arc2face_export.ov_int8 import ensure_ov_int8
+
+    engines = tmp_path_factory.mktemp("bench-ov") / "engines"
+    shutil.copytree(tiny_engines, engines)
+    ensure_ov_int8(engines, stages=("step_cfg",), identities=2, per_run=2)
+    return engines
+
+
+@pytest.fixture(scope="module")
+def cpu_rows(tiny_model_dir, ov_engines, tmp_path_factory):
+    """The CPU comparison rows (issue 14): diffusers fp32/bf16, ORT fp32, OpenVINO fp32/bf16/int8."""
+    out = tmp_path_factory.mktemp("bench-cpu")
+    engines = ov_engines
+    _bench("run", "--smoke", "--device", "cpu", "--model-dir", tiny_model_dir, "--engines", engines, "--backends",
+           "ort,diffusers,diffusers-bf16,openvino-fp32,openvino-bf16,openvino-int8", "--out", out, "--name", "cpu.json",
+           timeout=1200)
+    return out, json.loads((out / "cpu.json").read_text())
+
+
+def test_cpu_rows_floor_per_precision_and_both_baselines(cpu_rows):
+    from arc2face_rt.backends.openvino import cpu_isa
+
+    out, res = cpu_rows
+    rows = {r["backend"]: r for r in res["rows"]}
+    assert res["libraries"]["openvino"] and res["peaks"]["fp32"]["tflops"] > 0 and res["peaks"]["int8"]["tflops"] > 0
+    assert {"numpy", "openvino", "torch"} <= set(res["peaks"]["fp32"]["methods"])
+    bf16 = cpu_isa().bf16
+    assert ("bf16" in res["peaks"]) == bf16
+    want = {"ort": "fp32", "diffusers": "fp32", "openvino-fp32": "fp32", "openvino-int8": "int8"}
+    if bf16:
+        want.update({"diffusers-bf16": "bf16", "openvino-bf16": "bf16"})
+    else:
+        assert rows["openvino-bf16"]["status"] == "skipped" and "AVX512-BF16" in rows["openvino-bf16"]["reason"]
+    for name, prec in want.items():
+        r = rows[name]
+        assert r["status"] == "ok", r
+        assert r["info"]["precision"] == prec and r["floor"]["precisions"]["step"] == prec
+        assert r["vs_diffusers"]["latency_speedup"] > 0
+        if bf16:
+            assert r["vs_diffusers_bf16"]["latency_speedup"] > 0
+    for name in ("openvino-fp32", "openvino-int8") + (("openvino-bf16",) if bf16 else ()):
+        r = rows[name]
+        assert r["first_compile"]["status"] == "ok" and r["info"]["compile_cache"]
+        assert r["stages_s"]["step"] > 0 and "no AMX" in r["info"]["isa"] or "amx" in r["info"]["isa"]
+    # the int8 row's floor: int8 UNet, bf16 or fp32 decode, fp32 projector
+    f = rows["openvino-int8"]["floor"]["precisions"]
+    assert f["project"] == "fp32" and f["decode"] == ("bf16" if bf16 else "fp32")
+    # same identity, same noise: every fp32 row makes the same image up to rounding
+    means = [rows[n]["image_mean"] for n in ("ort", "diffusers", "openvino-fp32")]
+    assert max(means) - min(means) < 0.5
+    _bench("report", "--results", out)
+    md = (out / "RESULTS.md").read_text()
+    assert "peak rates for the floor, TFLOP/s per precision" in md and "openvino-int8" in md
+    assert ("vs diffusers bf16" in md) == bf16
+
+
+def test_cpu_precision_fidelity_report(tiny_model_dir, ov_engines, tmp_path):
+    """`cpu-precision`: OpenVINO bf16/int8 against the fp32 ONNX Runtime pipeline, with the issue's gates."""
+    from arc2face_rt.backends.openvino import cpu_isa
+
+    engines = ov_engines
+    precs = "bf16,int8" if cpu_isa().bf16 else "int8"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "cpu-precision", "--model-dir", str(tiny_model_dir),
+                        "--engines", str(engines), "--precisions", precs, "--identities", "2", "--steps", "25",
+                        "--out", str(tmp_path), "--name", "f.json"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=1200)
+    res = json.loads((tmp_path / "f.json").read_text())
+    assert res["kind"] == "cpu_precision" and set(res["precisions"]) == set(precs.split(","))
+    for prec, r in res["precisions"].items():
+        assert len(r["rows"]) == 2 and "arcface_cosine" not in r["median"]   # no face models in this folder
+        g = r["gates"]["image_psnr_db"]
+        assert g["passed"] == (r["median"]["image_psnr_db"] >= 30.0) and r["gates_passed"] == g["passed"]
+        assert g["passed"], (prec, r["median"])        # tiny model: bf16 and int8 both within the gate
+    assert p.returncode == 0, p.stderr[-2000:]
