@@ -114,23 +114,6 @@ def has_module(name: str) -> bool:
 
 # ----------------------------------------------------------------------------- peak compute rate
 
-def measure_cpu_peak_flops(n: int = 2048, repeats: int = 5) -> dict:
-    """Dense float32 matmul rate with numpy (all cores), best of `repeats`: the CPU's practical peak."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
-    a @ b                                                       # warm-up (BLAS threads, pages)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return {"tflops": 2 * n**3 / best / 1e12, "dtype": "float32",
-            "how": f"numpy float32 matmul {n}x{n}x{n}, best of {repeats}, {os.cpu_count()} cores"}
-
-
 def _best_rate(fn, flop: float, repeats: int) -> float:
     fn()                                                         # warm-up
     best = float("inf")

@@ -1,10 +1,12 @@
 """`python -m benchmarks run`: set up the model and engines, then measure each backend row in a child.
 
 Parent: resolve device and precision, write the random checkpoint and export the engines when they
-are missing (reused when current), count FLOPs, measure the device's peak rate once, then for each
+are missing (reused when current; OpenVINO int8 step graphs and TensorRT plans too when a row needs
+them), count FLOPs, measure the device's peak rates once (a CPU: per precision), then for each
 requested backend either record why it is skipped or run `python -m benchmarks _row` and collect
-its row. A row that crashes or times out is recorded as failed with the tail of its output; the
-run still writes its results.
+its row (OpenVINO rows: after a first child that compiles the graphs into the blob cache). A row
+that crashes or times out is recorded as failed with the tail of its output; the run still writes
+its results.
 
 Child (`row_main`): cold start (load -> first image), warm batch-1 latency (median of repeats),
 throughput per batch size, the per-stage split, peak host RSS and peak GPU memory.
@@ -252,7 +254,7 @@ def run(opts: RunOptions, say=print) -> dict:
     elif flops and device == "cuda":
         say("measuring the peak compute rate")
         gpu = env.measure_gpu_peak_flops()
-        peaks = {"fp16": gpu} if gpu else {}
+        peaks = {"fp16": gpu} if gpu else env.measure_cpu_peaks()
     elif flops:
         say("measuring the CPU's GEMM rate per precision (fp32, bf16, int8)")
         peaks = env.measure_cpu_peaks()

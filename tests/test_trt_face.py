@@ -112,8 +112,10 @@ def test_unchanged_sources_are_kept_and_plans_not_rebuilt(face_engines, monkeypa
 def test_runtime_picks_plans_or_onnx(face_engines):
     models, engines = face_engines
     det, rec = load_face_models(models, device="cpu", engines=engines, backend="auto")
-    if NO_GPU:   # auto without a GPU: ONNX Runtime on the released files
-        assert type(det.session).__name__ == "OrtSession" and type(rec.session).__name__ == "OrtSession"
+    if NO_GPU:   # auto without a GPU: OpenVINO (f32) when installed, else ONNX Runtime, on the released files
+        from arc2face_rt.backends.openvino import openvino_installed
+        want = "OpenVinoSession" if openvino_installed() else "OrtSession"
+        assert type(det.session).__name__ == want and type(rec.session).__name__ == want
         with pytest.raises(BackendUnavailableError):
             load_face_models(models, device="cpu", engines=engines, backend="trt")
     assert face_plan(None, "ort", "detector") is None
