@@ -153,8 +153,8 @@ def test_cache_falls_back_to_the_user_cache_when_the_engines_folder_is_not_writa
     ro = tmp_path / "ro"
     shutil.copytree(engines, ro, ignore=shutil.ignore_patterns("openvino_cache"))
     (ro / "openvino_cache").write_text("a file where the cache folder would go")   # mkdir fails, even as root
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert choose_cache_dir(ro, "abc") == tmp_path / "xdg" / "arc2face-rt" / "openvino" / "abc"
+    monkeypatch.setenv("ARC2FACE_CACHE_DIR", str(tmp_path / "user"))      # arc2face-rt's per-user cache
+    assert choose_cache_dir(ro, "abc") == tmp_path / "user" / "openvino" / "abc"
     monkeypatch.setenv("ARC2FACE_OV_CACHE", "0")
     assert choose_cache_dir(ro, "abc") is None
 

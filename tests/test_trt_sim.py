@@ -116,6 +116,13 @@ def test_misaligned_tensor_address_is_named_as_such(sim):
         d_in.free(), d_out.free()
 
 
+def _no_trt() -> str:
+    """What auto picks when TensorRT cannot run and this onnxruntime has no CUDA (no usable GPU):
+    OpenVINO on the CPU when installed, else ONNX Runtime."""
+    from arc2face_rt.backends.openvino import openvino_installed
+    return "openvino" if openvino_installed() else "ort"
+
+
 def test_rtx_on_a_gpu_it_cannot_target_needs_full_tensorrt(monkeypatch, tmp_path):
     world = make_world(monkeypatch, tmp_path, cc="9.0", step_cfg={"invalid": ["UNSUPPORTED_CC"]})
     for stage in ("step_cfg", "projector"):
@@ -123,7 +130,7 @@ def test_rtx_on_a_gpu_it_cannot_target_needs_full_tensorrt(monkeypatch, tmp_path
             TrtSession(world.engines / f"{stage}.plan")
         assert "pip install tensorrt" in str(e.value) and "current" not in str(e.value)
     from arc2face_rt.manifest import load_manifest
-    assert pick_backend(world.engines, load_manifest(world.engines), "auto") == "ort"
+    assert pick_backend(world.engines, load_manifest(world.engines), "auto") == _no_trt()
     assert trt_plan.unusable_reason().startswith("tensorrt_rtx 1.7.1.116 cannot run on Simulated GPU")
 
 
@@ -132,7 +139,7 @@ def test_auto_picks_trt_where_the_library_can_run(monkeypatch, tmp_path):
     from arc2face_rt.manifest import load_manifest
     assert pick_backend(world.engines, load_manifest(world.engines), "auto") == "trt"
     world.rt.cc = "8.7"                                        # Jetson Orin: TensorRT-RTX cannot
-    assert pick_backend(world.engines, load_manifest(world.engines), "auto") == "ort"
+    assert pick_backend(world.engines, load_manifest(world.engines), "auto") == _no_trt()
 
 
 def test_plain_loop_sets_its_batch_every_time(sim):

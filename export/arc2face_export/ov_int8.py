@@ -106,7 +106,7 @@ def quantization_loss(ref: str | Path, quant: str | Path, feeds: list[dict]) -> 
 
 def is_current(engines_dir: Path, m: dict, stage: str) -> bool:
     q, src = m.get(INT8_KEY, {}).get(stage), m.get("stages", {}).get(stage)
-    if not q or not src or q["source"]["sha256"] != {k: v["sha256"] for k, v in src["files"].items()}:
+    if not q or not src or q.get("source", {}).get("sha256") != {k: v["sha256"] for k, v in src["files"].items()}:
         return False
     return all((engines_dir / k).is_file() and (engines_dir / k).stat().st_size == v["bytes"]
                for k, v in q["files"].items())

@@ -275,16 +275,23 @@ class OpenVinoStages:
 
     def __init__(self, engines_dir: str | Path, manifest: dict, cpu_precision: str = "auto", cache_key: str = "",
                  verify: bool = True):
-        from .ov_cache import CompileCache, choose_cache_dir
-
-        self.engines_dir, self.manifest, self.verify = Path(engines_dir), manifest, verify
+        self.engines_dir, self.manifest, self.verify, self.cache_key = Path(engines_dir), manifest, verify, cache_key
         self.isa = cpu_isa()
         self.precision = resolve_precision(cpu_precision, self.isa)
         if self.precision.int8_steps and not manifest.get(INT8_KEY):
             raise EngineMismatchError(f"{self.engines_dir}: no OpenVINO int8 step graphs for --cpu-precision int8; "
                                       + INT8_FIX.format(dir=self.engines_dir))
-        folder = choose_cache_dir(self.engines_dir, cache_key or "engines")
-        self.cache = CompileCache(folder, openvino_version(), self.isa.as_dict()) if folder else None
+        self._cache = None                  # made when the first graph is compiled: a refused command writes nothing
+
+    @property
+    def cache(self):
+        """The CompileCache (None without a writable folder), chosen and opened on first use."""
+        if self._cache is None:
+            from .ov_cache import CompileCache, choose_cache_dir
+
+            folder = choose_cache_dir(self.engines_dir, self.cache_key or "engines")
+            self._cache = CompileCache(folder, openvino_version(), self.isa.as_dict()) if folder else False
+        return self._cache or None
 
     def record(self, name: str) -> dict:
         """The manifest record of the graph stage `name` runs from at this precision."""
@@ -308,10 +315,11 @@ class OpenVinoStages:
         if rec is not self.manifest["stages"][name]:     # the pipeline verified the stages already
             verify_records(self.engines_dir, record_files(rec), mode="stamp" if self.verify else "size")
         hint = self.precision.hint(name)
-        if self.cache is not None:
-            self.cache.prepare(name, self.precision.name, hint, _graph_sha256(rec))
+        cache = self.cache
+        if cache is not None:
+            cache.prepare(name, self.precision.name, hint, _graph_sha256(rec))
         return OpenVinoSession(resolve_inside(self.engines_dir, stage_file(rec)), hint,
-                               self.cache.folder if self.cache else None)
+                               cache.folder if cache else None)
 
 
 def open_model_file(path: str | Path) -> OpenVinoSession:
