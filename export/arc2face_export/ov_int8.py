@@ -64,6 +64,8 @@ def quantize_ov_int8(src_onnx: str | Path, dst_xml: str | Path, feeds: list[dict
     names = {p.get_any_name() for p in model.inputs}
     data = [{k: np.ascontiguousarray(v, np.float32) for k, v in f.items() if k in names} for f in feeds]
     ignored = ignored_names(model)
+    if not log.isEnabledFor(logging.INFO):        # NNCF's per-node INFO lines only with -v
+        nncf.set_log_level(logging.WARNING)
     q = nncf.quantize(model, nncf.Dataset(data), preset=nncf.QuantizationPreset.MIXED,
                       model_type=nncf.ModelType.TRANSFORMER, subset_size=len(data),
                       ignored_scope=nncf.IgnoredScope(names=ignored, validate=False))
