@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("openvino")
 
 from arc2face_rt.backends import openvino as ovb  # noqa: E402
-from arc2face_rt.backends.ov_cache import RECORD, CompileCache, choose_cache_dir  # noqa: E402
+from arc2face_rt.backends.ov_cache import RECORD, CompileCache, choose_cache_dir, user_cache_root  # noqa: E402
 from arc2face_rt.cli import main as rt_main  # noqa: E402
 from arc2face_rt.errors import EngineMismatchError, InvalidInputError  # noqa: E402
 from arc2face_rt.images import read_params  # noqa: E402
@@ -51,10 +51,11 @@ def test_fp32_matches_onnxruntime_image_for_image(engines, ort_images):
     assert np.abs(res.images.astype(int) - ort_images.astype(int)).max() <= 1
     assert res.params[0]["backend"] == "openvino" and res.params[0]["precision"] == "fp32"
     assert sha256_file(engines / "manifest.json") == manifest_before     # the export manifest is never rewritten
-    rec = json.loads((engines / "openvino_cache" / RECORD).read_text())
+    cache = user_cache_root() / p.engine_id                      # per user: the engines folder is not written
+    rec = json.loads((cache / RECORD).read_text())
     assert rec["openvino"] == ovb.openvino_version() and rec["cpu"] == ovb.cpu_isa().as_dict()
     assert {"projector:f32", "step_cfg:f32", "vae_decoder:f32"} <= set(rec["compiled"])
-    assert list((engines / "openvino_cache").glob("*.blob"))
+    assert list(cache.glob("*.blob")) and not (engines / "openvino_cache").exists()
 
 
 @needs_bf16
@@ -149,14 +150,16 @@ def test_openvino_runs_without_the_pytorch_stack(engines):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_cache_falls_back_to_the_user_cache_when_the_engines_folder_is_not_writable(engines, tmp_path, monkeypatch):
-    ro = tmp_path / "ro"
-    shutil.copytree(engines, ro, ignore=shutil.ignore_patterns("openvino_cache"))
-    (ro / "openvino_cache").write_text("a file where the cache folder would go")   # mkdir fails, even as root
+def test_cache_folder_choice(tmp_path, monkeypatch):
     monkeypatch.setenv("ARC2FACE_CACHE_DIR", str(tmp_path / "user"))      # arc2face-rt's per-user cache
-    assert choose_cache_dir(ro, "abc") == tmp_path / "user" / "openvino" / "abc"
+    assert choose_cache_dir("abc") == tmp_path / "user" / "openvino" / "abc"
+    monkeypatch.setenv("ARC2FACE_OV_CACHE", str(tmp_path / "ov"))
+    assert choose_cache_dir("abc") == tmp_path / "ov" / "abc"
+    (tmp_path / "file").write_text("a file where the cache folder would go")   # mkdir fails, even as root
+    monkeypatch.setenv("ARC2FACE_OV_CACHE", str(tmp_path / "file"))
+    assert choose_cache_dir("abc") is None
     monkeypatch.setenv("ARC2FACE_OV_CACHE", "0")
-    assert choose_cache_dir(ro, "abc") is None
+    assert choose_cache_dir("abc") is None
 
 
 def test_cache_made_elsewhere_is_recompiled_not_imported(tmp_path):

@@ -281,7 +281,7 @@ class OpenVinoStages:
         if self.precision.int8_steps and not manifest.get(INT8_KEY):
             raise EngineMismatchError(f"{self.engines_dir}: no OpenVINO int8 step graphs for --cpu-precision int8; "
                                       + INT8_FIX.format(dir=self.engines_dir))
-        self._cache = None                  # made when the first graph is compiled: a refused command writes nothing
+        self._cache = None                  # opened when the first graph is compiled
 
     @property
     def cache(self):
@@ -289,7 +289,7 @@ class OpenVinoStages:
         if self._cache is None:
             from .ov_cache import CompileCache, choose_cache_dir
 
-            folder = choose_cache_dir(self.engines_dir, self.cache_key or "engines")
+            folder = choose_cache_dir(self.cache_key or "engines")
             self._cache = CompileCache(folder, openvino_version(), self.isa.as_dict()) if folder else False
         return self._cache or None
 
@@ -327,7 +327,7 @@ def open_model_file(path: str | Path) -> OpenVinoSession:
     from .ov_cache import CompileCache, choose_cache_dir
 
     path = Path(path)
-    folder = choose_cache_dir(None, "face-models")
+    folder = choose_cache_dir("face-models")
     if folder is not None and path.is_file():
         cache = CompileCache(folder, openvino_version(), cpu_isa().as_dict())
         cache.prepare(str(path.resolve()), "fp32", "f32", f"{path.stat().st_size} bytes")

@@ -4,14 +4,16 @@ OpenVINO's model cache (CACHE_DIR) stores one blob per compiled graph, keyed by 
 the model, the device and the compile options, so a second process imports the blob instead of
 compiling. We add a folder choice and a record:
 
-- the folder is `ENGINES/openvino_cache/` when the engines folder is writable, else
-  `openvino/<engines id>/` in arc2face-rt's per-user cache (`integrity.cache_dir`: $ARC2FACE_CACHE_DIR,
-  else $XDG_CACHE_HOME/arc2face-rt, else ~/.cache/arc2face-rt), else no cache at all (an info log says
-  which). The engines folder's manifest is never touched at run time.
+- compiled blobs are facts about this machine's CPU, like the integrity stamps, so they live in
+  arc2face-rt's per-user cache (`integrity.cache_dir()`: $ARC2FACE_CACHE_DIR, else
+  $XDG_CACHE_HOME/arc2face-rt, else ~/.cache/arc2face-rt) under `openvino/<engines id>/`; the engines
+  folder (which may be read-only, and which a refused command must leave as it was) is never written.
+  ARC2FACE_OV_CACHE=DIR puts the cache in DIR/<engines id>, ARC2FACE_OV_CACHE=0 turns it off; without
+  a writable folder every process compiles (an info log says so).
 - `record.json` in that folder names the OpenVINO version and the CPU (model, ISA flags, OpenVINO
-  capabilities) the blobs were made with, and per compiled stage and inference precision the graph's sha256 (from
-  the manifest). When the version or the CPU differs (a copied folder, an upgrade) every blob is
-  deleted and compiled again, instead of importing a blob made for other hardware.
+  capabilities) the blobs were made with, and per compiled stage and inference precision the graph's
+  sha256 (from the manifest). When the version or the CPU differs (a shared home folder, an upgrade)
+  every blob is deleted and compiled again, instead of importing a blob made for other hardware.
 Writes of the record are atomic (temporary file, then rename).
 """
 from __future__ import annotations
@@ -26,7 +28,6 @@ from ..manifest import write_json_atomic
 
 log = logging.getLogger("arc2face_rt")
 
-CACHE_SUBDIR = "openvino_cache"
 RECORD = "record.json"
 FORMAT = "arc2face-rt-openvino-cache"
 
@@ -47,24 +48,15 @@ def user_cache_root() -> Path:
     return cache_dir() / "openvino"
 
 
-def choose_cache_dir(engines_dir: Path | None, key: str) -> Path | None:
-    """The engines folder's openvino_cache/ if writable, else the per-user cache (subfolder `key`), else None.
-
-    ARC2FACE_OV_CACHE=0 turns the cache off; ARC2FACE_OV_CACHE=DIR puts it in DIR/`key`."""
+def choose_cache_dir(key: str) -> Path | None:
+    """The cache folder for one engines folder (`key`: its engine id), created; None when off or unwritable."""
     env = os.environ.get("ARC2FACE_OV_CACHE")
     if env == "0":
         return None
-    candidates = [Path(env) / key] if env else []
-    if engines_dir is not None and not env:
-        candidates.append(Path(engines_dir) / CACHE_SUBDIR)
-    candidates.append(user_cache_root() / key)
-    for i, folder in enumerate(candidates):
-        if _writable(folder):
-            if i:
-                log.info("OpenVINO cache: %s is not writable, using %s", candidates[0], folder)
-            return folder
-    log.info("OpenVINO cache: no writable folder (%s); every process compiles its graphs",
-             ", ".join(map(str, candidates)))
+    folder = Path(env) / key if env else user_cache_root() / key
+    if _writable(folder):
+        return folder
+    log.info("OpenVINO cache: %s is not writable; every process compiles its graphs", folder)
     return None
 
 
