@@ -136,6 +136,8 @@ def _linked_copy(src, dst):
 def test_force_replaces_the_old_export_and_keeps_the_caches(tiny_model_dir, tiny_engines, tmp_path):
     d = _linked_copy(tiny_engines, tmp_path / "e")
     (d / "projector.plan").write_bytes(b"a plan of the old graphs")
+    (d / "step_cfg.ov-int8.xml").write_bytes(b"<net/>")          # OpenVINO int8 graphs are ours too
+    (d / "step_cfg.ov-int8.bin").write_bytes(b"weights")
     (d / "timing.cache").write_bytes(b"cache")
     (d / ".gitkeep").touch()
     onnx_export.export_all(tiny_model_dir, d, force=True, stages=("projector",), validate=False)
