@@ -108,7 +108,7 @@ def _diffusers_lcm(models, lora_file, ids, latents, noise, steps):
     return np.round(out * 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("steps", [2, 4])
+@pytest.mark.parametrize("steps", [pytest.param(2, marks=pytest.mark.slow), 4])
 def test_fused_export_matches_diffusers_with_the_lora_loaded(lora_engines, lora_file, tiny_models, tiny_engines,
                                                             steps):
     ident = random_identity(4)

@@ -80,6 +80,20 @@ def _perturb_(module: torch.nn.Module, gen: torch.Generator) -> None:
             p.add_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
+def _unzero_controlnet_(net: torch.nn.Module, gen: torch.Generator) -> None:
+    """A ControlNet starts with zero convolutions (conditioning output, residual projections), and the
+    default initialisation shrinks the image's signal through the eight SiLU convolutions of its
+    conditioning embedding to nothing. A trained one carries the image through. Give the embedding
+    He-scaled weights and the zero convolutions 1/sqrt(fan_in) ones, so that the random ControlNet's
+    residuals depend clearly on the condition image (a faint one would hide preprocessing errors)."""
+    emb = net.controlnet_cond_embedding
+    with torch.no_grad():
+        for conv in [emb.conv_in, *emb.blocks]:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2 / conv.weight[0].numel()) ** 0.5)
+        for conv in [emb.conv_out, *net.controlnet_down_blocks, net.controlnet_mid_block]:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) / conv.weight[0].numel() ** 0.5)
+
+
 # Everything a random checkpoint of either size holds. `force` replaces a folder only when it is
 # empty or holds MARKER and nothing but these: never files this tool did not write.
 MARKER = "RANDOM_WEIGHTS.txt"
@@ -196,7 +210,8 @@ def write_random_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, 
                 from diffusers import ControlNetModel
                 net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_EMBEDDING[size],
                                                 load_weights_from_unet=False)
-                _perturb_(net, gen)       # its zero convolutions too: a zero ControlNet would hide errors
+                _perturb_(net, gen)
+                _unzero_controlnet_(net, gen)
                 save_diffusers("controlnet", net)
                 del net
             if lcm_lora:

@@ -3,8 +3,10 @@
 Arc2Face's pose ControlNet is conditioned on a normal-map rendering of the target head pose (the
 official demo renders it with EMOCA, a 3D face reconstruction model; README "ControlNet pose"). The
 preprocessing is exactly that of diffusers' StableDiffusionControlNetPipeline given the image as
-`diffusers.utils.load_image` reads it: EXIF orientation applied, RGB, resized to 512x512 with PIL's
-Lanczos filter (VaeImageProcessor, `resample="lanczos"`), float32 in [0, 1] (not [-1, 1]), NCHW. The
+`diffusers.utils.load_image` reads it, called with height=width=512 (the engines' size; without them
+diffusers would generate at the control image's own size): EXIF orientation applied, RGB, resized to
+512x512 with PIL's Lanczos filter (VaeImageProcessor, `resample="lanczos"`), float32 in [0, 1] (not
+[-1, 1]), NCHW. The
 pipeline duplicates it for the CFG batch inside the step graph, as diffusers does (not guess mode).
 
 What is refused, in one line each: what `face.image_io.load_image` refuses (unreadable, empty, huge
