@@ -38,7 +38,8 @@ def lora_engines(lora_model_dir, lora_file, tmp_path_factory):
     from arc2face_export.onnx_export import export_all
 
     out = tmp_path_factory.mktemp("lora-engines") / "fp32"
-    export_all(lora_model_dir, out, stages=LORA_STAGES, lora=lora_file, lora_scale=1.0)
+    # unvalidated to save CI time: the parity test below checks the fused graphs end to end against diffusers
+    export_all(lora_model_dir, out, stages=LORA_STAGES, lora=lora_file, lora_scale=1.0, validate=False)
     return out
 
 
@@ -112,17 +113,15 @@ def _diffusers_lcm(models, lora_file, ids, latents, noise, steps):
 def test_fused_export_matches_diffusers_with_the_lora_loaded(lora_engines, lora_file, tiny_models, tiny_engines,
                                                             steps):
     ident = random_identity(4)
-    opts = GenerationOptions(steps=steps, guidance=1.0, scheduler="lcm", seed=3, batch_size=2)
+    opts = GenerationOptions(steps=steps, guidance=1.0, scheduler="lcm", seed=3, batch_size=1)
     with Arc2FacePipeline(lora_engines, backend="ort", device="cpu") as pipe:
-        got = pipe.generate(ident, 2, opts).images
+        got = pipe.generate(ident, 1, opts).images
         sched = pipe.schedule("lcm", steps)
-    draws = [image_noise(3, i, sched) for i in range(2)]
-    lat = np.stack([d[0] for d in draws])
-    noise = np.stack([d[1] for d in draws], axis=1)              # [N, B, 4, 64, 64]
-    want = _diffusers_lcm(tiny_models, lora_file, np.repeat(ident[None], 2, 0), lat, noise, steps)
+    lat, noise = image_noise(3, 0, sched)
+    want = _diffusers_lcm(tiny_models, lora_file, ident[None], lat[None], noise[:, None], steps)  # noise [N, 1, ...]
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
     with Arc2FacePipeline(tiny_engines, backend="ort", device="cpu") as base:   # the same UNet without the LoRA
-        plain = base.generate(ident, 2, opts).images
+        plain = base.generate(ident, 1, opts).images
     assert np.abs(plain.astype(int) - got.astype(int)).mean() > 2           # the adapter does change the images
 
 
