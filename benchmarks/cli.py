@@ -1,5 +1,5 @@
 """`python -m benchmarks`: run | report | export | demo | build | int8 | cpu-precision | verify | gpu-check |
-wheels (and the internal `_row` child)."""
+wheels | control (and the internal `_row` child)."""
 from __future__ import annotations
 
 import argparse
@@ -84,6 +84,16 @@ def cmd_demo(args) -> int:
     path = write_result({**header(), **res}, args.name or f"demo-{args.size}-{_stamp()}.json", Path(args.out))
     _say(f"wrote {path}")
     return 0 if all(r["status"] == "ok" for r in res["runs"]) else 1
+
+
+def cmd_control(args) -> int:
+    from .control_bench import bench_control
+    from .export_bench import header, write_result
+
+    res = bench_control(args.size, args.batches, args.repeats, args.device, args.cache, say=_say)
+    path = write_result({**header(), **res}, args.name or f"control-{args.size}-{_stamp()}.json", Path(args.out))
+    _say(f"wrote {path}")
+    return 0
 
 
 def cmd_build(args) -> int:
@@ -290,6 +300,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, default=RESULTS)
     r.add_argument("--name", default=None)
     r.set_defaults(func=cmd_cpu_precision)
+
+    r = sub.add_parser("control", help="seconds per step of the ControlNet step graph next to the base step (ORT)")
+    r.add_argument("--size", choices=("tiny", "full"), default="tiny")
+    r.add_argument("--batches", type=_ints, default=(1,))
+    r.add_argument("--repeats", type=int, default=3)
+    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    r.add_argument("--cache", type=Path, default=CACHE)
+    r.add_argument("--out", type=Path, default=RESULTS)
+    r.add_argument("--name", default=None)
+    r.set_defaults(func=cmd_control)
 
     r = sub.add_parser("_row", help=argparse.SUPPRESS)
     r.add_argument("config")

@@ -18,7 +18,8 @@ def load_results(results: Path) -> list[dict]:
             d = json.loads(p.read_text())
         except ValueError:
             continue
-        if isinstance(d, dict) and d.get("kind") in ("run", "export", "demo", "build", "int8", "verify", "cpu_precision"):
+        if isinstance(d, dict) and d.get("kind") in ("run", "export", "demo", "build", "int8", "verify", "cpu_precision",
+                                                        "control"):
             d["_file"] = p.name
             out.append(d)
     return out
@@ -190,6 +191,16 @@ def verify_section(d: dict) -> list[str]:
     return lines + _table(["what", "time", "note"], body) + [""]
 
 
+def control_section(d: dict) -> list[str]:
+    lines = [f"## ControlNet step vs base step `{d['_file']}`", "",
+             f"**{d['size']}** model, {d['precision']}, {d['backend']}, guidance {d['guidance']} (the CFG graphs); "
+             f"seconds per step call, median of {d['rows'][0]['repeats']} after a warm-up; {_machine(d)}; "
+             f"{d['created']}, commit {_commit(d)}.", ""]
+    body = [[r["stage"], str(r["batch"]), r["providers"][0], _f(r["step_s"]["median"]), _f(r["vs_step_cfg"])]
+            for r in d["rows"]]
+    return lines + _table(["stage", "batch", "provider", "s / step", "vs step_cfg"], body) + [""]
+
+
 def int8_section(d: dict) -> list[str]:
     q, med = d["quantization"], d["median"]
     lines = [f"## int8 vs fp16 `{d['_file']}`", "",
@@ -283,7 +294,7 @@ def write_report(results: Path) -> tuple[Path, list[Path]]:
     for d in sorted((d for d in docs if d["kind"] == "demo"), key=lambda d: d["created"], reverse=True):
         lines += demo_section(d)
     for kind, section in (("build", build_section), ("int8", int8_section), ("verify", verify_section),
-                          ("cpu_precision", cpu_precision_section)):
+                          ("cpu_precision", cpu_precision_section), ("control", control_section)):
         for d in sorted((d for d in docs if d["kind"] == kind), key=lambda d: d["created"], reverse=True):
             lines += section(d)
     md = results / "RESULTS.md"

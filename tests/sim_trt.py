@@ -9,7 +9,8 @@ the plan's batch profile, activation memory set and large enough before `execute
 execution launches a "kernel" computing a simple, exactly known stage function:
 
     step:      x_in = s*x; eps_c = tanh(x_in)/2 + cond[:, 0, c] + t/1000; eps_u = x_in/4
-               eps = eps_u + g*(eps_c - eps_u) (step_cfg) or eps_c (step), kept in activation memory
+               eps = eps_u + g*(eps_c - eps_u) (step_cfg) or eps_c (step), kept in activation memory;
+               the ControlNet variants add control_scale * (channel mean of control[:, :, ::8, ::8]) to eps_c
                m0 = a*x + b*eps; x_out = c0*x + c1*m0 + c2*m_prev + c3*noise
     projector: cond[b, i, j] = tanh(id[b, j]) + 0.01*(i mod 7)        (j < 512; j mod 512 beyond)
     vae:       image[b, y, x, c] = clip(rint(50*latents[b, c, y/8, x/8] + 128), 0, 255) as uint8
@@ -36,21 +37,24 @@ LATENT_BYTES = 4 * 64 * 64 * 4
 
 # ----------------------------------------------------------------------------- the stage functions
 
-def step_reference(x, m_prev, noise, cond, coeffs, guidance=None):
+def step_reference(x, m_prev, noise, cond, coeffs, guidance=None, control=None, control_scale=None):
     """(x_out, m0) of one simulated step, float32 numpy."""
     f = np.float32
     t, s, a, b, c0, c1, c2, c3 = (f(v) for v in np.asarray(coeffs, np.float32)[:8])
     x_in = s * x
     eps_c = np.tanh(x_in) * f(0.5) + cond[:, 0, :4, None, None] + t * f(1e-3)
+    if control is not None:
+        eps_c = eps_c + f(np.asarray(control_scale).reshape(-1)[0]) * control[:, :, ::8, ::8].mean(1, keepdims=True)
     eps = eps_c if guidance is None else (x_in * f(0.25)) + f(guidance) * (eps_c - x_in * f(0.25))
     m0 = a * x + b * eps
     return (c0 * x + c1 * m0 + c2 * m_prev + c3 * noise).astype(np.float32), m0.astype(np.float32)
 
 
-def loop_reference(x, cond, table, guidance=None, noise=None):
+def loop_reference(x, cond, table, guidance=None, noise=None, control=None, control_scale=1.0):
     m = np.zeros_like(x)
     for k in range(len(table)):
-        x, m = step_reference(x, m, np.zeros_like(x) if noise is None else noise[k], cond, table[k], guidance)
+        x, m = step_reference(x, m, np.zeros_like(x) if noise is None else noise[k], cond, table[k], guidance,
+                              control, control_scale)
     return x
 
 
@@ -72,7 +76,7 @@ class HostKernels:
         self.rt = rt
 
     def launch(self, stage: str, ptrs: dict[str, int], batch: int, scratch: tuple[int, int], stream: int) -> None:
-        rt, spec = self.rt, specs.STAGES[stage]
+        rt, spec = self.rt, specs.ALL_STAGES[stage]
 
         def arr(t):
             return rt.device_array(ptrs[t.name], t.dtype, t.concrete(batch))
@@ -80,9 +84,10 @@ class HostKernels:
         def run():
             ins = {t.name: arr(t) for t in spec.inputs}
             outs = {t.name: arr(t) for t in spec.outputs}
-            if stage in ("step", "step_cfg"):
+            if stage in specs.STEP_STAGES:
                 g = float(ins["guidance"][0]) if "guidance" in ins else None
-                x_out, m0 = step_reference(ins["x"], ins["m_prev"], ins["noise"], ins["cond"], ins["coeffs"], g)
+                x_out, m0 = step_reference(ins["x"], ins["m_prev"], ins["noise"], ins["cond"], ins["coeffs"], g,
+                                           ins.get("control"), ins.get("control_scale"))
                 eps = rt.device_array(scratch[0], np.float32, m0.shape)     # through activation memory
                 eps[...] = m0
                 outs["m0"][...] = eps
@@ -194,7 +199,7 @@ class FakeContext:
 class FakeEngine:
     def __init__(self, trt, desc: dict):
         self.trt, self.stage = trt, desc["stage"]
-        spec = specs.STAGES[self.stage]
+        spec = specs.ALL_STAGES[self.stage]
         self.tensors = list(spec.inputs) + list(spec.outputs)
         self.io = {t.name: t for t in self.tensors}
         self.inputs = {t.name for t in spec.inputs}
@@ -282,11 +287,10 @@ def make_sim_engines(root: Path, trt, stages=("projector", "step_cfg", "step", "
     description (e.g. {"capturable": False}, {"invalid": ["UNSUPPORTED_CC"]}, {"device_memory": n})."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    memory = {"projector": 0, "step_cfg": profile[2] * LATENT_BYTES, "step": profile[2] * LATENT_BYTES,
-              "vae_decoder": 4096}
+    memory = {"projector": 0, "vae_decoder": 4096, **{s: profile[2] * LATENT_BYTES for s in specs.STEP_STAGES}}
     stage_recs, plans = {}, {}
     for name in stages:
-        spec = specs.STAGES[name]
+        spec = specs.ALL_STAGES[name]
         onnx = root / spec.onnx_file
         onnx.write_bytes(f"simulated {name} graph\n".encode())
         stage_recs[name] = {"file": spec.onnx_file, "files": {spec.onnx_file: mf.file_record(onnx)},

@@ -114,7 +114,7 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
                    help="int8: .npz of step-graph inputs (one array per input, leading axis = sample); "
                         "default: record them by running this folder's graphs on 8 random identities")
     p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
-                   help=f"stages to build (default: all in the manifest): {' '.join(specs.STAGES)} detector arcface")
+                   help=f"stages to build (default: all in the manifest): {' '.join(specs.ALL_STAGES)} detector arcface")
     p.add_argument("--force", action="store_true", help="rebuild even when the plans are up to date")
     p.set_defaults(func=cmd_build_engines)
     return p

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from arc2face_rt import argtypes
 from arc2face_rt.exits import run_cli
-from arc2face_rt.specs import PRECISIONS, STAGES
+from arc2face_rt.specs import ALL_STAGES, PRECISIONS
 
 
 PROG = "arc2face-export"
@@ -24,7 +24,7 @@ def cmd_random_checkpoint(args) -> int:
 
     _say(f"writing a random-weight {args.size} checkpoint (seed {args.seed}) to {args.out}")
     write_random_checkpoint(args.out, size=args.size, seed=args.seed, force=args.force,
-                            face_models=not args.no_face_models)
+                            face_models=not args.no_face_models, controlnet=args.controlnet, lcm_lora=args.lcm_lora)
     _say(f"done: {args.out} (random weights: generated images will look like noise)")
     return 0
 
@@ -34,8 +34,9 @@ def cmd_onnx(args) -> int:
 
     m = export_all(args.model_dir, args.out, precision=args.precision, force=args.force,
                    stages=tuple(args.stages) if args.stages else None, validate=not args.no_validate,
-                   progress=_say)
-    _say(f"manifest: {Path(args.out) / 'manifest.json'} ({len(m['stages'])} stages, {m['precision']})")
+                   progress=_say, lora=args.lora, lora_scale=args.lora_scale)
+    lora = f", LoRA {m['lora']['file']} fused at {m['lora']['scale']:g}" if m.get("lora") else ""
+    _say(f"manifest: {Path(args.out) / 'manifest.json'} ({len(m['stages'])} stages, {m['precision']}{lora})")
     return 0
 
 
@@ -73,13 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=argtypes.seed, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing folder")
     p.add_argument("--no-face-models", action="store_true", help="skip the detector/ArcFace ONNX files")
+    p.add_argument("--controlnet", action="store_true",
+                   help="also write controlnet/ (the pose ControlNet, released config's architecture)")
+    p.add_argument("--lcm-lora", action="store_true",
+                   help="also write lcm-lora/pytorch_lora_weights.safetensors (random, with the SD1.5 LCM-LoRA's "
+                        "keys and ranks)")
     p.set_defaults(func=cmd_random_checkpoint)
 
     p = sub.add_parser("onnx", help="export, validate against torch, and write an engines folder")
     p.add_argument("--model-dir", required=True, type=argtypes.path, help="arc2face/, encoder/, vae/, scheduler/")
     p.add_argument("--out", required=True, type=argtypes.path, help="engines folder to write")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    p.add_argument("--stages", nargs="+", choices=sorted(STAGES), help="export only these (default: all)")
+    p.add_argument("--stages", nargs="+", choices=list(ALL_STAGES),
+                   help="export only these (default: all; the control step graphs when MODEL has controlnet/)")
+    p.add_argument("--lora", type=argtypes.path, metavar="FILE.safetensors",
+                   help="fuse this LoRA (LCM-LoRA for SD1.5; diffusers or kohya keys) into the UNet before export; "
+                        "generate then defaults to --scheduler lcm --steps 4 --guidance 1")
+    p.add_argument("--lora-scale", type=argtypes.number(0, 10, "a LoRA scale"), default=1.0, metavar="S",
+                   help="fuse the LoRA at this scale (default 1.0)")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-torch check")
     p.add_argument("--force", action="store_true", help="replace an existing export")
     p.set_defaults(func=cmd_onnx)

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from arc2face_rt import manifest as mf
 from arc2face_rt.atomic import set_usual_modes, temp_dir
-from arc2face_rt.specs import STAGES
+from arc2face_rt.specs import ALL_STAGES
 
-_STAGE_NAMES = "|".join(re.escape(n) for n in (*STAGES, *mf.FACE_STAGES))
+_STAGE_NAMES = "|".join(re.escape(n) for n in (*ALL_STAGES, *mf.FACE_STAGES))
 ARTEFACT = re.compile(rf"^(?:{_STAGE_NAMES})(?:(?:\.int8)?\.(?:onnx|onnx\.data|plan)|\.ov-int8\.(?:xml|bin))$")
 CACHE = re.compile(rf"^(?:timing\.cache|(?:{_STAGE_NAMES})\.rtcache)$")
 KEPT_ALWAYS = (".gitkeep",)

@@ -20,11 +20,11 @@ import torch
 
 from arc2face_rt import manifest as mf
 from arc2face_rt.atomic import naming_output, remove_stale_temps, temp_dir, undo_new_folders
-from arc2face_rt.errors import InvalidInputError, OutputExistsError
+from arc2face_rt.errors import InvalidInputError, MissingWeightsError, OutputExistsError
 from arc2face_rt.outputs import check_output_dir
 from arc2face_rt.schedulers import make_schedule
-from arc2face_rt.specs import (PRECISIONS, PROJECTOR, SPEC_REVISION, STAGES, STEP, STEP_CFG, VAE_DECODER,
-                               StageSpec)
+from arc2face_rt.specs import (ALL_STAGES, CONTROL_STAGES, PRECISIONS, PROJECTOR, SPEC_REVISION, STAGES, STEP,
+                               STEP_CFG, STEP_CFG_CONTROL, STEP_CONTROL, VAE_DECODER, StageSpec)
 from arc2face_ref.loading import load_models, model_files
 from arc2face_ref.modules import DenoiseStep, VaeDecode
 from arc2face_ref.projector import Arc2FaceProjector, unconditional_embedding
@@ -60,6 +60,10 @@ def example_inputs(spec: StageSpec, batch: int, seed: int = 0) -> dict[str, np.n
             feeds[t.name] = make_schedule("dpmpp2m", 25).table()[12]
         elif t.name == "guidance":
             feeds[t.name] = np.array([3.0], np.float32)
+        elif t.name == "control":         # an image in [0, 1], as the pipeline feeds it
+            feeds[t.name] = rng.uniform(0, 1, t.concrete(batch)).astype(t.dtype)
+        elif t.name == "control_scale":
+            feeds[t.name] = np.array([0.8], np.float32)
         else:
             feeds[t.name] = rng.standard_normal(t.concrete(batch)).astype(t.dtype)
     return feeds
@@ -142,8 +146,13 @@ def _validate(module, spec: StageSpec, feeds: dict, path: Path, precision: str, 
 
 
 def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp32", force: bool = False,
-               stages: tuple[str, ...] | None = None, validate: bool = True, progress=None) -> dict:
+               stages: tuple[str, ...] | None = None, validate: bool = True, progress=None,
+               lora: str | Path | None = None, lora_scale: float = 1.0) -> dict:
     """Export every generation stage of MODEL_DIR into OUT_DIR; returns the manifest written.
+
+    The ControlNet step graphs are among the stages when MODEL_DIR has controlnet/. `lora`: a LoRA
+    .safetensors (LCM-LoRA) fused into the UNet at `lora_scale` before export (recorded in
+    manifest["lora"]; `arc2face-rt generate` then defaults to LCM sampling).
 
     An OUT_DIR that already holds an export of the same model files, precision and spec revision is
     kept as it is (returns its manifest). Other content needs `force`, which replaces only what this
@@ -153,7 +162,8 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
         raise InvalidInputError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
     say = progress or (lambda msg: log.info(msg))
     model_dir, out_dir = Path(model_dir), check_output_dir(out_dir)
-    names = tuple(stages or STAGES)
+    names = _stage_names(model_dir, stages)
+    lora_rec = _lora_record(lora, lora_scale)
     source = {str(p.relative_to(model_dir)): mf.file_record(p) for p in model_files(model_dir)}
     if (out_dir / mf.MANIFEST).is_file() and not force:
         try:
@@ -161,7 +171,7 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
         except Exception:
             old = None
         if old and old.get("precision") == precision and old.get("source", {}).get("files") == source \
-                and all(n in old["stages"] for n in names):
+                and old.get("lora") == lora_rec and all(n in old["stages"] for n in names):
             for n in names:
                 mf.verify_files(out_dir, old["stages"][n]["files"])
             say(f"{out_dir}: up to date ({precision}), nothing to export")
@@ -171,6 +181,11 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
     t0 = time.perf_counter()
     say(f"loading {model_dir}")
     models = load_models(model_dir)
+    if lora_rec:
+        from arc2face_ref.lora import fuse_lora_into
+        say(f"fusing LoRA {lora} (scale {lora_scale:g}) into the UNet")
+        n = fuse_lora_into(models.unet, models.encoder, lora, lora_scale)
+        say(f"LoRA fused: {n} UNet weight tensors changed")
     with undo_new_folders(out_dir):
         tmp = temp_dir(out_dir, "export")
         try:
@@ -186,12 +201,43 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
                 "export_s": round(time.perf_counter() - t0, 1),
                 "stages": records,
             }
+            if lora_rec:
+                manifest["lora"] = lora_rec
             mf.write_json_atomic(tmp / mf.MANIFEST, manifest)
             swap_in(out_dir, tmp, replaced)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     say(f"wrote {out_dir} in {time.perf_counter() - t0:.1f} s")
     return manifest
+
+
+def _stage_names(model_dir: Path, stages) -> tuple[str, ...]:
+    """The stages to export: `stages`, or every stage the model folder can give (the ControlNet step
+    graphs when it has controlnet/)."""
+    has_control = (model_dir / "controlnet").is_dir()
+    if not stages:
+        return tuple(STAGES) + (tuple(CONTROL_STAGES) if has_control else ())
+    unknown = [s for s in stages if s not in ALL_STAGES]
+    if unknown:
+        raise InvalidInputError(f"unknown stage(s) {', '.join(unknown)}; choose among {', '.join(ALL_STAGES)}")
+    if not has_control and any(s in CONTROL_STAGES for s in stages):
+        raise MissingWeightsError(f"{model_dir}: has no controlnet/ (config.json + diffusion_pytorch_model.safetensors "
+                                  "from the Arc2Face release), which the control step graphs need")
+    return tuple(stages)
+
+
+def _lora_record(lora, scale: float) -> dict | None:
+    """What the manifest records of a fused LoRA (file name, sha256, size, scale); None without one."""
+    if lora is None:
+        return None
+    if not (isinstance(scale, (int, float)) and np.isfinite(scale) and 0 < scale <= 10):
+        raise InvalidInputError(f"--lora-scale must be a number in (0, 10] (got {scale}; the official usage fuses "
+                                "LCM-LoRA at 1.0)")
+    from arc2face_ref.lora import read_lora
+
+    path = Path(lora)
+    read_lora(path)                                  # refuse a missing or foreign file before any work
+    return {"file": path.name, **mf.file_record(path), "scale": float(scale)}
 
 
 def _replaced_entries(out_dir: Path, force: bool) -> list[str]:
@@ -213,7 +259,7 @@ def _replaced_entries(out_dir: Path, force: bool) -> list[str]:
 
 def _export_stage(models, name: str, precision: str, validate: bool, tmp: Path, out_dir: Path, say) -> dict:
     """Export and validate one stage into `tmp` (for `out_dir`); return its manifest record."""
-    spec = STAGES[name]
+    spec = ALL_STAGES[name]
     # fp16 stages are validated against the same module in fp32
     ref32 = _reference_fp32(models, name) if precision == "fp16" and validate else None
     module = _modules_for(models, name, precision)
@@ -251,10 +297,13 @@ def _modules_for(models, name: str, precision: str) -> torch.nn.Module:
         proj = Arc2FaceProjector(enc)
         proj.prompt_tokens = proj.prompt_tokens.to(dt)
         return _CastIO(proj, dt).eval()
-    if name in (STEP_CFG.name, STEP.name):
+    if name in (STEP_CFG.name, STEP.name, STEP_CFG_CONTROL.name, STEP_CONTROL.name):
         unet = models.unet if dt == torch.float32 else copy.deepcopy(models.unet).to(dt)
-        uncond = unconditional_embedding(models.encoder) if name == STEP_CFG.name else None
-        return DenoiseStep(unet, uncond).eval()
+        uncond = unconditional_embedding(models.encoder) if name in (STEP_CFG.name, STEP_CFG_CONTROL.name) else None
+        net = None
+        if name in CONTROL_STAGES:
+            net = models.controlnet if dt == torch.float32 else copy.deepcopy(models.controlnet).to(dt)
+        return DenoiseStep(unet, uncond, net).eval()
     if name == VAE_DECODER.name:
         vae = models.vae if dt == torch.float32 else copy.deepcopy(models.vae).to(dt)
         return VaeDecode(vae).eval()

@@ -316,7 +316,7 @@ def build_engines(engines_dir: str | Path, stages: list[str] | None = None, prec
     trt = import_trt()
     m = mf.load_manifest(engines_dir)
     remove_stale_temps(engines_dir)          # what a killed build left behind
-    stage_specs = stage_specs or {**specs.STAGES, **face_stage_specs(m)}
+    stage_specs = stage_specs or {**specs.ALL_STAGES, **face_stage_specs(m)}
     recorded = {**m.get("stages", {}), **m.get("face_stages", {})}
     names = stages or [s for s in recorded if s in stage_specs]
     unknown = [s for s in names if s not in stage_specs]

@@ -4,6 +4,7 @@
     MODEL_DIR/encoder/    config.json + pytorch_model.bin                     (CLIP-L text encoder)
     MODEL_DIR/vae/        config.json + diffusion_pytorch_model.safetensors   (SD1.5 VAE)
     MODEL_DIR/scheduler/  scheduler_config.json                               (SD1.5 scheduler)
+    MODEL_DIR/controlnet/ config.json + diffusion_pytorch_model.safetensors   (optional: ControlNet pose)
 Either weight format (.safetensors or .bin) is accepted in each folder.
 """
 from __future__ import annotations
@@ -24,6 +25,10 @@ LAYOUT = {
     "vae": ("config.json", ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")),
     "scheduler": ("scheduler_config.json", ()),
 }
+# Optional folders: read when present (then complete, like the others).
+OPTIONAL_LAYOUT = {
+    "controlnet": ("config.json", ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")),
+}
 
 _FIX = ("download the released weights (README: 'Real weights') or write a random-weight model "
         "with `arc2face-export random-checkpoint --size tiny --out DIR`")
@@ -35,7 +40,8 @@ def model_files(model_dir: str | Path) -> list[Path]:
     if not model_dir.is_dir():
         raise MissingWeightsError(f"{model_dir}: no such model folder; {_FIX}")
     found, missing = [], []
-    for sub, (config, weights) in LAYOUT.items():
+    present = {k: v for k, v in OPTIONAL_LAYOUT.items() if (model_dir / k).is_dir()}
+    for sub, (config, weights) in {**LAYOUT, **present}.items():
         cfg = model_dir / sub / config
         (found if cfg.is_file() else missing).append(cfg)
         if weights:
@@ -153,10 +159,11 @@ class Arc2FaceModels:
     encoder: torch.nn.Module
     scheduler_config: dict
     model_dir: Path
+    controlnet: torch.nn.Module | None = None     # ControlNet (pose), when the folder has controlnet/
 
 
 def load_models(model_dir: str | Path, dtype=torch.float32) -> Arc2FaceModels:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
     model_dir = Path(model_dir)
     files = {p.parent.name: p for p in model_files(model_dir) if p.name != "config.json"}
@@ -167,4 +174,6 @@ def load_models(model_dir: str | Path, dtype=torch.float32) -> Arc2FaceModels:
         encoder=load_encoder(model_dir / "encoder", files["encoder"], dtype),
         scheduler_config=scheduler_config,
         model_dir=model_dir,
+        controlnet=(_load_diffusers(ControlNetModel, model_dir / "controlnet", files["controlnet"], dtype)
+                    if "controlnet" in files else None),
     )

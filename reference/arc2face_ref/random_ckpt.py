@@ -3,6 +3,12 @@
 `full` uses the exact SD1.5 UNet/VAE and CLIP-L text architectures (for export and benchmarks);
 `tiny` keeps every interface shape (768-wide text tokens, 64x64x4 latents, 512x512 images) with
 few, narrow layers, for fast tests and the demo. Random weights give random-looking images.
+
+Optional parts of the release: `controlnet=True` writes controlnet/ (the pose ControlNet: for `full`
+the released config's architecture, the SD1.5 ControlNet, i.e. the UNet's encoder with a 3-channel
+conditioning embedding; for `tiny` the tiny UNet's), `lcm_lora=True` writes
+lcm-lora/pytorch_lora_weights.safetensors, a random adapter with the SD1.5 LCM-LoRA's key names and
+ranks for this UNet (arc2face_ref.lora).
 """
 from __future__ import annotations
 
@@ -60,6 +66,12 @@ CONFIGS = {
 }
 
 
+# ControlNet conditioning embedding (512x512 image -> 64x64 features, three stride-2 convs):
+# the released/SD1.5 channels, and narrow ones for the tiny model.
+CONTROLNET_EMBEDDING = {"full": (16, 32, 96, 256), "tiny": (8, 16, 32, 64)}
+LCM_LORA_DIR = "lcm-lora"
+
+
 def _perturb_(module: torch.nn.Module, gen: torch.Generator) -> None:
     """diffusers zero-initialises some output convs; randomise every parameter a little so no
     stage is trivially zero (a zero UNet would hide errors in the step graph)."""
@@ -68,14 +80,29 @@ def _perturb_(module: torch.nn.Module, gen: torch.Generator) -> None:
             p.add_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
+def _unzero_controlnet_(net: torch.nn.Module, gen: torch.Generator) -> None:
+    """A ControlNet starts with zero convolutions (conditioning output, residual projections), and the
+    default initialisation shrinks the image's signal through the eight SiLU convolutions of its
+    conditioning embedding to nothing. A trained one carries the image through. Give the embedding
+    He-scaled weights and the zero convolutions 1/sqrt(fan_in) ones, so that the random ControlNet's
+    residuals depend clearly on the condition image (a faint one would hide preprocessing errors)."""
+    emb = net.controlnet_cond_embedding
+    with torch.no_grad():
+        for conv in [emb.conv_in, *emb.blocks]:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2 / conv.weight[0].numel()) ** 0.5)
+        for conv in [emb.conv_out, *net.controlnet_down_blocks, net.controlnet_mid_block]:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) / conv.weight[0].numel() ** 0.5)
+
+
 # Everything a random checkpoint of either size holds. `force` replaces a folder only when it is
 # empty or holds MARKER and nothing but these: never files this tool did not write.
 MARKER = "RANDOM_WEIGHTS.txt"
-_OWN_FOLDERS = {"arc2face", "vae", "encoder", "scheduler"}
+_OWN_FOLDERS = {"arc2face", "vae", "encoder", "scheduler", "controlnet", LCM_LORA_DIR}
 _OWN_FILES = {MARKER, DETECTOR_FILE, RECOGNIZER_FILE, "arc2face/config.json",
               "arc2face/diffusion_pytorch_model.safetensors", "vae/config.json",
               "vae/diffusion_pytorch_model.safetensors", "encoder/config.json", "encoder/pytorch_model.bin",
-              "scheduler/scheduler_config.json"}
+              "scheduler/scheduler_config.json", "controlnet/config.json",
+              "controlnet/diffusion_pytorch_model.safetensors", f"{LCM_LORA_DIR}/pytorch_lora_weights.safetensors"}
 
 
 def _not_ours(folder: Path) -> str | None:
@@ -116,7 +143,7 @@ def _check_target(out: str | Path, force: bool) -> Path:
 
 
 def write_random_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, force: bool = False,
-                            face_models: bool = True) -> Path:
+                            face_models: bool = True, controlnet: bool = False, lcm_lora: bool = False) -> Path:
     """Write MODEL_DIR with seeded random weights; return its absolute path.
 
     An existing folder must be empty, or with `force` a random checkpoint this tool wrote (it holds
@@ -145,17 +172,22 @@ def write_random_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, 
         try:
             torch.manual_seed(seed)
             gen = torch.Generator().manual_seed(seed)
-            for sub, cls, kwargs in (("arc2face", UNet2DConditionModel, cfg["unet"]),
-                                     ("vae", AutoencoderKL, cfg["vae"])):
-                model = cls(**kwargs)
-                _perturb_(model, gen)
+
+            def save_diffusers(sub, model):
                 (tmp / sub).mkdir()
                 with writing(f"{sub}/config.json"):
                     model.save_config(str(tmp / sub))
                 with writing(f"{sub}/diffusion_pytorch_model.safetensors", (SafetensorError,)):
                     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                               str(tmp / sub / "diffusion_pytorch_model.safetensors"))
-                del model
+
+            unet = UNet2DConditionModel(**cfg["unet"])
+            _perturb_(unet, gen)
+            save_diffusers("arc2face", unet)
+            vae = AutoencoderKL(**cfg["vae"])
+            _perturb_(vae, gen)
+            save_diffusers("vae", vae)
+            del vae
             enc_cfg = CLIPTextConfig(**cfg["encoder"])
             enc = CLIPTextModel(enc_cfg)
             (tmp / "encoder").mkdir()
@@ -173,6 +205,21 @@ def write_random_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, 
                 from .face_models import write_face_models
                 with writing("."):
                     write_face_models(tmp, seed=seed, size=size)
+            # the optional parts last: the base weights do not depend on them
+            if controlnet:
+                from diffusers import ControlNetModel
+                net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_EMBEDDING[size],
+                                                load_weights_from_unet=False)
+                _perturb_(net, gen)
+                _unzero_controlnet_(net, gen)
+                save_diffusers("controlnet", net)
+                del net
+            if lcm_lora:
+                from .lora import LORA_FILE, random_lcm_lora
+                (tmp / LCM_LORA_DIR).mkdir()
+                with writing(f"{LCM_LORA_DIR}/{LORA_FILE}", (SafetensorError,)):
+                    save_file(random_lcm_lora(unet, seed=seed), str(tmp / LCM_LORA_DIR / LORA_FILE))
+            del unet
             with writing(MARKER):
                 atomic_write(tmp / MARKER, (
                     f"Random weights (size={size}, seed={seed}) written by arc2face-export random-checkpoint.\n"

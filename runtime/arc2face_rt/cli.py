@@ -12,7 +12,8 @@ from .backends.openvino import CPU_PRECISIONS
 from .face.cli import add_embed_parser, add_score_parser
 from .pipeline import BACKENDS, GenerationOptions
 from .schedulers import SCHEDULERS
-from .specs import DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS
+from .specs import (DEFAULT_BATCH, DEFAULT_CONTROL_SCALE, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS,
+                    LCM_LORA_DEFAULTS as LCM)
 
 log = logging.getLogger("arc2face_rt")
 
@@ -31,11 +32,20 @@ def _add_generate(sub) -> None:
                    "(default: $ARC2FACE_MODELS, else ./models)")
     p.add_argument("-n", "--num-images", type=int, default=4, help="images to generate (default 4)")
     p.add_argument("--seed", type=int, default=0, help="image i uses numpy default_rng([seed, i]) (default 0)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
-                   help=f"classifier-free guidance; <= 1 disables CFG (default {DEFAULT_GUIDANCE})")
-    p.add_argument("--scheduler", choices=SCHEDULERS, default=DEFAULT_SCHEDULER,
-                   help=f"sampler (default {DEFAULT_SCHEDULER}: DPM-Solver++ 2M, as Arc2Face)")
+    # None: the folder's default (Arc2Face's; LCM's on folders with an LCM-LoRA fused in)
+    p.add_argument("--steps", type=int,
+                   help=f"denoising steps (default {DEFAULT_STEPS}; {LCM['steps']} with an LCM-LoRA)")
+    p.add_argument("--guidance", type=float,
+                   help=f"classifier-free guidance; <= 1 disables CFG (default {DEFAULT_GUIDANCE}; {LCM['guidance']:g} "
+                        "with an LCM-LoRA)")
+    p.add_argument("--scheduler", choices=SCHEDULERS,
+                   help=f"sampler (default {DEFAULT_SCHEDULER}: DPM-Solver++ 2M, as Arc2Face; {LCM['scheduler']} on "
+                        "engines exported with --lora)")
+    p.add_argument("--control-image", nargs="+", type=argtypes.path, metavar="POSE.png",
+                   help="ControlNet pose: a normal-map rendering of the head pose (square, RGB; resized to 512x512 as "
+                        "diffusers does); one for all images or one per image (README: ControlNet pose)")
+    p.add_argument("--control-scale", type=argtypes.number(0, 10, "a control scale"), default=DEFAULT_CONTROL_SCALE,
+                   help=f"ControlNet conditioning scale (default {DEFAULT_CONTROL_SCALE:g})")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH,
                    help=f"images per graph call (default {DEFAULT_BATCH}; TensorRT plans are tuned for it)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
@@ -63,9 +73,20 @@ def cmd_generate(args) -> int:
 
     # Everything a user can get wrong is checked before any model is loaded, and everything the
     # engines folder can get wrong before the output folder is made.
-    opts = GenerationOptions(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
-                             seed=args.seed, batch_size=args.batch)
+    defaults, lora = _folder_defaults(args.engines)
+    chosen = {k: getattr(args, k) for k in defaults if getattr(args, k) is not None}
+    opts = GenerationOptions(**{**defaults, **chosen}, seed=args.seed, batch_size=args.batch)
     opts.check()
+    if lora:
+        unset = [f"--{k} {defaults[k]:g}" if k != "scheduler" else f"--{k} {defaults[k]}" for k in defaults
+                 if k not in chosen]
+        _stderr(f"engines with LoRA {lora['file']} fused (scale {lora['scale']:g}): " + (
+            f"LCM-LoRA defaults {' '.join(unset)}" if unset else "all sampling options given") +
+            (f"; given: {', '.join(f'--{k} {v}' for k, v in chosen.items())}" if chosen else ""))
+    control = None
+    if args.control_image:
+        from .control import Control
+        control = Control.from_files(args.control_image, args.control_scale, count=args.num_images)
     run = FolderRun(out=args.out, count=args.num_images, prefix=args.prefix, resume=args.resume,
                     overwrite=args.overwrite)
     existing = run.check(args.seed)
@@ -81,13 +102,13 @@ def cmd_generate(args) -> int:
         who = f"from {len(args.image)} photo path(s)"
     with Arc2FacePipeline(args.engines, backend=args.backend, device=args.device, verify=not args.no_verify,
                           cpu_precision=args.cpu_precision) as pipe:
-        pipe.prepare(opts)
+        pipe.prepare(opts, control=control is not None)
         _stderr(f"arc2face-rt {__version__}: {args.num_images} image(s) of identity {who}, {opts.steps} "
                 f"{opts.scheduler} steps, guidance {opts.guidance}, backend {pipe.backend} ({pipe.precision}"
                 + (f"; CPU {pipe.openvino.isa.summary()}" if pipe.openvino else "") + ")")
         if pipe.manifest.get("source", {}).get("random_weights"):
             _stderr("note: these engines come from a RANDOM-WEIGHT checkpoint: images will look like noise, not faces")
-        s = run.write(pipe, identity, opts, existing, log=_stderr, progress=_progress_bar)
+        s = run.write(pipe, identity, opts, existing, log=_stderr, progress=_progress_bar, control=control)
     t = s.timings
     steps_run = max(1, math.ceil(max(s.written, 1) / opts.batch_size) * opts.steps)
     _stderr(f"wrote {s.written} image(s) to {args.out} in {s.seconds:.1f} s"
@@ -97,6 +118,19 @@ def cmd_generate(args) -> int:
             f"{t.get('denoise', 0) / steps_run * 1000:.0f} ms/step at batch {opts.batch_size}, "
             f"decode {t.get('decode', 0):.1f} s)")
     return 0
+
+
+def _folder_defaults(engines) -> tuple[dict, dict | None]:
+    """(scheduler/steps/guidance defaults, the fused LoRA's record or None) of an engines folder. A
+    manifest that does not load gives Arc2Face's defaults here; opening the folder reports it."""
+    from .manifest import load_manifest
+    from .pipeline import folder_defaults
+
+    try:
+        m = load_manifest(engines)
+    except Exception:  # noqa: BLE001 - reported, with its fix, when the pipeline opens the folder
+        m = None
+    return folder_defaults(m), (m or {}).get("lora")
 
 
 def _progress_bar(total: int):
@@ -123,6 +157,11 @@ def cmd_info(args) -> int:
     m = load_manifest(args.engines)
     print(f"{args.engines}: spec revision {m['spec_revision']}, precision {m['precision']}, "
           f"created {m.get('created')}, random weights: {m.get('source', {}).get('random_weights')}")
+    if m.get("lora"):
+        lr = m["lora"]
+        print(f"  LoRA fused: {lr['file']} (sha256 {lr['sha256']}, {lr['bytes'] / 2**20:.1f} MiB) at scale "
+              f"{lr['scale']:g}; generate defaults: " + " ".join(f"--{k} {v:g}" if k != "scheduler" else f"--{k} {v}"
+                                                                   for k, v in LCM.items()))
     for section in ("stages", "face_stages", "quantized", "plans"):
         for name, rec in m.get(section, {}).items():
             files = record_files(rec)

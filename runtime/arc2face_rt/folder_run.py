@@ -77,10 +77,13 @@ class FolderRun:
         return existing
 
     def write(self, pipe, identity: np.ndarray, options, existing: dict[int, Path],
-              log: Callable[[str], None] = lambda m: print(m, file=sys.stderr), progress=None) -> RunSummary:
+              log: Callable[[str], None] = lambda m: print(m, file=sys.stderr), progress=None,
+              control=None) -> RunSummary:
         """Generate the missing images into the folder. `progress(total_steps)` returns a tqdm-like bar.
+        `control`: the run's ControlNet condition (`control.Control`) or None.
         Raises OutputWriteError (naming what was kept) when the disk fills or a write fails."""
-        done = plan_resume(existing, lambda i: pipe.image_params(options, i, identity)) if self.resume else set()
+        kw = {} if control is None else {"control": control}
+        done = plan_resume(existing, lambda i: pipe.image_params(options, i, identity, **kw)) if self.resume else set()
         s = RunSummary(skipped=len(done))
         todo = self.count - len(done)
         runs = batches_to_run(self.count, options.batch_size, done)
@@ -92,7 +95,7 @@ class FolderRun:
         t0 = time.perf_counter()
         try:
             for idx in batches(self.count, options.batch_size, done):
-                res = pipe.generate(identity, options=options, on_step=bar.update if bar else None, indices=idx)
+                res = pipe.generate(identity, options=options, on_step=bar.update if bar else None, indices=idx, **kw)
                 for img, params, i in zip(res.images, res.params, idx):
                     if i not in done:
                         self._save(img, params, options.seed, i, s)

@@ -13,8 +13,11 @@ Layout (format 1):
       "face_stages": {"detector" | "arcface": {"files": {...}, "io": {...}, "batch_range": [lo, opt, hi], ...}},
       "quantized": {"step_cfg" | "step": {"file": ..., "files": {...}, ...}},   # int8 Q/DQ graphs
       "openvino_int8": {"step_cfg" | "step": {"file": ..., "files": {...}, "source": {...}, ...}},  # NNCF IR
-      "plans": {name: {"file", "sha256", "bytes", "library", "build", ...}}     # TensorRT (build-engines)
+      "plans": {name: {"file", "sha256", "bytes", "library", "build", ...}},    # TensorRT (build-engines)
+      "lora": {"file": name, "sha256": hex, "bytes": n, "scale": float}         # a LoRA fused before export
     }
+Stage names: the base stages, and `step_cfg_control`/`step_control` in folders exported from a model
+with controlnet/ (specs.ALL_STAGES).
 `load_manifest` checks this structure before anything reads it (`check_manifest`): types, known
 stages and precisions, a size and sha256 per file, and paths that stay inside the folder. File
 content is checked against the recorded hashes by `integrity.verify_records`.
@@ -30,7 +33,7 @@ from pathlib import Path
 from .atomic import atomic_write
 from .errors import EngineMismatchError
 from .fileio import read_regular_file
-from .specs import PRECISIONS, SPEC_REVISION, STAGES, STEP, STEP_CFG
+from .specs import ALL_STAGES, PRECISIONS, SPEC_REVISION, STEP, STEP_CFG
 
 MANIFEST = "manifest.json"
 FORMAT = "arc2face-rt-engines"
@@ -40,9 +43,9 @@ PLAN_PRECISIONS = ("fp32", "fp16", "int8")
 FACE_STAGES = ("detector", "arcface")
 # Manifest sections whose records name files, and the stage names each may hold.
 FILE_SECTIONS = {
-    "stages": tuple(STAGES),
+    "stages": tuple(ALL_STAGES),
     "face_stages": FACE_STAGES,
-    "plans": tuple(STAGES) + FACE_STAGES,
+    "plans": tuple(ALL_STAGES) + FACE_STAGES,
     "quantized": (STEP_CFG.name, STEP.name),
     "openvino_int8": (STEP_CFG.name, STEP.name),
 }
@@ -127,6 +130,14 @@ def check_manifest(m, engines_dir: str | Path) -> None:
             problem = _record_problem(rec, section, engines_dir)
             if problem:
                 raise EngineMismatchError(f"{where}: {section}.{name}: {problem}; {fix}")
+    if "lora" in m and not _lora_ok(m["lora"]):
+        raise EngineMismatchError(f"{where}: 'lora' is not {{file, sha256, bytes, scale}}; {fix}")
+
+
+def _lora_ok(rec) -> bool:
+    """A fused LoRA's record: where the weights came from (not a file of the folder)."""
+    return (isinstance(rec, dict) and isinstance(rec.get("file"), str) and _is_finite(rec.get("scale"))
+            and _is_int(rec.get("bytes")) and isinstance(rec.get("sha256"), str) and len(rec["sha256"]) == 64)
 
 
 def _record_problem(rec, section: str, engines_dir: Path) -> str | None:

@@ -17,13 +17,15 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import __version__
+from .control import Control
 from .errors import EngineMismatchError, InvalidInputError
 from .integrity import verify_records
 from .manifest import load_manifest, record_files, resolve_inside, stage_file
 from .npyio import read_npy
 from .schedulers import SCHEDULERS, Schedule, make_schedule
-from .specs import (DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, ID_DIM, LATENT_CHANNELS,
-                    LATENT_SIZE, PROJECTOR, STAGES, STEP, STEP_CFG, VAE_DECODER)
+from .specs import (ALL_STAGES, CONTROL_STAGES, DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS,
+                    ID_DIM, LATENT_CHANNELS, LATENT_SIZE, LCM_LORA_DEFAULTS, PROJECTOR, STEP_STAGES, VAE_DECODER,
+                    step_stage)
 
 BACKENDS = ("auto", "ort", "trt", "openvino")
 MAX_GUIDANCE = 100.0        # CFG scales beyond this are a typo, not a setting (1e39 overflows float32)
@@ -58,6 +60,14 @@ class GenerationResult:
     images: np.ndarray                    # [N, 512, 512, 3] uint8 RGB
     params: list[dict]                    # per image: what to write into its PNG (never the embedding)
     timings: dict = field(default_factory=dict)   # seconds: project, denoise, decode, total
+
+
+def folder_defaults(manifest: dict | None) -> dict:
+    """The sampling defaults of an engines folder: LCM (scheduler, steps, guidance) when an LCM-LoRA
+    was fused into it (manifest "lora"), else Arc2Face's own."""
+    if manifest and manifest.get("lora"):
+        return dict(LCM_LORA_DEFAULTS)
+    return {"scheduler": DEFAULT_SCHEDULER, "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE}
 
 
 def normalize_identity(emb: np.ndarray, source: str = "embedding") -> np.ndarray:
@@ -191,9 +201,21 @@ class Arc2FacePipeline:
         import hashlib
         return hashlib.sha256("".join(sorted(h)).encode()).hexdigest()[:16]
 
+    @property
+    def has_control(self) -> bool:
+        """Whether this folder has the ControlNet step graphs (for the backend's section)."""
+        section = "plans" if self.backend == "trt" else "stages"
+        return any(n in self.manifest.get(section, {}) for n in CONTROL_STAGES)
+
     def session(self, name: str):
         if name not in self._sessions:
             section = "plans" if self.backend == "trt" else "stages"
+            if name in CONTROL_STAGES and name not in self.manifest[section]:
+                how = (f"`arc2face-export build-engines --out {self.engines_dir}`" if section == "plans" and
+                       name in self.manifest.get("stages", {}) else "an export of a model folder with controlnet/ "
+                       f"(`arc2face-export onnx --model-dir MODEL --out {self.engines_dir} --force`)")
+                raise EngineMismatchError(f"{self.engines_dir}: has no ControlNet step graph '{name}' for "
+                                          f"--control-image; write it with {how}")
             if name not in self.manifest[section]:
                 raise EngineMismatchError(f"{self.engines_dir}: no '{name}' stage; re-export the folder "
                                           f"(`arc2face-export onnx --out {self.engines_dir} --force`)")
@@ -206,8 +228,7 @@ class Arc2FacePipeline:
                 sess = self.openvino.open(name)
             else:
                 from .backends.ort import open_session as open_ort   # "on GPU": what ORT reports
-                sess = open_ort(self._stage_path(section, name), device=self.device,
-                                step=name in (STEP.name, STEP_CFG.name))
+                sess = open_ort(self._stage_path(section, name), device=self.device, step=name in STEP_STAGES)
             self._check_io(name, sess)
             self._sessions[name] = sess
         return self._sessions[name]
@@ -215,7 +236,7 @@ class Arc2FacePipeline:
     def _check_io(self, name: str, sess) -> None:
         """The graph loaded for a stage must have that stage's inputs and outputs (a manifest whose
         records were swapped would otherwise feed latents to the projector)."""
-        spec = STAGES[name]
+        spec = ALL_STAGES[name]
         want = (sorted(t.name for t in spec.inputs), sorted(t.name for t in spec.outputs))
         got = (sorted(sess.input_names), sorted(sess.output_names))
         if got != want:
@@ -228,11 +249,11 @@ class Arc2FacePipeline:
         """The file the manifest records for a stage (the one that was verified), inside the folder."""
         return resolve_inside(self.engines_dir, stage_file(self.manifest[section][name]))
 
-    def _trt_generator(self, cfg: bool):
+    def _trt_generator(self, cfg: bool, control: bool = False):
         """TensorRT: projector, loop and decoder of a batch on one stream with one host sync; else None."""
         if self.backend != "trt":
             return None
-        name = STEP_CFG.name if cfg else STEP.name
+        name = step_stage(cfg, control)
         if name not in self._trt_generators:
             from .backends.trt import TrtGenerator
             self._trt_generators[name] = TrtGenerator(self.session(PROJECTOR.name), self.session(name),
@@ -249,12 +270,13 @@ class Arc2FacePipeline:
                                       "scheduler/scheduler_config.json is valid") from None
         return make_schedule(name, steps, config)
 
-    def prepare(self, options: GenerationOptions) -> Schedule:
+    def prepare(self, options: GenerationOptions, control: bool = False) -> Schedule:
         """Check `options` against this folder and open every session a run with them needs, so that a
-        run fails before it has written anything (steps out of range, a step graph or backend missing)."""
+        run fails before it has written anything (steps out of range, a step graph or backend missing).
+        `control`: the run has a ControlNet condition image."""
         options.check()
         schedule = self.schedule(options.scheduler, options.steps)
-        for name in (PROJECTOR.name, STEP_CFG.name if options.guidance > 1.0 else STEP.name, VAE_DECODER.name):
+        for name in (PROJECTOR.name, step_stage(options.guidance > 1.0, control), VAE_DECODER.name):
             self.session(name)
         return schedule
 
@@ -265,19 +287,25 @@ class Arc2FacePipeline:
 
     def denoise(self, cond: np.ndarray, x: np.ndarray, schedule: Schedule, guidance: float,
                 noise: np.ndarray | None = None, on_step: Callable[[int], None] | None = None,
-                trajectory: list | None = None) -> np.ndarray:
-        """cond [B, 77, 768], x [B, 4, 64, 64], noise [N, B, 4, 64, 64] or None -> final latents."""
+                trajectory: list | None = None, control: np.ndarray | None = None,
+                control_scale: float = 1.0) -> np.ndarray:
+        """cond [B, 77, 768], x [B, 4, 64, 64], noise [N, B, 4, 64, 64] or None, control [B, 3, 512, 512]
+        in [0, 1] or None (ControlNet step graphs) -> final latents."""
         cfg = guidance > 1.0
-        sess = self.session(STEP_CFG.name if cfg else STEP.name)
+        sess = self.session(step_stage(cfg, control is not None))
         table = schedule.table(np.float32)
+        extra = {}
+        if control is not None:
+            extra = {"control": np.ascontiguousarray(control, np.float32),
+                     "control_scale": np.array([control_scale], np.float32)}
         if hasattr(sess, "denoise_loop") and trajectory is None:
-            out = sess.denoise_loop(x, cond, table, guidance if cfg else None, noise)
+            out = sess.denoise_loop(x, cond, table, guidance if cfg else None, noise, **extra)
             if on_step:
                 on_step(schedule.steps)
             return out
         m = np.zeros_like(x)
         zeros = m
-        feeds = {"cond": cond}
+        feeds = {"cond": cond, **extra}
         if cfg:
             feeds["guidance"] = np.array([guidance], np.float32)
         for k in range(schedule.steps):
@@ -297,10 +325,11 @@ class Arc2FacePipeline:
     # ---- the whole thing ----------------------------------------------------------------------
     def generate(self, identity: np.ndarray, num_images: int = 1, options: GenerationOptions = GenerationOptions(),
                  on_step: Callable[[int], None] | None = None, first_index: int = 0,
-                 indices: Sequence[int] | None = None) -> GenerationResult:
+                 indices: Sequence[int] | None = None, control: Control | None = None) -> GenerationResult:
         """Images of one identity ([512] ArcFace features, any norm): indices `first_index` ..
         `first_index + num_images - 1`, or exactly `indices`. Image i depends only on (identity,
-        options, i), never on the batch size or on which other images are made with it."""
+        options, i, its control image), never on the batch size or on which other images are made with it.
+        `control`: a pose condition (ControlNet step graphs), one image for all or one per index."""
         options.check()
         if indices is None:
             if num_images < 1:
@@ -310,10 +339,12 @@ class Arc2FacePipeline:
         if not indices or min(indices) < 0:
             raise InvalidInputError(f"image indices must be a non-empty list of numbers >= 0 (got {indices[:4]})")
         identity = normalize_identity(identity)
+        if control is not None:
+            control.check_indices(indices)
         schedule = self.schedule(options.scheduler, options.steps)
         t = {"project": 0.0, "denoise": 0.0, "decode": 0.0}
         t_all = time.perf_counter()
-        gen = self._trt_generator(options.guidance > 1.0)
+        gen = self._trt_generator(options.guidance > 1.0, control is not None)
         cond1 = None
         if gen is None:
             t0 = time.perf_counter()
@@ -325,33 +356,40 @@ class Arc2FacePipeline:
             draws = [image_noise(options.seed, i, schedule) for i in idx]
             x = np.stack([d[0] for d in draws])
             noise = np.stack([d[1] for d in draws], axis=1) if schedule.uses_noise else None
-            imgs, seconds = self._batch(gen, identity, cond1, x, noise, schedule, options.guidance, on_step)
+            ctrl = None if control is None else (control.batch(idx), control.scale)
+            imgs, seconds = self._batch(gen, identity, cond1, x, noise, schedule, options.guidance, on_step, ctrl)
             images.append(imgs)
             for k, v in seconds.items():
                 t[k] += v
-            params += [self.image_params(options, i, identity) for i in idx]
+            params += [self.image_params(options, i, identity, control) for i in idx]
         t["total"] = time.perf_counter() - t_all
         return GenerationResult(np.concatenate(images), params, t)
 
-    def _batch(self, gen, identity, cond1, x, noise, schedule: Schedule, guidance: float, on_step) -> tuple:
+    def _batch(self, gen, identity, cond1, x, noise, schedule: Schedule, guidance: float, on_step,
+               control: tuple | None = None) -> tuple:
         """Images of one batch and the seconds of its stages: TensorRT runs the batch on one stream with
-        one host sync (stage times from CUDA events); otherwise denoise and decode with host arrays."""
+        one host sync (stage times from CUDA events); otherwise denoise and decode with host arrays.
+        `control`: (images [B, 3, 512, 512], scale) or None."""
+        extra = {} if control is None else {"control": control[0], "control_scale": control[1]}
         if gen is not None:
             imgs, seconds = gen.generate(identity, x, schedule.table(np.float32),
-                                         guidance if guidance > 1.0 else None, noise)
+                                         guidance if guidance > 1.0 else None, noise, **extra)
             if on_step:
                 on_step(schedule.steps)
             return imgs, seconds
         t0 = time.perf_counter()
-        lat = self.denoise(np.repeat(cond1, len(x), axis=0), x, schedule, guidance, noise, on_step=on_step)
+        lat = self.denoise(np.repeat(cond1, len(x), axis=0), x, schedule, guidance, noise, on_step=on_step, **extra)
         t1 = time.perf_counter()
         imgs = self.decode(lat)
         return imgs, {"denoise": t1 - t0, "decode": time.perf_counter() - t1}
 
-    def image_params(self, options: GenerationOptions, index: int, identity: np.ndarray) -> dict:
-        """What image `index` records in its PNG: everything it is a function of. The identity appears
-        only as a 64-bit fingerprint (which cannot be turned back into the embedding)."""
+    def image_params(self, options: GenerationOptions, index: int, identity: np.ndarray,
+                     control: Control | None = None) -> dict:
+        """What image `index` records in its PNG: everything it is a function of. The identity (and a
+        control image) appears only as a 64-bit fingerprint (which cannot be turned back into it)."""
         p = asdict(options)
+        if control is not None:
+            p.update(control.params(index))
         p.pop("batch_size")
         p.update(index=index, identity=identity_fingerprint(identity), backend=self.backend,
                  precision=self.precision, engines=self.engine_id, arc2face_rt=__version__)

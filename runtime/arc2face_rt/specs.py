@@ -82,6 +82,10 @@ def _step_inputs(cfg: bool) -> tuple[TensorSpec, ...]:
 
 
 _STEP_OUTPUTS = (TensorSpec("x_out", "float32", _LATENT), TensorSpec("m0", "float32", _LATENT))
+# ControlNet (pose): the condition image as diffusers' StableDiffusionControlNetPipeline feeds it
+# (RGB, resized to 512x512, values in [0, 1], NCHW) and its scale (controlnet_conditioning_scale).
+_CONTROL_INPUTS = (TensorSpec("control", "float32", ("B", 3, IMAGE_SIZE, IMAGE_SIZE)),
+                   TensorSpec("control_scale", "float32", (1,)))
 
 PROJECTOR = StageSpec(
     name="projector",
@@ -101,7 +105,29 @@ VAE_DECODER = StageSpec(
     tolerance={"fp32": 1, "fp16": 3},
 )
 
+# The step graphs with the ControlNet inside: it runs on the same (CFG) batch, latent input and text
+# condition as the UNet, and its residuals times control_scale are added inside the UNet.
+STEP_CFG_CONTROL = StageSpec("step_cfg_control", _step_inputs(cfg=True) + _CONTROL_INPUTS, _STEP_OUTPUTS,
+                             {"fp32": 1e-4, "fp16": 2e-2})
+STEP_CONTROL = StageSpec("step_control", _step_inputs(cfg=False) + _CONTROL_INPUTS, _STEP_OUTPUTS,
+                         {"fp32": 1e-4, "fp16": 2e-2})
+
 GENERATION_STAGES = (PROJECTOR, STEP_CFG, STEP, VAE_DECODER)
-STAGES = {s.name: s for s in GENERATION_STAGES}
+STAGES = {s.name: s for s in GENERATION_STAGES}          # what every export has
+CONTROL_STAGES = {s.name: s for s in (STEP_CFG_CONTROL, STEP_CONTROL)}   # exported when the model has controlnet/
+ALL_STAGES = {**STAGES, **CONTROL_STAGES}
+STEP_STAGES = (STEP_CFG.name, STEP.name, STEP_CFG_CONTROL.name, STEP_CONTROL.name)
 # Stages that run at the generation batch (--batch images per call); the projector runs once per identity.
-PER_IMAGE_STAGES = (STEP_CFG.name, STEP.name, VAE_DECODER.name)
+PER_IMAGE_STAGES = (STEP_CFG.name, STEP.name, VAE_DECODER.name, STEP_CFG_CONTROL.name, STEP_CONTROL.name)
+
+
+def step_stage(cfg: bool, control: bool) -> str:
+    """The step graph a run uses: with CFG or not, with the ControlNet or not."""
+    return {(True, False): STEP_CFG.name, (False, False): STEP.name,
+            (True, True): STEP_CFG_CONTROL.name, (False, True): STEP_CONTROL.name}[(cfg, control)]
+
+
+# An engines folder exported with an LCM-LoRA fused in (manifest "lora") generates with these unless
+# the options say otherwise: the official LCM-LoRA usage (LCMScheduler, 2-4 steps, guidance 1).
+LCM_LORA_DEFAULTS = {"scheduler": "lcm", "steps": 4, "guidance": 1.0}
+DEFAULT_CONTROL_SCALE = 1.0     # diffusers' controlnet_conditioning_scale default

@@ -4,7 +4,8 @@
     x0 = sess.denoise_loop(x, cond, table, guidance=3.0)
 
 Per batch size the session keeps fixed-address tensors bound once through I/O binding (x, m_prev,
-noise, cond, coeffs, guidance in; x_out, m0 out), which is what ONNX Runtime's CUDA graphs need
+noise, cond, coeffs, guidance, and for the ControlNet step graphs control and control_scale in;
+x_out, m0 out), which is what ONNX Runtime's CUDA graphs need
 (`enable_cuda_graph`: the first runs of a graph id capture the step, later runs replay it; each batch
 size has its own id). Between steps only the CONTENTS of those tensors change, by device-to-device
 copies on the stream ONNX Runtime computes on (`user_compute_stream`): row k of the coefficient table
@@ -159,7 +160,8 @@ class OrtStepSession(OrtSession):
         self.cuda_graph = self.on_gpu and opts.cuda_graph
         self.device_type = "cuda" if self.on_gpu else "cpu"
         self.cfg = "guidance" in self.input_names
-        self._spec = specs.STEP_CFG if self.cfg else specs.STEP
+        self.control = "control" in self.input_names
+        self._spec = specs.ALL_STAGES[specs.step_stage(self.cfg, self.control)]
         self._copies = _DeviceCopies(stream) if self.on_gpu else _HostCopies()
         self._bound: dict[int, _Bound] = {}
         self._run_opts: dict[int, object] = {}
@@ -180,15 +182,22 @@ class OrtStepSession(OrtSession):
         return self._bound[batch], self._run_opts[batch]
 
     def denoise_loop(self, x: np.ndarray, cond: np.ndarray, table: np.ndarray, guidance: float | None = None,
-                     noise: np.ndarray | None = None) -> np.ndarray:
-        """x [B,4,64,64], cond [B,77,768], table [N,8], noise [N,B,4,64,64] or None -> final latents."""
+                     noise: np.ndarray | None = None, control: np.ndarray | None = None,
+                     control_scale: float = 1.0) -> np.ndarray:
+        """x [B,4,64,64], cond [B,77,768], table [N,8], noise [N,B,4,64,64] or None, control [B,3,512,512]
+        (ControlNet step graphs) or None -> final latents."""
         if self.cfg != (guidance is not None):
             raise InvalidInputError(f"{self.path.name}: guidance must be {'given' if self.cfg else 'None'} for this graph")
+        if self.control != (control is not None):
+            raise InvalidInputError(f"{self.path.name}: a control image must be {'given' if self.control else 'None'} "
+                                    "for this graph")
         x = np.ascontiguousarray(x, np.float32)
         table = np.ascontiguousarray(table, np.float32)
         batch, steps = x.shape[0], table.shape[0]
         if x.shape != self._spec.input("x").concrete(batch) or table.ndim != 2 or table.shape[1] != 8:
             raise InvalidInputError(f"x {x.shape} / table {table.shape} are not [B,4,64,64] / [N,8]")
+        if self.control and np.shape(control) != self._spec.input("control").concrete(batch):
+            raise InvalidInputError(f"control {np.shape(control)} is not {self._spec.input('control').concrete(batch)}")
         b, ro = self._state(batch)
         c, lat = self._copies, x.nbytes
         c.upload(b.ptr("x"), x)
@@ -196,6 +205,9 @@ class OrtStepSession(OrtSession):
         c.zero(b.ptr("m_prev"), lat)
         if self.cfg:
             c.upload(b.ptr("guidance"), np.array([guidance], np.float32))
+        if self.control:      # fixed for the whole loop, like cond
+            c.upload(b.ptr("control"), np.ascontiguousarray(control, np.float32))
+            c.upload(b.ptr("control_scale"), np.array([control_scale], np.float32))
         row = table[0].nbytes
         d_table = b.source("table", table.shape)
         c.upload(d_table, table)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...specs import STEP_STAGES   # step_cfg, step and their ControlNet variants
 from .plan import import_trt, is_rtx, library_info, unusable_reason
 from .session import SharedDeviceMemory, TrtSession
 from .step import TrtStepSession
@@ -19,8 +20,6 @@ from .generator import TrtGenerator
 
 __all__ = ["SharedDeviceMemory", "TrtGenerator", "TrtSession", "TrtStepSession", "import_trt", "is_rtx", "library_info",
            "open_session", "open_sessions", "unusable_reason"]
-
-STEP_STAGES = ("step_cfg", "step")
 
 
 def open_session(plan_path: str | Path, memory: SharedDeviceMemory | None = None, **kw) -> TrtSession:

@@ -47,12 +47,15 @@ class TrtGenerator:
         return buf.ptr
 
     def generate(self, identity: np.ndarray, x: np.ndarray, table: np.ndarray, guidance: float | None,
-                 noise: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
-        """identity [512] (unit), x [B,4,64,64], table [N,8], noise [N,B,4,64,64] or None -> images, seconds."""
+                 noise: np.ndarray | None = None, control: np.ndarray | None = None,
+                 control_scale: float = 1.0) -> tuple[np.ndarray, dict]:
+        """identity [512] (unit), x [B,4,64,64], table [N,8], noise [N,B,4,64,64] or None, control
+        [B,3,512,512] (ControlNet step plans: one more fixed device buffer of the loop) or None -> images, seconds."""
         step, stream = self.step, self.step.loop_stream
         batch, steps = x.shape[0], table.shape[0]
         if step.cfg != (guidance is not None):
             raise ValueError(f"{step.path.name}: guidance must be {'given' if step.cfg else 'None'}")
+        ctrl = step.control_inputs(batch, control, control_scale)
         st = step.loop_state(batch, steps, noise is not None)
         if not self._events:
             self._events = [cuda.Event() for _ in range(4)]
@@ -71,6 +74,10 @@ class TrtGenerator:
         if guidance is not None:
             h_g = self._pinned("guidance", np.float32, (1,))
             h_g[0] = guidance
+        for name, arr in ctrl.items():          # pinned, so the copies are asynchronous like the others
+            h = self._pinned(name, np.float32, arr.shape)
+            h[...] = arr
+            ctrl[name] = h
         h_img = self._pinned("image", np.uint8, self.decoder.shape("image", batch))
         cond_bytes = self.projector.nbytes("cond", 1)
         d_id = self._buffer("id", self.projector.nbytes("id", 1))
@@ -84,7 +91,7 @@ class TrtGenerator:
         ev[1].record(stream)
         for i in range(batch):
             cuda.copy_device(st.bufs["cond"].ptr + i * cond_bytes, d_cond, cond_bytes, stream)
-        step.upload_inputs(st, stream, x=h_x, table=h_table, noise=h_noise, guidance=h_g)
+        step.upload_inputs(st, stream, x=h_x, table=h_table, noise=h_noise, guidance=h_g, **ctrl)
         step.enqueue_loop(st, stream)
         ev[2].record(stream)
         self.decoder.enqueue({"latents": step.output_ptr(st), "image": d_img}, stream, batch=batch)

@@ -7,6 +7,7 @@ The device-level API, for callers that keep everything on one stream (the pipeli
 
     st = step.loop_state(batch, steps, with_noise)        # its buffers (and graph), kept per signature
     step.upload_inputs(st, stream, x=..., table=step.padded_table(t), ...)   # or fill st.bufs on the device
+                                                          # (control plans: control=, control_scale= too)
     step.enqueue_loop(st, stream)                         # replay (or warm up, capture, replay)
     step.output_ptr(st)                                   # final latents, ready when the stream is
 """
@@ -31,7 +32,8 @@ class LoopState:
 
     x0/x1 and m0/m1 are the ping-pong pairs; `table` holds the N coefficient rows, each padded to
     `TrtStepSession.row_bytes` (a multiple of 256: TensorRT wants aligned tensor addresses); `noise`
-    holds N latents (or one zeroed latent for samplers without noise)."""
+    holds N latents (or one zeroed latent for samplers without noise). ControlNet step plans also have
+    `control` (the condition images) and `control_scale`: fixed device buffers, like `cond`."""
     batch: int
     steps: int
     with_noise: bool
@@ -69,6 +71,7 @@ class TrtStepSession(TrtSession):
             raise ValueError("mode is 'graph' or 'plain'")
         self.mode = mode
         self.cfg = "guidance" in self.input_names
+        self.control = "control" in self.input_names     # a ControlNet step plan (step_cfg_control / step_control)
         self.row_bytes = -(-self.nbytes("coeffs", 1) // ALIGN) * ALIGN
         self._loops: OrderedDict[tuple, LoopState] = OrderedDict()
         self._loop_stream: int | None = None
@@ -95,6 +98,9 @@ class TrtStepSession(TrtSession):
                  "table": steps * self.row_bytes, "noise": (steps if with_noise else 1) * lat}
         if self.cfg:
             sizes["guidance"] = self.nbytes("guidance", 1)
+        if self.control:
+            sizes["control"] = self.nbytes("control", batch)
+            sizes["control_scale"] = self.nbytes("control_scale", 1)
         bufs = {}
         try:
             for k, n in sizes.items():
@@ -114,13 +120,16 @@ class TrtStepSession(TrtSession):
         return out
 
     def upload_inputs(self, st: LoopState, stream: int, x=None, cond=None, table=None, noise=None,
-                      guidance=None) -> None:
+                      guidance=None, control=None, control_scale=None) -> None:
         """Enqueue host -> device copies of the given inputs (host arrays stay untouched until the
         stream has run them; pinned ones make the copies asynchronous). `table` is `padded_table`'s."""
         b = st.bufs
-        for name, arr in (("x0", x), ("cond", cond), ("table", table), ("noise", noise), ("guidance", guidance)):
+        for name, arr in (("x0", x), ("cond", cond), ("table", table), ("noise", noise), ("guidance", guidance),
+                          ("control", control), ("control_scale", control_scale)):
             if arr is None:
                 continue
+            if name not in b:
+                raise InvalidInputError(f"{self.path.name}: has no '{name}' input")
             if name == "noise" and not st.with_noise:
                 raise InvalidInputError(f"{self.path.name}: noise given to a loop set up without noise")
             if arr.nbytes != b[name].nbytes:
@@ -142,6 +151,8 @@ class TrtStepSession(TrtSession):
                "noise": b["noise"].ptr + (k * lat if st.with_noise else 0)}
         if self.cfg:
             out["guidance"] = b["guidance"].ptr
+        if self.control:
+            out["control"], out["control_scale"] = b["control"].ptr, b["control_scale"].ptr
         return out
 
     def _zero_state(self, st: LoopState, stream: int) -> None:
@@ -201,11 +212,13 @@ class TrtStepSession(TrtSession):
         log.debug("%s: captured %d steps (batch %d) in one CUDA graph", self.path.name, st.steps, st.batch)
 
     def denoise_loop(self, x: np.ndarray, cond: np.ndarray, table: np.ndarray, guidance: float | None = None,
-                     noise: np.ndarray | None = None) -> np.ndarray:
+                     noise: np.ndarray | None = None, control: np.ndarray | None = None,
+                     control_scale: float = 1.0) -> np.ndarray:
         """Run all N steps; return the final latents. One host synchronisation (two at a capture).
 
         x: [B,4,64,64] f32 initial latents; cond: [B,77,768] f32; table: [N,8] f32 per-step coefficients;
-        guidance: CFG scale (step_cfg plans) or None (step plans); noise: [N,B,4,64,64] f32 or None.
+        guidance: CFG scale (step_cfg plans) or None (step plans); noise: [N,B,4,64,64] f32 or None;
+        control: [B,3,512,512] f32 in [0, 1] (ControlNet step plans) or None, with its control_scale.
         """
         x = np.ascontiguousarray(x, np.float32)
         cond = np.ascontiguousarray(cond, np.float32)
@@ -222,16 +235,30 @@ class TrtStepSession(TrtSession):
             noise = np.ascontiguousarray(noise, np.float32)
             if noise.shape != (steps,) + x.shape:
                 raise InvalidInputError(f"noise must be {(steps,) + x.shape}, got {noise.shape}")
+        ctrl = self.control_inputs(batch, control, control_scale)
         st = self.loop_state(batch, steps, noise is not None)
         stream = self.loop_stream
         g = np.array([guidance], np.float32) if self.cfg else None
-        self.upload_inputs(st, stream, x=x, cond=cond, table=self.padded_table(table), noise=noise, guidance=g)
+        self.upload_inputs(st, stream, x=x, cond=cond, table=self.padded_table(table), noise=noise, guidance=g,
+                           **ctrl)
         self.enqueue_loop(st, stream)
         out = np.empty_like(x)
         cuda.download(out, self.output_ptr(st), stream)
         cuda.synchronize(stream)        # the one host synchronisation of the loop
         self.mark_warm()
         return out
+
+    def control_inputs(self, batch: int, control, control_scale: float) -> dict:
+        """{control, control_scale} host arrays for `upload_inputs` (checked), or {} for plans without them."""
+        if self.control != (control is not None):
+            raise InvalidInputError(f"{self.path.name}: a control image must be {'given' if self.control else 'None'} "
+                                    "for this plan")
+        if control is None:
+            return {}
+        control = np.ascontiguousarray(control, np.float32)
+        if control.shape != self.shape("control", batch):
+            raise InvalidInputError(f"control {control.shape} does not match {self.shape('control', batch)}")
+        return {"control": control, "control_scale": np.array([control_scale], np.float32)}
 
     def _free_state(self, st: LoopState) -> None:
         if st.graph is not None:
