@@ -8,7 +8,7 @@ step_cfg, 1 for step) with that graph in place of the stage, so calibration sees
 late, clean latents in the proportion generation does. Recorded step inputs (`--calib-data`) are
 an alternative source.
 
-Per sample and tensor `Stats` keeps max|x|, a percentile of |x| (over at most 2^20 evenly strided
+Per sample and tensor `Stats` keeps max|x|, a percentile of |x| (over at most 2^18 evenly strided
 elements: a full sort of every activation at every step would dominate calibration) and, for the
 inputs of MatMuls (SmoothQuant), max|x| per channel of the last axis. Over samples each is reduced
 by its maximum.
@@ -27,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 log = logging.getLogger(__name__)
 
 CALIB_METHODS = ("max", "percentile")
-_PERCENTILE_ELEMENTS = 1 << 20
+_PERCENTILE_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)

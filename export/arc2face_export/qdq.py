@@ -231,8 +231,12 @@ def insert_qdq(model: onnx.ModelProto, p: Placement, stats, precision: str, alph
         out = qdq(src, tag, amax, dtype, first)
         for n in group:
             n.input[0] = out
+    dq_of: dict[str, str] = {}
     for n in (nodes[name] for name in p.quantized):   # weights: stored quantised, DQ before use
         w_name = n.input[1]
+        if w_name in dq_of:                            # a weight shared by several layers: one DQ
+            n.input[1] = dq_of[w_name]
+            continue
         axis = _weight_axis(n) if precision == "int8" else None
         q, scale = quantize_weight(numpy_helper.to_array(inits[w_name]), axis, precision)
         dtype = inits[w_name].data_type
@@ -243,7 +247,7 @@ def insert_qdq(model: onnx.ModelProto, p: Placement, stats, precision: str, alph
         kw = {"axis": axis} if axis is not None else {}
         new_nodes[n.name].append(helper.make_node("DequantizeLinear", [qn, s, z], [f"{w_name}_dq"],
                                                   name=f"{w_name}_DQ", **kw))
-        n.input[1] = f"{w_name}_dq"
+        n.input[1] = dq_of[w_name] = f"{w_name}_dq"
     for k, (add, t) in enumerate(sorted(p.residuals.items())):
         n = nodes[add]
         dtype = next(conv_dtype[i] for i in n.input if i in conv_dtype)

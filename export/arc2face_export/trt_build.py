@@ -64,6 +64,7 @@ class BuildOptions:
     compute_capability: str = "auto"             # "auto" | "current" | "8.6,8.9" (TensorRT-RTX only)
     timing_cache: bool = True                    # keep <out>/timing.cache (full TensorRT only)
     workspace_mib: int | None = None             # workspace pool limit; None: the library's default
+    detailed_profile: bool = False               # layer precisions in the engine inspector (benchmarks)
 
 
 def parse_batch(text: str) -> tuple[int, int, int]:
@@ -269,6 +270,8 @@ def build_plan(onnx_path: str | Path, plan_path: str | Path, spec, options: Buil
     if options.workspace_mib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
     _apply_compute_capabilities(trt, config, ccs)
+    if options.detailed_profile:
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in _profile_shapes(spec, batch).items():
         profile.set_shape(name, lo, opt, hi)
@@ -315,7 +318,8 @@ def _build_record(batch, opt_from: str, options: BuildOptions, precision: str, t
     return {"precision": precision, "strongly_typed": True, "profile": {"min": batch[0], "opt": batch[1], "max": batch[2]},
             "opt_batch_from": opt_from,
             "opt_level": options.opt_level, "workspace_mib": options.workspace_mib,
-            "timing_cache": bool(options.timing_cache and not is_rtx(trt))}
+            "timing_cache": bool(options.timing_cache and not is_rtx(trt)),
+            **({"detailed_profile": True} if options.detailed_profile else {})}
 
 
 def plan_is_current(engines_dir: Path, record: dict | None, key: str) -> bool:
