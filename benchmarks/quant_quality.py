@@ -16,8 +16,9 @@ installed it also builds the fp16, int8 and FP8 step_cfg plans and reports build
 On random weights these measure how far quantisation moves the computation, not how faces look.
 
 Full size: torch's fp16 export of the full UNet is very slow on a CPU, so the fp16 step graph is the
-fp32 export converted with onnxconverter-common (the UNet's nodes only: the latent update stays fp32,
-as our fp16 export keeps it), in a cache folder next to the fp32 projector and VAE decoder.
+fp32 export converted with onnxconverter-common (the UNet's nodes only: the latent update, CFG and the
+sinusoidal time projection stay fp32, as our fp16 export keeps them), in a cache folder next to the
+fp32 projector and VAE decoder.
 """
 from __future__ import annotations
 
@@ -66,8 +67,11 @@ def fp16_from_fp32(fp32_dir: Path, out: Path, say=print) -> Path:
         for rel in m["stages"][stage]["files"]:
             shutil.copyfile(fp32_dir / rel, tmp / rel)
     say(f"converting {fp32_dir}/step_cfg.onnx to fp16 (UNet nodes) with onnxconverter-common")
-    model = onnx.load(str(fp32_dir / "step_cfg.onnx"))
-    keep = [n.name for n in model.graph.node if not n.name.startswith("/unet/")]
+    # types from shape inference on the graph without its weights (a 3.4 GB proto cannot be inferred whole)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(fp32_dir / "step_cfg.onnx"), load_external_data=False))
+    onnx.external_data_helper.load_external_data_for_model(model, str(fp32_dir))
+    # fp32 where our torch fp16 export keeps it: the latent update / CFG and the sinusoidal time projection
+    keep = [n.name for n in model.graph.node if not n.name.startswith("/unet/") or n.name.startswith("/unet/time_proj/")]
     model = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
                                              disable_shape_infer=True)
     save_model(model, tmp / "step_cfg.onnx")
