@@ -103,6 +103,7 @@ def test_build_records_each_plan(tiny_engines, tmp_path):
         assert (engines / f"{name}.plan").stat().st_size == pytest.approx(p["plan_mb"] * 2**20, rel=0.05, abs=0.06 * 2**20)
 
 
+@pytest.mark.slow          # a tiny export, calibration, 3 variants x 3 steps and 3 plan builds: minutes on 2 cores
 def test_quant_quality_compares_against_fp16_on_the_same_seeds(tiny_model_dir, tmp_path):
     """`quant` quantises the tiny fp16 step graph to int8 and FP8 and reports how far the images move."""
     _bench("quant", "--model-dir", tiny_model_dir, "--engines", tmp_path / "fp16", "--identities", "1",

@@ -98,7 +98,7 @@ def widen_fp16_to_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     """Write `model`, with its weights in `<path>.data` when it is too large for one protobuf."""
-    if model.ByteSize() > (1 << 30):
+    if sum(t.ByteSize() for t in model.graph.initializer) > (1 << 30):   # the whole may exceed protobuf's 2 GiB
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)
     else:
