@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("build", help="TensorRT build time and plan sizes of an exported engines folder")
     r.add_argument("--size", choices=("tiny", "full"), default="full")
-    r.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16")
+    r.add_argument("--precision", choices=("fp32", "fp16", "int8", "fp8"), default="fp16")
     r.add_argument("--engines", type=Path, default=None,
                    help="engines folder (default <cache>/engines-<size>-<precision>, written by `export`)")
     r.add_argument("--opt-level", type=int, default=3, help="builder optimisation level (default 3)")

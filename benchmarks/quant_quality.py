@@ -168,6 +168,9 @@ def bench_quant(size: str = "tiny", precisions=("int8", "fp8"), identities: int 
                 ident = random_identity(100 + i)
                 got = {}
                 for name, twin in twins.items():
+                    old = pipe._sessions.pop("step_cfg", None)
+                    if old is not None:
+                        old.close()            # one full-size step graph in memory at a time
                     pipe._sessions["step_cfg"] = FakeQuantSession(twin)
                     t1 = time.perf_counter()
                     got[name] = _generate(pipe, ident, i, steps, guidance)
