@@ -149,3 +149,40 @@ def run_pipeline(engines_dir: Path, stage: str, session: ObservingSession, cal: 
             cond = pipe.project(random_identity(cal.seed + 1000 + i)[None])
             x = image_noise(cal.seed + i, 0, sched)[0][None]
             pipe.denoise(cond, x, sched, guidance)
+
+
+class _RecordingSession:
+    """Wraps a step session and keeps a copy of the feeds of the steps listed in `keep`."""
+
+    def __init__(self, sess, keep: set[int], out: list, steps: int):
+        self.sess, self.keep, self.out, self.steps, self.k = sess, keep, out, steps, 0
+        self.input_names, self.output_names = sess.input_names, sess.output_names
+
+    def run(self, feeds):
+        if self.k % self.steps in self.keep:
+            self.out.append({n: np.array(v, copy=True) for n, v in feeds.items()})
+        self.k += 1
+        return self.sess.run(feeds)
+
+    def close(self):
+        self.sess.close()
+
+
+def pipeline_calibration_feeds(engines_dir: str | Path, stage: str, identities: int = 8, steps: int = 25,
+                               per_run: int = 4, seed: int = 0, device: str = "auto") -> list[dict]:
+    """Step-graph inputs the pipeline itself produces, kept as arrays (the OpenVINO int8 path's NNCF
+    takes samples, not ranges): `identities` random identities, the default DPM-Solver++ schedule of
+    `steps` steps, inputs kept at `per_run` evenly spaced steps of each run. Runs with ONNX Runtime on
+    the folder's own graphs; guidance 3 for step_cfg, 1 for step."""
+    from arc2face_rt.pipeline import Arc2FacePipeline, GenerationOptions, random_identity
+
+    guidance = 3.0 if stage == "step_cfg" else 1.0
+    keep = {int(round(v)) for v in np.linspace(0, steps - 1, per_run)}
+    feeds: list[dict] = []
+    with Arc2FacePipeline(engines_dir, backend="ort", device=device) as pipe:
+        pipe._sessions[stage] = _RecordingSession(pipe.session(stage), keep, feeds, steps)
+        for i in range(identities):
+            log.info("calibration: %s, identity %d/%d (%d steps)", stage, i + 1, identities, steps)
+            pipe.generate(random_identity(seed + 1000 + i), 1,
+                          GenerationOptions(steps=steps, guidance=guidance, seed=seed + i, batch_size=1))
+    return feeds
