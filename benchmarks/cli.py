@@ -1,5 +1,5 @@
-"""`python -m benchmarks`: run | report | export | demo | build | int8 | cpu-precision | verify | gpu-check |
-wheels | control (and the internal `_row` child)."""
+"""`python -m benchmarks`: run | report | export | demo | build | int8 | quant | cpu-precision | verify |
+gpu-check | wheels | control (and the internal `_row` child)."""
 from __future__ import annotations
 
 import argparse
@@ -106,14 +106,18 @@ def cmd_build(args) -> int:
     return 0 if all(r["status"] == "ok" for r in res["runs"]) else 1
 
 
-def cmd_int8(args) -> int:
+def cmd_quant(args) -> int:
     from .export_bench import header, write_result
-    from .int8_quality import bench_int8
+    from .quant_quality import bench_quant
 
-    res = bench_int8(args.size, args.identities, args.steps, args.guidance, args.model_dir, args.engines,
-                     say=_say)
-    path = write_result({**header(), **res}, args.name or f"int8-{args.size}-{_stamp()}.json", Path(args.out))
-    _say(f"wrote {path}; medians: " + ", ".join(f"{k} {v:.4g}" for k, v in res["median"].items()))
+    precisions = tuple(p for p in args.precisions.split(",") if p)
+    res = bench_quant(args.size, precisions, args.identities, args.steps, args.guidance, args.calib_identities,
+                      args.model_dir, args.engines, args.fp32_engines, build=not args.no_build, say=_say)
+    path = write_result({**header(), **res}, args.name or f"quant-{args.size}-{_stamp()}.json", Path(args.out))
+    for p, r in res["precisions"].items():
+        _say(f"{p}: medians " + ", ".join(f"{k} {v:.4g}" for k, v in r["median"].items())
+             + f"; gates {'passed' if r['gates_passed'] else 'FAILED'}")
+    _say(f"wrote {path}")
     return 0
 
 
@@ -235,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("build", help="TensorRT build time and plan sizes of an exported engines folder")
     r.add_argument("--size", choices=("tiny", "full"), default="full")
-    r.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16")
+    r.add_argument("--precision", choices=("fp32", "fp16", "int8", "fp8"), default="fp16")
     r.add_argument("--engines", type=Path, default=None,
                    help="engines folder (default <cache>/engines-<size>-<precision>, written by `export`)")
     r.add_argument("--opt-level", type=int, default=3, help="builder optimisation level (default 3)")
@@ -244,17 +248,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--name", default=None)
     r.set_defaults(func=cmd_build)
 
-    r = sub.add_parser("int8", help="int8 vs fp16 step graph end to end: latent/image PSNR, ArcFace cosine")
+    r = sub.add_parser("quant", help="int8/FP8 vs fp16 step graph end to end (latent/image PSNR, ArcFace cosine, "
+                                     "gates), plus TensorRT build time and plan sizes")
     r.add_argument("--size", choices=("tiny", "full"), default="tiny")
-    r.add_argument("--identities", type=int, default=4)
+    r.add_argument("--precisions", default="int8,fp8", help="comma-separated: int8, fp8 (default both)")
+    r.add_argument("--identities", type=int, default=2, help="identities compared (default 2)")
+    r.add_argument("--calib-identities", type=int, default=2, help="K: calibration identities x all steps (default 2)")
     r.add_argument("--steps", type=int, default=25)
     r.add_argument("--guidance", type=float, default=3.0)
     r.add_argument("--model-dir", type=Path, default=None)
     r.add_argument("--engines", type=Path, default=None,
                    help="fp16 engines folder (default <cache>/engines-<size>-fp16, exported when missing)")
+    r.add_argument("--fp32-engines", type=Path, default=None,
+                   help="full size: convert this fp32 folder's step_cfg to fp16 with onnx tooling instead of "
+                        "exporting fp16 from torch (slow on a CPU)")
+    r.add_argument("--no-build", action="store_true", help="skip the TensorRT plan builds")
     r.add_argument("--out", type=Path, default=RESULTS)
     r.add_argument("--name", default=None)
-    r.set_defaults(func=cmd_int8)
+    r.set_defaults(func=cmd_quant)
 
     r = sub.add_parser("verify", help="cost of checking an engines folder's files against its manifest")
     r.add_argument("--engines", type=Path, required=True, help="engines folder (e.g. a full-size fp16 export)")
@@ -265,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("gpu-check", help="the whole first GPU session, in phases (see benchmarks/gpu_check.py)")
     r.add_argument("--out", type=Path, required=True, help="results and a work folder (kept between calls)")
-    r.add_argument("--phase", default="all", help="comma-separated: probe,tests,export,ort,row:diffusers,"
+    r.add_argument("--phase", default="all", help="comma-separated: probe,tests,export,ort,quant,row:diffusers,"
                    "row:torch-compile,row:ort,row:trt,report; or all, rows (default all)")
     r.add_argument("--wheels", type=Path, default=None, help="a folder from `benchmarks wheels` to install from first")
     r.add_argument("--copy-to", type=Path, default=None, help="also copy this call's result files here")

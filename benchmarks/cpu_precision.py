@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .export_bench import CACHE
-from .int8_quality import _face_models, _generate, _psnr
+from .quant_quality import _face_models, _generate, _psnr
 
 GATES = {"image_psnr_db": 30.0, "arcface_cosine": 0.95}
 

@@ -8,6 +8,9 @@
                 the simulated engine's capture/replay timing (benchmarks/gpu_sim.py)
     export      random-weight checkpoint of --size and its fp16 ONNX export (cached under DIR/work)
     ort         ONNX Runtime CUDA step loop at full size: CUDA graph on/off, prefer_nhwc; per-step time
+    quant       int8 / FP8 (cc >= 8.9) step_cfg plans vs fp16: build time, plan size, inspector layer
+                precisions, per-step time, latent drift (benchmarks/gpu_quant.py; skipped, pending,
+                where TensorRT cannot run, e.g. TensorRT-RTX on an H100)
     row:NAME    one harness row (diffusers, torch-compile, ort, trt) at --batches, --steps, --guidance
     report      merges the rows into one run JSON (harness schema) and its PNG chart, plus a summary
 
@@ -32,7 +35,7 @@ from pathlib import Path
 from . import env
 
 ROWS = ("diffusers", "torch-compile", "ort", "trt")
-PHASES = ("probe", "tests", "export", "ort") + tuple(f"row:{r}" for r in ROWS) + ("report",)
+PHASES = ("probe", "tests", "export", "ort", "quant") + tuple(f"row:{r}" for r in ROWS) + ("report",)
 ALIASES = {"all": PHASES, "rows": tuple(f"row:{r}" for r in ROWS)}
 
 
@@ -233,6 +236,13 @@ def phase_ort(opts: GpuCheckOptions, work: Path) -> dict:
                             batches=(1, 4), repeats=opts.repeats, device=opts.device)
 
 
+def phase_quant(opts: GpuCheckOptions, work: Path) -> dict:
+    from .gpu_quant import measure_quant_steps
+    ro = _run_options(opts, work)
+    return measure_quant_steps(Path(ro.cache_dir) / f"engines-{opts.size}-{ro.precision}", opts.steps, opts.guidance,
+                               batches=(1, 4), repeats=opts.repeats, device=opts.device, say=_say)
+
+
 def phase_row(opts: GpuCheckOptions, work: Path, backend: str) -> dict:
     """One harness row; the phase's status is the row's ("skipped" with its reason counts as done)."""
     from .harness import run
@@ -248,7 +258,7 @@ def phase_report(opts: GpuCheckOptions, work: Path, written: list) -> dict:
 
     docs = [json.loads((opts.out / f"row-{b}.json").read_text()) for b in ROWS if (opts.out / f"row-{b}.json").is_file()]
     summary = {"kind": "gpu-check", "created": env.now_utc(), "phases": {}}
-    for p in ("install", "probe", "tests", "export", "ort"):
+    for p in ("install", "probe", "tests", "export", "ort", "quant"):
         f = opts.out / f"{p}.json"
         if f.is_file():
             summary["phases"][p] = json.loads(f.read_text())

@@ -18,8 +18,8 @@ def load_results(results: Path) -> list[dict]:
             d = json.loads(p.read_text())
         except ValueError:
             continue
-        if isinstance(d, dict) and d.get("kind") in ("run", "export", "demo", "build", "int8", "verify", "cpu_precision",
-                                                        "control"):
+        if isinstance(d, dict) and d.get("kind") in ("run", "export", "demo", "build", "int8", "quant", "verify",
+                                                        "cpu_precision", "control"):
             d["_file"] = p.name
             out.append(d)
     return out
@@ -215,6 +215,31 @@ def int8_section(d: dict) -> list[str]:
     return lines + _table(["identity"] + keys, body) + [""]
 
 
+def quant_section(d: dict) -> list[str]:
+    lines = [f"## int8 / FP8 vs fp16 (TensorRT Q/DQ recipe) `{d['_file']}`", "",
+             f"**{d['size']}** model{' (random weights: these numbers measure computational drift, not face quality)' if d.get('random_weights') else ''}, "
+             f"{d['identities']} identities, {d['steps']} steps, guidance {d['guidance']}; {d['backend']}; reference: "
+             f"{d['reference']}; quantised in {_f(d['quantize_s'])} s; {_machine(d)}; {d['created']}, commit {_commit(d)}. "
+             "Gates on the medians: image PSNR >= 30 dB, ArcFace cosine >= 0.95.", ""]
+    keys = ("latent_psnr_db", "image_psnr_db", "image_max_abs", "arcface_cosine")
+    body = []
+    for prec, r in d["precisions"].items():
+        q = r["quantization"]
+        for row in r["rows"]:
+            body.append([prec, str(row["identity"])] + [_f(row.get(k), 4) for k in keys] + [""])
+        body.append([f"**{prec}**", "median"] + [f"**{_f(r['median'].get(k), 4)}**" for k in keys]
+                    + [f"{'passed' if r['gates_passed'] else 'FAILED'}; {q['quantized_layers']} layers, "
+                       f"{r['fp16_layers']} kept fp16, {q['calibration']['samples']} samples, {q['recipe']['method']}, "
+                       f"SmoothQuant {q['recipe']['smoothquant_alpha']}"])
+    lines += _table(["precision", "identity"] + list(keys) + ["gates / recipe"], body) + [""]
+    if d.get("plans"):
+        body = [[p, _f(v["build_s"]), _f(v["plan_mb"]), ",".join(v["compute_capabilities"]),
+                 f"{v['library']['name']} {v['library']['version']}"] for p, v in d["plans"].items()]
+        lines += ["step_cfg plans built here:", ""] + _table(["precision", "build s", "plan MiB", "targets", "library"],
+                                                            body) + [""]
+    return lines
+
+
 def cpu_precision_section(d: dict) -> list[str]:
     lines = [f"## OpenVINO precision vs fp32 `{d['_file']}`", "",
              f"**{d['size']}** model{' (random weights: these numbers measure computational drift, not face quality)' if d.get('random_weights') else ''}, "
@@ -293,8 +318,9 @@ def write_report(results: Path) -> tuple[Path, list[Path]]:
         lines += export_section(d)
     for d in sorted((d for d in docs if d["kind"] == "demo"), key=lambda d: d["created"], reverse=True):
         lines += demo_section(d)
-    for kind, section in (("build", build_section), ("int8", int8_section), ("verify", verify_section),
-                          ("cpu_precision", cpu_precision_section), ("control", control_section)):
+    for kind, section in (("build", build_section), ("int8", int8_section), ("quant", quant_section),
+                          ("verify", verify_section), ("cpu_precision", cpu_precision_section),
+                          ("control", control_section)):
         for d in sorted((d for d in docs if d["kind"] == kind), key=lambda d: d["created"], reverse=True):
             lines += section(d)
     md = results / "RESULTS.md"

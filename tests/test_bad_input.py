@@ -354,6 +354,12 @@ EXPORT_CASES = [
      ["build-engines", "--out", "{e}", "--precision", "fp32", "--face-models", "{t}/faces"], "neither face model"),
     ("build-other-precision", lambda t, m: None, ["build-engines", "--out", "{e}", "--precision", "fp16"],
      "holds fp32 graphs"),
+    ("build-fp8-for-ampere", lambda t, m: None,
+     ["build-engines", "--out", "{e}", "--precision", "fp8", "--compute-capability", "8.0,8.9"], "8.9 or newer"),
+    ("build-smoothquant-alpha-2", lambda t, m: None,
+     ["build-engines", "--out", "{e}", "--precision", "int8", "--smoothquant-alpha", "2"], "--smoothquant-alpha"),
+    ("build-calib-percentile-10", lambda t, m: None,
+     ["build-engines", "--out", "{e}", "--precision", "int8", "--calib-percentile", "10"], "--calib-percentile"),
 ]
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from arc2face_rt.errors import Arc2FaceError, EngineMismatchError, ImageDecodeError, InvalidInputError
 from arc2face_rt.face.image_io import ImageLimits, decode_image
-from arc2face_rt.manifest import check_manifest, load_manifest
+from arc2face_rt.manifest import QUANT_SECTIONS, check_manifest, load_manifest
 from arc2face_rt.npyio import read_npy
 from arc2face_rt.pipeline import load_identity
 
@@ -75,7 +75,7 @@ def test_manifest_mutated(good_manifest, tiny_engines, choice, value):
         return
     # accepted: every record the runtime reads must then be usable without a KeyError/TypeError
     from arc2face_rt.manifest import record_files, stage_file
-    for section in ("stages", "face_stages", "plans", "quantized"):
+    for section in ("stages", "face_stages", "plans", *QUANT_SECTIONS.values()):
         for rec in m.get(section, {}).values():
             files = record_files(rec)
             assert all(isinstance(r["bytes"], int) and isinstance(r["sha256"], str) for r in files.values())

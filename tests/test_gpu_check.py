@@ -95,7 +95,7 @@ def test_gpu_check_phases_write_their_json_without_a_gpu(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     out, copies = tmp_path / "gc", tmp_path / "copies"
     p = subprocess.run([sys.executable, "-m", "benchmarks", "gpu-check", "--out", str(out), "--copy-to", str(copies),
-                        "--size", "tiny", "--phase", "probe,row:trt,report"], cwd=REPO, env=env,
+                        "--size", "tiny", "--phase", "probe,quant,row:trt,report"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     probe = json.loads((out / "probe.json").read_text())
@@ -103,10 +103,12 @@ def test_gpu_check_phases_write_their_json_without_a_gpu(tmp_path):
     assert probe["tensorrt_unusable_reason"]                         # no GPU here: says why
     row = json.loads((out / "row-trt.json").read_text())["rows"][0]
     assert row["status"] == "skipped" and row["reason"]
+    quant = json.loads((out / "quant.json").read_text())         # int8/FP8 step rows: pending here
+    assert quant["status"] == "skipped" and quant["reason"].startswith("pending")
     summary = json.loads((out / "gpu-check-summary.json").read_text())
     assert summary["kind"] == "gpu-check" and "probe" in summary["phases"] and summary["run"].startswith("run-tiny-")
     assert sorted(f.name for f in copies.iterdir()) == sorted(
-        ["probe.json", "row-trt.json", "gpu-check-summary.json", summary["run"]])
+        ["probe.json", "quant.json", "row-trt.json", "gpu-check-summary.json", summary["run"]])
     bad = subprocess.run([sys.executable, "-m", "benchmarks", "gpu-check", "--out", str(out), "--phase", "nope"],
                          cwd=REPO, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown phase 'nope'" in bad.stderr

@@ -183,53 +183,42 @@ def test_explicit_compute_capability_is_keyed_and_recorded(tmp_path, count_build
     assert _manifest(d)["plans"]["step_cfg"]["key"] != rec["key"]
 
 
-def test_int8_qdq_step_graphs_build(tmp_path):
-    from arc2face_export import int8
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_qdq_step_graphs_build(tmp_path, precision):
+    from arc2face_export import quantize
 
     d = make_engines_dir(tmp_path / "e", "fp16", stages=("step_cfg", "step", "projector"))
     feeds = [random_feeds(specs.STEP_CFG, 2, seed=i) for i in range(6)]
     for stage in ("step_cfg", "step"):
-        rec = int8.quantize_stage(d, stage, feeds)
-        assert rec["quantize_nodes"] >= 1 and len(rec["nodes_excluded"]) >= 1
+        rec = quantize.quantize_stage(d, stage, [quantize.QuantRecipe(precision)], feeds=feeds)[precision]
+        assert rec["quantized_layers"] >= 3 and rec["calibration_samples"] == 6
         for out, loss in rec["loss_vs_source"].items():
             assert loss["rel_l2"] < 0.05 and loss["psnr_db"] > 30, (stage, out, loss)
-    m = trt_build.build_engines(d, precision="int8")
+    m = trt_build.build_engines(d, precision=precision)
     for stage in ("step_cfg", "step"):
         plan = m["plans"][stage]
-        assert plan["build"]["precision"] == "int8"
-        assert list(plan["onnx"]) == [int8.int8_onnx_file(stage)]
+        assert plan["build"]["precision"] == precision
+        assert list(plan["onnx"]) == [quantize.quant_onnx_file(stage, precision)]
         assert plan["io"] == trt_network.spec_io(specs.STAGES[stage])
-        _, net, _, _ = trt_network.parse_onnx(TRT, d / int8.int8_onnx_file(stage))
+        _, net, _, _ = trt_network.parse_onnx(TRT, d / quantize.quant_onnx_file(stage, precision))
         kinds = {net.get_layer(i).type.name for i in range(net.num_layers)}
         assert {"QUANTIZE", "DEQUANTIZE"} <= kinds          # explicit Q/DQ reached TensorRT
-    assert m["plans"]["projector"]["build"]["precision"] == "fp16"   # no int8 graph: the fp16 one
+    assert m["plans"]["projector"]["build"]["precision"] == "fp16"   # no quantised graph: the fp16 one
 
 
-def test_pipeline_produces_calibration_data(tiny_engines):
-    from arc2face_export import int8
-    from arc2face_rt.schedulers import make_schedule
-
-    feeds = int8.pipeline_calibration_feeds(tiny_engines, "step_cfg", identities=2, steps=4, per_run=2)
-    assert len(feeds) == 4                                   # 2 identities x 2 kept steps
-    table = make_schedule("dpmpp2m", 4).table()
-    np.testing.assert_array_equal(feeds[0]["coeffs"], table[0])
-    np.testing.assert_array_equal(feeds[1]["coeffs"], table[3])
-    assert not feeds[0]["m_prev"].any() and feeds[1]["m_prev"].any()   # first step, then a later one
-    assert feeds[0]["guidance"][0] == 3.0 and feeds[0]["cond"].shape == (1, 77, 768)
-    assert np.abs(feeds[0]["x"] - feeds[2]["x"]).max() > 0.1     # different identities/seeds
-
-
-def test_int8_from_recorded_calibration_data(tmp_path):
-    from arc2face_export import int8
+def test_quantized_from_recorded_calibration_data(tmp_path):
+    from arc2face_export import quantize
 
     d = make_engines_dir(tmp_path / "e", "fp16", stages=("step",))
     npz = tmp_path / "calib.npz"
     feeds = [random_feeds(specs.STEP, 1, seed=i) for i in range(3)]
     np.savez(npz, **{k: np.stack([f[k] for f in feeds]) for k in feeds[0]})
-    int8.ensure_int8_graphs(d, calib_path=npz)
+    recipe = quantize.QuantRecipe("int8")
+    quantize.ensure_quant_graphs(d, [recipe], calib_path=npz)
     m = _manifest(d)
     assert m["quantized"]["step"]["calibration_samples"] == 3
-    assert int8.int8_is_current(d, m, "step")
+    assert m["quantized"]["step"]["calibration"]["source"] == "recorded"
+    assert quantize.quant_is_current(d, m, "step", recipe, quantize.calib.Calibration(), recorded=True)
 
 
 @pytest.mark.parametrize("bad,words", [

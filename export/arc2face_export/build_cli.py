@@ -21,7 +21,7 @@ log = logging.getLogger("arc2face_export.trt_build")
 
 
 def _onnx_precision(precision: str) -> str:
-    return "fp32" if precision == "fp32" else "fp16"   # int8 quantises the fp16 graphs
+    return "fp32" if precision == "fp32" else "fp16"   # int8 and fp8 quantise the fp16 graphs
 
 
 def _needs_export(out: Path, onnx_precision: str, stages: list[str] | None) -> bool:
@@ -44,21 +44,24 @@ def cmd_build_engines(args) -> int:
     # the CLI's logging is at WARNING.
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
-    for name in (log.name, __package__ + ".int8"):
+    for name in (log.name, __package__ + ".quantize", __package__ + ".calib"):
         if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
             logging.getLogger(name).setLevel(logging.INFO)
     out = check_output_dir(args.out)
     # Refuse what cannot work before exporting or copying anything: the target GPUs, the face models.
-    resolve_compute_capabilities(import_trt(), args.compute_capability)
+    resolve_compute_capabilities(import_trt(), args.compute_capability, args.precision)
     if not args.no_face and args.face_models is not None:
         find_face_models(args.face_models, explicit=True)
-    if args.precision == "int8" and args.calib_data is not None:
-        from .int8 import INT8_STAGES, load_calibration
-        try:
-            have = set(mf.load_manifest(out).get("stages", {}))
-        except EngineMismatchError:             # exported below, with every stage
-            have = set(INT8_STAGES)
-        load_calibration(args.calib_data, [s for s in (args.stages or INT8_STAGES) if s in have])
+    quantized = args.precision in mf.QUANT_SECTIONS
+    if quantized:
+        from .quantize import QUANT_STAGES, QuantRecipe, load_calibration
+        recipe = QuantRecipe(args.precision, args.calib_method, args.smoothquant_alpha).resolved()
+        if args.calib_data is not None:
+            try:
+                have = set(mf.load_manifest(out).get("stages", {}))
+            except EngineMismatchError:             # exported below, with every stage
+                have = set(QUANT_STAGES)
+            load_calibration(args.calib_data, [s for s in (args.stages or QUANT_STAGES) if s in have])
     onnx_precision = _onnx_precision(args.precision)
     if _needs_export(out, onnx_precision, args.stages):
         if args.model_dir is None:
@@ -72,9 +75,11 @@ def cmd_build_engines(args) -> int:
     if not args.no_face:
         add_face_stages(out, args.face_models or args.model_dir, force=args.force,
                         explicit=args.face_models is not None)
-    if args.precision == "int8":
-        from .int8 import ensure_int8_graphs
-        ensure_int8_graphs(out, calib_path=args.calib_data, stages=args.stages)
+    if quantized:
+        from .calib import Calibration
+        from .quantize import ensure_quant_graphs
+        cal = Calibration(identities=args.calib_identities, steps=args.calib_steps, percentile=args.calib_percentile)
+        ensure_quant_graphs(out, [recipe], cal, calib_path=args.calib_data, stages=args.stages)
     options = BuildOptions(batch=args.batch, opt_batch=args.opt_batch, opt_level=args.opt_level, compute_capability=args.compute_capability,
                            timing_cache=not args.no_timing_cache, workspace_mib=args.workspace_mib)
     build_engines(out, stages=args.stages, precision=args.precision, options=options, force=args.force)
@@ -93,9 +98,10 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
                    help="folder with scrfd_10g_bnkps.onnx / arcface.onnx (default: --model-dir); each one found "
                         "becomes a 'detector' / 'arcface' stage and plan")
     p.add_argument("--no-face", action="store_true", help="do not add the face detector and recognizer stages")
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16",
-                   help="fp16 (default) / fp32 build from the graphs of that precision; int8 builds the step "
-                        "stages from Q/DQ-quantised graphs calibrated on step inputs the pipeline itself produces")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8", "fp8"), default="fp16",
+                   help="fp16 (default) / fp32 build from the graphs of that precision; int8 and fp8 (compute "
+                        "capability >= 8.9) build the step stages from Q/DQ graphs placed as NVIDIA's SD recipe "
+                        "places them, calibrated on the pipeline's own denoising steps")
     p.add_argument("--batch", type=parse_batch, default=None,
                    help="batch profile: MAX, MIN,OPT or MIN,OPT,MAX (e.g. 1,4,8: min 1, opt 4, max 8); "
                         "default: each stage spec's batch_range")
@@ -111,8 +117,20 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
                    help="workspace memory pool limit in MiB (default: the library's)")
     p.add_argument("--no-timing-cache", action="store_true", help="do not read/write <out>/timing.cache")
     p.add_argument("--calib-data", default=None, type=argtypes.path,
-                   help="int8: .npz of step-graph inputs (one array per input, leading axis = sample); "
-                        "default: record them by running this folder's graphs on 8 random identities")
+                   help="int8/fp8: .npz of step-graph inputs (one array per input, leading axis = sample); "
+                        "default: run this folder's pipeline on --calib-identities random identities")
+    p.add_argument("--calib-identities", type=argtypes.count(1, 4096, "a number of identities"), default=8,
+                   metavar="K", help="int8/fp8: calibrate on K random identities x every step (default 8)")
+    p.add_argument("--calib-steps", type=argtypes.count(1, 1000, "a number of steps"), default=25, metavar="N",
+                   help="int8/fp8: steps of the DPM-Solver++ schedule calibrated on: the one you serve (default 25)")
+    p.add_argument("--calib-method", choices=("max", "percentile"), default=None,
+                   help="int8/fp8: activation range per tensor: max |x| or a percentile of |x| over each step "
+                        "(default: percentile for int8, max for fp8)")
+    p.add_argument("--calib-percentile", type=argtypes.number(50.0, 100.0, "a percentile"), default=99.99, metavar="P",
+                   help="the percentile --calib-method percentile reads (default 99.99)")
+    p.add_argument("--smoothquant-alpha", type=argtypes.number(0.0, 1.0, "an alpha (0: off)"), default=None, metavar="A",
+                   help="SmoothQuant migration strength on the MatMul inputs, 0 turns it off (default: 0.8 for "
+                        "int8, 0 for fp8)")
     p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
                    help=f"stages to build (default: all in the manifest): {' '.join(specs.ALL_STAGES)} detector arcface")
     p.add_argument("--force", action="store_true", help="rebuild even when the plans are up to date")

@@ -3,11 +3,11 @@
 Tool: `nncf.quantize` on the OpenVINO model read from `<stage>.onnx` (model_type TRANSFORMER: NNCF's
 scheme for networks with attention; preset MIXED: symmetric per-channel int8 weights, asymmetric int8
 activations), calibrated on step-graph inputs the pipeline itself records
-(`int8.pipeline_calibration_feeds`: random identities, the default DPM-Solver++ schedule, inputs kept at
+(`calib.pipeline_calibration_feeds`: random identities, the default DPM-Solver++ schedule, inputs kept at
 evenly spaced steps, run by ONNX Runtime in fp32), as the GPU int8 path is.
 
 Kept in float (NNCF's ignored scope): the sensitive layers of the GPU int8 path (first and last
-convolution, time embedding, norms: `int8.SENSITIVE_NAME`), and every node computed from the
+convolution, time embedding, norms: `SENSITIVE_NAME`), and every node computed from the
 scheduler coefficients (the timestep sinusoid, s·x, the CFG mix and the scheduler update), so the
 scheduler arithmetic is never quantised.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -29,7 +30,11 @@ from arc2face_rt import manifest as mf
 from arc2face_rt.backends.openvino import INT8_KEY, OpenVinoSession, core, scheduler_subgraph
 from arc2face_rt.errors import InvalidInputError
 
-from .int8 import INT8_STAGES, SENSITIVE_NAME, pipeline_calibration_feeds
+from .calib import pipeline_calibration_feeds
+from .quantize import QUANT_STAGES as INT8_STAGES
+
+# Node-name patterns (diffusers UNet exported by torch.onnx) NNCF leaves in float, with the first and last Conv.
+SENSITIVE_NAME = re.compile(r"time_emb|time_proj|timestep|conv_in\b|conv_out\b|norm", re.IGNORECASE)
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ whose command line is build_cli.py).
 
 One code path for full TensorRT (`tensorrt`, 10.x/11.x) and TensorRT-RTX (`tensorrt_rtx`), written
 against the API both share. Both are built *strongly typed*: precision comes from the ONNX types (an
-fp16 graph gives an fp16 engine, Q/DQ nodes give int8), so there are no precision builder flags.
+fp16 graph gives an fp16 engine, Q/DQ nodes give int8 or FP8), so there are no precision builder flags.
 
 Each stage's `<stage>.onnx` becomes `<stage>.plan` in the same folder, with static shapes except the
 batch axis and one optimisation profile (min, opt, max batch). A plan is rebuilt only when its cache
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 PLAN_FORMAT = 1                       # bump when the plan record layout or the build recipe changes
 PORTABLE_RTX_CCS = ("8.0", "8.6", "8.9", "12.0")
+FP8_MIN_CC = (8, 9)
 # TensorRT reserves activation memory for a profile's largest batch: beyond this no GPU holds the step
 # graphs (and TensorRT-RTX builds, with only a warning, plans whose profile it cannot serve).
 MAX_BATCH = 256
@@ -63,6 +64,7 @@ class BuildOptions:
     compute_capability: str = "auto"             # "auto" | "current" | "8.6,8.9" (TensorRT-RTX only)
     timing_cache: bool = True                    # keep <out>/timing.cache (full TensorRT only)
     workspace_mib: int | None = None             # workspace pool limit; None: the library's default
+    detailed_profile: bool = False               # layer precisions in the engine inspector (benchmarks)
 
 
 def parse_batch(text: str) -> tuple[int, int, int]:
@@ -95,8 +97,29 @@ def parse_compute_capability(text: str) -> str:
 
 # ----------------------------------------------------------------------------- compute capability
 
-def resolve_compute_capabilities(trt, requested: str = "auto") -> tuple[str, ...]:
-    """The compute capabilities ('8.9', ...) a build targets; see the module docstring."""
+def resolve_compute_capabilities(trt, requested: str = "auto", precision: str | None = None) -> tuple[str, ...]:
+    """The compute capabilities ('8.9', ...) a build targets; see the module docstring. FP8 plans
+    need compute capability >= 8.9 (Ada, Hopper, Blackwell): "auto" without a GPU then targets the
+    portable set's FP8-capable members, and any older target is refused."""
+    ccs = _resolve_ccs(trt, requested)
+    if precision == "fp8":
+        if requested.strip().lower() == "auto" and cuda.device_count() == 0:
+            ccs = tuple(c for c in ccs if _cc_tuple(c) >= FP8_MIN_CC)
+        old = [c for c in ccs if _cc_tuple(c) < FP8_MIN_CC]
+        if old:
+            err = BackendUnavailableError if requested.strip().lower() in ("auto", "current") else InvalidInputError
+            raise err(f"--precision fp8 needs compute capability 8.9 or newer (Ada, Hopper, Blackwell), and the "
+                      f"target is {', '.join(old)}; use --precision int8 or fp16, or target e.g. "
+                      "--compute-capability 8.9,12.0")
+    return ccs
+
+
+def _cc_tuple(cc: str) -> tuple[int, int]:
+    major, minor = cc.split(".")
+    return int(major), int(minor)
+
+
+def _resolve_ccs(trt, requested: str) -> tuple[str, ...]:
     requested = requested.strip().lower()
     have_gpu = cuda.device_count() > 0
     if not is_rtx(trt):
@@ -232,7 +255,7 @@ def build_plan(onnx_path: str | Path, plan_path: str | Path, spec, options: Buil
     TensorSpec, batch_range). Writes `plan_path` atomically and returns its manifest record."""
     trt = trt or import_trt()
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
-    ccs = ccs or resolve_compute_capabilities(trt, options.compute_capability)
+    ccs = ccs or resolve_compute_capabilities(trt, options.compute_capability, precision)
     batch, opt_from = stage_profile(spec, options)
     library = library_info(trt)
     build = _build_record(batch, opt_from, options, precision, trt)
@@ -247,6 +270,8 @@ def build_plan(onnx_path: str | Path, plan_path: str | Path, spec, options: Buil
     if options.workspace_mib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
     _apply_compute_capabilities(trt, config, ccs)
+    if options.detailed_profile:
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in _profile_shapes(spec, batch).items():
         profile.set_shape(name, lo, opt, hi)
@@ -293,7 +318,8 @@ def _build_record(batch, opt_from: str, options: BuildOptions, precision: str, t
     return {"precision": precision, "strongly_typed": True, "profile": {"min": batch[0], "opt": batch[1], "max": batch[2]},
             "opt_batch_from": opt_from,
             "opt_level": options.opt_level, "workspace_mib": options.workspace_mib,
-            "timing_cache": bool(options.timing_cache and not is_rtx(trt))}
+            "timing_cache": bool(options.timing_cache and not is_rtx(trt)),
+            **({"detailed_profile": True} if options.detailed_profile else {})}
 
 
 def plan_is_current(engines_dir: Path, record: dict | None, key: str) -> bool:
@@ -309,8 +335,9 @@ def build_engines(engines_dir: str | Path, stages: list[str] | None = None, prec
     """Build (or keep) `<stage>.plan` for each stage of an engines folder; return the updated manifest.
 
     Plans take the precision of the folder's ONNX graphs (strongly typed); `precision` only matters
-    as "int8", which builds the step stages from their Q/DQ graphs `<stage>.int8.onnx` (written by
-    `arc2face_export.int8.quantize_stage`) and every other stage from the folder's fp16/fp32 ONNX.
+    as "int8" or "fp8", which build the step stages from their Q/DQ graphs `<stage>.<precision>.onnx`
+    (written by `arc2face_export.quantize.quantize_stage`) and every other stage from the folder's
+    fp16/fp32 ONNX.
     """
     engines_dir = Path(engines_dir)
     trt = import_trt()
@@ -322,7 +349,7 @@ def build_engines(engines_dir: str | Path, stages: list[str] | None = None, prec
     unknown = [s for s in names if s not in stage_specs]
     if unknown:
         raise InvalidInputError(f"unknown stage(s) {unknown}; this folder has: {', '.join(sorted(stage_specs))}")
-    ccs = resolve_compute_capabilities(trt, options.compute_capability)
+    ccs = resolve_compute_capabilities(trt, options.compute_capability, precision)
     library = library_info(trt)
     plans = m.setdefault("plans", {})
     tc_path = engines_dir / TIMING_CACHE if options.timing_cache else None
@@ -331,9 +358,9 @@ def build_engines(engines_dir: str | Path, stages: list[str] | None = None, prec
         onnx_file, stage_precision, record = spec.onnx_file, m.get("precision", "unknown"), recorded.get(name)
         if name in m.get("face_stages", {}):
             stage_precision = "fp32"     # the released graphs are fp32; strongly typed plans keep that
-        quant = m.get("quantized", {}).get(name)
-        if precision == "int8" and quant:
-            onnx_file, stage_precision, record = quant["file"], "int8", quant
+        quant = m.get(mf.QUANT_SECTIONS.get(precision, ""), {}).get(name)
+        if quant:
+            onnx_file, stage_precision, record = quant["file"], precision, quant
         if not (engines_dir / onnx_file).is_file():
             raise EngineMismatchError(f"{engines_dir / onnx_file}: missing; run `arc2face-export onnx` for this folder")
         onnx_sha = onnx_files_digest(engines_dir, onnx_file, record)

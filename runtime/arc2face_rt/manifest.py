@@ -12,6 +12,7 @@ Layout (format 1):
                         "validation": {"metric": str, "value": float, "tolerance": float}}},
       "face_stages": {"detector" | "arcface": {"files": {...}, "io": {...}, "batch_range": [lo, opt, hi], ...}},
       "quantized": {"step_cfg" | "step": {"file": ..., "files": {...}, ...}},   # int8 Q/DQ graphs
+      "quantized_fp8": {"step_cfg" | "step": {...}},                            # FP8 Q/DQ graphs, same layout
       "openvino_int8": {"step_cfg" | "step": {"file": ..., "files": {...}, "source": {...}, ...}},  # NNCF IR
       "plans": {name: {"file", "sha256", "bytes", "library", "build", ...}},    # TensorRT (build-engines)
       "lora": {"file": name, "sha256": hex, "bytes": n, "scale": float}         # a LoRA fused before export
@@ -39,7 +40,9 @@ MANIFEST = "manifest.json"
 FORMAT = "arc2face-rt-engines"
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 16 << 20
-PLAN_PRECISIONS = ("fp32", "fp16", "int8")
+PLAN_PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+# The Q/DQ step graphs of each quantised plan precision (arc2face_export.quantize).
+QUANT_SECTIONS = {"int8": "quantized", "fp8": "quantized_fp8"}
 FACE_STAGES = ("detector", "arcface")
 # Manifest sections whose records name files, and the stage names each may hold.
 FILE_SECTIONS = {
@@ -47,6 +50,7 @@ FILE_SECTIONS = {
     "face_stages": FACE_STAGES,
     "plans": tuple(ALL_STAGES) + FACE_STAGES,
     "quantized": (STEP_CFG.name, STEP.name),
+    "quantized_fp8": (STEP_CFG.name, STEP.name),
     "openvino_int8": (STEP_CFG.name, STEP.name),
 }
 _REEXPORT = "re-export the folder (`arc2face-export onnx --out {d} --force`, then build-engines if you use plans)"

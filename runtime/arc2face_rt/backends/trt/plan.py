@@ -102,7 +102,7 @@ def make_logger(trt, logger: logging.Logger = log):
 
 def rebuild_command(engines_dir: Path, record: dict | None = None, extra: str = "") -> str:
     precision = ((record or {}).get("build") or {}).get("precision")
-    prec = f" --precision {precision}" if precision in ("fp32", "fp16", "int8") else ""
+    prec = f" --precision {precision}" if precision in mf.PLAN_PRECISIONS else ""
     return f"`arc2face-export build-engines --out {engines_dir}{prec}{extra} --force`"
 
 

@@ -1,0 +1,188 @@
+"""Calibration for the Q/DQ step graphs: what each quantised tensor holds over the pipeline's own denoising.
+
+The statistics come from the step graph itself, widened to fp32 (`widen_fp16_to_fp32`: same ops, the
+fp16 weights exactly, fp32 arithmetic), with every tensor the placement quantises added as a graph
+output. The pipeline (ONNX Runtime, this folder's projector) runs K random identities through every
+step of the schedule the engines will serve (default: 25-step DPM-Solver++ at guidance 3 for
+step_cfg, 1 for step) with that graph in place of the stage, so calibration sees early, noisy and
+late, clean latents in the proportion generation does. Recorded step inputs (`--calib-data`) are
+an alternative source.
+
+Per sample and tensor `Stats` keeps max|x|, a percentile of |x| (over at most 2^18 evenly strided
+elements: a full sort of every activation at every step would dominate calibration) and, for the
+inputs of MatMuls (SmoothQuant), max|x| per channel of the last axis. Over samples each is reduced
+by its maximum.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+log = logging.getLogger(__name__)
+
+CALIB_METHODS = ("max", "percentile")
+_PERCENTILE_ELEMENTS = 1 << 18
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where the calibration samples come from and how a tensor's range is read from them."""
+    identities: int = 8           # K random identities ...
+    steps: int = 25               # ... x every step of the served DPM-Solver++ schedule
+    guidance: float = 3.0         # step_cfg's guidance (step runs without CFG)
+    seed: int = 0
+    percentile: float = 99.99     # the percentile of |x| the "percentile" method reads
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+class Stats:
+    """Per-tensor ranges over calibration samples (see the module docstring)."""
+
+    def __init__(self, tensors: Iterable[str], channel_tensors: Iterable[str], percentile: float = 99.99):
+        self.percentile = percentile
+        self.max = {t: 0.0 for t in tensors}
+        self.pct = dict(self.max)
+        self.chan: dict[str, np.ndarray] = {t: None for t in channel_tensors}
+        self.samples = 0
+
+    def update(self, values: dict[str, np.ndarray]) -> None:
+        for t in self.max:
+            a = np.abs(np.asarray(values[t], np.float32))
+            self.max[t] = max(self.max[t], float(a.max()))
+            flat = a.ravel()
+            if flat.size > _PERCENTILE_ELEMENTS:
+                flat = flat[:: flat.size // _PERCENTILE_ELEMENTS]
+            self.pct[t] = max(self.pct[t], float(np.percentile(flat, self.percentile)))
+            if t in self.chan:
+                c = a.reshape(-1, a.shape[-1]).max(0)
+                self.chan[t] = c if self.chan[t] is None else np.maximum(self.chan[t], c)
+        self.samples += 1
+
+    def amax(self, t: str, method: str = "max") -> float:
+        return (self.pct if method == "percentile" else self.max)[t]
+
+    def channel_amax(self, t: str) -> np.ndarray:
+        return self.chan[t]
+
+
+# ----------------------------------------------------------------------------- graphs
+
+def widen_fp16_to_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Make an fp16-inside graph compute in fp32 (same ops, same I/O, in place), so ONNX Runtime runs
+    it on any CPU; Q/DQ nodes stay (their fp16 scales become fp32: fake quantisation in fp32)."""
+    g = model.graph
+    for init in g.initializer:
+        if init.data_type == TensorProto.FLOAT16:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
+    for node in g.node:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT16:
+                attr.i = TensorProto.FLOAT
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == TensorProto.FLOAT16:
+                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float32), attr.t.name))
+        if node.op_type in ("Constant", "ConstantOfShape", "EyeLike", "RandomNormal", "RandomUniform"):
+            for attr in node.attribute:
+                if attr.name == "dtype" and attr.i == TensorProto.FLOAT16:
+                    attr.i = TensorProto.FLOAT
+    del g.value_info[:]   # stale fp16 annotations
+    return model
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Write `model`, with its weights in `<path>.data` when it is too large for one protobuf."""
+    if sum(t.ByteSize() for t in model.graph.initializer) > (1 << 30):   # the whole may exceed protobuf's 2 GiB
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def observed_graph(src: Path, dst: Path, tensors: Iterable[str]) -> None:
+    """`src` widened to fp32, with `tensors` added as outputs after the graph's own, written to `dst`."""
+    model = widen_fp16_to_fp32(onnx.load(str(src)))
+    have = {o.name for o in model.graph.output}
+    model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
+                              for t in tensors if t not in have)
+    save_model(model, dst)
+
+
+class ObservingSession:
+    """A step session (the pipeline's interface: input/output names, run(feeds) -> dict) over an
+    observed graph: feeds each run's extra outputs to `stats` and keeps the first `keep` feeds."""
+
+    def __init__(self, sess, stage_outputs: list[str], stats: Stats, keep: int = 0):
+        self.sess, self.stats, self.keep = sess, stats, keep
+        self.input_names, self.output_names = sess.input_names, list(stage_outputs)
+        self.kept: list[dict] = []
+
+    def run(self, feeds: dict) -> dict:
+        if len(self.kept) < self.keep:
+            self.kept.append({k: np.array(v, copy=True) for k, v in feeds.items()})
+        out = self.sess.run(feeds)
+        self.stats.update(out)
+        return {k: out[k] for k in self.output_names}
+
+    def close(self) -> None:
+        self.sess.close()
+
+
+def run_pipeline(engines_dir: Path, stage: str, session: ObservingSession, cal: Calibration,
+                 device: str = "auto") -> None:
+    """Drive `session` (in place of `stage`) through the pipeline: cal.identities identities x cal.steps."""
+    from arc2face_rt.pipeline import Arc2FacePipeline, image_noise, random_identity
+
+    guidance = cal.guidance if stage == "step_cfg" else 1.0
+    with Arc2FacePipeline(engines_dir, backend="ort", device=device) as pipe:
+        pipe._sessions[stage] = session
+        sched = pipe.schedule("dpmpp2m", cal.steps)
+        for i in range(cal.identities):
+            log.info("calibration %s: identity %d/%d, %d steps at guidance %g", stage, i + 1, cal.identities,
+                     cal.steps, guidance)
+            cond = pipe.project(random_identity(cal.seed + 1000 + i)[None])
+            x = image_noise(cal.seed + i, 0, sched)[0][None]
+            pipe.denoise(cond, x, sched, guidance)
+
+
+class _RecordingSession:
+    """Wraps a step session and keeps a copy of the feeds of the steps listed in `keep`."""
+
+    def __init__(self, sess, keep: set[int], out: list, steps: int):
+        self.sess, self.keep, self.out, self.steps, self.k = sess, keep, out, steps, 0
+        self.input_names, self.output_names = sess.input_names, sess.output_names
+
+    def run(self, feeds):
+        if self.k % self.steps in self.keep:
+            self.out.append({n: np.array(v, copy=True) for n, v in feeds.items()})
+        self.k += 1
+        return self.sess.run(feeds)
+
+    def close(self):
+        self.sess.close()
+
+
+def pipeline_calibration_feeds(engines_dir: str | Path, stage: str, identities: int = 8, steps: int = 25,
+                               per_run: int = 4, seed: int = 0, device: str = "auto") -> list[dict]:
+    """Step-graph inputs the pipeline itself produces, kept as arrays (the OpenVINO int8 path's NNCF
+    takes samples, not ranges): `identities` random identities, the default DPM-Solver++ schedule of
+    `steps` steps, inputs kept at `per_run` evenly spaced steps of each run. Runs with ONNX Runtime on
+    the folder's own graphs; guidance 3 for step_cfg, 1 for step."""
+    from arc2face_rt.pipeline import Arc2FacePipeline, GenerationOptions, random_identity
+
+    guidance = 3.0 if stage == "step_cfg" else 1.0
+    keep = {int(round(v)) for v in np.linspace(0, steps - 1, per_run)}
+    feeds: list[dict] = []
+    with Arc2FacePipeline(engines_dir, backend="ort", device=device) as pipe:
+        pipe._sessions[stage] = _RecordingSession(pipe.session(stage), keep, feeds, steps)
+        for i in range(identities):
+            log.info("calibration: %s, identity %d/%d (%d steps)", stage, i + 1, identities, steps)
+            pipe.generate(random_identity(seed + 1000 + i), 1,
+                          GenerationOptions(steps=steps, guidance=guidance, seed=seed + i, batch_size=1))
+    return feeds

@@ -1,0 +1,295 @@
+"""Explicit int8 / FP8 (Q/DQ) step graphs for strongly typed TensorRT engines (`build-engines --precision
+int8|fp8`).
+
+Our own ONNX pass (`qdq`) over the folder's **fp16** step graph reproduces the placement of NVIDIA's
+Stable Diffusion recipe (TensorRT Model Optimizer PTQ); `calib` measures the ranges on the pipeline's
+own trajectories. Why not nvidia-modelopt itself: see engines/README.md ("int8 and FP8 step graphs").
+Template: load -> check -> place -> calibrate -> quantise -> save -> record (RECIPE_REVISION).
+
+Files: `<stage>.int8.onnx` / `<stage>.fp8.onnx` (+ `.onnx.data` when large) next to the source graph,
+recorded in manifest["quantized"][stage] (int8) / manifest["quantized_fp8"][stage] (fp8) with the
+source graph's sha256, the recipe, the calibration size, the layers kept in fp16 and the loss against
+the source (both run in fp32 by ONNX Runtime on the first calibration inputs: `fake_quant` twins).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import zipfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from arc2face_rt import manifest as mf
+from arc2face_rt.atomic import remove_stale_temps, temp_dir, usual_mode
+from arc2face_rt.errors import InvalidInputError
+from arc2face_rt.specs import STAGES
+
+from . import calib, qdq
+
+log = logging.getLogger(__name__)
+
+QUANT_STAGES = ("step_cfg", "step")
+RECIPE_REVISION = 1                        # bump when the placement or the numbers change
+SECTIONS = mf.QUANT_SECTIONS              # manifest section per precision
+LOSS_FEEDS = 3
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """How a step graph is quantised. Defaults follow NVIDIA's SD recipe: int8 with SmoothQuant
+    (alpha 0.8) and percentile calibration; FP8 with max calibration and no SmoothQuant (ModelOpt's
+    FP8 config: E4M3 has the range int8 lacks)."""
+    precision: str = "int8"                 # int8 | fp8
+    method: str | None = None               # max | percentile; None: percentile (int8), max (fp8)
+    smoothquant_alpha: float | None = None  # None: 0.8 for int8, off for fp8; 0: off
+
+    def resolved(self) -> "QuantRecipe":
+        if self.precision not in qdq.QUANT_PRECISIONS:
+            raise InvalidInputError(f"precision {self.precision!r}: quantised graphs are {', '.join(qdq.QUANT_PRECISIONS)}")
+        method = self.method or ("percentile" if self.precision == "int8" else "max")
+        if method not in calib.CALIB_METHODS:
+            raise InvalidInputError(f"calibration method {method!r}: choose {', '.join(calib.CALIB_METHODS)}")
+        alpha = self.smoothquant_alpha if self.smoothquant_alpha is not None else (0.8 if self.precision == "int8" else 0.0)
+        if not 0.0 <= alpha <= 1.0:
+            raise InvalidInputError(f"SmoothQuant alpha {alpha} is outside 0..1 (0 turns it off)")
+        return QuantRecipe(self.precision, method, alpha)
+
+
+def quant_onnx_file(stage: str, precision: str) -> str:
+    return f"{stage}.{precision}.onnx"
+
+
+# ----------------------------------------------------------------------------- recorded calibration inputs
+
+def feeds_from_npz(path: str | Path) -> list[dict[str, np.ndarray]]:
+    """Calibration feeds from an .npz holding one array per input name, leading axis = sample.
+
+    Per-sample arrays keep the graph's shapes: x/m_prev/noise [B,4,64,64], cond [B,77,768],
+    coeffs [8], guidance [1]; so the npz holds x [S,B,4,64,64], coeffs [S,8], guidance [S,1], ...
+    """
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an .npz archive of named arrays")
+        arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise InvalidInputError(f"{path}: cannot read calibration data ({e}); pass an .npz written by the pipeline") from e
+    if not arrays or any(a.ndim == 0 for a in arrays.values()):
+        raise InvalidInputError(f"{path}: holds no per-sample arrays (leading axis = sample); pass an .npz written "
+                                "by the pipeline")
+    n = {len(a) for a in arrays.values()}
+    if len(n) != 1:
+        raise InvalidInputError(f"{path}: arrays have different sample counts {sorted(n)}")
+    return [{k: a[i] for k, a in arrays.items()} for i in range(n.pop())]
+
+
+def check_feeds(feeds: list[dict], stage: str, source) -> None:
+    """Every input of step stage `stage`, as a float array of its spec's shape, in every sample."""
+    for t in STAGES[stage].inputs:
+        for i, feed in enumerate(feeds):
+            a = feed.get(t.name)
+            batch = a.shape[0] if a is not None and a.ndim and "B" in t.shape else 0
+            if a is None or a.dtype.kind != "f" or a.shape != t.concrete(batch):
+                got = "missing" if a is None else f"{a.dtype}{list(a.shape)}"
+                raise InvalidInputError(f"{source}: sample {i} input '{t.name}' is {got}; the {stage} graph takes float "
+                                        f"{list(t.shape)}: pass an .npz written by the pipeline")
+
+
+def load_calibration(path: str | Path, stages: Iterable[str]) -> list[dict]:
+    """The calibration feeds of `path`, checked against every step stage in `stages` (before any is quantised)."""
+    feeds = feeds_from_npz(path)
+    for s in stages:
+        if s in QUANT_STAGES:
+            check_feeds(feeds, s, path)
+    return feeds
+
+
+# ----------------------------------------------------------------------------- calibration
+
+def calibrate(src: Path, engines_dir: Path, stage: str, placement: qdq.Placement, cal: calib.Calibration,
+              feeds: list[dict] | None, work: Path, device: str = "auto") -> tuple[calib.Stats, list[dict]]:
+    """Stats over the placement's tensors of graph `src`, from `feeds` or from the pipeline of
+    `engines_dir`; and the first LOSS_FEEDS step inputs seen."""
+    from arc2face_rt.backends.ort import OrtSession
+
+    observed = work / "observed.onnx"
+    calib.observed_graph(src, observed, placement.observed())
+    stats = calib.Stats(placement.observed(), placement.matmul_inputs, cal.percentile)
+    outputs = [t.name for t in STAGES[stage].outputs]
+    sess = calib.ObservingSession(OrtSession(observed, device=device), outputs, stats, keep=LOSS_FEEDS)
+    try:
+        if feeds is None:
+            calib.run_pipeline(engines_dir, stage, sess, cal, device)
+        else:
+            for i, f in enumerate(feeds):
+                log.info("calibration %s: sample %d/%d", stage, i + 1, len(feeds))
+                sess.run({k: np.ascontiguousarray(v, np.float32) for k, v in f.items() if k in sess.input_names})
+    finally:
+        sess.close()
+    if stats.samples == 0:
+        raise InvalidInputError("calibration got no samples; pass step-graph inputs recorded by the pipeline")
+    return stats, sess.kept
+
+
+def fake_quant(src: Path, dst: Path) -> None:
+    """An fp32 twin of a Q/DQ graph for ONNX Runtime on any CPU: the same Q/DQ (same scales, same
+    int8/fp8 rounding), fp32 arithmetic elsewhere."""
+    calib.save_model(calib.widen_fp16_to_fp32(onnx.load(str(src))), dst)
+
+
+class FakeQuantSession:
+    """A `fake_quant` twin (or any fp32 graph) in ONNX Runtime on the CPU with the pipeline's session
+    interface. Graph optimisation stays at the basic level: the extended level fuses DQ -> Conv -> Q
+    into QLinearConv, which has no FP8 kernel."""
+
+    def __init__(self, path: Path):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        self._sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self._sess.get_inputs()]
+        self.output_names = [o.name for o in self._sess.get_outputs()]
+
+    def run(self, feeds: dict) -> dict:
+        return dict(zip(self.output_names, self._sess.run(self.output_names, feeds)))
+
+    def close(self) -> None:
+        self._sess = None
+
+
+def output_loss(ref_onnx: Path, test_onnx: Path, feeds: list[dict]) -> dict:
+    """{output: {"rel_l2", "psnr_db"}} of fp32 graph `test_onnx` against `ref_onnx` over `feeds`."""
+    acc: dict[str, list] = {}
+    ref, tst = FakeQuantSession(ref_onnx), FakeQuantSession(test_onnx)
+    for feed in feeds:
+        f = {k: np.ascontiguousarray(v, np.float32) for k, v in feed.items() if k in tst.input_names}
+        r_out, t_out = ref.run(f), tst.run(f)
+        for n in tst.output_names:
+            r, q = r_out[n].astype(np.float64), t_out[n].astype(np.float64)
+            a = acc.setdefault(n, [0.0, 0.0, np.inf, -np.inf, 0])
+            a[0] += float(np.sum((q - r) ** 2))
+            a[1] += float(np.sum(r ** 2))
+            a[2], a[3] = min(a[2], float(r.min())), max(a[3], float(r.max()))
+            a[4] += r.size
+    ref.close()
+    tst.close()
+    out = {}
+    for n, (se, sr, lo, hi, cnt) in acc.items():
+        rmse = np.sqrt(se / max(cnt, 1))
+        out[n] = {"rel_l2": float(np.sqrt(se / sr)) if sr > 0 else float("nan"),
+                  "psnr_db": float(20 * np.log10((hi - lo) / rmse)) if rmse > 0 else float("inf")}
+    return out
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def quantize_stage(engines_dir: str | Path, stage: str, recipes: Iterable[QuantRecipe],
+                   cal: calib.Calibration = calib.Calibration(), feeds: list[dict] | None = None,
+                   device: str = "auto") -> dict:
+    """Write `<stage>.<precision>.onnx` for each recipe (one calibration shared by all), record each in
+    the manifest; return {precision: record}."""
+    engines_dir = Path(engines_dir)
+    recipes = [r.resolved() for r in recipes]
+    m = mf.load_manifest(engines_dir)
+    stage_rec = m.get("stages", {}).get(stage)
+    if not stage_rec:
+        raise InvalidInputError(f"{engines_dir}: no stage '{stage}' in the manifest; export it first")
+    mf.verify_files(engines_dir, stage_rec["files"])
+    src = engines_dir / stage_rec["file"]
+    base = onnx.load(str(src), load_external_data=False)
+    qdq.name_nodes(base)
+    placement = qdq.plan_placement(base)
+    if not placement.quantized:
+        raise InvalidInputError(f"{src}: no Conv/Gemm/MatMul with constant weights to quantise")
+    remove_stale_temps(engines_dir)
+    work = temp_dir(engines_dir, f"{stage}.quant")
+    out = {}
+    try:
+        stats, kept = calibrate(src, engines_dir, stage, placement, cal, feeds, work, device)
+        for r in recipes:
+            out[r.precision] = _write_quantized(engines_dir, stage, src, placement, stats, kept, r, cal,
+                                                "recorded" if feeds is not None else "pipeline", work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _write_quantized(engines_dir: Path, stage: str, src: Path, placement: qdq.Placement, stats: calib.Stats,
+                     kept: list[dict], r: QuantRecipe, cal: calib.Calibration, source: str, work: Path) -> dict:
+    model = onnx.load(str(src))
+    qdq.name_nodes(model)
+    done = qdq.insert_qdq(model, placement, stats, r.precision, r.smoothquant_alpha, r.method)
+    dst = engines_dir / quant_onnx_file(stage, r.precision)
+    staged = work / dst.name
+    calib.save_model(model, staged)
+    del model
+    twin = work / f"twin.{r.precision}.onnx"
+    fake_quant(staged, twin)
+    loss = output_loss(work / "observed.onnx", twin, kept)
+    for old in engines_dir.glob(dst.name + "*"):
+        old.unlink()
+    written = []
+    for p in sorted(work.glob(dst.name + "*")):
+        os.chmod(p, usual_mode())           # onnx writes external data private
+        p.rename(engines_dir / p.name)
+        written.append(engines_dir / p.name)
+    m = mf.load_manifest(engines_dir)
+    stage_rec = m["stages"][stage]
+    rec = {"file": dst.name, "files": {p.name: mf.file_record(p) for p in written},
+           "source": {"file": stage_rec["file"], "precision": m.get("precision"),
+                      "sha256": {k: v["sha256"] for k, v in stage_rec["files"].items()}},
+           "tool": "arc2face_export.qdq (ONNX pass reproducing NVIDIA's SD Q/DQ placement)",
+           "recipe_revision": RECIPE_REVISION, "recipe": asdict(r),
+           "weights": "int8 per-channel symmetric" if r.precision == "int8" else "fp8 e4m3 per-tensor",
+           "activations": f"{r.precision} per-tensor symmetric",
+           "calibration": {**cal.record(), "source": source, "samples": stats.samples,
+                           **({"identities": None, "steps": None, "guidance": None} if source == "recorded" else {})},
+           "calibration_samples": stats.samples,
+           "quantized_layers": len(placement.quantized), "smoothed_inputs": done["smoothed"],
+           "qdq_activations": done["qdq_activations"], "residual_add_qdq": done["qdq_residuals"],
+           "fp16_layers": placement.kept, "attention_bmms_unquantized": len(placement.attention_bmms),
+           "loss_vs_source": loss}
+    m.setdefault(SECTIONS[r.precision], {})[stage] = rec
+    mf.write_json_atomic(engines_dir / mf.MANIFEST, m)
+    log.info("%s: %d layers quantised, %d kept in %s, %d residual adds; vs %s: %s", dst.name,
+             len(placement.quantized), len(placement.kept), m.get("precision"), done["qdq_residuals"], m.get("precision"),
+             ", ".join(f"{k} rel L2 {v['rel_l2']:.3g} PSNR {v['psnr_db']:.1f} dB" for k, v in loss.items()))
+    return rec
+
+
+def quant_is_current(engines_dir: Path, m: dict, stage: str, recipe: QuantRecipe, cal: calib.Calibration,
+                     recorded: bool) -> bool:
+    """The stage's quantised graph exists, intact, from the current source graph, recipe and calibration."""
+    r = recipe.resolved()
+    q = m.get(SECTIONS[r.precision], {}).get(stage)
+    src = m.get("stages", {}).get(stage)
+    if not q or not src or q.get("recipe") != asdict(r) or q.get("recipe_revision") != RECIPE_REVISION:
+        return False
+    if q["source"]["sha256"] != {k: v["sha256"] for k, v in src["files"].items()}:
+        return False
+    if not recorded and {k: q["calibration"].get(k) for k in cal.record()} != cal.record():
+        return False
+    return all((engines_dir / k).is_file() and (engines_dir / k).stat().st_size == v["bytes"] for k, v in q["files"].items())
+
+
+def ensure_quant_graphs(engines_dir: str | Path, recipes: Iterable[QuantRecipe], cal: calib.Calibration = calib.Calibration(),
+                        calib_path: str | Path | None = None, stages: Iterable[str] | None = None,
+                        device: str = "auto") -> None:
+    """Make `<stage>.<precision>.onnx` current for the step stages of a folder (`build-engines --precision
+    int8|fp8`); stages already current for the recipe and calibration are kept."""
+    engines_dir = Path(engines_dir)
+    recipes = [r.resolved() for r in recipes]
+    m = mf.load_manifest(engines_dir)
+    todo = [s for s in (stages or QUANT_STAGES) if s in QUANT_STAGES and s in m.get("stages", {})]
+    recorded = load_calibration(calib_path, todo) if calib_path is not None else None
+    for s in todo:
+        stale = [r for r in recipes if not quant_is_current(engines_dir, m, s, r, cal, recorded is not None)]
+        if stale:
+            quantize_stage(engines_dir, s, stale, cal, recorded, device)
