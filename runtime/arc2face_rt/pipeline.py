@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -301,39 +301,82 @@ class Arc2FacePipeline:
         """Images of one identity ([512] ArcFace features, any norm): indices `first_index` ..
         `first_index + num_images - 1`, or exactly `indices`. Image i depends only on (identity,
         options, i), never on the batch size or on which other images are made with it."""
-        options.check()
         if indices is None:
             if num_images < 1:
                 raise InvalidInputError(f"-n must be >= 1 (got {num_images})")
             indices = range(first_index, first_index + num_images)
-        indices = [int(i) for i in indices]
-        if not indices or min(indices) < 0:
-            raise InvalidInputError(f"image indices must be a non-empty list of numbers >= 0 (got {indices[:4]})")
-        identity = normalize_identity(identity)
+        return self.generate_many(normalize_identity(identity)[None], options=options, indices=[indices],
+                                  on_step=on_step)
+
+    def generate_many(self, identities: np.ndarray, num_images: int = 1,
+                      options: GenerationOptions = GenerationOptions(), *, indices: Sequence[Sequence[int]] | None = None,
+                      seeds: Sequence[int] | None = None, on_step: Callable[[int], None] | None = None
+                      ) -> GenerationResult:
+        """Images of several identities ([M, 512]) in shared batches (the step graph takes a batch of
+        different conditions): for identity j, indices 0 .. num_images - 1, or exactly `indices[j]`,
+        with noise seed `seeds[j]` (default options.seed). Images come identity-major; each equals
+        `generate(identities[j], indices=[i], options with seed seeds[j])`. All images are held in
+        memory: `iter_many` yields them batch by batch."""
+        parts = list(self.iter_many(identities, num_images, options, indices=indices, seeds=seeds, on_step=on_step))
+        t = {k: sum(p.timings.get(k, 0.0) for p in parts) for k in ("project", "denoise", "decode", "total")}
+        return GenerationResult(np.concatenate([p.images for p in parts]), [q for p in parts for q in p.params], t)
+
+    def iter_many(self, identities: np.ndarray, num_images: int = 1, options: GenerationOptions = GenerationOptions(),
+                  *, indices: Sequence[Sequence[int]] | None = None, seeds: Sequence[int] | None = None,
+                  on_step: Callable[[int], None] | None = None) -> Iterator[GenerationResult]:
+        """`generate_many`, one GenerationResult per batch of `options.batch_size` images (the last
+        may be smaller): memory stays bounded whatever the number of images. Each identity is
+        projected alone (batch 1), so its condition has the same bytes as in `generate`; TensorRT,
+        whose generator takes one identity per batch, splits a batch where the identity changes."""
+        options.check()
+        ids = np.asarray(identities)
+        if ids.ndim != 2 or len(ids) < 1:
+            raise InvalidInputError(f"identities: shape {ids.shape}, expected [M, {ID_DIM}] with M >= 1")
+        ids = [normalize_identity(row, f"identity {j}") for j, row in enumerate(ids)]
+        if indices is None:
+            if num_images < 1:
+                raise InvalidInputError(f"-n must be >= 1 (got {num_images})")
+            indices = [range(num_images)] * len(ids)
+        indices = [[int(i) for i in idx] for idx in indices]
+        seeds = [options.seed] * len(ids) if seeds is None else [int(s) for s in seeds]
+        if len(indices) != len(ids) or len(seeds) != len(ids):
+            raise InvalidInputError(f"{len(ids)} identities need as many index lists and seeds "
+                                    f"(got {len(indices)} and {len(seeds)})")
+        if not any(indices) or min(min(i, default=0) for i in indices) < 0:
+            raise InvalidInputError(f"image indices must be a non-empty list of numbers >= 0 (got {indices[:2]})")
+        for s in seeds:
+            replace(options, seed=s).check()
+        items = [(j, i) for j, idx in enumerate(indices) for i in idx]
         schedule = self.schedule(options.scheduler, options.steps)
-        t = {"project": 0.0, "denoise": 0.0, "decode": 0.0}
-        t_all = time.perf_counter()
         gen = self._trt_generator(options.guidance > 1.0)
-        cond1 = None
-        if gen is None:
-            t0 = time.perf_counter()
-            cond1 = self.project(identity[None])                  # [1, 77, 768]; same for every image
-            t["project"] = time.perf_counter() - t0
-        images, params = [], []
-        for start in range(0, len(indices), options.batch_size):
-            idx = indices[start:start + options.batch_size]
-            draws = [image_noise(options.seed, i, schedule) for i in idx]
+        conds: dict[int, np.ndarray] = {}
+        for start in range(0, len(items), options.batch_size):
+            batch = items[start:start + options.batch_size]
+            t = {"project": 0.0, "denoise": 0.0, "decode": 0.0}
+            t_all = time.perf_counter()
+            if gen is None:                 # conditions [1, 77, 768] of this batch's identities, kept for the next
+                t0 = time.perf_counter()
+                conds = {j: conds[j] if j in conds else self.project(ids[j][None]) for j, _ in batch}
+                t["project"] = time.perf_counter() - t0
+            draws = [image_noise(seeds[j], i, schedule) for j, i in batch]
             x = np.stack([d[0] for d in draws])
             noise = np.stack([d[1] for d in draws], axis=1) if schedule.uses_noise else None
-            imgs, seconds = self._batch(gen, identity, cond1, x, noise, schedule, options.guidance, on_step)
-            images.append(imgs)
-            for k, v in seconds.items():
-                t[k] += v
-            params += [self.image_params(options, i, identity) for i in idx]
-        t["total"] = time.perf_counter() - t_all
-        return GenerationResult(np.concatenate(images), params, t)
+            runs = [list(range(len(batch)))] if gen is None else \
+                [[k for k, (j, _) in enumerate(batch) if j == jj] for jj in dict.fromkeys(j for j, _ in batch)]
+            imgs = []
+            for run in runs:
+                j = batch[run[0]][0]
+                cond = None if gen is not None else np.concatenate([conds[batch[k][0]] for k in run])
+                out, seconds = self._batch(gen, ids[j], cond, x[run], None if noise is None else noise[:, run],
+                                           schedule, options.guidance, on_step)
+                imgs.append(out)
+                for k, v in seconds.items():
+                    t[k] += v
+            params = [self.image_params(replace(options, seed=seeds[j]), i, ids[j]) for j, i in batch]
+            t["total"] = time.perf_counter() - t_all
+            yield GenerationResult(np.concatenate(imgs), params, t)
 
-    def _batch(self, gen, identity, cond1, x, noise, schedule: Schedule, guidance: float, on_step) -> tuple:
+    def _batch(self, gen, identity, cond, x, noise, schedule: Schedule, guidance: float, on_step) -> tuple:
         """Images of one batch and the seconds of its stages: TensorRT runs the batch on one stream with
         one host sync (stage times from CUDA events); otherwise denoise and decode with host arrays."""
         if gen is not None:
@@ -343,7 +386,7 @@ class Arc2FacePipeline:
                 on_step(schedule.steps)
             return imgs, seconds
         t0 = time.perf_counter()
-        lat = self.denoise(np.repeat(cond1, len(x), axis=0), x, schedule, guidance, noise, on_step=on_step)
+        lat = self.denoise(cond, x, schedule, guidance, noise, on_step=on_step)
         t1 = time.perf_counter()
         imgs = self.decode(lat)
         return imgs, {"denoise": t1 - t0, "decode": time.perf_counter() - t1}
