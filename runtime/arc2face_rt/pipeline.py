@@ -309,43 +309,34 @@ class Arc2FacePipeline:
                                   on_step=on_step)
 
     def generate_many(self, identities: np.ndarray, num_images: int = 1,
-                      options: GenerationOptions = GenerationOptions(), *, indices: Sequence[Sequence[int]] | None = None,
-                      seeds: Sequence[int] | None = None, on_step: Callable[[int], None] | None = None
-                      ) -> GenerationResult:
+                      options: GenerationOptions = GenerationOptions(), **kw) -> GenerationResult:
         """Images of several identities ([M, 512]) in shared batches (the step graph takes a batch of
-        different conditions): for identity j, indices 0 .. num_images - 1, or exactly `indices[j]`,
-        with noise seed `seeds[j]` (default options.seed). Images come identity-major; each equals
-        `generate(identities[j], indices=[i], options with seed seeds[j])`. All images are held in
-        memory: `iter_many` yields them batch by batch."""
-        parts = list(self.iter_many(identities, num_images, options, indices=indices, seeds=seeds, on_step=on_step))
+        different conditions), identity-major; all in memory (see `iter_many`, which takes the same
+        arguments). Each equals `generate(identities[j], indices=[i], options with seed seeds[j])`."""
+        parts = list(self.iter_many(identities, num_images, options, **kw))
         t = {k: sum(p.timings.get(k, 0.0) for p in parts) for k in ("project", "denoise", "decode", "total")}
         return GenerationResult(np.concatenate([p.images for p in parts]), [q for p in parts for q in p.params], t)
 
     def iter_many(self, identities: np.ndarray, num_images: int = 1, options: GenerationOptions = GenerationOptions(),
                   *, indices: Sequence[Sequence[int]] | None = None, seeds: Sequence[int] | None = None,
                   on_step: Callable[[int], None] | None = None) -> Iterator[GenerationResult]:
-        """`generate_many`, one GenerationResult per batch of `options.batch_size` images (the last
-        may be smaller): memory stays bounded whatever the number of images. Each identity is
-        projected alone (batch 1), so its condition has the same bytes as in `generate`; TensorRT,
-        whose generator takes one identity per batch, splits a batch where the identity changes."""
+        """Images of identity j: indices 0 .. num_images - 1, or exactly `indices[j]`, with noise seed
+        `seeds[j]` (default options.seed); one GenerationResult per batch of `options.batch_size`
+        images, so memory stays bounded. Each identity is projected alone (batch 1): its condition
+        has the same bytes as in `generate`. TensorRT (one identity per generator call) splits a
+        batch where the identity changes."""
         options.check()
         ids = np.asarray(identities)
         if ids.ndim != 2 or len(ids) < 1:
             raise InvalidInputError(f"identities: shape {ids.shape}, expected [M, {ID_DIM}] with M >= 1")
         ids = [normalize_identity(row, f"identity {j}") for j, row in enumerate(ids)]
-        if indices is None:
-            if num_images < 1:
-                raise InvalidInputError(f"-n must be >= 1 (got {num_images})")
-            indices = [range(num_images)] * len(ids)
-        indices = [[int(i) for i in idx] for idx in indices]
+        indices = [[int(i) for i in idx] for idx in ([range(num_images)] * len(ids) if indices is None else indices)]
         seeds = [options.seed] * len(ids) if seeds is None else [int(s) for s in seeds]
-        if len(indices) != len(ids) or len(seeds) != len(ids):
-            raise InvalidInputError(f"{len(ids)} identities need as many index lists and seeds "
+        if len(indices) != len(ids) or len(seeds) != len(ids) or not all(0 <= s < 2**63 for s in seeds):
+            raise InvalidInputError(f"{len(ids)} identities need as many index lists and seeds in 0..2**63-1 "
                                     f"(got {len(indices)} and {len(seeds)})")
         if not any(indices) or min(min(i, default=0) for i in indices) < 0:
             raise InvalidInputError(f"image indices must be a non-empty list of numbers >= 0 (got {indices[:2]})")
-        for s in seeds:
-            replace(options, seed=s).check()
         items = [(j, i) for j, idx in enumerate(indices) for i in idx]
         schedule = self.schedule(options.scheduler, options.steps)
         gen = self._trt_generator(options.guidance > 1.0)

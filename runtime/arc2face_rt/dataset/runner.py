@@ -151,6 +151,8 @@ def run_dataset(config: WorkerConfig, identities: np.ndarray, todo: list[int], p
         if ray is None:
             worker = ShardWorker(config, identities, pipe=pipe)
             for s in todo:
+                if bar:
+                    bar.set_postfix_str(f"shard {s} ({len(spec.shard_identities(s))} identities)", refresh=False)
                 m = worker.run(s, progress=bar.update if bar else None)
                 made += m["counts"]["generated"]
         else:
