@@ -98,6 +98,20 @@ def scored_run(tiny_engines, tmp_path_factory):
     return out
 
 
+def test_identities_from_a_file(tmp_path):
+    from arc2face_rt.dataset.identities import load_identities
+    from arc2face_rt.errors import InvalidInputError
+
+    rows = np.random.default_rng(0).standard_normal((3, 512)) * 7
+    np.save(tmp_path / "ids.npy", rows)
+    got = load_identities(tmp_path / "ids.npy")
+    assert got.dtype == np.float32 and np.allclose(got, rows / np.linalg.norm(rows, axis=1, keepdims=True), atol=1e-6)
+    for bad, msg in ((rows[0], "shape"), (np.zeros((2, 512)), "row 0: all zeros")):
+        np.save(tmp_path / "bad.npy", bad)
+        with pytest.raises(InvalidInputError, match=msg):
+            load_identities(tmp_path / "bad.npy")
+
+
 def test_folders_layout_and_images_equal_generate(pipe, wds_run, scored_run):
     out = scored_run
     ids = np.load(out / "identities.npy")
