@@ -1,5 +1,5 @@
 """`python -m benchmarks`: run | report | export | demo | build | int8 | quant | cpu-precision | verify |
-gpu-check | wheels | control (and the internal `_row` child)."""
+gpu-check | wheels | control | dataset (and the internal `_row` child)."""
 from __future__ import annotations
 
 import argparse
@@ -175,6 +175,18 @@ def cmd_cpu_precision(args) -> int:
     return 0 if all(r["gates_passed"] for r in res["precisions"].values()) else 1
 
 
+def cmd_dataset(args) -> int:
+    from .dataset_bench import bench_dataset
+    from .export_bench import header, write_result
+
+    res = bench_dataset(args.size, args.identities, args.per_identity, args.steps, args.batch, args.repeats, say=_say)
+    path = write_result({**header(), **res}, args.name or f"dataset-{args.size}-{_stamp()}.json", Path(args.out))
+    _say(f"wrote {path}; " + ", ".join(f"{m} {r['images_per_s']:.3f} images/s (wall {o['wall']:+.1f}%, CPU "
+                                       f"{o['cpu']:+.1f}%)" for m, r in res["modes"].items()
+                                       for o in [r["overhead_vs_generate_pct"]]))
+    return 0
+
+
 def cmd_row(args) -> int:
     from .harness import row_main
 
@@ -321,6 +333,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, default=RESULTS)
     r.add_argument("--name", default=None)
     r.set_defaults(func=cmd_control)
+
+    r = sub.add_parser("dataset", help="images/s of `arc2face-rt dataset` (folders, wds, filter) vs `generate`")
+    r.add_argument("--size", choices=("tiny", "full"), default="tiny")
+    r.add_argument("--identities", type=int, default=8)
+    r.add_argument("--per-identity", type=int, default=4)
+    r.add_argument("--steps", type=int, default=25)
+    r.add_argument("--batch", type=int, default=4)
+    r.add_argument("--repeats", type=int, default=2, help="runs per mode, interleaved; the fastest is compared")
+    r.add_argument("--out", type=Path, default=RESULTS)
+    r.add_argument("--name", default=None)
+    r.set_defaults(func=cmd_dataset)
 
     r = sub.add_parser("_row", help=argparse.SUPPRESS)
     r.add_argument("config")

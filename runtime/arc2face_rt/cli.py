@@ -1,4 +1,4 @@
-"""`arc2face-rt`: generate faces from an identity with exported engines (and embed/score photos)."""
+"""`arc2face-rt`: generate faces from an identity with exported engines (and datasets of many; embed/score photos)."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ import sys
 from . import __version__, argtypes
 from .exits import run_cli
 from .backends.openvino import CPU_PRECISIONS
+from .dataset.cli import add_dataset_parser
 from .face.cli import add_embed_parser, add_score_parser
 from .pipeline import BACKENDS, GenerationOptions
 from .schedulers import SCHEDULERS
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    add_dataset_parser(sub)
     add_embed_parser(sub)
     add_score_parser(sub)
     _add_info(sub)

@@ -1,6 +1,7 @@
 """Writing generated images: PNG with the generation parameters in a text chunk, written atomically."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -13,13 +14,19 @@ from .atomic import atomic_write
 PARAMS_KEY = "arc2face-rt"   # PNG tEXt key holding the JSON parameters
 
 
+def png_bytes(image: np.ndarray, params: dict) -> bytes:
+    """image [H, W, 3] uint8 RGB -> PNG file content with `params` in a text chunk."""
+    info = PngInfo()
+    info.add_text(PARAMS_KEY, json.dumps(params, sort_keys=True))
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image), "RGB").save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
 def save_png(path: str | Path, image: np.ndarray, params: dict, overwrite: bool = False) -> Path:
     """image [H, W, 3] uint8 RGB -> PNG at `path`, written atomically, never over an existing file
     unless `overwrite`."""
-    info = PngInfo()
-    info.add_text(PARAMS_KEY, json.dumps(params, sort_keys=True))
-    pil = Image.fromarray(np.ascontiguousarray(image), "RGB")
-    return atomic_write(path, lambda f: pil.save(f, format="PNG", pnginfo=info), overwrite=overwrite,
+    return atomic_write(path, png_bytes(image, params), overwrite=overwrite,
                         hint="choose another --out or pass --overwrite")
 
 

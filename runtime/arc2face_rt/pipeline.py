@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -330,42 +330,77 @@ class Arc2FacePipeline:
         `first_index + num_images - 1`, or exactly `indices`. Image i depends only on (identity,
         options, i, its control image), never on the batch size or on which other images are made with it.
         `control`: a pose condition (ControlNet step graphs), one image for all or one per index."""
-        options.check()
         if indices is None:
             if num_images < 1:
                 raise InvalidInputError(f"-n must be >= 1 (got {num_images})")
             indices = range(first_index, first_index + num_images)
-        indices = [int(i) for i in indices]
-        if not indices or min(indices) < 0:
-            raise InvalidInputError(f"image indices must be a non-empty list of numbers >= 0 (got {indices[:4]})")
-        identity = normalize_identity(identity)
+        return self.generate_many(normalize_identity(identity)[None], options=options, indices=[indices],
+                                  on_step=on_step, control=control)
+
+    def generate_many(self, identities: np.ndarray, num_images: int = 1,
+                      options: GenerationOptions = GenerationOptions(), **kw) -> GenerationResult:
+        """Images of several identities ([M, 512]) in shared batches (the step graph takes a batch of
+        different conditions), identity-major; all in memory (see `iter_many`, which takes the same
+        arguments). Each equals `generate(identities[j], indices=[i], options with seed seeds[j])`."""
+        parts = list(self.iter_many(identities, num_images, options, **kw))
+        t = {k: sum(p.timings.get(k, 0.0) for p in parts) for k in ("project", "denoise", "decode", "total")}
+        return GenerationResult(np.concatenate([p.images for p in parts]), [q for p in parts for q in p.params], t)
+
+    def iter_many(self, identities: np.ndarray, num_images: int = 1, options: GenerationOptions = GenerationOptions(),
+                  *, indices: Sequence[Sequence[int]] | None = None, seeds: Sequence[int] | None = None,
+                  on_step: Callable[[int], None] | None = None,
+                  control: Control | None = None) -> Iterator[GenerationResult]:
+        """Images of identity j: indices 0 .. num_images - 1, or exactly `indices[j]`, with noise seed
+        `seeds[j]` (default options.seed); one GenerationResult per batch of `options.batch_size`
+        images, so memory stays bounded. Each identity is projected alone (batch 1): its condition
+        has the same bytes as in `generate`. TensorRT (one identity per generator call) splits a
+        batch where the identity changes. `control`: as in `generate`, by image index."""
+        options.check()
+        ids = np.asarray(identities)
+        if ids.ndim != 2 or len(ids) < 1:
+            raise InvalidInputError(f"identities: shape {ids.shape}, expected [M, {ID_DIM}] with M >= 1")
+        ids = [normalize_identity(row, f"identity {j}") for j, row in enumerate(ids)]
+        indices = [[int(i) for i in idx] for idx in ([range(num_images)] * len(ids) if indices is None else indices)]
+        seeds = [options.seed] * len(ids) if seeds is None else [int(s) for s in seeds]
+        if len(indices) != len(ids) or len(seeds) != len(ids) or not all(0 <= s < 2**63 for s in seeds):
+            raise InvalidInputError(f"{len(ids)} identities need as many index lists and seeds in 0..2**63-1 "
+                                    f"(got {len(indices)} and {len(seeds)})")
+        if not any(indices) or min(min(i, default=0) for i in indices) < 0:
+            raise InvalidInputError(f"image indices must be a non-empty list of numbers >= 0 (got {indices[:2]})")
+        items = [(j, i) for j, idx in enumerate(indices) for i in idx]
         if control is not None:
-            control.check_indices(indices)
+            control.check_indices([i for _, i in items])
         schedule = self.schedule(options.scheduler, options.steps)
-        t = {"project": 0.0, "denoise": 0.0, "decode": 0.0}
-        t_all = time.perf_counter()
         gen = self._trt_generator(options.guidance > 1.0, control is not None)
-        cond1 = None
-        if gen is None:
-            t0 = time.perf_counter()
-            cond1 = self.project(identity[None])                  # [1, 77, 768]; same for every image
-            t["project"] = time.perf_counter() - t0
-        images, params = [], []
-        for start in range(0, len(indices), options.batch_size):
-            idx = indices[start:start + options.batch_size]
-            draws = [image_noise(options.seed, i, schedule) for i in idx]
+        conds: dict[int, np.ndarray] = {}
+        for start in range(0, len(items), options.batch_size):
+            batch = items[start:start + options.batch_size]
+            t = {"project": 0.0, "denoise": 0.0, "decode": 0.0}
+            t_all = time.perf_counter()
+            if gen is None:                 # conditions [1, 77, 768] of this batch's identities, kept for the next
+                t0 = time.perf_counter()
+                conds = {j: conds[j] if j in conds else self.project(ids[j][None]) for j, _ in batch}
+                t["project"] = time.perf_counter() - t0
+            draws = [image_noise(seeds[j], i, schedule) for j, i in batch]
             x = np.stack([d[0] for d in draws])
             noise = np.stack([d[1] for d in draws], axis=1) if schedule.uses_noise else None
-            ctrl = None if control is None else (control.batch(idx), control.scale)
-            imgs, seconds = self._batch(gen, identity, cond1, x, noise, schedule, options.guidance, on_step, ctrl)
-            images.append(imgs)
-            for k, v in seconds.items():
-                t[k] += v
-            params += [self.image_params(options, i, identity, control) for i in idx]
-        t["total"] = time.perf_counter() - t_all
-        return GenerationResult(np.concatenate(images), params, t)
+            runs = [list(range(len(batch)))] if gen is None else \
+                [[k for k, (j, _) in enumerate(batch) if j == jj] for jj in dict.fromkeys(j for j, _ in batch)]
+            imgs = []
+            for run in runs:
+                j = batch[run[0]][0]
+                cond = None if gen is not None else np.concatenate([conds[batch[k][0]] for k in run])
+                ctrl = None if control is None else (control.batch([batch[k][1] for k in run]), control.scale)
+                out, seconds = self._batch(gen, ids[j], cond, x[run], None if noise is None else noise[:, run],
+                                           schedule, options.guidance, on_step, ctrl)
+                imgs.append(out)
+                for k, v in seconds.items():
+                    t[k] += v
+            params = [self.image_params(replace(options, seed=seeds[j]), i, ids[j], control) for j, i in batch]
+            t["total"] = time.perf_counter() - t_all
+            yield GenerationResult(np.concatenate(imgs), params, t)
 
-    def _batch(self, gen, identity, cond1, x, noise, schedule: Schedule, guidance: float, on_step,
+    def _batch(self, gen, identity, cond, x, noise, schedule: Schedule, guidance: float, on_step,
                control: tuple | None = None) -> tuple:
         """Images of one batch and the seconds of its stages: TensorRT runs the batch on one stream with
         one host sync (stage times from CUDA events); otherwise denoise and decode with host arrays.
@@ -378,7 +413,7 @@ class Arc2FacePipeline:
                 on_step(schedule.steps)
             return imgs, seconds
         t0 = time.perf_counter()
-        lat = self.denoise(np.repeat(cond1, len(x), axis=0), x, schedule, guidance, noise, on_step=on_step, **extra)
+        lat = self.denoise(cond, x, schedule, guidance, noise, on_step=on_step, **extra)
         t1 = time.perf_counter()
         imgs = self.decode(lat)
         return imgs, {"denoise": t1 - t0, "decode": time.perf_counter() - t1}

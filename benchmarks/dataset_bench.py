@@ -1,0 +1,110 @@
+"""`python -m benchmarks dataset`: images/s of `arc2face-rt dataset` against `generate` on the same
+engines, in one process with warm sessions, so the difference is the dataset's own overhead
+(sharding, batching across identities, PNG/tar writing, manifests, the similarity filter).
+
+- generate: for each of N random identities, K images written as `arc2face-rt generate` writes
+  them (`FolderRun.write`: one `generate` call per batch, PNGs).
+- dataset-folders, dataset-wds: the same N x K images (other identities and seeds, same work) as an
+  ImageFolder tree / WebDataset tars, in-process.
+- dataset-filter: dataset-folders with the face models: every image detected, aligned, embedded
+  and its cosine recorded (`--models`, no threshold, so the same number of images is written).
+Each mode runs `repeats` times, interleaved. Two clocks: wall time (images/s) and this process's CPU
+time (all threads). On a shared machine the wall time of one run swings with the other processes'
+load (recorded), while the CPU time the work itself needs barely moves, so the overhead is reported
+on both, from the fastest run of each mode. Per-image latency = wall seconds / images of the best run.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from .export_bench import CACHE
+
+MODES = ("generate", "dataset-folders", "dataset-wds", "dataset-filter")
+
+
+def _clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(t: tuple[float, float]) -> tuple[float, float]:
+    return time.perf_counter() - t[0], time.process_time() - t[1]
+
+
+def _generate(pipe, out: Path, n: int, k: int, opts) -> tuple[float, float]:
+    from arc2face_rt.folder_run import FolderRun
+    from arc2face_rt.pipeline import random_identity
+
+    t0 = _clocks()
+    for j in range(n):
+        FolderRun(out=out / f"id_{j:06d}", count=k).write(pipe, random_identity(j), opts, {}, log=lambda m: None)
+    return _since(t0)
+
+
+def _dataset(pipe, engines: Path, out: Path, n: int, k: int, opts, fmt: str, models: Path | None
+             ) -> tuple[float, float]:
+    from arc2face_rt.dataset.identities import random_identities
+    from arc2face_rt.dataset.runner import open_output, run_dataset
+    from arc2face_rt.dataset.spec import DatasetSpec
+    from arc2face_rt.dataset.worker import WorkerConfig
+
+    spec = DatasetSpec(identities=n, per_identity=k, options=opts, format=fmt, shard_size=max(1, n // 2),
+                       score=models is not None)
+    config = WorkerConfig(out=out, spec=spec, engines=engines, backend="ort", device="cpu", models=models)
+    t0 = _clocks()
+    ids = random_identities(n, opts.seed)
+    open_output(out, spec, ids, pipe.engine_id, False, log=lambda m: None)
+    run_dataset(config, ids, list(range(spec.shards)), pipe=pipe, log=lambda m: None)
+    return _since(t0)
+
+
+def bench_dataset(size: str = "tiny", identities: int = 8, per_identity: int = 4, steps: int = 25, batch: int = 4,
+                  repeats: int = 2, say=print) -> dict:
+    from arc2face_export.onnx_export import export_all
+    from arc2face_ref.random_ckpt import write_random_checkpoint
+    from arc2face_rt.pipeline import Arc2FacePipeline, GenerationOptions, random_identity
+
+    model_dir = CACHE / f"model-{size}"
+    if not (model_dir / "arc2face").is_dir():
+        say(f"writing a random-weight {size} checkpoint to {model_dir}")
+        write_random_checkpoint(model_dir, size=size, seed=0, force=model_dir.exists())
+    engines = CACHE / f"engines-{size}-fp32"
+    export_all(model_dir, engines, precision="fp32", progress=say)
+    opts = GenerationOptions(steps=steps, batch_size=batch)
+    images = identities * per_identity
+    runs: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
+    load = {"start": [round(v, 2) for v in os.getloadavg()]}   # other processes on the machine skew wall times
+    with Arc2FacePipeline(engines, backend="ort", device="cpu") as pipe, \
+            tempfile.TemporaryDirectory(prefix="arc2face-dataset-bench-") as tmp:
+        pipe.generate(random_identity(0), 1, opts)                        # warm-up, untimed
+        for r in range(repeats):
+            for mode in MODES:
+                out = Path(tmp) / f"{mode}-{r}"
+                if mode == "generate":
+                    wall, cpu = _generate(pipe, out, identities, per_identity, opts)
+                else:
+                    fmt = "wds" if mode == "dataset-wds" else "folders"
+                    wall, cpu = _dataset(pipe, engines, out, identities, per_identity, opts, fmt,
+                                         model_dir if mode == "dataset-filter" else None)
+                runs[mode].append((round(wall, 3), round(cpu, 3)))
+                say(f"{mode} run {r + 1}/{repeats}: {images} images in {wall:.1f} s wall, {cpu:.1f} s CPU "
+                    f"= {images / wall:.3f} images/s")
+                shutil.rmtree(out)
+    load["end"] = [round(v, 2) for v in os.getloadavg()]
+    wall = {m: min(w for w, _ in v) for m, v in runs.items()}
+    cpu = {m: min(c for _, c in v) for m, v in runs.items()}
+    rows = {m: {"wall_s": [w for w, _ in v], "cpu_s": [c for _, c in v], "best_wall_s": wall[m],
+                "best_cpu_s": cpu[m], "images_per_s": round(images / wall[m], 4),
+                "latency_per_image_s": round(wall[m] / images, 4),
+                "overhead_vs_generate_pct": {"wall": round((wall[m] / wall["generate"] - 1) * 100, 2),
+                                             "cpu": round((cpu[m] / cpu["generate"] - 1) * 100, 2)}}
+            for m, v in runs.items()}
+    return {"kind": "dataset", "size": size, "identities": identities, "per_identity": per_identity,
+            "images": images, "steps": steps, "batch": batch, "guidance": opts.guidance, "repeats": repeats,
+            "backend": "ort (CPU, fp32)", "load_average_1_5_15min": load,
+            "random_weights": (model_dir / "RANDOM_WEIGHTS.txt").is_file(), "modes": rows,
+            "max_overhead_pct": {k: max(r["overhead_vs_generate_pct"][k] for m, r in rows.items() if m != "generate")
+                                 for k in ("wall", "cpu")}}

@@ -1,0 +1,124 @@
+"""`arc2face-rt dataset`: flags and the command; the work is in `dataset.runner` and `dataset.worker`."""
+from __future__ import annotations
+
+import sys
+
+from .. import argtypes
+from ..backends.openvino import CPU_PRECISIONS
+from ..pipeline import BACKENDS, GenerationOptions
+from ..schedulers import SCHEDULERS
+from ..specs import DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS
+from .spec import FORMATS, ON_REJECT, DatasetSpec
+
+
+def add_dataset_parser(sub) -> None:
+    p = sub.add_parser("dataset", help="a synthetic face-recognition dataset: N new identities x K images",
+                       description="Generate K images of each of N identities (random new ones, or the rows of a "
+                                   ".npy) into an ImageFolder tree or WebDataset tar shards, in shards of "
+                                   "identities that are committed atomically and skipped by --resume; "
+                                   "in-process or on a Ray cluster (--ray).")
+    p.add_argument("--engines", required=True, type=argtypes.path, help="engines folder (manifest.json + graphs)")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--identities", type=argtypes.count(1, name="a number of identities"), metavar="N",
+                     help="N random identities (unit vectors drawn from --seed)")
+    who.add_argument("--identities-from", type=argtypes.path, metavar="FILE.npy",
+                     help="the identities: an [N, 512] array of ArcFace embeddings")
+    p.add_argument("--per-identity", type=argtypes.count(1, name="a number of images"), required=True, metavar="K",
+                   help="images kept per identity")
+    p.add_argument("--out", required=True, type=argtypes.path, help="output folder (new or empty; or --resume)")
+    p.add_argument("--format", choices=FORMATS, default="folders",
+                   help="folders: DIR/id_000123/0007.png (ImageFolder); wds: WebDataset tar shards DIR/shard-NNNNNN.tar "
+                        "with KEY.png, KEY.json, KEY.cls (default folders)")
+    p.add_argument("--shard-size", type=argtypes.count(1, name="a number of identities"), default=16, metavar="IDS",
+                   help="identities per shard: the unit of commit, resume and distribution (default 16)")
+    p.add_argument("--max-id-similarity", type=argtypes.number(-1.0, 1.0, "a cosine"), default=None, metavar="COS",
+                   help="random identities: redraw one whose cosine to an earlier identity exceeds COS")
+    p.add_argument("--seed", type=argtypes.seed, default=0,
+                   help="identities and noise: image i of identity j uses seed identity_seed(SEED, j) (default 0)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"CFG scale (default {DEFAULT_GUIDANCE})")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=DEFAULT_SCHEDULER, help="sampler")
+    p.add_argument("--batch", type=int, default=DEFAULT_BATCH,
+                   help=f"images per graph call, across identities (default {DEFAULT_BATCH})")
+    f = p.add_argument_group("identity filter (needs the face models)")
+    f.add_argument("--models", type=argtypes.path, default=None, metavar="DIR",
+                   help="folder with scrfd_10g_bnkps.onnx and arcface.onnx: every image is embedded and its "
+                        "cosine to its identity recorded")
+    f.add_argument("--min-similarity", type=argtypes.number(-1.0, 1.0, "a cosine"), default=None, metavar="COS",
+                   help="drop images whose cosine to their identity is below COS (or that show no face)")
+    f.add_argument("--on-reject", choices=ON_REJECT, default="drop",
+                   help="drop: keep fewer images; regenerate: replace with the identity's next index (default drop)")
+    f.add_argument("--max-tries", type=argtypes.count(1, name="a factor"), default=4,
+                   help="regenerate: at most K x this many images per identity (default 4)")
+    r = p.add_argument_group("where it runs")
+    r.add_argument("--backend", choices=BACKENDS, default="auto", help="as for `generate`")
+    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime device")
+    r.add_argument("--cpu-precision", choices=CPU_PRECISIONS, default="auto", help="OpenVINO precision")
+    r.add_argument("--no-verify", action="store_true", help="check the engines' file sizes only, not their sha256")
+    r.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run shards on Ray actors: no value starts a local Ray, 'auto' or HOST:PORT joins a "
+                        "cluster (needs `pip install 'arc2face-rt[scale]'`)")
+    r.add_argument("--workers", type=argtypes.count(1, name="a number of workers"), default=None,
+                   help="--ray: actors (default one per GPU, else per CPU)")
+    r.add_argument("--resume", action="store_true",
+                   help="finish an interrupted run: keep committed shards, redo the others")
+    p.set_defaults(func=cmd_dataset)
+
+
+def cmd_dataset(args) -> int:
+    from ..pipeline import Arc2FacePipeline
+    from .identities import load_identities, random_identities
+    from .runner import open_output, run_dataset
+    from .worker import WorkerConfig
+
+    if args.ray:
+        from .ray_runner import require_ray
+        require_ray()
+    opts = GenerationOptions(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
+                             batch_size=args.batch)
+    if args.identities_from and args.max_id_similarity is not None:
+        _stderr("note: --max-id-similarity applies to random identities; the rows of --identities-from are used as given")
+    if args.identities_from:
+        identities = load_identities(args.identities_from)
+    else:
+        identities = None
+    spec = DatasetSpec(identities=len(identities) if identities is not None else args.identities,
+                       per_identity=args.per_identity, options=opts, format=args.format, shard_size=args.shard_size,
+                       min_similarity=args.min_similarity, on_reject=args.on_reject, max_tries=args.max_tries,
+                       score=args.models is not None)
+    spec.check()
+    if identities is None:
+        identities = random_identities(args.identities, args.seed, args.max_id_similarity)
+    config = WorkerConfig(out=args.out, spec=spec, engines=args.engines, backend=args.backend, device=args.device,
+                          verify=not args.no_verify, cpu_precision=args.cpu_precision, models=args.models)
+    with Arc2FacePipeline(args.engines, backend=args.backend, device=args.device, verify=not args.no_verify,
+                          cpu_precision=args.cpu_precision) as pipe:
+        pipe.schedule(opts.scheduler, opts.steps)        # the engines folder's problems before the folder is claimed
+        done = open_output(args.out, spec, identities, pipe.engine_id, args.resume, _stderr)
+        todo = [s for s in range(spec.shards) if s not in done]
+        _stderr(f"arc2face-rt dataset: {spec.identities} identities x {spec.per_identity} images in {spec.shards} "
+                f"shard(s) of {spec.shard_size}, {len(done)} already committed; {opts.steps} {opts.scheduler} steps, "
+                f"guidance {opts.guidance}, backend {pipe.backend} ({pipe.precision}), format {spec.format}"
+                + (f", keeping cosine >= {spec.min_similarity} ({spec.on_reject})" if spec.min_similarity is not None
+                   else ""))
+        if pipe.manifest.get("source", {}).get("random_weights"):
+            _stderr("note: these engines come from a RANDOM-WEIGHT checkpoint: images will look like noise, not faces"
+                    + ("; similarities exercise the filter's mechanics, not quality" if spec.score else ""))
+        s = run_dataset(config, identities, todo, pipe=None if args.ray else pipe, ray=args.ray,
+                        workers=args.workers, log=_stderr, progress=_progress_bar)
+    i, run = s["images"], s["this_run"]
+    _stderr(f"wrote {run['shards']} shard(s) to {args.out} in {run['seconds']:.1f} s "
+            f"({run['images_per_s'] or 0:.2f} images/s); dataset: {s['shards']['committed']} of "
+            f"{s['shards']['total']} shards, {i['kept']} images kept, {i['dropped']} dropped"
+            + (f", {s['identities']['short']} identities short of {spec.per_identity}" if s['identities']['short'] else ""))
+    return 0
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="dataset", file=sys.stderr, disable=None, smoothing=0.1)
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)

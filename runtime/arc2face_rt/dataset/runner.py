@@ -1,0 +1,185 @@
+"""Running a dataset: the output folder checked and claimed (`dataset.json`, `identities.npy`),
+committed shards skipped on `--resume`, the rest made in-process or by Ray actors, and
+`summary.json` written from the shard manifests.
+
+Layout of DIR: dataset.json (spec + engines id), identities.npy [N, 512], shards/shard-NNNNNN.json
+(one per committed shard: every image's identity, index, similarity, kept, file), the images
+(`id_NNNNNN/IIII.png`, or `shard-NNNNNN.tar`), summary.json (counts, similarity statistics, throughput).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..atomic import atomic_write, is_stale_temp, remove_stale_temps
+from ..errors import InvalidInputError, OutputExistsError, OutputWriteError
+from ..exits import Terminated, user_error_message
+from ..fileio import read_regular_file
+from ..npyio import read_npy, save_npy_atomic
+from ..outputs import check_output_dir
+from .spec import DatasetSpec
+from .worker import SHARD_FORMAT, SHARDS_DIR, ShardWorker, WorkerConfig, manifest_path
+
+DATASET_FILE, IDENTITIES_FILE, SUMMARY_FILE = "dataset.json", "identities.npy", "summary.json"
+DATASET_FORMAT = "arc2face-rt-dataset"
+_MAX_JSON = 256 << 20
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        d = json.loads(read_regular_file(path, _MAX_JSON, what=what, fix="move it away or choose another --out"))
+    except (ValueError, UnicodeDecodeError):
+        d = None
+    if not isinstance(d, dict):
+        raise InvalidInputError(f"{path}: is not a {what} arc2face-rt wrote; move it away or choose another --out")
+    return d
+
+
+def _first_difference(got, want, where: str = "") -> str | None:
+    if isinstance(got, dict) and isinstance(want, dict):
+        for k in sorted(set(got) | set(want)):
+            d = _first_difference(got.get(k), want.get(k), f"{where}.{k}" if where else k)
+            if d:
+                return d
+        return None
+    return None if got == want else f"{where}: {got!r} there, {want!r} now"
+
+
+def open_output(out: Path, spec: DatasetSpec, identities: np.ndarray, engine_id: str, resume: bool,
+                log: Callable[[str], None]) -> set[int]:
+    """Claim `out` for this dataset (or check that it holds this very dataset, with --resume) and
+    return the shards already committed. Refuses, before any work, a folder with anything else in it."""
+    check_output_dir(out)
+    record = {"format": DATASET_FORMAT, "format_version": 1, "spec": spec.to_json(), "engines": engine_id}
+    meta, ids_file = out / DATASET_FILE, out / IDENTITIES_FILE
+    if meta.exists():
+        if not resume:
+            raise OutputExistsError(f"{out}: holds a dataset already; pass --resume to finish it, or choose another --out")
+        diff = _first_difference(_read_json(meta, "dataset description"), record)
+        if diff:
+            raise InvalidInputError(f"{meta}: this dataset was made with other settings ({diff}); --resume only "
+                                    "continues the same run: use the same flags and engines, or another --out")
+        if ids_file.exists():
+            if not np.array_equal(read_npy(ids_file, identities.nbytes + 4096), identities):
+                raise InvalidInputError(f"{ids_file}: other identities than this run's; --resume only continues "
+                                        "the same run: use the same --identities/--seed, or another --out")
+        else:
+            save_npy_atomic(ids_file, identities)
+    else:
+        if out.is_dir() and any(not (e.name.endswith(".tmp") and is_stale_temp(Path(e.path))) for e in os.scandir(out)):
+            raise OutputExistsError(f"--out {out}: is not empty and holds no arc2face-rt dataset; choose a new or "
+                                    "empty folder")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(meta, json.dumps(record, indent=1).encode())
+        save_npy_atomic(ids_file, identities)
+    removed = remove_stale_temps(out) + remove_stale_temps(out / SHARDS_DIR)
+    if removed:
+        log(f"removed {removed} unfinished shard file(s) an interrupted run left in {out}")
+    (out / SHARDS_DIR).mkdir(exist_ok=True)
+    return committed_shards(out, spec)
+
+
+def committed_shards(out: Path, spec: DatasetSpec) -> set[int]:
+    """Shards whose manifest exists (written last, after the images were in place)."""
+    done = set()
+    names = set(os.listdir(out / SHARDS_DIR)) if (out / SHARDS_DIR).is_dir() else set()
+    for s in range(spec.shards):
+        p = manifest_path(out, s)
+        if p.name not in names:
+            continue
+        m = _read_json(p, "shard manifest")
+        if m.get("format") != SHARD_FORMAT or m.get("shard") != s:
+            raise InvalidInputError(f"{p}: is not shard {s}'s manifest; move it away or choose another --out")
+        if spec.format == "wds" and (out / m["tar"]).stat().st_size != m["bytes"]:
+            raise InvalidInputError(f"{out / m['tar']}: has another size than its manifest records; move it "
+                                    f"and {p} away and run with --resume to make the shard again")
+        done.add(s)
+    return done
+
+
+def _stats(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    v = np.asarray(values, np.float64)
+    q = np.percentile(v, [5, 50, 95])
+    return {"count": len(v), "mean": round(float(v.mean()), 6), "std": round(float(v.std()), 6),
+            "min": round(float(v.min()), 6), "p05": round(float(q[0]), 6), "p50": round(float(q[1]), 6),
+            "p95": round(float(q[2]), 6), "max": round(float(v.max()), 6)}
+
+
+def summarize(out: Path, spec: DatasetSpec, run: dict) -> dict:
+    """summary.json from every committed shard's manifest plus this run's throughput."""
+    counts, kept_per_id, sims, kept_sims = Counter(), Counter(), [], []
+    done = sorted(committed_shards(out, spec))
+    for s in done:
+        m = _read_json(manifest_path(out, s), "shard manifest")
+        counts.update(m["counts"])
+        for r in m["images"]:
+            kept_per_id[r["identity"]] += r["kept"]
+            if r["similarity"] is not None:
+                sims.append(r["similarity"])
+                if r["kept"]:
+                    kept_sims.append(r["similarity"])
+    made = [j for s in done for j in spec.shard_identities(s)]
+    summary = {"format": "arc2face-rt-dataset-summary", "complete": len(done) == spec.shards,
+               "shards": {"committed": len(done), "total": spec.shards},
+               "identities": {"total": spec.identities, "made": len(made),
+                              "short": sum(kept_per_id[j] < spec.per_identity for j in made)},
+               "images": {k: counts[k] for k in ("generated", "kept", "dropped", "no_face")},
+               "similarity": {"all": _stats(sims), "kept": _stats(kept_sims), "min_similarity": spec.min_similarity},
+               "this_run": run}
+    atomic_write(out / SUMMARY_FILE, json.dumps(summary, indent=1).encode(), overwrite=True)
+    return summary
+
+
+def run_dataset(config: WorkerConfig, identities: np.ndarray, todo: list[int], pipe=None, ray: str | None = None,
+                workers: int | None = None, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+                progress=None) -> dict:
+    """Make the shards `todo` (in-process with `pipe`, or on Ray at address `ray`: "local" starts one
+    here), then write summary.json; returns it. `progress(total_images)` returns a tqdm-like bar."""
+    spec = config.spec
+    bar = progress(sum(len(spec.shard_identities(s)) for s in todo) * spec.per_identity) if progress else None
+    t0, made, per_worker = time.perf_counter(), 0, Counter()
+    try:
+        if ray is None:
+            worker = ShardWorker(config, identities, pipe=pipe)
+            for s in todo:
+                if bar:
+                    bar.set_postfix_str(f"shard {s} ({len(spec.shard_identities(s))} identities)", refresh=False)
+                m = worker.run(s, progress=bar.update if bar else None)
+                made += m["counts"]["generated"]
+        else:
+            from .ray_runner import run_on_ray
+
+            for m in run_on_ray(config, identities, todo, ray, workers, log):
+                made += m["counts"]["generated"]
+                per_worker[m["run"]["worker"]] += 1
+                if bar:
+                    bar.update(m["counts"]["generated"])
+                    bar.set_postfix_str(f"{len(per_worker)} worker(s), last: shard {m['shard']} by {m['run']['worker']}")
+    except KeyboardInterrupt as e:           # Ctrl-C, or SIGTERM (exits.Terminated)
+        if bar:
+            bar.close()
+        log(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}: committed shards are complete and "
+            f"kept in {config.out}, no unfinished one is visible; run the same command with --resume to finish")
+        e.reported = True
+        raise
+    except (OSError, MemoryError) as e:
+        if bar:
+            bar.close()
+        raise OutputWriteError(f"{user_error_message(e)}; committed shards are kept in {config.out}: run the "
+                               "same command with --resume to finish") from e
+    if bar:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    run = {"shards": len(todo), "images_generated": made, "seconds": round(seconds, 3),
+           "images_per_s": round(made / seconds, 4) if seconds > 0 and made else None,
+           "ray": ray, "workers": dict(per_worker) if ray else 1}
+    return summarize(config.out, spec, run)

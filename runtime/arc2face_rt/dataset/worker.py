@@ -1,0 +1,128 @@
+"""`ShardWorker`: one loaded pipeline (and face models) that makes whole shards. The same class runs
+in-process and as a Ray actor; a shard is a pure function of the spec, the engines and the
+identities, so which worker makes it never changes a byte.
+
+Within a shard, identities are batched together (`Arc2FacePipeline.iter_many`), images stream to
+the shard writer one batch at a time, and with face models each image is embedded with our ArcFace
+path and its cosine to its identity recorded; under `min_similarity` it is dropped (counted), or with
+`on_reject="regenerate"` replaced by the identity's next unused index (at most K * max_tries tries).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..atomic import atomic_write
+from ..errors import NoFaceError
+from ..images import png_bytes
+from .identities import identity_seed
+from .spec import DatasetSpec, shard_name
+from .writers import WRITERS
+
+SHARDS_DIR = "shards"
+SHARD_FORMAT = "arc2face-rt-dataset-shard"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How a worker opens its models and where it writes (picklable: Ray ships it to each actor)."""
+    out: Path
+    spec: DatasetSpec
+    engines: Path
+    backend: str = "auto"
+    device: str = "auto"
+    verify: bool = True
+    cpu_precision: str = "auto"
+    models: Path | None = None         # face models folder (scrfd_10g_bnkps.onnx, arcface.onnx)
+
+
+def manifest_path(out: Path, shard: int) -> Path:
+    return Path(out) / SHARDS_DIR / f"{shard_name(shard)}.json"
+
+
+class ShardWorker:
+    def __init__(self, config: WorkerConfig, identities: np.ndarray, pipe=None):
+        from ..pipeline import Arc2FacePipeline
+
+        self.config, self.identities = config, identities
+        self.pipe = pipe or Arc2FacePipeline(config.engines, backend=config.backend, device=config.device,
+                                             verify=config.verify, cpu_precision=config.cpu_precision)
+        self.pipe.prepare(config.spec.options)
+        self.face = None
+        if config.spec.score:
+            from ..face.identity import FaceAnalyzer
+            from ..face.models import load_face_models
+
+            det, rec = load_face_models(config.models, device=config.device, engines=config.engines,
+                                        backend=config.backend, verify=config.verify)
+            self.face = FaceAnalyzer(det, rec)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def similarity(self, image: np.ndarray, j: int) -> float | None:
+        """ArcFace cosine of `image` to identity j; None when no face is found in it."""
+        try:
+            emb = self.face.embed_image(image, f"identity {j}")[0]
+        except NoFaceError:
+            return None
+        return float(emb @ self.identities[j])
+
+    def run(self, shard: int, progress: Callable[[int], None] | None = None) -> dict:
+        """Make, write and commit `shard`; return its manifest (also written last, as the commit mark)."""
+        c, spec = self.config, self.config.spec
+        t0 = time.perf_counter()
+        ids = list(spec.shard_identities(shard))
+        seeds = {j: identity_seed(spec.options.seed, j) for j in ids}
+        need = {j: spec.per_identity for j in ids}
+        next_index = {j: 0 for j in ids}
+        records: list[dict] = []
+        writer = WRITERS[spec.format](Path(c.out), shard)
+        try:
+            while any(need.values()):                       # one round; regenerated images in the next
+                todo = [j for j in ids if need[j]]
+                indices = [list(range(next_index[j], next_index[j] + need[j])) for j in todo]
+                items = iter([(j, i) for j, idx in zip(todo, indices) for i in idx])
+                for j in todo:
+                    next_index[j] += need[j]
+                    need[j] = 0
+                for res in self.pipe.iter_many(self.identities[todo], options=spec.options, indices=indices,
+                                               seeds=[seeds[j] for j in todo]):
+                    for image, params in zip(res.images, res.params):
+                        j, i = next(items)
+                        records.append(self._write(writer, j, i, image, params))
+                        if not records[-1]["kept"] and spec.on_reject == "regenerate" and \
+                                next_index[j] + need[j] < spec.per_identity * spec.max_tries:
+                            need[j] += 1
+                        if progress:
+                            progress(1)
+            committed = writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        kept = sum(r["kept"] for r in records)
+        manifest = {"format": SHARD_FORMAT, "format_version": 1, "shard": shard, "identities": [ids[0], ids[-1] + 1],
+                    "counts": {"generated": len(records), "kept": kept, "dropped": len(records) - kept,
+                               "no_face": sum(r["similarity"] is None for r in records) if self.face else 0},
+                    **committed, "images": records,
+                    "run": {"seconds": round(time.perf_counter() - t0, 3), "worker": self.name}}
+        atomic_write(manifest_path(c.out, shard), json.dumps(manifest, indent=1).encode(), overwrite=False,
+                     hint="another run committed this shard meanwhile")
+        return manifest
+
+    def _write(self, writer, j: int, i: int, image: np.ndarray, params: dict) -> dict:
+        sim = self.similarity(image, j) if self.face else None
+        ms = self.config.spec.min_similarity
+        rec = {"identity": j, "index": i, "similarity": sim, "kept": ms is None or (sim is not None and sim >= ms)}
+        if rec["kept"]:
+            rec["file"] = writer.add(j, i, png_bytes(image, params),
+                                     {"identity": j, "index": i, "similarity": sim, "params": params})
+        return rec
+
+    def close(self) -> None:
+        self.pipe.close()
