@@ -83,7 +83,13 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    import os
+
+    # Accelerate only forms a multi-process CPU group (gloo) when told it runs on the CPU
+    # (`accelerate launch --cpu` says so; under torchrun without a GPU we do).
+    cpu_group = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                      cpu=cpu_group)
     main = acc.is_main_process
     start, state, ckpt = _start(cfg, resume)
     refs = index_shards(cfg.data)
@@ -93,6 +99,9 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
         raise InvalidInputError(f"{cfg.model_dir}/scheduler: prediction_type "
                                 f"{models.scheduler_config['prediction_type']!r}; fit trains epsilon prediction only")
     noise_sched = DDPMScheduler.from_config(models.scheduler_config)
+    if main:
+        say(f"resuming from {ckpt} (step {start} of {cfg.steps})" if ckpt else
+            f"training {cfg.steps} steps on {len(refs)} samples, {acc.num_processes} process(es) on {acc.device}")
     unet, encoder, vae = models.unet, models.encoder, models.vae
     params = set_trainable(unet, encoder, cfg.train_unet, cfg.train_encoder, cfg.lora_rank, cfg.lora_alpha)
     if state is not None and "trainable" in state:

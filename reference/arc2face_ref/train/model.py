@@ -40,6 +40,9 @@ def set_trainable(unet: nn.Module, encoder: nn.Module, train_unet: bool, train_e
     """Mark what trains (whole models, or only LoRA adapters injected into them); return those parameters."""
     for model, on in ((unet, train_unet), (encoder, train_encoder)):
         model.requires_grad_(on and not lora_rank)
+    # The token table stays frozen: the projector reads 7 of its 49408 rows (and the unconditional
+    # prompt 2), so training it would cost optimizer state for 38 M parameters to move a handful of them.
+    encoder.embeddings.token_embedding.requires_grad_(False)
     if lora_rank:
         from peft import LoraConfig, inject_adapter_in_model
 

@@ -89,7 +89,7 @@ def _write_shard(out: Path, k: int, samples: list[dict]) -> None:
     import webdataset as wds
 
     def render(f):
-        with wds.TarWriter(f, encoder=False) as tw:
+        with wds.TarWriter(f, encoder=False, mtime=0) as tw:     # fixed mtime: the same photos give the same bytes
             for s in samples:
                 tw.write(s)
     atomic_write(out / shard_name(k), render, overwrite=True)   # a stale one from a killed run is redone
