@@ -47,35 +47,37 @@ def test_overfits_eight_samples(tiny_model_dir, data, tmp_path):
     assert first / last >= 5, (first, last)
 
 
-def test_resume_equals_straight_run(tiny_model_dir, data, tmp_path):
-    """20 steps straight == 10 steps, then --resume from checkpoint-10, 10 more (cosine LR, warmup,
-    EMA, ID dropout: all of the state that has to survive)."""
+@pytest.mark.parametrize("steps", [8, pytest.param(20, marks=pytest.mark.slow)])
+def test_resume_equals_straight_run(tiny_model_dir, data, tmp_path, steps):
+    """N steps straight == N/2 steps, then --resume from that checkpoint, N/2 more (cosine LR, warmup,
+    EMA, ID dropout: all of the state that has to survive). The issue's 20 == 10 + 10 is the slow case."""
+    half = steps // 2
     from arc2face_ref.train.checkpoint import load_state
     from arc2face_ref.train.loop import fit
 
-    kw = dict(steps=20, checkpoint_every=10, lr_schedule="cosine", warmup_steps=3, ema_decay=0.9, id_dropout=0.3,
+    kw = dict(steps=steps, checkpoint_every=half, lr_schedule="cosine", warmup_steps=3, ema_decay=0.9, id_dropout=0.3,
               batch_size=2)
     straight = fit(_cfg(tiny_model_dir, data, tmp_path / "a", **kw), progress=False)
-    assert [p.name for p in straight.checkpoints] == ["checkpoint-10", "checkpoint-20"]
+    assert [p.name for p in straight.checkpoints] == [f"checkpoint-{half}", f"checkpoint-{steps}"]
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    shutil.rmtree(tmp_path / "b" / "checkpoint-20")               # as if killed after step 10's checkpoint
+    shutil.rmtree(tmp_path / "b" / f"checkpoint-{steps}")          # as if killed after the first checkpoint
     resumed = fit(_cfg(tiny_model_dir, data, tmp_path / "b", **kw), resume=True, progress=False)
-    assert resumed.start_step == 10 and len(resumed.losses) == 10
-    np.testing.assert_allclose(resumed.losses, straight.losses[10:], rtol=1e-6)
-    wa, wb = _weights(tmp_path / "a" / "checkpoint-20"), _weights(tmp_path / "b" / "checkpoint-20")
+    assert resumed.start_step == half and len(resumed.losses) == steps - half
+    np.testing.assert_allclose(resumed.losses, straight.losses[half:], rtol=1e-6)
+    wa, wb = _weights(tmp_path / "a" / f"checkpoint-{steps}"), _weights(tmp_path / "b" / f"checkpoint-{steps}")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
-    sa, sb = load_state(tmp_path / "a" / "checkpoint-20"), load_state(tmp_path / "b" / "checkpoint-20")
+    sa, sb = load_state(tmp_path / "a" / f"checkpoint-{steps}"), load_state(tmp_path / "b" / f"checkpoint-{steps}")
     for k in sa["trainable"]:
         torch.testing.assert_close(sb["trainable"][k], sa["trainable"][k], rtol=1e-5, atol=1e-6)
     rows = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
-    assert len(rows) == 21 and rows[-1].startswith("20,")
+    assert len(rows) == steps + 1 and rows[-1].startswith(f"{steps},")
     base = _weights(tiny_model_dir)
     assert any(not torch.equal(base[k], wa[k]) for k in base if k.startswith("encoder."))   # both trained
     assert any(not torch.equal(base[k], wa[k]) for k in base if k.startswith("unet."))
     from arc2face_rt.errors import InvalidInputError
     with pytest.raises(InvalidInputError, match="--lr"):
-        fit(_cfg(tiny_model_dir, data, tmp_path / "b", **{**kw, "steps": 30, "lr": 1.0}), resume=True)
+        fit(_cfg(tiny_model_dir, data, tmp_path / "b", **{**kw, "steps": steps + 10, "lr": 1.0}), resume=True)
 
 
 @pytest.mark.slow      # three processes importing torch + diffusers

@@ -118,7 +118,9 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
     trainee = Trainee(unet, encoder).train()
     vae.requires_grad_(False).eval()
     vae_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
-    vae.to(acc.device, vae_dtype)
+    vae.to(acc.device)
+    if vae_dtype != torch.float32:
+        vae.to(dtype=vae_dtype)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     # stepped here once per optimizer step: not handed to Accelerate, which would step it once per process
     sched = get_scheduler("cosine" if cfg.lr_schedule == "cosine" else "constant_with_warmup", opt,
