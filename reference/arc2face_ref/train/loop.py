@@ -108,7 +108,8 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
         load_trainable_state(unet, encoder, state["trainable"])
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        encoder.gradient_checkpointing_enable()
+        # transformers 5 renamed it (the old name warns); 4.x has only the old one
+        (getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable)()
     ema = None
     if cfg.ema_decay:
         from diffusers.training_utils import EMAModel
