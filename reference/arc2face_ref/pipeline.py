@@ -41,8 +41,9 @@ class ReferencePipeline:
         With return_trajectory, also returns the latents after every step (list of [B, 4, 64, 64])."""
         sched = diffusers_scheduler(scheduler, self.models.scheduler_config)
         sched.set_timesteps(steps)
-        cond = self.projector(torch.from_numpy(id_emb).float())
-        x = torch.from_numpy(latents).float()
+        dev = next(self.models.unet.parameters()).device       # a GPU during training's validation
+        cond = self.projector(torch.from_numpy(id_emb).float().to(dev))
+        x = torch.from_numpy(latents).float().to(dev)
         cfg = guidance > 1
         enc = torch.cat([self.uncond[None].expand_as(cond), cond]) if cfg else cond
         traj = []
@@ -54,6 +55,6 @@ class ReferencePipeline:
             else:
                 eps = self.models.unet(x_in, t, enc).sample
             x = sched.step(eps, t, x).prev_sample
-            traj.append(x.numpy().copy())
-        images = self.decoder(x).numpy()
+            traj.append(x.cpu().numpy().copy())
+        images = self.decoder(x).cpu().numpy()
         return (images, traj) if return_trajectory else images

@@ -36,25 +36,37 @@ class Arc2FaceProjector(nn.Module):
     def __init__(self, encoder):
         super().__init__()
         self.encoder = encoder
-        ids = torch.tensor([PROMPT_IDS])
+        ids = torch.tensor([PROMPT_IDS], device=encoder.embeddings.token_embedding.weight.device)
         with torch.no_grad():
             # The prompt never changes, so its token embeddings are computed once ([77, 768]);
             # this also keeps the 49408x768 table out of the exported graph.
             tok = encoder.embeddings.token_embedding(ids)[0]
         self.register_buffer("prompt_tokens", tok.detach().clone(), persistent=False)
 
-    def forward(self, id_emb: torch.Tensor) -> torch.Tensor:
-        # id_emb: [B, 512]
+    def forward(self, id_emb: torch.Tensor, prompt_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        # id_emb: [B, 512]; prompt_tokens: [77, 768], default the table's rows cached at construction.
+        # Training passes them live from the encoder's table, so its rows get gradients as in Arc2Face.
         b = id_emb.shape[0]
         idn = id_emb / torch.linalg.vector_norm(id_emb, dim=1, keepdim=True)  # as the official code
         slot = torch.cat([idn, idn.new_zeros(b, TEXT_DIM - ID_DIM)], dim=1)[:, None]  # [B, 1, 768]
-        tok = self.prompt_tokens[None].expand(b, TEXT_LEN, TEXT_DIM)
+        tok = (self.prompt_tokens if prompt_tokens is None else prompt_tokens)[None].expand(b, TEXT_LEN, TEXT_DIM)
         tok = torch.cat([tok[:, :ID_SLOT], slot.to(tok.dtype), tok[:, ID_SLOT + 1:]], dim=1)
         return encode_token_embeddings(self.encoder, tok)
 
 
+def prompt_token_embeddings(encoder) -> torch.Tensor:
+    """The prompt's rows of the encoder's token table, differentiable. [77, 768]"""
+    ids = torch.tensor(PROMPT_IDS, device=encoder.embeddings.token_embedding.weight.device)
+    return encoder.embeddings.token_embedding(ids)
+
+
+def encode_unconditional(encoder) -> torch.Tensor:
+    """The negative embedding: the encoder on [BOS] + [EOS]*76 (not zeros), differentiable. [77, 768]"""
+    ids = torch.tensor([UNCOND_IDS], device=encoder.embeddings.token_embedding.weight.device)
+    return encoder(input_ids=ids).last_hidden_state[0]
+
+
 @torch.no_grad()
 def unconditional_embedding(encoder) -> torch.Tensor:
-    """The constant negative embedding: the same encoder on [BOS] + [EOS]*76 (not zeros). [77, 768]"""
-    out = encoder(input_ids=torch.tensor([UNCOND_IDS])).last_hidden_state
-    return out[0]
+    """The constant negative embedding the runtime uses (see encode_unconditional). [77, 768]"""
+    return encode_unconditional(encoder)

@@ -1,0 +1,78 @@
+"""The options of `arc2face-train fit`: one frozen dataclass, one field per flag (cli.py maps them)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from arc2face_rt.errors import InvalidInputError
+
+LR_SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    model_dir: Path                 # released layout to start from (arc2face/, encoder/, vae/, scheduler/)
+    data: Path                      # folder of shards written by `arc2face-train prepare`
+    out: Path                       # run folder: checkpoint-N/, metrics.csv, validation/, tensorboard/
+    steps: int = 1000               # optimizer steps in all (a resumed run continues up to this)
+    batch_size: int = 4             # per process, per micro-step
+    grad_accum: int = 1             # micro-steps per optimizer step
+    lr: float = 1e-5
+    lr_schedule: str = "constant"   # after warmup: "constant" or "cosine" (to 0 at `steps`)
+    warmup_steps: int = 0
+    weight_decay: float = 1e-2      # AdamW
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0      # 0: no clipping
+    resolution: int = 512           # training image side; latents are resolution/8
+    train_unet: bool = True
+    train_encoder: bool = True
+    id_dropout: float = 0.0         # probability of replacing a sample's condition by the unconditional one
+    mixed_precision: str = "no"     # "no", "bf16", "fp16" (Accelerate autocast; master weights stay fp32)
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.0          # 0: no EMA; else the checkpoints hold the EMA weights
+    lora_rank: int = 0              # 0: full fine-tuning; else LoRA (peft) on the trained models' attention
+    lora_alpha: float = 0.0         # 0: equal to the rank
+    seed: int = 0
+    checkpoint_every: int = 500     # steps; the last step always writes one
+    keep_checkpoints: int = 0       # 0: keep all; else only the newest N
+    validate_every: int = 0         # steps; 0: no validation
+    val_ids: int = 4                # identities (the first samples of the data) in the validation grid
+    val_images: int = 2             # images per identity
+    val_steps: int = 25             # DPM-Solver++ steps for validation images
+    val_guidance: float = 3.0
+    face_models: Path | None = None  # detector + arcface.onnx, for the validation ID similarity
+    workers: int = 2                # data-loading processes
+
+    def __post_init__(self):
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise InvalidInputError(msg)
+        need(self.steps >= 1, f"--steps must be at least 1 (got {self.steps})")
+        need(self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be at least 1")
+        need(self.resolution >= 64 and self.resolution % 64 == 0,
+             f"--resolution must be a multiple of 64 (got {self.resolution})")
+        need(self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {LR_SCHEDULES}")
+        need(self.mixed_precision in PRECISIONS, f"--mixed-precision must be one of {PRECISIONS}")
+        need(self.train_unet or self.train_encoder,
+             "--freeze-unet and --freeze-encoder together leave nothing to train; drop one")
+        need(0 <= self.id_dropout < 1, f"--id-dropout must be in [0, 1) (got {self.id_dropout})")
+        need(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1) (got {self.ema_decay})")
+        need(self.checkpoint_every >= 1, "--checkpoint-every must be at least 1")
+        need(self.val_ids >= 1 and self.val_images >= 1 and self.val_steps >= 1,
+             "--val-ids, --val-images and --val-steps must be at least 1")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+# Options a resumed run may change; every other one must equal the run's (it would change the maths).
+RESUME_MAY_CHANGE = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "validate_every", "val_ids",
+                               "val_images", "val_steps", "val_guidance", "face_models", "workers", "model_dir",
+                               "data", "out"})

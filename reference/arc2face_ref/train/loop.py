@@ -1,0 +1,246 @@
+"""`arc2face-train fit`: the training loop, on one device or many through Hugging Face Accelerate.
+
+Per optimizer step (semantics of diffusers' examples/text_to_image/train_text_to_image.py):
+    z0   = VAE.encode(image).sample · 0.18215 (the VAE's scaling_factor; the VAE is frozen)
+    t    ~ U{0 … T−1}, eps ~ N(0, I), z_t = sqrt(ᾱ_t)·z0 + sqrt(1 − ᾱ_t)·eps   (the model's own
+           scheduler_config: SD1.5's scaled_linear betas, T = 1000, epsilon prediction)
+    loss = MSE(unet(z_t, t, cond), eps), cond from the exported projector (model.py), replaced by the
+           unconditional embedding with probability id_dropout (so CFG keeps working)
+    AdamW, warmup then constant or cosine LR, gradient clipping, accumulation, optional EMA.
+Launch `accelerate launch … arc2face-train fit …` or `torchrun … ` for several devices/nodes; each
+process takes its slice of every global batch (shards.py), so the update does not depend on how many
+processes share it. Checkpoints: checkpoint.py. Validation and logs: validation.py.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from arc2face_rt.errors import InvalidInputError, OutputExistsError
+from arc2face_rt.outputs import check_output_dir
+
+from ..loading import Arc2FaceModels, load_models
+from .checkpoint import checkpoints, load_state, prune_checkpoints, save_checkpoint
+from .config import RESUME_MAY_CHANGE, FitConfig
+from .model import Trainee, load_trainable_state, set_trainable, trainable_state
+from .shards import RunSampler, ShardDataset, index_shards, sample_seed
+from .validation import RunLog, Validator
+
+
+@dataclass
+class FitResult:
+    start_step: int                     # 0, or the step resumed from
+    losses: list[float]                 # the loss of each step this run took (mean over all processes)
+    checkpoints: list[Path]             # written by this run
+
+
+def _start(cfg: FitConfig, resume: bool) -> tuple[int, dict | None, Path | None]:
+    """(start step, training state, checkpoint) after checking the run folder."""
+    found = checkpoints(cfg.out)
+    if not resume:
+        check_output_dir(cfg.out)
+        if cfg.out.exists() and any(cfg.out.iterdir()):
+            raise OutputExistsError(f"--out {cfg.out}: exists and is not empty; pass --resume to continue that run, "
+                                    "or choose another --out")
+        return 0, None, None
+    if not found:
+        return 0, None, None            # --resume on a run with no checkpoint yet: start it
+    step, path = list(found.items())[-1]
+    state = load_state(path)
+    old = state["config"]
+    changed = [k for k, v in cfg.to_json().items() if k not in RESUME_MAY_CHANGE and old.get(k) != v]
+    if changed:
+        raise InvalidInputError(f"--resume: {path} was trained with other {', '.join('--' + k.replace('_', '-') for k in changed)}"
+                                f" ({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); pass the same values")
+    if step >= cfg.steps:
+        raise InvalidInputError(f"--resume: {path} is at step {step}, --steps is {cfg.steps}: nothing left to do; "
+                                "raise --steps to train further")
+    return step, state, path
+
+
+def _per_sample_noise(seeds: list[int], latent_shape: tuple, timesteps: int, id_dropout: float):
+    """Each sample's timestep, noise, VAE sample noise and dropout from its own generator (shards.py)."""
+    ts, noise, vae_eps, drop = [], [], [], []
+    for s in seeds:
+        g = torch.Generator().manual_seed(s)
+        ts.append(int(torch.randint(0, timesteps, (1,), generator=g)))
+        noise.append(torch.randn(latent_shape, generator=g))
+        vae_eps.append(torch.randn(latent_shape, generator=g))
+        drop.append(bool(torch.rand(1, generator=g) < id_dropout))
+    return torch.tensor(ts), torch.stack(noise), torch.stack(vae_eps), torch.tensor(drop)
+
+
+def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print, progress: bool = True) -> FitResult:
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    import os
+
+    # Accelerate only forms a multi-process CPU group (gloo) when told it runs on the CPU
+    # (`accelerate launch --cpu` says so; under torchrun without a GPU we do).
+    cpu_group = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                      cpu=cpu_group)
+    main = acc.is_main_process
+    start, state, ckpt = _start(cfg, resume)
+    refs = index_shards(cfg.data)
+    # LoRA trains adapters on the base weights; otherwise the checkpoint's weights are the start.
+    models = load_models(ckpt if ckpt is not None and not cfg.lora_rank else cfg.model_dir)
+    if models.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
+        raise InvalidInputError(f"{cfg.model_dir}/scheduler: prediction_type "
+                                f"{models.scheduler_config['prediction_type']!r}; fit trains epsilon prediction only")
+    noise_sched = DDPMScheduler.from_config(models.scheduler_config)
+    if main:
+        say(f"resuming from {ckpt} (step {start} of {cfg.steps})" if ckpt else
+            f"training {cfg.steps} steps on {len(refs)} samples, {acc.num_processes} process(es) on {acc.device}")
+    unet, encoder, vae = models.unet, models.encoder, models.vae
+    params = set_trainable(unet, encoder, cfg.train_unet, cfg.train_encoder, cfg.lora_rank, cfg.lora_alpha)
+    if state is not None and "trainable" in state:
+        load_trainable_state(unet, encoder, state["trainable"])
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        # transformers 5 renamed it (the old name warns); 4.x has only the old one
+        (getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable)()
+    ema = None
+    if cfg.ema_decay:
+        from diffusers.training_utils import EMAModel
+        ema = EMAModel(params, decay=cfg.ema_decay)
+        if state is not None:
+            ema.load_state_dict(state["ema"])
+    trainee = Trainee(unet, encoder).train()
+    vae.requires_grad_(False).eval()
+    vae_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+    vae.to(acc.device)
+    if vae_dtype != torch.float32:
+        vae.to(dtype=vae_dtype)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    # stepped here once per optimizer step: not handed to Accelerate, which would step it once per process
+    sched = get_scheduler("cosine" if cfg.lr_schedule == "cosine" else "constant_with_warmup", opt,
+                          num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["lr_scheduler"])
+    model, opt = acc.prepare(trainee, opt)
+    acc.wait_for_everyone()             # every process has checked the run folder before it is made
+    if main:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+    if ema is not None:
+        ema.to(acc.device)
+
+    micro_per_step = cfg.grad_accum
+    sampler = RunSampler(len(refs), cfg.seed, cfg.batch_size, acc.process_index, acc.num_processes,
+                         start * micro_per_step, cfg.steps * micro_per_step)
+    loader = torch.utils.data.DataLoader(ShardDataset(refs, cfg.resolution), batch_sampler=sampler,
+                                         num_workers=cfg.workers, persistent_workers=False)
+    lat = cfg.resolution // 8
+    scale = float(vae.config.scaling_factor)            # 0.18215 for SD1.5
+    timesteps = int(noise_sched.config.num_train_timesteps)
+    validator = None
+    if main and cfg.validate_every:
+        validator = Validator(refs, cfg.val_ids, cfg.val_images, cfg.resolution, cfg.val_steps, cfg.val_guidance,
+                              cfg.seed, cfg.face_models)
+    log = RunLog(cfg.out, start) if main else None
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (main and progress), unit="step", dynamic_ncols=True)
+    result = FitResult(start, [], [])
+    step, step_losses, t0 = start, [], time.perf_counter()
+    samples_per_step = cfg.batch_size * acc.num_processes * cfg.grad_accum
+
+    for micro, (img, ids) in zip(range(start * micro_per_step, cfg.steps * micro_per_step), loader):
+        seeds = [sample_seed(cfg.seed, k) for k in sampler.sample_numbers(micro)]
+        t, noise, vae_eps, drop = (x.to(acc.device) for x in _per_sample_noise(seeds, (4, lat, lat), timesteps,
+                                                                               cfg.id_dropout))
+        with torch.no_grad():
+            dist = vae.encode(img.to(acc.device, vae_dtype)).latent_dist
+            z0 = (dist.mean.float() + dist.std.float() * vae_eps) * scale             # [b, 4, lat, lat]
+            zt = noise_sched.add_noise(z0, noise, t)
+        with acc.accumulate(model):
+            eps = model(zt, t, ids.to(acc.device), drop)
+            loss = F.mse_loss(eps.float(), noise)
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        step_losses.append(acc.gather(loss.detach()[None]).mean().item())
+        if not acc.sync_gradients:
+            continue
+        sched.step()
+        if ema is not None:
+            ema.step(params)
+        step += 1
+        loss_value = sum(step_losses) / len(step_losses)
+        step_losses = []
+        result.losses.append(loss_value)
+        lr = sched.get_last_lr()[0]
+        rate = (step - start) * samples_per_step / max(time.perf_counter() - t0, 1e-9)
+        if not math.isfinite(loss_value):
+            raise InvalidInputError(f"the loss became {loss_value} at step {step}; lower --lr, or use bf16 instead "
+                                    "of fp16")
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}", refresh=False)
+        bar.update(1)
+        sim = math.nan
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or (validator and step % cfg.validate_every == 0):
+            acc.wait_for_everyone()
+            if main:
+                with _ema_weights(ema, params):
+                    if validator and step % cfg.validate_every == 0:
+                        sim = validator(eval_models(models), cfg.out / "validation" / f"step-{step:06d}.png")
+                        trainee.train()
+                    if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                        st = {"step": step, "config": cfg.to_json(), "optimizer": opt.state_dict(),
+                              "lr_scheduler": sched.state_dict()}
+                        if ema is not None:
+                            st["ema"] = ema.state_dict()
+                        if ema is not None or cfg.lora_rank:
+                            st["trainable"] = _raw(ema, unet, encoder)
+                        result.checkpoints.append(save_checkpoint(cfg.out, step, unet, encoder, cfg.model_dir
+                                                                  if ckpt is None else ckpt, st))
+                        prune_checkpoints(cfg.out, cfg.keep_checkpoints)
+            acc.wait_for_everyone()
+        if main:
+            log.write(step, loss=loss_value, lr=lr, images_per_s=rate, id_similarity=sim)
+    bar.close()
+    if log is not None:
+        log.close()
+    acc.end_training()
+    return result
+
+
+def eval_models(models: Arc2FaceModels) -> Arc2FaceModels:
+    """The models for the reference pipeline, in eval mode (they are put back in train mode after)."""
+    models.unet.eval()
+    models.encoder.eval()
+    return models
+
+
+class _ema_weights:
+    """Within the block the trained parameters hold the EMA weights (exactly restored after)."""
+
+    def __init__(self, ema, params):
+        self.ema, self.params = ema, params
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+
+    def __exit__(self, *exc):
+        if self.ema is not None:
+            self.ema.restore(self.params)
+
+
+def _raw(ema, unet, encoder) -> dict:
+    """The raw (non-EMA) trained tensors; called inside _ema_weights, where the parameters hold EMA ones."""
+    if ema is None:
+        return trainable_state(unet, encoder)
+    names = list(trainable_state(unet, encoder))
+    return {n: t.detach().cpu().clone() for n, t in zip(names, ema.temp_stored_params)}

@@ -1,0 +1,145 @@
+"""`arc2face-train prepare`: photos -> our face front end -> WebDataset shards of training samples.
+
+Each photo: decode (EXIF-upright RGB) -> SCRFD -> the largest face (as Arc2Face does) -> ArcFace
+embedding of its 112x112 alignment -> the 512x512 training view (crop.py). A sample in a shard is
+    KEY.jpg       the training view, JPEG quality 95
+    KEY.id.npy    the unit ArcFace embedding, float32 [512]
+    KEY.json      {"source", "box", "det_score", "kps", "n_faces"}
+Work is split into numbered shards of `shard_size` input photos (img2dataset's scheme): shard k is
+committed by writing `shard-k.tar` and then `shard-k.stats.json` (its counts and skipped photos), both
+atomically; a later run skips every shard whose stats file exists, so an interrupted run continues
+where it stopped and a finished one is a no-op. `prepare.json` pins the input list and the shard size:
+a run with other photos into the same folder is refused. `skipped.txt` lists every skipped photo with
+its reason (photos with no usable face, unreadable files); they are skipped, never fatal.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+
+from arc2face_rt.atomic import atomic_write, remove_stale_temps
+from arc2face_rt.errors import InvalidInputError
+from arc2face_rt.face.identity import SKIPPABLE, FaceAnalyzer
+from arc2face_rt.face.image_io import expand_paths, load_image
+
+from .crop import TRAIN_SIZE, train_crop
+
+PLAN_FILE = "prepare.json"
+SKIPPED_FILE = "skipped.txt"
+JPEG_QUALITY = 95
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.tar"
+
+
+def stats_name(k: int) -> str:
+    return f"shard-{k:05d}.stats.json"
+
+
+@dataclass(frozen=True)
+class PrepareReport:
+    photos: int                  # input photos in all
+    shards: int                  # shards in all
+    shards_done_before: int      # shards an earlier run had committed (not redone)
+    written: int                 # samples in all shards
+    skipped: list[tuple[str, str]]   # (photo, reason), all shards
+
+
+def _plan(out: Path, files: list[Path], shard_size: int) -> None:
+    """Write prepare.json on the first run; on later runs, refuse other inputs or another shard size."""
+    plan = {"version": 1, "shard_size": shard_size, "size": TRAIN_SIZE, "files": [str(p) for p in files]}
+    path = out / PLAN_FILE
+    if not path.exists():
+        atomic_write(path, json.dumps(plan, indent=1).encode())
+        return
+    try:
+        old = json.loads(path.read_text())
+    except ValueError as e:
+        raise InvalidInputError(f"{path}: unreadable ({e}); use a new --out") from None
+    if old.get("shard_size") != shard_size:
+        raise InvalidInputError(f"{out}: was prepared with --shard-size {old.get('shard_size')}; pass the same to "
+                                "continue, or use a new --out")
+    if old.get("files") != plan["files"]:
+        raise InvalidInputError(f"{out}: was prepared from another list of photos ({len(old.get('files', []))} "
+                                f"then, {len(files)} now); pass the same --images to continue, or use a new --out")
+
+
+def _sample(analyzer: FaceAnalyzer, path: Path) -> dict:
+    """One photo -> the shard entries (bytes), or a SKIPPABLE error."""
+    image = load_image(path, analyzer.limits)
+    emb, face, n = analyzer.embed_image(image, str(path))
+    view = train_crop(image, face.kps)
+    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(view, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    assert ok
+    npy = io.BytesIO()
+    np.save(npy, np.asarray(emb, np.float32))
+    meta = {"source": str(path), "box": [round(float(v), 2) for v in face.box], "det_score": round(face.score, 4),
+            "kps": [[round(float(v), 2) for v in p] for p in face.kps], "n_faces": n}
+    return {"jpg": jpg.tobytes(), "id.npy": npy.getvalue(), "json": json.dumps(meta).encode()}
+
+
+def _write_shard(out: Path, k: int, samples: list[dict]) -> None:
+    import webdataset as wds
+
+    def render(f):
+        with wds.TarWriter(f, encoder=False, mtime=0) as tw:     # fixed mtime: the same photos give the same bytes
+            for s in samples:
+                tw.write(s)
+    atomic_write(out / shard_name(k), render, overwrite=True)   # a stale one from a killed run is redone
+
+
+def prepare(images: Sequence[str | Path], out: str | Path, analyzer_factory: Callable[[], FaceAnalyzer],
+            shard_size: int = 1000, progress: Callable[[int], None] | None = None,
+            say: Callable[[str], None] = lambda m: None) -> PrepareReport:
+    """Write the shards for `images` (files, folders, globs; folders recursively) into `out`.
+
+    `analyzer_factory` opens the face models; it is called only when a shard is left to do. `progress(n)`
+    is called after each photo with the number done."""
+    if shard_size < 1:
+        raise InvalidInputError(f"--shard-size must be at least 1 (got {shard_size})")
+    files = expand_paths(images, recursive=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
+    _plan(out, files, shard_size)
+    n_shards = -(-len(files) // shard_size)
+    todo = [k for k in range(n_shards) if not (out / stats_name(k)).is_file()]
+    if len(todo) < n_shards:
+        say(f"{n_shards - len(todo)} of {n_shards} shard(s) already done; continuing with the rest")
+    analyzer = analyzer_factory() if todo else None
+    for k in todo:
+        samples, skipped = [], []
+        for i, path in enumerate(files[k * shard_size:(k + 1) * shard_size]):
+            try:
+                s = _sample(analyzer, path)
+            except SKIPPABLE as e:
+                skipped.append({"path": str(path), "reason": str(e)})
+            else:
+                samples.append({"__key__": f"{k * shard_size + i:09d}", **s})
+            if progress:
+                progress(1)
+        if samples:
+            _write_shard(out, k, samples)
+        stats = {"shard": k, "photos": len(samples) + len(skipped), "written": len(samples), "skipped": skipped}
+        atomic_write(out / stats_name(k), json.dumps(stats, indent=1).encode(), overwrite=True)
+    return _summarise(out, len(files), n_shards, n_shards - len(todo))
+
+
+def _summarise(out: Path, photos: int, n_shards: int, done_before: int) -> PrepareReport:
+    written, skipped = 0, []
+    for k in range(n_shards):
+        stats = json.loads((out / stats_name(k)).read_text())
+        written += stats["written"]
+        skipped += [(s["path"], s["reason"]) for s in stats["skipped"]]
+    text = "".join(f"{p}\t{' '.join(r.split())}\n" for p, r in skipped).encode()
+    path = out / SKIPPED_FILE
+    if not path.is_file() or path.read_bytes() != text:
+        atomic_write(path, text, overwrite=True)
+    return PrepareReport(photos, n_shards, done_before, written, skipped)

@@ -1,0 +1,126 @@
+"""Reading the prepared shards for training, in an order that depends only on the seed and the step.
+
+The shards are indexed once (tar member offsets), so any sample can be read directly: that is what
+makes resuming exact and the data split independent of the number of processes. Sample number k of
+the run (k = step · global_batch + position in that batch) is sample perm_e[k mod N] with e = k div N
+and perm_e a permutation seeded by (seed, e): every epoch is a fresh shuffle, none drops a remainder.
+A global batch is cut into per-process slices in rank order; all randomness of a sample (timestep,
+noise, VAE sample, ID dropout) comes from a generator seeded by (seed, k), so one process with batch
+2b sees exactly what two processes with batch b see together.
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from arc2face_rt.errors import InvalidInputError
+
+from .prepare import PLAN_FILE
+
+_PARTS = ("jpg", "id.npy", "json")
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    shard: Path
+    key: str
+    parts: dict            # part name -> (offset, size) in the tar
+
+
+def index_shards(data: str | Path) -> list[SampleRef]:
+    """Every complete sample of the shards in `data`, in shard and key order."""
+    data = Path(data)
+    if not (data / PLAN_FILE).is_file():
+        raise InvalidInputError(f"--data {data}: not a folder written by `arc2face-train prepare` (no {PLAN_FILE})")
+    refs = []
+    for shard in sorted(data.glob("shard-*.tar")):
+        if not shard.with_name(shard.name[:-4] + ".stats.json").is_file():
+            continue                       # not committed: a prepare run is still writing it
+        by_key: dict[str, dict] = {}
+        try:
+            with tarfile.open(shard) as tf:
+                for m in tf.getmembers():
+                    key, _, part = m.name.partition(".")
+                    by_key.setdefault(key, {})[part] = (m.offset_data, m.size)
+        except (tarfile.TarError, OSError) as e:
+            raise InvalidInputError(f"{shard}: unreadable shard ({e}); delete it and its .stats.json, then run "
+                                    "`arc2face-train prepare` again to redo it") from None
+        refs += [SampleRef(shard, k, p) for k, p in sorted(by_key.items()) if all(q in p for q in _PARTS)]
+    if not refs:
+        raise InvalidInputError(f"--data {data}: no samples (did prepare skip every photo? see its skipped.txt)")
+    return refs
+
+
+def read_part(ref: SampleRef, part: str) -> bytes:
+    offset, size = ref.parts[part]
+    with open(ref.shard, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+def read_id(ref: SampleRef) -> np.ndarray:
+    return np.load(io.BytesIO(read_part(ref, "id.npy"))).astype(np.float32)
+
+
+def read_meta(ref: SampleRef) -> dict:
+    return json.loads(read_part(ref, "json"))
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """index -> (image [3, R, R] float in [-1, 1], id [512] float32)."""
+
+    def __init__(self, refs: list[SampleRef], resolution: int):
+        self.refs, self.resolution = refs, resolution
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i: int):
+        ref = self.refs[i]
+        buf = np.frombuffer(read_part(ref, "jpg"), np.uint8)
+        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise InvalidInputError(f"{ref.shard}: sample {ref.key} has an undecodable jpg; prepare it again")
+        if bgr.shape[:2] != (self.resolution, self.resolution):
+            bgr = cv2.resize(bgr, (self.resolution, self.resolution), interpolation=cv2.INTER_AREA)
+        img = torch.from_numpy(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).float() / 127.5 - 1
+        return img, torch.from_numpy(read_id(ref))
+
+
+def sample_seed(seed: int, k: int) -> int:
+    """The seed of run sample number k (SeedSequence: well-mixed, no collisions between nearby k)."""
+    return int(np.random.SeedSequence([seed, k]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class RunSampler(torch.utils.data.Sampler):
+    """Per-process batches of dataset indices for micro-steps start_micro, start_micro+1, ...:
+    the slice [rank·b, (rank+1)·b) of each global micro-batch (world·b samples)."""
+
+    def __init__(self, n: int, seed: int, batch: int, rank: int, world: int, start_micro: int, end_micro: int):
+        self.n, self.seed, self.batch, self.rank, self.world = n, seed, batch, rank, world
+        self.start, self.end = start_micro, end_micro
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def sample_numbers(self, micro: int) -> list[int]:
+        first = micro * self.world * self.batch + self.rank * self.batch
+        return list(range(first, first + self.batch))
+
+    def _index(self, k: int) -> int:
+        epoch, pos = divmod(k, self.n)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, 0x5EED, epoch]).permutation(self.n))
+        return int(self._perm[1][pos])
+
+    def __iter__(self):
+        for micro in range(self.start, self.end):
+            yield [self._index(k) for k in self.sample_numbers(micro)]
+
+    def __len__(self) -> int:
+        return self.end - self.start
