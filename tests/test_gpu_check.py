@@ -104,7 +104,7 @@ def test_gpu_check_phases_write_their_json_without_a_gpu(tmp_path):
     row = json.loads((out / "row-trt.json").read_text())["rows"][0]
     assert row["status"] == "skipped" and row["reason"]
     quant = json.loads((out / "quant.json").read_text())         # int8/FP8 step rows: pending here
-    assert quant["status"] == "skipped" and quant["reason"].startswith("pending")
+    assert quant["status"] == "ok" and quant["skipped"] and quant["reason"].startswith("pending")
     summary = json.loads((out / "gpu-check-summary.json").read_text())
     assert summary["kind"] == "gpu-check" and "probe" in summary["phases"] and summary["run"].startswith("run-tiny-")
     assert sorted(f.name for f in copies.iterdir()) == sorted(
