@@ -186,3 +186,26 @@ def pipeline_calibration_feeds(engines_dir: str | Path, stage: str, identities: 
             pipe.generate(random_identity(seed + 1000 + i), 1,
                           GenerationOptions(steps=steps, guidance=guidance, seed=seed + i, batch_size=1))
     return feeds
+
+
+def output_drift(ref, test, feeds: Iterable[dict]) -> dict:
+    """{output: {"rel_l2", "psnr_db"}} of session `test` against session `ref` over `feeds` (float32
+    inputs, float64 sums; PSNR peak = the range of the reference output). Sessions offer input_names,
+    output_names and run(feeds) -> {name: array}."""
+    acc: dict[str, list] = {}
+    for feed in feeds:
+        f = {k: np.ascontiguousarray(v, np.float32) for k, v in feed.items() if k in test.input_names}
+        r_out, t_out = ref.run(f), test.run(f)
+        for n in test.output_names:
+            r, q = r_out[n].astype(np.float64), t_out[n].astype(np.float64)
+            a = acc.setdefault(n, [0.0, 0.0, np.inf, -np.inf, 0])
+            a[0] += float(np.sum((q - r) ** 2))
+            a[1] += float(np.sum(r ** 2))
+            a[2], a[3] = min(a[2], float(r.min())), max(a[3], float(r.max()))
+            a[4] += r.size
+    out = {}
+    for n, (se, sr, lo, hi, cnt) in acc.items():
+        rmse = np.sqrt(se / max(cnt, 1))
+        out[n] = {"rel_l2": float(np.sqrt(se / sr)) if sr > 0 else float("nan"),
+                  "psnr_db": float(20 * np.log10((hi - lo) / rmse)) if rmse > 0 else float("inf")}
+    return out

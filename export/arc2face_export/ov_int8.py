@@ -30,7 +30,7 @@ from arc2face_rt import manifest as mf
 from arc2face_rt.backends.openvino import INT8_KEY, OpenVinoSession, core, scheduler_subgraph
 from arc2face_rt.errors import InvalidInputError
 
-from .calib import pipeline_calibration_feeds
+from .calib import output_drift, pipeline_calibration_feeds
 from .quantize import QUANT_STAGES as INT8_STAGES
 
 # Node-name patterns (diffusers UNet exported by torch.onnx) NNCF leaves in float, with the first and last Conv.
@@ -93,22 +93,7 @@ def quantize_ov_int8(src_onnx: str | Path, dst_xml: str | Path, feeds: list[dict
 def quantization_loss(ref: str | Path, quant: str | Path, feeds: list[dict]) -> dict:
     """{output: {"rel_l2", "psnr_db"}} of the quantised graph against the source, OpenVINO f32, same inputs."""
     a, b = OpenVinoSession(ref, "f32"), OpenVinoSession(quant, "f32")
-    acc = {n: [0.0, 0.0, np.inf, -np.inf, 0] for n in a.output_names}
-    for feed in feeds:
-        f = {k: np.ascontiguousarray(v, np.float32) for k, v in feed.items() if k in a.input_names}
-        ra, rb = a.run(f), b.run(f)
-        for n, s in acc.items():
-            r, q = ra[n].astype(np.float64), rb[n].astype(np.float64)
-            s[0] += float(np.sum((q - r) ** 2))
-            s[1] += float(np.sum(r ** 2))
-            s[2], s[3] = min(s[2], float(r.min())), max(s[3], float(r.max()))
-            s[4] += r.size
-    out = {}
-    for n, (se, sr, lo, hi, cnt) in acc.items():
-        rmse = np.sqrt(se / max(cnt, 1))
-        out[n] = {"rel_l2": float(np.sqrt(se / sr)) if sr > 0 else float("nan"),
-                  "psnr_db": float(20 * np.log10((hi - lo) / rmse)) if rmse > 0 else float("inf")}
-    return out
+    return output_drift(a, b, feeds)
 
 
 def is_current(engines_dir: Path, m: dict, stage: str) -> bool:

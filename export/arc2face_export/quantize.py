@@ -166,26 +166,12 @@ class FakeQuantSession:
 
 def output_loss(ref_onnx: Path, test_onnx: Path, feeds: list[dict]) -> dict:
     """{output: {"rel_l2", "psnr_db"}} of fp32 graph `test_onnx` against `ref_onnx` over `feeds`."""
-    acc: dict[str, list] = {}
     ref, tst = FakeQuantSession(ref_onnx), FakeQuantSession(test_onnx)
-    for feed in feeds:
-        f = {k: np.ascontiguousarray(v, np.float32) for k, v in feed.items() if k in tst.input_names}
-        r_out, t_out = ref.run(f), tst.run(f)
-        for n in tst.output_names:
-            r, q = r_out[n].astype(np.float64), t_out[n].astype(np.float64)
-            a = acc.setdefault(n, [0.0, 0.0, np.inf, -np.inf, 0])
-            a[0] += float(np.sum((q - r) ** 2))
-            a[1] += float(np.sum(r ** 2))
-            a[2], a[3] = min(a[2], float(r.min())), max(a[3], float(r.max()))
-            a[4] += r.size
-    ref.close()
-    tst.close()
-    out = {}
-    for n, (se, sr, lo, hi, cnt) in acc.items():
-        rmse = np.sqrt(se / max(cnt, 1))
-        out[n] = {"rel_l2": float(np.sqrt(se / sr)) if sr > 0 else float("nan"),
-                  "psnr_db": float(20 * np.log10((hi - lo) / rmse)) if rmse > 0 else float("inf")}
-    return out
+    try:
+        return calib.output_drift(ref, tst, feeds)
+    finally:
+        ref.close()
+        tst.close()
 
 
 # ----------------------------------------------------------------------------- the stage
