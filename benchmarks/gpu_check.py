@@ -7,7 +7,8 @@
     tests       the `gpu`-marked tests (simulated TensorRT engine on CuPy, ONNX Runtime CUDA parity), and
                 the simulated engine's capture/replay timing (benchmarks/gpu_sim.py)
     export      random-weight checkpoint of --size and its fp16 ONNX export (cached under DIR/work)
-    ort         ONNX Runtime CUDA step loop at full size: CUDA graph on/off, prefer_nhwc; per-step time
+    ort         ONNX Runtime CUDA step loop at full size: CUDA graph on/off, prefer_nhwc; per-step time;
+                the VAE decode under CUDA provider option variants, with a per-op profile
     quant       int8 / FP8 (cc >= 8.9) step_cfg plans vs fp16: build time, plan size, inspector layer
                 precisions, per-step time, latent drift (benchmarks/gpu_quant.py; skipped, pending,
                 where TensorRT cannot run, e.g. TensorRT-RTX on an H100)
@@ -230,10 +231,13 @@ def phase_export(opts: GpuCheckOptions, work: Path) -> dict:
 
 
 def phase_ort(opts: GpuCheckOptions, work: Path) -> dict:
-    from .gpu_ort import measure_ort_loop
+    from .gpu_ort import measure_ort_loop, measure_vae_decode
     ro = _run_options(opts, work)
-    return measure_ort_loop(Path(ro.cache_dir) / f"engines-{opts.size}-{ro.precision}", opts.steps, opts.guidance,
-                            batches=(1, 4), repeats=opts.repeats, device=opts.device)
+    engines = Path(ro.cache_dir) / f"engines-{opts.size}-{ro.precision}"
+    res = measure_ort_loop(engines, opts.steps, opts.guidance, batches=(1, 4), repeats=opts.repeats,
+                           device=opts.device)
+    res["vae_decode"] = measure_vae_decode(engines, batches=(1, 4), repeats=opts.repeats)
+    return res
 
 
 def phase_quant(opts: GpuCheckOptions, work: Path) -> dict:

@@ -61,3 +61,74 @@ def measure_ort_loop(engines: Path, steps: int, guidance: float, batches=(1, 4),
             rel = float(np.linalg.norm(lat - ref) / max(np.linalg.norm(ref), 1e-12))
             out["variants"][name]["batches"][str(b)]["rel_l2_vs_no_graph"] = rel
     return out
+
+
+VAE_VARIANTS = {
+    "default": {},
+    "algo-heuristic": {"cudnn_conv_algo_search": "HEURISTIC"},
+    "nhwc": {"prefer_nhwc": "1"},
+    "no-max-workspace": {"cudnn_conv_use_max_workspace": "0"},
+}
+
+
+def measure_vae_decode(engines: Path, batches=(1,), repeats: int = 3, top: int = 12) -> dict:
+    """The VAE decode graph on ONNX Runtime CUDA under CUDA provider option variants (median of
+    `repeats` warm runs from host latents to host pixels), and an ONNX Runtime profile of the
+    default variant's warm run summarised by op type and by node (where the time goes)."""
+    import json
+
+    import onnxruntime as ort
+
+    from arc2face_rt.backends.ort import _preload_cuda_libraries
+
+    _preload_cuda_libraries(ort)
+    path = engines / "vae_decoder.onnx"
+    out = {"graph": str(path), "variants": {}}
+    rng = np.random.default_rng(0)
+    for name, extra in VAE_VARIANTS.items():
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        profile = name == "default"
+        if profile:
+            so.enable_profiling = True
+            so.profile_file_prefix = str(engines.parent / "vae-profile")
+        try:
+            sess = ort.InferenceSession(str(path), so, providers=[("CUDAExecutionProvider", {"use_tf32": "0", **extra}),
+                                                                 "CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - a variant this build refuses is recorded
+            out["variants"][name] = {"error": str(e)[:300]}
+            continue
+        res = {"options": extra, "providers": sess.get_providers(), "batches": {}}
+        for b in batches:
+            lat = rng.standard_normal((b, 4, 64, 64)).astype(np.float32)
+            t = time.perf_counter()
+            sess.run(None, {"latents": lat})
+            first = time.perf_counter() - t
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                sess.run(None, {"latents": lat})
+                times.append(time.perf_counter() - t)
+            res["batches"][str(b)] = {"first_s": first, "median_s": statistics.median(times)}
+        if profile:
+            res["profile"] = _summarise_profile(json.loads(Path(sess.end_profiling()).read_text()), repeats + 1, top)
+        out["variants"][name] = res
+    return out
+
+
+def _summarise_profile(events: list, runs: int, top: int) -> dict:
+    """Kernel time per op type and per node of an ONNX Runtime profile, averaged over its last run."""
+    by_op, by_node = {}, {}
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        op = e.get("args", {}).get("op_name", "?")
+        node = e["name"][: -len("_kernel_time")]
+        by_op[op] = by_op.get(op, 0) + e["dur"]
+        by_node[node] = by_node.get(node, 0) + e["dur"]
+    n = max(runs, 1)
+
+    def ms(d):
+        return sorted(((k, round(v / n / 1e3, 3)) for k, v in d.items()), key=lambda kv: -kv[1])[:top]
+    return {"ms_per_run_by_op": ms(by_op), "ms_per_run_by_node": ms(by_node),
+            "total_ms_per_run": round(sum(by_op.values()) / n / 1e3, 3)}

@@ -86,3 +86,18 @@ def test_loop_variants_agree_and_sync_once(fp32, monkeypatch, env):
     assert syncs["n"] == 3                                        # one host sync per loop
     assert variant.cuda_graph == (env.get("ARC2FACE_ORT_CUDA_GRAPH") != "0")
     base.close(), variant.close()
+
+
+@pytest.mark.parametrize("graph", ["projector", "step", "step_cfg", "vae_decoder"])
+def test_every_graph_opens_with_a_cuda_graph(fp32, graph):
+    """The real CUDA provider agrees with the exporter's placement model (tests/test_cuda_placement.py):
+    no host-device copy inside any exported graph, so ONNX Runtime accepts `enable_cuda_graph`."""
+    import onnx
+
+    from arc2face_export.cuda_placement import host_to_device_edges
+    from arc2face_rt.backends.ort import OrtSession
+
+    path = fp32 / f"{graph}.onnx"
+    assert host_to_device_edges(onnx.load(str(path), load_external_data=False)) == []
+    sess = OrtSession(path, device="cuda", cuda_options={"enable_cuda_graph": "1"})
+    assert sess.on_gpu

@@ -8,6 +8,7 @@ interrupted or failed export never leaves a half-written engines folder.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import shutil
@@ -29,6 +30,7 @@ from arc2face_ref.loading import load_models, model_files
 from arc2face_ref.modules import DenoiseStep, VaeDecode
 from arc2face_ref.projector import Arc2FaceProjector, unconditional_embedding
 
+from .cuda_placement import host_to_device_edges
 from .engines_folder import KEPT_ALWAYS, foreign_entry, replaced_entries, swap_in
 
 log = logging.getLogger("arc2face_export")
@@ -80,11 +82,33 @@ class _CastIO(torch.nn.Module):
         return self.module(x.to(self.dtype)).float()
 
 
+@contextlib.contextmanager
+def static_attention_scale():
+    """Trace attention with its softmax scale as a constant.
+
+    Called without `scale`, torch's exporter computes 1/sqrt(head_dim) at run time from `Shape(q)`;
+    ONNX Runtime's CUDA provider then runs that arithmetic on the host and copies the result into the
+    device-side multiply, a Memcpy node that forbids its CUDA graphs (see `cuda_placement`). The head
+    dimension is fixed by the weights, so the scale is the same number for every batch size."""
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(query, key, value, *args, scale=None, **kwargs):
+        if scale is None:
+            scale = 1.0 / float(int(query.shape[-1])) ** 0.5
+        return real(query, key, value, *args, scale=scale, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real
+
+
 def _export_one(module, spec: StageSpec, feeds: dict, path: Path) -> None:
     args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
     dynamic = {t.name: {0: "B"} for t in spec.inputs + spec.outputs if t.shape and t.shape[0] == "B"}
     raw = path.with_suffix(".raw.onnx")
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), static_attention_scale():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)   # shape asserts in diffusers, expected
         warnings.simplefilter("ignore", DeprecationWarning)        # the legacy exporter is chosen on purpose
         torch.onnx.export(module, args, str(raw), input_names=[t.name for t in spec.inputs],
@@ -102,6 +126,11 @@ def _export_one(module, spec: StageSpec, feeds: dict, path: Path) -> None:
                         location=path.name + ".data", size_threshold=1024)
     else:
         onnx.save_model(model, str(path))
+    del model
+    edges = host_to_device_edges(onnx.load(str(path), load_external_data=False))
+    if edges:
+        log.warning("%s: %d values would be copied from host to device by ONNX Runtime's CUDA provider "
+                    "(no CUDA graph there), e.g. %s", path.name, len(edges), edges[0])
 
 
 def _stamp_io(model, spec: StageSpec) -> None:
