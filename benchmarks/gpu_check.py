@@ -6,9 +6,10 @@
                 whether TensorRT can run here and why not
     tests       the `gpu`-marked tests (simulated TensorRT engine on CuPy, ONNX Runtime CUDA parity), and
                 the simulated engine's capture/replay timing (benchmarks/gpu_sim.py)
-    export      random-weight checkpoint of --size and its fp16 ONNX export (cached under DIR/work)
-    ort         ONNX Runtime CUDA step loop at full size: CUDA graph on/off, prefer_nhwc; per-step time;
-                the VAE decode under CUDA provider option variants, with a per-op profile
+    export      random-weight checkpoint of --size and its fp16 ONNX export, with the ONNX Runtime CUDA
+                graphs of step_cfg and the VAE (`--ort-cuda`; cached under DIR/work)
+    ort         ONNX Runtime CUDA step loop at full size: fused (`--ort-cuda`) or plain graph, CUDA graph
+                on/off, convolution search; per-step time; the VAE decode per variant, with a profile
     quant       int8 / FP8 (cc >= 8.9) step_cfg plans vs fp16: build time, plan size, inspector layer
                 precisions, per-step time, latent drift (benchmarks/gpu_quant.py; skipped, pending,
                 where TensorRT cannot run, e.g. TensorRT-RTX on an H100)
@@ -226,8 +227,16 @@ def phase_export(opts: GpuCheckOptions, work: Path) -> dict:
         raise RuntimeError(missing)
     t_model = time.perf_counter() - t
     engines = _prepare_engines(ro, model_dir, ro.precision, "onnx", _say)
+    import resource
+
+    from arc2face_rt.manifest import load_manifest
+    m = load_manifest(engines)
     return {"model_dir": str(model_dir), "engines_dir": str(engines), "checkpoint_s": round(t_model, 1),
-            "export_s": round(time.perf_counter() - t - t_model, 1), "precision": ro.precision}
+            "export_s": round(time.perf_counter() - t - t_model, 1), "precision": ro.precision,
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "stages_export_s": {k: v.get("export_s") for k, v in m["stages"].items()},
+            "ort_cuda": {k: {kk: v.get(kk) for kk in ("export_s", "fused", "source_validation")}
+                         for k, v in m.get("ort_cuda", {}).items()}}
 
 
 def phase_ort(opts: GpuCheckOptions, work: Path) -> dict:

@@ -1,25 +1,53 @@
-"""ONNX Runtime's device-resident step loop on CUDA, its variants side by side (gpu-check's `ort` phase).
+"""ONNX Runtime on CUDA, variants side by side (gpu-check's `ort` phase).
 
-For an exported engines folder this opens `step_cfg.onnx` as an OrtStepSession once per variant
-(ONNX Runtime CUDA graph on/off, `prefer_nhwc` on/off), and for each batch times the first loop
+Step loop: for an exported engines folder this opens the CFG step graph as an OrtStepSession once per
+variant (the `--ort-cuda` fused graph or the plain fp16 graph; ONNX Runtime's CUDA graph on/off;
+cuDNN's convolution search by heuristic or exhaustive), and for each batch times the first loop
 (session warm-up and graph capture included) and warm loops (median of `repeats`), each ending in its
-one host sync. Latents of each variant are compared with those of the variant without a CUDA graph
-(relative L2), so a variant that is fast but wrong shows.
+one host sync. Latents of each variant are compared with those of the plain graph without a CUDA
+graph (relative L2), so a variant that is fast but wrong shows.
+
+VAE decode: the plain and fused graphs under both convolution searches, with an ONNX Runtime profile
+(time per op type and per node) of the first variant.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
-VARIANTS = {"graph": (True, False), "no-graph": (False, False), "graph+nhwc": (True, True)}
+# name: (graph file of the stage, CUDA graph on, ARC2FACE_ORT_CONV_SEARCH)
+VARIANTS = {
+    "fused+graph": ("{stage}.ort-cuda.onnx", True, "HEURISTIC"),
+    "fused": ("{stage}.ort-cuda.onnx", False, "HEURISTIC"),
+    "plain+graph": ("{stage}.onnx", True, "HEURISTIC"),
+    "plain+graph+exhaustive": ("{stage}.onnx", True, "EXHAUSTIVE"),
+    "plain": ("{stage}.onnx", False, "HEURISTIC"),
+}
+REFERENCE = "plain"
+
+
+@contextlib.contextmanager
+def _conv_search(value: str):
+    old = os.environ.get("ARC2FACE_ORT_CONV_SEARCH")
+    os.environ["ARC2FACE_ORT_CONV_SEARCH"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("ARC2FACE_ORT_CONV_SEARCH", None)
+        else:
+            os.environ["ARC2FACE_ORT_CONV_SEARCH"] = old
 
 
 def measure_ort_loop(engines: Path, steps: int, guidance: float, batches=(1, 4), repeats: int = 3,
                      device: str = "cuda") -> dict:
     from arc2face_rt.backends.ort_loop import CudaLoopOptions, OrtStepSession
+    from arc2face_rt.errors import EngineMismatchError
     from arc2face_rt.manifest import load_manifest
     from arc2face_rt.pipeline import image_noise
     from arc2face_rt.schedulers import make_schedule
@@ -32,12 +60,20 @@ def measure_ort_loop(engines: Path, steps: int, guidance: float, batches=(1, 4),
     out = {"engines": str(engines), "precision": m.get("precision"), "steps": steps, "guidance": guidance,
            "variants": {}}
     latents = {}
-    for name, (graph, nhwc) in VARIANTS.items():
+    for name, (file, graph, search) in VARIANTS.items():
+        path = engines / file.format(stage="step_cfg")
+        if not path.is_file():
+            out["variants"][name] = {"skipped": f"{path.name} is not in the folder"}
+            continue
         t = time.perf_counter()
-        sess = OrtStepSession(engines / "step_cfg.onnx", device=device,
-                              options=CudaLoopOptions(cuda_graph=graph, prefer_nhwc=nhwc))
-        res = {"load_s": time.perf_counter() - t, "providers": sess.providers, "cuda_graph": sess.cuda_graph,
-               "batches": {}}
+        try:
+            with _conv_search(search):
+                sess = OrtStepSession(path, device=device, options=CudaLoopOptions(cuda_graph=graph))
+        except EngineMismatchError as e:      # e.g. the fused graph where only the CPU provider runs
+            out["variants"][name] = {"graph": path.name, "error": str(e)[:300]}
+            continue
+        res = {"graph": path.name, "conv_search": search, "load_s": time.perf_counter() - t,
+               "providers": sess.providers, "cuda_graph": sess.cuda_graph, "batches": {}}
         for b in batches:
             x = np.stack([image_noise(0, i, sched)[0] for i in range(b)])
             cond = np.repeat(cond_one, b, axis=0)
@@ -56,79 +92,94 @@ def measure_ort_loop(engines: Path, steps: int, guidance: float, batches=(1, 4),
         sess.close()
         out["variants"][name] = res
     for (name, b), lat in latents.items():
-        ref = latents.get(("no-graph", b))
+        ref = latents.get((REFERENCE, b))
         if ref is not None:
             rel = float(np.linalg.norm(lat - ref) / max(np.linalg.norm(ref), 1e-12))
-            out["variants"][name]["batches"][str(b)]["rel_l2_vs_no_graph"] = rel
+            out["variants"][name]["batches"][str(b)][f"rel_l2_vs_{REFERENCE}"] = rel
     return out
 
 
 VAE_VARIANTS = {
-    "default": {},
-    "algo-heuristic": {"cudnn_conv_algo_search": "HEURISTIC"},
-    "nhwc": {"prefer_nhwc": "1"},
-    "no-max-workspace": {"cudnn_conv_use_max_workspace": "0"},
+    "fused": ("vae_decoder.ort-cuda.onnx", "HEURISTIC"),
+    "fused+exhaustive": ("vae_decoder.ort-cuda.onnx", "EXHAUSTIVE"),
+    "plain": ("vae_decoder.onnx", "HEURISTIC"),
+    "plain+exhaustive": ("vae_decoder.onnx", "EXHAUSTIVE"),
 }
 
 
-def measure_vae_decode(engines: Path, batches=(1,), repeats: int = 3, top: int = 12) -> dict:
-    """The VAE decode graph on ONNX Runtime CUDA under CUDA provider option variants (median of
-    `repeats` warm runs from host latents to host pixels), and an ONNX Runtime profile of the
-    default variant's warm run summarised by op type and by node (where the time goes)."""
+def measure_vae_decode(engines: Path, batches=(1,), repeats: int = 3, top: int = 12, device: str = "cuda") -> dict:
+    """The VAE decode on ONNX Runtime CUDA per variant (median of `repeats` warm runs, host latents to
+    host pixels, through the backend's own session), and an ONNX Runtime profile of the first
+    variant's runs summarised by op type and by node (where the time goes)."""
     import json
 
     import onnxruntime as ort
 
-    from arc2face_rt.backends.ort import _preload_cuda_libraries
+    from arc2face_rt.backends.ort import CPU_EP, CUDA_EP, OrtSession
+    from arc2face_rt.errors import EngineMismatchError
 
-    _preload_cuda_libraries(ort)
-    path = engines / "vae_decoder.onnx"
-    out = {"graph": str(path), "variants": {}}
+    out = {"variants": {}}
     rng = np.random.default_rng(0)
-    for name, extra in VAE_VARIANTS.items():
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        profile = name == "default"
-        if profile:
+    profiled = False
+    for name, (file, search) in VAE_VARIANTS.items():
+        path = engines / file
+        if not path.is_file():
+            out["variants"][name] = {"skipped": f"{path.name} is not in the folder"}
+            continue
+        try:
+            with _conv_search(search):
+                sess = OrtSession(path, device=device)
+        except EngineMismatchError as e:
+            out["variants"][name] = {"graph": path.name, "error": str(e)[:300]}
+            continue
+        res = {"graph": path.name, "conv_search": search, "providers": sess.providers, "batches": {}}
+        profile = None
+        if not profiled:                       # a second session of the same graph, with ORT's profiler
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
             so.enable_profiling = True
             so.profile_file_prefix = str(engines.parent / "vae-profile")
-        try:
-            sess = ort.InferenceSession(str(path), so, providers=[("CUDAExecutionProvider", {"use_tf32": "0", **extra}),
-                                                                 "CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001 - a variant this build refuses is recorded
-            out["variants"][name] = {"error": str(e)[:300]}
-            continue
-        res = {"options": extra, "providers": sess.get_providers(), "batches": {}}
+            with _conv_search(search):
+                providers = [(CUDA_EP, {"cudnn_conv_algo_search": search}), CPU_EP] if sess.on_gpu else [CPU_EP]
+                profile = ort.InferenceSession(str(path), so, providers=providers)
         for b in batches:
-            lat = rng.standard_normal((b, 4, 64, 64)).astype(np.float32)
+            lat = {"latents": rng.standard_normal((b, 4, 64, 64)).astype(np.float32)}
             t = time.perf_counter()
-            sess.run(None, {"latents": lat})
+            sess.run(lat)
             first = time.perf_counter() - t
             times = []
             for _ in range(repeats):
                 t = time.perf_counter()
-                sess.run(None, {"latents": lat})
+                sess.run(lat)
                 times.append(time.perf_counter() - t)
             res["batches"][str(b)] = {"first_s": first, "median_s": statistics.median(times)}
-        if profile:
-            res["profile"] = _summarise_profile(json.loads(Path(sess.end_profiling()).read_text()), repeats + 1, top)
+        if profile is not None:
+            lat = {"latents": rng.standard_normal((1, 4, 64, 64)).astype(np.float32)}
+            for _ in range(repeats + 1):
+                profile.run(None, lat)
+            events = json.loads(Path(profile.end_profiling()).read_text())
+            res["profile_batch_1"] = _summarise_profile(events, top)
+            profiled = True
+        sess.close()
         out["variants"][name] = res
     return out
 
 
-def _summarise_profile(events: list, runs: int, top: int) -> dict:
-    """Kernel time per op type and per node of an ONNX Runtime profile, averaged over its last run."""
+def _summarise_profile(events: list, top: int) -> dict:
+    """Kernel time per op type and per node in the last run of an ONNX Runtime profile (the earlier
+    runs include cuDNN's algorithm search)."""
+    runs = [e for e in events if e.get("name") == "model_run"]
+    lo, hi = (runs[-1]["ts"], runs[-1]["ts"] + runs[-1]["dur"]) if runs else (float("-inf"), float("inf"))
     by_op, by_node = {}, {}
     for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or not lo <= e["ts"] <= hi:
             continue
         op = e.get("args", {}).get("op_name", "?")
         node = e["name"][: -len("_kernel_time")]
         by_op[op] = by_op.get(op, 0) + e["dur"]
         by_node[node] = by_node.get(node, 0) + e["dur"]
-    n = max(runs, 1)
 
     def ms(d):
-        return sorted(((k, round(v / n / 1e3, 3)) for k, v in d.items()), key=lambda kv: -kv[1])[:top]
-    return {"ms_per_run_by_op": ms(by_op), "ms_per_run_by_node": ms(by_node),
-            "total_ms_per_run": round(sum(by_op.values()) / n / 1e3, 3)}
+        return sorted(((k, round(v / 1e3, 3)) for k, v in d.items()), key=lambda kv: -kv[1])[:top]
+    return {"ms_by_op": ms(by_op), "ms_by_node": ms(by_node), "total_ms": round(sum(by_op.values()) / 1e3, 3),
+            "run_ms": round((hi - lo) / 1e3, 3) if runs else None}

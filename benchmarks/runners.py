@@ -120,6 +120,8 @@ class RuntimeRunner(Runner):
         info = {"engines_dir": str(self.cfg["engines_dir"]), "precision": self.pipe.precision}
         if sess is not None and hasattr(sess, "providers"):
             info["providers"] = list(sess.providers)
+            info["cuda_graph"] = bool(getattr(sess, "cuda_graph", False))
+        info["graphs"] = {k: Path(s.path).name for k, s in self.pipe._sessions.items() if getattr(s, "path", None)}
         ov = self.pipe.openvino
         if ov is not None:
             import openvino

@@ -128,3 +128,23 @@ def test_nvidia_libraries_are_linked_next_to_an_onnxruntime_installed_apart(tmp_
     assert (site / "nvidia" / "cu13" / "lib").is_dir() and (site / "nvidia" / "cu13").is_symlink()
     monkeypatch.syspath_prepend(str(site))
     assert _link_nvidia_libraries(site) == []                         # idempotent
+
+
+def test_the_ort_phase_measures_every_variant_it_can_open(tmp_path):
+    """gpu-check's `ort` phase code on the CPU provider: plain variants measured and agreeing, the
+    fused graphs (CUDA-only kernels) recorded as errors instead of ending the phase."""
+    from arc2face_export.onnx_export import export_all
+    from arc2face_ref.random_ckpt import write_random_checkpoint
+
+    from benchmarks.gpu_ort import measure_ort_loop, measure_vae_decode
+
+    model = write_random_checkpoint(tmp_path / "tiny", size="tiny", seed=0, face_models=False)
+    engines = tmp_path / "engines"
+    export_all(model, engines, precision="fp32", stages=("projector", "step_cfg", "vae_decoder"), ort_cuda=True)
+    loop = measure_ort_loop(engines, steps=3, guidance=3.0, batches=(1,), repeats=1, device="cpu")
+    assert "error" in loop["variants"]["fused+graph"]
+    plain = loop["variants"]["plain+graph"]
+    assert plain["cuda_graph"] is False and plain["batches"]["1"]["rel_l2_vs_plain"] == 0.0
+    vae = measure_vae_decode(engines, batches=(1,), repeats=1, device="cpu")
+    assert "error" in vae["variants"]["fused"]
+    assert vae["variants"]["plain"]["profile_batch_1"]["ms_by_op"]

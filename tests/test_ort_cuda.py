@@ -42,6 +42,7 @@ def _generate(engines, device, n=4, steps=6, batch=2):
     with Arc2FacePipeline(engines, backend="ort", device=device) as pipe:
         res = pipe.generate(random_identity(3), n, opts)
         kinds = {k: (type(s).__name__, s.on_gpu, getattr(s, "cuda_graph", None)) for k, s in pipe._sessions.items()}
+        kinds["files"] = {k: s.path.name for k, s in pipe._sessions.items()}
     return res.images, kinds
 
 
@@ -64,7 +65,32 @@ def test_fp16_on_cuda_keeps_40_db_against_fp32_on_the_cpu(fp32, fp16):
     assert _psnr(gpu, cpu) >= 40.0
 
 
-@pytest.mark.parametrize("env", [{"ARC2FACE_ORT_CUDA_GRAPH": "0"}, {"ARC2FACE_ORT_NHWC": "1"}])
+@pytest.mark.parametrize("env", [{"ARC2FACE_ORT_CUDA_GRAPH": "0"}, {"ARC2FACE_ORT_CONV_SEARCH": "EXHAUSTIVE"}])
+@pytest.fixture(scope="module")
+def fused(fp32, tiny_model_dir, tmp_path_factory):
+    from arc2face_export.onnx_export import export_all
+
+    out = tmp_path_factory.mktemp("engines") / "fused"
+    export_all(tiny_model_dir, out, precision="fp16", ort_cuda=True)
+    return out
+
+
+def test_ort_cuda_fused_graphs_run_with_a_cuda_graph_and_keep_40_db(fp32, fused, monkeypatch):
+    """`onnx --ort-cuda` graphs (ONNX Runtime's fused attention, GroupNorm, NHWC convolutions) are what
+    the backend opens on the GPU, capture as a CUDA graph, and stay within 40 dB of fp32 on the CPU
+    and of the plain fp16 graphs on the GPU."""
+    cpu, _ = _generate(fp32, "cpu")
+    gpu, kinds = _generate(fused, "cuda")
+    assert kinds["step_cfg"] == ("OrtStepSession", True, True)
+    assert kinds["files"]["step_cfg"] == "step_cfg.ort-cuda.onnx"
+    assert kinds["files"]["vae_decoder"] == "vae_decoder.ort-cuda.onnx"
+    assert _psnr(gpu, cpu) >= 40.0
+    monkeypatch.setenv("ARC2FACE_ORT_FUSED", "0")
+    plain, kinds = _generate(fused, "cuda")
+    assert kinds["files"]["step_cfg"] == "step_cfg.onnx"
+    assert _psnr(gpu, plain) >= 40.0
+
+
 def test_loop_variants_agree_and_sync_once(fp32, monkeypatch, env):
     from arc2face_rt.backends.ort_loop import OrtStepSession
 

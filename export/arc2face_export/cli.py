@@ -34,9 +34,10 @@ def cmd_onnx(args) -> int:
 
     m = export_all(args.model_dir, args.out, precision=args.precision, force=args.force,
                    stages=tuple(args.stages) if args.stages else None, validate=not args.no_validate,
-                   progress=_say, lora=args.lora, lora_scale=args.lora_scale)
+                   progress=_say, lora=args.lora, lora_scale=args.lora_scale, ort_cuda=args.ort_cuda)
     lora = f", LoRA {m['lora']['file']} fused at {m['lora']['scale']:g}" if m.get("lora") else ""
-    _say(f"manifest: {Path(args.out) / 'manifest.json'} ({len(m['stages'])} stages, {m['precision']}{lora})")
+    fused = f", {len(m['ort_cuda'])} ONNX Runtime CUDA graphs" if m.get("ort_cuda") else ""
+    _say(f"manifest: {Path(args.out) / 'manifest.json'} ({len(m['stages'])} stages, {m['precision']}{lora}{fused})")
     return 0
 
 
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-scale", type=argtypes.number(0, 10, "a LoRA scale"), default=1.0, metavar="S",
                    help="fuse the LoRA at this scale (default 1.0)")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-torch check")
+    p.add_argument("--ort-cuda", action="store_true",
+                   help="also write fp16 step and VAE graphs with ONNX Runtime's fused CUDA kernels "
+                        "(<stage>.ort-cuda.onnx; used by --backend ort on a GPU)")
     p.add_argument("--force", action="store_true", help="replace an existing export")
     p.set_defaults(func=cmd_onnx)
 

@@ -60,7 +60,12 @@ def host_to_device_edges(model) -> list[HostEdge]:
     host."""
     import onnx
 
-    graph = onnx.shape_inference.infer_shapes(model).graph if _small(model) else model.graph
+    graph = model.graph
+    if _small(model):
+        try:
+            graph = onnx.shape_inference.infer_shapes(model).graph
+        except onnx.shape_inference.InferenceError:      # contrib ops onnx does not know: no folding info
+            pass
     types = {v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.input)
              + list(graph.output)}
     sizes = {}

@@ -2,7 +2,7 @@
 
 `arc2face-export` writes only these names into an engines folder: `manifest.json`, the stage graphs
 and plans (`<stage>.onnx`, `<stage>.onnx.data`, `<stage>.int8.onnx[.data]`, `<stage>.fp8.onnx[.data]`, `<stage>.plan`,
-`<stage>.ov-int8.xml/.bin` (OpenVINO int8), the face
+`<stage>.ort-cuda.onnx[.data]` (ONNX Runtime CUDA fusions), `<stage>.ov-int8.xml/.bin` (OpenVINO int8), the face
 stages `detector` and `arcface` included) and the caches `timing.cache` and `<stage>.rtcache`.
 `onnx --force` replaces a folder only when every entry in it is one of these (a `.gitkeep` aside):
 anything else means the folder is not ours, and is refused. The caches are kept (the TensorRT
@@ -27,7 +27,7 @@ from arc2face_rt.atomic import set_usual_modes, temp_dir
 from arc2face_rt.specs import ALL_STAGES
 
 _STAGE_NAMES = "|".join(re.escape(n) for n in (*ALL_STAGES, *mf.FACE_STAGES))
-ARTEFACT = re.compile(rf"^(?:{_STAGE_NAMES})(?:(?:\.int8|\.fp8)?\.(?:onnx|onnx\.data|plan)|\.ov-int8\.(?:xml|bin))$")
+ARTEFACT = re.compile(rf"^(?:{_STAGE_NAMES})(?:(?:\.int8|\.fp8|\.ort-cuda)?\.(?:onnx|onnx\.data|plan)|\.ov-int8\.(?:xml|bin))$")
 CACHE = re.compile(rf"^(?:timing\.cache|(?:{_STAGE_NAMES})\.rtcache)$")
 KEPT_ALWAYS = (".gitkeep",)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import gc
 import logging
 import shutil
 import time
@@ -31,6 +32,7 @@ from arc2face_ref.modules import DenoiseStep, VaeDecode
 from arc2face_ref.projector import Arc2FaceProjector, unconditional_embedding
 
 from .cuda_placement import host_to_device_edges
+from .ort_cuda import ORT_CUDA_STAGES, attention_for, fuse_for_ort_cuda, ort_cuda_file
 from .engines_folder import KEPT_ALWAYS, foreign_entry, replaced_entries, swap_in
 
 log = logging.getLogger("arc2face_export")
@@ -176,12 +178,14 @@ def _validate(module, spec: StageSpec, feeds: dict, path: Path, precision: str, 
 
 def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp32", force: bool = False,
                stages: tuple[str, ...] | None = None, validate: bool = True, progress=None,
-               lora: str | Path | None = None, lora_scale: float = 1.0) -> dict:
+               lora: str | Path | None = None, lora_scale: float = 1.0, ort_cuda: bool | tuple[str, ...] = False) -> dict:
     """Export every generation stage of MODEL_DIR into OUT_DIR; returns the manifest written.
 
     The ControlNet step graphs are among the stages when MODEL_DIR has controlnet/. `lora`: a LoRA
     .safetensors (LCM-LoRA) fused into the UNet at `lora_scale` before export (recorded in
-    manifest["lora"]; `arc2face-rt generate` then defaults to LCM sampling).
+    manifest["lora"]; `arc2face-rt generate` then defaults to LCM sampling). `ort_cuda`: also write the
+    fp16 graphs with ONNX Runtime's CUDA fusions for the step and VAE stages (`ort_cuda`, manifest
+    section "ort_cuda"); True for all of them among the exported stages, or a tuple of stage names.
 
     An OUT_DIR that already holds an export of the same model files, precision and spec revision is
     kept as it is (returns its manifest). Other content needs `force`, which replaces only what this
@@ -192,6 +196,7 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
     say = progress or (lambda msg: log.info(msg))
     model_dir, out_dir = Path(model_dir), check_output_dir(out_dir)
     names = _stage_names(model_dir, stages)
+    fused = tuple(n for n in names if n in (ORT_CUDA_STAGES if ort_cuda is True else tuple(ort_cuda or ())))
     lora_rec = _lora_record(lora, lora_scale)
     source = {str(p.relative_to(model_dir)): mf.file_record(p) for p in model_files(model_dir)}
     if (out_dir / mf.MANIFEST).is_file() and not force:
@@ -200,9 +205,12 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
         except Exception:
             old = None
         if old and old.get("precision") == precision and old.get("source", {}).get("files") == source \
-                and old.get("lora") == lora_rec and all(n in old["stages"] for n in names):
+                and old.get("lora") == lora_rec and all(n in old["stages"] for n in names) \
+                and all(n in old.get("ort_cuda", {}) for n in fused):
             for n in names:
                 mf.verify_files(out_dir, old["stages"][n]["files"])
+                if n in old.get("ort_cuda", {}):
+                    mf.verify_files(out_dir, old["ort_cuda"][n]["files"])
             say(f"{out_dir}: up to date ({precision}), nothing to export")
             return old
     replaced = _replaced_entries(out_dir, force)
@@ -232,6 +240,12 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
             }
             if lora_rec:
                 manifest["lora"] = lora_rec
+            if fused:
+                sources = {name: _export_ort_cuda_source(models, name, validate, tmp, say) for name in fused}
+                del models                     # fusing the full-size UNet peaks at about 20 GiB by itself
+                gc.collect()
+                manifest["ort_cuda"] = {name: _fuse_ort_cuda_stage(name, rec, tmp, out_dir, say)
+                                        for name, rec in sources.items()}
             mf.write_json_atomic(tmp / mf.MANIFEST, manifest)
             swap_in(out_dir, tmp, replaced)
         finally:
@@ -313,6 +327,43 @@ def _export_stage(models, name: str, precision: str, validate: bool, tmp: Path, 
                     for p in sorted(tmp.iterdir()) if p.name.startswith(spec.onnx_file)}
     rec["inputs"] = [[t.name, t.dtype, list(t.shape)] for t in spec.inputs]
     rec["outputs"] = [[t.name, t.dtype, list(t.shape)] for t in spec.outputs]
+    return rec
+
+
+def _export_ort_cuda_source(models, name: str, validate: bool, tmp: Path, say) -> dict:
+    """The fp32 graph an `ort_cuda` graph is made from (`ort_cuda` module docstring), exported into
+    tmp/<stage>.ort-cuda/ and validated against torch; its partial record."""
+    spec = ALL_STAGES[name]
+    feeds = example_inputs(spec, batch=2 if name != VAE_DECODER.name else 1)
+    # validated at batch 1: the classic attention materialises every score matrix in fp32, in torch and
+    # in ONNX Runtime (validating a full-size CFG step at batch 2 went over 17 GiB)
+    check = example_inputs(spec, batch=1)
+    ts = time.perf_counter()
+    work = tmp / f"{name}.ort-cuda"
+    work.mkdir()
+    module = _modules_for(models, name, "fp32")
+    say(f"[{name}] exporting for ONNX Runtime CUDA (fp32, to be fused and cast to fp16)")
+    rec = {"file": ort_cuda_file(name)}
+    with attention_for(module, name):
+        _export_one(module, spec, feeds, work / spec.onnx_file)
+        if validate:
+            rec["source_validation"] = _validate(module, spec, check, work / spec.onnx_file, "fp32", module)
+    rec["export_s"] = round(time.perf_counter() - ts, 2)
+    return rec
+
+
+def _fuse_ort_cuda_stage(name: str, rec: dict, tmp: Path, out_dir: Path, say) -> dict:
+    """Fuse the source graph `_export_ort_cuda_source` wrote into tmp/<stage>.ort-cuda.onnx; its record."""
+    ts = time.perf_counter()
+    work = tmp / f"{name}.ort-cuda"
+    dst = tmp / rec["file"]
+    say(f"[{name}] fusing for ONNX Runtime CUDA and casting to fp16")
+    with naming_output(out_dir / dst.name):
+        rec = {**rec, **fuse_for_ort_cuda(work / ALL_STAGES[name].onnx_file, dst, name)}
+    shutil.rmtree(work)
+    rec["export_s"] = round(rec["export_s"] + time.perf_counter() - ts, 2)
+    rec["files"] = {p.name: mf.file_record(p) for p in sorted(tmp.iterdir()) if p.name.startswith(dst.name)}
+    say(f"[{name}] ONNX Runtime CUDA graph: " + ", ".join(f"{k} {v}" for k, v in rec["fused"].items()))
     return rec
 
 

@@ -14,6 +14,8 @@ Layout (format 1):
       "quantized": {"step_cfg" | "step": {"file": ..., "files": {...}, ...}},   # int8 Q/DQ graphs
       "quantized_fp8": {"step_cfg" | "step": {...}},                            # FP8 Q/DQ graphs, same layout
       "openvino_int8": {"step_cfg" | "step": {"file": ..., "files": {...}, "source": {...}, ...}},  # NNCF IR
+      "ort_cuda": {"step_cfg" | "step" | "vae_decoder": {"file": ..., "files": {...}, "fused": {...}, ...}},
+                                                     # fp16 graphs with ONNX Runtime's CUDA fusions (onnx --ort-cuda)
       "plans": {name: {"file", "sha256", "bytes", "library", "build", ...}},    # TensorRT (build-engines)
       "lora": {"file": name, "sha256": hex, "bytes": n, "scale": float}         # a LoRA fused before export
     }
@@ -34,7 +36,7 @@ from pathlib import Path
 from .atomic import atomic_write
 from .errors import EngineMismatchError
 from .fileio import read_regular_file
-from .specs import ALL_STAGES, PRECISIONS, SPEC_REVISION, STEP, STEP_CFG
+from .specs import ALL_STAGES, PRECISIONS, SPEC_REVISION, STEP, STEP_CFG, VAE_DECODER
 
 MANIFEST = "manifest.json"
 FORMAT = "arc2face-rt-engines"
@@ -52,6 +54,7 @@ FILE_SECTIONS = {
     "quantized": (STEP_CFG.name, STEP.name),
     "quantized_fp8": (STEP_CFG.name, STEP.name),
     "openvino_int8": (STEP_CFG.name, STEP.name),
+    "ort_cuda": (STEP_CFG.name, STEP.name, VAE_DECODER.name),
 }
 _REEXPORT = "re-export the folder (`arc2face-export onnx --out {d} --force`, then build-engines if you use plans)"
 

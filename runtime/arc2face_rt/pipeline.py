@@ -9,6 +9,7 @@ loop below calls the step graph N times.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -130,7 +131,8 @@ class Arc2FacePipeline:
             raise EngineMismatchError(f"{self.engines_dir}: has no {section}; write them with "
                                       f"`arc2face-export {how} {self.engines_dir}`")
         files = {rel: r for rec in self.manifest[section].values() for rel, r in record_files(rec).items()}
-        self.verify_report = verify_records(self.engines_dir, files, mode="stamp" if verify else "size")
+        self._verify_mode = "stamp" if verify else "size"
+        self.verify_report = verify_records(self.engines_dir, files, mode=self._verify_mode)
         self._sessions: dict = {}
         self._trt_memory = None        # one activation buffer shared by the TensorRT engines
         self._trt_generators: dict = {}  # step stage -> TrtGenerator (TensorRT: one host sync per batch)
@@ -180,7 +182,8 @@ class Arc2FacePipeline:
                 sess = self.openvino.open(name)
             else:
                 from .backends.ort import open_session as open_ort   # "on GPU": what ORT reports
-                sess = open_ort(self._stage_path(section, name), device=self.device, step=name in STEP_STAGES)
+                sess = open_ort(self._stage_path(section, name), device=self.device, step=name in STEP_STAGES,
+                                cuda_path=self._ort_cuda_path(name))
             self._check_io(name, sess)
             self._sessions[name] = sess
         return self._sessions[name]
@@ -200,6 +203,17 @@ class Arc2FacePipeline:
     def _stage_path(self, section: str, name: str) -> Path:
         """The file the manifest records for a stage (the one that was verified), inside the folder."""
         return resolve_inside(self.engines_dir, stage_file(self.manifest[section][name]))
+
+    def _ort_cuda_path(self, name: str) -> Path | None:
+        """The stage's graph with ONNX Runtime's CUDA fusions (`onnx --ort-cuda`), verified, or None
+        (none in the folder, or ARC2FACE_ORT_FUSED=0); ONNX Runtime uses it only on a GPU."""
+        from .backends.ort import CUDA_EP, ort_providers
+
+        rec = self.manifest.get("ort_cuda", {}).get(name)
+        if rec is None or os.environ.get("ARC2FACE_ORT_FUSED", "1") == "0" or CUDA_EP not in ort_providers(self.device):
+            return None
+        verify_records(self.engines_dir, record_files(rec), mode=self._verify_mode)
+        return resolve_inside(self.engines_dir, stage_file(rec))
 
     def _trt_generator(self, cfg: bool, control: bool = False):
         """TensorRT: projector, loop and decoder of a batch on one stream with one host sync; else None."""

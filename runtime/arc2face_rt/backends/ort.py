@@ -41,6 +41,17 @@ def ort_providers(device: str = "auto") -> list[str]:
     return [CPU_EP]
 
 
+CONV_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
+
+
+def conv_search() -> str:
+    """cuDNN's convolution algorithm search for the CUDA provider (ARC2FACE_ORT_CONV_SEARCH, default HEURISTIC)."""
+    value = os.environ.get("ARC2FACE_ORT_CONV_SEARCH", "HEURISTIC").upper()
+    if value not in CONV_SEARCHES:
+        raise BackendUnavailableError(f"ARC2FACE_ORT_CONV_SEARCH={value!r}: use one of {', '.join(CONV_SEARCHES)}")
+    return value
+
+
 def _preload_cuda_libraries(ort) -> None:
     global _preloaded
     if not _preloaded and hasattr(ort, "preload_dlls"):
@@ -87,8 +98,12 @@ class OrtSession:
             _preload_cuda_libraries(ort)
         # fp32 graphs stay fp32 on the GPU (TF32 matmuls would cost the one-grey-level parity with the CPU);
         # ARC2FACE_ORT_TF32=1 allows TF32. fp16 graphs are unaffected.
-        cuda_opts = {"use_tf32": "1" if os.environ.get("ARC2FACE_ORT_TF32") == "1" else "0", **(cuda_options or {})}
-        providers = [(p, cuda_opts) if p == CUDA_EP else p for p in requested]
+        # cuDNN convolution algorithms by heuristic, not ONNX Runtime's default exhaustive search: the full
+        # fp16 VAE decode took 92 ms with EXHAUSTIVE and 20 ms with HEURISTIC on an H200 (ORT 1.31,
+        # benchmarks/results/gpu-check-ort-20261126T012714Z.json). ARC2FACE_ORT_CONV_SEARCH overrides it.
+        providers = [(p, {"use_tf32": "1" if os.environ.get("ARC2FACE_ORT_TF32") == "1" else "0",
+                          "cudnn_conv_algo_search": conv_search(), **(cuda_options or {})}) if p == CUDA_EP else p
+                     for p in requested]
         try:
             self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
@@ -133,10 +148,22 @@ class OrtSession:
         self.close()
 
 
-def open_session(path: str | Path, device: str = "auto", step: bool = False, threads: int | None = None):
+def open_session(path: str | Path, device: str = "auto", step: bool = False, threads: int | None = None,
+                 cuda_path: str | Path | None = None):
     """The session for one stage: for a step graph that runs on the GPU, an `OrtStepSession` (the
     device-resident loop, ONNX Runtime's CUDA graph); otherwise an `OrtSession`. On a CPU the plain
-    host loop is as fast and reports progress per step."""
+    host loop is as fast and reports progress per step. `cuda_path`: the stage's graph with ONNX
+    Runtime's CUDA-only fused kernels, opened instead of `path` when the session runs on CUDA (a
+    graph this onnxruntime cannot load falls back to `path`, with a warning)."""
+    if cuda_path is not None and CUDA_EP in ort_providers(device):
+        try:
+            sess = open_session(cuda_path, device=device, step=step, threads=threads)
+        except EngineMismatchError as e:
+            log.warning("%s: %s; using %s", Path(cuda_path).name, e, Path(path).name)
+        else:
+            if sess.on_gpu:
+                return sess
+            sess.close()
     if step and CUDA_EP in ort_providers(device):
         from .ort_loop import OrtStepSession, cuda_loop_unavailable
 

@@ -13,8 +13,9 @@ copies on the stream ONNX Runtime computes on (`user_compute_stream`): row k of 
 Runs are not synchronised (`disable_synchronize_execution_providers`); the host waits once, for the
 final latents. On the CPU provider the same loop runs with host copies (how it is tested here).
 
-Environment: ARC2FACE_ORT_CUDA_GRAPH=0 turns the CUDA graph off, ARC2FACE_ORT_NHWC=1 asks the CUDA
-provider for NHWC convolutions (`prefer_nhwc`).
+Environment: ARC2FACE_ORT_CUDA_GRAPH=0 turns the CUDA graph off. (The CUDA provider's `prefer_nhwc`
+is not offered: on an H200 it made the plain fp16 step 17% slower and ONNX Runtime 1.31 then refuses
+the CUDA graph; the `--ort-cuda` graphs have their own NHWC convolutions.)
 """
 from __future__ import annotations
 
@@ -46,16 +47,13 @@ def cuda_loop_unavailable() -> str | None:
 class CudaLoopOptions:
     """CUDA execution provider settings of the loop (environment: see the module docstring)."""
     cuda_graph: bool = True
-    prefer_nhwc: bool = False
 
     @classmethod
     def from_env(cls) -> "CudaLoopOptions":
-        return cls(cuda_graph=os.environ.get("ARC2FACE_ORT_CUDA_GRAPH", "1") != "0",
-                   prefer_nhwc=os.environ.get("ARC2FACE_ORT_NHWC", "0") == "1")
+        return cls(cuda_graph=os.environ.get("ARC2FACE_ORT_CUDA_GRAPH", "1") != "0")
 
     def provider_options(self, stream: int) -> dict:
-        return {"enable_cuda_graph": str(int(self.cuda_graph)), "prefer_nhwc": str(int(self.prefer_nhwc)),
-                "user_compute_stream": str(stream)}
+        return {"enable_cuda_graph": str(int(self.cuda_graph)), "user_compute_stream": str(stream)}
 
 
 class _HostCopies:
@@ -145,7 +143,7 @@ class OrtStepSession(OrtSession):
                 if not (stream and opts.cuda_graph):
                     raise
                 log.warning("%s: no CUDA graph (%s); running the loop without one", path, e)
-                opts = CudaLoopOptions(cuda_graph=False, prefer_nhwc=opts.prefer_nhwc)
+                opts = CudaLoopOptions(cuda_graph=False)
                 super().__init__(path, device, threads, opts.provider_options(stream))
         except BaseException:
             if stream:
