@@ -156,12 +156,15 @@ def _prepare_engines(opts: RunOptions, model_dir: Path, precision: str, key: str
         from arc2face_export.onnx_export import export_all
         from arc2face_rt.errors import OutputExistsError
         say(f"{precision} ONNX engines in {engines} (exported once, reused while current)")
-        # ONNX Runtime's CUDA fusions (`onnx --ort-cuda`) for the GPU rows: the stages they run
-        fused = ("step_cfg" if opts.guidance > 1 else "step", "vae_decoder") if opts.device == "cuda" else ()
+        # On a GPU: the stages the rows run, each also with ONNX Runtime's CUDA fusions (`onnx --ort-cuda`)
+        step = "step_cfg" if opts.guidance > 1 else "step"
+        stages = ("projector", step, "vae_decoder") if opts.device == "cuda" else None
+        fused = (step, "vae_decoder") if opts.device == "cuda" else ()
         try:
-            export_all(model_dir, engines, precision=precision, progress=say, ort_cuda=fused)
+            export_all(model_dir, engines, precision=precision, progress=say, stages=stages, ort_cuda=fused)
         except OutputExistsError:       # another model's or an older export in the cache: replace it
-            export_all(model_dir, engines, precision=precision, force=True, progress=say, ort_cuda=fused)
+            export_all(model_dir, engines, precision=precision, force=True, progress=say, stages=stages,
+                       ort_cuda=fused)
     stage = "step_cfg" if opts.guidance > 1 else "step"
     if key == "int8" and stage not in load_manifest(engines).get("openvino_int8", {}):
         from arc2face_export.ov_int8 import ensure_ov_int8
