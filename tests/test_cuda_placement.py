@@ -101,30 +101,3 @@ def test_static_attention_scale_removes_the_copies_and_keeps_the_numbers(tmp_pat
 def test_exported_graphs_have_no_host_to_device_copies(tiny_engines):
     for path in sorted(tiny_engines.glob("*.onnx")):
         assert host_to_device_edges(onnx.load(str(path), load_external_data=False)) == [], path.name
-
-
-def test_ort_cuda_export_writes_fused_fp16_graphs_the_cpu_path_leaves_alone(tiny_model_dir, tmp_path):
-    """`onnx --ort-cuda`: fused graphs recorded and verified like the others, fp32 at the boundary and
-    in the scheduler arithmetic, no host-device copy; on a CPU the pipeline runs the plain graphs."""
-    from arc2face_export.onnx_export import export_all
-    from arc2face_rt.integrity import verify_records
-    from arc2face_rt.pipeline import Arc2FacePipeline, GenerationOptions, random_identity
-
-    out = tmp_path / "e"
-    m = export_all(tiny_model_dir, out, precision="fp16", ort_cuda=True)
-    assert sorted(m["ort_cuda"]) == ["step", "step_cfg", "vae_decoder"]
-    unet = m["ort_cuda"]["step_cfg"]["fused"]
-    assert unet["MultiHeadAttention"] > 0 and unet["GroupNorm"] + unet["SkipGroupNorm"] > 0
-    assert m["ort_cuda"]["step_cfg"]["source_validation"]["value"] <= 1e-4
-    for name, rec in m["ort_cuda"].items():
-        verify_records(out, rec["files"], mode="full")
-        g = onnx.load(str(out / rec["file"]))
-        assert host_to_device_edges(g) == []
-        assert all(v.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.UINT8)
-                   for v in list(g.graph.input) + list(g.graph.output))
-        producer = {o: n for n in g.graph.node for o in n.output}
-        if name != "vae_decoder":        # the DPM-Solver++ update stays an fp32 Add of fp32 terms
-            assert producer["x_out"].op_type == "Add" and producer["x_out"].name.count("/") == 1
-    with Arc2FacePipeline(out, backend="ort", device="cpu") as pipe:
-        pipe.generate(random_identity(1), 1, GenerationOptions(steps=2, seed=0))
-        assert {s.path.name for s in pipe._sessions.values()} == {"projector.onnx", "step_cfg.onnx", "vae_decoder.onnx"}

@@ -65,7 +65,6 @@ def test_fp16_on_cuda_keeps_40_db_against_fp32_on_the_cpu(fp32, fp16):
     assert _psnr(gpu, cpu) >= 40.0
 
 
-@pytest.mark.parametrize("env", [{"ARC2FACE_ORT_CUDA_GRAPH": "0"}, {"ARC2FACE_ORT_CONV_SEARCH": "EXHAUSTIVE"}])
 @pytest.fixture(scope="module")
 def fused(fp32, tiny_model_dir, tmp_path_factory):
     from arc2face_export.onnx_export import export_all
@@ -91,6 +90,7 @@ def test_ort_cuda_fused_graphs_run_with_a_cuda_graph_and_keep_40_db(fp32, fused,
     assert _psnr(gpu, plain) >= 40.0
 
 
+@pytest.mark.parametrize("env", [{"ARC2FACE_ORT_CUDA_GRAPH": "0"}, {"ARC2FACE_ORT_CONV_SEARCH": "EXHAUSTIVE"}])
 def test_loop_variants_agree_and_sync_once(fp32, monkeypatch, env):
     from arc2face_rt.backends.ort_loop import OrtStepSession
 

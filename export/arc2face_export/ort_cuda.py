@@ -10,16 +10,17 @@ addition to the folder (`<stage>.ort-cuda.onnx`, manifest section `ort_cuda`), u
 Runtime backend on a GPU; the CPU, TensorRT and OpenVINO paths keep the plain graphs.
 
 How a graph is made (`export_all(..., ort_cuda=True)`, `arc2face-export onnx --ort-cuda`):
-1. the stage is exported in fp32 (the UNet stages with diffusers' classic attention processor:
-   explicit scores = scale·QKᵀ, softmax, ·V, the pattern the optimizer recognises; torch's fused
-   scaled_dot_product_attention exports a form it does not) and validated against torch like every
-   stage;
-2. the optimizer fuses it (opt_level 0: graph fusions only, nothing ONNX-Runtime-version specific);
-3. ONNX Runtime's float16 converter casts it to fp16 with fp32 inputs and outputs, keeping in fp32
-   the nodes of our wrapper (the scheduler coefficients, the CFG mix, the DPM-Solver++ update, the
-   VAE's pixel rounding): every node whose name has a single path component.
-The fused graphs are checked on a GPU (tests/test_ort_cuda.py: against the plain fp16 graph and the
-CPU); on a CPU they cannot run.
+1. the stage is exported in fp16 like the plain fp16 graph (fp32 inputs, outputs and scheduler
+   arithmetic), the UNet stages with diffusers' classic attention processor (explicit
+   softmax(scale·QKᵀ)·V, the pattern the optimizer recognises; torch's fused
+   scaled_dot_product_attention exports a form it does not), and validated against torch fp32;
+2. the optimizer fuses it (opt_level 0: graph fusions only). Its GroupNorm fusion writes gamma and
+   beta as float32 tensors but copies the fp16 bytes of an fp16 graph, which onnx rejects; the
+   values are cast to the declared type while it runs (`_declared_initializer_types`).
+(ONNX Runtime's own fp16 converter, run on a fused fp32 graph instead, left type errors in our graphs:
+Mul and Div nodes with one fp16 and one fp32 input.) The fused graphs are type-checked here (ONNX Runtime
+loads them up to the missing CUDA kernels) and run on a GPU by tests/test_ort_cuda.py, against the
+plain fp16 graph and the CPU.
 """
 from __future__ import annotations
 
@@ -62,27 +63,62 @@ def classic_attention(module):
             m.set_processor(p)
 
 
-def fuse_for_ort_cuda(src: str | Path, dst: str | Path, stage: str) -> dict:
-    """Fuse the fp32 graph `src` for ONNX Runtime CUDA, convert it to fp16 and write it to `dst`
-    (weights in `dst`.data when over 1 GiB). Returns the fused-operator counts."""
+CUDA_ONLY_FUSIONS = ("enable_group_norm", "enable_skip_group_norm", "enable_nhwc_conv", "enable_bias_splitgelu",
+                     "enable_bias_add", "enable_packed_qkv", "enable_packed_kv")
+
+
+def fuse_for_ort_cuda(src: str | Path, dst: str | Path, stage: str, cpu_kernels_only: bool = False) -> dict:
+    """Fuse the graph `src` for ONNX Runtime CUDA and write it to `dst` (weights in `dst`.data when
+    over 1 GiB). Returns the fused-operator counts. `cpu_kernels_only` keeps to fusions ONNX Runtime
+    also has CPU kernels for (MultiHeadAttention unpacked, LayerNormalization, SkipLayerNormalization),
+    so a test can compare the fused attention with torch on a CPU."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     kind = "vae" if stage == VAE_DECODER.name else "unet"
     options = FusionOptions(kind)
     options.enable_attention = kind == "unet"          # see attention_for
-    with _quiet():
+    if cpu_kernels_only:
+        for flag in CUDA_ONLY_FUSIONS:
+            setattr(options, flag, False)
+    with _quiet(), _declared_initializer_types():
         model = optimize_model(str(src), model_type=kind, opt_level=0, use_gpu=True, optimization_options=options)
     fused = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
-    keep_fp32 = [n.name for n in model.model.graph.node if n.name.count("/") == 1]
-    with _quiet():
-        model.convert_float_to_float16(keep_io_types=True, node_block_list=keep_fp32)
     dst = Path(dst)
     external = model.model.ByteSize() > _EXTERNAL_DATA_BYTES
     model.save_model_to_file(str(dst), use_external_data_format=external, all_tensors_to_one_file=True)
     if external:
         _rename_external_data(dst)
-    return {"fused": fused, "kept_fp32": len(keep_fp32), "model_type": kind}
+    return {"fused": fused, "model_type": kind}
+
+
+@contextlib.contextmanager
+def _declared_initializer_types():
+    """While the optimizer runs, an array it adds as an initializer is cast to the type it declares."""
+    import importlib
+    import sys
+
+    import numpy as np
+    from onnx import helper
+
+    importlib.import_module("onnxruntime.transformers.fusion_base")   # the optimizer also imports it as `fusion_base`
+    classes = {m.Fusion for name, m in sys.modules.items() if name.endswith("fusion_base") and hasattr(m, "Fusion")}
+    saved = {c: c.__dict__["add_initializer"] for c in classes}
+
+    def wrap(real):
+        def add_initializer(self, name, data_type, dims, vals, raw=True):
+            if isinstance(vals, np.ndarray):
+                vals = vals.astype(helper.tensor_dtype_to_np_dtype(data_type), copy=False)
+            return real(self, name, data_type, dims, vals, raw)
+        return add_initializer
+
+    for c, real in saved.items():
+        c.add_initializer = wrap(real)
+    try:
+        yield
+    finally:
+        for c, real in saved.items():
+            c.add_initializer = real
 
 
 def _rename_external_data(dst: Path) -> None:
