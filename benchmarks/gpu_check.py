@@ -226,7 +226,7 @@ def phase_export(opts: GpuCheckOptions, work: Path) -> dict:
     if missing:
         raise RuntimeError(missing)
     t_model = time.perf_counter() - t
-    engines = _prepare_engines(ro, model_dir, ro.precision, "onnx", _say)
+    engines = _prepare_engines(ro, model_dir, ro.precision, "onnx", _say, device=opts.device)
     import resource
 
     from arc2face_rt.manifest import load_manifest
@@ -245,7 +245,7 @@ def phase_ort(opts: GpuCheckOptions, work: Path) -> dict:
     engines = Path(ro.cache_dir) / f"engines-{opts.size}-{ro.precision}"
     res = measure_ort_loop(engines, opts.steps, opts.guidance, batches=(1, 4), repeats=opts.repeats,
                            device=opts.device)
-    res["vae_decode"] = measure_vae_decode(engines, batches=(1, 4), repeats=opts.repeats)
+    res["vae_decode"] = measure_vae_decode(engines, batches=(1, 4), repeats=opts.repeats, device=opts.device)
     return res
 
 

@@ -157,8 +157,10 @@ def measure_vae_decode(engines: Path, batches=(1,), repeats: int = 3, top: int =
             lat = {"latents": rng.standard_normal((1, 4, 64, 64)).astype(np.float32)}
             for _ in range(repeats + 1):
                 profile.run(None, lat)
-            events = json.loads(Path(profile.end_profiling()).read_text())
-            res["profile_batch_1"] = _summarise_profile(events, top)
+            trace = Path(profile.end_profiling())
+            res["profile_batch_1"] = _summarise_profile(json.loads(trace.read_text()), top)
+            trace.unlink()
+            del profile
             profiled = True
         sess.close()
         out["variants"][name] = res

@@ -148,7 +148,7 @@ def _prepare_model(opts: RunOptions, say) -> tuple[Path, str | None]:
     return model_dir, None
 
 
-def _prepare_engines(opts: RunOptions, model_dir: Path, precision: str, key: str, say) -> Path:
+def _prepare_engines(opts: RunOptions, model_dir: Path, precision: str, key: str, say, device: str = "cpu") -> Path:
     """The engines folder; with key "trt" it gets TensorRT plans, with "int8" OpenVINO int8 step graphs."""
     engines = Path(opts.engines_dir) if opts.engines_dir else Path(opts.cache_dir) / f"engines-{opts.size}-{precision}"
     from arc2face_rt.manifest import load_manifest
@@ -158,8 +158,9 @@ def _prepare_engines(opts: RunOptions, model_dir: Path, precision: str, key: str
         say(f"{precision} ONNX engines in {engines} (exported once, reused while current)")
         # On a GPU: the stages the rows run, each also with ONNX Runtime's CUDA fusions (`onnx --ort-cuda`)
         step = "step_cfg" if opts.guidance > 1 else "step"
-        stages = ("projector", step, "vae_decoder") if opts.device == "cuda" else None
-        fused = (step, "vae_decoder") if opts.device == "cuda" else ()
+        gpu = device == "cuda"
+        stages = ("projector", step, "vae_decoder") if gpu else None
+        fused = (step, "vae_decoder") if gpu and precision == "fp16" else ()
         try:
             export_all(model_dir, engines, precision=precision, progress=say, stages=stages, ort_cuda=fused)
         except OutputExistsError:       # another model's or an older export in the cache: replace it
@@ -277,7 +278,7 @@ def run(opts: RunOptions, say=print) -> dict:
             key = {"trt": "trt", "openvino-int8": "int8"}.get(backend, "onnx")
             try:
                 if key not in engines_cache:
-                    engines_cache[key] = _prepare_engines(opts, model_dir, precision, key, say)
+                    engines_cache[key] = _prepare_engines(opts, model_dir, precision, key, say, device)
                 if backend in OPENVINO_ROWS and not isinstance(engines_cache[key], Exception):
                     # compile into the blob cache: the row's cold start is a later process's
                     row["first_compile"] = _run_child(_row_cfg(opts, backend, model_dir, engines_cache[key], device,

@@ -140,7 +140,7 @@ def test_the_ort_phase_measures_every_variant_it_can_open(tmp_path):
 
     model = write_random_checkpoint(tmp_path / "tiny", size="tiny", seed=0, face_models=False)
     engines = tmp_path / "engines"
-    export_all(model, engines, precision="fp32", stages=("projector", "step_cfg", "vae_decoder"), ort_cuda=True)
+    export_all(model, engines, precision="fp16", stages=("projector", "step_cfg", "vae_decoder"), ort_cuda=True)
     loop = measure_ort_loop(engines, steps=3, guidance=3.0, batches=(1,), repeats=1, device="cpu")
     assert "error" in loop["variants"]["fused+graph"]
     plain = loop["variants"]["plain+graph"]

@@ -114,8 +114,9 @@ def test_loop_variants_agree_and_sync_once(fp32, monkeypatch, env):
     base.close(), variant.close()
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("graph", ["projector", "step", "step_cfg", "vae_decoder"])
-def test_every_graph_opens_with_a_cuda_graph(fp32, graph):
+def test_every_graph_opens_with_a_cuda_graph(fp32, fp16, precision, graph):
     """The real CUDA provider agrees with the exporter's placement model (tests/test_cuda_placement.py):
     no host-device copy inside any exported graph, so ONNX Runtime accepts `enable_cuda_graph`."""
     import onnx
@@ -123,7 +124,8 @@ def test_every_graph_opens_with_a_cuda_graph(fp32, graph):
     from arc2face_export.cuda_placement import host_to_device_edges
     from arc2face_rt.backends.ort import OrtSession
 
-    path = fp32 / f"{graph}.onnx"
+    path = (fp32 if precision == "fp32" else fp16) / f"{graph}.onnx"
     assert host_to_device_edges(onnx.load(str(path), load_external_data=False)) == []
     sess = OrtSession(path, device="cuda", cuda_options={"enable_cuda_graph": "1"})
     assert sess.on_gpu
+    sess.close()

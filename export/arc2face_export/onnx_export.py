@@ -32,7 +32,7 @@ from arc2face_ref.modules import DenoiseStep, VaeDecode
 from arc2face_ref.projector import Arc2FaceProjector, unconditional_embedding
 
 from .cuda_placement import host_to_device_edges
-from .ort_cuda import ORT_CUDA_STAGES, attention_for, fuse_for_ort_cuda, ort_cuda_file
+from .ort_cuda import ORT_CUDA_RECIPE, ORT_CUDA_STAGES, attention_for, check_loads, fuse_for_ort_cuda, ort_cuda_file
 from .engines_folder import KEPT_ALWAYS, foreign_entry, replaced_entries, swap_in
 
 log = logging.getLogger("arc2face_export")
@@ -196,7 +196,7 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
     say = progress or (lambda msg: log.info(msg))
     model_dir, out_dir = Path(model_dir), check_output_dir(out_dir)
     names = _stage_names(model_dir, stages)
-    fused = tuple(n for n in names if n in (ORT_CUDA_STAGES if ort_cuda is True else tuple(ort_cuda or ())))
+    fused = _ort_cuda_stages(ort_cuda, names, precision)
     lora_rec = _lora_record(lora, lora_scale)
     source = {str(p.relative_to(model_dir)): mf.file_record(p) for p in model_files(model_dir)}
     if (out_dir / mf.MANIFEST).is_file() and not force:
@@ -206,7 +206,7 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
             old = None
         if old and old.get("precision") == precision and old.get("source", {}).get("files") == source \
                 and old.get("lora") == lora_rec and all(n in old["stages"] for n in names) \
-                and all(n in old.get("ort_cuda", {}) for n in fused):
+                and all(old.get("ort_cuda", {}).get(n, {}).get("recipe") == ORT_CUDA_RECIPE for n in fused):
             for n in names:
                 mf.verify_files(out_dir, old["stages"][n]["files"])
                 if n in old.get("ort_cuda", {}):
@@ -330,6 +330,24 @@ def _export_stage(models, name: str, precision: str, validate: bool, tmp: Path, 
     return rec
 
 
+def _ort_cuda_stages(ort_cuda, names: tuple[str, ...], precision: str) -> tuple[str, ...]:
+    """The stages to write ONNX Runtime CUDA graphs for: all of ORT_CUDA_STAGES among `names` (True),
+    the listed ones, or none."""
+    if not ort_cuda:
+        return ()
+    if precision != "fp16":
+        raise InvalidInputError(f"--ort-cuda writes fp16 graphs; export them into an fp16 folder (--precision fp16), "
+                                f"not {precision}")
+    if ort_cuda is True:
+        return tuple(n for n in names if n in ORT_CUDA_STAGES)
+    wanted = (ort_cuda,) if isinstance(ort_cuda, str) else tuple(ort_cuda)
+    bad = [n for n in wanted if n not in ORT_CUDA_STAGES or n not in names]
+    if bad:
+        raise InvalidInputError(f"ONNX Runtime CUDA graphs are for {', '.join(ORT_CUDA_STAGES)} among the exported "
+                                f"stages, not {', '.join(bad)}")
+    return wanted
+
+
 def _export_ort_cuda_source(models, name: str, validate: bool, tmp: Path, say) -> dict:
     """The fp16 graph an `ort_cuda` graph is fused from (`ort_cuda` module docstring), exported into
     tmp/<stage>.ort-cuda/ and validated against torch fp32; its partial record."""
@@ -342,7 +360,7 @@ def _export_ort_cuda_source(models, name: str, validate: bool, tmp: Path, say) -
     work.mkdir()
     module = _modules_for(models, name, "fp16")
     say(f"[{name}] exporting for ONNX Runtime CUDA (fp16, to be fused)")
-    rec = {"file": ort_cuda_file(name)}
+    rec = {"file": ort_cuda_file(name), "recipe": ORT_CUDA_RECIPE}
     with attention_for(module, name):
         _export_one(module, spec, feeds, work / spec.onnx_file)
     if validate:
@@ -362,6 +380,7 @@ def _fuse_ort_cuda_stage(name: str, rec: dict, tmp: Path, out_dir: Path, say) ->
     with naming_output(out_dir / dst.name):
         rec = {**rec, **fuse_for_ort_cuda(work / ALL_STAGES[name].onnx_file, dst, name)}
     shutil.rmtree(work)
+    check_loads(dst)
     rec["export_s"] = round(rec["export_s"] + time.perf_counter() - ts, 2)
     rec["files"] = {p.name: mf.file_record(p) for p in sorted(tmp.iterdir()) if p.name.startswith(dst.name)}
     say(f"[{name}] ONNX Runtime CUDA graph: " + ", ".join(f"{k} {v}" for k, v in rec["fused"].items()))

@@ -18,9 +18,9 @@ How a graph is made (`export_all(..., ort_cuda=True)`, `arc2face-export onnx --o
    beta as float32 tensors but copies the fp16 bytes of an fp16 graph, which onnx rejects; the
    values are cast to the declared type while it runs (`_declared_initializer_types`).
 (ONNX Runtime's own fp16 converter, run on a fused fp32 graph instead, left type errors in our graphs:
-Mul and Div nodes with one fp16 and one fp32 input.) The fused graphs are type-checked here (ONNX Runtime
-loads them up to the missing CUDA kernels) and run on a GPU by tests/test_ort_cuda.py, against the
-plain fp16 graph and the CPU.
+Mul and Div nodes with one fp16 and one fp32 input.) The exporter then type-checks each fused graph
+(`check_loads`: ONNX Runtime's CPU provider must load it up to the missing CUDA kernels), and
+tests/test_ort_cuda.py runs them on a GPU, against the plain fp16 graph and the CPU.
 """
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ from arc2face_rt.specs import STEP, STEP_CFG, VAE_DECODER
 log = logging.getLogger(__name__)
 
 ORT_CUDA_STAGES = (STEP_CFG.name, STEP.name, VAE_DECODER.name)
+# Bumped whenever the recipe changes, so a folder made by an older one is not taken as current.
+# 1: fused fp32 graph + ONNX Runtime's fp16 converter (left type errors); 2: fused fp16 export.
+ORT_CUDA_RECIPE = 2
 _EXTERNAL_DATA_BYTES = 1 << 30
 
 
@@ -119,6 +122,26 @@ def _declared_initializer_types():
     finally:
         for c, real in saved.items():
             c.add_initializer = real
+
+
+class FusedGraphError(RuntimeError):
+    """A fused graph ONNX Runtime rejects for a reason other than its CUDA-only kernels."""
+
+
+def check_loads(path: str | Path) -> None:
+    """Load `path` with ONNX Runtime's CPU provider and no graph optimisation: the graph must pass its
+    type and shape checks and fail only on a kernel the CPU provider lacks (the fused CUDA ops)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
+        if "NOT_IMPLEMENTED" not in str(e):
+            raise FusedGraphError(f"{Path(path).name}: ONNX Runtime rejects the fused graph "
+                                  f"({str(e).strip().splitlines()[0][:300]}); please report it") from e
 
 
 def _rename_external_data(dst: Path) -> None:

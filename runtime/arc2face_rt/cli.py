@@ -163,14 +163,15 @@ def cmd_info(args) -> int:
         print(f"  LoRA fused: {lr['file']} (sha256 {lr['sha256']}, {lr['bytes'] / 2**20:.1f} MiB) at scale "
               f"{lr['scale']:g}; generate defaults: " + " ".join(f"--{k} {v:g}" if k != "scheduler" else f"--{k} {v}"
                                                                    for k, v in LCM.items()))
-    for section in ("stages", "face_stages", "quantized", "quantized_fp8", "plans"):
+    for section in ("stages", "face_stages", "quantized", "quantized_fp8", "openvino_int8", "ort_cuda", "plans"):
         for name, rec in m.get(section, {}).items():
             files = record_files(rec)
             verify_records(args.engines, files, mode="full" if args.verify else "size")
             size = sum(r["bytes"] for r in files.values()) / 2**20
             val = rec.get("validation")
             extra = f", {val.get('metric')} {val['value']:.3g} <= {val['tolerance']}" if val else ""
-            label = "quantized fp8" if section == "quantized_fp8" else section[:-1].replace("_", " ")
+            label = {"quantized_fp8": "quantized fp8", "openvino_int8": "OpenVINO int8",
+                     "ort_cuda": "ONNX Runtime CUDA"}.get(section, section[:-1].replace("_", " "))
             print(f"  {label} {name}: {size:.1f} MiB{extra}")
     print("files ok" + (" (sha256 verified)" if args.verify else " (sizes checked; --verify checks content)"))
     missing = [s for s in ("projector", "step_cfg", "step", "vae_decoder") if s not in m.get("stages", {})]

@@ -132,7 +132,7 @@ def check_manifest(m, engines_dir: str | Path) -> None:
             raise EngineMismatchError(f"{where}: '{section}' is {_kind(recs)}, expected an object; {fix}")
         for name, rec in recs.items():
             if name not in known:
-                raise EngineMismatchError(f"{where}: unknown {section[:-1].replace('_', ' ')} '{name}' "
+                raise EngineMismatchError(f"{where}: unknown entry '{name}' in '{section}' "
                                           f"(known: {', '.join(known)}); {fix}")
             problem = _record_problem(rec, section, engines_dir)
             if problem:

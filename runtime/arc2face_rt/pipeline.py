@@ -151,7 +151,8 @@ class Arc2FacePipeline:
     @property
     def engine_id(self) -> str:
         """Short hash naming the exact graphs used (recorded in every PNG)."""
-        h = [r["sha256"] for s in self.manifest["stages"].values() for r in s["files"].values()]
+        h = [r["sha256"] for section in ("stages", "ort_cuda") for s in self.manifest.get(section, {}).values()
+             for r in s["files"].values()]
         import hashlib
         return hashlib.sha256("".join(sorted(h)).encode()).hexdigest()[:16]
 
@@ -207,10 +208,9 @@ class Arc2FacePipeline:
     def _ort_cuda_path(self, name: str) -> Path | None:
         """The stage's graph with ONNX Runtime's CUDA fusions (`onnx --ort-cuda`), verified, or None
         (none in the folder, or ARC2FACE_ORT_FUSED=0); ONNX Runtime uses it only on a GPU."""
-        from .backends.ort import CUDA_EP, ort_providers
-
         rec = self.manifest.get("ort_cuda", {}).get(name)
-        if rec is None or os.environ.get("ARC2FACE_ORT_FUSED", "1") == "0" or CUDA_EP not in ort_providers(self.device):
+        if rec is None or self.manifest.get("precision") != "fp16" or os.environ.get("ARC2FACE_ORT_FUSED", "1") == "0" \
+                or not _ort_gpu_usable(self.device):
             return None
         verify_records(self.engines_dir, record_files(rec), mode=self._verify_mode)
         return resolve_inside(self.engines_dir, stage_file(rec))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +160,9 @@ def open_session(path: str | Path, device: str = "auto", step: bool = False, thr
         try:
             sess = open_session(cuda_path, device=device, step=step, threads=threads)
         except EngineMismatchError as e:
-            log.warning("%s: %s; using %s", Path(cuda_path).name, e, Path(path).name)
+            why = re.search(r"cannot load it \((.*)\); re-export", str(e))
+            log.warning("%s: this onnxruntime cannot run the fused graph (%s); using the plain %s",
+                        Path(cuda_path).name, why.group(1) if why else e, Path(path).name)
         else:
             if sess.on_gpu:
                 return sess
