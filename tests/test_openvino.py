@@ -15,7 +15,7 @@ pytest.importorskip("openvino")
 from arc2face_rt.backends import openvino as ovb  # noqa: E402
 from arc2face_rt.backends.ov_cache import RECORD, CompileCache, choose_cache_dir, user_cache_root  # noqa: E402
 from arc2face_rt.cli import main as rt_main  # noqa: E402
-from arc2face_rt.errors import EngineMismatchError, InvalidInputError  # noqa: E402
+from arc2face_rt.errors import InvalidInputError  # noqa: E402
 from arc2face_rt.images import read_params  # noqa: E402
 from arc2face_rt.manifest import sha256_file  # noqa: E402
 from arc2face_rt.pipeline import Arc2FacePipeline, GenerationOptions, pick_backend, random_identity  # noqa: E402

@@ -35,13 +35,18 @@ def run_demo(out: Path, size: str = "tiny", num_images: int = 4, seed: int = 0, 
     its exit-code wrapper, so a failure there reaches this command's own error handling."""
     from arc2face_ref.random_ckpt import MARKER, write_random_checkpoint
     from arc2face_rt.cli import build_parser as rt_parser
+    from arc2face_rt.errors import OutputExistsError
     from arc2face_rt.outputs import check_output_dir
 
+    from .engines_folder import foreign_entry
     from .onnx_export import export_all
 
     check_demo_options(size, num_images, seed, steps)
     out = check_output_dir(out)
     model, engines = out / f"model-{size}", out / f"engines-{size}-fp32"
+    if engines.is_dir() and foreign_entry(engines):      # refuse before the checkpoint is written
+        raise OutputExistsError(f"{engines}: holds {foreign_entry(engines)}, which arc2face-export does not write: "
+                                "it is not an engines folder; choose another --out")
     if not (model / MARKER).is_file():
         say(f"writing a random-weight {size} checkpoint to {model}")
         write_random_checkpoint(model, size=size, seed=seed, force=model.exists())
