@@ -168,7 +168,7 @@ def cmd_info(args) -> int:
             files = record_files(rec)
             verify_records(args.engines, files, mode="full" if args.verify else "size")
             size = sum(r["bytes"] for r in files.values()) / 2**20
-            val = rec.get("validation")
+            val = rec.get("validation") or rec.get("source_validation")
             extra = f", {val.get('metric')} {val['value']:.3g} <= {val['tolerance']}" if val else ""
             label = {"quantized_fp8": "quantized fp8", "openvino_int8": "OpenVINO int8",
                      "ort_cuda": "ONNX Runtime CUDA"}.get(section, section[:-1].replace("_", " "))
