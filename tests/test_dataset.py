@@ -163,8 +163,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_engines, wds_run, tmp_pat
     p = subprocess.Popen(RT + _args(tiny_engines, out, "--format", "wds"), stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and p.poll() is None:      # kill while shard 1 is being written
-        if (out / "shards" / "shard-000000.json").exists():
+    while time.monotonic() < deadline and p.poll() is None:      # kill while shard 1 is being written:
+        if (out / "shards" / "shard-000000.json").exists() and out.is_dir() \
+                and any(q.name.endswith(".tmp") for q in out.iterdir()):   # shard 0 committed, shard 1 open
             break
         time.sleep(0.005)
     p.send_signal(signal.SIGKILL)
