@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .loop_timing import rel_l2, time_denoise_loop
+
 # name: (graph file of the stage, CUDA graph on, ARC2FACE_ORT_CONV_SEARCH)
 VARIANTS = {
     "fused+graph": ("{stage}.ort-cuda.onnx", True, "HEURISTIC"),
@@ -49,12 +51,10 @@ def measure_ort_loop(engines: Path, steps: int, guidance: float, batches=(1, 4),
     from arc2face_rt.backends.ort_loop import CudaLoopOptions, OrtStepSession
     from arc2face_rt.errors import EngineMismatchError
     from arc2face_rt.manifest import load_manifest
-    from arc2face_rt.pipeline import image_noise
     from arc2face_rt.schedulers import make_schedule
 
     m = load_manifest(engines)
     sched = make_schedule("dpmpp2m", steps, m.get("scheduler_config"))
-    table = sched.table()
     rng = np.random.default_rng(0)
     cond_one = (rng.standard_normal((1, 77, 768)) * 0.5).astype(np.float32)
     out = {"engines": str(engines), "precision": m.get("precision"), "steps": steps, "guidance": guidance,
@@ -75,27 +75,15 @@ def measure_ort_loop(engines: Path, steps: int, guidance: float, batches=(1, 4),
         res = {"graph": path.name, "conv_search": search, "load_s": time.perf_counter() - t,
                "providers": sess.providers, "cuda_graph": sess.cuda_graph, "batches": {}}
         for b in batches:
-            x = np.stack([image_noise(0, i, sched)[0] for i in range(b)])
-            cond = np.repeat(cond_one, b, axis=0)
-            t = time.perf_counter()
-            lat = sess.denoise_loop(x, cond, table, guidance)
-            first = time.perf_counter() - t
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                sess.denoise_loop(x, cond, table, guidance)
-                times.append(time.perf_counter() - t)
-            med = statistics.median(times)
-            res["batches"][str(b)] = {"first_loop_s": first, "loop_median_s": med, "per_step_ms": med / steps * 1e3,
-                                      "images_per_s_steps_only": b / med}
+            lat, stats = time_denoise_loop(sess, sched, cond_one, b, guidance, repeats)
+            res["batches"][str(b)] = {**stats, "images_per_s_steps_only": b / stats["loop_median_s"]}
             latents[(name, b)] = lat
         sess.close()
         out["variants"][name] = res
     for (name, b), lat in latents.items():
         ref = latents.get((REFERENCE, b))
         if ref is not None:
-            rel = float(np.linalg.norm(lat - ref) / max(np.linalg.norm(ref), 1e-12))
-            out["variants"][name]["batches"][str(b)][f"rel_l2_vs_{REFERENCE}"] = rel
+            out["variants"][name]["batches"][str(b)][f"rel_l2_vs_{REFERENCE}"] = rel_l2(lat, ref)
     return out
 
 

@@ -12,11 +12,12 @@ these rows are pending until a GPU with TensorRT runs them.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+
+from .loop_timing import rel_l2, time_denoise_loop
 
 
 def inspector_precisions(engine, trt) -> dict:
@@ -35,7 +36,6 @@ def measure_quant_steps(engines: Path, steps: int = 25, guidance: float = 3.0, b
     from arc2face_export.trt_build import BuildOptions, build_engines
     from arc2face_rt.backends import cuda
     from arc2face_rt.backends.trt import import_trt, open_session, unusable_reason
-    from arc2face_rt.pipeline import image_noise
     from arc2face_rt.schedulers import make_schedule
 
     reason = unusable_reason()
@@ -52,7 +52,6 @@ def measure_quant_steps(engines: Path, steps: int = 25, guidance: float = 3.0, b
     if "fp8" not in precisions:
         out["fp8"] = f"skipped: compute capability {cc} < 8.9"
     sched = make_schedule("dpmpp2m", steps)
-    table = sched.table()
     cond_one = (np.random.default_rng(0).standard_normal((1, 77, 768)) * 0.5).astype(np.float32)
     latents = {}
     trt = import_trt()
@@ -66,26 +65,14 @@ def measure_quant_steps(engines: Path, steps: int = 25, guidance: float = 3.0, b
         try:
             res["inspector"] = inspector_precisions(sess.engine, trt)
             for b in batches:
-                x = np.stack([image_noise(0, i, sched)[0] for i in range(b)])
-                cond = np.repeat(cond_one, b, axis=0)
-                t = time.perf_counter()
-                lat = sess.denoise_loop(x, cond, table, guidance)
-                first = time.perf_counter() - t
-                times = []
-                for _ in range(repeats):
-                    t = time.perf_counter()
-                    sess.denoise_loop(x, cond, table, guidance)
-                    times.append(time.perf_counter() - t)
-                med = statistics.median(times)
-                res["batches"][str(b)] = {"first_loop_s": first, "loop_median_s": med, "per_step_ms": med / steps * 1e3}
-                latents[(prec, b)] = lat
+                latents[(prec, b)], res["batches"][str(b)] = time_denoise_loop(sess, sched, cond_one, b, guidance,
+                                                                               repeats)
         finally:
             sess.close()
         out["precisions"][prec] = res
     for (prec, b), lat in latents.items():
         ref = latents[("fp16", b)]
-        out["precisions"][prec]["batches"][str(b)]["latent_rel_l2_vs_fp16"] = \
-            float(np.linalg.norm(lat - ref) / max(np.linalg.norm(ref), 1e-12))
+        out["precisions"][prec]["batches"][str(b)]["latent_rel_l2_vs_fp16"] = rel_l2(lat, ref)
         fp16_ms = out["precisions"]["fp16"]["batches"][str(b)]["per_step_ms"]
         out["precisions"][prec]["batches"][str(b)]["speedup_vs_fp16"] = \
             fp16_ms / out["precisions"][prec]["batches"][str(b)]["per_step_ms"]
