@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -354,4 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # the exporter's progress (calibration, quantisation, plan builds) on stderr: these runs take minutes
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+    logging.getLogger("arc2face_export").setLevel(logging.INFO)
     return args.func(args)
