@@ -55,7 +55,7 @@ def fp16_from_fp32(fp32_dir: Path, out: Path, say=print) -> Path:
     import onnx
     from onnxconverter_common import float16
 
-    from arc2face_export.calib import save_model
+    from arc2face_export.onnx_files import save_model
     from arc2face_rt import manifest as mf
 
     if (out / mf.MANIFEST).is_file():

@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .onnx_files import save_model
+
 log = logging.getLogger(__name__)
 
 CALIB_METHODS = ("max", "percentile")
@@ -94,15 +96,6 @@ def widen_fp16_to_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
                     attr.i = TensorProto.FLOAT
     del g.value_info[:]   # stale fp16 annotations
     return model
-
-
-def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """Write `model`, with its weights in `<path>.data` when it is too large for one protobuf."""
-    if sum(t.ByteSize() for t in model.graph.initializer) > (1 << 30):   # the whole may exceed protobuf's 2 GiB
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
 
 
 def observed_graph(src: Path, dst: Path, tensors: Iterable[str]) -> None:

@@ -33,11 +33,11 @@ from arc2face_ref.projector import Arc2FaceProjector, unconditional_embedding
 
 from .cuda_placement import host_to_device_edges
 from .ort_cuda import ORT_CUDA_RECIPE, ORT_CUDA_STAGES, attention_for, check_loads, fuse_for_ort_cuda, ort_cuda_file
+from .onnx_files import save_model
 from .engines_folder import KEPT_ALWAYS, foreign_entry, replaced_entries, swap_in
 
 log = logging.getLogger("arc2face_export")
 OPSET = 18
-_EXTERNAL_DATA_BYTES = 1 << 30  # graphs over 1 GiB keep weights in <file>.data (protobuf caps at 2 GiB)
 
 
 class ValidationError(RuntimeError):
@@ -120,14 +120,9 @@ def _export_one(module, spec: StageSpec, feeds: dict, path: Path) -> None:
 
     model = onnx.load(str(raw), load_external_data=True)
     _stamp_io(model, spec)
-    size = sum(t.ByteSize() for t in model.graph.initializer)
     for p in raw.parent.iterdir():   # the raw export (and any loose weight files it scattered)
         p.unlink()
-    if size > _EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
+    save_model(model, path)
     del model
     edges = host_to_device_edges(onnx.load(str(path), load_external_data=False))
     if edges:

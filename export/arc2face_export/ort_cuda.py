@@ -30,13 +30,14 @@ from pathlib import Path
 
 from arc2face_rt.specs import STEP, STEP_CFG, VAE_DECODER
 
+from .onnx_files import EXTERNAL_DATA_BYTES
+
 log = logging.getLogger(__name__)
 
 ORT_CUDA_STAGES = (STEP_CFG.name, STEP.name, VAE_DECODER.name)
 # Bumped whenever the recipe changes, so a folder made by an older one is not taken as current.
 # 1: fused fp32 graph + ONNX Runtime's fp16 converter (left type errors); 2: fused fp16 export.
 ORT_CUDA_RECIPE = 2
-_EXTERNAL_DATA_BYTES = 1 << 30
 
 
 def ort_cuda_file(stage: str) -> str:
@@ -88,7 +89,7 @@ def fuse_for_ort_cuda(src: str | Path, dst: str | Path, stage: str, cpu_kernels_
         model = optimize_model(str(src), model_type=kind, opt_level=0, use_gpu=True, optimization_options=options)
     fused = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
     dst = Path(dst)
-    external = model.model.ByteSize() > _EXTERNAL_DATA_BYTES
+    external = model.model.ByteSize() > EXTERNAL_DATA_BYTES
     model.save_model_to_file(str(dst), use_external_data_format=external, all_tensors_to_one_file=True)
     if external:
         _rename_external_data(dst)
