@@ -3,11 +3,11 @@
 `python -m benchmarks quant --size tiny|full`. Same identities, same seeds, same initial latents; only
 `step_cfg` differs. The Q/DQ graphs are written and calibrated by `ensure_quant_graphs`, the code
 behind `build-engines --precision int8|fp8`. ONNX Runtime on a CPU cannot run fp16 Q/DQ (nor FP8)
-graphs as TensorRT would, so every variant runs as an fp32 twin (`quantize.fake_quant`): the
-reference is the fp16 graph widened to fp32 (its fp16 weights exactly, fp32 arithmetic), the int8
-and FP8 rows the Q/DQ graphs widened the same way (same scales, same int8/FP8 rounding of weights and
-activations, fp32 arithmetic elsewhere). So the numbers isolate the quantisation; TensorRT's fp16
-arithmetic between the Q/DQ pairs adds fp16's own (smaller) error.
+graphs as TensorRT would, so every variant runs as an fp32 twin (`quantize.fake_quant`), each in a
+process of its own: the reference is the fp16 graph widened to fp32 (its fp16 weights exactly, fp32
+arithmetic), the int8 and FP8 rows the Q/DQ graphs widened the same way (same scales, same int8/FP8
+rounding of weights and activations, fp32 arithmetic elsewhere). So the numbers isolate the
+quantisation; TensorRT's fp16 arithmetic between the Q/DQ pairs adds fp16's own (smaller) error.
 
 Reported per image and as medians: latent PSNR (peak = range of the reference latents), image PSNR
 (peak 255) and the cosine between the ArcFace embeddings of the two images when the model folder
@@ -23,9 +23,11 @@ fp32 projector and VAE decoder.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -124,14 +126,29 @@ def _plans(engines: Path, precisions, say) -> dict:
     return out
 
 
+def _variant_images(engines: Path, src: Path, twin: Path, identities: int, steps: int, guidance: float) -> list:
+    """(latents, image) per identity with the fp32 twin of step graph `src` in place of step_cfg (run in a
+    child process of its own; see bench_quant)."""
+    from arc2face_export.quantize import FakeQuantSession, fake_quant
+    from arc2face_rt.pipeline import Arc2FacePipeline, random_identity
+
+    fake_quant(src, twin)
+    try:
+        with Arc2FacePipeline(engines, backend="ort", device="cpu") as pipe:
+            pipe._sessions["step_cfg"] = FakeQuantSession(twin)
+            return [_generate(pipe, random_identity(100 + i), i, steps, guidance) for i in range(identities)]
+    finally:
+        for p in twin.parent.glob(twin.name + "*"):
+            p.unlink()
+
+
 def bench_quant(size: str = "tiny", precisions=("int8", "fp8"), identities: int = 2, steps: int = 25,
                 guidance: float = 3.0, calib_identities: int = 2, model_dir: Path | None = None,
                 engines: Path | None = None, fp32_engines: Path | None = None, build: bool = True,
                 say=print) -> dict:
     from arc2face_export.calib import Calibration
-    from arc2face_export.quantize import FakeQuantSession, QuantRecipe, ensure_quant_graphs, fake_quant
+    from arc2face_export.quantize import QuantRecipe, ensure_quant_graphs
     from arc2face_rt import manifest as mf
-    from arc2face_rt.pipeline import Arc2FacePipeline, random_identity
 
     model_dir = model_dir or CACHE / f"model-{size}"
     if fp32_engines is not None:
@@ -157,39 +174,34 @@ def bench_quant(size: str = "tiny", precisions=("int8", "fp8"), identities: int 
     work = engines / ".bench-twins"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
+    variants = {"fp16": engines / m["stages"]["step_cfg"]["file"], **{p: engines / records[p]["file"] for p in precisions}}
+    got = {}
     try:
-        variants = {"fp16": engines / m["stages"]["step_cfg"]["file"], **{p: engines / records[p]["file"] for p in precisions}}
-        twins = {}
+        # One fresh process per variant: a full-size fp32 twin is 3.4 GB and ONNX Runtime's CPU session
+        # does not hand its memory back on close, so three in one process ran a 24 GiB machine out of memory.
+        ctx = multiprocessing.get_context("spawn")
         for name, src in variants.items():
-            twins[name] = work / f"{name}.onnx"
-            fake_quant(src, twins[name])
-        results = {p: [] for p in precisions}
-        recognizer = _face_models(model_dir, say)
-        with Arc2FacePipeline(engines, backend="ort", device="cpu") as pipe:
-            for i in range(identities):
-                ident = random_identity(100 + i)
-                got = {}
-                for name, twin in twins.items():
-                    old = pipe._sessions.pop("step_cfg", None)
-                    if old is not None:
-                        old.close()            # one full-size step graph in memory at a time
-                    pipe._sessions["step_cfg"] = FakeQuantSession(twin)
-                    t1 = time.perf_counter()
-                    got[name] = _generate(pipe, ident, i, steps, guidance)
-                    say(f"  identity {i}: {name} in {time.perf_counter() - t1:.0f} s")
-                lat_r, img_r = got["fp16"]
-                for p in precisions:
-                    lat_q, img_q = got[p]
-                    row = {"identity": i, "seed": i,
-                           "latent_psnr_db": _psnr(lat_r, lat_q, float(lat_r.max() - lat_r.min())),
-                           "image_psnr_db": _psnr(img_r, img_q, 255.0),
-                           "image_max_abs": int(np.max(np.abs(img_r.astype(np.int16) - img_q.astype(np.int16))))}
-                    if recognizer is not None:
-                        row["arcface_cosine"] = _cosine(recognizer, img_r, img_q)
-                    say(f"  identity {i} {p}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
-                    results[p].append(row)
+            t1 = time.perf_counter()
+            with ProcessPoolExecutor(1, mp_context=ctx) as ex:
+                got[name] = ex.submit(_variant_images, engines, src, work / f"{name}.onnx", identities, steps,
+                                      guidance).result()
+            say(f"  {name}: {identities} identities in {time.perf_counter() - t1:.0f} s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    results = {p: [] for p in precisions}
+    recognizer = _face_models(model_dir, say)
+    for i in range(identities):
+        lat_r, img_r = got["fp16"][i]
+        for p in precisions:
+            lat_q, img_q = got[p][i]
+            row = {"identity": i, "seed": i,
+                   "latent_psnr_db": _psnr(lat_r, lat_q, float(lat_r.max() - lat_r.min())),
+                   "image_psnr_db": _psnr(img_r, img_q, 255.0),
+                   "image_max_abs": int(np.max(np.abs(img_r.astype(np.int16) - img_q.astype(np.int16))))}
+            if recognizer is not None:
+                row["arcface_cosine"] = _cosine(recognizer, img_r, img_q)
+            say(f"  identity {i} {p}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
+            results[p].append(row)
     plans = _plans(engines, precisions, say) if build else None   # last: full-size builds take long on a CPU
     out = {}
     for p, rows in results.items():
