@@ -113,7 +113,8 @@ def cmd_quant(args) -> int:
 
     precisions = tuple(p for p in args.precisions.split(",") if p)
     res = bench_quant(args.size, precisions, args.identities, args.steps, args.guidance, args.calib_identities,
-                      args.model_dir, args.engines, args.fp32_engines, build=not args.no_build, say=_say)
+                      args.model_dir, args.engines, args.fp32_engines, build=not args.no_build,
+                      residual_qdq=args.residual_qdq, say=_say)
     path = write_result({**header(), **res}, args.name or f"quant-{args.size}-{_stamp()}.json", Path(args.out))
     for p, r in res["precisions"].items():
         _say(f"{p}: medians " + ", ".join(f"{k} {v:.4g}" for k, v in r["median"].items())
@@ -276,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full size: convert this fp32 folder's step_cfg to fp16 with onnx tooling instead of "
                         "exporting fp16 from torch (slow on a CPU)")
     r.add_argument("--no-build", action="store_true", help="skip the TensorRT plan builds")
+    r.add_argument("--residual-qdq", action="store_true",
+                   help="quantise with build-engines --residual-qdq (Q/DQ on the residual adds; off by default)")
     r.add_argument("--out", type=Path, default=RESULTS)
     r.add_argument("--name", default=None)
     r.set_defaults(func=cmd_quant)

@@ -230,7 +230,8 @@ def quant_section(d: dict) -> list[str]:
         body.append([f"**{prec}**", "median"] + [f"**{_f(r['median'].get(k), 4)}**" for k in keys]
                     + [f"{'passed' if r['gates_passed'] else 'FAILED'}; {q['quantized_layers']} layers, "
                        f"{r['fp16_layers']} kept fp16, {q['calibration']['samples']} samples, {q['recipe']['method']}, "
-                       f"SmoothQuant {q['recipe']['smoothquant_alpha']}"])
+                       f"SmoothQuant {q['recipe']['smoothquant_alpha']}, "
+                       f"residual-add Q/DQ {q['residual_add_qdq']}"])
     lines += _table(["precision", "identity"] + list(keys) + ["gates / recipe"], body) + [""]
     if d.get("plans"):
         body = [[p, _f(v["build_s"]), _f(v["plan_mb"]), ",".join(v["compute_capabilities"]),

@@ -8,8 +8,10 @@ UNet, reproduced here as an ONNX pass over our own fp16 step graph:
     TensorRT keeps its fused attention kernel;
   * the layers ModelOpt's diffusers example filters out stay fp16: time embedding (`time_embedding`,
     `time_emb_proj`), `conv_in`, `conv_out` and the resnets' `conv_shortcut` (`KEEP_FP16`);
-  * a residual Add fed directly by a quantised Conv gets Q/DQ on its *other* input, so TensorRT can fuse
-    conv + bias + add in int8/FP8 (TensorRT developer guide, "Q/DQ layer-placement recommendations");
+  * a residual Add fed directly by a quantised Conv can get Q/DQ on its *other* input, so TensorRT can
+    fuse conv + bias + add in int8/FP8 (TensorRT developer guide, "Q/DQ layer-placement
+    recommendations"): `plan_placement` lists those adds, the recipe decides (`QuantRecipe.residual_qdq`,
+    off by default: it quantises the residual stream, which costs the most accuracy);
   * optional SmoothQuant (Xiao et al. 2023) on the MatMul inputs: x' = x / s, W' = diag(s) W with
     s_k = max|x_k|^a / max|W_k|^(1-a), one s per input tensor (q/k/v share theirs);
   * everything else (norms, SiLU, softmax, adds, the scheduler update) keeps the source graph's types.
