@@ -234,7 +234,8 @@ def quant_section(d: dict) -> list[str]:
                        f"residual-add Q/DQ {q['residual_add_qdq']}"])
     lines += _table(["precision", "identity"] + list(keys) + ["gates / recipe"], body) + [""]
     if d.get("plans"):
-        body = [[p, _f(v["build_s"]), _f(v["plan_mb"]), ",".join(v["compute_capabilities"]),
+        body = [[p, "failed", "", "", v["error"][:120]] if "error" in v else
+                [p, _f(v["build_s"]), _f(v["plan_mb"]), ",".join(v["compute_capabilities"]),
                  f"{v['library']['name']} {v['library']['version']}"] for p, v in d["plans"].items()]
         lines += ["step_cfg plans built here:", ""] + _table(["precision", "build s", "plan MiB", "targets", "library"],
                                                             body) + [""]
