@@ -15,7 +15,7 @@ import pytest
 from arc2face_rt import manifest as mf
 from arc2face_rt.errors import EngineMismatchError, OutputExistsError
 from arc2face_rt.specs import SPEC_REVISION, STAGES
-from arc2face_export import onnx_export
+from arc2face_export import onnx_export, onnx_files
 
 _ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
                 onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT64: "int64"}
@@ -67,7 +67,7 @@ def test_fp16_export_is_half_precision_and_validates(tiny_model_dir, tmp_path):
 
 
 def test_large_graphs_use_external_data(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(onnx_export, "_EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_BYTES", 0)
     out = tmp_path / "ext"
     m = onnx_export.export_all(tiny_model_dir, out, stages=("projector",))
     assert set(m["stages"]["projector"]["files"]) == {"projector.onnx", "projector.onnx.data"}
@@ -175,7 +175,7 @@ def test_a_failed_swap_puts_the_old_export_back(tiny_model_dir, tiny_engines, tm
 
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
 def test_export_files_get_the_usual_modes(tiny_model_dir, tmp_path, monkeypatch, umask):
-    monkeypatch.setattr(onnx_export, "_EXTERNAL_DATA_BYTES", 0)         # a *.onnx.data file too
+    monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_BYTES", 0)         # a *.onnx.data file too
     old = os.umask(umask)
     try:
         onnx_export.export_all(tiny_model_dir, tmp_path / "e", stages=("projector",), validate=False)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from arc2face_rt.specs import STEP, STEP_CFG, VAE_DECODER
 
-from .onnx_files import EXTERNAL_DATA_BYTES
+from . import onnx_files
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def fuse_for_ort_cuda(src: str | Path, dst: str | Path, stage: str, cpu_kernels_
         model = optimize_model(str(src), model_type=kind, opt_level=0, use_gpu=True, optimization_options=options)
     fused = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
     dst = Path(dst)
-    external = model.model.ByteSize() > EXTERNAL_DATA_BYTES
+    external = model.model.ByteSize() > onnx_files.EXTERNAL_DATA_BYTES
     model.save_model_to_file(str(dst), use_external_data_format=external, all_tensors_to_one_file=True)
     if external:
         _rename_external_data(dst)
