@@ -45,8 +45,8 @@ class QuantRecipe:
     """How a step graph is quantised. Defaults follow NVIDIA's SD recipe: int8 with SmoothQuant
     (alpha 0.8) and percentile calibration; FP8 with max calibration and no SmoothQuant (ModelOpt's
     FP8 config: E4M3 has the range int8 lacks). Residual adds get no Q/DQ by default: quantising the
-    residual stream per tensor cost 6.6 dB of end-to-end image PSNR on the full-size model (27 dB
-    instead of 33 dB against fp16, below the 30 dB gate; engines/README.md), for a conv + add fusion."""
+    residual stream per tensor cost 6.8 dB of end-to-end int8 image PSNR on the full-size model (26.8
+    instead of 33.6 dB against fp16, below the 30 dB gate; engines/README.md), for a conv + add fusion."""
     precision: str = "int8"                 # int8 | fp8
     method: str | None = None               # max | percentile; None: percentile (int8), max (fp8)
     smoothquant_alpha: float | None = None  # None: 0.8 for int8, off for fp8; 0: off
