@@ -198,6 +198,8 @@ def quantize_stage(engines_dir: str | Path, stage: str, recipes: Iterable[QuantR
     placement = qdq.plan_placement(base)
     if not placement.quantized:
         raise InvalidInputError(f"{src}: no Conv/Gemm/MatMul with constant weights to quantise")
+    if not any(r.residual_qdq for r in recipes):
+        placement = replace(placement, residuals={})   # no recipe reads their ranges: do not observe them
     remove_stale_temps(engines_dir)
     work = temp_dir(engines_dir, f"{stage}.quant")
     out = {}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -160,9 +159,9 @@ def open_session(path: str | Path, device: str = "auto", step: bool = False, thr
         try:
             sess = open_session(cuda_path, device=device, step=step, threads=threads)
         except EngineMismatchError as e:
-            why = re.search(r"cannot load it \((.*)\); re-export", str(e))
+            why = _first_line(e.__cause__) if e.__cause__ is not None else e   # onnxruntime's own message
             log.warning("%s: this onnxruntime cannot run the fused graph (%s); using the plain %s",
-                        Path(cuda_path).name, why.group(1) if why else e, Path(path).name)
+                        Path(cuda_path).name, why, Path(path).name)
         else:
             if sess.on_gpu:
                 return sess
