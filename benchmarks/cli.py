@@ -114,7 +114,7 @@ def cmd_quant(args) -> int:
     precisions = tuple(p for p in args.precisions.split(",") if p)
     res = bench_quant(args.size, precisions, args.identities, args.steps, args.guidance, args.calib_identities,
                       args.model_dir, args.engines, args.fp32_engines, build=not args.no_build,
-                      residual_qdq=args.residual_qdq, say=_say)
+                      residual_qdq=args.residual_qdq, level=args.quant_level, say=_say)
     path = write_result({**header(), **res}, args.name or f"quant-{args.size}-{_stamp()}.json", Path(args.out))
     for p, r in res["precisions"].items():
         _say(f"{p}: medians " + ", ".join(f"{k} {v:.4g}" for k, v in r["median"].items())
@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-build", action="store_true", help="skip the TensorRT plan builds")
     r.add_argument("--residual-qdq", action="store_true",
                    help="quantise with build-engines --residual-qdq (Q/DQ on the residual adds; off by default)")
+    r.add_argument("--quant-level", type=float, choices=(1.0, 2.0, 2.5, 3.0), default=3.0,
+                   help="quantise with build-engines --quant-level (1 convs, 2 +FFN, 2.5 +q/k/v, 3 +all Linear; default 3)")
     r.add_argument("--out", type=Path, default=RESULTS)
     r.add_argument("--name", default=None)
     r.set_defaults(func=cmd_quant)

@@ -191,7 +191,7 @@ def _variant_images(engines: Path, src: Path, twin: Path, identities: int, steps
 def bench_quant(size: str = "tiny", precisions=("int8", "fp8"), identities: int = 2, steps: int = 25,
                 guidance: float = 3.0, calib_identities: int = 2, model_dir: Path | None = None,
                 engines: Path | None = None, fp32_engines: Path | None = None, build: bool = True,
-                residual_qdq: bool = False, say=print) -> dict:
+                residual_qdq: bool = False, level: float = 3.0, say=print) -> dict:
     from arc2face_export.calib import Calibration
     from arc2face_export.quantize import QuantRecipe, ensure_quant_graphs
     from arc2face_rt import manifest as mf
@@ -212,7 +212,7 @@ def bench_quant(size: str = "tiny", precisions=("int8", "fp8"), identities: int 
     cal = Calibration(identities=calib_identities, steps=steps, guidance=guidance)
     t0 = time.perf_counter()
     say(f"{'/'.join(precisions)} step graphs, calibrated on {calib_identities} identities x {steps} steps")
-    ensure_quant_graphs(engines, [QuantRecipe(p, residual_qdq=residual_qdq) for p in precisions], cal,
+    ensure_quant_graphs(engines, [QuantRecipe(p, residual_qdq=residual_qdq, level=level) for p in precisions], cal,
                         stages=["step_cfg"], device="cpu")
     quant_s = time.perf_counter() - t0
     m = mf.load_manifest(engines)

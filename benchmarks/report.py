@@ -228,7 +228,8 @@ def quant_section(d: dict) -> list[str]:
         for row in r["rows"]:
             body.append([prec, str(row["identity"])] + [_f(row.get(k), 4) for k in keys] + [""])
         body.append([f"**{prec}**", "median"] + [f"**{_f(r['median'].get(k), 4)}**" for k in keys]
-                    + [f"{'passed' if r['gates_passed'] else 'FAILED'}; {q['quantized_layers']} layers, "
+                    + [f"{'passed' if r['gates_passed'] else 'FAILED'}; quant level {q['recipe'].get('level', 3.0):g}, "
+                       f"{q['quantized_layers']} layers, "
                        f"{r['fp16_layers']} kept fp16, {q['calibration']['samples']} samples, {q['recipe']['method']}, "
                        f"SmoothQuant {q['recipe']['smoothquant_alpha']}, "
                        f"residual-add Q/DQ {q['residual_add_qdq']}"])

@@ -8,6 +8,7 @@ test hands both graphs to TensorRT-RTX, which builds on the CPU.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 from onnx import TensorProto
 
 from arc2face_rt import manifest as mf
+from arc2face_rt.errors import InvalidInputError
 
 quantize = pytest.importorskip("arc2face_export.quantize")
 from arc2face_export import calib, qdq  # noqa: E402
@@ -116,6 +118,41 @@ def test_residual_qdq_option_quantises_the_residual_input_of_conv_fed_adds(quant
         assert other and all(_from_dq(i, prod, inits) for i in other), n.name
     rec = mf.load_manifest(d)["quantized"]["step_cfg"]
     assert rec["recipe"]["residual_qdq"] is True and rec["residual_add_qdq"] == len(adds)
+
+
+def test_quant_levels_nest_and_pick_modelopts_layer_families(quantized):
+    """ModelOpt's diffusers quant-level: 1 convs, 2 + feed-forwards, 2.5 + q/k/v, 3 + every Linear."""
+    base = onnx.load(str(quantized / "step_cfg.onnx"), load_external_data=False)
+    qdq.name_nodes(base)
+    kind = {n.name: n.op_type for n in base.graph.node}
+    got = {lv: set(qdq.plan_placement(base, lv).quantized) for lv in qdq.QUANT_LEVELS}
+    linear = {lv: {n for n in q if kind[n] != "Conv"} for lv, q in got.items()}
+    assert got[1.0] < got[2.0] < got[2.5] < got[3.0]
+    assert got[1.0] == {n for n in got[3.0] if kind[n] == "Conv"} and not linear[1.0]
+    assert linear[2.0] and all("/ff/net" in n for n in linear[2.0])
+    assert linear[2.5] - linear[2.0] and all(re.search(r"/to_[qkv]/", n) for n in linear[2.5] - linear[2.0])
+    assert linear[3.0] - linear[2.5] and all("/to_out" in n for n in linear[3.0] - linear[2.5])
+    kept = qdq.plan_placement(base, 2.0).kept
+    assert all(kept[n] == "quant level 2" for n in got[3.0] - got[2.0])
+    with pytest.raises(ValueError, match="quant level"):
+        qdq.plan_placement(base, 1.5)
+
+
+def test_a_lower_quant_level_leaves_attention_projections_in_fp16(quantized, tmp_path):
+    d = tmp_path / "e"
+    shutil.copytree(quantized, d)
+    quantize.ensure_quant_graphs(d, [quantize.QuantRecipe("fp8", level=2.0)], CAL, stages=["step_cfg"], device="cpu")
+    g = _graph(d, "fp8").graph
+    prod, inits = _producers(g), {i.name: i for i in g.initializer}
+    ff = [n for n in _weighted(g) if "/ff/net" in n.name]
+    attn = [n for n in _weighted(g) if re.search(r"/to_(q|k|v|out)", n.name) and n.input[1] in inits]
+    assert ff and attn
+    assert all(_from_dq(n.input[1], prod, inits, TensorProto.FLOAT8E4M3FN) for n in ff)
+    assert not any(_from_dq(n.input[0], prod, inits) for n in attn)
+    rec = mf.load_manifest(d)["quantized_fp8"]["step_cfg"]
+    assert rec["recipe"]["level"] == 2.0 and sum(v == "quant level 2" for v in rec["fp16_layers"].values()) == len(attn)
+    with pytest.raises(InvalidInputError, match="quant level 1.5"):
+        quantize.QuantRecipe("int8", level=1.5).resolved()
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])

@@ -55,7 +55,8 @@ def cmd_build_engines(args) -> int:
     quantized = args.precision in mf.QUANT_SECTIONS
     if quantized:
         from .quantize import QUANT_STAGES, QuantRecipe, load_calibration
-        recipe = QuantRecipe(args.precision, args.calib_method, args.smoothquant_alpha, args.residual_qdq).resolved()
+        recipe = QuantRecipe(args.precision, args.calib_method, args.smoothquant_alpha, args.residual_qdq,
+                             args.quant_level).resolved()
         if args.calib_data is not None:
             try:
                 have = set(mf.load_manifest(out).get("stages", {}))
@@ -135,6 +136,9 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
                    help="int8/fp8: also quantise the residual input of adds fed by a quantised conv, so TensorRT can "
                         "fuse conv + add in int8/FP8; costs accuracy (full size: 27 instead of 33 dB image PSNR vs "
                         "fp16), off by default")
+    p.add_argument("--quant-level", type=float, choices=(1.0, 2.0, 2.5, 3.0), default=3.0, metavar="L",
+                   help="int8/fp8: which layers are quantised, as ModelOpt's diffusers quant-level: 1 convs, 2 + "
+                        "feed-forwards, 2.5 + attention q/k/v, 3 + every Linear (default 3); lower keeps more fp16")
     p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
                    help=f"stages to build (default: all in the manifest): {' '.join(specs.ALL_STAGES)} detector arcface")
     p.add_argument("--force", action="store_true", help="rebuild even when the plans are up to date")

@@ -12,6 +12,9 @@ UNet, reproduced here as an ONNX pass over our own fp16 step graph:
     fuse conv + bias + add in int8/FP8 (TensorRT developer guide, "Q/DQ layer-placement
     recommendations"): `plan_placement` lists those adds, the recipe decides (`QuantRecipe.residual_qdq`,
     off by default: it quantises the residual stream, which costs the most accuracy);
+  * which Linear layers (MatMul/Gemm with constant weights) join the convs follows ModelOpt's
+    diffusers `quant-level` (`QUANT_LEVELS`): 1 convs only, 2 + the feed-forwards (`ff.net`), 2.5 + the
+    attention q/k/v projections, 3 (default) + every other Linear (`to_out`); the rest stay fp16;
   * optional SmoothQuant (Xiao et al. 2023) on the MatMul inputs: x' = x / s, W' = diag(s) W with
     s_k = max|x_k|^a / max|W_k|^(1-a), one s per input tensor (q/k/v share theirs);
   * everything else (norms, SiLU, softmax, adds, the scheduler update) keeps the source graph's types.
@@ -35,6 +38,9 @@ QDQ_OPSET = 19
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 # ModelOpt's diffusers quantisation example filters these module names out of quantisation.
 KEEP_FP16 = re.compile(r"time_emb_proj|time_embedding|time_proj|add_embedding|conv_in\b|conv_out\b|conv_shortcut")
+QUANT_LEVELS = (1.0, 2.0, 2.5, 3.0)
+_FFN = re.compile(r"(^|[./])ff[./]net")
+_QKV = re.compile(r"[./]to_[qkv]([./]|$)")
 QMAX = {"int8": 127.0, "fp8": 448.0}             # symmetric int8 range; largest finite float8 e4m3fn
 _MIN_SCALE = 2.0 ** -14                           # smallest normal fp16: a zero scale is invalid
 
@@ -71,8 +77,22 @@ def name_nodes(model: onnx.ModelProto) -> None:
             n.name = f"{n.op_type}_{i}"
 
 
-def plan_placement(model: onnx.ModelProto) -> Placement:
-    """Decide the Q/DQ placement of `model` (see the module docstring); the graph is not changed."""
+def _below_level(node, level: float) -> bool:
+    """A Linear layer (MatMul/Gemm) that quant level `level` leaves in float (convs join at every level)."""
+    if node.op_type == "Conv" or level >= 3.0:
+        return False
+    if _FFN.search(node.name):
+        return level < 2.0
+    if _QKV.search(node.name):
+        return level < 2.5
+    return True
+
+
+def plan_placement(model: onnx.ModelProto, level: float = 3.0) -> Placement:
+    """Decide the Q/DQ placement of `model` at quant level `level` (see the module docstring); the graph
+    is not changed. Levels nest: a lower level's quantised layers are a subset of a higher one's."""
+    if level not in QUANT_LEVELS:
+        raise ValueError(f"quant level {level} not in {QUANT_LEVELS}")
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
@@ -93,6 +113,9 @@ def plan_placement(model: onnx.ModelProto) -> Placement:
         m = KEEP_FP16.search(n.name)
         if m:
             p.kept[n.name] = m.group(0)
+            continue
+        if _below_level(n, level):
+            p.kept[n.name] = f"quant level {level:g}"
             continue
         p.quantized.append(n.name)
         if n.input[0] not in p.activations:

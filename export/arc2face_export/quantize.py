@@ -46,11 +46,15 @@ class QuantRecipe:
     (alpha 0.8) and percentile calibration; FP8 with max calibration and no SmoothQuant (ModelOpt's
     FP8 config: E4M3 has the range int8 lacks). Residual adds get no Q/DQ by default: quantising the
     residual stream per tensor cost 6.8 dB of end-to-end int8 image PSNR on the full-size model (26.8
-    instead of 33.6 dB against fp16, below the 30 dB gate; engines/README.md), for a conv + add fusion."""
+    instead of 33.6 dB against fp16, below the 30 dB gate; engines/README.md), for a conv + add fusion.
+    `level` picks the layers as ModelOpt's diffusers `quant-level` does (qdq.QUANT_LEVELS): 3 quantises
+    every conv and Linear outside the fp16 list, 2.5 leaves the attention output projections in fp16, 2
+    all attention projections, 1 every Linear (convs only): lower levels trade speed for accuracy."""
     precision: str = "int8"                 # int8 | fp8
     method: str | None = None               # max | percentile; None: percentile (int8), max (fp8)
     smoothquant_alpha: float | None = None  # None: 0.8 for int8, off for fp8; 0: off
     residual_qdq: bool = False              # Q/DQ on residual adds fed by a quantised conv (TensorRT fuses them)
+    level: float = 3.0                      # ModelOpt quant level: 1 convs, 2 +FFN, 2.5 +q/k/v, 3 +all Linear
 
     def resolved(self) -> "QuantRecipe":
         if self.precision not in qdq.QUANT_PRECISIONS:
@@ -61,7 +65,10 @@ class QuantRecipe:
         alpha = self.smoothquant_alpha if self.smoothquant_alpha is not None else (0.8 if self.precision == "int8" else 0.0)
         if not 0.0 <= alpha <= 1.0:
             raise InvalidInputError(f"SmoothQuant alpha {alpha} is outside 0..1 (0 turns it off)")
-        return QuantRecipe(self.precision, method, alpha, bool(self.residual_qdq))
+        level = float(self.level)
+        if level not in qdq.QUANT_LEVELS:
+            raise InvalidInputError(f"quant level {self.level}: choose {', '.join(f'{v:g}' for v in qdq.QUANT_LEVELS)}")
+        return QuantRecipe(self.precision, method, alpha, bool(self.residual_qdq), level)
 
 
 def quant_onnx_file(stage: str, precision: str) -> str:
@@ -195,7 +202,8 @@ def quantize_stage(engines_dir: str | Path, stage: str, recipes: Iterable[QuantR
     src = engines_dir / stage_rec["file"]
     base = onnx.load(str(src), load_external_data=False)
     qdq.name_nodes(base)
-    placement = qdq.plan_placement(base)
+    placements = {r.precision: qdq.plan_placement(base, r.level) for r in recipes}
+    placement = qdq.plan_placement(base, max(r.level for r in recipes))   # levels nest: this one observes all
     if not placement.quantized:
         raise InvalidInputError(f"{src}: no Conv/Gemm/MatMul with constant weights to quantise")
     if not any(r.residual_qdq for r in recipes):
@@ -206,7 +214,7 @@ def quantize_stage(engines_dir: str | Path, stage: str, recipes: Iterable[QuantR
     try:
         stats, kept = calibrate(src, engines_dir, stage, placement, cal, feeds, work, device)
         for r in recipes:
-            out[r.precision] = _write_quantized(engines_dir, stage, src, placement, stats, kept, r, cal,
+            out[r.precision] = _write_quantized(engines_dir, stage, src, placements[r.precision], stats, kept, r, cal,
                                                 "recorded" if feeds is not None else "pipeline", work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
