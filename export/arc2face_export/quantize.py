@@ -202,12 +202,16 @@ def quantize_stage(engines_dir: str | Path, stage: str, recipes: Iterable[QuantR
     src = engines_dir / stage_rec["file"]
     base = onnx.load(str(src), load_external_data=False)
     qdq.name_nodes(base)
-    placements = {r.precision: qdq.plan_placement(base, r.level) for r in recipes}
-    placement = qdq.plan_placement(base, max(r.level for r in recipes))   # levels nest: this one observes all
+    placements = {}
+    for r in recipes:
+        p = qdq.plan_placement(base, r.level)
+        placements[r.precision] = p if r.residual_qdq else replace(p, residuals={})
+    # Levels nest, so the highest level's placement observes every recipe's activations; plus every
+    # residual some recipe quantises.
+    top = placements[max(recipes, key=lambda r: r.level).precision]
+    placement = replace(top, residuals={a: t for q in placements.values() for a, t in q.residuals.items()})
     if not placement.quantized:
         raise InvalidInputError(f"{src}: no Conv/Gemm/MatMul with constant weights to quantise")
-    if not any(r.residual_qdq for r in recipes):
-        placement = replace(placement, residuals={})   # no recipe reads their ranges: do not observe them
     remove_stale_temps(engines_dir)
     work = temp_dir(engines_dir, f"{stage}.quant")
     out = {}
@@ -225,8 +229,6 @@ def _write_quantized(engines_dir: Path, stage: str, src: Path, placement: qdq.Pl
                      kept: list[dict], r: QuantRecipe, cal: calib.Calibration, source: str, work: Path) -> dict:
     model = onnx.load(str(src))
     qdq.name_nodes(model)
-    if not r.residual_qdq:
-        placement = replace(placement, residuals={})
     done = qdq.insert_qdq(model, placement, stats, r.precision, r.smoothquant_alpha, r.method)
     dst = engines_dir / quant_onnx_file(stage, r.precision)
     staged = work / dst.name
