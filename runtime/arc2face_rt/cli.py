@@ -1,4 +1,5 @@
-"""`arc2face-rt`: generate faces from an identity with exported engines (and datasets of many; embed/score photos)."""
+"""`arc2face-rt`: generate faces from an identity with exported engines (and datasets of many; embed/score
+photos; manage the per-user cache)."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ import math
 import sys
 
 from . import __version__, argtypes
+from .cache_cli import add_cache_parser
 from .exits import run_cli
 from .backends.openvino import CPU_PRECISIONS
 from .dataset.cli import add_dataset_parser
@@ -191,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_embed_parser(sub)
     add_score_parser(sub)
     _add_info(sub)
+    add_cache_parser(sub)
     return parser
 
 

@@ -43,6 +43,11 @@ def cache_dir() -> Path:
     return Path(base) / "arc2face-rt"
 
 
+def stamp_dir() -> Path:
+    """Where the stamps live: one JSON per engines folder (`arc2face-rt cache` lists and prunes them)."""
+    return cache_dir() / "verified"
+
+
 @dataclass
 class VerifyReport:
     files: int = 0           # files checked
@@ -59,8 +64,8 @@ class StampStore:
     """The stamps of one engines folder: {real path of a file: [stat key..., sha256]}."""
 
     def __init__(self, engines_dir: Path):
-        real = str(Path(engines_dir).resolve())
-        self.path = cache_dir() / "verified" / (hashlib.sha256(real.encode()).hexdigest()[:24] + ".json")
+        self.folder = str(Path(engines_dir).resolve())
+        self.path = stamp_dir() / (hashlib.sha256(self.folder.encode()).hexdigest()[:24] + ".json")
         self.stamps: dict[str, list] = {}
         self.dirty = False
         try:
@@ -80,7 +85,7 @@ class StampStore:
     def save(self) -> None:
         if not self.dirty:
             return
-        text = json.dumps({"version": _STAMP_VERSION, "files": self.stamps}).encode()
+        text = json.dumps({"version": _STAMP_VERSION, "folder": self.folder, "files": self.stamps}).encode()
         try:
             atomic_write(self.path, text, overwrite=True)
             self.dirty = False

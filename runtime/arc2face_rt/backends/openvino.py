@@ -290,7 +290,8 @@ class OpenVinoStages:
             from .ov_cache import CompileCache, choose_cache_dir
 
             folder = choose_cache_dir(self.cache_key or "engines")
-            self._cache = CompileCache(folder, openvino_version(), self.isa.as_dict()) if folder else False
+            self._cache = (CompileCache(folder, openvino_version(), self.isa.as_dict(), source=self.engines_dir)
+                           if folder else False)
         return self._cache or None
 
     def record(self, name: str) -> dict:

@@ -14,6 +14,11 @@ compiling. We add a folder choice and a record:
   capabilities) the blobs were made with, and per compiled stage and inference precision the graph's
   sha256 (from the manifest). When the version or the CPU differs (a shared home folder, an upgrade)
   every blob is deleted and compiled again, instead of importing a blob made for other hardware.
+- the record also says when the entry was last used (`used`) and from which engines folders
+  (`folders`). Re-exporting a folder gives it a new engines id, so a new cache entry; the entry of its
+  old graphs is deleted when the new one first opens (it was that folder's, and no other folder's),
+  which keeps the cache from growing by a blob set per re-export. `arc2face-rt cache` lists, prunes
+  and clears the rest (`user_cache.py`).
 Writes of the record are atomic (temporary file, then rename).
 """
 from __future__ import annotations
@@ -21,7 +26,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from ..manifest import write_json_atomic
@@ -48,12 +55,21 @@ def user_cache_root() -> Path:
     return cache_dir() / "openvino"
 
 
-def choose_cache_dir(key: str) -> Path | None:
-    """The cache folder for one engines folder (`key`: its engine id), created; None when off or unwritable."""
+def cache_root() -> Path | None:
+    """The folder holding one cache entry per engines id: ARC2FACE_OV_CACHE, else the per-user cache's
+    `openvino/`; None when ARC2FACE_OV_CACHE=0 turns the cache off."""
     env = os.environ.get("ARC2FACE_OV_CACHE")
     if env == "0":
         return None
-    folder = Path(env) / key if env else user_cache_root() / key
+    return Path(env) if env else user_cache_root()
+
+
+def choose_cache_dir(key: str) -> Path | None:
+    """The cache folder for one engines folder (`key`: its engine id), created; None when off or unwritable."""
+    root = cache_root()
+    if root is None:
+        return None
+    folder = root / key
     if _writable(folder):
         return folder
     log.info("OpenVINO cache: %s is not writable; every process compiles its graphs", folder)
@@ -63,9 +79,10 @@ def choose_cache_dir(key: str) -> Path | None:
 class CompileCache:
     """One cache folder and its record; `prepare(stage, ...)` before compiling a stage into it."""
 
-    def __init__(self, folder: Path, openvino: str, cpu: dict):
+    def __init__(self, folder: Path, openvino: str, cpu: dict, source: str | Path | None = None):
+        """`source`: the engines folder whose graphs are compiled into `folder` (None for the face models)."""
         self.folder, self.openvino, self.cpu = folder, openvino, cpu
-        self.record = self._read()
+        self.record = read_record(folder)
         if self.record.get("openvino") != openvino or self.record.get("cpu") != cpu:
             if self.record:
                 log.info("OpenVINO cache %s was made with OpenVINO %s on %s; recompiling for OpenVINO %s on %s",
@@ -73,14 +90,19 @@ class CompileCache:
                          openvino, cpu.get("model"))
             self._clear()
             self.record = {"format": FORMAT, "openvino": openvino, "cpu": cpu, "compiled": {}}
-            self._write()
+        self._note_use(source)
 
-    def _read(self) -> dict:
-        try:
-            rec = json.loads((self.folder / RECORD).read_text())
-        except (OSError, ValueError):
-            return {}
-        return rec if isinstance(rec, dict) and rec.get("format") == FORMAT else {}
+    def _note_use(self, source) -> None:
+        """Stamp the entry as used now, from `source`; an entry that `source` used before under another
+        engines id (its graphs were re-exported since) is released, and deleted once no folder uses it."""
+        self.record["used"] = time.time()
+        if source is not None:
+            src = str(Path(source).resolve())
+            folders = self.record.setdefault("folders", [])
+            if src not in folders:
+                folders.append(src)
+                release_folder(self.folder.parent, src, keep=self.folder.name)
+        self._write()
 
     def _write(self) -> None:
         try:
@@ -103,3 +125,44 @@ class CompileCache:
         if self.record["compiled"].get(key) != want:
             self.record["compiled"][key] = want
             self._write()
+
+
+def read_record(entry: Path) -> dict:
+    """The record of one cache entry folder ({} when missing or not ours)."""
+    try:
+        rec = json.loads((entry / RECORD).read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return rec if isinstance(rec, dict) and rec.get("format") == FORMAT else {}
+
+
+def remove_entry(entry: Path) -> None:
+    """Delete one cache entry: renamed out of the way first (a process that opens the entry next
+    finds it gone, never half-deleted), then removed. Raises OSError."""
+    trash = entry.with_name(f".removing-{entry.name}-{os.getpid()}")
+    entry.rename(trash)
+    shutil.rmtree(trash)
+
+
+def release_folder(root: Path, source: str, keep: str) -> None:
+    """Remove the engines folder `source` from every entry of `root` but `keep`; delete an entry that
+    no folder uses any more (its blobs were compiled from graphs that folder no longer holds)."""
+    try:
+        entries = [p for p in root.iterdir() if p.is_dir() and p.name != keep and not p.name.startswith(".")]
+    except OSError:
+        return
+    for entry in entries:
+        rec = read_record(entry)
+        folders = rec.get("folders")
+        if not isinstance(folders, list) or source not in folders:
+            continue
+        folders.remove(source)
+        try:
+            if folders:
+                write_json_atomic(entry / RECORD, rec)
+            else:
+                remove_entry(entry)
+                log.info("OpenVINO cache: deleted %s, compiled from the graphs %s held before it was re-exported",
+                         entry, source)
+        except OSError as e:
+            log.info("OpenVINO cache: cannot update %s (%s)", entry, e)
