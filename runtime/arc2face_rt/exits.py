@@ -9,6 +9,7 @@ from their errno, with the file name. Anything else is a bug and keeps its trace
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -16,7 +17,7 @@ import signal
 import sys
 from typing import Callable
 
-from .errors import Arc2FaceError
+from .errors import Arc2FaceError, OutputWriteError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -69,6 +70,30 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, `docker stop`, a scheduler cancelling a job) or SIGHUP (the terminal closed),
     raised where Python can clean up: temporary files are removed and finished outputs kept, as
     after Ctrl-C."""
+
+
+@contextlib.contextmanager
+def resumable(kept: Callable[[], str], log: Callable[[str], None], bar=None):
+    """Long output-writing work that `--resume` can finish. However the block ends, `bar` (a progress
+    bar) is closed. On Ctrl-C or SIGTERM, log one line saying what `kept()` is and how to finish, then
+    re-raise (marked reported). A failed write (a full disk, ...) or MemoryError becomes
+    OutputWriteError with the same two facts."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        if bar:
+            bar.close()
+        log(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}: {kept()}; run the same command "
+            "with --resume to finish")
+        e.reported = True
+        raise
+    except (OSError, MemoryError) as e:
+        if bar:
+            bar.close()
+        raise OutputWriteError(f"{user_error_message(e)}; {kept()}: run the same command with --resume to "
+                               "finish") from e
+    if bar:
+        bar.close()
 
 
 def _raise_terminated(signum, frame):

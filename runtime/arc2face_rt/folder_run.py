@@ -18,8 +18,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .atomic import remove_stale_temps
-from .errors import InvalidInputError, OutputExistsError, OutputWriteError
-from .exits import Terminated, user_error_message
+from .errors import InvalidInputError, OutputExistsError
+from .exits import resumable
 from .images import save_png
 from .outputs import check_names, check_output_dir, existing_images, image_name, is_same_image, plan_resume
 
@@ -93,7 +93,9 @@ class FolderRun:
             log(f"removed {removed} temporary file(s) an interrupted run left in {self.out}")
         bar = progress(runs * options.steps) if progress else None
         t0 = time.perf_counter()
-        try:
+        kept = lambda: (f"stopped after {s.written} of {todo} image(s), which are kept in {self.out}, "  # noqa: E731
+                        "none half-written")
+        with resumable(kept, log, bar):
             for idx in batches(self.count, options.batch_size, done):
                 res = pipe.generate(identity, options=options, on_step=bar.update if bar else None, indices=idx, **kw)
                 for img, params, i in zip(res.images, res.params, idx):
@@ -101,20 +103,6 @@ class FolderRun:
                         self._save(img, params, options.seed, i, s)
                 for k, v in res.timings.items():
                     s.timings[k] = s.timings.get(k, 0.0) + v
-        except KeyboardInterrupt as e:           # Ctrl-C, or SIGTERM (exits.Terminated)
-            if bar:
-                bar.close()
-            log(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}: {s.written} image(s) were "
-                f"written to {self.out}, none half-written; run the same command with --resume to finish")
-            e.reported = True
-            raise
-        except (OSError, MemoryError) as e:
-            if bar:
-                bar.close()
-            raise OutputWriteError(f"{user_error_message(e)}; stopped after {s.written} of {todo} image(s), "
-                                   f"which are kept in {self.out}: run the same command with --resume to finish") from e
-        if bar:
-            bar.close()
         s.seconds = time.perf_counter() - t0
         return s
 

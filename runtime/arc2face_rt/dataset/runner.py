@@ -19,8 +19,8 @@ from typing import Callable
 import numpy as np
 
 from ..atomic import atomic_write, is_stale_temp, remove_stale_temps
-from ..errors import InvalidInputError, OutputExistsError, OutputWriteError
-from ..exits import Terminated, user_error_message
+from ..errors import InvalidInputError, OutputExistsError
+from ..exits import resumable
 from ..fileio import read_regular_file
 from ..npyio import read_npy, save_npy_atomic
 from ..outputs import check_output_dir
@@ -147,7 +147,8 @@ def run_dataset(config: WorkerConfig, identities: np.ndarray, todo: list[int], p
     spec = config.spec
     bar = progress(sum(len(spec.shard_identities(s)) for s in todo) * spec.per_identity) if progress else None
     t0, made, per_worker = time.perf_counter(), 0, Counter()
-    try:
+    kept = lambda: f"committed shards are complete and kept in {config.out}, no unfinished one is visible"  # noqa: E731
+    with resumable(kept, log, bar):
         if ray is None:
             worker = ShardWorker(config, identities, pipe=pipe)
             for s in todo:
@@ -164,20 +165,6 @@ def run_dataset(config: WorkerConfig, identities: np.ndarray, todo: list[int], p
                 if bar:
                     bar.update(m["counts"]["generated"])
                     bar.set_postfix_str(f"{len(per_worker)} worker(s), last: shard {m['shard']} by {m['run']['worker']}")
-    except KeyboardInterrupt as e:           # Ctrl-C, or SIGTERM (exits.Terminated)
-        if bar:
-            bar.close()
-        log(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}: committed shards are complete and "
-            f"kept in {config.out}, no unfinished one is visible; run the same command with --resume to finish")
-        e.reported = True
-        raise
-    except (OSError, MemoryError) as e:
-        if bar:
-            bar.close()
-        raise OutputWriteError(f"{user_error_message(e)}; committed shards are kept in {config.out}: run the "
-                               "same command with --resume to finish") from e
-    if bar:
-        bar.close()
     seconds = time.perf_counter() - t0
     run = {"shards": len(todo), "images_generated": made, "seconds": round(seconds, 3),
            "images_per_s": round(made / seconds, 4) if seconds > 0 and made else None,
