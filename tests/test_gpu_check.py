@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -148,3 +149,53 @@ def test_the_ort_phase_measures_every_variant_it_can_open(tmp_path):
     vae = measure_vae_decode(engines, batches=(1,), repeats=1, device="cpu")
     assert "error" in vae["variants"]["fused"]
     assert vae["variants"]["plain"]["profile_batch_1"]["ms_by_op"]
+
+
+def test_the_quant_phase_times_fp8_at_quant_level_2_as_well(monkeypatch, tmp_path):
+    """gpu-check's `quant` phase (a GPU with TensorRT; faked here down to the plan and the loop): fp16,
+    int8, FP8 at level 3, then FP8 re-quantised at level 2, each compared with the fp16 plan."""
+    import arc2face_export.quantize as quantize
+    import arc2face_export.trt_build as trt_build
+    import arc2face_rt.backends.trt as trt
+    from arc2face_rt.backends import cuda
+
+    import benchmarks.gpu_quant as gq
+
+    quantised, built = [], []
+    monkeypatch.setattr(trt, "unusable_reason", lambda: None)
+    monkeypatch.setattr(trt, "import_trt", lambda: None)
+    monkeypatch.setattr(cuda, "compute_capability", lambda: "9.0")
+    monkeypatch.setattr(quantize, "ensure_quant_graphs",
+                        lambda engines, recipes, cal, stages, device: quantised.append(
+                            [(r.precision, r.level) for r in recipes]))
+
+    def build(engines, stages, precision, options, force):
+        built.append((precision, quantised[-1]))
+        return {"plans": {"step_cfg": {"build_seconds": 1.0, "bytes": 2**20}}}
+
+    class Session:
+        engine = None
+
+        def close(self):
+            pass
+
+    ms = {("fp16", None): 10.0, ("int8", 3.0): 6.0, ("fp8", 3.0): 5.0, ("fp8", 2.0): 8.0}
+
+    def loop(sess, sched, cond, batch, guidance, repeats):
+        prec, recipes = built[-1]
+        level = None if prec == "fp16" else dict(recipes).get(prec)
+        return np.full((batch, 4, 8, 8), ms[(prec, level)], np.float32), {"per_step_ms": ms[(prec, level)]}
+
+    monkeypatch.setattr(trt_build, "build_engines", build)
+    monkeypatch.setattr(trt, "open_session", lambda path: Session())
+    monkeypatch.setattr(gq, "inspector_precisions", lambda engine, trt: {"layers": 1, "int8": 0, "fp8": 0})
+    monkeypatch.setattr(gq, "time_denoise_loop", loop)
+    out = gq.measure_quant_steps(tmp_path, steps=2, batches=(1, 4), repeats=1, say=lambda m: None)
+    assert quantised == [[("int8", 3.0), ("fp8", 3.0)], [("fp8", 2.0)]]
+    assert list(out["precisions"]) == ["fp16", "int8", "fp8", "fp8-level2"]
+    assert [out["precisions"][k]["quant_level"] for k in out["precisions"]] == [None, 3.0, 3.0, 2.0]
+    for name, want in (("fp16", 1.0), ("int8", 10 / 6), ("fp8", 2.0), ("fp8-level2", 1.25)):
+        for b in ("1", "4"):
+            row = out["precisions"][name]["batches"][b]
+            assert row["speedup_vs_fp16"] == pytest.approx(want)
+            assert (row["latent_rel_l2_vs_fp16"] == 0) == (name == "fp16")
