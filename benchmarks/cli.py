@@ -317,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("packages", nargs="*", help="requirements (default: diffusers and onnxruntime-gpu, pinned)")
     r.set_defaults(func=cmd_wheels)
 
+    r = sub.add_parser("digest", help="the source digest a result records as git.source_sha256, of the working "
+                                      "tree or of a commit (to match a device machine's result to its commit)")
+    r.add_argument("rev", nargs="?", help="a commit (default: the working tree)")
+    r.set_defaults(func=cmd_digest)
+
     r = sub.add_parser("cpu-precision", help="OpenVINO bf16/int8 vs fp32 end to end: PSNR, ArcFace cosine, gates")
     r.add_argument("--size", choices=("tiny", "full"), default="tiny")
     r.add_argument("--precisions", default="bf16,int8", help="comma-separated OpenVINO precisions (default bf16,int8)")
@@ -356,6 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("result")
     r.set_defaults(func=cmd_row)
     return p
+
+
+def cmd_digest(args) -> int:
+    d = env.source_digest(args.rev)
+    if d is None:
+        print(f"benchmarks: error: cannot read commit {args.rev!r}", file=sys.stderr)
+        return 2
+    print(d)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

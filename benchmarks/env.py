@@ -6,6 +6,7 @@ benchmark run must still write its results on a machine that lacks a library.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import importlib
 import os
 import platform
@@ -25,11 +26,50 @@ def now_utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _git(*args, text: bool = True):
+    r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=text)
+    return (r.stdout.strip() if text else r.stdout) if r.returncode == 0 else None
+
+
 def git_commit() -> dict:
-    def git(*args):
-        r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else None
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    """The commit, whether tracked files differ from it, and `source_sha256` (`source_digest`): on a
+    copy whose git metadata lags behind its files (a device machine's), the digest still names the code."""
+    return {"commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+            "source_sha256": source_digest()}
+
+
+SOURCE_DIRS = ("runtime", "export", "reference", "benchmarks", "tests")
+SOURCE_FILES = ("pyproject.toml",)
+
+
+def _is_source(rel: str) -> bool:
+    parts = rel.split("/")
+    if any(p.startswith(".") or p == "__pycache__" for p in parts):
+        return False
+    return rel in SOURCE_FILES or (parts[0] in SOURCE_DIRS and rel.endswith(".py"))
+
+
+def source_digest(rev: str | None = None) -> str | None:
+    """sha256 over the project's Python sources and pyproject.toml (each path and content, in path
+    order): of the working tree, or with `rev` of that commit (`python -m benchmarks digest REV`), so a
+    result's digest can be matched to a commit. None where `rev` cannot be read."""
+    if rev is None:
+        rels = sorted({p.relative_to(REPO).as_posix() for d in SOURCE_DIRS if (REPO / d).is_dir()
+                       for p in (REPO / d).rglob("*.py") if p.is_file()}
+                      | {f for f in SOURCE_FILES if (REPO / f).is_file()})
+        read = lambda rel: (REPO / rel).read_bytes()          # noqa: E731
+    else:
+        listed = _git("ls-tree", "-r", "--name-only", rev, "--", *SOURCE_DIRS, *SOURCE_FILES)
+        if listed is None:
+            return None
+        rels = sorted(rel for rel in listed.splitlines() if rel)
+        read = lambda rel: _git("show", f"{rev}:{rel}", text=False) or b""   # noqa: E731
+    h = hashlib.sha256()
+    for rel in (r for r in rels if _is_source(r)):
+        data = read(rel)
+        h.update(f"{rel}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
 
 
 def library_versions() -> dict:

@@ -199,3 +199,36 @@ def test_the_quant_phase_times_fp8_at_quant_level_2_as_well(monkeypatch, tmp_pat
             row = out["precisions"][name]["batches"][b]
             assert row["speedup_vs_fp16"] == pytest.approx(want)
             assert (row["latent_rel_l2_vs_fp16"] == 0) == (name == "fp16")
+
+
+def test_source_digest_names_the_commit_whatever_git_says(monkeypatch, tmp_path):
+    """A result records `git.source_sha256`; `benchmarks digest REV` gives the same digest for the commit
+    whose sources ran, even where the copy's own git metadata is stale."""
+    from benchmarks import env
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "runtime" / "pkg").mkdir(parents=True)
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "runtime" / "pkg" / "a.py").write_text("A = 1\n")
+    (tmp_path / "runtime" / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "tests" / "test_a.py").write_text("def test(): pass\n")
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "one")
+    monkeypatch.setattr(env, "REPO", tmp_path)
+    first = env.source_digest()
+    assert first == env.source_digest("HEAD")
+    (tmp_path / "notes.txt").write_text("not a source file")
+    (tmp_path / "runtime" / "pkg" / "__pycache__").mkdir()
+    (tmp_path / "runtime" / "pkg" / "__pycache__" / "a.py").write_text("cached")
+    assert env.source_digest() == first
+    (tmp_path / "runtime" / "pkg" / "a.py").write_text("A = 2\n")      # the files move on, git does not
+    assert env.source_digest() != first and env.source_digest("HEAD") == first
+    git("commit", "-qam", "two")
+    assert env.source_digest("HEAD") == env.source_digest() and env.source_digest("HEAD~1") == first
+    assert env.git_commit()["source_sha256"] == env.source_digest()
+    assert env.source_digest("no-such-commit") is None
