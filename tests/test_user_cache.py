@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -106,12 +107,13 @@ def test_cache_clear_keeps_other_files_and_reports_failures(cache, tmp_path, mon
     other.write_text("not an entry")
 
     def refuse(path):
-        raise PermissionError(13, "Permission denied")
+        raise PermissionError(13, "Permission denied", str(path / "x.blob"))
 
     monkeypatch.setattr(user_cache, "remove_entry", refuse)
     assert rt_main(["cache", "clear"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "could not delete 1 cache entry" in err[0] and "Permission denied" in err[0]
+    assert len(err) == 1 and "could not delete 1 cache entry" in err[0] and "permission denied" in err[0]
+    assert str(e.folder / "x.blob") in err[0]
     assert e.folder.exists()
     monkeypatch.undo()
     monkeypatch.setenv("ARC2FACE_CACHE_DIR", str(cache))
@@ -126,3 +128,79 @@ def test_cache_off_lists_only_stamps(cache, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:                               # a bad number of days: one line, exit 2
         rt_main(["cache", "prune", "--older-than", "-1"])
     assert e.value.code == 2 and "--older-than: -1 is outside" in capsys.readouterr().err
+
+
+def test_cache_touches_only_its_own_entries(cache, tmp_path, monkeypatch, capsys):
+    """ARC2FACE_OV_CACHE may name a folder other programs use: only folders with a record of ours (and
+    the leftovers of our own removals) are listed or deleted; a link is never followed."""
+    shared = tmp_path / "shared"
+    monkeypatch.setenv("ARC2FACE_OV_CACHE", str(shared))
+    ours = _entry("abc0000000000000", None)
+    (shared / "Documents").mkdir()
+    (shared / "Documents" / "thesis.txt").write_text("keep me")
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / RECORD).write_text((ours.folder / RECORD).read_text())      # looks like ours, behind a link
+    (shared / "link").symlink_to(target)
+    assert [e.path for e in user_cache.scan()] == [ours.folder]
+    assert rt_main(["cache", "clear"]) == 0
+    assert not ours.folder.exists()
+    assert (shared / "Documents" / "thesis.txt").read_text() == "keep me" and (target / RECORD).exists()
+    assert (shared / "link").is_symlink()
+
+
+def test_a_removal_that_fails_half_way_is_finished_by_the_next(cache, tmp_path, monkeypatch, capsys):
+    import arc2face_rt.backends.ov_cache as ov_cache
+
+    e = _entry("abc0000000000000", tmp_path)
+    real = ov_cache.shutil.rmtree
+
+    def fail(path, *a, **k):
+        (Path(path) / RECORD).unlink()                    # part of it went, then a file refused
+        raise PermissionError(1, "Operation not permitted", str(Path(path) / "abc0000000000000.blob"))
+
+    monkeypatch.setattr(ov_cache.shutil, "rmtree", fail)
+    assert rt_main(["cache", "clear"]) == 2
+    left = [p for p in (cache / "openvino").iterdir()]
+    assert len(left) == 1 and left[0].name.startswith(".removing-abc0000000000000-")
+    assert str(left[0] / "abc0000000000000.blob") in capsys.readouterr().err
+    [entry] = user_cache.scan()                            # still listed, though its record is gone
+    assert entry.leftover and entry.stale(30, time.time()) == "an earlier removal did not finish"
+    monkeypatch.setattr(ov_cache.shutil, "rmtree", real)
+    assert rt_main(["cache", "prune"]) == 0
+    assert not list((cache / "openvino").iterdir()) and not e.folder.exists()
+
+
+@pytest.mark.parametrize("field,value", [("used", float("nan")), ("used", float("inf")), ("used", 10**400),
+                                         ("used", -1e18), ("used", "yesterday"), ("cpu", [1]), ("cpu", "x"),
+                                         ("compiled", None), ("compiled", []), ("folders", "abc"),
+                                         ("folders", {"a": 1}), ("openvino", 5)])
+def test_damaged_records_are_made_anew_and_listed(cache, tmp_path, capsys, field, value):
+    e = _entry("abc0000000000000", tmp_path)
+    rec = json.loads((e.folder / RECORD).read_text())
+    rec[field] = value
+    (e.folder / RECORD).write_text(json.dumps(rec).replace("Infinity", "1e999"))   # a big number python reads as inf
+    assert rt_main(["cache"]) == 0 and "1 entry" in capsys.readouterr().out
+    assert rt_main(["cache", "prune", "--dry-run"]) == 0
+    c = CompileCache(e.folder, "2026.4", CPU, source=tmp_path)                      # a run opens it
+    c.prepare("step", "fp32", "f32", "sha")
+    fixed = json.loads((e.folder / RECORD).read_text())
+    assert isinstance(fixed["compiled"], dict) and isinstance(fixed["folders"], list)
+    assert isinstance(fixed["cpu"], dict) and 0 < fixed["used"] <= time.time()
+    if field in ("used",):
+        assert (e.folder / "abc0000000000000.blob").exists()          # only the time was odd: blobs kept
+    else:
+        assert not (e.folder / "abc0000000000000.blob").exists()      # a damaged record: compiled again
+
+
+@pytest.mark.parametrize("text", ['{"files": 5}', '{"files": true}', '{"files": {"/a/b": 1, "c/d": 2}}', "{{",
+                                  '[1, 2]'])
+def test_odd_stamp_files_are_listed_and_cleared(cache, text, capsys):
+    (cache / "verified").mkdir(parents=True)
+    odd = cache / "verified" / ("0" * 24 + ".json")
+    odd.write_text(text)
+    other = cache / "verified" / "notes.json"
+    other.write_text("{}")
+    assert rt_main(["cache"]) == 0 and "1 entry" in capsys.readouterr().out
+    assert rt_main(["cache", "clear"]) == 0
+    assert not odd.exists() and other.exists()

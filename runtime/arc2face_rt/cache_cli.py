@@ -8,6 +8,7 @@ import time
 
 from . import argtypes
 from .errors import OutputWriteError
+from .exits import os_error_message
 from .user_cache import CacheEntry, human_bytes, remove, scan, select
 
 DEFAULT_OLDER_THAN_DAYS = 30
@@ -31,7 +32,10 @@ def add_cache_parser(sub) -> None:
 
 
 def _when(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "unknown"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "unknown"
+    except (ValueError, OverflowError, OSError):
+        return "unknown"
 
 
 def _line(e: CacheEntry) -> str:
@@ -56,7 +60,7 @@ def cmd_cache(args) -> int:
             except FileNotFoundError:
                 continue                    # another process removed it first
             except OSError as err:
-                failed.append(f"{e.path}: {err.strerror or err}")
+                failed.append(os_error_message(err))
                 continue
         freed, deleted = freed + e.bytes, deleted + 1
         print(f"{'would delete' if args.dry_run else 'deleted'} {e.kind} {e.path.name} ({human_bytes(e.bytes)}): "

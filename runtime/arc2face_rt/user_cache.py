@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backends.ov_cache import cache_root, read_record, remove_entry
+from .backends.ov_cache import TRASH, cache_root, is_entry, read_record, record_used, remove_entry
 from .integrity import stamp_dir
 
 DAY = 86400.0
@@ -34,6 +35,7 @@ class CacheEntry:
     used: float                     # Unix time of the last use (the record's, else the newest file's mtime)
     folders: list[str] = field(default_factory=list)    # engines folders the entry was made from
     detail: str = ""
+    leftover: bool = False          # what a removal that did not finish left behind
 
     @property
     def folders_gone(self) -> bool:
@@ -42,6 +44,8 @@ class CacheEntry:
 
     def stale(self, older_than_days: float, now: float) -> str:
         """Why `prune` deletes this entry, or ""."""
+        if self.leftover:
+            return "an earlier removal did not finish"
         if self.folders_gone:
             return "its engines folder is gone" if len(self.folders) == 1 else "its engines folders are gone"
         if now - self.used > older_than_days * DAY:
@@ -50,7 +54,7 @@ class CacheEntry:
 
 
 def _tree_size(path: Path) -> tuple[int, float]:
-    """Bytes of the regular files below `path` and the newest mtime among them."""
+    """Bytes of the regular files below `path` (links not followed) and the newest mtime among them."""
     total, newest = 0, 0.0
     for dirpath, _, files in os.walk(path):
         for name in files:
@@ -64,24 +68,41 @@ def _tree_size(path: Path) -> tuple[int, float]:
 
 
 def _openvino_entries() -> list[CacheEntry]:
+    """The entries of the OpenVINO cache root: folders with a record of ours, and leftovers of an
+    unfinished removal. Anything else there (the root may be a folder shared with other programs)
+    is not listed and never deleted."""
     root = cache_root()
     if root is None or not root.is_dir():
         return []
     out = []
     for p in sorted(root.iterdir()):
-        if not p.is_dir() or p.name.startswith("."):
+        if not is_entry(p):
+            continue
+        size, newest = _tree_size(p)
+        if TRASH.match(p.name):
+            out.append(CacheEntry("openvino", p, size, newest, [], "left by a removal that did not finish",
+                                  leftover=True))
             continue
         rec = read_record(p)
-        size, newest = _tree_size(p)
-        used = rec.get("used") if isinstance(rec.get("used"), (int, float)) else newest
         folders = [f for f in rec.get("folders", []) if isinstance(f, str)] if isinstance(rec.get("folders"), list) else []
-        if rec:
-            cpu = rec.get("cpu") if isinstance(rec.get("cpu"), dict) else {}
-            detail = f"OpenVINO {str(rec.get('openvino')).split('-')[0]}, {cpu.get('model', 'unknown CPU')}"
-        else:
-            detail = "no record (not made by arc2face-rt, or by an older version)"
-        out.append(CacheEntry("openvino", p, size, float(used or 0.0), folders, detail))
+        cpu = rec.get("cpu") if isinstance(rec.get("cpu"), dict) else {}
+        detail = f"OpenVINO {str(rec.get('openvino')).split('-')[0]}, {cpu.get('model', 'unknown CPU')}"
+        out.append(CacheEntry("openvino", p, size, record_used(rec) or newest, folders, detail))
     return out
+
+
+STAMP_NAME = re.compile(r"^[0-9a-f]{24}\.json$")       # integrity.StampStore's file names
+
+
+def _stamp_folder(data) -> tuple[str, int]:
+    """The engines folder a stamp file is about, and how many files it stamps ("" and 0 when unreadable)."""
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        return "", 0
+    files = [f for f in data["files"] if isinstance(f, str) and os.path.isabs(f)]
+    folder = data.get("folder")
+    if not isinstance(folder, str):              # written before stamps named their folder: infer it
+        folder = os.path.commonpath([os.path.dirname(f) for f in files]) if files else ""
+    return folder, len(data["files"])
 
 
 def _stamp_entries() -> list[CacheEntry]:
@@ -89,19 +110,17 @@ def _stamp_entries() -> list[CacheEntry]:
     if not root.is_dir():
         return []
     out = []
-    for p in sorted(root.glob("*.json")):
+    for p in sorted(root.iterdir()):
+        if not STAMP_NAME.match(p.name) or p.is_symlink() or not p.is_file():
+            continue
         try:
             st = p.stat()
-            data = json.loads(p.read_text()) if st.st_size < 64 << 20 else {}
+            data = json.loads(p.read_text()) if st.st_size < 64 << 20 else None
         except (OSError, ValueError, RecursionError):
-            continue
-        data = data if isinstance(data, dict) else {}
-        folder = data.get("folder")
-        if not isinstance(folder, str):         # written before stamps named their folder: infer it
-            files = data.get("files") if isinstance(data.get("files"), dict) else {}
-            folder = os.path.commonpath([os.path.dirname(f) for f in files]) if files else ""
-        n = len(data.get("files") or {})
-        out.append(CacheEntry("stamps", p, st.st_size, st.st_mtime, [folder] if folder else [], f"{n} file(s)"))
+            data, st = None, p.lstat()
+        folder, n = _stamp_folder(data)
+        out.append(CacheEntry("stamps", p, st.st_size, st.st_mtime, [folder] if folder else [],
+                              f"{n} file(s)" if folder else "unreadable (the next run hashes again)"))
     return out
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -83,8 +84,11 @@ class CompileCache:
         """`source`: the engines folder whose graphs are compiled into `folder` (None for the face models)."""
         self.folder, self.openvino, self.cpu = folder, openvino, cpu
         self.record = read_record(folder)
-        if self.record.get("openvino") != openvino or self.record.get("cpu") != cpu:
-            if self.record:
+        usable = usable_record(self.record)
+        if not usable or self.record["openvino"] != openvino or self.record["cpu"] != cpu:
+            if self.record and not usable:
+                log.info("OpenVINO cache %s: its %s is damaged; recompiling", folder, RECORD)
+            elif self.record:
                 log.info("OpenVINO cache %s was made with OpenVINO %s on %s; recompiling for OpenVINO %s on %s",
                          folder, self.record.get("openvino"), (self.record.get("cpu") or {}).get("model"),
                          openvino, cpu.get("model"))
@@ -128,7 +132,8 @@ class CompileCache:
 
 
 def read_record(entry: Path) -> dict:
-    """The record of one cache entry folder ({} when missing or not ours)."""
+    """The record of one cache entry folder: {} when missing, unreadable or not ours (an entry is ours
+    when its record says so). The fields are as the file has them: see `usable_record`."""
     try:
         rec = json.loads((entry / RECORD).read_text())
     except (OSError, ValueError, RecursionError):
@@ -136,11 +141,43 @@ def read_record(entry: Path) -> dict:
     return rec if isinstance(rec, dict) and rec.get("format") == FORMAT else {}
 
 
+def usable_record(rec: dict) -> bool:
+    """Whether a record's fields have the types this module writes (else the entry is made anew)."""
+    folders = rec.get("folders", [])
+    return (isinstance(rec.get("openvino"), str) and isinstance(rec.get("cpu"), dict)
+            and isinstance(rec.get("compiled"), dict) and isinstance(folders, list)
+            and all(isinstance(f, str) for f in folders))
+
+
+def record_used(rec: dict) -> float | None:
+    """The record's last-use time (Unix seconds), or None when missing or not a plausible time."""
+    t = rec.get("used")
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        return None
+    try:
+        t = float(t)
+    except OverflowError:
+        return None
+    return t if 0 <= t < 4102444800 else None          # NaN and inf fail too; 4102444800 is 2100-01-01
+
+
+TRASH = re.compile(r"^\.removing-.+-[0-9]+$")
+
+
+def is_entry(p: Path) -> bool:
+    """A cache entry: a real folder (not a link) holding a record of ours, or one a removal left behind."""
+    return p.is_dir() and not p.is_symlink() and (bool(TRASH.match(p.name)) or bool(read_record(p)))
+
+
 def remove_entry(entry: Path) -> None:
     """Delete one cache entry: renamed out of the way first (a process that opens the entry next
-    finds it gone, never half-deleted), then removed. Raises OSError."""
-    trash = entry.with_name(f".removing-{entry.name}-{os.getpid()}")
-    entry.rename(trash)
+    finds it gone, never half-deleted), then removed. Raises OSError (naming the file it failed on);
+    a folder renamed but not removed stays an entry (`is_entry`), so the next removal tries again."""
+    if entry.is_symlink() or not entry.is_dir():
+        raise NotADirectoryError(20, "not a cache folder (a link or a file); left alone", str(entry))
+    trash = entry if TRASH.match(entry.name) else entry.with_name(f".removing-{entry.name}-{os.getpid()}")
+    if trash != entry:
+        entry.rename(trash)
     shutil.rmtree(trash)
 
 
@@ -148,13 +185,13 @@ def release_folder(root: Path, source: str, keep: str) -> None:
     """Remove the engines folder `source` from every entry of `root` but `keep`; delete an entry that
     no folder uses any more (its blobs were compiled from graphs that folder no longer holds)."""
     try:
-        entries = [p for p in root.iterdir() if p.is_dir() and p.name != keep and not p.name.startswith(".")]
+        entries = [p for p in root.iterdir() if p.name != keep and not TRASH.match(p.name) and is_entry(p)]
     except OSError:
         return
     for entry in entries:
         rec = read_record(entry)
-        folders = rec.get("folders")
-        if not isinstance(folders, list) or source not in folders:
+        folders = rec.get("folders", [])
+        if not usable_record(rec) or source not in folders:
             continue
         folders.remove(source)
         try:
