@@ -169,15 +169,45 @@ def test_huge_n_costs_nothing_up_front(tiny_engines, tmp_path):
 @pytest.mark.parametrize("tool", ["arc2face_rt.entry", "arc2face_export.entry"])
 def test_ctrl_c_while_still_importing(tool, tiny_engines, tmp_path):
     """Ctrl-C in the first moments (numpy, ONNX Runtime or torch still loading): one line, exit 130."""
-    code = f"import sys; from {tool} import main; sys.exit(main())"
+    # `ready` once the interpreter has started (a signal during Python's own start-up is Python's)
+    code = f"import sys; from {tool} import main; print('ready', flush=True); sys.exit(main())"
     args = (_generate_args(tiny_engines, tmp_path / "never") if tool == "arc2face_rt.entry"
             else ["random-checkpoint", "--out", str(tmp_path / "never")])
-    for delay in (0.08, 0.3):
-        p = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL,
+    for delay in (0.0, 0.05, 0.3):
+        p = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
+        assert p.stdout.readline() == "ready\n"
         time.sleep(delay)
         p.send_signal(signal.SIGINT)
         err = p.communicate(timeout=120)[1]
         assert p.returncode == 130 and "Traceback" not in err, err
         assert err.strip().splitlines()[-1].endswith("interrupted"), err
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("after", ["check", "error", "return"])
+def test_a_ctrl_c_a_library_swallowed_still_stops_the_command(after, capsys):
+    """Ctrl-C that lands in library code which catches it (a C extension's import, a bare except) still
+    ends the command with one line and exit 130: at the next check, or whatever the command does next."""
+    import os
+
+    from arc2face_rt.exits import check_interrupt, run_cli
+
+    reached = []
+
+    def command():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)          # the handler runs at the next bytecode
+            time.sleep(0.1)
+        except BaseException:                            # noqa: BLE001 - what such a library does
+            if after == "error":
+                raise ImportError("initialization failed")  # noqa: B904
+        if after == "check":
+            check_interrupt()
+        reached.append(after)
+        return 0
+
+    assert run_cli(command, "tool") == 130
+    assert capsys.readouterr().err == "tool: interrupted\n"
+    assert reached == ([] if after in ("check", "error") else ["return"])
+    assert run_cli(lambda: 0, "tool") == 0                # the next command starts afresh

@@ -96,28 +96,52 @@ def resumable(kept: Callable[[], str], log: Callable[[str], None], bar=None):
         bar.close()
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated()
+_seen: list[int] = []          # the stop signals run_cli's handler received during the current command
+
+
+def _on_signal(signum, frame):
+    _seen.append(signum)
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+def check_interrupt() -> None:
+    """Raise again a Ctrl-C or SIGTERM that arrived during this command but did not stop it: a library
+    whose code was running when it landed (an import of a C extension, say) caught the
+    KeyboardInterrupt, or turned it into another error, and went on. Long work calls this at safe
+    points (the pipeline before each batch); outside run_cli it does nothing."""
+    if _seen:
+        raise KeyboardInterrupt() if _seen[-1] == signal.SIGINT else Terminated()
+
+
+def _stopped(prog: str, reported: bool = False) -> int:
+    term = bool(_seen) and _seen[-1] != signal.SIGINT
+    if not reported:
+        print(f"{prog}: {'terminated' if term else 'interrupted'}", file=sys.stderr)
+    return EXIT_TERMINATED if term else EXIT_INTERRUPTED
 
 
 def run_cli(func: Callable[[], int], prog: str, verbose: bool = False) -> int:
     """Call `func` and turn user-caused failures into one stderr line and exit code 2.
 
-    SIGTERM and SIGHUP are handled like Ctrl-C (exit 143 instead of 130). With `verbose`, the traceback of a
-    mapped failure is logged too (for bug reports)."""
+    Ctrl-C gives one line and exit 130; SIGTERM and SIGHUP are handled like Ctrl-C (exit 143). The
+    signals are remembered, so one that a library swallowed still ends the command (at the next
+    `check_interrupt`, or when `func` returns or fails), never a traceback or a run that goes on. With
+    `verbose`, the traceback of a mapped failure is logged too (for bug reports)."""
     old = {}
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+    _seen.clear()
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         try:
             if sig is not None:
-                old[sig] = signal.signal(sig, _raise_terminated)
+                old[sig] = signal.signal(sig, _on_signal)
         except ValueError:              # not the main thread: leave signals alone
             break
     try:
-        return func()
+        code = func()
+        return _stopped(prog) if _seen else code
     except KeyboardInterrupt as e:
-        if not getattr(e, "reported", False):
-            print(f"{prog}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
-        return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
+        if isinstance(e, Terminated) and not _seen:
+            _seen.append(signal.SIGTERM)
+        return _stopped(prog, reported=getattr(e, "reported", False))
     except BrokenPipeError:
         # `arc2face-rt score ... | head`: the reader left; stop quietly, as Unix tools do.
         try:
@@ -125,8 +149,13 @@ def run_cli(func: Callable[[], int], prog: str, verbose: bool = False) -> int:
         except OSError:
             pass
         return 1
-    except (Arc2FaceError, OSError, MemoryError, EOFError) as e:
-        msg = " ".join(str(user_error_message(e)).split())     # one line, whatever a library put in it
+    except Exception as e:
+        if _seen:                       # whatever a library made of the user's Ctrl-C
+            return _stopped(prog)
+        msg = user_error_message(e)
+        if msg is None:
+            raise
+        msg = " ".join(msg.split())     # one line, whatever a library put in it
         if verbose:
             logging.getLogger(prog).exception("details")
         print(f"{prog}: error: {msg}", file=sys.stderr)
@@ -134,3 +163,4 @@ def run_cli(func: Callable[[], int], prog: str, verbose: bool = False) -> int:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+        _seen.clear()

@@ -20,6 +20,7 @@ import numpy as np
 from . import __version__
 from .control import Control
 from .errors import EngineMismatchError, InvalidInputError
+from .exits import check_interrupt
 # re-exported: the identity helpers are part of the pipeline's public API
 from .inputs import (IDENTITY_MAX_BYTES, identity_fingerprint, image_noise, load_identity,  # noqa: F401
                      normalize_identity, random_identity)
@@ -340,6 +341,7 @@ class Arc2FacePipeline:
         gen = self._trt_generator(options.guidance > 1.0, control is not None)
         conds: dict[int, np.ndarray] = {}
         for start in range(0, len(items), options.batch_size):
+            check_interrupt()               # a Ctrl-C a library swallowed while it loaded stops here
             batch = items[start:start + options.batch_size]
             t = {"project": 0.0, "denoise": 0.0, "decode": 0.0}
             t_all = time.perf_counter()
