@@ -217,6 +217,11 @@ CASES = [
     ("embed-out-not-npy", lambda t, e: None, ["embed", "--image", "{t}", "--out", "{t}/id.txt"], ".npy"),
     ("embed-out-is-folder", lambda t, e: (t / "id.npy").mkdir(), ["embed", "--image", "{t}", "--out", "{t}/id.npy"],
      "exist"),
+    # found by an exploratory pass: refused only after the images were made, or with advice that fails
+    ("out-under-proc", lambda t, e: None, ["generate", "--engines", "{e}", "--steps", "1", "--random-id", "--out",
+                                           "/proc/arc2face-out"], "cannot be made"),
+    ("overwrite-onto-a-folder", lambda t, e: (t / "out" / "arc2face_0_0001.png").mkdir(parents=True),
+     GEN + ["--random-id", "-n", "2", "--batch", "1", "--overwrite"], "is a folder where image 1 goes"),
 ]
 
 
@@ -334,6 +339,9 @@ EXPORT_CASES = [
     ("demo-n-0", lambda t, m: None, ["demo", "--out", "{t}/d", "-n", "0"], "-n must be"),
     ("demo-steps-5000", lambda t, m: None, ["demo", "--out", "{t}/d", "--steps", "5000"], "--steps"),
     ("demo-seed-huge", lambda t, m: None, ["demo", "--out", "{t}/d", "--seed", str(2**64)], "--seed"),
+    ("demo-foreign-model-folder", lambda t, m: ((t / "d" / "model-tiny").mkdir(parents=True),
+                                                (t / "d" / "model-tiny" / "mine.txt").write_text("x")),
+     ["demo", "--out", "{t}/d"], "the demo writes its model there"),
     ("demo-foreign-engines-folder", lambda t, m: ((t / "d" / "engines-tiny-fp32").mkdir(parents=True),
                                                   (t / "d" / "engines-tiny-fp32" / "notes.txt").write_text("x")),
      ["demo", "--out", "{t}/d"], "not an engines folder"),

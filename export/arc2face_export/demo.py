@@ -47,6 +47,9 @@ def run_demo(out: Path, size: str = "tiny", num_images: int = 4, seed: int = 0, 
     if engines.is_dir() and foreign_entry(engines):      # refuse before the checkpoint is written
         raise OutputExistsError(f"{engines}: holds {foreign_entry(engines)}, which arc2face-export does not write: "
                                 "it is not an engines folder; choose another --out")
+    if model.exists() and not (model / MARKER).is_file() and (not model.is_dir() or any(model.iterdir())):
+        raise OutputExistsError(f"{model}: is not a random checkpoint written by arc2face-export (it has no "
+                                f"{MARKER}), and the demo writes its model there; choose another --out")
     if not (model / MARKER).is_file():
         say(f"writing a random-weight {size} checkpoint to {model}")
         write_random_checkpoint(model, size=size, seed=seed, force=model.exists())

@@ -69,6 +69,10 @@ class FolderRun:
         check_names(self.prefix, seed, self.count)
         check_output_dir(self.out)
         existing = existing_images(self.out, self.prefix, seed, self.count)
+        for i, path in sorted(existing.items()):      # neither --resume nor --overwrite replaces these
+            if path.is_dir() or path.is_symlink():
+                raise InvalidInputError(f"{path}: is a {'folder' if path.is_dir() else 'symbolic link'} where "
+                                        f"image {i} goes; move it away or choose another --out/--prefix")
         if existing and not (self.overwrite or self.resume):
             first = existing[min(existing)]
             raise OutputExistsError(f"{first} (and {len(existing) - 1} more of this run's names) exist; pass "

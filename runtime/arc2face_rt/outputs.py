@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from .errors import InvalidInputError
@@ -32,7 +33,8 @@ def check_names(prefix: str, seed: int, count: int) -> None:
 
 
 def check_output_dir(out: str | Path) -> Path:
-    """Check, without creating anything, that `out` is a writable folder or can be made into one."""
+    """Check, leaving nothing behind, that `out` is a writable folder or can be made into one (a
+    folder is made and removed in its nearest existing ancestor)."""
     out = Path(out)
     probe = out
     while not probe.exists():
@@ -44,9 +46,14 @@ def check_output_dir(out: str | Path) -> Path:
     if not probe.is_dir():
         where = "is" if probe == out else f"cannot be made: {probe} is"
         raise InvalidInputError(f"--out {out}: {where} a file, not a folder; choose another --out")
+    what = "is not writable" if probe == out else f"cannot be made: {probe} is not writable"
     if not os.access(probe, os.W_OK | os.X_OK):
-        what = "is not writable" if probe == out else f"cannot be made: {probe} is not writable"
         raise InvalidInputError(f"--out {out}: {what}; choose another --out or fix its permissions")
+    try:       # access() says yes to root everywhere; /proc, a read-only mount or a full inode table say no
+        os.rmdir(tempfile.mkdtemp(prefix=".arc2face-probe-", dir=probe))
+    except OSError as e:
+        raise InvalidInputError(f"--out {out}: {what} ({os_error_message(e).split(': ', 1)[-1]}); choose "
+                                "another --out") from None
     return out
 
 
@@ -121,10 +128,7 @@ def plan_resume(existing: dict[int, Path], expected) -> set[int]:
     any work, never replaced: a finished image with other parameters is another run's, and a file
     that is not a complete arc2face-rt PNG is not ours (ours are written whole or not at all)."""
     done = set()
-    for i, path in sorted(existing.items()):
-        if path.is_dir() or path.is_symlink():
-            raise InvalidInputError(f"{path}: is a {'folder' if path.is_dir() else 'symbolic link'} where image "
-                                    f"{i} goes; move it away or choose another --out/--prefix")
+    for i, path in sorted(existing.items()):          # folders and links there: refused by FolderRun.check
         got = read_image_params(path)
         if got is None:
             raise InvalidInputError(f"{path}: is not an image this run wrote (unreadable, incomplete, or a PNG "
