@@ -13,7 +13,7 @@ from .exits import run_cli
 from .backends.openvino import CPU_PRECISIONS
 from .dataset.cli import add_dataset_parser
 from .face.cli import add_embed_parser, add_score_parser
-from .pipeline import BACKENDS, GenerationOptions
+from .pipeline import BACKENDS, GenerationOptions, check_folder_scheduler
 from .schedulers import SCHEDULERS
 from .specs import (DEFAULT_BATCH, DEFAULT_CONTROL_SCALE, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS,
                     LCM_LORA_DEFAULTS as LCM)
@@ -158,6 +158,7 @@ def cmd_info(args) -> int:
     from .manifest import load_manifest, record_files
 
     m = load_manifest(args.engines)
+    check_folder_scheduler(args.engines, m)          # what generate refuses, info refuses too
     print(f"{args.engines}: spec revision {m['spec_revision']}, precision {m['precision']}, "
           f"created {m.get('created')}, random weights: {m.get('source', {}).get('random_weights')}")
     if m.get("lora"):

@@ -114,6 +114,16 @@ def _ort_gpu_usable(device: str) -> bool:
     return cuda.device_count() > 0
 
 
+def check_folder_scheduler(engines_dir: Path, manifest: dict, name: str = DEFAULT_SCHEDULER) -> None:
+    """Raise EngineMismatchError when the folder's scheduler config cannot make `name`'s tables (a
+    damaged or foreign config is the folder's fault, not the user's options)."""
+    try:
+        make_schedule(name, 1, manifest.get("scheduler_config"))
+    except InvalidInputError as e:
+        raise EngineMismatchError(f"{Path(engines_dir) / 'manifest.json'}: {e}; re-export from a model whose "
+                                  "scheduler/scheduler_config.json is valid") from None
+
+
 class Arc2FacePipeline:
     """Opens an engines folder written by `arc2face-export`; stages are loaded on first use."""
 
@@ -229,13 +239,8 @@ class Arc2FacePipeline:
 
     def schedule(self, name: str, steps: int) -> Schedule:
         """The coefficient table of `name` for `steps`, from this folder's scheduler config."""
-        config = self.manifest.get("scheduler_config")
-        try:
-            make_schedule(name, 1, config)
-        except InvalidInputError as e:            # the folder's config, not the user's options
-            raise EngineMismatchError(f"{self.engines_dir / 'manifest.json'}: {e}; re-export from a model whose "
-                                      "scheduler/scheduler_config.json is valid") from None
-        return make_schedule(name, steps, config)
+        check_folder_scheduler(self.engines_dir, self.manifest, name)
+        return make_schedule(name, steps, self.manifest.get("scheduler_config"))
 
     def prepare(self, options: GenerationOptions, control: bool = False) -> Schedule:
         """Check `options` against this folder and open every session a run with them needs, so that a

@@ -152,13 +152,11 @@ def _effective_config(name: str, config: Mapping) -> dict:
     if cfg["timestep_spacing"] not in _SPACINGS:
         raise InvalidInputError(
             f"scheduler config: timestep_spacing={cfg['timestep_spacing']!r}; valid: {', '.join(_SPACINGS)}")
-    try:
-        cfg["num_train_timesteps"] = int(cfg["num_train_timesteps"])
-        cfg["steps_offset"] = int(cfg["steps_offset"])
-        cfg["beta_start"] = float(cfg["beta_start"])
-        cfg["beta_end"] = float(cfg["beta_end"])
-    except (TypeError, ValueError, OverflowError) as e:
-        raise InvalidInputError(f"scheduler config: bad numeric value ({e})") from None
+    for key, kind in (("num_train_timesteps", int), ("steps_offset", int), ("beta_start", float), ("beta_end", float)):
+        try:
+            cfg[key] = kind(cfg[key])
+        except (TypeError, ValueError, OverflowError) as e:
+            raise InvalidInputError(f"scheduler config: {key}={cfg[key]!r} is not a number ({e})") from None
     n = cfg["num_train_timesteps"]
     if not 1 <= n <= MAX_TRAIN_TIMESTEPS:
         raise InvalidInputError(f"scheduler config: num_train_timesteps={n} must be in 1..{MAX_TRAIN_TIMESTEPS} "
@@ -328,7 +326,7 @@ def _lcm(cfg: dict, steps: int) -> tuple[np.ndarray, float]:
         original = int(cfg["original_inference_steps"])
         scaling = float(cfg["timestep_scaling"])
     except (TypeError, ValueError, OverflowError) as e:
-        raise InvalidInputError(f"scheduler config: bad numeric value ({e})") from None
+        raise InvalidInputError(f"scheduler config: original_inference_steps or timestep_scaling is not a number ({e})") from None
     if not math.isfinite(scaling) or scaling <= 0:
         raise InvalidInputError(f"scheduler 'lcm': timestep_scaling={scaling} must be a positive number")
     if not 1 <= original <= n:
