@@ -326,7 +326,8 @@ def _lcm(cfg: dict, steps: int) -> tuple[np.ndarray, float]:
         original = int(cfg["original_inference_steps"])
         scaling = float(cfg["timestep_scaling"])
     except (TypeError, ValueError, OverflowError) as e:
-        raise InvalidInputError(f"scheduler config: original_inference_steps or timestep_scaling is not a number ({e})") from None
+        raise InvalidInputError("scheduler config: original_inference_steps or timestep_scaling is not a number "
+                                f"({e})") from None
     if not math.isfinite(scaling) or scaling <= 0:
         raise InvalidInputError(f"scheduler 'lcm': timestep_scaling={scaling} must be a positive number")
     if not 1 <= original <= n:
