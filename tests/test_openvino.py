@@ -191,3 +191,22 @@ def test_face_models_on_openvino_match_onnxruntime(tmp_path):
     np.testing.assert_allclose(f1[0].kps, f2[0].kps, atol=1e-2)
     crops = np.random.default_rng(0).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
     np.testing.assert_allclose(r1.embed(crops), r2.embed(crops), atol=1e-4)
+
+
+def test_a_file_that_is_not_onnx_is_one_line_on_openvino(tmp_path):
+    """OpenVINO tries its other front ends on a file its ONNX one rejects, and TensorFlow's logs its
+    parse errors to stderr; such a file is refused before OpenVINO reads it."""
+    from arc2face_ref.face_models import write_face_models
+    from face_fixtures import astronaut
+    from PIL import Image
+
+    models = tmp_path / "models"
+    write_face_models(models, seed=0, size="tiny")
+    (tmp_path / "afile").write_text("x\n")
+    Image.fromarray(astronaut()).save(tmp_path / "p.png")
+    r = subprocess.run([sys.executable, "-c", "import sys; from arc2face_rt.cli import main; sys.exit(main())",
+                        "embed", "--backend", "openvino", "--detector", str(tmp_path / "afile"), "--recognizer",
+                        str(models / "arcface.onnx"), "--image", str(tmp_path / "p.png"), "--out",
+                        str(tmp_path / "id.npy")], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "not an ONNX model" in r.stderr and not (tmp_path / "id.npy").exists()

@@ -200,6 +200,15 @@ def keep_f32_from(model, input_names=SCHEDULER_INPUTS) -> int:
     return len(frontier)
 
 
+def _looks_like_onnx(path: Path) -> bool:
+    """An ONNX file is a serialised ModelProto, whose first field is ir_version (tag byte 0x08)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(1) == b"\x08"
+    except OSError:
+        return False
+
+
 class OpenVinoSession:
     """One graph (ONNX or OpenVINO IR) compiled for the CPU; the backends' common session surface."""
 
@@ -208,6 +217,9 @@ class OpenVinoSession:
         path = Path(path)
         if not path.is_file():
             raise EngineMismatchError(f"{path}: graph missing; re-export the engines folder")
+        if path.suffix != ".xml" and not _looks_like_onnx(path):
+            # OpenVINO would try its other front ends too, and TensorFlow's logs parse errors to stderr
+            raise EngineMismatchError(f"{path}: not an ONNX model (another kind of file, or damaged)")
         c = core()
         try:
             model = c.read_model(str(path))
