@@ -162,3 +162,19 @@ def test_cli_prepare(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "arc2face-train: error:" in err[0] and "no such model folder" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("bad", ["images", "models"])
+def test_cli_prepare_refused_writes_nothing(tmp_path, capsys, bad):
+    """A refused prepare (no such photos, no face models) is one line and leaves --out as it was (absent);
+    no progress bar is drawn before the error."""
+    from arc2face_ref.train.cli import main
+
+    _photos(tmp_path)
+    images = tmp_path / ("nope" if bad == "images" else "photos")
+    models = tmp_path / "no-models" if bad == "models" else tiny_models_dir()
+    rc = main(["prepare", "--images", str(images), "--models", str(models), "--out", str(tmp_path / "data"),
+               "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("arc2face-train: error:"), err
+    assert not (tmp_path / "data").exists()

@@ -35,8 +35,18 @@ def cmd_prepare(args) -> int:
                                     min_score=args.min_score)
         return FaceAnalyzer(det, rec, "largest", args.min_size)
 
-    with tqdm(unit="photo", disable=args.quiet, dynamic_ncols=True) as bar:
-        rep = prepare(args.images, args.out, analyzer, shard_size=args.shard_size, progress=bar.update, say=_say)
+    bars = []                  # made at the first photo: a refused command prints only its error line
+
+    def progress(n: int) -> None:
+        if not bars:
+            bars.append(tqdm(unit="photo", disable=args.quiet, dynamic_ncols=True))
+        bars[0].update(n)
+
+    try:
+        rep = prepare(args.images, args.out, analyzer, shard_size=args.shard_size, progress=progress, say=_say)
+    finally:
+        for bar in bars:
+            bar.close()
     _say(f"{rep.written} sample(s) in {rep.shards} shard(s) in {args.out}; {len(rep.skipped)} photo(s) skipped"
          + (f" (listed in {Path(args.out) / SKIPPED_FILE})" if rep.skipped else ""))
     return 0 if rep.written else 1

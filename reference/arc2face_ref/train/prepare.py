@@ -27,6 +27,7 @@ from arc2face_rt.atomic import atomic_write, remove_stale_temps
 from arc2face_rt.errors import InvalidInputError
 from arc2face_rt.face.identity import SKIPPABLE, FaceAnalyzer
 from arc2face_rt.face.image_io import expand_paths, load_image
+from arc2face_rt.outputs import check_output_dir
 
 from .crop import TRAIN_SIZE, train_crop
 
@@ -52,13 +53,13 @@ class PrepareReport:
     skipped: list[tuple[str, str]]   # (photo, reason), all shards
 
 
-def _plan(out: Path, files: list[Path], shard_size: int) -> None:
-    """Write prepare.json on the first run; on later runs, refuse other inputs or another shard size."""
+def _plan(out: Path, files: list[Path], shard_size: int) -> dict | None:
+    """The plan (prepare.json) to write on a first run, or None on a later run (after refusing other
+    inputs or another shard size)."""
     plan = {"version": 1, "shard_size": shard_size, "size": TRAIN_SIZE, "files": [str(p) for p in files]}
     path = out / PLAN_FILE
     if not path.exists():
-        atomic_write(path, json.dumps(plan, indent=1).encode())
-        return
+        return plan
     try:
         old = json.loads(path.read_text())
     except ValueError as e:
@@ -69,6 +70,7 @@ def _plan(out: Path, files: list[Path], shard_size: int) -> None:
     if old.get("files") != plan["files"]:
         raise InvalidInputError(f"{out}: was prepared from another list of photos ({len(old.get('files', []))} "
                                 f"then, {len(files)} now); pass the same --images to continue, or use a new --out")
+    return None
 
 
 def _sample(analyzer: FaceAnalyzer, path: Path) -> dict:
@@ -105,15 +107,17 @@ def prepare(images: Sequence[str | Path], out: str | Path, analyzer_factory: Cal
     if shard_size < 1:
         raise InvalidInputError(f"--shard-size must be at least 1 (got {shard_size})")
     files = expand_paths(images, recursive=True)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    _plan(out, files, shard_size)
+    out = check_output_dir(out)
+    plan = _plan(out, files, shard_size)
     n_shards = -(-len(files) // shard_size)
     todo = [k for k in range(n_shards) if not (out / stats_name(k)).is_file()]
     if len(todo) < n_shards:
         say(f"{n_shards - len(todo)} of {n_shards} shard(s) already done; continuing with the rest")
-    analyzer = analyzer_factory() if todo else None
+    analyzer = analyzer_factory() if todo else None      # face models refused before --out is touched
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
+    if plan is not None:
+        atomic_write(out / PLAN_FILE, json.dumps(plan, indent=1).encode())
     for k in todo:
         samples, skipped = [], []
         for i, path in enumerate(files[k * shard_size:(k + 1) * shard_size]):
