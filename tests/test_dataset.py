@@ -252,6 +252,16 @@ def test_refusals_write_nothing(tiny_engines, wds_run, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
 
 
+def test_missing_face_models_refused_before_out_is_written(tiny_engines, tmp_path, capsys):
+    """--models naming no models: one line, exit 2, and --out is not made (it used to get dataset.json,
+    identities.npy and shards/, which then refused the corrected command)."""
+    out = tmp_path / "out"
+    assert rt_main(_args(tiny_engines, out, "--models", str(tmp_path / "no-models"))) == 2
+    assert not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no scrfd_10g_bnkps.onnx" in err[0], err
+
+
 @pytest.mark.slow
 def test_ray_local_two_cpus_gives_the_same_bytes(tiny_engines, tmp_path):
     """The issue's acceptance run, --identities 6 --per-identity 3, in-process and as Ray actor tasks on

@@ -55,7 +55,8 @@ def _first_difference(got, want, where: str = "") -> str | None:
 def open_output(out: Path, spec: DatasetSpec, identities: np.ndarray, engine_id: str, resume: bool,
                 log: Callable[[str], None]) -> set[int]:
     """Claim `out` for this dataset (or check that it holds this very dataset, with --resume) and
-    return the shards already committed. Refuses, before any work, a folder with anything else in it."""
+    return the shards already committed. Every check comes before the first write: a refused
+    command leaves `out` as it was (absent if it was absent)."""
     check_output_dir(out)
     record = {"format": DATASET_FORMAT, "format_version": 1, "spec": spec.to_json(), "engines": engine_id}
     meta, ids_file = out / DATASET_FILE, out / IDENTITIES_FILE
@@ -66,16 +67,17 @@ def open_output(out: Path, spec: DatasetSpec, identities: np.ndarray, engine_id:
         if diff:
             raise InvalidInputError(f"{meta}: this dataset was made with other settings ({diff}); --resume only "
                                     "continues the same run: use the same flags and engines, or another --out")
-        if ids_file.exists():
-            if not np.array_equal(read_npy(ids_file, identities.nbytes + 4096), identities):
-                raise InvalidInputError(f"{ids_file}: other identities than this run's; --resume only continues "
-                                        "the same run: use the same --identities/--seed, or another --out")
-        else:
+        if ids_file.exists() and not np.array_equal(read_npy(ids_file, identities.nbytes + 4096), identities):
+            raise InvalidInputError(f"{ids_file}: other identities than this run's; --resume only continues "
+                                    "the same run: use the same --identities/--seed, or another --out")
+        done = committed_shards(out, spec)
+        if not ids_file.exists():
             save_npy_atomic(ids_file, identities)
     else:
         if out.is_dir() and any(not (e.name.endswith(".tmp") and is_stale_temp(Path(e.path))) for e in os.scandir(out)):
             raise OutputExistsError(f"--out {out}: is not empty and holds no arc2face-rt dataset; choose a new or "
                                     "empty folder")
+        done = set()
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(meta, json.dumps(record, indent=1).encode())
         save_npy_atomic(ids_file, identities)
@@ -83,7 +85,7 @@ def open_output(out: Path, spec: DatasetSpec, identities: np.ndarray, engine_id:
     if removed:
         log(f"removed {removed} unfinished shard file(s) an interrupted run left in {out}")
     (out / SHARDS_DIR).mkdir(exist_ok=True)
-    return committed_shards(out, spec)
+    return done
 
 
 def committed_shards(out: Path, spec: DatasetSpec) -> set[int]:
@@ -141,16 +143,17 @@ def summarize(out: Path, spec: DatasetSpec, run: dict) -> dict:
 
 def run_dataset(config: WorkerConfig, identities: np.ndarray, todo: list[int], pipe=None, ray: str | None = None,
                 workers: int | None = None, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
-                progress=None) -> dict:
-    """Make the shards `todo` (in-process with `pipe`, or on Ray at address `ray`: "local" starts one
-    here), then write summary.json; returns it. `progress(total_images)` returns a tqdm-like bar."""
+                progress=None, worker: ShardWorker | None = None) -> dict:
+    """Make the shards `todo` (in-process with `worker`, or a new one on `pipe`; or on Ray at address
+    `ray`: "local" starts one here), then write summary.json; returns it. `progress(total_images)`
+    returns a tqdm-like bar."""
     spec = config.spec
     bar = progress(sum(len(spec.shard_identities(s)) for s in todo) * spec.per_identity) if progress else None
     t0, made, per_worker = time.perf_counter(), 0, Counter()
     kept = lambda: f"committed shards are complete and kept in {config.out}, no unfinished one is visible"  # noqa: E731
     with resumable(kept, log, bar):
         if ray is None:
-            worker = ShardWorker(config, identities, pipe=pipe)
+            worker = worker or ShardWorker(config, identities, pipe=pipe)
             for s in todo:
                 if bar:
                     bar.set_postfix_str(f"shard {s} ({len(spec.shard_identities(s))} identities)", refresh=False)
