@@ -260,6 +260,7 @@ def test_missing_face_models_refused_before_out_is_written(tiny_engines, tmp_pat
     assert not out.exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no scrfd_10g_bnkps.onnx" in err[0], err
+    assert "pass --models DIR" in err[0] and "--detector" not in err[0], err       # dataset has no --detector
 
 
 @pytest.mark.slow
