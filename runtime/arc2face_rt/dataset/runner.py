@@ -88,8 +88,9 @@ def open_output(out: Path, spec: DatasetSpec, identities: np.ndarray, engine_id:
     return done
 
 
-def committed_shards(out: Path, spec: DatasetSpec) -> set[int]:
-    """Shards whose manifest exists (written last, after the images were in place)."""
+def committed_shards(out: Path, spec: DatasetSpec, check_files: bool = True) -> set[int]:
+    """Shards whose manifest exists (written last, after the images were in place); with `check_files`,
+    each one's images must still be there (see `_check_shard_files`)."""
     done = set()
     names = set(os.listdir(out / SHARDS_DIR)) if (out / SHARDS_DIR).is_dir() else set()
     for s in range(spec.shards):
@@ -99,11 +100,53 @@ def committed_shards(out: Path, spec: DatasetSpec) -> set[int]:
         m = _read_json(p, "shard manifest")
         if m.get("format") != SHARD_FORMAT or m.get("shard") != s:
             raise InvalidInputError(f"{p}: is not shard {s}'s manifest; move it away or choose another --out")
-        if spec.format == "wds" and (out / m["tar"]).stat().st_size != m["bytes"]:
-            raise InvalidInputError(f"{out / m['tar']}: has another size than its manifest records; move it "
-                                    f"and {p} away and run with --resume to make the shard again")
+        if check_files:
+            _check_shard_files(out, spec, s, p, m)
         done.add(s)
     return done
+
+
+def _check_shard_files(out: Path, spec: DatasetSpec, s: int, p: Path, m: dict) -> None:
+    """Refuse a committed shard whose images are gone: its tar missing or of another size than the
+    manifest records, or (folders) a file the manifest lists missing; one directory listing per
+    identity folder, no file is read. Such a shard is not redone behind the user's back: the message
+    says what to move away so that --resume makes it again (the shard's intact identity folders can
+    stay: the redone shard's commit finds them byte-identical and keeps them)."""
+    again = "and run with --resume to make the shard again"
+    if spec.format == "wds":
+        tar, size = m.get("tar"), m.get("bytes")
+        if not isinstance(tar, str) or isinstance(size, bool) or not isinstance(size, int):
+            raise InvalidInputError(f"{p}: is not shard {s}'s manifest; move it away or choose another --out")
+        try:
+            got = (out / tar).stat().st_size
+        except FileNotFoundError:
+            raise InvalidInputError(f"{out / tar}: is missing, though {p} records it; move {p} away {again}") from None
+        if got != size:
+            raise InvalidInputError(f"{out / tar}: has {got} bytes, its manifest records {size}; move it and {p} "
+                                    f"away {again}")
+        return
+    files = m.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, str) and f.count("/") == 1 for f in files):
+        raise InvalidInputError(f"{p}: is not shard {s}'s manifest; move it away or choose another --out")
+    by_dir: dict[str, list[str]] = {}
+    for f in files:
+        d, name = f.split("/")
+        by_dir.setdefault(d, []).append(name)
+    first, damaged = None, []
+    for d, wanted in by_dir.items():
+        try:
+            there = set(os.listdir(out / d))
+        except (FileNotFoundError, NotADirectoryError):
+            there = set()
+        gone = [n for n in wanted if n not in there]
+        if gone:
+            first = first or out / d / gone[0]
+            damaged.append(d if there else None)
+    if first:
+        folders = [d for d in damaged if d]
+        also = f" and {', '.join(str(out / d) for d in folders)}" if folders else ""
+        raise InvalidInputError(f"{first}: is missing, though {p} lists it ({len(damaged)} identity folder(s) of "
+                                f"shard {s} lack files); move {p}{also} away {again}")
 
 
 def _stats(values: list[float]) -> dict | None:
@@ -119,7 +162,7 @@ def _stats(values: list[float]) -> dict | None:
 def summarize(out: Path, spec: DatasetSpec, run: dict) -> dict:
     """summary.json from every committed shard's manifest plus this run's throughput."""
     counts, kept_per_id, sims, kept_sims = Counter(), Counter(), [], []
-    done = sorted(committed_shards(out, spec))
+    done = sorted(committed_shards(out, spec, check_files=False))     # checked when the run began
     for s in done:
         m = _read_json(manifest_path(out, s), "shard manifest")
         counts.update(m["counts"])
