@@ -252,6 +252,52 @@ def test_refusals_write_nothing(tiny_engines, wds_run, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
 
 
+def test_missing_face_models_refused_before_out_is_written(tiny_engines, tmp_path, capsys):
+    """--models naming no models: one line, exit 2, and --out is not made (it used to get dataset.json,
+    identities.npy and shards/, which then refused the corrected command)."""
+    out = tmp_path / "out"
+    assert rt_main(_args(tiny_engines, out, "--models", str(tmp_path / "no-models"))) == 2
+    assert not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no scrfd_10g_bnkps.onnx" in err[0], err
+    assert "pass --models DIR" in err[0] and "--detector" not in err[0], err       # dataset has no --detector
+
+
+def test_resume_refuses_a_committed_shard_whose_files_are_gone(tiny_engines, wds_run, scored_run, tmp_path, capsys):
+    """--resume checks each committed shard's files (folders: every image its manifest lists; wds: the
+    tar's size): a deleted image or a missing or truncated tar is one line, exit 2, nothing changed, and
+    doing what the line says makes the shard again, byte for byte."""
+    import shutil
+
+    from face_fixtures import tiny_models_dir
+
+    folders, away = tmp_path / "folders", tmp_path / "away"
+    shutil.copytree(scored_run, folders)
+    away.mkdir()
+    (folders / "id_000003" / "0001.png").unlink()
+    args = _args(tiny_engines, folders, "--models", str(tiny_models_dir()), "--resume")
+    before = _tree(folders, skip_run=False)
+    assert rt_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert _tree(folders, skip_run=False) == before
+    assert len(err) == 1 and f"{folders / 'id_000003' / '0001.png'}: is missing" in err[0], err
+    assert f"move {folders / 'shards' / 'shard-000001.json'} and {folders / 'id_000003'} away" in err[0], err
+    for name in ("shards/shard-000001.json", "id_000003"):          # what the line says
+        (folders / name).rename(away / name.replace("/", "-"))
+    assert rt_main(args) == 0 and "1 already committed" in capsys.readouterr().err
+    assert _tree(folders) == _tree(scored_run)
+    tars = tmp_path / "wds"
+    shutil.copytree(wds_run, tars)
+    tar = tars / "shard-000001.tar"
+    for damage, words in ((lambda: os.truncate(tar, 1000), "has 1000 bytes"), (tar.unlink, "is missing")):
+        damage()
+        before = _tree(tars, skip_run=False)
+        assert rt_main(_args(tiny_engines, tars, "--format", "wds", "--resume")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{tar}: {words}" in err[0] and "shard-000001.json" in err[0], err
+        assert _tree(tars, skip_run=False) == before
+
+
 @pytest.mark.slow
 def test_ray_local_two_cpus_gives_the_same_bytes(tiny_engines, tmp_path):
     """The issue's acceptance run, --identities 6 --per-identity 3, in-process and as Ray actor tasks on

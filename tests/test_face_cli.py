@@ -161,3 +161,26 @@ def test_several_faces_and_skips_are_reported():
     lines.clear()
     describe_report(report, 2, lines.append)
     assert "used face 2" in lines[0]
+
+
+def test_missing_models_error_names_only_the_commands_flags(photos, tmp_path, capsys, monkeypatch):
+    """`generate --image` has --models but no --detector/--recognizer: its error must not suggest
+    them (`dataset` is checked in test_dataset.py); `embed` has them, so its error does."""
+    from arc2face_rt.cli import main as rt_main
+
+    monkeypatch.delenv("ARC2FACE_MODELS", raising=False)
+    monkeypatch.chdir(tmp_path)                          # no ./models here
+    gen = ["generate", "--engines", str(tmp_path / "engines"), "--backend", "ort", "--device", "cpu",
+           "--image", str(photos / "a.png"), "--out", str(tmp_path / "out")]
+    for extra, where in ((["--models", str(tmp_path / "none")], "--models DIR"),
+                         ([], "--models DIR or set $ARC2FACE_MODELS")):
+        assert rt_main(gen + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no scrfd_10g_bnkps.onnx" in err[0] and where in err[0], err
+        assert "--detector" not in err[0] and "--recognizer" not in err[0], err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(MissingWeightsError, match="pass --detector FILE or --models DIR"):
+        cli("embed", "--image", photos / "a.png", "--out", tmp_path / "id.npy", "--models", tmp_path / "none")
+    with pytest.raises(MissingWeightsError, match="pass --recognizer FILE or --models DIR"):
+        cli("embed", "--image", photos / "a.png", "--out", tmp_path / "id.npy", "--models", tmp_path / "none",
+            "--detector", tiny_models_dir() / "scrfd_10g_bnkps.onnx", "--device", "cpu")

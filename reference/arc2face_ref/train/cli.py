@@ -32,7 +32,7 @@ def cmd_prepare(args) -> int:
 
     def analyzer():
         det, rec = load_face_models(args.models, args.detector, args.recognizer, device=args.device,
-                                    min_score=args.min_score)
+                                    min_score=args.min_score, file_flags=True)
         return FaceAnalyzer(det, rec, "largest", args.min_size)
 
     bars = []                  # made at the first photo: a refused command prints only its error line

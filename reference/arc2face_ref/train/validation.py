@@ -38,7 +38,7 @@ class Validator:
         if face_models is not None:
             from arc2face_rt.face.identity import FaceAnalyzer
             from arc2face_rt.face.models import load_face_models
-            self.analyzer = FaceAnalyzer(*load_face_models(face_models, device="cpu"))
+            self.analyzer = FaceAnalyzer(*load_face_models(face_models, device="cpu", models_flag="--face-models"))
 
     @torch.no_grad()
     def __call__(self, models: Arc2FaceModels, png: Path) -> float:

@@ -69,7 +69,7 @@ def cmd_dataset(args) -> int:
     from ..pipeline import Arc2FacePipeline
     from .identities import load_identities, random_identities
     from .runner import open_output, run_dataset
-    from .worker import WorkerConfig
+    from .worker import ShardWorker, WorkerConfig, open_face_models
 
     if args.ray:
         from .ray_runner import require_ray
@@ -93,7 +93,13 @@ def cmd_dataset(args) -> int:
                           verify=not args.no_verify, cpu_precision=args.cpu_precision, models=args.models)
     with Arc2FacePipeline(args.engines, backend=args.backend, device=args.device, verify=not args.no_verify,
                           cpu_precision=args.cpu_precision) as pipe:
-        pipe.schedule(opts.scheduler, opts.steps)        # the engines folder's problems before the folder is claimed
+        # everything that can refuse the command (engines, options, face models) before --out is touched
+        if args.ray:
+            pipe.schedule(opts.scheduler, opts.steps)     # the actors open the sessions
+            open_face_models(config)
+            worker = None
+        else:
+            worker = ShardWorker(config, identities, pipe=pipe)
         done = open_output(args.out, spec, identities, pipe.engine_id, args.resume, _stderr)
         todo = [s for s in range(spec.shards) if s not in done]
         _stderr(f"arc2face-rt dataset: {spec.identities} identities x {spec.per_identity} images in {spec.shards} "
@@ -104,8 +110,8 @@ def cmd_dataset(args) -> int:
         if pipe.manifest.get("source", {}).get("random_weights"):
             _stderr("note: these engines come from a RANDOM-WEIGHT checkpoint: images will look like noise, not faces"
                     + ("; similarities exercise the filter's mechanics, not quality" if spec.score else ""))
-        s = run_dataset(config, identities, todo, pipe=None if args.ray else pipe, ray=args.ray,
-                        workers=args.workers, log=_stderr, progress=_progress_bar)
+        s = run_dataset(config, identities, todo, ray=args.ray, workers=args.workers, log=_stderr,
+                        progress=_progress_bar, worker=worker)
     i, run = s["images"], s["this_run"]
     _stderr(f"wrote {run['shards']} shard(s) to {args.out} in {run['seconds']:.1f} s "
             f"({run['images_per_s'] or 0:.2f} images/s); dataset: {s['shards']['committed']} of "

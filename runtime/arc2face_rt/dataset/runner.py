@@ -55,7 +55,8 @@ def _first_difference(got, want, where: str = "") -> str | None:
 def open_output(out: Path, spec: DatasetSpec, identities: np.ndarray, engine_id: str, resume: bool,
                 log: Callable[[str], None]) -> set[int]:
     """Claim `out` for this dataset (or check that it holds this very dataset, with --resume) and
-    return the shards already committed. Refuses, before any work, a folder with anything else in it."""
+    return the shards already committed. Every check comes before the first write: a refused
+    command leaves `out` as it was (absent if it was absent)."""
     check_output_dir(out)
     record = {"format": DATASET_FORMAT, "format_version": 1, "spec": spec.to_json(), "engines": engine_id}
     meta, ids_file = out / DATASET_FILE, out / IDENTITIES_FILE
@@ -66,16 +67,17 @@ def open_output(out: Path, spec: DatasetSpec, identities: np.ndarray, engine_id:
         if diff:
             raise InvalidInputError(f"{meta}: this dataset was made with other settings ({diff}); --resume only "
                                     "continues the same run: use the same flags and engines, or another --out")
-        if ids_file.exists():
-            if not np.array_equal(read_npy(ids_file, identities.nbytes + 4096), identities):
-                raise InvalidInputError(f"{ids_file}: other identities than this run's; --resume only continues "
-                                        "the same run: use the same --identities/--seed, or another --out")
-        else:
+        if ids_file.exists() and not np.array_equal(read_npy(ids_file, identities.nbytes + 4096), identities):
+            raise InvalidInputError(f"{ids_file}: other identities than this run's; --resume only continues "
+                                    "the same run: use the same --identities/--seed, or another --out")
+        done = committed_shards(out, spec)
+        if not ids_file.exists():
             save_npy_atomic(ids_file, identities)
     else:
         if out.is_dir() and any(not (e.name.endswith(".tmp") and is_stale_temp(Path(e.path))) for e in os.scandir(out)):
             raise OutputExistsError(f"--out {out}: is not empty and holds no arc2face-rt dataset; choose a new or "
                                     "empty folder")
+        done = set()
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(meta, json.dumps(record, indent=1).encode())
         save_npy_atomic(ids_file, identities)
@@ -83,11 +85,12 @@ def open_output(out: Path, spec: DatasetSpec, identities: np.ndarray, engine_id:
     if removed:
         log(f"removed {removed} unfinished shard file(s) an interrupted run left in {out}")
     (out / SHARDS_DIR).mkdir(exist_ok=True)
-    return committed_shards(out, spec)
+    return done
 
 
-def committed_shards(out: Path, spec: DatasetSpec) -> set[int]:
-    """Shards whose manifest exists (written last, after the images were in place)."""
+def committed_shards(out: Path, spec: DatasetSpec, check_files: bool = True) -> set[int]:
+    """Shards whose manifest exists (written last, after the images were in place); with `check_files`,
+    each one's images must still be there (see `_check_shard_files`)."""
     done = set()
     names = set(os.listdir(out / SHARDS_DIR)) if (out / SHARDS_DIR).is_dir() else set()
     for s in range(spec.shards):
@@ -97,11 +100,53 @@ def committed_shards(out: Path, spec: DatasetSpec) -> set[int]:
         m = _read_json(p, "shard manifest")
         if m.get("format") != SHARD_FORMAT or m.get("shard") != s:
             raise InvalidInputError(f"{p}: is not shard {s}'s manifest; move it away or choose another --out")
-        if spec.format == "wds" and (out / m["tar"]).stat().st_size != m["bytes"]:
-            raise InvalidInputError(f"{out / m['tar']}: has another size than its manifest records; move it "
-                                    f"and {p} away and run with --resume to make the shard again")
+        if check_files:
+            _check_shard_files(out, spec, s, p, m)
         done.add(s)
     return done
+
+
+def _check_shard_files(out: Path, spec: DatasetSpec, s: int, p: Path, m: dict) -> None:
+    """Refuse a committed shard whose images are gone: its tar missing or of another size than the
+    manifest records, or (folders) a file the manifest lists missing; one directory listing per
+    identity folder, no file is read. Such a shard is not redone behind the user's back: the message
+    says what to move away so that --resume makes it again (the shard's intact identity folders can
+    stay: the redone shard's commit finds them byte-identical and keeps them)."""
+    again = "and run with --resume to make the shard again"
+    if spec.format == "wds":
+        tar, size = m.get("tar"), m.get("bytes")
+        if not isinstance(tar, str) or isinstance(size, bool) or not isinstance(size, int):
+            raise InvalidInputError(f"{p}: is not shard {s}'s manifest; move it away or choose another --out")
+        try:
+            got = (out / tar).stat().st_size
+        except FileNotFoundError:
+            raise InvalidInputError(f"{out / tar}: is missing, though {p} records it; move {p} away {again}") from None
+        if got != size:
+            raise InvalidInputError(f"{out / tar}: has {got} bytes, its manifest records {size}; move it and {p} "
+                                    f"away {again}")
+        return
+    files = m.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, str) and f.count("/") == 1 for f in files):
+        raise InvalidInputError(f"{p}: is not shard {s}'s manifest; move it away or choose another --out")
+    by_dir: dict[str, list[str]] = {}
+    for f in files:
+        d, name = f.split("/")
+        by_dir.setdefault(d, []).append(name)
+    first, damaged = None, []
+    for d, wanted in by_dir.items():
+        try:
+            there = set(os.listdir(out / d))
+        except (FileNotFoundError, NotADirectoryError):
+            there = set()
+        gone = [n for n in wanted if n not in there]
+        if gone:
+            first = first or out / d / gone[0]
+            damaged.append(d if there else None)
+    if first:
+        folders = [d for d in damaged if d]
+        also = f" and {', '.join(str(out / d) for d in folders)}" if folders else ""
+        raise InvalidInputError(f"{first}: is missing, though {p} lists it ({len(damaged)} identity folder(s) of "
+                                f"shard {s} lack files); move {p}{also} away {again}")
 
 
 def _stats(values: list[float]) -> dict | None:
@@ -117,7 +162,7 @@ def _stats(values: list[float]) -> dict | None:
 def summarize(out: Path, spec: DatasetSpec, run: dict) -> dict:
     """summary.json from every committed shard's manifest plus this run's throughput."""
     counts, kept_per_id, sims, kept_sims = Counter(), Counter(), [], []
-    done = sorted(committed_shards(out, spec))
+    done = sorted(committed_shards(out, spec, check_files=False))     # checked when the run began
     for s in done:
         m = _read_json(manifest_path(out, s), "shard manifest")
         counts.update(m["counts"])
@@ -141,16 +186,17 @@ def summarize(out: Path, spec: DatasetSpec, run: dict) -> dict:
 
 def run_dataset(config: WorkerConfig, identities: np.ndarray, todo: list[int], pipe=None, ray: str | None = None,
                 workers: int | None = None, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
-                progress=None) -> dict:
-    """Make the shards `todo` (in-process with `pipe`, or on Ray at address `ray`: "local" starts one
-    here), then write summary.json; returns it. `progress(total_images)` returns a tqdm-like bar."""
+                progress=None, worker: ShardWorker | None = None) -> dict:
+    """Make the shards `todo` (in-process with `worker`, or a new one on `pipe`; or on Ray at address
+    `ray`: "local" starts one here), then write summary.json; returns it. `progress(total_images)`
+    returns a tqdm-like bar."""
     spec = config.spec
     bar = progress(sum(len(spec.shard_identities(s)) for s in todo) * spec.per_identity) if progress else None
     t0, made, per_worker = time.perf_counter(), 0, Counter()
     kept = lambda: f"committed shards are complete and kept in {config.out}, no unfinished one is visible"  # noqa: E731
     with resumable(kept, log, bar):
         if ray is None:
-            worker = ShardWorker(config, identities, pipe=pipe)
+            worker = worker or ShardWorker(config, identities, pipe=pipe)
             for s in todo:
                 if bar:
                     bar.set_postfix_str(f"shard {s} ({len(spec.shard_identities(s))} identities)", refresh=False)

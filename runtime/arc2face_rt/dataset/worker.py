@@ -47,6 +47,19 @@ def manifest_path(out: Path, shard: int) -> Path:
     return Path(out) / SHARDS_DIR / f"{shard_name(shard)}.json"
 
 
+def open_face_models(config: WorkerConfig):
+    """The `FaceAnalyzer` that scores images (None without face models); `arc2face-rt dataset --ray`
+    also opens it once on the driver, so that missing or broken models are refused before --out is touched."""
+    if not config.spec.score:
+        return None
+    from ..face.identity import FaceAnalyzer
+    from ..face.models import load_face_models
+
+    det, rec = load_face_models(config.models, device=config.device, engines=config.engines,
+                                backend=config.backend, verify=config.verify)
+    return FaceAnalyzer(det, rec)
+
+
 class ShardWorker:
     def __init__(self, config: WorkerConfig, identities: np.ndarray, pipe=None):
         from ..pipeline import Arc2FacePipeline
@@ -55,14 +68,7 @@ class ShardWorker:
         self.pipe = pipe or Arc2FacePipeline(config.engines, backend=config.backend, device=config.device,
                                              verify=config.verify, cpu_precision=config.cpu_precision)
         self.pipe.prepare(config.spec.options)
-        self.face = None
-        if config.spec.score:
-            from ..face.identity import FaceAnalyzer
-            from ..face.models import load_face_models
-
-            det, rec = load_face_models(config.models, device=config.device, engines=config.engines,
-                                        backend=config.backend, verify=config.verify)
-            self.face = FaceAnalyzer(det, rec)
+        self.face = open_face_models(config)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def similarity(self, image: np.ndarray, j: int) -> float | None:

@@ -101,7 +101,8 @@ def add_score_parser(subparsers) -> argparse.ArgumentParser:
 def _analyzer(args) -> FaceAnalyzer:
     det, rec = load_face_models(args.models, args.detector, args.recognizer, device=args.device,
                                 min_score=args.min_score, need_detector=not args.aligned,
-                                engines=args.engines, backend=args.backend, verify=not args.no_verify)
+                                engines=args.engines, backend=args.backend, verify=not args.no_verify,
+                                file_flags=True)
     limits = ImageLimits(max_bytes=DEFAULT_LIMITS.max_bytes, max_pixels=args.max_pixels)
     return FaceAnalyzer(det, rec, face=args.face, min_size=args.min_size, limits=limits)
 

@@ -36,8 +36,8 @@ NMS_THRESHOLD = 0.4
 DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
 MIN_IMAGE_SIDE = 20             # px: smaller images cannot hold a detectable face
 MIN_CANVAS_SIDE = 64            # px on the 640x640 detector input: i.e. at most 10:1
-_FIX = (f"put {DETECTOR_FILE} (insightface antelopev2's det_10g.onnx; non-commercial licence) in the "
-        "models folder or pass --detector FILE; `arc2face-export random-checkpoint` writes a random test one")
+_FIX = (f"it should be {DETECTOR_FILE} (insightface antelopev2's det_10g.onnx; non-commercial licence): download "
+        "it, or `arc2face-export random-checkpoint` writes a random test one")   # no flag: `generate` has no --detector
 # Output columns per kind, in insightface's output order: 3 score maps, 3 box maps, 3 keypoint maps.
 _KINDS = (("scores", 1), ("boxes", 4), ("kps", 10))
 

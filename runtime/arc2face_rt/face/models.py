@@ -33,8 +33,12 @@ class FaceWarning(UserWarning):
     """A photo was skipped or had several faces (identity_from_images without a `log` callback)."""
 
 
-def resolve_model(kind: str, explicit: str | Path | None, models_dir: str | Path | None) -> Path:
-    """The detector ("detector") or recognizer ("recognizer") file: explicit path, else found in models_dir."""
+def resolve_model(kind: str, explicit: str | Path | None, models_dir: str | Path | None,
+                  file_flags: bool = False, models_flag: str = "--models") -> Path:
+    """The detector ("detector") or recognizer ("recognizer") file: explicit path, else found in models_dir
+    (else $ARC2FACE_MODELS, else ./models). The error names only flags the command has: `models_flag`
+    for the folder, and --detector/--recognizer FILE only with `file_flags` (`embed`, `score`; not
+    `generate` or `dataset`)."""
     if explicit:
         return Path(explicit)
     root = Path(models_dir or os.environ.get("ARC2FACE_MODELS") or DEFAULT_MODELS_DIR)
@@ -49,7 +53,9 @@ def resolve_model(kind: str, explicit: str | Path | None, models_dir: str | Path
             f"identity space of its own {RECOGNIZER_FILE} (FoivosPar/Arc2Face): download it into {root}")
     what = (f"{DETECTOR_FILE} (insightface antelopev2; non-commercial licence)" if kind == "detector"
             else f"{RECOGNIZER_FILE} (FoivosPar/Arc2Face)")
-    raise MissingWeightsError(f"{root}: no {what}; download it there, pass --{kind} FILE or --models DIR "
+    where = f"{models_flag} DIR" + (" or set $ARC2FACE_MODELS" if models_dir is None else "")
+    advice = f"pass --{kind} FILE or {where}" if file_flags else f"pass {where}"
+    raise MissingWeightsError(f"{root}: no {what}; download it there, or {advice} "
                               "(`arc2face-export random-checkpoint` writes random test models)")
 
 
@@ -91,9 +97,11 @@ def load_face_models(models_dir: str | Path | None = None, detector_path: str | 
                      recognizer_path: str | Path | None = None, *, device: str = "auto",
                      min_score: float = SCORE_THRESHOLD, need_detector: bool = True,
                      engines: str | Path | None = None, backend: str = "ort", verify: bool = True,
+                     file_flags: bool = False, models_flag: str = "--models",
                      ) -> tuple[ScrfdDetector | None, ArcFaceRecognizer]:
     """Open the detector (unless need_detector is False) and the recognizer: from their ONNX files on
-    ONNX Runtime or OpenVINO (f32), or from the engines folder's `detector.plan` / `arcface.plan` on TensorRT."""
+    ONNX Runtime or OpenVINO (f32), or from the engines folder's `detector.plan` / `arcface.plan` on TensorRT.
+    `file_flags`, `models_flag`: the flags a missing model's error may suggest (see `resolve_model`)."""
     from ..backends.trt import open_session as open_plan   # imports no TensorRT until a plan is opened
 
     det = None
@@ -103,15 +111,15 @@ def load_face_models(models_dir: str | Path | None = None, detector_path: str | 
         if plan:
             det = ScrfdDetector(open_plan(plan[0]), score_threshold=min_score, name=str(plan[0]))
         else:
-            det = ScrfdDetector.from_file(resolve_model("detector", detector_path, models_dir), device=device,
-                                          score_threshold=min_score, backend=on_file)
+            path = resolve_model("detector", detector_path, models_dir, file_flags, models_flag)
+            det = ScrfdDetector.from_file(path, device=device, score_threshold=min_score, backend=on_file)
     plan = face_plan(engines, backend, "arcface", verify)
     if plan:
         rec = ArcFaceRecognizer(open_plan(plan[0]), plan[1]["graph_normalises"], name=str(plan[0]),
                                 max_batch=plan[1]["batch_range"][2])
     else:
-        rec = ArcFaceRecognizer.from_file(resolve_model("recognizer", recognizer_path, models_dir), device=device,
-                                          backend=on_file)
+        path = resolve_model("recognizer", recognizer_path, models_dir, file_flags, models_flag)
+        rec = ArcFaceRecognizer.from_file(path, device=device, backend=on_file)
     return det, rec
 
 

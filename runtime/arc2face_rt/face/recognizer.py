@@ -19,8 +19,8 @@ from ._onnx import first_nodes, open_session, static_input_shape
 from .align import CROP_SIZE
 
 RECOGNIZER_FILE = "arcface.onnx"
-_FIX = (f"put Arc2Face's {RECOGNIZER_FILE} (FoivosPar/Arc2Face; not antelopev2's glintr100.onnx) in the "
-        "models folder or pass --recognizer FILE; `arc2face-export random-checkpoint` writes a random test one")
+_FIX = (f"it should be Arc2Face's {RECOGNIZER_FILE} (FoivosPar/Arc2Face; not antelopev2's glintr100.onnx): "
+        "download it, or `arc2face-export random-checkpoint` writes a random test one")   # no flag, as for the detector
 _HEAD_NODES = 8
 
 
