@@ -120,7 +120,7 @@ CASES = [
     ("out-under-file", lambda t, e: (t / "f").write_text("x"),
      ["generate", "--engines", "{e}", "--random-id", "--out", "{t}/f/sub"], "cannot be made"),
     ("image-name-is-folder", lambda t, e: (t / "out" / "arc2face_0_0001.png").mkdir(parents=True),
-     GEN + ["--random-id", "-n", "3"], "exist"),
+     GEN + ["--random-id", "-n", "3"], "is a folder where image 1 goes"),
     ("image-name-is-folder-resume", lambda t, e: (t / "out" / "arc2face_0_0001.png").mkdir(parents=True),
      GEN + ["--random-id", "-n", "3", "--resume"], "is a folder"),
     ("resume-and-overwrite", lambda t, e: None, GEN + ["--random-id", "--resume", "--overwrite"], "pass one"),
