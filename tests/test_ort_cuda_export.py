@@ -84,11 +84,12 @@ def test_the_cpu_path_never_asks_for_the_fused_graphs(fused, monkeypatch):
 
 
 def test_on_a_gpu_the_fused_graph_is_offered_after_verification(fused, monkeypatch):
+    import arc2face_rt.folder_setup as folder_setup
     import arc2face_rt.pipeline as pipeline
     from arc2face_rt.errors import EngineMismatchError
 
     out, m = fused
-    monkeypatch.setattr(pipeline, "_ort_gpu_usable", lambda device: True)
+    monkeypatch.setattr(folder_setup, "ort_gpu_usable", lambda device: True)
     with pipeline.Arc2FacePipeline(out, backend="ort", device="cpu") as pipe:
         assert pipe._ort_cuda_path("step_cfg") == out / "step_cfg.ort-cuda.onnx"
         assert pipe._ort_cuda_path("projector") is None

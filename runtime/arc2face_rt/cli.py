@@ -8,12 +8,13 @@ import math
 import sys
 
 from . import __version__, argtypes
-from .cache_cli import add_cache_parser
-from .exits import run_cli
 from .backends.openvino import CPU_PRECISIONS
+from .cache_cli import add_cache_parser
 from .dataset.cli import add_dataset_parser
+from .exits import run_cli
 from .face.cli import add_embed_parser, add_score_parser
-from .pipeline import BACKENDS, GenerationOptions, check_folder_scheduler
+from .folder_setup import BACKENDS, check_folder_scheduler
+from .pipeline import GenerationOptions
 from .schedulers import SCHEDULERS
 from .specs import (DEFAULT_BATCH, DEFAULT_CONTROL_SCALE, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS,
                     LCM_LORA_DEFAULTS as LCM)
@@ -126,8 +127,8 @@ def cmd_generate(args) -> int:
 def _folder_defaults(engines) -> tuple[dict, dict | None]:
     """(scheduler/steps/guidance defaults, the fused LoRA's record or None) of an engines folder. A
     manifest that does not load gives Arc2Face's defaults here; opening the folder reports it."""
+    from .folder_setup import folder_defaults
     from .manifest import load_manifest
-    from .pipeline import folder_defaults
 
     try:
         m = load_manifest(engines)

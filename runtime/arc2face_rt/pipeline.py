@@ -17,10 +17,12 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import __version__
+from . import __version__, folder_setup
 from .control import Control
 from .errors import EngineMismatchError, InvalidInputError
 from .exits import check_interrupt
+# re-exported: what a folder and this machine decide before a run (defaults, backend) lives there
+from .folder_setup import BACKENDS, check_folder_scheduler, folder_defaults, pick_backend  # noqa: F401
 # re-exported: the identity helpers are part of the pipeline's public API
 from .inputs import (IDENTITY_MAX_BYTES, identity_fingerprint, image_noise, load_identity,  # noqa: F401
                      normalize_identity, random_identity)
@@ -28,10 +30,9 @@ from .integrity import verify_records
 from .manifest import load_manifest, record_files, resolve_inside, stage_file
 from .schedulers import SCHEDULERS, Schedule, make_schedule
 from .specs import (ALL_STAGES, CONTROL_STAGES, DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS,
-                    ID_DIM, LCM_LORA_DEFAULTS, PROJECTOR, STEP_STAGES, VAE_DECODER,
+                    ID_DIM, PROJECTOR, STEP_STAGES, VAE_DECODER,
                     step_stage)
 
-BACKENDS = ("auto", "ort", "trt", "openvino")
 MAX_GUIDANCE = 100.0        # CFG scales beyond this are a typo, not a setting (1e39 overflows float32)
 log = logging.getLogger("arc2face_rt")
 
@@ -64,64 +65,6 @@ class GenerationResult:
     images: np.ndarray                    # [N, 512, 512, 3] uint8 RGB
     params: list[dict]                    # per image: what to write into its PNG (never the embedding)
     timings: dict = field(default_factory=dict)   # seconds: project, denoise, decode, total
-
-
-def folder_defaults(manifest: dict | None) -> dict:
-    """The sampling defaults of an engines folder: LCM (scheduler, steps, guidance) when an LCM-LoRA
-    was fused into it (manifest "lora"), else Arc2Face's own."""
-    if manifest and manifest.get("lora"):
-        return dict(LCM_LORA_DEFAULTS)
-    return {"scheduler": DEFAULT_SCHEDULER, "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE}
-
-
-def pick_backend(engines_dir: Path, manifest: dict, backend: str, device: str = "auto") -> str:
-    """`backend`, or for "auto": TensorRT when the folder has plans and TensorRT can run on this GPU
-    (`backends.trt.unusable_reason`); else ONNX Runtime when it can use a GPU; else (no usable GPU)
-    OpenVINO when installed; else ONNX Runtime on the CPU."""
-    if backend not in BACKENDS:
-        raise InvalidInputError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
-    if backend == "openvino" and device == "cuda":
-        raise InvalidInputError("--backend openvino runs on the CPU; drop --device cuda or use --backend ort/trt")
-    if backend != "auto":
-        return backend
-    if manifest.get("plans") and device != "cpu":
-        from .backends.trt import unusable_reason
-
-        reason = unusable_reason()
-        if reason is None:
-            return "trt"
-        log.info("--backend auto: not TensorRT (%s)", reason)
-    if device != "cuda" and not _ort_gpu_usable(device):
-        from .backends.openvino import openvino_installed
-
-        if openvino_installed():
-            return "openvino"
-    return "ort"
-
-
-def _ort_gpu_usable(device: str) -> bool:
-    """Whether ONNX Runtime has its CUDA provider and a CUDA device is present."""
-    if device == "cpu":
-        return False
-    try:
-        import onnxruntime
-    except ImportError:
-        return False
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        return False
-    from .backends import cuda
-
-    return cuda.device_count() > 0
-
-
-def check_folder_scheduler(engines_dir: Path, manifest: dict, name: str = DEFAULT_SCHEDULER) -> None:
-    """Raise EngineMismatchError when the folder's scheduler config cannot make `name`'s tables (a
-    damaged or foreign config is the folder's fault, not the user's options)."""
-    try:
-        make_schedule(name, 1, manifest.get("scheduler_config"))
-    except InvalidInputError as e:
-        raise EngineMismatchError(f"{Path(engines_dir) / 'manifest.json'}: {e}; re-export from a model whose "
-                                  "scheduler/scheduler_config.json is valid") from None
 
 
 class Arc2FacePipeline:
@@ -221,7 +164,7 @@ class Arc2FacePipeline:
         (none in the folder, or ARC2FACE_ORT_FUSED=0); ONNX Runtime uses it only on a GPU."""
         rec = self.manifest.get("ort_cuda", {}).get(name)
         if rec is None or self.manifest.get("precision") != "fp16" or os.environ.get("ARC2FACE_ORT_FUSED", "1") == "0" \
-                or not _ort_gpu_usable(self.device):
+                or not folder_setup.ort_gpu_usable(self.device):
             return None
         verify_records(self.engines_dir, record_files(rec), mode=self._verify_mode)
         return resolve_inside(self.engines_dir, stage_file(rec))
