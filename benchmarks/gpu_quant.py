@@ -7,7 +7,8 @@ with `build_engines` (detailed profiling, so the engine inspector reports layer 
 median of `repeats` warm ones, each ending in its one host sync), compares its latents with the fp16
 plan's, and counts the engine's layers the inspector reports in int8 / FP8. Where TensorRT cannot run
 (no GPU, or a GPU TensorRT-RTX does not target such as an H100), the phase is skipped with the reason:
-these rows are pending until a GPU with TensorRT runs them.
+these rows are pending until a GPU with TensorRT runs them. All of it happens in `<engines>-quant`, a
+hard-linked copy of the folder, which keeps the folder's own plans for the other phases.
 """
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ def measure_quant_steps(engines: Path, steps: int = 25, guidance: float = 3.0, b
     if reason:
         # done, as a skipped harness row is: the call succeeded, the rows stay pending
         return {"status": "ok", "skipped": True, "reason": f"pending: TensorRT cannot run here ({reason})"}
+    # the Q/DQ graphs and the fp16/int8/FP8 plans go to a hard-linked copy, so the folder the other
+    # phases and rows use keeps its own plans (a step_cfg plan left in FP8 would be timed as fp16)
+    engines = _working_copy(engines)
     cc = cuda.compute_capability()
     precisions = ["int8"] + (["fp8"] if tuple(int(v) for v in cc.split(".")) >= (8, 9) else [])
     cal = Calibration(identities=2, steps=steps)
@@ -87,3 +91,22 @@ def measure_quant_steps(engines: Path, steps: int = 25, guidance: float = 3.0, b
         row["latent_rel_l2_vs_fp16"] = rel_l2(lat, latents[("fp16", b)])
         row["speedup_vs_fp16"] = fp16["per_step_ms"] / row["per_step_ms"]
     return out
+
+
+def _working_copy(engines: Path) -> Path:
+    """`<engines>-quant`, made anew as hard links of `engines` (copies where links cannot be made); the
+    tools replace files by renaming, so the original's files are never written through a link."""
+    import os
+    import shutil
+
+    work = engines.with_name(engines.name + "-quant")
+    shutil.rmtree(work, ignore_errors=True)
+
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(engines, work, copy_function=link)
+    return work

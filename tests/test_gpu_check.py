@@ -169,7 +169,10 @@ def test_the_quant_phase_times_fp8_at_quant_level_2_as_well(monkeypatch, tmp_pat
                         lambda engines, recipes, cal, stages, device: quantised.append(
                             [(r.precision, r.level) for r in recipes]))
 
+    folders = []
+
     def build(engines, stages, precision, options, force):
+        folders.append(engines)
         built.append((precision, quantised[-1]))
         return {"plans": {"step_cfg": {"build_seconds": 1.0, "bytes": 2**20}}}
 
@@ -190,7 +193,12 @@ def test_the_quant_phase_times_fp8_at_quant_level_2_as_well(monkeypatch, tmp_pat
     monkeypatch.setattr(trt, "open_session", lambda path: Session())
     monkeypatch.setattr(gq, "inspector_precisions", lambda engine, trt: {"layers": 1, "int8": 0, "fp8": 0})
     monkeypatch.setattr(gq, "time_denoise_loop", loop)
-    out = gq.measure_quant_steps(tmp_path, steps=2, batches=(1, 4), repeats=1, say=lambda m: None)
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    (engines / "step_cfg.plan").write_bytes(b"the fp16 plan the trt row uses")
+    out = gq.measure_quant_steps(engines, steps=2, batches=(1, 4), repeats=1, say=lambda m: None)
+    assert (engines / "step_cfg.plan").read_bytes() == b"the fp16 plan the trt row uses"
+    assert built and all(folder == tmp_path / "engines-quant" for folder in folders)
     assert quantised == [[("int8", 3.0), ("fp8", 3.0)], [("fp8", 2.0)]]
     assert list(out["precisions"]) == ["fp16", "int8", "fp8", "fp8-level2"]
     assert [out["precisions"][k]["quant_level"] for k in out["precisions"]] == [None, 3.0, 3.0, 2.0]

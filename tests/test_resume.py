@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from arc2face_rt.atomic import is_stale_temp, remove_stale_temps, temp_prefix
@@ -211,3 +212,39 @@ def test_a_ctrl_c_a_library_swallowed_still_stops_the_command(after, capsys):
     assert capsys.readouterr().err == "tool: interrupted\n"
     assert reached == ([] if after in ("check", "error") else ["return"])
     assert run_cli(lambda: 0, "tool") == 0                # the next command starts afresh
+
+
+def test_a_signal_the_process_ignores_stays_ignored(capsys):
+    """`nohup` and `cmd &` in a script start a command with SIGINT/SIGHUP ignored: run_cli keeps it so."""
+    import os
+
+    from arc2face_rt.exits import run_cli
+
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        def command():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            return 0
+
+        assert run_cli(command, "tool") == 0 and capsys.readouterr().err == ""
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def test_a_stop_says_how_this_command_finishes(tmp_path):
+    """generate's stop line advises --resume; a caller without that flag (the demo) gives its own advice."""
+    from arc2face_rt.folder_run import FolderRun
+    from arc2face_rt.pipeline import GenerationOptions
+
+    class Pipe:
+        def generate(self, *a, **k):
+            raise KeyboardInterrupt
+
+    for again, want in ((None, "run the same command with --resume to finish"), ("run the demo again", None)):
+        run = FolderRun(out=tmp_path / "out", count=2, again=again)
+        lines = []
+        with pytest.raises(KeyboardInterrupt):
+            run.write(Pipe(), np.zeros(512, np.float32), GenerationOptions(steps=1), run.check(0), log=lines.append)
+        assert lines[-1].endswith(want or again) and ("--resume" in lines[-1]) == (again is None)

@@ -38,23 +38,43 @@ def _set_used(entry: CompileCache, days_ago: float) -> None:
 
 
 def test_reexported_folder_releases_its_old_entry(cache, tmp_path):
+    """An engines folder re-exported (new engines id) releases the entry of its old graphs: deleted when
+    idle for an hour (at the next open of another entry), or by `cache prune` at once; an entry another
+    folder still uses only loses the re-exported folder."""
     a, b = tmp_path / "engines-a", tmp_path / "engines-b"
     a.mkdir(), b.mkdir()
     old = _entry("old0000000000000", a)
     rec = json.loads((old.folder / RECORD).read_text())
     assert rec["folders"] == [str(a.resolve())] and time.time() - rec["used"] < 60
     shared = _entry("shared0000000000", b)
-    assert old.folder.exists()                                       # another folder: nothing released
+    assert "released" not in json.loads((old.folder / RECORD).read_text())    # another folder: nothing released
     CompileCache(shared.folder, "2026.4", CPU, source=a)             # folder a re-exported to b's graphs
-    assert not old.folder.exists()                                   # only folder a used it: deleted
+    rec = json.loads((old.folder / RECORD).read_text())
+    assert rec["folders"] == [] and "released" in rec                # used a minute ago: kept for now
     assert json.loads((shared.folder / RECORD).read_text())["folders"] == [str(b.resolve()), str(a.resolve())]
+    assert [e.stale(30, time.time()) for e in user_cache.scan() if e.path == old.folder] == [
+        "its engines folder was re-exported"]
+    _set_used(old, 2 / 24)                                           # idle for two hours
     new = _entry("new0000000000000", a)                              # folder a re-exported again
+    assert not old.folder.exists()                                   # the idle released entry went
     assert json.loads((shared.folder / RECORD).read_text())["folders"] == [str(b.resolve())]
     assert (shared.folder / "shared0000000000.blob").exists()        # folder b still uses it
     assert json.loads((new.folder / RECORD).read_text())["folders"] == [str(a.resolve())]
     faces = _entry("face-models", None)                              # no engines folder: never released
     _entry("newer00000000000", a)
-    assert faces.folder.exists() and not new.folder.exists()
+    assert faces.folder.exists() and "released" in json.loads((new.folder / RECORD).read_text())
+
+
+def test_two_processes_using_one_entry_keep_each_others_folders(cache, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    first = CompileCache(choose_cache_dir("abc0000000000000"), "2026.4", CPU, source=a)
+    second = CompileCache(first.folder, "2026.4", CPU, source=b)     # opened while the first still runs
+    first.prepare("step_cfg", "fp32", "f32", "sha")                  # the first writes its stale copy
+    rec = json.loads((first.folder / RECORD).read_text())
+    assert rec["folders"] == [str(a.resolve()), str(b.resolve())] and "step_cfg:f32" in rec["compiled"]
+    second.prepare("step", "fp32", "f32", "sha")
+    assert set(json.loads((first.folder / RECORD).read_text())["compiled"]) == {"step_cfg:f32", "step:f32"}
 
 
 def test_stamps_name_their_folder(cache, tmp_path):
@@ -103,7 +123,7 @@ def test_cache_command_lists_prunes_and_clears(cache, tmp_path, capsys):
 
 def test_cache_clear_keeps_other_files_and_reports_failures(cache, tmp_path, monkeypatch, capsys):
     e = _entry("abc0000000000000", tmp_path)
-    other = cache / "notes.txt"
+    other = cache / "openvino" / "notes.txt"
     other.write_text("not an entry")
 
     def refuse(path):
@@ -204,3 +224,15 @@ def test_odd_stamp_files_are_listed_and_cleared(cache, text, capsys):
     assert rt_main(["cache"]) == 0 and "1 entry" in capsys.readouterr().out
     assert rt_main(["cache", "clear"]) == 0
     assert not odd.exists() and other.exists()
+
+
+def test_the_per_user_root_lists_blob_folders_without_a_record(cache, capsys):
+    """Only arc2face-rt writes the per-user root, so a folder there whose record was never written (a
+    failed write, or OpenVINO re-creating a folder `clear` removed under a running process) is listed
+    and cleared too."""
+    stray = cache / "openvino" / "0123456789abcdef"
+    stray.mkdir(parents=True)
+    (stray / "1.blob").write_bytes(b"\0" * 10)
+    [e] = user_cache.scan()
+    assert e.path == stray and e.detail.startswith("no record")
+    assert rt_main(["cache", "clear"]) == 0 and not stray.exists()

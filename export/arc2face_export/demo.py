@@ -61,5 +61,6 @@ def run_demo(out: Path, size: str = "tiny", num_images: int = 4, seed: int = 0, 
     args = rt_parser().parse_args(["generate", "--engines", str(engines), "--random-id", "-n", str(num_images),
                                    "--seed", str(seed), "--steps", str(steps), "--device", "cpu",
                                    "--out", str(run_dir)])
+    args.again = "run the demo again (it reuses the export and starts a new run folder)"
     args.func(args)
     return run_dir

@@ -13,7 +13,7 @@ from .cache_cli import add_cache_parser
 from .dataset.cli import add_dataset_parser
 from .exits import run_cli
 from .face.cli import add_embed_parser, add_score_parser
-from .folder_setup import BACKENDS, check_folder_scheduler
+from .folder_setup import BACKENDS, check_folder_scheduler, folder_defaults
 from .pipeline import GenerationOptions
 from .schedulers import SCHEDULERS
 from .specs import (DEFAULT_BATCH, DEFAULT_CONTROL_SCALE, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS,
@@ -92,7 +92,7 @@ def cmd_generate(args) -> int:
         from .control import Control
         control = Control.from_files(args.control_image, args.control_scale, count=args.num_images)
     run = FolderRun(out=args.out, count=args.num_images, prefix=args.prefix, resume=args.resume,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, again=getattr(args, "again", None))   # demo sets `again`
     existing = run.check(args.seed)
     if args.embedding:
         identity, who = load_identity(args.embedding), str(args.embedding)
@@ -127,7 +127,6 @@ def cmd_generate(args) -> int:
 def _folder_defaults(engines) -> tuple[dict, dict | None]:
     """(scheduler/steps/guidance defaults, the fused LoRA's record or None) of an engines folder. A
     manifest that does not load gives Arc2Face's defaults here; opening the folder reports it."""
-    from .folder_setup import folder_defaults
     from .manifest import load_manifest
 
     try:
@@ -159,7 +158,7 @@ def cmd_info(args) -> int:
     from .manifest import load_manifest, record_files
 
     m = load_manifest(args.engines)
-    check_folder_scheduler(args.engines, m)          # what generate refuses, info refuses too
+    check_folder_scheduler(args.engines, m, folder_defaults(m)["scheduler"])   # what generate refuses
     print(f"{args.engines}: spec revision {m['spec_revision']}, precision {m['precision']}, "
           f"created {m.get('created')}, random weights: {m.get('source', {}).get('random_weights')}")
     if m.get("lora"):

@@ -20,8 +20,9 @@ def interruptible(prog: str, load_main):
         seen.append(signum)
         raise KeyboardInterrupt
 
-    try:
-        previous = signal.signal(signal.SIGINT, on_sigint)
+    try:                                  # a Ctrl-C the process was started ignoring stays ignored
+        ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        previous = None if ignored else signal.signal(signal.SIGINT, on_sigint)
     except ValueError:                    # not the main thread
         previous = None
     try:

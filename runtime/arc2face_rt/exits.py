@@ -73,25 +73,24 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def resumable(kept: Callable[[], str], log: Callable[[str], None], bar=None):
+def resumable(kept: Callable[[], str], log: Callable[[str], None], bar=None,
+              again: str = "run the same command with --resume to finish"):
     """Long output-writing work that `--resume` can finish. However the block ends, `bar` (a progress
-    bar) is closed. On Ctrl-C or SIGTERM, log one line saying what `kept()` is and how to finish, then
-    re-raise (marked reported). A failed write (a full disk, ...) or MemoryError becomes
+    bar) is closed. On Ctrl-C or SIGTERM, log one line saying what `kept()` is and how to finish
+    (`again`), then re-raise (marked reported). A failed write (a full disk, ...) or MemoryError becomes
     OutputWriteError with the same two facts."""
     try:
         yield
     except KeyboardInterrupt as e:
         if bar:
             bar.close()
-        log(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}: {kept()}; run the same command "
-            "with --resume to finish")
+        log(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}: {kept()}; {again}")
         e.reported = True
         raise
     except (OSError, MemoryError) as e:
         if bar:
             bar.close()
-        raise OutputWriteError(f"{user_error_message(e)}; {kept()}: run the same command with --resume to "
-                               "finish") from e
+        raise OutputWriteError(f"{user_error_message(e)}; {kept()}: {again}") from e
     if bar:
         bar.close()
 
@@ -113,6 +112,27 @@ def check_interrupt() -> None:
         raise KeyboardInterrupt() if _seen[-1] == signal.SIGINT else Terminated()
 
 
+STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+
+
+def install_signal_handlers() -> dict:
+    """Make Ctrl-C, SIGTERM and SIGHUP raise (and be remembered, see `check_interrupt`); returns the
+    handlers replaced, to restore. A signal the process was started ignoring (`nohup`, `cmd &` in a
+    script) stays ignored; off the main thread nothing is installed. Also called again after a
+    library (Ray) installed handlers of its own."""
+    old = {}
+    for sig in STOP_SIGNALS:
+        try:
+            current = signal.getsignal(sig)
+            if current is signal.SIG_IGN:
+                continue
+            if current is not _on_signal:
+                old[sig] = signal.signal(sig, _on_signal)
+        except ValueError:              # not the main thread: leave signals alone
+            break
+    return old
+
+
 def _stopped(prog: str, reported: bool = False) -> int:
     term = bool(_seen) and _seen[-1] != signal.SIGINT
     if not reported:
@@ -127,14 +147,9 @@ def run_cli(func: Callable[[], int], prog: str, verbose: bool = False) -> int:
     signals are remembered, so one that a library swallowed still ends the command (at the next
     `check_interrupt`, or when `func` returns or fails), never a traceback or a run that goes on. With
     `verbose`, the traceback of a mapped failure is logged too (for bug reports)."""
-    old = {}
-    _seen.clear()
-    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        try:
-            if sig is not None:
-                old[sig] = signal.signal(sig, _on_signal)
-        except ValueError:              # not the main thread: leave signals alone
-            break
+    old = install_signal_handlers()
+    if old:
+        _seen.clear()
     try:
         code = func()
         return _stopped(prog) if _seen else code
@@ -163,4 +178,5 @@ def run_cli(func: Callable[[], int], prog: str, verbose: bool = False) -> int:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-        _seen.clear()
+        if old:
+            _seen.clear()

@@ -58,6 +58,7 @@ class FolderRun:
     prefix: str = "arc2face"          # --prefix
     resume: bool = False              # --resume
     overwrite: bool = False           # --overwrite
+    again: str | None = None          # how to finish after a stop (default: the same command with --resume)
 
     def check(self, seed: int) -> dict[int, Path]:
         """Everything about the output that can be wrong, before any work; returns the entries that
@@ -99,7 +100,7 @@ class FolderRun:
         t0 = time.perf_counter()
         kept = lambda: (f"stopped after {s.written} of {todo} image(s), which are kept in {self.out}, "  # noqa: E731
                         "none half-written")
-        with resumable(kept, log, bar):
+        with resumable(kept, log, bar, **({"again": self.again} if self.again else {})):
             for idx in batches(self.count, options.batch_size, done):
                 res = pipe.generate(identity, options=options, on_step=bar.update if bar else None, indices=idx, **kw)
                 for img, params, i in zip(res.images, res.params, idx):

@@ -49,17 +49,21 @@ def check_output_dir(out: str | Path) -> Path:
     what = "is not writable" if probe == out else f"cannot be made: {probe} is not writable"
     if not os.access(probe, os.W_OK | os.X_OK):
         raise InvalidInputError(f"--out {out}: {what}; choose another --out or fix its permissions")
+    made = None
     try:       # access() says yes to root everywhere; /proc, a read-only mount or a full inode table say no
-        os.rmdir(tempfile.mkdtemp(prefix=".arc2face-probe-", dir=probe))
+        made = tempfile.mkdtemp(prefix=".arc2face-probe-", dir=probe)
     except OSError as e:
         raise InvalidInputError(f"--out {out}: {what} ({os_error_message(e).split(': ', 1)[-1]}); choose "
                                 "another --out") from None
+    finally:
+        if made:
+            os.rmdir(made)
     return out
 
 
 def check_output_file(path: str | Path) -> Path:
-    """Check, without creating anything, that a file can be written at `path` (its folder is a
-    writable folder or can be made into one)."""
+    """Check, leaving nothing behind, that a file can be written at `path` (its folder is a writable
+    folder or can be made into one)."""
     path = Path(path)
     try:
         check_output_dir(path.parent)

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backends.ov_cache import TRASH, cache_root, is_entry, read_record, record_used, remove_entry
+from .backends.ov_cache import TRASH, cache_root, is_entry, read_record, record_used, remove_entry, root_is_ours
 from .integrity import stamp_dir
 
 DAY = 86400.0
@@ -36,6 +36,7 @@ class CacheEntry:
     folders: list[str] = field(default_factory=list)    # engines folders the entry was made from
     detail: str = ""
     leftover: bool = False          # what a removal that did not finish left behind
+    released: bool = False          # its engines folder was re-exported (no folder uses it)
 
     @property
     def folders_gone(self) -> bool:
@@ -46,6 +47,8 @@ class CacheEntry:
         """Why `prune` deletes this entry, or ""."""
         if self.leftover:
             return "an earlier removal did not finish"
+        if self.released:
+            return "its engines folder was re-exported"
         if self.folders_gone:
             return "its engines folder is gone" if len(self.folders) == 1 else "its engines folders are gone"
         if now - self.used > older_than_days * DAY:
@@ -75,8 +78,9 @@ def _openvino_entries() -> list[CacheEntry]:
     if root is None or not root.is_dir():
         return []
     out = []
+    ours = root_is_ours()
     for p in sorted(root.iterdir()):
-        if not is_entry(p):
+        if not is_entry(p, any_folder=ours):
             continue
         size, newest = _tree_size(p)
         if TRASH.match(p.name):
@@ -84,10 +88,14 @@ def _openvino_entries() -> list[CacheEntry]:
                                   leftover=True))
             continue
         rec = read_record(p)
+        if not rec:
+            out.append(CacheEntry("openvino", p, size, newest, [], "no record (its record was not written)"))
+            continue
         folders = [f for f in rec.get("folders", []) if isinstance(f, str)] if isinstance(rec.get("folders"), list) else []
         cpu = rec.get("cpu") if isinstance(rec.get("cpu"), dict) else {}
         detail = f"OpenVINO {str(rec.get('openvino')).split('-')[0]}, {cpu.get('model', 'unknown CPU')}"
-        out.append(CacheEntry("openvino", p, size, record_used(rec) or newest, folders, detail))
+        out.append(CacheEntry("openvino", p, size, record_used(rec) or newest, folders, detail,
+                              released="released" in rec))
     return out
 
 

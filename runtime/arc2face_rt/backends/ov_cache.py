@@ -15,10 +15,10 @@ compiling. We add a folder choice and a record:
   sha256 (from the manifest). When the version or the CPU differs (a shared home folder, an upgrade)
   every blob is deleted and compiled again, instead of importing a blob made for other hardware.
 - the record also says when the entry was last used (`used`) and from which engines folders
-  (`folders`). Re-exporting a folder gives it a new engines id, so a new cache entry; the entry of its
-  old graphs is deleted when the new one first opens (it was that folder's, and no other folder's),
-  which keeps the cache from growing by a blob set per re-export. `arc2face-rt cache` lists, prunes
-  and clears the rest (`user_cache.py`).
+  (`folders`). Re-exporting a folder gives it a new engines id, so a new cache entry; when the new one
+  first opens, the entry of the old graphs is released (`release_folder`) and deleted once idle for an
+  hour, which keeps the cache from growing by a blob set per re-export. `arc2face-rt cache` lists,
+  prunes and clears entries (`user_cache.py`).
 Writes of the record are atomic (temporary file, then rename).
 """
 from __future__ import annotations
@@ -98,17 +98,23 @@ class CompileCache:
 
     def _note_use(self, source) -> None:
         """Stamp the entry as used now, from `source`; an entry that `source` used before under another
-        engines id (its graphs were re-exported since) is released, and deleted once no folder uses it."""
+        engines id (its graphs were re-exported since) is released (`release_folder`)."""
         self.record["used"] = time.time()
+        self.record.pop("released", None)
         if source is not None:
             src = str(Path(source).resolve())
-            folders = self.record.setdefault("folders", [])
-            if src not in folders:
-                folders.append(src)
+            if src not in self.record.setdefault("folders", []):
+                self.record["folders"].append(src)
                 release_folder(self.folder.parent, src, keep=self.folder.name)
         self._write()
 
     def _write(self) -> None:
+        """Write the record, merged with what another process wrote since we read it (its folders and
+        compiled stages are kept, so two processes using one entry do not drop each other's)."""
+        disk = read_record(self.folder)
+        if usable_record(disk) and (disk["openvino"], disk["cpu"]) == (self.openvino, self.cpu):
+            self.record["folders"] = list(dict.fromkeys(disk.get("folders", []) + self.record.get("folders", [])))
+            self.record["compiled"] = {**disk["compiled"], **self.record["compiled"]}
         try:
             write_json_atomic(self.folder / RECORD, self.record)
         except OSError as e:
@@ -164,9 +170,18 @@ def record_used(rec: dict) -> float | None:
 TRASH = re.compile(r"^\.removing-.+-[0-9]+$")
 
 
-def is_entry(p: Path) -> bool:
-    """A cache entry: a real folder (not a link) holding a record of ours, or one a removal left behind."""
-    return p.is_dir() and not p.is_symlink() and (bool(TRASH.match(p.name)) or bool(read_record(p)))
+def is_entry(p: Path, any_folder: bool = False) -> bool:
+    """A cache entry: a real folder (not a link) holding a record of ours, or one a removal left behind;
+    with `any_folder` (the per-user root, which only arc2face-rt writes) every real folder."""
+    if not p.is_dir() or p.is_symlink():
+        return False
+    return any_folder or bool(TRASH.match(p.name)) or bool(read_record(p))
+
+
+def root_is_ours() -> bool:
+    """Whether the cache root is the per-user one (not a folder ARC2FACE_OV_CACHE names, which other
+    programs may share)."""
+    return not os.environ.get("ARC2FACE_OV_CACHE")
 
 
 def remove_entry(entry: Path) -> None:
@@ -181,25 +196,32 @@ def remove_entry(entry: Path) -> None:
     shutil.rmtree(trash)
 
 
+RELEASED_IDLE_S = 3600.0       # a released entry unused this long is deleted when another entry opens
+
+
 def release_folder(root: Path, source: str, keep: str) -> None:
-    """Remove the engines folder `source` from every entry of `root` but `keep`; delete an entry that
-    no folder uses any more (its blobs were compiled from graphs that folder no longer holds)."""
+    """The engines folder `source` now holds other graphs: remove it from every entry of `root` but
+    `keep`. An entry no folder uses any more is marked `released`; a released entry idle for
+    RELEASED_IDLE_S is deleted (one still in use elsewhere, say a shared cache where another machine
+    has other graphs at the same path, refreshes its `used` time and is kept; `cache prune` deletes
+    released entries at once)."""
     try:
         entries = [p for p in root.iterdir() if p.name != keep and not TRASH.match(p.name) and is_entry(p)]
     except OSError:
         return
+    now = time.time()
     for entry in entries:
         rec = read_record(entry)
-        folders = rec.get("folders", [])
-        if not usable_record(rec) or source not in folders:
+        if not usable_record(rec):
             continue
-        folders.remove(source)
         try:
-            if folders:
+            if source in rec.get("folders", []):
+                rec["folders"].remove(source)
+                if not rec["folders"]:
+                    rec["released"] = now
                 write_json_atomic(entry / RECORD, rec)
-            else:
+            if "released" in rec and now - (record_used(rec) or 0.0) > RELEASED_IDLE_S:
                 remove_entry(entry)
-                log.info("OpenVINO cache: deleted %s, compiled from the graphs %s held before it was re-exported",
-                         entry, source)
+                log.info("OpenVINO cache: deleted %s, compiled from graphs its engines folder no longer holds", entry)
         except OSError as e:
             log.info("OpenVINO cache: cannot update %s (%s)", entry, e)

@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import BackendUnavailableError
+from ..exits import install_signal_handlers
 from .worker import ShardWorker, WorkerConfig
 
 RETRIES = 3
@@ -41,6 +42,7 @@ def run_on_ray(config: WorkerConfig, identities: np.ndarray, todo: list[int], ad
             ray.init(num_cpus=workers, include_dashboard=False, logging_level="warning")
         else:
             ray.init(address=address, logging_level="warning")
+        install_signal_handlers()            # ray.init replaced SIGTERM's: keep the one-line stop
     try:
         res = ray.cluster_resources()
         gpus = int(res.get("GPU", 0))

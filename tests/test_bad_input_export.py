@@ -1,0 +1,140 @@
+"""Bad input to `arc2face-export` (and its write failures), through the real command in a child
+process: exit code 2, one `arc2face-export: error:` line, no traceback, nothing written or changed
+(the harness is test_bad_input's)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from test_bad_input import EXPORT, _sandbox, assert_refused, engines_copy, replace_file
+
+
+def model_copy(m: Path, dst: Path) -> Path:
+    """A model folder whose files are hard links to the tiny checkpoint's (change them with replace_file)."""
+    return engines_copy(m, dst)
+
+
+def _edit_json(path: Path, **changes) -> None:
+    replace_file(path, json.dumps({**json.loads(path.read_text()), **changes}).encode())
+
+
+def _fake_checkpoint(d: Path, extra: str | None = None) -> None:
+    d.mkdir()
+    (d / "RANDOM_WEIGHTS.txt").write_text("x")
+    if extra:
+        (d / extra).write_text("mine")
+
+
+# Each case: (id, setup(sandbox, tiny model dir), argv of `arc2face-export` run in the sandbox, words)
+EXPORT_CASES = [
+    ("onnx-out-is-file", lambda t, m: (t / "f").write_text("x"), ["onnx", "--model-dir", "{t}/m", "--out", "{t}/f"],
+     "is a file"),
+    ("onnx-no-model", lambda t, m: None, ["onnx", "--model-dir", "{t}/none", "--out", "{t}/e"], "no such model folder"),
+    ("onnx-out-empty", lambda t, m: None, ["onnx", "--model-dir", "{m}", "--out", ""], "must not be empty"),
+    ("onnx-force-user-folder", lambda t, m: ((t / "f").mkdir(), (t / "f" / "notes.txt").write_text("x")),
+     ["onnx", "--model-dir", "{m}", "--out", "{t}/f", "--force"], "not an engines folder"),
+    ("onnx-force-foreign-manifest", lambda t, m: ((t / "f").mkdir(), (t / "f" / "manifest.json").write_text("{}"),
+                                                  (t / "f" / "projector.onnx").write_text("x")),
+     ["onnx", "--model-dir", "{m}", "--out", "{t}/f", "--force"], "not an engines manifest"),
+    ("onnx-size-mismatch", lambda t, m: _edit_json(model_copy(m, t / "m2") / "vae" / "config.json", latent_channels=8),
+     ["onnx", "--model-dir", "{t}/m2", "--out", "{t}/e2"], "does not match"),
+    ("onnx-config-list", lambda t, m: replace_file(model_copy(m, t / "m2") / "vae" / "config.json", b"[1, 2]"),
+     ["onnx", "--model-dir", "{t}/m2", "--out", "{t}/e2"], "not a model config"),
+    ("onnx-config-unbuildable", lambda t, m: _edit_json(model_copy(m, t / "m2") / "arc2face" / "config.json",
+                                                        block_out_channels=[32]),
+     ["onnx", "--model-dir", "{t}/m2", "--out", "{t}/e2"], "cannot be built"),
+    ("onnx-encoder-garbage", lambda t, m: replace_file(model_copy(m, t / "m2") / "encoder" / "pytorch_model.bin",
+                                                       b"garbage" * 100),
+     ["onnx", "--model-dir", "{t}/m2", "--out", "{t}/e2"], "pytorch_model.bin: unreadable"),
+    ("onnx-scheduler-list", lambda t, m: replace_file(model_copy(m, t / "m2") / "scheduler" / "scheduler_config.json",
+                                                      b"[]"),
+     ["onnx", "--model-dir", "{t}/m2", "--out", "{t}/e2"], "scheduler_config.json: unusable"),
+    ("onnx-scheduler-not-a-number", lambda t, m: _edit_json(model_copy(m, t / "m2") / "scheduler" /
+                                                            "scheduler_config.json", num_train_timesteps="x"),
+     ["onnx", "--model-dir", "{t}/m2", "--out", "{t}/e2"], "scheduler_config.json: unusable"),
+    ("checkpoint-out-is-file", lambda t, m: (t / "f").write_text("x"), ["random-checkpoint", "--out", "{t}/f"],
+     "is a file"),
+    ("checkpoint-out-empty", lambda t, m: None, ["random-checkpoint", "--out", ""], "must not be empty"),
+    ("checkpoint-force-current-folder", lambda t, m: (t / "notes.txt").write_text("x"),
+     ["random-checkpoint", "--out", ".", "--force"], "current folder"),
+    ("checkpoint-force-current-folder-spelled", lambda t, m: (t / "sub").mkdir(),
+     ["random-checkpoint", "--out", "sub/..", "--force"], "current folder"),
+    ("checkpoint-force-ancestor", lambda t, m: None, ["random-checkpoint", "--out", "..", "--force"],
+     "contains the current folder"),
+    ("checkpoint-force-user-folder", lambda t, m: ((t / "u").mkdir(), (t / "u" / "a.txt").write_text("x")),
+     ["random-checkpoint", "--out", "u", "--force"], "not a random checkpoint"),
+    ("checkpoint-force-checkpoint-with-user-file", lambda t, m: _fake_checkpoint(t / "u", "notes.txt"),
+     ["random-checkpoint", "--out", "{t}/u", "--force"], "notes.txt"),
+    ("checkpoint-seed-huge", lambda t, m: None, ["random-checkpoint", "--out", "{t}/c", "--seed", str(2**70)],
+     "--seed"),
+    ("demo-n-0", lambda t, m: None, ["demo", "--out", "{t}/d", "-n", "0"], "-n must be"),
+    ("demo-steps-5000", lambda t, m: None, ["demo", "--out", "{t}/d", "--steps", "5000"], "--steps"),
+    ("demo-seed-huge", lambda t, m: None, ["demo", "--out", "{t}/d", "--seed", str(2**64)], "--seed"),
+    ("demo-foreign-model-folder", lambda t, m: ((t / "d" / "model-tiny").mkdir(parents=True),
+                                                (t / "d" / "model-tiny" / "mine.txt").write_text("x")),
+     ["demo", "--out", "{t}/d"], "the demo writes its model there"),
+    ("demo-foreign-engines-folder", lambda t, m: ((t / "d" / "engines-tiny-fp32").mkdir(parents=True),
+                                                  (t / "d" / "engines-tiny-fp32" / "notes.txt").write_text("x")),
+     ["demo", "--out", "{t}/d"], "not an engines folder"),
+    ("build-unknown-stage", lambda t, m: None,
+     ["build-engines", "--out", "{e}", "--precision", "fp32", "--no-face", "--stages", "bogus"], "unknown stage"),
+    ("build-compute-capability-unknown", lambda t, m: None,
+     ["build-engines", "--out", "{e}", "--precision", "fp32", "--no-face", "--compute-capability", "99.9"],
+     "cannot target"),
+    ("build-compute-capability-garbage", lambda t, m: None,
+     ["build-engines", "--out", "{e}", "--precision", "fp32", "--compute-capability", "abc"], "--compute-capability"),
+    ("build-workspace-negative", lambda t, m: None,
+     ["build-engines", "--out", "{e}", "--precision", "fp32", "--workspace-mib", "-5"], "--workspace-mib"),
+    ("build-batch-huge", lambda t, m: None,
+     ["build-engines", "--out", "{e}", "--precision", "fp32", "--batch", "100000000000"], "--batch"),
+    ("build-refused-by-the-library", lambda t, m: None,
+     ["build-engines", "--out", "{e}", "--precision", "fp32", "--no-face", "--stages", "projector", "--batch",
+      "1,1,256", "--workspace-mib", "1"], "could not build"),
+    ("build-face-models-missing", lambda t, m: None,
+     ["build-engines", "--out", "{e}", "--precision", "fp32", "--face-models", "{t}/none"], "no such folder"),
+    ("build-face-models-none-there", lambda t, m: (t / "faces").mkdir(),
+     ["build-engines", "--out", "{e}", "--precision", "fp32", "--face-models", "{t}/faces"], "neither face model"),
+    ("build-other-precision", lambda t, m: None, ["build-engines", "--out", "{e}", "--precision", "fp16"],
+     "holds fp32 graphs"),
+    ("build-fp8-for-ampere", lambda t, m: None,
+     ["build-engines", "--out", "{e}", "--precision", "fp8", "--compute-capability", "8.0,8.9"], "8.9 or newer"),
+    ("build-smoothquant-alpha-2", lambda t, m: None,
+     ["build-engines", "--out", "{e}", "--precision", "int8", "--smoothquant-alpha", "2"], "--smoothquant-alpha"),
+    ("build-calib-percentile-10", lambda t, m: None,
+     ["build-engines", "--out", "{e}", "--precision", "int8", "--calib-percentile", "10"], "--calib-percentile"),
+]
+
+
+@pytest.mark.parametrize("case", EXPORT_CASES, ids=[c[0] for c in EXPORT_CASES])
+def test_export_cli_refuses(case, tiny_model_dir, tiny_engines, tmp_path):
+    _, setup, argv, words = case
+    t, e = _sandbox(tmp_path, tiny_engines)
+    setup(t, tiny_model_dir)
+    assert_refused(EXPORT, "arc2face-export", [a.format(t=t, e=e, m=tiny_model_dir) for a in argv], t, words, cwd=t)
+
+
+def _file_size_limit(nbytes: int):
+    """preexec_fn: `ulimit -f` for the child (Python ignores SIGXFSZ, so a write past it fails with EFBIG)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+
+
+# A write that fails half-way (file-size limit): one line naming the file, no temporary left, nothing changed
+WRITE_LIMIT_CASES = [
+    ("checkpoint", ["random-checkpoint", "--out", "{t}/new/model"], "diffusion_pytorch_model.safetensors"),
+    ("onnx", ["onnx", "--model-dir", "{m}", "--out", "{t}/new/engines", "--no-validate"], "projector.onnx"),
+    ("build-engines", ["build-engines", "--out", "{e}", "--precision", "fp32", "--no-face", "--stages", "projector"],
+     "projector.plan"),
+]
+
+
+@pytest.mark.parametrize("case", WRITE_LIMIT_CASES, ids=[c[0] for c in WRITE_LIMIT_CASES])
+def test_export_cli_write_failure(case, tiny_model_dir, tiny_engines, tmp_path):
+    _, argv, words = case
+    t, e = _sandbox(tmp_path, tiny_engines)
+    last = assert_refused(EXPORT, "arc2face-export", [a.format(t=t, e=e, m=tiny_model_dir) for a in argv], t, words,
+                          cwd=t, preexec_fn=_file_size_limit(1 << 20))
+    assert "could not be written" in last or "file too large" in last, last
