@@ -114,9 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "<stage>.ov-int8.xml/.bin and manifest['openvino_int8'].")
     p.add_argument("--engines", required=True, type=Path, help="fp32 engines folder (`arc2face-export onnx`)")
     p.add_argument("--stages", nargs="+", choices=("step_cfg", "step"), default=["step_cfg", "step"])
-    p.add_argument("--identities", type=int, default=4, help="random identities to calibrate on (default 4)")
-    p.add_argument("--steps", type=int, default=25, help="DPM-Solver++ steps per calibration run (default 25)")
-    p.add_argument("--per-run", type=int, default=4, help="steps kept per run, evenly spaced (default 4)")
+    p.add_argument("--identities", type=argtypes.count(1, 4096, "a number of identities"), default=4,
+                   help="random identities to calibrate on (default 4)")
+    p.add_argument("--steps", type=argtypes.count(1, 1000, "a number of steps"), default=25,
+                   help="DPM-Solver++ steps per calibration run (default 25)")
+    p.add_argument("--per-run", type=argtypes.count(1, 1000, "a number of steps"), default=4,
+                   help="steps kept per run, evenly spaced (default 4)")
     p.add_argument("--force", action="store_true", help="quantise again even when current")
     p.set_defaults(func=cmd_openvino_int8)
 

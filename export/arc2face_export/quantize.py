@@ -26,7 +26,7 @@ import onnx
 
 from arc2face_rt import manifest as mf
 from arc2face_rt.atomic import remove_stale_temps, temp_dir, usual_mode
-from arc2face_rt.errors import InvalidInputError
+from arc2face_rt.errors import Arc2FaceError, InvalidInputError
 from arc2face_rt.specs import STAGES
 
 from . import calib, qdq
@@ -270,17 +270,24 @@ def _write_quantized(engines_dir: Path, stage: str, src: Path, placement: qdq.Pl
 
 def quant_is_current(engines_dir: Path, m: dict, stage: str, recipe: QuantRecipe, cal: calib.Calibration,
                      recorded: bool) -> bool:
-    """The stage's quantised graph exists, intact, from the current source graph, recipe and calibration."""
+    """The stage's quantised graph exists, intact, from the current source graph, recipe and calibration.
+    A damaged record (fields missing or of other types) is not current: the graph is made again."""
     r = recipe.resolved()
-    q = m.get(SECTIONS[r.precision], {}).get(stage)
-    src = m.get("stages", {}).get(stage)
-    if not q or not src or q.get("recipe") != asdict(r) or q.get("recipe_revision") != RECIPE_REVISION:
+    try:
+        q = m.get(SECTIONS[r.precision], {}).get(stage)
+        src = m.get("stages", {}).get(stage)
+        if not q or not src or q.get("recipe") != asdict(r) or q.get("recipe_revision") != RECIPE_REVISION:
+            return False
+        if q["source"]["sha256"] != {k: v["sha256"] for k, v in src["files"].items()}:
+            return False
+        if not recorded and {k: q["calibration"].get(k) for k in cal.record()} != cal.record():
+            return False
+        return all(mf.resolve_inside(engines_dir, k).is_file() and
+                   mf.resolve_inside(engines_dir, k).stat().st_size == v["bytes"] for k, v in q["files"].items())
+    except (KeyError, TypeError, AttributeError, ValueError):
         return False
-    if q["source"]["sha256"] != {k: v["sha256"] for k, v in src["files"].items()}:
+    except Arc2FaceError:              # a listed path outside the folder: not ours, so not current
         return False
-    if not recorded and {k: q["calibration"].get(k) for k in cal.record()} != cal.record():
-        return False
-    return all((engines_dir / k).is_file() and (engines_dir / k).stat().st_size == v["bytes"] for k, v in q["files"].items())
 
 
 def ensure_quant_graphs(engines_dir: str | Path, recipes: Iterable[QuantRecipe], cal: calib.Calibration = calib.Calibration(),

@@ -143,6 +143,9 @@ def read_scheduler_config(path: Path) -> dict:
         config = json.loads(path.read_text())
     except ValueError as e:
         raise MissingWeightsError(f"{path}: not valid JSON ({e}); download it again") from e
+    if not isinstance(config, dict):
+        raise MissingWeightsError(f"{path}: holds {type(config).__name__}, not a scheduler config object; download it "
+                                  "again (Arc2Face ships Stable Diffusion 1.5's scheduler_config.json)")
     for name in SCHEDULERS:
         try:
             make_schedule(name, 1, config)

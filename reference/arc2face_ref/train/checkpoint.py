@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from arc2face_rt.atomic import naming_output, set_usual_modes, temp_dir
+from arc2face_rt.errors import InvalidInputError
 
 from ..face_models import DETECTOR_FILE, RECOGNIZER_FILE
 from .model import merged_state_dict
@@ -96,4 +97,15 @@ def prune_checkpoints(run: Path, keep: int) -> None:
 
 
 def load_state(path: Path) -> dict:
-    return torch.load(path / STATE, map_location="cpu", weights_only=True)
+    """The training state of checkpoint `path`; InvalidInputError when it is damaged or not ours."""
+    bad = f"--resume: {path / STATE} is damaged"
+    fix = "restore it, move that checkpoint folder away to resume from the one before, or start a new --out"
+    try:
+        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InvalidInputError(f"--resume: {path / STATE} is missing; {fix}") from None
+    except Exception as e:          # noqa: BLE001 - torch's unpickler raises many types for a damaged file
+        raise InvalidInputError(f"{bad} ({' '.join(str(e).split())[:120]}); {fix}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise InvalidInputError(f"{bad} (not a training state of arc2face-train); {fix}")
+    return state

@@ -14,9 +14,8 @@ processes share it. Checkpoints: checkpoint.py. Validation and logs: validation.
 from __future__ import annotations
 
 import math
-import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -75,6 +74,17 @@ def _per_sample_noise(seeds: list[int], latent_shape: tuple, timesteps: int, id_
         vae_eps.append(torch.randn(latent_shape, generator=g))
         drop.append(bool(torch.rand(1, generator=g) < id_dropout))
     return torch.tensor(ts), torch.stack(noise), torch.stack(vae_eps), torch.tensor(drop)
+
+
+def _unwrapped(loader):
+    """The loader's batches. DataLoader re-raises a worker's exception with the worker's whole traceback
+    as its message; a user error (a damaged sample) keeps only its own line."""
+    try:
+        yield from loader
+    except InvalidInputError as e:
+        if "Original Traceback" not in str(e):
+            raise
+        raise InvalidInputError(str(e).strip().splitlines()[-1].split("InvalidInputError: ", 1)[-1]) from None
 
 
 def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print, progress: bool = True) -> FitResult:
@@ -154,7 +164,7 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
     step, step_losses, t0 = start, [], time.perf_counter()
     samples_per_step = cfg.batch_size * acc.num_processes * cfg.grad_accum
 
-    for micro, (img, ids) in zip(range(start * micro_per_step, cfg.steps * micro_per_step), loader):
+    for micro, (img, ids) in zip(range(start * micro_per_step, cfg.steps * micro_per_step), _unwrapped(loader)):
         seeds = [sample_seed(cfg.seed, k) for k in sampler.sample_numbers(micro)]
         t, noise, vae_eps, drop = (x.to(acc.device) for x in _per_sample_noise(seeds, (4, lat, lat), timesteps,
                                                                                cfg.id_dropout))

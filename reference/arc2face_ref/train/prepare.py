@@ -139,9 +139,13 @@ def prepare(images: Sequence[str | Path], out: str | Path, analyzer_factory: Cal
 def _summarise(out: Path, photos: int, n_shards: int, done_before: int) -> PrepareReport:
     written, skipped = 0, []
     for k in range(n_shards):
-        stats = json.loads((out / stats_name(k)).read_text())
-        written += stats["written"]
-        skipped += [(s["path"], s["reason"]) for s in stats["skipped"]]
+        try:
+            stats = json.loads((out / stats_name(k)).read_text())
+            written += int(stats["written"])
+            skipped += [(str(s["path"]), str(s["reason"])) for s in stats["skipped"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise InvalidInputError(f"{out / stats_name(k)}: damaged ({' '.join(str(e).split())[:80]}); move it "
+                                    "and its shard away and run the same command to prepare that shard again") from None
     text = "".join(f"{p}\t{' '.join(r.split())}\n" for p, r in skipped).encode()
     path = out / SKIPPED_FILE
     if not path.is_file() or path.read_bytes() != text:

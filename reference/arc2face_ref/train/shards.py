@@ -66,7 +66,19 @@ def read_part(ref: SampleRef, part: str) -> bytes:
 
 
 def read_id(ref: SampleRef) -> np.ndarray:
-    return np.load(io.BytesIO(read_part(ref, "id.npy"))).astype(np.float32)
+    """The sample's ArcFace identity, [512] float32; InvalidInputError for anything else (a damaged or
+    foreign shard: not an array, pickled objects, another shape, non-finite values)."""
+    bad = f"{ref.shard}: sample {ref.key} has a damaged id.npy"
+    try:
+        a = np.load(io.BytesIO(read_part(ref, "id.npy")), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise InvalidInputError(f"{bad} ({' '.join(str(e).split())[:120]}); prepare it again") from None
+    if a.dtype.kind not in "fiu" or a.size != 512 or a.shape not in ((512,), (1, 512)):
+        raise InvalidInputError(f"{bad} (a {a.dtype} array of shape {a.shape}, not 512 numbers); prepare it again")
+    a = a.reshape(512).astype(np.float32)
+    if not np.isfinite(a).all():
+        raise InvalidInputError(f"{bad} (values that are not finite); prepare it again")
+    return a
 
 
 def read_meta(ref: SampleRef) -> dict:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from arc2face_rt.atomic import atomic_write
+from arc2face_rt.errors import InvalidInputError
 from arc2face_rt.face.identity import SKIPPABLE
 
 from ..loading import Arc2FaceModels
@@ -80,8 +81,12 @@ class RunLog:
         self.path = run / "metrics.csv"
         rows = []
         if self.path.is_file():
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+            try:
+                with open(self.path, newline="") as f:
+                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+            except (ValueError, KeyError, TypeError, csv.Error):      # UnicodeDecodeError is a ValueError
+                raise InvalidInputError(f"--resume: {self.path} is damaged; move it away (the run keeps training, "
+                                        "only the metrics before this step are lost) or start a new --out") from None
         with open(self.path, "w", newline="") as f:
             w = csv.DictWriter(f, METRICS)
             w.writeheader()

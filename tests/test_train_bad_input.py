@@ -1,0 +1,125 @@
+"""Damaged training inputs end in one clear error (InvalidInputError / MissingWeightsError, which the
+CLIs print as one line with exit 2), never a traceback: id.npy members of a shard, a worker's error
+re-raised by DataLoader, a damaged resume state or metrics log, prepare's stats files, a null
+scheduler config, a damaged quantisation record, calibration counts out of range."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from arc2face_rt.errors import InvalidInputError, MissingWeightsError
+
+
+def _ref(tmp_path, payload: bytes):
+    from arc2face_ref.train.shards import SampleRef
+
+    shard = tmp_path / "shard-00000.tar"
+    shard.write_bytes(b"x" * 7 + payload)
+    return SampleRef(shard, "000000001", {"id.npy": (7, len(payload))})
+
+
+def _npy(a) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("payload,words", [
+    (b"hello", "damaged id.npy"),
+    (_npy(np.array([{"a": 1}], dtype=object)), "damaged id.npy"),
+    (_npy(np.array(["x"] * 512)), "not 512 numbers"),
+    (_npy(np.zeros((3, 7), np.float32)), "not 512 numbers"),
+    (_npy(np.full(512, np.nan, np.float32)), "not finite"),
+])
+def test_a_damaged_identity_in_a_shard_is_named(tmp_path, payload, words):
+    from arc2face_ref.train.shards import read_id
+
+    with pytest.raises(InvalidInputError, match=words) as e:
+        read_id(_ref(tmp_path, payload))
+    assert "sample 000000001" in str(e.value) and "prepare it again" in str(e.value)
+    assert read_id(_ref(tmp_path, _npy(np.ones((1, 512), np.float64)))).shape == (512,)
+
+
+class _Damaged(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise InvalidInputError("shard-00000.tar: sample 1 has an undecodable jpg; prepare it again")
+
+
+def test_a_worker_error_keeps_only_its_own_line():
+    """DataLoader puts the worker's whole traceback into the re-raised message; fit keeps our line."""
+    from arc2face_ref.train.loop import _unwrapped
+
+    loader = torch.utils.data.DataLoader(_Damaged(), batch_size=1, num_workers=1)
+    with pytest.raises(InvalidInputError) as e:
+        list(_unwrapped(loader))
+    assert str(e.value) == "shard-00000.tar: sample 1 has an undecodable jpg; prepare it again"
+
+
+@pytest.mark.parametrize("content", [b"garbage", None, "list-config"])
+def test_a_damaged_resume_state_is_named(tmp_path, content):
+    from arc2face_ref.train.checkpoint import STATE, load_state
+
+    path = tmp_path / "checkpoint-2"
+    (path / STATE).parent.mkdir(parents=True)
+    if content == "list-config":
+        torch.save({"step": "x", "config": []}, path / STATE)
+    elif content is not None:
+        (path / STATE).write_bytes(content)
+    with pytest.raises(InvalidInputError, match="missing" if content is None else "damaged"):
+        load_state(path)
+
+
+def test_a_damaged_metrics_log_is_named(tmp_path):
+    from arc2face_ref.train.validation import RunLog
+
+    (tmp_path / "metrics.csv").write_bytes(bytes(range(128, 256)) * 2)
+    with pytest.raises(InvalidInputError, match="metrics.csv is damaged"):
+        RunLog(tmp_path, 2)
+
+
+def test_a_damaged_prepare_stats_file_is_named(tmp_path):
+    from arc2face_ref.train.prepare import _summarise, stats_name
+
+    (tmp_path / stats_name(0)).write_text("garbage")
+    with pytest.raises(InvalidInputError, match="damaged"):
+        _summarise(tmp_path, 1, 1, 0)
+
+
+def test_a_null_scheduler_config_is_refused(tmp_path):
+    from arc2face_ref.loading import read_scheduler_config
+
+    (tmp_path / "scheduler_config.json").write_text("null")
+    with pytest.raises(MissingWeightsError, match="not a scheduler config object"):
+        read_scheduler_config(tmp_path / "scheduler_config.json")
+
+
+@pytest.mark.parametrize("damage", [lambda q: q.update(calibration=None), lambda q: q.update(source=[]),
+                                    lambda q: q.update(files={"../outside.onnx": {"bytes": 1}})])
+def test_a_damaged_quantisation_record_is_stale_not_a_crash(tmp_path, damage):
+    from arc2face_export import calib
+    from arc2face_export.quantize import RECIPE_REVISION, QuantRecipe, quant_is_current
+    from dataclasses import asdict
+
+    r = QuantRecipe("int8").resolved()
+    q = {"recipe": asdict(r), "recipe_revision": RECIPE_REVISION, "source": {"sha256": {"step_cfg.onnx": "a"}},
+         "calibration": calib.Calibration().record(), "files": {}}
+    m = {"stages": {"step_cfg": {"files": {"step_cfg.onnx": {"sha256": "a"}}}}, "quantized": {"step_cfg": q}}
+    assert quant_is_current(tmp_path, json.loads(json.dumps(m)), "step_cfg", r, calib.Calibration(), False)
+    damage(q)
+    assert not quant_is_current(tmp_path, m, "step_cfg", r, calib.Calibration(), False)
+
+
+@pytest.mark.parametrize("flag", ["--identities", "--per-run", "--steps"])
+def test_openvino_int8_counts_are_checked_before_any_work(tmp_path, capsys, flag):
+    from arc2face_export.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["openvino-int8", "--engines", str(tmp_path), flag, "0"])
+    assert e.value.code == 2 and f"{flag}: 0 is outside" in capsys.readouterr().err
