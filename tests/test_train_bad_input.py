@@ -123,3 +123,20 @@ def test_openvino_int8_counts_are_checked_before_any_work(tmp_path, capsys, flag
     with pytest.raises(SystemExit) as e:
         main(["openvino-int8", "--engines", str(tmp_path), flag, "0"])
     assert e.value.code == 2 and f"{flag}: 0 is outside" in capsys.readouterr().err
+
+
+def test_fit_refuses_missing_face_models_before_loading_anything(tiny_model_dir, tmp_path, capsys):
+    """README: everything a user can get wrong is checked before any model is loaded; --face-models was
+    only opened once training had started (after two model loads and a 'training ...' line)."""
+    pytest.importorskip("accelerate")
+    from arc2face_ref.train.cli import main
+    from train_fixtures import prepared_data
+
+    data = prepared_data(tmp_path / "d")
+    capsys.readouterr()
+    rc = main(["fit", "--model-dir", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "run"),
+               "--steps", "2", "--batch-size", "1", "--workers", "0", "--validate-every", "1",
+               "--face-models", str(tmp_path / "no-models"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--face-models" in err[0], err
+    assert not (tmp_path / "run").exists()

@@ -30,7 +30,7 @@ from .checkpoint import checkpoints, load_state, prune_checkpoints, save_checkpo
 from .config import RESUME_MAY_CHANGE, FitConfig
 from .model import Trainee, load_trainable_state, set_trainable, trainable_state
 from .shards import RunSampler, ShardDataset, index_shards, sample_seed
-from .validation import RunLog, Validator
+from .validation import RunLog, Validator, open_face_analyzer
 
 
 @dataclass
@@ -103,6 +103,7 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
     main = acc.is_main_process
     start, state, ckpt = _start(cfg, resume)
     refs = index_shards(cfg.data)
+    analyzer = open_face_analyzer(cfg.face_models) if main and cfg.validate_every and cfg.face_models else None
     # LoRA trains adapters on the base weights; otherwise the checkpoint's weights are the start.
     models = load_models(ckpt if ckpt is not None and not cfg.lora_rank else cfg.model_dir)
     if models.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
@@ -157,7 +158,7 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
     validator = None
     if main and cfg.validate_every:
         validator = Validator(refs, cfg.val_ids, cfg.val_images, cfg.resolution, cfg.val_steps, cfg.val_guidance,
-                              cfg.seed, cfg.face_models)
+                              cfg.seed, analyzer)
     log = RunLog(cfg.out, start) if main else None
     bar = tqdm(total=cfg.steps, initial=start, disable=not (main and progress), unit="step", dynamic_ncols=True)
     result = FitResult(start, [], [])

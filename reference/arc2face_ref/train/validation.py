@@ -27,19 +27,25 @@ from .shards import SampleRef, read_id
 METRICS = ("step", "loss", "lr", "images_per_s", "id_similarity")
 
 
+def open_face_analyzer(face_models: Path):
+    """The validation's face models (`--face-models`), opened before any model is loaded so that a
+    wrong folder is refused first."""
+    from arc2face_rt.face.identity import FaceAnalyzer
+    from arc2face_rt.face.models import load_face_models
+
+    return FaceAnalyzer(*load_face_models(face_models, device="cpu", models_flag="--face-models"))
+
+
 class Validator:
     def __init__(self, refs: list[SampleRef], n_ids: int, per_id: int, resolution: int, steps: int,
-                 guidance: float, seed: int, face_models: Path | None = None):
+                 guidance: float, seed: int, analyzer=None):
+        """`analyzer`: a FaceAnalyzer (`open_face_analyzer`) for the ID similarity, or None."""
         self.ids = np.stack([read_id(r) for r in refs[:n_ids]])                    # [I, 512]
         self.per_id, self.steps, self.guidance = per_id, steps, guidance
         g = torch.Generator().manual_seed(seed)
         lat = resolution // 8
         self.latents = torch.randn(len(self.ids) * per_id, 4, lat, lat, generator=g).numpy()
-        self.analyzer = None
-        if face_models is not None:
-            from arc2face_rt.face.identity import FaceAnalyzer
-            from arc2face_rt.face.models import load_face_models
-            self.analyzer = FaceAnalyzer(*load_face_models(face_models, device="cpu", models_flag="--face-models"))
+        self.analyzer = analyzer
 
     @torch.no_grad()
     def __call__(self, models: Arc2FaceModels, png: Path) -> float:
