@@ -140,3 +140,19 @@ def test_fit_refuses_missing_face_models_before_loading_anything(tiny_model_dir,
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--face-models" in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_prepare_with_no_usable_photo_is_a_user_error(tmp_path, capsys):
+    """Every photo skipped: one line, exit 2, naming the file that lists why (was exit 1)."""
+    from arc2face_ref.train.cli import main
+    from face_fixtures import tiny_models_dir
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "tiny.png")
+    (tmp_path / "photos" / "junk.png").write_text("not an image")
+    rc = main(["prepare", "--images", str(tmp_path / "photos"), "--models", str(tiny_models_dir()),
+               "--out", str(tmp_path / "data"), "--device", "cpu", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no photo gave a usable face (2 skipped" in err[0], err
+    assert len((tmp_path / "data" / "skipped.txt").read_text().splitlines()) == 2

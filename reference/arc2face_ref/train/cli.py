@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from arc2face_rt import argtypes
+from arc2face_rt.errors import InvalidInputError
 from arc2face_rt.exits import run_cli
 
 PROG = "arc2face-train"
@@ -47,9 +48,12 @@ def cmd_prepare(args) -> int:
     finally:
         for bar in bars:
             bar.close()
+    if not rep.written:                 # nothing to train on: a user error, with the reasons kept on disk
+        raise InvalidInputError(f"no photo gave a usable face ({len(rep.skipped)} skipped, each with its reason in "
+                                f"{Path(args.out) / SKIPPED_FILE}); fit needs at least one sample")
     _say(f"{rep.written} sample(s) in {rep.shards} shard(s) in {args.out}; {len(rep.skipped)} photo(s) skipped"
          + (f" (listed in {Path(args.out) / SKIPPED_FILE})" if rep.skipped else ""))
-    return 0 if rep.written else 1
+    return 0
 
 
 def cmd_fit(args) -> int:
