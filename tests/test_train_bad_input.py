@@ -156,3 +156,15 @@ def test_prepare_with_no_usable_photo_is_a_user_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "no photo gave a usable face (2 skipped" in err[0], err
     assert len((tmp_path / "data" / "skipped.txt").read_text().splitlines()) == 2
+
+
+def test_a_fit_that_fails_before_its_first_checkpoint_leaves_no_folder(tiny_model_dir, tmp_path, capsys):
+    pytest.importorskip("accelerate")
+    from arc2face_ref.train.cli import main
+    from train_fixtures import prepared_data
+
+    data = prepared_data(tmp_path / "d")
+    rc = main(["fit", "--model-dir", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "run"),
+               "--steps", "2", "--batch-size", "1", "--workers", "0", "--adam-eps", "0", "-q"])
+    assert rc == 2 and "loss became nan" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()                 # it held only the metrics of two failed steps

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -64,7 +65,15 @@ def cmd_fit(args) -> int:
     kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     kw["train_unet"], kw["train_encoder"] = not args.freeze_unet, not args.freeze_encoder
     kw["adam_betas"] = tuple(args.adam_betas)
-    res = fit(FitConfig(**kw), resume=args.resume, say=_say, progress=not args.quiet)
+    cfg = FitConfig(**kw)
+    new_out = not cfg.out.exists()
+    try:
+        res = fit(cfg, resume=args.resume, say=_say, progress=not args.quiet)
+    except BaseException:
+        # a run that failed before its first checkpoint leaves no folder it made (only its metrics log)
+        if new_out and cfg.out.is_dir() and not any(cfg.out.glob("checkpoint-*")):
+            shutil.rmtree(cfg.out, ignore_errors=True)
+        raise
     if res.checkpoints:
         _say(f"last checkpoint: {res.checkpoints[-1]} (export: arc2face-export onnx --model-dir "
              f"{res.checkpoints[-1]} --out ENGINES)")
