@@ -3,9 +3,9 @@
 For the exported fp16 engines folder: writes the Q/DQ step graphs (`ensure_quant_graphs`, calibrated
 on K=2 identities x every step, through ONNX Runtime on this GPU), then for fp16, int8 and (compute
 capability >= 8.9) FP8 at quant level 3 and again at level 2 (`fp8-level2`) builds the step_cfg plan
-with `build_engines` (detailed profiling, so the engine inspector reports layer precisions), times the device-resident denoise loop (first loop and
-median of `repeats` warm ones, each ending in its one host sync), compares its latents with the fp16
-plan's, and counts the engine's layers the inspector reports in int8 / FP8. Where TensorRT cannot run
+with `build_engines` (detailed profiling, so the engine inspector reports layer precisions), times the
+device-resident denoise loop (first loop and median of `repeats` warm ones, each ending in its one host
+sync), compares its latents with the fp16 plan's, and counts the engine's layers the inspector reports in int8 / FP8. Where TensorRT cannot run
 (no GPU, or a GPU TensorRT-RTX does not target such as an H100), the phase is skipped with the reason:
 these rows are pending until a GPU with TensorRT runs them. All of it happens in `<engines>-quant`, a
 hard-linked copy of the folder, which keeps the folder's own plans for the other phases.

@@ -284,9 +284,7 @@ def quant_is_current(engines_dir: Path, m: dict, stage: str, recipe: QuantRecipe
             return False
         return all(mf.resolve_inside(engines_dir, k).is_file() and
                    mf.resolve_inside(engines_dir, k).stat().st_size == v["bytes"] for k, v in q["files"].items())
-    except (KeyError, TypeError, AttributeError, ValueError):
-        return False
-    except Arc2FaceError:              # a listed path outside the folder: not ours, so not current
+    except (KeyError, TypeError, AttributeError, ValueError, Arc2FaceError):  # Arc2FaceError: a path outside
         return False
 
 

@@ -23,8 +23,8 @@ def add_cache_parser(sub) -> None:
                                    "run compiles or hashes again.")
     p.add_argument("action", nargs="?", choices=("list", "prune", "clear"), default="list",
                    help="list (default): every entry with its size, last use and engines folder; prune: delete "
-                        "entries whose engines folders are gone or that were not used for --older-than days; "
-                        "clear: delete every entry")
+                        "entries released by a re-export, whose engines folders are gone, or not used for "
+                        "--older-than days; clear: delete every entry")
     p.add_argument("--older-than", type=argtypes.number(0, 1e6, "a number of days"), default=DEFAULT_OLDER_THAN_DAYS,
                    metavar="DAYS", help=f"prune: entries unused for longer than this (default {DEFAULT_OLDER_THAN_DAYS})")
     p.add_argument("--dry-run", action="store_true", help="prune/clear: say what would be deleted, delete nothing")

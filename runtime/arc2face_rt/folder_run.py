@@ -100,7 +100,7 @@ class FolderRun:
         t0 = time.perf_counter()
         kept = lambda: (f"stopped after {s.written} of {todo} image(s), which are kept in {self.out}, "  # noqa: E731
                         "none half-written")
-        with resumable(kept, log, bar, **({"again": self.again} if self.again else {})):
+        with resumable(kept, log, bar, self.again):
             for idx in batches(self.count, options.batch_size, done):
                 res = pipe.generate(identity, options=options, on_step=bar.update if bar else None, indices=idx, **kw)
                 for img, params, i in zip(res.images, res.params, idx):

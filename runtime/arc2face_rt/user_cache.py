@@ -8,8 +8,8 @@ Two kinds of entry, both facts about this machine that are cheap to make again:
   (`integrity.stamp_dir()`).
 Deleting any entry costs only time: the next run compiles or hashes again.
 
-`prune` deletes the entries not used for `older_than_days` and those whose engines folders are all
-gone; `clear` deletes every entry. An OpenVINO entry is renamed out of the way before it is removed, so
+`prune` deletes the entries released by a re-export, those whose engines folders are all gone and
+those not used for `older_than_days`; `clear` deletes every entry. An OpenVINO entry is renamed out of the way before it is removed, so
 a process that opens it at that moment finds it missing (and compiles), never half-deleted.
 """
 from __future__ import annotations
@@ -71,9 +71,9 @@ def _tree_size(path: Path) -> tuple[int, float]:
 
 
 def _openvino_entries() -> list[CacheEntry]:
-    """The entries of the OpenVINO cache root: folders with a record of ours, and leftovers of an
-    unfinished removal. Anything else there (the root may be a folder shared with other programs)
-    is not listed and never deleted."""
+    """The entries of the OpenVINO cache root: folders with a record of ours and leftovers of an
+    unfinished removal; in the per-user root, which only arc2face-rt writes, every folder. Anything
+    else in a root ARC2FACE_OV_CACHE names (other programs may share it) is never listed or deleted."""
     root = cache_root()
     if root is None or not root.is_dir():
         return []
@@ -155,8 +155,9 @@ def select(entries: list[CacheEntry], older_than_days: float | None, now: float 
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-    return f"{n:.1f} GiB"
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"

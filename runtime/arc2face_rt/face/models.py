@@ -102,9 +102,7 @@ def load_face_models(models_dir: str | Path | None = None, detector_path: str | 
     """Open the detector (unless need_detector is False) and the recognizer: from their ONNX files on
     ONNX Runtime or OpenVINO (f32), or from the engines folder's `detector.plan` / `arcface.plan` on TensorRT.
     `file_flags`, `models_flag`: the flags a missing model's error may suggest (see `resolve_model`)."""
-    from ..backends.trt import (
-        open_session as open_plan,  # imports no TensorRT until a plan is opened
-    )
+    from ..backends.trt import open_session as open_plan   # imports no TensorRT until a plan is opened
 
     det = None
     on_file = "ort" if backend == "trt" else file_backend(engines, backend, device)
