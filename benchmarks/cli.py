@@ -9,6 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
+from arc2face_rt import argtypes
+
 from . import env
 
 RESULTS = env.REPO / "benchmarks" / "results"
@@ -196,7 +198,7 @@ def cmd_row(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p = argtypes.Parser(prog="python -m benchmarks", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="measure backend rows; write one JSON under --out")

@@ -202,3 +202,14 @@ def test_cpu_precision_fidelity_report(tiny_model_dir, ov_engines, tmp_path):
         assert g["passed"] == (r["median"]["image_psnr_db"] >= 30.0) and r["gates_passed"] == g["passed"]
         assert g["passed"], (prec, r["median"])        # tiny model: bf16 and int8 both within the gate
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv, where", [(["run", "--steps", "x"], "run: "), (["nope"], "")])
+def test_bad_flag_is_one_line_naming_the_whole_tool(argv, where, capsys):
+    from benchmarks.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert err[0].startswith(f"python -m benchmarks: error: {where}"), err

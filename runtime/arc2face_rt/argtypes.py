@@ -3,6 +3,7 @@ flag's own range in the message, before anything is loaded."""
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from pathlib import Path
 
@@ -49,9 +50,18 @@ seed = count(0, 2**63 - 1, "a seed")
 
 class Parser(argparse.ArgumentParser):
     """argparse with the tools' error format: one line `TOOL: error: COMMAND: what (see ... --help)`,
-    exit code 2, instead of the usage block followed by `TOOL COMMAND: error: ...`."""
+    exit code 2, instead of the usage block followed by `TOOL COMMAND: error: ...`. TOOL is the top-level
+    parser's prog, which may have spaces (`python -m benchmarks`); subcommand parsers inherit it."""
+
+    def __init__(self, *args, tool: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tool = tool or self.prog
+
+    def add_subparsers(self, **kwargs):
+        kwargs.setdefault("parser_class", functools.partial(type(self), tool=self.tool))
+        return super().add_subparsers(**kwargs)
 
     def error(self, message: str):
-        tool, _, command = self.prog.partition(" ")
+        command = self.prog.removeprefix(self.tool).strip()
         where = f"{command}: " if command else ""
-        self.exit(2, f"{tool}: error: {where}{' '.join(message.split())} (see `{self.prog} --help`)\n")
+        self.exit(2, f"{self.tool}: error: {where}{' '.join(message.split())} (see `{self.prog} --help`)\n")
