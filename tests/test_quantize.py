@@ -223,6 +223,20 @@ def test_current_graphs_are_kept_and_a_new_recipe_rewrites(quantized, monkeypatc
     assert [r.method for r in calls[0]] == ["max"]
 
 
+def test_a_changed_byte_of_the_same_size_makes_the_graph_stale(quantized, monkeypatch, tmp_path):
+    d = tmp_path / "q"
+    shutil.copytree(quantized, d)
+    f = d / quantize.quant_onnx_file("step_cfg", "int8")
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF                          # a flipped bit deep in the weights, size unchanged
+    f.write_bytes(bytes(data))
+    calls = []
+    monkeypatch.setattr(quantize, "quantize_stage", lambda *a, **k: calls.append([r.precision for r in a[2]]))
+    quantize.ensure_quant_graphs(d, [quantize.QuantRecipe("int8"), quantize.QuantRecipe("fp8")], CAL,
+                                 stages=["step_cfg"])
+    assert calls == [["int8"]]
+
+
 def test_smoothquant_keeps_the_linear_layer_exact():
     """x W == (x / s)(diag(s) W): SmoothQuant's rewrite alone changes nothing but the ranges."""
     rng = np.random.default_rng(0)

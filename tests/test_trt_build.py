@@ -115,6 +115,16 @@ def test_onnx_changed_behind_the_manifest_is_refused(tmp_path):
         trt_build.build_engines(d)
 
 
+def test_a_same_size_change_is_refused_before_a_plan_is_built_from_it(tmp_path, count_builds):
+    d = make_engines_dir(tmp_path / "e", "fp32", stages=("step",))
+    data = bytearray((d / "step.onnx").read_bytes())
+    data[-5] ^= 0xFF                                     # size unchanged: only the hash can tell
+    (d / "step.onnx").write_bytes(bytes(data))
+    with pytest.raises(EngineMismatchError, match="content differs"):
+        trt_build.build_engines(d)
+    assert count_builds == []
+
+
 def test_batch_option_sets_the_profile(tmp_path):
     assert trt_build.parse_batch("8") == (1, 8, 8)
     assert trt_build.parse_batch("1,4") == (1, 4, 4)

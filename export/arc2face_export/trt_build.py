@@ -228,7 +228,8 @@ def onnx_files_digest(engines_dir: Path, onnx_file: str, stage_record: dict | No
     """{relpath: sha256} of an ONNX graph and its external data.
 
     Taken from the manifest's file records when there are some (after checking sizes: hashing a
-    multi-GB UNet at every build would be slow), else hashed here.
+    multi-GB UNet at every run would be slow; `build_engines` hashes them before it builds a plan from
+    them), else hashed here.
     """
     files = (stage_record or {}).get("files")
     if files:
@@ -369,6 +370,8 @@ def build_engines(engines_dir: str | Path, stages: list[str] | None = None, prec
         if not force and plan_is_current(engines_dir, plans.get(name), key):
             log.info("%s: up to date (key %s), skipped", spec.plan_file, key[:12])
             continue
+        if record and record.get("files"):   # a build reads every byte: a changed one must not slip in
+            mf.verify_files(engines_dir, record["files"], hashes=True)
         rec = build_plan(engines_dir / onnx_file, engines_dir / spec.plan_file, spec, options, stage_precision,
                          trt=trt, ccs=ccs, onnx_sha=onnx_sha, timing_cache_path=tc_path)
         assert rec["key"] == key
