@@ -134,3 +134,18 @@ def test_force_replaces_a_random_checkpoint_and_outputs_get_the_usual_modes(tiny
     for p in [c, *c.rglob("*")]:
         want = (0o777 if p.is_dir() else 0o666) & ~0o027
         assert stat.S_IMODE(p.stat().st_mode) == want, p
+
+
+def test_loading_and_casting_print_no_library_warnings(tiny_model_dir, capfd):
+    """diffusers 0.42 warns on every dtype cast of a model, even with no module kept in fp32; loading (fp32
+    and fp16) and the bf16 cast of fit's VAE print nothing."""
+    from arc2face_ref.loading import cast, load_models
+
+    capfd.readouterr()
+    for dtype in (torch.float32, torch.float16):
+        models = load_models(tiny_model_dir, dtype=dtype)
+        assert next(models.unet.parameters()).dtype == dtype
+    vae = cast(models.vae, torch.bfloat16)
+    assert {p.dtype for p in vae.parameters()} == {torch.bfloat16}
+    out, err = capfd.readouterr()
+    assert "float32" not in out + err, out + err

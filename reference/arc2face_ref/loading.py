@@ -114,7 +114,16 @@ def _load_diffusers(cls, folder: Path, weights: Path, dtype):
                                   "object); download it again")
     model = _build(config_path, lambda: cls.from_config(config))
     model = _load_weights(model, _read_state_dict(weights), weights, config_path)
-    return model.to(dtype).eval()
+    return cast(model, dtype).eval()
+
+
+def cast(model, dtype):
+    """`model.to(dtype)` for a diffusers model, without the warning diffusers' `to` (0.42) prints on every
+    dtype cast even when none of the model's modules must stay fp32 (it printed two lines before every
+    `fit`); a model that keeps modules in fp32 goes through diffusers' own `to`."""
+    if getattr(model, "_keep_in_fp32_modules", None):
+        return model.to(dtype)
+    return torch.nn.Module.to(model, dtype)
 
 
 def load_encoder(folder: Path, weights: Path, dtype=torch.float32):

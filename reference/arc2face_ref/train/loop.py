@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from arc2face_rt.errors import InvalidInputError, OutputExistsError
 from arc2face_rt.outputs import check_output_dir
 
-from ..loading import Arc2FaceModels, load_models
+from ..loading import Arc2FaceModels, cast, load_models
 from .checkpoint import checkpoints, load_state, prune_checkpoints, save_checkpoint
 from .config import RESUME_MAY_CHANGE, FitConfig
 from .model import Trainee, load_trainable_state, set_trainable, trainable_state
@@ -132,7 +132,7 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
     vae_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
     vae.to(acc.device)
     if vae_dtype != torch.float32:
-        vae.to(dtype=vae_dtype)
+        cast(vae, vae_dtype)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     # stepped here once per optimizer step: not handed to Accelerate, which would step it once per process
     sched = get_scheduler("cosine" if cfg.lr_schedule == "cosine" else "constant_with_warmup", opt,
