@@ -3,7 +3,6 @@ photos; manage the per-user cache)."""
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import sys
 
@@ -11,15 +10,13 @@ from . import __version__, argtypes
 from .backends.openvino import CPU_PRECISIONS
 from .cache_cli import add_cache_parser
 from .dataset.cli import add_dataset_parser
-from .exits import run_cli
+from .exits import cli_main
 from .face.cli import add_embed_parser, add_score_parser
 from .folder_setup import BACKENDS, check_folder_scheduler, folder_defaults
 from .pipeline import GenerationOptions
 from .schedulers import SCHEDULERS
 from .specs import (DEFAULT_BATCH, DEFAULT_CONTROL_SCALE, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS,
                     LCM_LORA_DEFAULTS as LCM)
-
-log = logging.getLogger("arc2face_rt")
 
 
 def _add_generate(sub) -> None:
@@ -199,10 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(name)s: %(message)s")
-    return run_cli(lambda: args.func(args), "arc2face-rt", verbose=args.verbose)
+    return cli_main(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,15 @@ def _stopped(prog: str, reported: bool = False) -> int:
     return EXIT_TERMINATED if term else EXIT_INTERRUPTED
 
 
+def cli_main(parser, argv: list[str] | None = None) -> int:
+    """The body of every tool's `main`: parse `argv` (argparse errors exit 2 in one line, see
+    `argtypes.Parser`), log at INFO with -v/--verbose else WARNING, and run the chosen subcommand's
+    `func(args)` under `run_cli`, named by the parser's prog."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    return run_cli(lambda: args.func(args), parser.prog, verbose=args.verbose)
+
+
 def run_cli(func: Callable[[], int], prog: str, verbose: bool = False) -> int:
     """Call `func` and turn user-caused failures into one stderr line and exit code 2.
 

@@ -8,14 +8,13 @@ For several GPUs or nodes: `accelerate launch [--num_processes N] -m arc2face_re
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
 import sys
 from pathlib import Path
 
 from arc2face_rt import argtypes
 from arc2face_rt.errors import InvalidInputError
-from arc2face_rt.exits import run_cli
+from arc2face_rt.exits import cli_main
 
 PROG = "arc2face-train"
 
@@ -148,9 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    return run_cli(lambda: args.func(args), PROG, verbose=args.verbose)
+    return cli_main(build_parser(), argv)
 
 
 if __name__ == "__main__":
