@@ -264,8 +264,8 @@ def test_missing_face_models_refused_before_out_is_written(tiny_engines, tmp_pat
 
 
 def test_resume_refuses_a_committed_shard_whose_files_are_gone(tiny_engines, wds_run, scored_run, tmp_path, capsys):
-    """--resume checks each committed shard's files (folders: every image its manifest lists; wds: the
-    tar's size): a deleted image or a missing or truncated tar is one line, exit 2, nothing changed, and
+    """--resume checks each committed shard's files (folders: every image its manifest lists, and its size;
+    wds: the tar's size): a deleted or truncated image or a missing or truncated tar is one line, exit 2, nothing changed, and
     doing what the line says makes the shard again, byte for byte."""
     import shutil
 
@@ -286,6 +286,13 @@ def test_resume_refuses_a_committed_shard_whose_files_are_gone(tiny_engines, wds
         (folders / name).rename(away / name.replace("/", "-"))
     assert rt_main(args) == 0 and "1 already committed" in capsys.readouterr().err
     assert _tree(folders) == _tree(scored_run)
+    png = folders / "id_000002" / "0000.png"                   # a truncated image, same shard
+    png.write_bytes(png.read_bytes()[:100])
+    before = _tree(folders, skip_run=False)
+    assert rt_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert _tree(folders, skip_run=False) == before
+    assert len(err) == 1 and f"{png}: has 100 bytes" in err[0] and "truncated" in err[0], err
     tars = tmp_path / "wds"
     shutil.copytree(wds_run, tars)
     tar = tars / "shard-000001.tar"

@@ -107,16 +107,18 @@ def committed_shards(out: Path, spec: DatasetSpec, check_files: bool = True) -> 
 
 
 def _check_shard_files(out: Path, spec: DatasetSpec, s: int, p: Path, m: dict) -> None:
-    """Refuse a committed shard whose images are gone: its tar missing or of another size than the
-    manifest records, or (folders) a file the manifest lists missing; one directory listing per
-    identity folder, no file is read. Such a shard is not redone behind the user's back: the message
-    says what to move away so that --resume makes it again (the shard's intact identity folders can
-    stay: the redone shard's commit finds them byte-identical and keeps them)."""
+    """Refuse a committed shard whose images are gone or damaged: its tar missing or of another size
+    than the manifest records, or (folders) a file the manifest lists missing or of another size (a
+    manifest from before sizes were recorded: missing only); one directory scan per identity folder, no
+    file is read. Such a shard is not redone behind the user's back: the message says what to move away
+    so that --resume makes it again (the shard's intact identity folders can stay: the redone shard's
+    commit finds them byte-identical and keeps them)."""
     again = "and run with --resume to make the shard again"
+    not_manifest = InvalidInputError(f"{p}: is not shard {s}'s manifest; move it away or choose another --out")
     if spec.format == "wds":
         tar, size = m.get("tar"), m.get("bytes")
         if not isinstance(tar, str) or isinstance(size, bool) or not isinstance(size, int):
-            raise InvalidInputError(f"{p}: is not shard {s}'s manifest; move it away or choose another --out")
+            raise not_manifest
         try:
             got = (out / tar).stat().st_size
         except FileNotFoundError:
@@ -125,28 +127,39 @@ def _check_shard_files(out: Path, spec: DatasetSpec, s: int, p: Path, m: dict) -
             raise InvalidInputError(f"{out / tar}: has {got} bytes, its manifest records {size}; move it and {p} "
                                     f"away {again}")
         return
-    files = m.get("files")
+    files, sizes = m.get("files"), m.get("bytes", None)
     if not isinstance(files, list) or not all(isinstance(f, str) and f.count("/") == 1 for f in files):
-        raise InvalidInputError(f"{p}: is not shard {s}'s manifest; move it away or choose another --out")
-    by_dir: dict[str, list[str]] = {}
-    for f in files:
+        raise not_manifest
+    if sizes is None:
+        sizes = [None] * len(files)
+    elif not (isinstance(sizes, list) and len(sizes) == len(files) and
+              all(isinstance(n, int) and not isinstance(n, bool) for n in sizes)):
+        raise not_manifest
+    by_dir: dict[str, dict[str, int | None]] = {}
+    for f, size in zip(files, sizes):
         d, name = f.split("/")
-        by_dir.setdefault(d, []).append(name)
+        by_dir.setdefault(d, {})[name] = size
     first, damaged = None, []
     for d, wanted in by_dir.items():
         try:
-            there = set(os.listdir(out / d))
+            with os.scandir(out / d) as it:
+                there = {e.name: e for e in it}
         except (FileNotFoundError, NotADirectoryError):
-            there = set()
-        gone = [n for n in wanted if n not in there]
-        if gone:
-            first = first or out / d / gone[0]
+            there = {}
+        bad = []
+        for name, size in wanted.items():
+            if name not in there:
+                bad.append(f"{out / d / name}: is missing, though {p} lists it")
+            elif size is not None and (got := there[name].stat(follow_symlinks=False).st_size) != size:
+                bad.append(f"{out / d / name}: has {got} bytes, {p} records {size} (truncated or replaced)")
+        if bad:
+            first = first or bad[0]
             damaged.append(d if there else None)
     if first:
         folders = [d for d in damaged if d]
         also = f" and {', '.join(str(out / d) for d in folders)}" if folders else ""
-        raise InvalidInputError(f"{first}: is missing, though {p} lists it ({len(damaged)} identity folder(s) of "
-                                f"shard {s} lack files); move {p}{also} away {again}")
+        raise InvalidInputError(f"{first} ({len(damaged)} identity folder(s) of shard {s} lack files or hold "
+                                f"damaged ones); move {p}{also} away {again}")
 
 
 def _stats(values: list[float]) -> dict | None:

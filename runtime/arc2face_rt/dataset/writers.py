@@ -50,6 +50,7 @@ class FolderShardWriter:
         self.out = out
         self.stage = temp_dir(out, shard_name(shard))
         self.files: list[str] = []
+        self.sizes: list[int] = []
 
     def add(self, j: int, index: int, png: bytes, sample: dict) -> str:
         d = self.stage / identity_dir(j)
@@ -58,10 +59,11 @@ class FolderShardWriter:
         with open(self.stage / name, "wb") as f:
             f.write(png)
         self.files.append(name)
+        self.sizes.append(len(png))
         return name
 
     def commit(self) -> dict:
-        """Move each identity folder into place; {"files": [...]} for the manifest."""
+        """Move each identity folder into place; {"files": [...], "bytes": [...]} for the manifest."""
         for d in sorted(self.stage.iterdir()):
             for f in d.iterdir():                 # to the disk before the rename makes them visible
                 fd = os.open(f, os.O_RDONLY)
@@ -76,7 +78,7 @@ class FolderShardWriter:
                 if not (target.is_dir() and _same_tree(d, target)):
                     raise _conflict(target) from None
         shutil.rmtree(self.stage)
-        return {"files": self.files}
+        return {"files": self.files, "bytes": self.sizes}
 
     def abort(self) -> None:
         shutil.rmtree(self.stage, ignore_errors=True)
