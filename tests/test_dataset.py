@@ -335,3 +335,25 @@ def test_runtime_imports_without_ray_or_torch(tiny_engines, tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == ["arc2face-rt: error: --ray needs Ray: pip install 'arc2face-rt[scale]'"]
     assert not out.exists()
+
+
+def test_shard_check_without_recorded_sizes_checks_presence(tmp_path):
+    """A shard manifest from before sizes were recorded: a truncated image passes (nothing to compare),
+    a missing one is refused; with sizes, both are; a sizes list that does not fit is not a manifest."""
+    from arc2face_rt.dataset.runner import _check_shard_files
+    from arc2face_rt.dataset.spec import DatasetSpec
+    from arc2face_rt.errors import InvalidInputError
+
+    spec = DatasetSpec(identities=1, per_identity=2, options=GenerationOptions())
+    (tmp_path / "id_000000").mkdir()
+    (tmp_path / "id_000000" / "0000.png").write_bytes(b"x" * 5)        # recorded as 10 bytes below
+    (tmp_path / "id_000000" / "0001.png").write_bytes(b"x" * 10)
+    p, files = tmp_path / "shard.json", ["id_000000/0000.png", "id_000000/0001.png"]
+    _check_shard_files(tmp_path, spec, 0, p, {"files": files})
+    with pytest.raises(InvalidInputError, match="0000.png: has 5 bytes"):
+        _check_shard_files(tmp_path, spec, 0, p, {"files": files, "bytes": [10, 10]})
+    with pytest.raises(InvalidInputError, match="not shard 0's manifest"):
+        _check_shard_files(tmp_path, spec, 0, p, {"files": files, "bytes": [10]})
+    (tmp_path / "id_000000" / "0001.png").unlink()
+    with pytest.raises(InvalidInputError, match="0001.png: is missing"):
+        _check_shard_files(tmp_path, spec, 0, p, {"files": files})
