@@ -56,7 +56,11 @@ def test_embed_never_overwrites(photos, tmp_path):
     with pytest.raises(OutputExistsError, match="--force"):
         cli(*args)
     assert out.read_bytes() == b"precious"
-    assert cli(*args, "--force") == 0 and np.load(out).shape == (512,)
+    with pytest.raises(OutputExistsError, match="not an identity file"):     # --force replaces only identities
+        cli(*args, "--force")
+    assert out.read_bytes() == b"precious"
+    save_npy_atomic(out, np.ones(512, np.float32), force=True)
+    assert cli(*args, "--force") == 0 and np.load(out).shape == (512,) and np.load(out)[0] != 1
     with pytest.raises(InvalidInputError, match=r"\.npy"):
         cli("embed", "--image", photos / "a.png", "--out", tmp_path / "id.txt", "--models", tiny_models_dir())
 
@@ -184,3 +188,25 @@ def test_missing_models_error_names_only_the_commands_flags(photos, tmp_path, ca
     with pytest.raises(MissingWeightsError, match="pass --recognizer FILE or --models DIR"):
         cli("embed", "--image", photos / "a.png", "--out", tmp_path / "id.npy", "--models", tmp_path / "none",
             "--detector", tiny_models_dir() / "scrfd_10g_bnkps.onnx", "--device", "cpu")
+
+
+def test_files_stat_refuses_are_found_before_the_face_models_load(tmp_path, monkeypatch):
+    """Empty files and pipes are refused from stat(): with nothing else, no model loads."""
+    import os
+
+    import arc2face_rt.face.cli as face_cli
+
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    os.mkfifo(tmp_path / "fifo.png")
+    bad = [tmp_path / n for n in ("empty.png", "empty.jpg", "fifo.png")]
+    monkeypatch.setattr(face_cli, "load_face_models", lambda *a, **k: pytest.fail("face models loaded"))
+    with pytest.raises(InvalidInputError, match="none of the 3 image"):
+        cli("embed", "--image", *bad, "--out", tmp_path / "id.npy", "--models", tiny_models_dir())
+    save_npy_atomic(tmp_path / "id.npy", np.ones(512, np.float32))
+    assert cli("score", "--identity", tmp_path / "id.npy", *bad, "--models", tiny_models_dir()) == 1
+
+
+def test_score_refuses_an_empty_identity_path():
+    with pytest.raises(SystemExit):
+        cli("score", "--identity", "", "x.png")

@@ -10,6 +10,7 @@ from . import __version__, argtypes
 from .backends.openvino import CPU_PRECISIONS
 from .cache_cli import add_cache_parser
 from .dataset.cli import add_dataset_parser
+from .errors import InvalidInputError
 from .exits import cli_main
 from .face.cli import add_embed_parser, add_score_parser
 from .folder_setup import BACKENDS, check_folder_scheduler, folder_defaults
@@ -45,8 +46,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--control-image", nargs="+", type=argtypes.path, metavar="POSE.png",
                    help="ControlNet pose: a normal-map rendering of the head pose (square, RGB; resized to 512x512 as "
                         "diffusers does); one for all images or one per image (README: ControlNet pose)")
-    p.add_argument("--control-scale", type=argtypes.number(0, 10, "a control scale"), default=DEFAULT_CONTROL_SCALE,
-                   help=f"ControlNet conditioning scale (default {DEFAULT_CONTROL_SCALE:g})")
+    p.add_argument("--control-scale", type=argtypes.number(0, 10, "a control scale"), default=None,
+                   help=f"ControlNet conditioning scale, with --control-image (default {DEFAULT_CONTROL_SCALE:g})")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH,
                    help=f"images per graph call (default {DEFAULT_BATCH}; TensorRT plans are tuned for it)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
@@ -74,6 +75,9 @@ def cmd_generate(args) -> int:
 
     # Everything a user can get wrong is checked before any model is loaded, and everything the
     # engines folder can get wrong before the output folder is made.
+    if args.control_scale is not None and not args.control_image:
+        raise InvalidInputError("--control-scale needs --control-image (the pose it scales); without one the "
+                                "images are made without pose control")
     defaults, lora = _folder_defaults(args.engines)
     chosen = {k: getattr(args, k) for k in defaults if getattr(args, k) is not None}
     opts = GenerationOptions(**{**defaults, **chosen}, seed=args.seed, batch_size=args.batch)
@@ -87,7 +91,8 @@ def cmd_generate(args) -> int:
     control = None
     if args.control_image:
         from .control import Control
-        control = Control.from_files(args.control_image, args.control_scale, count=args.num_images)
+        scale = DEFAULT_CONTROL_SCALE if args.control_scale is None else args.control_scale
+        control = Control.from_files(args.control_image, scale, count=args.num_images)
     run = FolderRun(out=args.out, count=args.num_images, prefix=args.prefix, resume=args.resume,
                     overwrite=args.overwrite, again=getattr(args, "again", None))   # demo sets `again`
     existing = run.check(args.seed)

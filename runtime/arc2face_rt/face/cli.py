@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 
 from .. import argtypes
-from ..errors import InvalidInputError, OutputExistsError
+from ..errors import Arc2FaceError, InvalidInputError, OutputExistsError
 from ..npyio import save_npy_atomic
 from ..outputs import check_output_file
 from ..pipeline import load_identity
 from .detector import DETECTOR_FILE, SCORE_THRESHOLD
-from .identity import FaceAnalyzer, combine_embeddings
-from .image_io import DEFAULT_LIMITS, ImageLimits, expand_paths
+from .identity import SKIPPABLE, EmbedReport, FaceAnalyzer, FileResult, combine_embeddings
+from .image_io import DEFAULT_LIMITS, ImageLimits, check_image_file, expand_paths
 from .models import DEFAULT_MODELS_DIR, describe_report, load_face_models
 from .recognizer import RECOGNIZER_FILE
 
@@ -78,7 +78,7 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:
                    help="image files, folders or glob patterns (repeatable)")
     p.add_argument("--out", required=True, type=argtypes.path, metavar="FILE.npy",
                    help="output embedding (never overwritten)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.add_argument("--force", action="store_true", help="replace an existing --out identity file (nothing else)")
     p.add_argument("--combine", choices=("mean", "median"), default="mean",
                    help="how several photos combine (normalised mean or element-wise median)")
     _add_model_args(p)
@@ -91,11 +91,31 @@ def add_score_parser(subparsers) -> argparse.ArgumentParser:
         "score", help="ArcFace cosine similarity of images to an identity",
         description="Print 'cosine<TAB>path' per image (nan when it has no usable face). Exit 1 if any "
                     "image could not be scored.")
-    p.add_argument("--identity", required=True, metavar="FILE.npy", help="identity embedding [512]")
+    p.add_argument("--identity", required=True, type=argtypes.path, metavar="FILE.npy", help="identity embedding [512]")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
     _add_model_args(p)
     p.set_defaults(func=run_score)
     return p
+
+
+def _embed_files(args, paths: list[Path]) -> EmbedReport:
+    """Every file's result. Files that stat() already refuses (missing, a folder or pipe, empty, over
+    the size limit) are found before the face models load, and when no file is left the models never
+    load at all."""
+    limits = _limits(args)
+    early = []
+    for p in paths:
+        try:
+            check_image_file(p, limits)
+        except SKIPPABLE as e:
+            early.append(FileResult(Path(p), error=str(e), error_type=type(e).__name__))
+    if len(early) == len(paths):
+        return EmbedReport(early)
+    return _analyzer(args).embed_files(paths, aligned=args.aligned)
+
+
+def _limits(args) -> ImageLimits:
+    return ImageLimits(max_bytes=DEFAULT_LIMITS.max_bytes, max_pixels=args.max_pixels)
 
 
 def _analyzer(args) -> FaceAnalyzer:
@@ -103,8 +123,7 @@ def _analyzer(args) -> FaceAnalyzer:
                                 min_score=args.min_score, need_detector=not args.aligned,
                                 engines=args.engines, backend=args.backend, verify=not args.no_verify,
                                 file_flags=True)
-    limits = ImageLimits(max_bytes=DEFAULT_LIMITS.max_bytes, max_pixels=args.max_pixels)
-    return FaceAnalyzer(det, rec, face=args.face, min_size=args.min_size, limits=limits)
+    return FaceAnalyzer(det, rec, face=args.face, min_size=args.min_size, limits=_limits(args))
 
 
 def run_embed(args) -> int:
@@ -114,9 +133,16 @@ def run_embed(args) -> int:
     if os.path.lexists(out) and (not args.force or out.is_dir()):  # fail before the slow part
         raise OutputExistsError(f"--out {out}: exists{' as a folder' if out.is_dir() else ''}; choose another "
                                 f"--out{'' if out.is_dir() else ' or pass --force to replace it'}")
+    if os.path.lexists(out) and args.force:    # --force replaces only what embed writes: an identity file
+        try:
+            load_identity(out)
+        except Arc2FaceError:
+            raise OutputExistsError(f"--out {out}: exists and is not an identity file (a [512] float .npy, what "
+                                    "embed writes); --force replaces only those: move it away or choose another "
+                                    "--out") from None
     check_output_file(out)
     paths = expand_paths(args.image, recursive=args.recursive)
-    report = _analyzer(args).embed_files(paths, aligned=args.aligned)
+    report = _embed_files(args, paths)
     log = _stderr
     describe_report(report, args.face, log)
     report.require_some()
@@ -134,7 +160,7 @@ def run_score(args) -> int:
         raise InvalidInputError("standard output is closed; `score` prints its table there (redirect it to a file)")
     ident = load_identity(args.identity)
     paths = expand_paths(args.images, recursive=args.recursive)
-    report = _analyzer(args).embed_files(paths, aligned=args.aligned)
+    report = _embed_files(args, paths)
     describe_report(report, args.face, _stderr)
     for r in report.results:
         cos = float(r.embedding @ ident) if r.ok else float("nan")

@@ -58,6 +58,22 @@ def load_image(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -> np.nda
     Raises ImageDecodeError (empty, too large, truncated, not an image or unsupported) and
     InvalidInputError (no such file)."""
     path = Path(path)
+    check_image_file(path, limits)
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ImageDecodeError(f"{path}: cannot be read ({os_error_message(e)})") from None
+    with f:
+        try:
+            return _decode(f, str(path), limits)
+        except OSError as e:          # an I/O error while decoding (the file system, not the format)
+            raise ImageDecodeError(f"{path}: cannot be read ({os_error_message(e)})") from None
+
+
+def check_image_file(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -> None:
+    """What `load_image` can refuse from stat() alone (missing, not a regular file, empty, over the
+    size limit), with its errors: a command checks every file this way before it loads any model."""
+    path = Path(path)
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -74,15 +90,6 @@ def load_image(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -> np.nda
         raise ImageDecodeError(
             f"{path}: {size / 2**20:.1f} MiB exceeds the {limits.max_bytes / 2**20:.0f} MiB file-size limit; "
             "downscale or recompress it, or raise the limit (ImageLimits.max_bytes)")
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise ImageDecodeError(f"{path}: cannot be read ({os_error_message(e)})") from None
-    with f:
-        try:
-            return _decode(f, str(path), limits)
-        except OSError as e:          # an I/O error while decoding (the file system, not the format)
-            raise ImageDecodeError(f"{path}: cannot be read ({os_error_message(e)})") from None
 
 
 def decode_image(data: bytes, name: str = "<bytes>", limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
