@@ -104,3 +104,13 @@ def test_generate_from_photos(tiny_engines, tmp_path, capsys):
     assert rc == 0, err
     assert "broken.jpg" in err                              # the bad photo is reported, not fatal
     assert len(list(out.glob("*.png"))) == 1
+
+
+@pytest.mark.parametrize("value", ["abc", "-3", "1.5", "99999"])
+def test_a_bad_thread_count_variable_is_one_line(tiny_engines, tmp_path, capsys, monkeypatch, value):
+    monkeypatch.setenv("ARC2FACE_ORT_THREADS", value)
+    rc = rt_main(["generate", "--engines", str(tiny_engines), "--random-id", "-n", "1", "--steps", "1",
+                  "--backend", "ort", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith(f"arc2face-rt: error: ARC2FACE_ORT_THREADS={value}:"), err
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 from pathlib import Path
 
 
@@ -46,6 +47,20 @@ def count(lo: int = 0, hi: int = 2**63 - 1, name: str = "a whole number"):
 
 
 seed = count(0, 2**63 - 1, "a seed")
+
+
+def env_count(name: str, lo: int = 1, hi: int = 4096) -> int | None:
+    """A whole-number environment variable such as ARC2FACE_ORT_THREADS: None when unset or empty, else
+    its value in [lo, hi]; anything else is an InvalidInputError naming the variable."""
+    from .errors import InvalidInputError
+
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        return count(lo, hi, "a whole number")(text)
+    except argparse.ArgumentTypeError as e:
+        raise InvalidInputError(f"{name}={text}: {e} (unset it for the default)") from None
 
 
 class Parser(argparse.ArgumentParser):

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..argtypes import env_count
 from ..errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
 
 log = logging.getLogger("arc2face_rt")
@@ -232,7 +232,7 @@ class OpenVinoSession:
             d.get_length() if d.is_static else None for d in p.get_partial_shape())) for p in model.inputs}
         self.extra_outputs = keep_f32_from(model) if hint != "f32" else 0
         config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
-        threads = threads or int(os.environ.get("ARC2FACE_OV_THREADS", 0))
+        threads = threads or env_count("ARC2FACE_OV_THREADS", lo=0)
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         if cache_dir is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..argtypes import env_count
 from ..errors import BackendUnavailableError, EngineMismatchError
 
 log = logging.getLogger("arc2face_rt.backends.ort")
@@ -91,8 +92,9 @@ class OrtSession:
             raise EngineMismatchError(f"{path}: ONNX file missing; run `arc2face-export onnx` to write it")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        if threads or os.environ.get("ARC2FACE_ORT_THREADS"):
-            opts.intra_op_num_threads = int(threads or os.environ["ARC2FACE_ORT_THREADS"])
+        threads = threads or env_count("ARC2FACE_ORT_THREADS", lo=0)
+        if threads:
+            opts.intra_op_num_threads = threads
         requested = ort_providers(device)
         if CUDA_EP in requested:
             _preload_cuda_libraries(ort)
