@@ -114,3 +114,21 @@ def test_a_bad_thread_count_variable_is_one_line(tiny_engines, tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith(f"arc2face-rt: error: ARC2FACE_ORT_THREADS={value}:"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_repeated_list_flags_add_up_instead_of_replacing():
+    """`--image A --image B` means both photos (as in embed), never only B: every list flag extends."""
+    from arc2face_rt.cli import build_parser
+    from arc2face_export.cli import build_parser as export_parser
+    from arc2face_ref.train.cli import build_parser as train_parser
+
+    a = build_parser().parse_args(["generate", "--engines", "e", "--out", "o", "--image", "a.png", "--image", "b.png",
+                                   "--control-image", "p.png", "--control-image", "q.png"])
+    assert a.image == ["a.png", "b.png"] and [str(p) for p in a.control_image] == ["p.png", "q.png"]
+    a = train_parser().parse_args(["prepare", "--images", "x", "--images", "y", "--models", "m", "--out", "o"])
+    assert [str(p) for p in a.images] == ["x", "y"]
+    a = export_parser().parse_args(["onnx", "--model-dir", "m", "--out", "o", "--stages", "projector", "--stages", "step"])
+    assert a.stages == ["projector", "step"]
+    a = export_parser().parse_args(["openvino-int8", "--engines", "e", "--stages", "step", "--stages", "step_cfg"])
+    assert a.stages == ["step", "step_cfg"]
+    assert export_parser().parse_args(["openvino-int8", "--engines", "e"]).stages is None   # the default: both

@@ -139,7 +139,7 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quant-level", type=float, choices=(1.0, 2.0, 2.5, 3.0), default=3.0, metavar="L",
                    help="int8/fp8: which layers are quantised, as ModelOpt's diffusers quant-level: 1 convs, 2 + "
                         "feed-forwards, 2.5 + attention q/k/v, 3 + every Linear (default 3); lower keeps more fp16")
-    p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
+    p.add_argument("--stages", nargs="+", action="extend", default=None, metavar="STAGE",
                    help=f"stages to build (default: all in the manifest): {' '.join(specs.ALL_STAGES)} detector arcface")
     p.add_argument("--force", action="store_true", help="rebuild even when the plans are up to date")
     p.set_defaults(func=cmd_build_engines)

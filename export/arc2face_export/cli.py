@@ -57,8 +57,8 @@ def cmd_openvino_int8(args) -> int:
     except ImportError as e:
         _say(f"openvino-int8 needs openvino and nncf ({e}); pip install 'arc2face-rt[openvino,export]'")
         return 2
-    ensure_ov_int8(args.engines, stages=tuple(args.stages), identities=args.identities, steps=args.steps,
-                   per_run=args.per_run, force=args.force, say=_say)
+    ensure_ov_int8(args.engines, stages=tuple(args.stages or ("step_cfg", "step")), identities=args.identities,
+                   steps=args.steps, per_run=args.per_run, force=args.force, say=_say)
     return 0
 
 
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", required=True, type=argtypes.path, help="arc2face/, encoder/, vae/, scheduler/")
     p.add_argument("--out", required=True, type=argtypes.path, help="engines folder to write")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    p.add_argument("--stages", nargs="+", choices=list(ALL_STAGES),
+    p.add_argument("--stages", nargs="+", action="extend", choices=list(ALL_STAGES),
                    help="export only these (default: all; the control step graphs when MODEL has controlnet/)")
     p.add_argument("--lora", type=argtypes.path, metavar="FILE.safetensors",
                    help="fuse this LoRA (LCM-LoRA for SD1.5; diffusers or kohya keys) into the UNet before export; "
@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "quantisation, calibrated on step inputs the pipeline records; writes "
                                    "<stage>.ov-int8.xml/.bin and manifest['openvino_int8'].")
     p.add_argument("--engines", required=True, type=Path, help="fp32 engines folder (`arc2face-export onnx`)")
-    p.add_argument("--stages", nargs="+", choices=("step_cfg", "step"), default=["step_cfg", "step"])
+    p.add_argument("--stages", nargs="+", action="extend", choices=("step_cfg", "step"), default=None,
+                   help="step graphs to quantise (default: step_cfg step)")
     p.add_argument("--identities", type=argtypes.count(1, 4096, "a number of identities"), default=4,
                    help="random identities to calibrate on (default 4)")
     p.add_argument("--steps", type=argtypes.count(1, 1000, "a number of steps"), default=25,

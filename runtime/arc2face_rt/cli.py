@@ -28,7 +28,7 @@ def _add_generate(sub) -> None:
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--embedding", type=argtypes.path, help="ArcFace embedding .npy, shape (512,) or (1, 512)")
     who.add_argument("--random-id", action="store_true", help="a random unit vector: a new identity")
-    who.add_argument("--image", nargs="+", metavar="PATH",
+    who.add_argument("--image", nargs="+", action="extend", metavar="PATH",
                      help="photos, folders or globs of one person (detect, align, ArcFace, average)")
     p.add_argument("--models", type=argtypes.path, help="folder with scrfd_10g_bnkps.onnx and arcface.onnx, for --image "
                    "(default: $ARC2FACE_MODELS, else ./models)")
@@ -43,7 +43,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--scheduler", choices=SCHEDULERS,
                    help=f"sampler (default {DEFAULT_SCHEDULER}: DPM-Solver++ 2M, as Arc2Face; {LCM['scheduler']} on "
                         "engines exported with --lora)")
-    p.add_argument("--control-image", nargs="+", type=argtypes.path, metavar="POSE.png",
+    p.add_argument("--control-image", nargs="+", action="extend", type=argtypes.path, metavar="POSE.png",
                    help="ControlNet pose: a normal-map rendering of the head pose (square, RGB; resized to 512x512 as "
                         "diffusers does); one for all images or one per image (README: ControlNet pose)")
     p.add_argument("--control-scale", type=argtypes.number(0, 10, "a control scale"), default=None,
@@ -117,11 +117,12 @@ def cmd_generate(args) -> int:
         s = run.write(pipe, identity, opts, existing, log=_stderr, progress=_progress_bar, control=control)
     t = s.timings
     steps_run = max(1, math.ceil(max(s.written, 1) / opts.batch_size) * opts.steps)
+    batch = min(opts.batch_size, max(s.written, 1))       # the largest batch this run made
     _stderr(f"wrote {s.written} image(s) to {args.out} in {s.seconds:.1f} s"
             + (f", {s.skipped} already there" if s.skipped else "")
             + (f", {s.made_elsewhere} written meanwhile by another process" if s.made_elsewhere else "")
             + f" (project {t.get('project', 0):.2f} s, denoise {t.get('denoise', 0):.1f} s = "
-            f"{t.get('denoise', 0) / steps_run * 1000:.0f} ms/step at batch {opts.batch_size}, "
+            f"{t.get('denoise', 0) / steps_run * 1000:.0f} ms/step at batch {batch}, "
             f"decode {t.get('decode', 0):.1f} s)")
     return 0
 

@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="photos -> face crops + ArcFace ids in WebDataset shards (resumable)")
-    p.add_argument("--images", required=True, nargs="+", type=argtypes.path, help="photos, folders (recursive), globs")
+    p.add_argument("--images", required=True, nargs="+", action="extend", type=argtypes.path, help="photos, folders (recursive), globs")
     p.add_argument("--models", type=argtypes.path, help="folder with scrfd_10g_bnkps.onnx and arcface.onnx")
     p.add_argument("--detector", type=argtypes.path, help="detector file (default: found in --models)")
     p.add_argument("--recognizer", type=argtypes.path, help="arcface.onnx (default: found in --models)")
