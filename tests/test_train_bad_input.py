@@ -168,3 +168,11 @@ def test_a_fit_that_fails_before_its_first_checkpoint_leaves_no_folder(tiny_mode
                "--steps", "2", "--batch-size", "1", "--workers", "0", "--adam-eps", "0", "-q"])
     assert rc == 2 and "loss became nan" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()                 # it held only the metrics of two failed steps
+
+
+def test_fit_help_shows_every_default():
+    """fit's description promises every option's default in --help (argparse shows it only with help text)."""
+    from arc2face_ref.train.cli import build_parser
+
+    fit = build_parser()._subparsers._group_actions[0].choices["fit"]
+    assert [a.option_strings for a in fit._actions if not a.help] == []
