@@ -1,5 +1,5 @@
-"""`python -m benchmarks`: run | report | export | demo | build | int8 | quant | cpu-precision | verify |
-gpu-check | wheels | control | dataset (and the internal `_row` child)."""
+"""`python -m benchmarks`: run | report | export | demo | build | quant | verify | gpu-check | wheels | digest |
+cpu-precision | control | dataset (and the internal `_row` child, not listed)."""
 from __future__ import annotations
 
 import argparse
@@ -199,7 +199,7 @@ def cmd_row(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argtypes.Parser(prog="python -m benchmarks", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="measure backend rows; write one JSON under --out")
     r.add_argument("--size", choices=("tiny", "full"), default="tiny",
@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--name", default=None)
     r.set_defaults(func=cmd_dataset)
 
-    r = sub.add_parser("_row", help=argparse.SUPPRESS)
+    r = sub.add_parser("_row")              # internal: no help, so not listed (argparse.SUPPRESS prints as is)
     r.add_argument("config")
     r.add_argument("result")
     r.set_defaults(func=cmd_row)
