@@ -138,7 +138,7 @@ def test_force_replaces_a_random_checkpoint_and_outputs_get_the_usual_modes(tiny
 
 def test_loading_and_casting_print_no_library_warnings(tiny_model_dir, capfd):
     """diffusers 0.42 warns on every dtype cast of a model, even with no module kept in fp32; loading (fp32
-    and fp16) and the bf16 cast of fit's VAE print nothing."""
+    and fp16), the bf16 cast of fit's VAE and the fp16 export's casts print nothing."""
     from arc2face_ref.loading import cast, load_models
 
     capfd.readouterr()
@@ -147,5 +147,9 @@ def test_loading_and_casting_print_no_library_warnings(tiny_model_dir, capfd):
         assert next(models.unet.parameters()).dtype == dtype
     vae = cast(models.vae, torch.bfloat16)
     assert {p.dtype for p in vae.parameters()} == {torch.bfloat16}
+    from arc2face_export.onnx_export import _modules_for        # the fp16 export's casts
+
+    for stage in ("step_cfg", "vae_decoder"):
+        _modules_for(load_models(tiny_model_dir), stage, "fp16")
     out, err = capfd.readouterr()
     assert "float32" not in out + err, out + err

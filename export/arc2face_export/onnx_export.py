@@ -27,7 +27,7 @@ from arc2face_rt.outputs import check_output_dir
 from arc2face_rt.schedulers import make_schedule
 from arc2face_rt.specs import (ALL_STAGES, CONTROL_STAGES, PRECISIONS, PROJECTOR, SPEC_REVISION, STAGES, STEP,
                                STEP_CFG, STEP_CFG_CONTROL, STEP_CONTROL, VAE_DECODER, StageSpec)
-from arc2face_ref.loading import load_models, model_files
+from arc2face_ref.loading import cast, load_models, model_files
 from arc2face_ref.modules import DenoiseStep, VaeDecode
 from arc2face_ref.projector import Arc2FaceProjector, unconditional_embedding
 
@@ -393,14 +393,14 @@ def _modules_for(models, name: str, precision: str) -> torch.nn.Module:
         proj.prompt_tokens = proj.prompt_tokens.to(dt)
         return _CastIO(proj, dt).eval()
     if name in (STEP_CFG.name, STEP.name, STEP_CFG_CONTROL.name, STEP_CONTROL.name):
-        unet = models.unet if dt == torch.float32 else copy.deepcopy(models.unet).to(dt)
+        unet = models.unet if dt == torch.float32 else cast(copy.deepcopy(models.unet), dt)
         uncond = unconditional_embedding(models.encoder) if name in (STEP_CFG.name, STEP_CFG_CONTROL.name) else None
         net = None
         if name in CONTROL_STAGES:
-            net = models.controlnet if dt == torch.float32 else copy.deepcopy(models.controlnet).to(dt)
+            net = models.controlnet if dt == torch.float32 else cast(copy.deepcopy(models.controlnet), dt)
         return DenoiseStep(unet, uncond, net).eval()
     if name == VAE_DECODER.name:
-        vae = models.vae if dt == torch.float32 else copy.deepcopy(models.vae).to(dt)
+        vae = models.vae if dt == torch.float32 else cast(copy.deepcopy(models.vae), dt)
         return VaeDecode(vae).eval()
     raise KeyError(name)
 
