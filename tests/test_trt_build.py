@@ -286,3 +286,17 @@ def test_plans_from_the_real_tiny_export(tiny_engines, tmp_path):
     for name, spec in specs.STAGES.items():
         assert m["plans"][name]["io"] == trt_network.spec_io(spec)
         assert (d / spec.plan_file).stat().st_size == m["plans"][name]["bytes"]
+
+
+def test_without_tensorrt_the_build_advice_fits_build_engines(monkeypatch):
+    """The runtime's advice (`--backend ort`, a generate flag) is not what build-engines can take."""
+    import sys
+
+    from arc2face_export import trt_network
+    from arc2face_rt.errors import BackendUnavailableError
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
+    with pytest.raises(BackendUnavailableError) as e:
+        trt_network.import_trt()
+    assert str(e.value).endswith("runs the ONNX graphs that `arc2face-export onnx` writes"), e.value

@@ -36,12 +36,11 @@ from arc2face_rt import manifest as mf
 from arc2face_rt import specs
 from arc2face_rt.atomic import atomic_write, remove_stale_temps
 from arc2face_rt.backends import cuda
-from arc2face_rt.backends.trt.plan import (import_trt, is_rtx, library_info, rtx_compute_capabilities,
-                                          unsupported_gpu_reason)
+from arc2face_rt.backends.trt.plan import is_rtx, library_info, rtx_compute_capabilities, unsupported_gpu_reason
 from arc2face_rt.errors import BackendUnavailableError, BuildFailedError, EngineMismatchError, InvalidInputError
 
 from .face_plans import face_stage_specs
-from .trt_network import check_network_against_spec, network_io, parse_onnx
+from .trt_network import check_network_against_spec, import_trt, network_io, parse_onnx
 
 log = logging.getLogger(__name__)
 

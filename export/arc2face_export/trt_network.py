@@ -6,8 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from arc2face_rt.backends.trt.plan import dtype_name, import_trt, make_logger
+from arc2face_rt.backends.trt.plan import dtype_name, import_trt as _import_trt, make_logger
 from arc2face_rt.errors import EngineMismatchError
+
+
+def import_trt():
+    """The TensorRT library for building plans; without one, the error says what works without plans."""
+    return _import_trt(otherwise="or go without plans: `generate --backend ort` (or openvino) runs the ONNX graphs "
+                                 "that `arc2face-export onnx` writes")
 
 
 def parse_onnx(trt, onnx_path: Path, logger=None):

@@ -22,8 +22,9 @@ log = logging.getLogger("arc2face_rt.backends.trt")
 
 # ----------------------------------------------------------------------------- library
 
-def import_trt():
-    """`tensorrt` when installed, else `tensorrt_rtx` (same Python API for everything used here)."""
+def import_trt(otherwise: str = "or use --backend ort"):
+    """`tensorrt` when installed, else `tensorrt_rtx` (same Python API for everything used here). Without
+    either, the error ends with `otherwise`: the alternative that fits the caller's command."""
     try:
         import tensorrt as trt
     except ImportError:
@@ -32,7 +33,7 @@ def import_trt():
         except ImportError as e:
             raise BackendUnavailableError(
                 "the TensorRT backend needs TensorRT or TensorRT-RTX; install `pip install 'arc2face-rt[trt]'` "
-                "(tensorrt-rtx) or NVIDIA's tensorrt, or use --backend ort") from e
+                f"(tensorrt-rtx) or NVIDIA's tensorrt, {otherwise}") from e
     return trt
 
 
