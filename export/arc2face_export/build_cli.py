@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,9 +15,9 @@ from arc2face_rt import specs
 from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError
 from arc2face_rt.outputs import check_output_dir
 
-from .face_plans import add_face_stages, find_face_models
+from .face_plans import FACE_STAGES, add_face_stages, find_face_models
 from .trt_build import (MAX_BATCH, MAX_WORKSPACE_MIB, BuildOptions, build_engines, import_trt, parse_batch,
-                        parse_compute_capability, resolve_compute_capabilities)
+                        parse_compute_capability, resolve_compute_capabilities, stage_profile)
 
 log = logging.getLogger("arc2face_export.trt_build")
 
@@ -48,8 +50,24 @@ def cmd_build_engines(args) -> int:
         if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
             logging.getLogger(name).setLevel(logging.INFO)
     out = check_output_dir(args.out)
-    # Refuse what cannot work before exporting or copying anything: the target GPUs, the face models.
+    new_out = not os.path.lexists(out)
+    try:
+        return _build(args, out)
+    except BaseException:
+        if new_out and out.is_dir():         # a failed command leaves no folder it made
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _build(args, out: Path) -> int:
+    options = BuildOptions(batch=args.batch, opt_batch=args.opt_batch, opt_level=args.opt_level,
+                           compute_capability=args.compute_capability, timing_cache=not args.no_timing_cache,
+                           workspace_mib=args.workspace_mib)
+    # Refuse what cannot work before exporting or copying anything: the target GPUs, the batch profile
+    # of every stage that runs at the served batch, the face models.
     resolve_compute_capabilities(import_trt(), args.compute_capability, args.precision)
+    for spec in specs.ALL_STAGES.values():
+        stage_profile(spec, options)
     if not args.no_face and args.face_models is not None:
         find_face_models(args.face_models, explicit=True)
     quantized = args.precision in mf.QUANT_SECTIONS
@@ -81,8 +99,6 @@ def cmd_build_engines(args) -> int:
         from .quantize import ensure_quant_graphs
         cal = Calibration(identities=args.calib_identities, steps=args.calib_steps, percentile=args.calib_percentile)
         ensure_quant_graphs(out, [recipe], cal, calib_path=args.calib_data, stages=args.stages)
-    options = BuildOptions(batch=args.batch, opt_batch=args.opt_batch, opt_level=args.opt_level, compute_capability=args.compute_capability,
-                           timing_cache=not args.no_timing_cache, workspace_mib=args.workspace_mib)
     build_engines(out, stages=args.stages, precision=args.precision, options=options, force=args.force)
     return 0
 
@@ -140,7 +156,8 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
                    help="int8/fp8: which layers are quantised, as ModelOpt's diffusers quant-level: 1 convs, 2 + "
                         "feed-forwards, 2.5 + attention q/k/v, 3 + every Linear (default 3); lower keeps more fp16")
     p.add_argument("--stages", nargs="+", action="extend", default=None, metavar="STAGE",
-                   help=f"stages to build (default: all in the manifest): {' '.join(specs.ALL_STAGES)} detector arcface")
+                   choices=[*specs.ALL_STAGES, *FACE_STAGES],
+                   help=f"stages to build (default: all in the manifest): {' '.join([*specs.ALL_STAGES, *FACE_STAGES])}")
     p.add_argument("--force", action="store_true", help="rebuild even when the plans are up to date")
     p.set_defaults(func=cmd_build_engines)
     return p

@@ -346,9 +346,10 @@ def build_engines(engines_dir: str | Path, stages: list[str] | None = None, prec
     stage_specs = stage_specs or {**specs.ALL_STAGES, **face_stage_specs(m)}
     recorded = {**m.get("stages", {}), **m.get("face_stages", {})}
     names = stages or [s for s in recorded if s in stage_specs]
-    unknown = [s for s in names if s not in stage_specs]
-    if unknown:
-        raise InvalidInputError(f"unknown stage(s) {unknown}; this folder has: {', '.join(sorted(stage_specs))}")
+    absent = [s for s in names if s not in stage_specs or s not in recorded]
+    if absent:
+        raise InvalidInputError(f"stage(s) {', '.join(absent)} not in {engines_dir} (it has: "
+                                f"{', '.join(s for s in recorded if s in stage_specs)}); leave them out of --stages")
     ccs = resolve_compute_capabilities(trt, options.compute_capability, precision)
     library = library_info(trt)
     plans = m.setdefault("plans", {})
