@@ -1,5 +1,5 @@
 """`arc2face-export build-engines`: export the ONNX graphs when the folder lacks them, add the face
-stages, quantise for int8, then build the TensorRT plans (`trt_build.build_engines`)."""
+stages, quantise for int8 / fp8, then build the TensorRT plans (`trt_build.build_engines`)."""
 from __future__ import annotations
 
 import argparse

@@ -1,7 +1,7 @@
 """Export the generation stages to ONNX, validate each against torch with onnxruntime, write a manifest.
 
 Fixed template per stage (style: CTranslate2's converter): build the torch module -> export ->
-validate against torch fp32 at the spec's tolerance -> save (external data when > 2 GB) -> record.
+validate against torch fp32 at the spec's tolerance -> save (external data above 1 GiB of weights) -> record.
 Files are written into a temporary folder inside the output and moved in only when every stage has
 passed, manifest last, replacing the previous export all or nothing (`engines_folder.swap_in`), so an
 interrupted or failed export never leaves a half-written engines folder.
