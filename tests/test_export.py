@@ -53,6 +53,28 @@ def test_reexport_is_a_no_op_and_other_content_is_refused(tiny_model_dir, tiny_e
         onnx_export.export_all(tiny_model_dir, tiny_engines, precision="fp16")
 
 
+def test_a_no_op_export_checks_content_and_removes_a_dead_exports_temps(tiny_model_dir, tiny_engines, tmp_path):
+    """A same-size change is not "up to date" (the content is hashed, through stamps), and a killed
+    export's temporary folder goes even when there is nothing to export."""
+    import shutil
+    import socket
+
+    from arc2face_rt.errors import EngineMismatchError
+
+    d = tmp_path / "e"
+    shutil.copytree(tiny_engines, d)
+    stale = d / f".export.arc2face-{socket.gethostname()}-999999-x.tmp"     # pid 999999: not running
+    stale.mkdir()
+    onnx_export.export_all(tiny_model_dir, d, precision="fp32")
+    assert not stale.exists()
+    f = d / "vae_decoder.onnx"
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 1
+    f.write_bytes(bytes(data))
+    with pytest.raises(EngineMismatchError, match="content differs.*--force"):
+        onnx_export.export_all(tiny_model_dir, d, precision="fp32")
+
+
 def test_fp16_export_is_half_precision_and_validates(tiny_model_dir, tmp_path):
     out = tmp_path / "fp16"
     m = onnx_export.export_all(tiny_model_dir, out, precision="fp16", stages=("projector", "step_cfg"))

@@ -194,6 +194,8 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
     fused = _ort_cuda_stages(ort_cuda, names, precision)
     lora_rec = _lora_record(lora, lora_scale)
     source = {str(p.relative_to(model_dir)): mf.file_record(p) for p in model_files(model_dir)}
+    if out_dir.is_dir():
+        remove_stale_temps(out_dir)          # what a killed export left behind, also before a no-op
     if (out_dir / mf.MANIFEST).is_file() and not force:
         try:
             old = mf.load_manifest(out_dir)
@@ -202,10 +204,7 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
         if old and old.get("precision") == precision and old.get("source", {}).get("files") == source \
                 and old.get("lora") == lora_rec and all(n in old["stages"] for n in names) \
                 and all(old.get("ort_cuda", {}).get(n, {}).get("recipe") == ORT_CUDA_RECIPE for n in fused):
-            for n in names:
-                mf.verify_files(out_dir, old["stages"][n]["files"])
-                if n in old.get("ort_cuda", {}):
-                    mf.verify_files(out_dir, old["ort_cuda"][n]["files"])
+            _check_up_to_date_files(out_dir, old, names)
             say(f"{out_dir}: up to date ({precision}), nothing to export")
             return old
     replaced = _replaced_entries(out_dir, force)
@@ -276,6 +275,18 @@ def _lora_record(lora, scale: float) -> dict | None:
     path = Path(lora)
     read_lora(path)                                  # refuse a missing or foreign file before any work
     return {"file": path.name, **mf.file_record(path), "scale": float(scale)}
+
+
+def _check_up_to_date_files(out_dir: Path, old: dict, names) -> None:
+    """An export that would be a no-op checks its files' content (sha256, through the user cache's stamps:
+    after the first check a stat() per file): a file changed behind the manifest, even with its size
+    kept, is named with the fix (`--force`)."""
+    from arc2face_rt.integrity import verify_records
+
+    for n in names:
+        verify_records(out_dir, old["stages"][n]["files"], mode="stamp")
+        if n in old.get("ort_cuda", {}):
+            verify_records(out_dir, old["ort_cuda"][n]["files"], mode="stamp")
 
 
 def _replaced_entries(out_dir: Path, force: bool) -> list[str]:
