@@ -63,7 +63,17 @@ def test_generate_without_engines_names_the_export_command(tmp_path, capsys):
 def test_info(tiny_engines, capsys):
     assert rt_main(["info", "--engines", str(tiny_engines), "--verify"]) == 0
     out = capsys.readouterr().out
-    assert "step_cfg" in out and "sha256 verified" in out
+    assert "step_cfg" in out and "sha256 verified" in out and "note:" not in out
+
+
+def test_info_notes_what_a_folder_without_a_step_graph_serves():
+    from arc2face_rt.cli import _missing_stage_notes
+
+    m = {"stages": {"projector": {}, "step": {}, "vae_decoder": {}}, "lora": {"file": "l.safetensors", "scale": 1.0}}
+    notes = _missing_stage_notes(m, "E")
+    assert len(notes) == 1 and "takes guidance 1 or below only" in notes[0] and "--model-dir MODEL" in notes[0]
+    assert "--lora l.safetensors" in notes[0]
+    assert "cannot run" in _missing_stage_notes({"stages": {"step_cfg": {}, "step": {}}}, "E")[0]
 
 
 def test_export_cli_missing_weights(tmp_path, capsys):

@@ -180,11 +180,27 @@ def cmd_info(args) -> int:
                      "ort_cuda": "ONNX Runtime CUDA"}.get(section, section[:-1].replace("_", " "))
             print(f"  {label} {name}: {size:.1f} MiB{extra}")
     print("files ok" + (" (sha256 verified)" if args.verify else " (sizes checked; --verify checks content)"))
-    missing = [s for s in ("projector", "step_cfg", "step", "vae_decoder") if s not in m.get("stages", {})]
-    if missing:
-        print(f"note: no {', '.join(missing)} stage(s): `generate` needs them; write them with "
-              f"`arc2face-export onnx --out {args.engines}`")
+    for note in _missing_stage_notes(m, args.engines):
+        print(f"note: {note}")
     return 0
+
+
+def _missing_stage_notes(m: dict, engines) -> list[str]:
+    """What `generate` cannot do with this folder for want of a graph (the projector and the decoder serve
+    every run; step_cfg serves guidance > 1, step guidance <= 1), and the export that adds it."""
+    have = m.get("stages", {})
+    again = (f"export again with `arc2face-export onnx --model-dir MODEL --out {engines} --force`"
+             + (f" and the same --lora {m['lora']['file']} --lora-scale {m['lora']['scale']:g}" if m.get("lora") else ""))
+    notes = []
+    if [s for s in ("projector", "vae_decoder") if s not in have]:
+        notes.append(f"no {' / '.join(s for s in ('projector', 'vae_decoder') if s not in have)} stage: `generate` "
+                     f"cannot run with this folder; {again}")
+    for stage, serves, other in (("step_cfg", "guidance above 1", "guidance 1 or below"),
+                                 ("step", "guidance 1 or below", "guidance above 1")):
+        if stage not in have:
+            notes.append(f"no {stage} stage: `generate` here takes {other} only (the folder's default guidance: "
+                         f"{folder_defaults(m)['guidance']:g}); for {serves}, {again} without --stages")
+    return notes
 
 
 def build_parser() -> argparse.ArgumentParser:
