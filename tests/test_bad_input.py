@@ -279,3 +279,17 @@ def test_embed_refuses_unusable_photos(case, tmp_path):
     last = assert_refused(RT, "arc2face-rt", ["embed", "--image", str(t / "p.png"), "--out", str(t / "id.npy"),
                                               "--models", str(tiny_models_dir()), "--device", "cpu"], t, words)
     assert "usable face" not in last, last            # the cause was the file, not the face
+
+
+def test_a_file_size_limit_names_its_fix(tiny_engines, tmp_path):
+    """EFBIG (`ulimit -f`): the line names the limit to raise, not only "file too large", then --resume;
+    the --out folder the run made is gone, as nothing was written into it."""
+    import resource
+
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))   # noqa: E731
+    r = subprocess.run(RT + ["generate", "--engines", str(tiny_engines), "--random-id", "-n", "1", "--steps", "1",
+                             "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300,
+                       preexec_fn=limit)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "ulimit -f" in last and "--resume" in last, r.stderr
+    assert not (tmp_path / "o").exists()             # it failed before its first image: no folder left

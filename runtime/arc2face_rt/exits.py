@@ -39,7 +39,8 @@ _OS_FIX = {
     errno.ENFILE: "too many open files on the system; try again later",
     errno.EIO: "input/output error from the disk or file system; check the device",
     errno.ENXIO: "no such device (a special file, not a regular one?); give a regular file",
-    errno.EFBIG: "file too large for this file system",
+    errno.EFBIG: ("file too large: over this process's file-size limit (`ulimit -f`) or the largest file this file "
+                  "system holds; raise the limit or write elsewhere"),
     errno.ENOTEMPTY: "folder not empty",
     errno.EXDEV: "cannot move across file systems",
 }

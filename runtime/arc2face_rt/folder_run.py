@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .atomic import remove_stale_temps
+from .atomic import remove_stale_temps, undo_new_folders
 from .errors import InvalidInputError, OutputExistsError
 from .exits import resumable
 from .images import save_png
@@ -92,22 +92,23 @@ class FolderRun:
         s = RunSummary(skipped=len(done))
         todo = self.count - len(done)
         runs = batches_to_run(self.count, options.batch_size, done)
-        self.out.mkdir(parents=True, exist_ok=True)
-        removed = remove_stale_temps(self.out)
-        if removed:
-            log(f"removed {removed} temporary file(s) an interrupted run left in {self.out}")
-        bar = progress(runs * options.steps) if progress else None
-        t0 = time.perf_counter()
-        kept = lambda: (f"stopped after {s.written} of {todo} image(s), which are kept in {self.out}, "  # noqa: E731
-                        "none half-written")
-        with resumable(kept, log, bar, self.again):
-            for idx in batches(self.count, options.batch_size, done):
-                res = pipe.generate(identity, options=options, on_step=bar.update if bar else None, indices=idx, **kw)
-                for img, params, i in zip(res.images, res.params, idx):
-                    if i not in done:
-                        self._save(img, params, options.seed, i, s)
-                for k, v in res.timings.items():
-                    s.timings[k] = s.timings.get(k, 0.0) + v
+        with undo_new_folders(self.out):       # a run that fails before its first image leaves no new folder
+            removed = remove_stale_temps(self.out)
+            if removed:
+                log(f"removed {removed} temporary file(s) an interrupted run left in {self.out}")
+            bar = progress(runs * options.steps) if progress else None
+            t0 = time.perf_counter()
+            kept = lambda: (f"stopped after {s.written} of {todo} image(s), which are kept in {self.out}, "  # noqa: E731
+                            "none half-written")
+            with resumable(kept, log, bar, self.again):
+                for idx in batches(self.count, options.batch_size, done):
+                    res = pipe.generate(identity, options=options, on_step=bar.update if bar else None, indices=idx,
+                                        **kw)
+                    for img, params, i in zip(res.images, res.params, idx):
+                        if i not in done:
+                            self._save(img, params, options.seed, i, s)
+                    for k, v in res.timings.items():
+                        s.timings[k] = s.timings.get(k, 0.0) + v
         s.seconds = time.perf_counter() - t0
         return s
 
