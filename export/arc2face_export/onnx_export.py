@@ -24,7 +24,6 @@ from arc2face_rt import manifest as mf
 from arc2face_rt.atomic import naming_output, remove_stale_temps, temp_dir, undo_new_folders
 from arc2face_rt.errors import InvalidInputError, MissingWeightsError, OutputExistsError
 from arc2face_rt.outputs import check_output_dir
-from arc2face_rt.schedulers import make_schedule
 from arc2face_rt.specs import (ALL_STAGES, CONTROL_STAGES, PRECISIONS, PROJECTOR, SPEC_REVISION, STAGES, STEP,
                                STEP_CFG, STEP_CFG_CONTROL, STEP_CONTROL, VAE_DECODER, StageSpec)
 from arc2face_ref.loading import load_models, model_files
@@ -32,16 +31,13 @@ from arc2face_ref.modules import DenoiseStep, VaeDecode
 from arc2face_ref.projector import Arc2FaceProjector, unconditional_embedding
 
 from .cuda_placement import host_to_device_edges
+from .validate import ValidationError, example_inputs, validate_stage as _validate  # noqa: F401 (re-exported)
 from .ort_cuda import ORT_CUDA_RECIPE, ORT_CUDA_STAGES, attention_for, check_loads, fuse_for_ort_cuda, ort_cuda_file
 from .onnx_files import save_model
 from .engines_folder import KEPT_ALWAYS, foreign_entry, replaced_entries, swap_in
 
 log = logging.getLogger("arc2face_export")
 OPSET = 18
-
-
-class ValidationError(RuntimeError):
-    """An exported graph disagrees with torch beyond its spec's tolerance."""
 
 
 def library_versions() -> dict:
@@ -53,24 +49,6 @@ def library_versions() -> dict:
     return {"torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__}
-
-
-def example_inputs(spec: StageSpec, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Realistic random inputs for validation: a real DPM-Solver++ coefficient row, unit-scale tensors."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for t in spec.inputs:
-        if t.name == "coeffs":
-            feeds[t.name] = make_schedule("dpmpp2m", 25).table()[12]
-        elif t.name == "guidance":
-            feeds[t.name] = np.array([3.0], np.float32)
-        elif t.name == "control":         # an image in [0, 1], as the pipeline feeds it
-            feeds[t.name] = rng.uniform(0, 1, t.concrete(batch)).astype(t.dtype)
-        elif t.name == "control_scale":
-            feeds[t.name] = np.array([0.8], np.float32)
-        else:
-            feeds[t.name] = rng.standard_normal(t.concrete(batch)).astype(t.dtype)
-    return feeds
 
 
 class _CastIO(torch.nn.Module):
@@ -144,31 +122,6 @@ def _stamp_io(model, spec: StageSpec) -> None:
                     dim.dim_param = d
                 else:
                     dim.dim_value = d
-
-
-def _validate(module, spec: StageSpec, feeds: dict, path: Path, precision: str, reference) -> dict:
-    from arc2face_rt.backends.ort import OrtSession
-
-    got = OrtSession(path, device="cpu").run(feeds)
-    with torch.no_grad():
-        want = reference(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs))
-    want = want if isinstance(want, tuple) else (want,)
-    tol = spec.tolerance[precision]
-    worst = 0.0
-    for t, w in zip(spec.outputs, want):
-        g, w = got[t.name], w.numpy()
-        if g.shape != w.shape or g.dtype != np.dtype(t.dtype):
-            raise ValidationError(f"{spec.name}.{t.name}: got {g.dtype}{g.shape}, want {t.dtype}{w.shape}")
-        if t.dtype == "uint8":
-            err = float(np.abs(g.astype(np.int16) - w.astype(np.int16)).max())
-        else:
-            err = float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-12))
-        if not np.isfinite(err) or err > tol:
-            raise ValidationError(f"{spec.name}.{t.name}: error {err:.3g} exceeds tolerance {tol} "
-                                  f"({precision}); the export is wrong, please report it")
-        worst = max(worst, err)
-    metric = "max_abs_grey_levels" if spec.outputs[0].dtype == "uint8" else "relative_l2"
-    return {"metric": metric, "value": worst, "tolerance": tol, "batch": next(iter(feeds.values())).shape[0]}
 
 
 def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp32", force: bool = False,
