@@ -126,14 +126,15 @@ def _stamp_io(model, spec: StageSpec) -> None:
 
 def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp32", force: bool = False,
                stages: tuple[str, ...] | None = None, validate: bool = True, progress=None,
-               lora: str | Path | None = None, lora_scale: float = 1.0, ort_cuda: bool | tuple[str, ...] = False) -> dict:
+               lora: str | Path | None = None, lora_scale: float | None = None, ort_cuda: bool | tuple[str, ...] = False) -> dict:
     """Export every generation stage of MODEL_DIR into OUT_DIR; returns the manifest written.
 
     The ControlNet step graphs are among the stages when MODEL_DIR has controlnet/. `lora`: a LoRA
     .safetensors (LCM-LoRA) fused into the UNet at `lora_scale` before export (recorded in
-    manifest["lora"]; `arc2face-rt generate` then defaults to LCM sampling). `ort_cuda`: also write the
-    fp16 graphs with ONNX Runtime's CUDA fusions for the step and VAE stages (`ort_cuda`, manifest
-    section "ort_cuda"); True for all of them among the exported stages, or a tuple of stage names.
+    manifest["lora"]; `arc2face-rt generate` then defaults to LCM sampling; default scale 1.0, and a
+    scale without a LoRA is refused). `ort_cuda`: also write the fp16 graphs with ONNX Runtime's CUDA
+    fusions for the step and VAE stages (`ort_cuda`, manifest section "ort_cuda"); True for all of them
+    among the exported stages, or a tuple of stage names.
 
     An OUT_DIR that already holds an export of the same model files, precision and spec revision is
     kept as it is (returns its manifest). Other content needs `force`, which replaces only what this
@@ -145,8 +146,9 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
     model_dir, out_dir = Path(model_dir), check_output_dir(out_dir)
     names = _stage_names(model_dir, stages)
     fused = _ort_cuda_stages(ort_cuda, names, precision)
-    lora_rec = _lora_record(lora, lora_scale)
-    source = {str(p.relative_to(model_dir)): mf.file_record(p) for p in model_files(model_dir)}
+    files = model_files(model_dir)
+    lora_rec = _lora_record(lora, lora_scale, model_dir)
+    source = {str(p.relative_to(model_dir)): mf.file_record(p) for p in files}
     if (out_dir / mf.MANIFEST).is_file() and not force:
         try:
             old = mf.load_manifest(out_dir)
@@ -168,8 +170,8 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
     models = load_models(model_dir)
     if lora_rec:
         from arc2face_ref.lora import fuse_lora_into
-        say(f"fusing LoRA {lora} (scale {lora_scale:g}) into the UNet")
-        n = fuse_lora_into(models.unet, models.encoder, lora, lora_scale)
+        say(f"fusing LoRA {lora} (scale {lora_rec['scale']:g}) into the UNet")
+        n = fuse_lora_into(models.unet, lora, lora_rec["scale"])
         say(f"LoRA fused: {n} UNet weight tensors changed")
     with undo_new_folders(out_dir):
         tmp = temp_dir(out_dir, "export")
@@ -217,17 +219,22 @@ def _stage_names(model_dir: Path, stages) -> tuple[str, ...]:
     return tuple(stages)
 
 
-def _lora_record(lora, scale: float) -> dict | None:
-    """What the manifest records of a fused LoRA (file name, sha256, size, scale); None without one."""
+def _lora_record(lora, scale: float | None, model_dir: Path) -> dict | None:
+    """What the manifest records of a fused LoRA (file name, sha256, size, scale); None without one.
+    The file is checked against MODEL_DIR's UNet here, before any model is loaded."""
     if lora is None:
+        if scale is not None:
+            raise InvalidInputError(f"--lora-scale {scale} needs --lora FILE.safetensors (the scale of which LoRA?); "
+                                    "drop it, or pass the adapter")
         return None
+    scale = 1.0 if scale is None else scale
     if not (isinstance(scale, (int, float)) and np.isfinite(scale) and 0 < scale <= 10):
         raise InvalidInputError(f"--lora-scale must be a number in (0, 10] (got {scale}; the official usage fuses "
                                 "LCM-LoRA at 1.0)")
-    from arc2face_ref.lora import read_lora
+    from arc2face_ref.lora import check_lora_fits, read_lora
 
     path = Path(lora)
-    read_lora(path)                                  # refuse a missing or foreign file before any work
+    check_lora_fits(read_lora(path), model_dir, path)    # refuse a missing, foreign or unfitting file before any work
     return {"file": path.name, **mf.file_record(path), "scale": float(scale)}
 
 
