@@ -159,3 +159,19 @@ def test_weights_that_make_nan_are_the_users_error_not_a_bug(tiny_model_dir, ada
     assert rc == 2 and err[-1].startswith("arc2face-export: error: export of stage step: ")
     assert "the model (or fused LoRA) weights produce non-finite values" in err[-1]
     assert not out.exists()
+
+
+def test_weights_that_overflow_fp16_say_so(tiny_model_dir, adapter, tmp_path, capfd):
+    """fp32 torch is finite, the fp16 graph and fp16 torch are not: the weights overflow fp16 (the
+    user's to fix with --precision fp32), not a broken export."""
+    from safetensors.torch import save_file
+    from arc2face_export.cli import main
+
+    f = tmp_path / "loud.safetensors"
+    save_file({k: v * 1e3 if "lora_up" in k else v for k, v in adapter.items()}, str(f))
+    capfd.readouterr()
+    rc = main(["onnx", "--model-dir", str(tiny_model_dir), "--out", str(tmp_path / "e"), "--lora", str(f),
+               "--stages", "step", "--precision", "fp16"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("arc2face-export: error: export of stage step: ")
+    assert "torch in fp16 gives NaN/inf too (fp32 does not): the weights overflow fp16" in err[-1]
