@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", type=argtypes.path, metavar="FILE.safetensors",
                    help="fuse this LoRA (LCM-LoRA for SD1.5; diffusers or kohya keys) into the UNet before export; "
                         "generate then defaults to --scheduler lcm --steps 4 --guidance 1")
-    p.add_argument("--lora-scale", type=argtypes.number(0, 10, "a LoRA scale"), default=1.0, metavar="S",
-                   help="fuse the LoRA at this scale (default 1.0)")
+    p.add_argument("--lora-scale", type=argtypes.number(0, 10, "a LoRA scale"), metavar="S",
+                   help="fuse the --lora at this scale (default 1.0)")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-torch check")
     p.add_argument("--ort-cuda", action="store_true",
                    help="also write fp16 step and VAE graphs with ONNX Runtime's fused CUDA kernels "

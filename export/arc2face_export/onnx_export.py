@@ -24,7 +24,6 @@ from arc2face_rt import manifest as mf
 from arc2face_rt.atomic import naming_output, remove_stale_temps, temp_dir, undo_new_folders
 from arc2face_rt.errors import InvalidInputError, MissingWeightsError, OutputExistsError
 from arc2face_rt.outputs import check_output_dir
-from arc2face_rt.schedulers import make_schedule
 from arc2face_rt.specs import (ALL_STAGES, CONTROL_STAGES, PRECISIONS, PROJECTOR, SPEC_REVISION, STAGES, STEP,
                                STEP_CFG, STEP_CFG_CONTROL, STEP_CONTROL, VAE_DECODER, StageSpec)
 from arc2face_ref.loading import cast, load_models, model_files
@@ -32,16 +31,13 @@ from arc2face_ref.modules import DenoiseStep, VaeDecode
 from arc2face_ref.projector import Arc2FaceProjector, unconditional_embedding
 
 from .cuda_placement import host_to_device_edges
+from .validate import ValidationError, example_inputs, validate_stage as _validate  # noqa: F401 (re-exported)
 from .ort_cuda import ORT_CUDA_RECIPE, ORT_CUDA_STAGES, attention_for, check_loads, fuse_for_ort_cuda, ort_cuda_file
 from .onnx_files import save_model
 from .engines_folder import KEPT_ALWAYS, foreign_entry, replaced_entries, swap_in
 
 log = logging.getLogger("arc2face_export")
 OPSET = 18
-
-
-class ValidationError(RuntimeError):
-    """An exported graph disagrees with torch beyond its spec's tolerance."""
 
 
 def library_versions() -> dict:
@@ -53,24 +49,6 @@ def library_versions() -> dict:
     return {"torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__}
-
-
-def example_inputs(spec: StageSpec, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Realistic random inputs for validation: a real DPM-Solver++ coefficient row, unit-scale tensors."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for t in spec.inputs:
-        if t.name == "coeffs":
-            feeds[t.name] = make_schedule("dpmpp2m", 25).table()[12]
-        elif t.name == "guidance":
-            feeds[t.name] = np.array([3.0], np.float32)
-        elif t.name == "control":         # an image in [0, 1], as the pipeline feeds it
-            feeds[t.name] = rng.uniform(0, 1, t.concrete(batch)).astype(t.dtype)
-        elif t.name == "control_scale":
-            feeds[t.name] = np.array([0.8], np.float32)
-        else:
-            feeds[t.name] = rng.standard_normal(t.concrete(batch)).astype(t.dtype)
-    return feeds
 
 
 class _CastIO(torch.nn.Module):
@@ -146,41 +124,17 @@ def _stamp_io(model, spec: StageSpec) -> None:
                     dim.dim_value = d
 
 
-def _validate(module, spec: StageSpec, feeds: dict, path: Path, precision: str, reference) -> dict:
-    from arc2face_rt.backends.ort import OrtSession
-
-    got = OrtSession(path, device="cpu").run(feeds)
-    with torch.no_grad():
-        want = reference(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs))
-    want = want if isinstance(want, tuple) else (want,)
-    tol = spec.tolerance[precision]
-    worst = 0.0
-    for t, w in zip(spec.outputs, want):
-        g, w = got[t.name], w.numpy()
-        if g.shape != w.shape or g.dtype != np.dtype(t.dtype):
-            raise ValidationError(f"{spec.name}.{t.name}: got {g.dtype}{g.shape}, want {t.dtype}{w.shape}")
-        if t.dtype == "uint8":
-            err = float(np.abs(g.astype(np.int16) - w.astype(np.int16)).max())
-        else:
-            err = float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-12))
-        if not np.isfinite(err) or err > tol:
-            raise ValidationError(f"{spec.name}.{t.name}: error {err:.3g} exceeds tolerance {tol} "
-                                  f"({precision}); the export is wrong, please report it")
-        worst = max(worst, err)
-    metric = "max_abs_grey_levels" if spec.outputs[0].dtype == "uint8" else "relative_l2"
-    return {"metric": metric, "value": worst, "tolerance": tol, "batch": next(iter(feeds.values())).shape[0]}
-
-
 def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp32", force: bool = False,
                stages: tuple[str, ...] | None = None, validate: bool = True, progress=None,
-               lora: str | Path | None = None, lora_scale: float = 1.0, ort_cuda: bool | tuple[str, ...] = False) -> dict:
+               lora: str | Path | None = None, lora_scale: float | None = None, ort_cuda: bool | tuple[str, ...] = False) -> dict:
     """Export every generation stage of MODEL_DIR into OUT_DIR; returns the manifest written.
 
     The ControlNet step graphs are among the stages when MODEL_DIR has controlnet/. `lora`: a LoRA
     .safetensors (LCM-LoRA) fused into the UNet at `lora_scale` before export (recorded in
-    manifest["lora"]; `arc2face-rt generate` then defaults to LCM sampling). `ort_cuda`: also write the
-    fp16 graphs with ONNX Runtime's CUDA fusions for the step and VAE stages (`ort_cuda`, manifest
-    section "ort_cuda"); True for all of them among the exported stages, or a tuple of stage names.
+    manifest["lora"]; `arc2face-rt generate` then defaults to LCM sampling; default scale 1.0, and a
+    scale without a LoRA is refused). `ort_cuda`: also write the fp16 graphs with ONNX Runtime's CUDA
+    fusions for the step and VAE stages (`ort_cuda`, manifest section "ort_cuda"); True for all of them
+    among the exported stages, or a tuple of stage names.
 
     An OUT_DIR that already holds an export of the same model files, precision and spec revision is
     kept as it is (returns its manifest). Other content needs `force`, which replaces only what this
@@ -192,8 +146,9 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
     model_dir, out_dir = Path(model_dir), check_output_dir(out_dir)
     names = _stage_names(model_dir, stages)
     fused = _ort_cuda_stages(ort_cuda, names, precision)
-    lora_rec = _lora_record(lora, lora_scale)
-    source = {str(p.relative_to(model_dir)): mf.file_record(p) for p in model_files(model_dir)}
+    files = model_files(model_dir)
+    lora_rec = _lora_record(lora, lora_scale, model_dir)
+    source = {str(p.relative_to(model_dir)): mf.file_record(p) for p in files}
     if out_dir.is_dir():
         remove_stale_temps(out_dir)          # what a killed export left behind, also before a no-op
     if (out_dir / mf.MANIFEST).is_file() and not force:
@@ -214,8 +169,8 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
     models = load_models(model_dir)
     if lora_rec:
         from arc2face_ref.lora import fuse_lora_into
-        say(f"fusing LoRA {lora} (scale {lora_scale:g}) into the UNet")
-        n = fuse_lora_into(models.unet, models.encoder, lora, lora_scale)
+        say(f"fusing LoRA {lora} (scale {lora_rec['scale']:g}) into the UNet")
+        n = fuse_lora_into(models.unet, lora, lora_rec["scale"])
         say(f"LoRA fused: {n} UNet weight tensors changed")
     with undo_new_folders(out_dir):
         tmp = temp_dir(out_dir, "export")
@@ -263,17 +218,22 @@ def _stage_names(model_dir: Path, stages) -> tuple[str, ...]:
     return tuple(stages)
 
 
-def _lora_record(lora, scale: float) -> dict | None:
-    """What the manifest records of a fused LoRA (file name, sha256, size, scale); None without one."""
+def _lora_record(lora, scale: float | None, model_dir: Path) -> dict | None:
+    """What the manifest records of a fused LoRA (file name, sha256, size, scale); None without one.
+    The file is checked against MODEL_DIR's UNet here, before any model is loaded."""
     if lora is None:
+        if scale is not None:
+            raise InvalidInputError(f"--lora-scale {scale} needs --lora FILE.safetensors (the scale of which LoRA?); "
+                                    "drop it, or pass the adapter")
         return None
+    scale = 1.0 if scale is None else scale
     if not (isinstance(scale, (int, float)) and np.isfinite(scale) and 0 < scale <= 10):
         raise InvalidInputError(f"--lora-scale must be a number in (0, 10] (got {scale}; the official usage fuses "
                                 "LCM-LoRA at 1.0)")
-    from arc2face_ref.lora import read_lora
+    from arc2face_ref.lora import check_lora_fits, read_lora
 
     path = Path(lora)
-    read_lora(path)                                  # refuse a missing or foreign file before any work
+    check_lora_fits(read_lora(path), model_dir, path)    # refuse a missing, foreign or unfitting file before any work
     return {"file": path.name, **mf.file_record(path), "scale": float(scale)}
 
 

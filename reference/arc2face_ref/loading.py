@@ -103,7 +103,8 @@ def _load_weights(model, state: dict, weights: Path, config_path: Path):
     return model
 
 
-def _load_diffusers(cls, folder: Path, weights: Path, dtype):
+def _from_config(cls, folder: Path):
+    """`cls` built from folder/config.json, with its initial (random) weights."""
     config_path = folder / "config.json"
     try:
         config = cls.load_config(str(folder))
@@ -112,9 +113,22 @@ def _load_diffusers(cls, folder: Path, weights: Path, dtype):
     if not isinstance(config, dict):
         raise MissingWeightsError(f"{config_path}: holds a JSON {type(config).__name__}, not a model config (an "
                                   "object); download it again")
-    model = _build(config_path, lambda: cls.from_config(config))
-    model = _load_weights(model, _read_state_dict(weights), weights, config_path)
+    return _build(config_path, lambda: cls.from_config(config))
+
+
+def _load_diffusers(cls, folder: Path, weights: Path, dtype):
+    model = _load_weights(_from_config(cls, folder), _read_state_dict(weights), weights, folder / "config.json")
     return cast(model, dtype).eval()
+
+
+def unet_skeleton(model_dir: str | Path) -> torch.nn.Module:
+    """The Arc2Face UNet built from MODEL_DIR/arc2face/config.json on torch's meta device: every layer
+    with its shape, no weight read and no memory used (an adapter is checked against it in a fraction
+    of a second, before the model is loaded)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return _from_config(UNet2DConditionModel, Path(model_dir) / "arc2face")
 
 
 def cast(model, dtype):
