@@ -145,6 +145,20 @@ def test_force_replaces_the_old_export_and_keeps_the_caches(tiny_model_dir, tiny
     assert set(mf.load_manifest(d)["stages"]) == {"projector"}
 
 
+def test_force_takes_a_folder_holding_our_temporary_files(tiny_model_dir, tiny_engines, tmp_path):
+    """A killed openvino-int8's temporary folder is removed, a running one's is left alone; neither makes
+    the folder "not an engines folder"."""
+    from arc2face_rt.atomic import temp_dir
+    from conftest import killed_run_temp
+
+    d = _linked_copy(tiny_engines, tmp_path / "e")
+    stale = killed_run_temp(d, "step_cfg.ov-int8.xml")
+    running = temp_dir(d, "step.ov-int8.xml")
+    onnx_export.export_all(tiny_model_dir, d, force=True, stages=("projector",), validate=False)
+    assert sorted(p.name for p in d.iterdir()) == sorted([running.name, "manifest.json", "projector.onnx"])
+    assert not stale.exists()
+
+
 @pytest.mark.parametrize("side", ["old file cannot be moved aside", "new file cannot be moved in"])
 def test_a_failed_swap_puts_the_old_export_back(tiny_model_dir, tiny_engines, tmp_path, monkeypatch, side):
     """E.g. `chattr +i` on one old file: the folder stays the working export it was, manifest included."""
@@ -207,3 +221,4 @@ def test_demo_reuses_its_folder_and_reports_failures_as_its_own(tiny_model_dir, 
     capsys.readouterr()
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "arc2face-export: error: something the runtime refused"
+
