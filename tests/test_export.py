@@ -222,3 +222,16 @@ def test_demo_reuses_its_folder_and_reports_failures_as_its_own(tiny_model_dir, 
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "arc2face-export: error: something the runtime refused"
 
+
+def test_demo_after_a_killed_export_removes_its_temporary_folder(tiny_model_dir, tiny_engines, tmp_path):
+    """A demo SIGKILLed while exporting leaves `.export.arc2face-HOST-PID-*.tmp/` in its engines folder: the
+    next demo run removes it and goes on (it used to refuse the folder as not an engines folder)."""
+    from arc2face_export.cli import main
+    from conftest import killed_run_temp
+
+    d = tmp_path / "demo"
+    _linked_copy(tiny_model_dir, d / "model-tiny")
+    _linked_copy(tiny_engines, d / "engines-tiny-fp32")
+    stale = killed_run_temp(d / "engines-tiny-fp32", "export")
+    assert main(["demo", "--out", str(d), "-n", "1", "--steps", "1"]) == 0
+    assert not stale.exists() and (d / "images" / "run-001" / "arc2face_0_0000.png").is_file()
