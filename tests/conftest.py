@@ -1,6 +1,7 @@
 """Shared fixtures: one tiny random-weight checkpoint and its fp32 export per test session."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -58,3 +59,20 @@ def tiny_engines(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("engines") / "fp32"
     export_all(tiny_model_dir, out, precision="fp32")
     return out
+
+
+def killed_run_temp(folder, name: str):
+    """A tagged temporary folder for output `name` in `folder`, as a SIGKILLed process of ours leaves
+    it (its process id is one that has exited), with a half-written file inside."""
+    import sys
+    from pathlib import Path
+
+    from arc2face_rt.atomic import temp_dir
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = temp_dir(folder, name)
+    path = Path(str(live).replace(f"-{os.getpid()}-", f"-{dead.pid}-"))
+    live.rename(path)
+    (path / "half-written").write_bytes(b"x")
+    return path

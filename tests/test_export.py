@@ -167,6 +167,20 @@ def test_force_replaces_the_old_export_and_keeps_the_caches(tiny_model_dir, tiny
     assert set(mf.load_manifest(d)["stages"]) == {"projector"}
 
 
+def test_force_takes_a_folder_holding_our_temporary_files(tiny_model_dir, tiny_engines, tmp_path):
+    """A killed openvino-int8's temporary folder is removed, a running one's is left alone; neither makes
+    the folder "not an engines folder"."""
+    from arc2face_rt.atomic import temp_dir
+    from conftest import killed_run_temp
+
+    d = _linked_copy(tiny_engines, tmp_path / "e")
+    stale = killed_run_temp(d, "step_cfg.ov-int8.xml")
+    running = temp_dir(d, "step.ov-int8.xml")
+    onnx_export.export_all(tiny_model_dir, d, force=True, stages=("projector",), validate=False)
+    assert sorted(p.name for p in d.iterdir()) == sorted([running.name, "manifest.json", "projector.onnx"])
+    assert not stale.exists()
+
+
 @pytest.mark.parametrize("side", ["old file cannot be moved aside", "new file cannot be moved in"])
 def test_a_failed_swap_puts_the_old_export_back(tiny_model_dir, tiny_engines, tmp_path, monkeypatch, side):
     """E.g. `chattr +i` on one old file: the folder stays the working export it was, manifest included."""
@@ -229,3 +243,17 @@ def test_demo_reuses_its_folder_and_reports_failures_as_its_own(tiny_model_dir, 
     capsys.readouterr()
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "arc2face-export: error: something the runtime refused"
+
+
+def test_demo_after_a_killed_export_removes_its_temporary_folder(tiny_model_dir, tiny_engines, tmp_path):
+    """A demo SIGKILLed while exporting leaves `.export.arc2face-HOST-PID-*.tmp/` in its engines folder: the
+    next demo run removes it and goes on (it used to refuse the folder as not an engines folder)."""
+    from arc2face_export.cli import main
+    from conftest import killed_run_temp
+
+    d = tmp_path / "demo"
+    _linked_copy(tiny_model_dir, d / "model-tiny")
+    _linked_copy(tiny_engines, d / "engines-tiny-fp32")
+    stale = killed_run_temp(d / "engines-tiny-fp32", "export")
+    assert main(["demo", "--out", str(d), "-n", "1", "--steps", "1"]) == 0
+    assert not stale.exists() and (d / "images" / "run-001" / "arc2face_0_0000.png").is_file()

@@ -1,8 +1,11 @@
 """OpenVINO int8: NNCF quantisation of the tiny step graphs, its gates, and `--cpu-precision int8`."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,3 +80,82 @@ def test_int8_without_int8_graphs_names_the_command(tiny_engines, tmp_path, caps
     rc = rt_main(["generate", "--engines", str(tiny_engines), "--random-id", "--backend", "openvino",
                   "--cpu-precision", "int8", "--out", str(tmp_path / "o")])
     assert rc == 2 and "arc2face-export openvino-int8 --engines" in capsys.readouterr().err
+
+
+_ONE_STEP = ["--stages", "step", "--identities", "1", "--steps", "2", "--per-run", "1"]
+
+
+def _entries(d):
+    return sorted(p.name for p in d.iterdir())
+
+
+def test_a_full_disk_during_save_is_one_line_and_leaves_nothing(tiny_engines, tmp_path, monkeypatch, capsys):
+    """OpenVINO reports a failed write (full disk, `ulimit -f`) as RuntimeError("basic_ios::clear: iostream
+    error"): exit 2, one line naming the output and the fix, no half-written file, the manifest as it was.
+    The model is saved into a tagged temporary folder of this process, which a later run can recognise."""
+    import nncf
+    import openvino
+    from arc2face_export.cli import main as export_main
+    from arc2face_rt.atomic import is_stale_temp, is_temp_name
+
+    d = tmp_path / "e"
+    shutil.copytree(tiny_engines, d, ignore=shutil.ignore_patterns("openvino_cache"))
+    before, manifest = _entries(d), (d / "manifest.json").read_bytes()
+    saved_to = []
+
+    def full_disk(model, path, **kw):
+        saved_to.append(Path(path))
+        Path(path).write_bytes(b"<?xml")                # what a write cut short leaves
+        raise RuntimeError("basic_ios::clear: iostream error")     # what OpenVINO 2026.4 raises (prlimit --fsize)
+
+    monkeypatch.setattr(nncf, "quantize", lambda model, *a, **kw: model)     # the quantisation is not the point
+    monkeypatch.setattr(openvino, "save_model", full_disk)
+    assert export_main(["openvino-int8", "--engines", str(d), *_ONE_STEP]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"arc2face-export: error: {d / 'step.ov-int8.xml'}: could not be written (basic_ios::clear: iostream error); "
+        "free some space or raise the file-size limit (ulimit -f)")
+    assert _entries(d) == before and (d / "manifest.json").read_bytes() == manifest
+    work = saved_to[0].parent
+    assert work.parent == d and is_temp_name(work.name) and f"-{os.getpid()}-" in work.name
+    assert not is_stale_temp(work)                      # ours while we run; a dead process's once killed
+
+
+def test_the_next_run_removes_a_killed_runs_temporary_files(q_engines, tmp_path):
+    from arc2face_rt.atomic import temp_dir
+    from conftest import killed_run_temp
+
+    d = tmp_path / "e"
+    shutil.copytree(q_engines, d, ignore=shutil.ignore_patterns("openvino_cache"))
+    stale = killed_run_temp(d, "step_cfg.ov-int8.xml")
+    running = temp_dir(d, "step.ov-int8.xml")          # another openvino-int8 still at work: left alone
+    ov_int8.ensure_ov_int8(d)                           # both graphs current: nothing else to do
+    assert not stale.exists() and running.is_dir()
+
+
+def test_a_read_only_engines_folder_is_refused_before_any_work(tiny_engines, tmp_path, monkeypatch, capsys):
+    """As root, access() says yes on a read-only mount's folder; check_output_dir's probe (mkdtemp) fails
+    with EROFS there: simulated here. Refused before calibration, naming the folder, the files and the fix."""
+    import tempfile
+
+    from arc2face_export.cli import main as export_main
+
+    d = tmp_path / "e"
+    shutil.copytree(tiny_engines, d, ignore=shutil.ignore_patterns("openvino_cache"))
+    real_mkdtemp = tempfile.mkdtemp
+
+    def read_only(*a, dir=None, **kw):
+        if dir is not None and Path(dir) == d:
+            raise OSError(errno.EROFS, "Read-only file system", str(Path(dir) / "probe"))
+        return real_mkdtemp(*a, dir=dir, **kw)
+
+    def calibrated(*a, **kw):
+        raise AssertionError("calibration started on a folder it cannot write")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(ov_int8, "pipeline_calibration_feeds", calibrated)
+    assert export_main(["openvino-int8", "--engines", str(d), *_ONE_STEP]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [(
+        f"arc2face-export: error: --engines {d}: is not writable (read-only file system); openvino-int8 writes "
+        "step.ov-int8.xml/.bin and manifest.json there: copy the folder somewhere writable and pass that as --engines")]

@@ -34,6 +34,7 @@ def run_demo(out: Path, size: str = "tiny", num_images: int = 4, seed: int = 0, 
     Every option is checked first; the generation itself runs `arc2face-rt generate`'s code without
     its exit-code wrapper, so a failure there reaches this command's own error handling."""
     from arc2face_ref.random_ckpt import MARKER, write_random_checkpoint
+    from arc2face_rt.atomic import remove_stale_temps
     from arc2face_rt.cli import build_parser as rt_parser
     from arc2face_rt.errors import OutputExistsError
     from arc2face_rt.outputs import check_output_dir
@@ -44,6 +45,7 @@ def run_demo(out: Path, size: str = "tiny", num_images: int = 4, seed: int = 0, 
     check_demo_options(size, num_images, seed, steps)
     out = check_output_dir(out)
     model, engines = out / f"model-{size}", out / f"engines-{size}-fp32"
+    remove_stale_temps(engines)                          # what a killed demo's export left there
     if engines.is_dir() and foreign_entry(engines):      # refuse before the checkpoint is written
         raise OutputExistsError(f"{engines}: holds {foreign_entry(engines)}, which arc2face-export does not write: "
                                 "it is not an engines folder; choose another --out")

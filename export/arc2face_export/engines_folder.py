@@ -4,9 +4,11 @@
 and plans (`<stage>.onnx`, `<stage>.onnx.data`, `<stage>.int8.onnx[.data]`, `<stage>.fp8.onnx[.data]`, `<stage>.plan`,
 `<stage>.ort-cuda.onnx[.data]` (ONNX Runtime CUDA fusions), `<stage>.ov-int8.xml/.bin` (OpenVINO int8), the face
 stages `detector` and `arcface` included) and the caches `timing.cache` and `<stage>.rtcache`.
-`onnx --force` replaces a folder only when every entry in it is one of these (a `.gitkeep` aside):
-anything else means the folder is not ours, and is refused. The caches are kept (the TensorRT
-libraries check them against themselves), the rest of the old export goes.
+`onnx --force` replaces a folder only when every entry in it is one of these (a `.gitkeep` and the
+tools' own tagged temporary files aside, `.NAME.arc2face-HOST-PID-RANDOM.tmp`: a killed run's are
+removed first, a running one's are left alone): anything else means the folder is not ours, and is
+refused. The caches are kept (the TensorRT libraries check them against themselves), the rest of the
+old export goes.
 
 `swap_in` makes the replacement recoverable: the old files are first renamed into a tagged
 temporary folder, then the new ones are renamed in, manifest last; any failure puts everything back
@@ -23,7 +25,7 @@ import shutil
 from pathlib import Path
 
 from arc2face_rt import manifest as mf
-from arc2face_rt.atomic import set_usual_modes, temp_dir
+from arc2face_rt.atomic import is_temp_name, set_usual_modes, temp_dir
 from arc2face_rt.specs import ALL_STAGES
 
 _STAGE_NAMES = "|".join(re.escape(n) for n in (*ALL_STAGES, *mf.FACE_STAGES))
@@ -45,9 +47,10 @@ def _foreign_manifest(folder: Path) -> str | None:
 
 
 def foreign_entry(folder: Path) -> str | None:
-    """The first entry of `folder` that this tool does not write (None when every one is ours)."""
+    """The first entry of `folder` that this tool does not write (None when every one is ours, our
+    tagged temporary files included)."""
     for e in sorted(os.scandir(folder), key=lambda e: e.name):
-        if e.name in KEPT_ALWAYS:
+        if e.name in KEPT_ALWAYS or is_temp_name(e.name):
             continue
         if e.is_dir(follow_symlinks=False):
             return f"{e.name}/"

@@ -11,24 +11,28 @@ convolution, time embedding, norms: `SENSITIVE_NAME`), and every node computed f
 scheduler coefficients (the timestep sinusoid, s·x, the CFG mix and the scheduler update), so the
 scheduler arithmetic is never quantised.
 
-Files: `<stage>.ov-int8.xml` + `.bin` next to the source graph, moved into place after they are
-complete, recorded in manifest["openvino_int8"][stage] with the source graph's sha256, the scheme,
-and the quantised outputs' error against the source graph on the calibration inputs (both run by
-OpenVINO in f32). The runtime uses them with `--backend openvino --cpu-precision int8`.
+Files: `<stage>.ov-int8.xml` + `.bin` next to the source graph, saved into a tagged temporary folder
+beside them (`.<stage>.ov-int8.xml.arc2face-HOST-PID-RANDOM.tmp/`, which the next run removes if this
+one is killed) and moved into place after they are complete, recorded in
+manifest["openvino_int8"][stage] with the source graph's sha256, the scheme, and the quantised outputs'
+error against the source graph on the calibration inputs (both run by OpenVINO in f32). The runtime uses them with `--backend openvino --cpu-precision int8`.
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
 from arc2face_rt import manifest as mf
+from arc2face_rt.atomic import naming_output, remove_stale_temps, temp_dir
 from arc2face_rt.backends.openvino import INT8_KEY, OpenVinoSession, core, scheduler_subgraph
 from arc2face_rt.errors import InvalidInputError
+from arc2face_rt.outputs import check_output_dir
 
 from .calib import output_drift, pipeline_calibration_feeds
 from .quantize import QUANT_STAGES as INT8_STAGES
@@ -75,14 +79,17 @@ def quantize_ov_int8(src_onnx: str | Path, dst_xml: str | Path, feeds: list[dict
                       model_type=nncf.ModelType.TRANSFORMER, subset_size=len(data),
                       ignored_scope=nncf.IgnoredScope(names=ignored, validate=False))
     n_fq = sum(op.get_type_name() == "FakeQuantize" for op in q.get_ops())
-    tmp = dst_xml.with_name(f".{dst_xml.stem}.{os.getpid()}.tmp.xml")
-    try:
-        ov.save_model(q, str(tmp), compress_to_fp16=False)
-        os.replace(_bin(tmp), _bin(dst_xml))          # weights first: the .xml names a complete .bin
-        os.replace(tmp, dst_xml)
-    finally:
-        tmp.unlink(missing_ok=True)
-        _bin(tmp).unlink(missing_ok=True)
+    # OpenVINO reports a failed write (a full disk, a file-size limit) as RuntimeError("basic_ios::clear:
+    # iostream error"): named as the output, with the fix; the engines folder is the only place it can go.
+    with naming_output(dst_xml, library_errors=(RuntimeError,), elsewhere=None):
+        work = temp_dir(dst_xml.parent, dst_xml.name)
+        try:
+            tmp = work / dst_xml.name
+            ov.save_model(q, str(tmp), compress_to_fp16=False)
+            os.replace(_bin(tmp), _bin(dst_xml))          # weights first: the .xml names a complete .bin
+            os.replace(tmp, dst_xml)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     log.info("%s: %d FakeQuantize nodes, %d nodes kept in float, %d calibration samples",
              dst_xml.name, n_fq, len(ignored), len(data))
     return {"tool": f"nncf {nncf.__version__} quantize (OpenVINO {ov.get_version()})", "preset": "MIXED",
@@ -118,10 +125,17 @@ def ensure_ov_int8(engines_dir: str | Path, stages=INT8_STAGES, feeds: list[dict
     for stage in stages:
         if stage not in INT8_STAGES:
             raise InvalidInputError(f"int8 is for the step graphs {INT8_STAGES}, not {stage}")
-        src_rec = m.get("stages", {}).get(stage)
-        if not src_rec:
+        if not m.get("stages", {}).get(stage):
             raise InvalidInputError(f"{engines_dir}: no stage '{stage}'; export it first")
-        if not force and is_current(engines_dir, m, stage):
+    todo = [s for s in stages if force or not is_current(engines_dir, m, s)]
+    if todo:              # refuse a folder we cannot write into before minutes of calibration
+        files = " and ".join(f"{ov_int8_file(s)}/.bin" for s in todo)
+        check_output_dir(engines_dir, flag="--engines", fix=f"openvino-int8 writes {files} and {mf.MANIFEST} "
+                         "there: copy the folder somewhere writable and pass that as --engines")
+    remove_stale_temps(engines_dir)              # what a killed run left behind (never raises)
+    for stage in stages:
+        src_rec = m["stages"][stage]
+        if stage not in todo:
             say(f"{stage}: OpenVINO int8 graph is current")
             continue
         mf.verify_files(engines_dir, src_rec["files"])

@@ -99,6 +99,12 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def is_temp_name(name: str) -> bool:
+    """Whether `name` is one of our temporary files or folders (`.NAME.arc2face-HOST-PID-RANDOM.tmp`),
+    whether or not its writer still runs."""
+    return bool(_TEMP_RE.match(name))
+
+
 def is_stale_temp(path: Path, now: float | None = None) -> bool:
     """Whether `path` is one of our temporary files whose writer is gone: written on this host by a
     process that no longer runs, or on another host (sharing the folder) over a minute ago."""
@@ -178,11 +184,14 @@ def remove_stale_temps(folder: str | Path) -> int:
 
 
 @contextmanager
-def naming_output(final: str | Path, library_errors: tuple = (), staged: tuple[Path, Path] | None = None):
+def naming_output(final: str | Path, library_errors: tuple = (), staged: tuple[Path, Path] | None = None,
+                  elsewhere: str | None = "choose another --out"):
     """Turn a failed write of output `final` (a full disk, a file-size limit) into one OutputWriteError
     that names it: an OSError, or one of `library_errors`, the types some writers raise for it instead
-    (safetensors, torch.save). With `staged` = (temporary folder, its final place), the file an OSError
-    names inside the temporary folder is named where it would have ended up."""
+    (safetensors, torch.save, OpenVINO's save_model). With `staged` = (temporary folder, its final
+    place), the file an OSError names inside the temporary folder is named where it would have ended
+    up. `elsewhere`: the other way out the message offers (None for a command whose output place is
+    fixed)."""
     try:
         yield
     except (OSError, *library_errors) as e:
@@ -191,4 +200,5 @@ def naming_output(final: str | Path, library_errors: tuple = (), staged: tuple[P
             final = staged[1] / Path(e.filename).relative_to(staged[0])
         why = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)).strip().splitlines()
         raise OutputWriteError(f"{final}: could not be written ({why[0] if why else type(e).__name__}); free some "
-                               "space or raise the file-size limit (ulimit -f), or choose another --out") from None
+                               "space or raise the file-size limit (ulimit -f)"
+                               + (f", or {elsewhere}" if elsewhere else "")) from None

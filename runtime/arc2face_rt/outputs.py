@@ -32,29 +32,30 @@ def check_names(prefix: str, seed: int, count: int) -> None:
                                 "(with room for the temporary-file tag): use a shorter --prefix")
 
 
-def check_output_dir(out: str | Path) -> Path:
+def check_output_dir(out: str | Path, flag: str = "--out", fix: str = "choose another --out") -> Path:
     """Check, leaving nothing behind, that `out` is a writable folder or can be made into one (a
-    folder is made and removed in its nearest existing ancestor)."""
+    folder is made and removed in its nearest existing ancestor). Errors name `out` as option `flag`
+    and end with `fix`."""
     out = Path(out)
     probe = out
     while not probe.exists():
         if probe.is_symlink():
-            raise InvalidInputError(f"--out {out}: {probe} is a broken symbolic link; fix or remove it")
+            raise InvalidInputError(f"{flag} {out}: {probe} is a broken symbolic link; fix or remove it")
         if probe.parent == probe:
             break
         probe = probe.parent
     if not probe.is_dir():
         where = "is" if probe == out else f"cannot be made: {probe} is"
-        raise InvalidInputError(f"--out {out}: {where} a file, not a folder; choose another --out")
+        raise InvalidInputError(f"{flag} {out}: {where} a file, not a folder; {fix}")
     what = "is not writable" if probe == out else f"cannot be made: {probe} is not writable"
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise InvalidInputError(f"--out {out}: {what}; choose another --out or fix its permissions")
+        raise InvalidInputError(f"{flag} {out}: {what}; {fix} or fix its permissions")
     made = None
     try:       # access() says yes to root everywhere; /proc, a read-only mount or a full inode table say no
         made = tempfile.mkdtemp(prefix=".arc2face-probe-", dir=probe)
     except OSError as e:
-        raise InvalidInputError(f"--out {out}: {what} ({os_error_message(e).split(': ', 1)[-1]}); choose "
-                                "another --out") from None
+        why = os_error_message(e).split(": ", 1)[-1].split("; ")[0]     # what happened, not exits' generic advice
+        raise InvalidInputError(f"{flag} {out}: {what} ({why}); {fix}") from None
     finally:
         if made:
             os.rmdir(made)
