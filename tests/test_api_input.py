@@ -3,11 +3,14 @@ exception naming the argument, never a numpy/Pillow/pathlib exception, a silent 
 black image. Cheap: most cases need no engines; the rest reuse the session's tiny fp32 export."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from arc2face_rt.control import Control, load_control_image, preprocess_control
 from arc2face_rt.errors import Arc2FaceError, ImageDecodeError, InvalidInputError
 from arc2face_rt.images import PARAMS_KEY, png_bytes, read_params
 from arc2face_rt.outputs import read_image_params
@@ -81,3 +84,89 @@ def test_resume_reader_still_returns_none_for_foreign_files(tmp_path):
     assert read_image_params(tmp_path / "good.png") == {"seed": 3}
     for name in ("trunc.png", "list.png", "small.png", "dir.png", "missing.png"):
         assert read_image_params(tmp_path / name) is None, name
+
+
+# ---- ControlNet condition images ----------------------------------------------------------------
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pose_yaw30.png"
+
+
+@pytest.fixture(scope="module")
+def alpha_poses(tmp_path_factory):
+    """The shipped pose at 128 px with alpha 128 / alpha 0 (a render on a transparent background),
+    as LA, and as a palette PNG with a transparent colour."""
+    d = tmp_path_factory.mktemp("alpha")
+    src = np.asarray(Image.open(EXAMPLE).convert("RGB").resize((128, 128), Image.BILINEAR))
+    for name, a in (("rgba_half", 128), ("rgba_clear", 0)):
+        Image.fromarray(np.dstack([src, np.full(src.shape[:2], a, np.uint8)]), "RGBA").save(d / f"{name}.png")
+    Image.fromarray(np.dstack([src[..., 0], src[..., 1]]), "LA").save(d / "la.png")
+    pal = Image.fromarray(src).quantize(64)
+    pal.save(d / "palette_clear.png", transparency=int(np.asarray(pal)[64, 64]))
+    return d
+
+
+@pytest.mark.parametrize("name", ["rgba_half", "rgba_clear", "la", "palette_clear"])
+def test_control_image_with_alpha_reads_as_diffusers_load_image(alpha_poses, name):
+    """Oracle: diffusers.utils.load_image (Pillow's convert("RGB"): alpha dropped, not composited on
+    black as the photo loader does), then diffusers' ControlNet image processor."""
+    from diffusers.image_processor import VaeImageProcessor
+    from diffusers.utils import load_image as diffusers_load_image
+
+    from arc2face_rt.face.image_io import load_image
+
+    path = alpha_poses / f"{name}.png"
+    want = diffusers_load_image(str(path))
+    np.testing.assert_array_equal(load_image(path, pillow_rgb=True), np.asarray(want))
+    if name == "la":                                    # diffusers sees a grey image: refused as before
+        with pytest.raises(InvalidInputError, match="greyscale"):
+            load_control_image(path)
+        return
+    proc = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False)
+    np.testing.assert_array_equal(load_control_image(path),
+                                  proc.preprocess(want, height=512, width=512).numpy()[0])
+    assert load_image(path).tolist() != np.asarray(want).tolist()    # photos keep compositing on black
+
+
+@pytest.mark.parametrize("value, words", [(np.nan, "NaN or infinity"), (np.inf, "NaN or infinity"),
+                                          (200.0, r"values 0\.5\.\.200"), (-0.5, "must be in")])
+def test_control_refuses_values_outside_0_1(value, words):
+    imgs = np.full((1, 3, 512, 512), 0.5, np.float32)
+    imgs[0, 1, 7, 9] = value
+    with pytest.raises(InvalidInputError, match=words):
+        Control(imgs)
+    Control(np.clip(np.nan_to_num(imgs, posinf=1), 0, 1))     # the same array in range is accepted
+
+
+@pytest.mark.parametrize("images, scale, words", [
+    ([[1.0]], 1.0, "numpy float32 array"),
+    (np.zeros((1, 3, 512, 512), np.float32).tolist(), 1.0, "numpy float32 array"),
+    (None, 1.0, "numpy float32 array"),
+    (np.zeros((1, 3, 512, 512), np.float32), "1", "--control-scale"),
+    (np.zeros((1, 3, 512, 512), np.float32), None, "--control-scale"),
+    (np.zeros((1, 3, 512, 512), np.float32), True, "--control-scale"),
+])
+def test_control_refuses_wrong_types(images, scale, words):
+    with pytest.raises(InvalidInputError, match=words):
+        Control(images, scale)
+
+
+def test_control_from_files_arguments(tmp_path):
+    with pytest.raises(InvalidInputError, match="no files given"):
+        Control.from_files([])
+    one = Control.from_files(str(EXAMPLE))                     # one path (str or Path) is one file
+    assert len(one.images) == 1
+    np.testing.assert_array_equal(Control.from_files(EXAMPLE).images, one.images)
+
+
+def test_preprocess_control_refuses_other_arrays():
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    for bad, words in ((rgba, r"uint8 \(64, 64, 4\)"), (rgba[..., :3].astype(np.float32), "float32"),
+                       (rgba[..., 0], r"\(64, 64\)"), ([[1, 2, 3]], "list")):
+        with pytest.raises(InvalidInputError, match=words):
+            preprocess_control(bad)
+
+
+def test_decode_image_refuses_a_str():
+    from arc2face_rt.face import decode_image
+
+    with pytest.raises(InvalidInputError, match="bytes, not str"):
+        decode_image("abc")
