@@ -3,6 +3,7 @@ exception naming the argument, never a numpy/Pillow/pathlib exception, a silent 
 black image. Cheap: most cases need no engines; the rest reuse the session's tiny fp32 export."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,10 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from arc2face_rt.control import Control, load_control_image, preprocess_control
-from arc2face_rt.errors import Arc2FaceError, ImageDecodeError, InvalidInputError
+from arc2face_rt.errors import ImageDecodeError, InvalidInputError
 from arc2face_rt.images import PARAMS_KEY, png_bytes, read_params
 from arc2face_rt.outputs import read_image_params
+from arc2face_rt.pipeline import GenerationOptions as G
 
 
 # ---- read_params ------------------------------------------------------------------------------
@@ -170,3 +172,180 @@ def test_decode_image_refuses_a_str():
 
     with pytest.raises(InvalidInputError, match="bytes, not str"):
         decode_image("abc")
+
+
+# ---- Arc2FacePipeline: options, counts, indices -------------------------------------------------
+@pytest.fixture(scope="module")
+def pipe(tiny_engines):
+    from arc2face_rt.pipeline import Arc2FacePipeline
+
+    with Arc2FacePipeline(tiny_engines, backend="ort") as p:
+        yield p
+
+
+ID = np.random.default_rng(0).standard_normal(512).astype(np.float32)
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(options=G(steps=2, seed=1.5)), r"GenerationOptions\.seed must be a whole number.*1\.5"),
+    (dict(options=G(steps=2, seed=2.0)), r"GenerationOptions\.seed must be a whole number.*2\.0"),
+    (dict(options=G(steps=2, seed=None)), r"GenerationOptions\.seed must be a whole number"),
+    (dict(options=G(steps=2, seed="1")), r"GenerationOptions\.seed must be a whole number"),
+    (dict(options=G(steps="2")), r"GenerationOptions\.steps must be a whole number"),
+    (dict(options=G(steps=None)), r"GenerationOptions\.steps must be a whole number"),
+    (dict(options=G(steps=2.0)), r"GenerationOptions\.steps must be a whole number"),
+    (dict(options=G(steps=2, guidance="3")), r"GenerationOptions\.guidance must be a number"),
+    (dict(options=G(steps=2, guidance=None)), r"GenerationOptions\.guidance must be a number"),
+    (dict(options=G(steps=2, batch_size=1.5), num_images=2), r"GenerationOptions\.batch_size must be a whole"),
+    (dict(num_images=2.0), "num_images must be a whole number"),
+    (dict(num_images="2"), "num_images must be a whole number"),
+    (dict(num_images=True), "num_images must be a whole number"),
+    (dict(first_index=0.5), "first_index must be a whole number"),
+    (dict(options=None), "options must be a GenerationOptions"),
+    (dict(indices=[1.5]), r"image index must be a whole number.*1\.5"),
+    (dict(indices=[np.float64(1)]), "image index must be a whole number"),
+    (dict(num_images=2**63), r"num_images must be in 1\.\.2\*\*63-1"),
+])
+def test_generate_refuses_wrong_types_naming_the_field(pipe, kw, words):
+    with pytest.raises(InvalidInputError, match=words) as e:
+        pipe.generate(ID, **kw)
+    assert "\n" not in str(e.value)
+
+
+def test_numpy_integers_are_whole_numbers(pipe):
+    a = pipe.generate(ID, np.int64(1), G(steps=1, seed=np.uint32(3), batch_size=np.int8(1)), indices=[np.int64(2)])
+    b = pipe.generate(ID, 1, G(steps=1, seed=3), indices=[2])
+    np.testing.assert_array_equal(a.images, b.images)
+    assert a.params == b.params and type(a.params[0]["seed"]) is int
+
+
+def test_iter_many_refuses_wrong_types(pipe):
+    for kw, words in ((dict(seeds=[1.0]), "seed must be a whole number"), (dict(options=None), "options must be"),
+                      (dict(indices=[[0, 2.5]]), "image index must be a whole number"),
+                      (dict(control=np.zeros((1, 3, 512, 512), np.float32)), "control must be a Control")):
+        with pytest.raises(InvalidInputError, match=words):
+            next(pipe.iter_many(ID[None], 1, **kw))
+
+
+def test_generate_bounds_the_images_it_keeps_in_memory(pipe):
+    """10**10 images (7.9 PB) are refused before any work instead of running into a MemoryError;
+    iter_many streams the same count (only the first batch is made here)."""
+    from arc2face_rt.pipeline import IMAGE_BYTES, max_images_in_memory
+
+    limit = max_images_in_memory()
+    assert 1 <= limit * IMAGE_BYTES <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for call in (lambda: pipe.generate(ID, 10**10, G(steps=1)),
+                 lambda: pipe.generate(ID, limit + 1, G(steps=1)),
+                 lambda: pipe.generate_many(np.stack([ID, -ID]), limit // 2 + 1, G(steps=1))):
+        with pytest.raises(InvalidInputError, match=f"half of this machine's memory holds {limit}.*iter_many"):
+            call()
+    first = next(pipe.iter_many(ID[None], 10**10, G(steps=1, batch_size=2)))
+    assert first.images.shape == (2, 512, 512, 3) and [p["index"] for p in first.params] == [0, 1]
+
+
+def test_identity_helpers_refuse_wrong_types():
+    from arc2face_rt.pipeline import load_identity, random_identity
+
+    for bad, words in ((-1, r"in 0\.\.2\*\*63-1 \(got -1\)"), (1.5, "whole number"), (2.0, "whole number"),
+                       ("1", "whole number"), (2**63, r"in 0\.\.2\*\*63-1")):
+        with pytest.raises(InvalidInputError, match=words):
+            random_identity(bad)
+    np.testing.assert_array_equal(random_identity(np.int64(4)), random_identity(4))
+    for bad, words in ((None, "must be a path"), ("", "must not be empty"), (3, "must be a path")):
+        with pytest.raises(InvalidInputError, match=words):
+            load_identity(bad)
+
+
+# ---- the re-export advice of a damaged engines folder ----------------------------------------------
+def _engines_copy(src, dst, **manifest_changes):
+    """Hard-linked copy of an engines folder with its own manifest (the shared export is never touched)."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst, copy_function=os.link)
+    m = json.loads((dst / "manifest.json").read_text())
+    for k, v in manifest_changes.items():
+        if v is None:
+            m.pop(k, None)
+        else:
+            m[k] = v
+    (dst / "manifest.json").unlink()
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst, m
+
+
+def _advised_command(message: str) -> list[str]:
+    """The `arc2face-export onnx ...` command an error advises, parsed by the exporter's own parser
+    (placeholders filled): a missing required option or a typo fails here."""
+    import shlex
+
+    from arc2face_export.cli import build_parser
+
+    cmd = message.split("`")[1]
+    assert cmd.startswith("arc2face-export onnx ")
+    argv = [{"MODEL": "model", "LORA": "lcm.safetensors"}.get(a, a) for a in shlex.split(cmd)[1:]]
+    return build_parser().parse_args(argv)
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.unlink()                                         # the copy's link, not the shared file
+    path.write_bytes(data[:100])
+
+
+def test_reexport_advice_is_a_complete_command(tiny_engines, tmp_path):
+    from arc2face_rt.errors import EngineMismatchError
+    from arc2face_rt.pipeline import Arc2FacePipeline
+
+    d, m = _engines_copy(tiny_engines, tmp_path / "plain")
+    _truncate(d / "vae_decoder.onnx")
+    with pytest.raises(EngineMismatchError, match="truncated or replaced") as e:
+        Arc2FacePipeline(d, backend="ort")
+    args = _advised_command(str(e.value))
+    assert args.model_dir == Path(m["source"]["model_dir"]) and args.out == d and args.force   # recorded, exists
+    assert args.lora is None and args.precision == "fp32"
+
+
+def test_reexport_advice_repeats_the_lora_precision_and_controlnet(tiny_engines, tmp_path):
+    """A LoRA folder exported with `--stages projector step` (README) asked for CFG: the advice names the
+    LoRA and its scale, the precision, and a model folder with controlnet/ when the folder had its graphs."""
+    from arc2face_rt.errors import EngineMismatchError
+    from arc2face_rt.pipeline import Arc2FacePipeline
+
+    src = __import__("json").loads((tiny_engines / "manifest.json").read_text())
+    lora = {"file": "pytorch_lora_weights.safetensors", "sha256": "ab" * 32, "bytes": 10, "scale": 0.5}
+    stages = {k: v for k, v in src["stages"].items() if k != "step_cfg"}
+    d, _ = _engines_copy(tiny_engines, tmp_path / "lora", lora=lora, stages=stages, precision="fp16",
+                         source={"model_dir": str(tmp_path / "gone")})
+    with Arc2FacePipeline(d, backend="ort") as p:
+        with pytest.raises(EngineMismatchError, match="no 'step_cfg' stage") as e:
+            p.generate(ID, 1, G(steps=1, guidance=3.0))
+    msg = str(e.value)
+    args = _advised_command(msg)
+    assert (args.model_dir, args.precision, args.lora, args.lora_scale, args.force) == \
+        (Path("model"), "fp16", Path("lcm.safetensors"), 0.5, True)
+    assert "pytorch_lora_weights.safetensors (sha256 abababababab" in msg and "controlnet" not in msg
+    with pytest.raises(EngineMismatchError, match="has no ControlNet step graph") as e:
+        Arc2FacePipeline(d, backend="ort").session("step_control")
+    assert "controlnet/" in str(e.value) and _advised_command(str(e.value)).lora == Path("lcm.safetensors")
+    stages["step_control"] = stages["step"]                 # a folder that had the ControlNet graphs
+    d2, _ = _engines_copy(tiny_engines, tmp_path / "control", lora=lora, stages=stages,
+                          source={"model_dir": str(tmp_path / "gone")})
+    _truncate(d2 / "projector.onnx")
+    with pytest.raises(EngineMismatchError, match="truncated") as e:
+        Arc2FacePipeline(d2, backend="ort")
+    assert "MODEL: the model folder with its controlnet/" in str(e.value)
+    assert _advised_command(str(e.value)).lora_scale == 0.5
+
+
+def test_reexport_advice_of_an_unreadable_manifest(tiny_engines, tmp_path):
+    from arc2face_rt.errors import EngineMismatchError
+    from arc2face_rt.pipeline import Arc2FacePipeline
+
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "manifest.json").write_text("{not json")
+    with pytest.raises(EngineMismatchError, match="unreadable manifest") as e:
+        Arc2FacePipeline(d, backend="ort")
+    assert "--precision and --lora options of its first export" in str(e.value)
+    assert _advised_command(str(e.value)).model_dir == Path("model")

@@ -152,7 +152,7 @@ def _add_info(sub) -> None:
 
 def cmd_info(args) -> int:
     from .integrity import verify_records
-    from .manifest import load_manifest, record_files
+    from .manifest import load_manifest, record_files, reexport_advice
 
     m = load_manifest(args.engines)
     check_folder_scheduler(args.engines, m, folder_defaults(m)["scheduler"])   # what generate refuses
@@ -176,8 +176,7 @@ def cmd_info(args) -> int:
     print("files ok" + (" (sha256 verified)" if args.verify else " (sizes checked; --verify checks content)"))
     missing = [s for s in ("projector", "step_cfg", "step", "vae_decoder") if s not in m.get("stages", {})]
     if missing:
-        print(f"note: no {', '.join(missing)} stage(s): `generate` needs them; write them with "
-              f"`arc2face-export onnx --out {args.engines}`")
+        print(f"note: no {', '.join(missing)} stage(s): `generate` needs them; {reexport_advice(args.engines)}")
     return 0
 
 
