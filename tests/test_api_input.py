@@ -349,3 +349,66 @@ def test_reexport_advice_of_an_unreadable_manifest(tiny_engines, tmp_path):
         Arc2FacePipeline(d, backend="ort")
     assert "--precision and --lora options of its first export" in str(e.value)
     assert _advised_command(str(e.value)).model_dir == Path("model")
+
+
+# ---- the remaining public arguments ----------------------------------------------------------------
+@pytest.mark.parametrize("folder, kw, words", [
+    (None, {}, "engines folder must be a path"),
+    (3, {}, "engines folder must be a path"),
+    ("", {}, "engines folder must not be empty"),
+    ("TINY", dict(device="gpu"), r"device \(--device\) must be one of auto, cpu, cuda, got 'gpu'"),
+    ("TINY", dict(device="CPU"), "device"),
+    ("TINY", dict(device=None), "device"),
+])
+def test_pipeline_refuses_a_bad_folder_or_device(tiny_engines, folder, kw, words):
+    from arc2face_rt.pipeline import Arc2FacePipeline
+
+    with pytest.raises(InvalidInputError, match=words):
+        Arc2FacePipeline(tiny_engines if folder == "TINY" else folder, backend="ort", **kw)
+
+
+@pytest.mark.parametrize("emb, error, words", [
+    (np.full((2, 512), np.nan), InvalidInputError, "NaN or infinity"),
+    (np.zeros((2, 512)), InvalidInputError, "embedding 0 .* all zeros"),
+    ("CANCEL", InvalidInputError, "cancel out"),
+    ([], Exception, "no embeddings to combine"),
+    (np.zeros((0, 512)), Exception, "no embeddings to combine"),
+    (np.ones((2, 511)), InvalidInputError, r"expected float \[N, 512\]"),
+    (np.float32(1), InvalidInputError, r"expected float \[N, 512\]"),
+    (np.array(["a"] * 512), InvalidInputError, "expected float"),
+])
+def test_combine_embeddings_refuses_what_is_no_identity(emb, error, words):
+    from arc2face_rt.errors import NoFaceError
+    from arc2face_rt.face import combine_embeddings
+
+    if isinstance(emb, str) and emb == "CANCEL":                 # [v, -v]: mean zero
+        emb = np.stack([ID, -ID])
+    with pytest.raises(error, match=words) as e:
+        combine_embeddings(emb)
+    assert isinstance(e.value, (InvalidInputError, NoFaceError))
+    big = np.stack([ID * 1e30, ID * 1e-30])                     # any norm: each photo's direction counts
+    np.testing.assert_allclose(combine_embeddings(big).embedding, ID / np.linalg.norm(ID), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(method="bogus"), r"method \(--combine\)"),
+    (dict(face="biggest"), r"face \(--face\) must be 'largest' or a face index"),
+    (dict(face=-1), r"face \(--face\) must be 'largest' or a face index >= 0, got -1"),
+    (dict(face=1.0), r"face \(--face\) must be a whole number"),
+    (dict(min_size=-5), r"min_size \(--min-size\)"),
+    (dict(min_size=float("nan")), r"min_size \(--min-size\)"),
+    (dict(min_score=float("nan")), r"min_score \(--min-score\) must be a detection score in 0\.\.1"),
+    (dict(min_score=2), r"min_score \(--min-score\) must be a detection score"),
+    (dict(min_score="0.5"), r"min_score \(--min-score\) must be a number"),
+    (dict(backend="xx"), r"backend \(--backend\)"),
+    (dict(device="gpu"), r"device \(--device\)"),
+])
+def test_identity_from_images_checks_options_before_loading_anything(monkeypatch, tmp_path, kw, words):
+    import arc2face_rt.face.models as fm
+
+    def no_models(*a, **k):
+        raise AssertionError("face models loaded before the options were checked")
+    monkeypatch.setattr(fm, "load_face_models", no_models)
+    monkeypatch.setattr(fm, "expand_paths", no_models)
+    with pytest.raises(InvalidInputError, match=words):
+        fm.identity_from_images([EXAMPLE], tmp_path, **kw)

@@ -22,7 +22,7 @@ from .control import Control
 from .errors import EngineMismatchError, InvalidInputError
 from .exits import check_interrupt
 # re-exported: what a folder and this machine decide before a run (defaults, backend) lives there
-from .folder_setup import BACKENDS, check_folder_scheduler, folder_defaults, pick_backend  # noqa: F401
+from .folder_setup import BACKENDS, DEVICES, check_folder_scheduler, folder_defaults, pick_backend  # noqa: F401
 # re-exported: the identity helpers are part of the pipeline's public API
 from .inputs import (IDENTITY_MAX_BYTES, identity_fingerprint, image_noise, load_identity,  # noqa: F401
                      normalize_identity, random_identity)
@@ -36,7 +36,6 @@ from .specs import (ALL_STAGES, CONTROL_STAGES, DEFAULT_BATCH, DEFAULT_GUIDANCE,
 
 MAX_GUIDANCE = 100.0        # CFG scales beyond this are a typo, not a setting (1e39 overflows float32)
 IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3   # one uint8 RGB image: 786 kB
-DEVICES = ("auto", "cpu", "cuda")
 log = logging.getLogger("arc2face_rt")
 
 
@@ -81,7 +80,8 @@ class Arc2FacePipeline:
         """`verify`: check every file's content against the manifest's sha256 before use (hashing a
         file only when it changed since its last check, see `integrity`); False checks sizes only.
         `cpu_precision`: OpenVINO's auto | fp32 | bf16 | int8 (`backends.openvino`)."""
-        self.engines_dir = Path(engines_dir)
+        self.engines_dir = checks.path(engines_dir, "engines folder")
+        checks.choice(device, "device (--device)", DEVICES)
         self.manifest = load_manifest(self.engines_dir)
         self.backend = pick_backend(self.engines_dir, self.manifest, backend, device)
         self.device = device
