@@ -292,15 +292,15 @@ class Arc2FacePipeline:
                   control: Control | None = None) -> Iterator[GenerationResult]:
         """Images of identity j: indices 0 .. num_images - 1, or exactly `indices[j]`, with noise seed
         `seeds[j]` (default options.seed); one GenerationResult per batch of `options.batch_size`
-        images, so memory stays bounded (ranges of indices are never listed: any count up to 2**63 streams).
-        Each identity is projected alone (batch 1): its condition
-        has the same bytes as in `generate`. TensorRT (one identity per generator call) splits a
-        batch where the identity changes. `control`: as in `generate`, by image index."""
+        images, so memory stays bounded (a range of indices is never listed: any count up to 2**63-1).
+        Each identity is projected alone (batch 1): its condition has the same bytes as in `generate`.
+        TensorRT (one identity per generator call) splits a batch where the identity changes.
+        `control`: as in `generate`, by image index."""
         options = _checked(options)
         ids, indices, seeds = run_items(identities, num_images, indices, seeds, options.seed)
         if control is not None:
             if not isinstance(control, Control):
-                raise InvalidInputError(f"control must be a Control (Control.from_files reads image files), got "
+                raise InvalidInputError(f"control must be a Control (from_files reads images), not "
                                         f"{type(control).__name__}")
             control.check_indices([max(index_bounds(idx)[1] for idx in indices if len(idx))])
         schedule = self.schedule(options.scheduler, options.steps)
