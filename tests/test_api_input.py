@@ -297,7 +297,7 @@ def test_reexport_advice_is_a_complete_command(tiny_engines, tmp_path):
     from arc2face_rt.errors import EngineMismatchError
     from arc2face_rt.pipeline import Arc2FacePipeline
 
-    d, m = _engines_copy(tiny_engines, tmp_path / "plain")
+    d, m = _engines_copy(tiny_engines, tmp_path / "plain dir")      # a space: the command is quoted
     _truncate(d / "vae_decoder.onnx")
     with pytest.raises(EngineMismatchError, match="truncated or replaced") as e:
         Arc2FacePipeline(d, backend="ort")

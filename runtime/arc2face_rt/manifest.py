@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 from pathlib import Path
 
 from .atomic import atomic_write
@@ -61,11 +62,12 @@ FILE_SECTIONS = {
 def reexport_advice(engines_dir: str | Path, controlnet: bool = False) -> str:
     """How to write an engines folder again: the whole `arc2face-export onnx` command, with the options
     its manifest records (precision, a fused LoRA and its scale, --ort-cuda graphs; a model folder with
-    controlnet/ for the ControlNet graphs, or when `controlnet` asks for them). The manifest is read best-effort (this is advice for a
-    folder that failed a check): from a damaged one, the command says which options to repeat."""
-    d = Path(engines_dir)
+    controlnet/ for the ControlNet graphs, or when `controlnet` asks for them). The manifest is read
+    best-effort (this is advice for a folder that failed a check): from a damaged one, the command
+    says which options to repeat. Paths are shell-quoted, so the command runs as written."""
+    d = shlex.quote(str(engines_dir))
     try:
-        m = json.loads(read_regular_file(d / MANIFEST, MAX_MANIFEST_BYTES))
+        m = json.loads(read_regular_file(Path(engines_dir) / MANIFEST, MAX_MANIFEST_BYTES))
     except Exception:                 # missing, unreadable, not JSON: the generic command
         m = None
     if not isinstance(m, dict):
@@ -73,7 +75,7 @@ def reexport_advice(engines_dir: str | Path, controlnet: bool = False) -> str:
                 f"--precision and --lora options of its first export{', MODEL with controlnet/' if controlnet else ''}"
                 "; then build-engines if you use plans)")
     model = (m.get("source") or {}).get("model_dir") if isinstance(m.get("source"), dict) else None
-    model = model if isinstance(model, str) and os.path.isdir(model) else "MODEL"
+    model = shlex.quote(model) if isinstance(model, str) and os.path.isdir(model) else "MODEL"
     opts, notes = "", []
     if m.get("precision") in PRECISIONS and m["precision"] != "fp32":
         opts += f" --precision {m['precision']}"
