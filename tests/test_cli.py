@@ -66,14 +66,18 @@ def test_info(tiny_engines, capsys):
     assert "step_cfg" in out and "sha256 verified" in out and "note:" not in out
 
 
-def test_info_notes_what_a_folder_without_a_step_graph_serves():
+def test_info_notes_what_a_folder_without_a_step_graph_serves(tmp_path):
+    import json
+
     from arc2face_rt.cli import _missing_stage_notes
 
-    m = {"stages": {"projector": {}, "step": {}, "vae_decoder": {}}, "lora": {"file": "l.safetensors", "scale": 1.0}}
-    notes = _missing_stage_notes(m, "E")
+    m = {"stages": {"projector": {}, "step": {}, "vae_decoder": {}},
+         "lora": {"file": "l.safetensors", "scale": 1.0, "bytes": 1, "sha256": "0" * 64}}
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    notes = _missing_stage_notes(m, tmp_path)
     assert len(notes) == 1 and "takes guidance 1 or below only" in notes[0] and "--model-dir MODEL" in notes[0]
-    assert "--lora l.safetensors" in notes[0]
-    assert "cannot run" in _missing_stage_notes({"stages": {"step_cfg": {}, "step": {}}}, "E")[0]
+    assert "--lora LORA" in notes[0] and "l.safetensors" in notes[0]
+    assert "cannot run" in _missing_stage_notes({"stages": {"step_cfg": {}, "step": {}}}, tmp_path)[0]
 
 
 def test_export_cli_missing_weights(tmp_path, capsys):

@@ -188,9 +188,10 @@ def cmd_info(args) -> int:
 def _missing_stage_notes(m: dict, engines) -> list[str]:
     """What `generate` cannot do with this folder for want of a graph (the projector and the decoder serve
     every run; step_cfg serves guidance > 1, step guidance <= 1), and the export that adds it."""
+    from .manifest import reexport_advice
+
     have = m.get("stages", {})
-    again = (f"export again with `arc2face-export onnx --model-dir MODEL --out {engines} --force`"
-             + (f" and the same --lora {m['lora']['file']} --lora-scale {m['lora']['scale']:g}" if m.get("lora") else ""))
+    again = reexport_advice(engines)
     notes = []
     if [s for s in ("projector", "vae_decoder") if s not in have]:
         notes.append(f"no {' / '.join(s for s in ('projector', 'vae_decoder') if s not in have)} stage: `generate` "
@@ -199,7 +200,7 @@ def _missing_stage_notes(m: dict, engines) -> list[str]:
                                  ("step", "guidance 1 or below", "guidance above 1")):
         if stage not in have:
             notes.append(f"no {stage} stage: `generate` here takes {other} only (the folder's default guidance: "
-                         f"{folder_defaults(m)['guidance']:g}); for {serves}, {again} without --stages")
+                         f"{folder_defaults(m)['guidance']:g}); for {serves}, export every stage (no --stages): {again}")
     return notes
 
 

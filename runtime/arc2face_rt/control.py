@@ -4,7 +4,9 @@ Arc2Face's pose ControlNet is conditioned on a normal-map rendering of the targe
 official demo renders it with EMOCA, a 3D face reconstruction model; README "ControlNet pose"). The
 preprocessing is exactly that of diffusers' StableDiffusionControlNetPipeline given the image as
 `diffusers.utils.load_image` reads it, called with height=width=512 (the engines' size; without them
-diffusers would generate at the control image's own size): EXIF orientation applied, RGB, resized to
+diffusers would generate at the control image's own size): EXIF orientation applied, RGB by Pillow's
+`convert("RGB")` as load_image does (an alpha channel or a palette's transparency is dropped, not
+composited: a normal map rendered on a transparent background keeps its colours), resized to
 512x512 with PIL's Lanczos filter (VaeImageProcessor, `resample="lanczos"`), float32 in [0, 1] (not
 [-1, 1]), NCHW. The
 pipeline duplicates it for the CFG batch inside the step graph, as diffusers does (not guess mode).
@@ -12,11 +14,12 @@ pipeline duplicates it for the CFG batch inside the step graph, as diffusers doe
 What is refused, in one line each: what `face.image_io.load_image` refuses (unreadable, empty, huge
 files), images that are not square (diffusers would stretch them, distorting the pose), smaller than
 64 pixels, or greyscale (a normal map is a colour rendering: its three channels are the normal's
-x, y, z).
+x, y, z). A `Control` built from arrays must hold finite float32 values in [0, 1].
 """
 from __future__ import annotations
 
 import hashlib
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +36,11 @@ def preprocess_control(rgb: np.ndarray, name: str = "control image") -> np.ndarr
     """[H, W, 3] uint8 RGB -> [3, 512, 512] float32 in [0, 1] (diffusers' ControlNet preprocessing)."""
     from PIL import Image
 
+    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        got = f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
+        raise InvalidInputError(f"{name}: expected a uint8 [H, W, 3] RGB array (got {got}); drop an alpha "
+                                "channel with rgba[..., :3] (as diffusers' load_image does), or pass the file to "
+                                "load_control_image")
     h, w = rgb.shape[:2]
     if h != w:
         raise InvalidInputError(f"{name}: {w}x{h} is not square; the control image is a square normal-map "
@@ -53,7 +61,7 @@ def load_control_image(path: str | Path) -> np.ndarray:
     """A condition image file -> [3, 512, 512] float32 in [0, 1]."""
     from .face.image_io import load_image
 
-    return preprocess_control(load_image(path), str(path))
+    return preprocess_control(load_image(path, pillow_rgb=True), str(path))
 
 
 @dataclass(frozen=True)
@@ -66,20 +74,31 @@ class Control:
 
     def __post_init__(self):
         imgs = self.images
+        if not isinstance(imgs, np.ndarray):
+            raise InvalidInputError(f"control images must be a numpy float32 array [N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}] "
+                                    f"in [0, 1] (got {type(imgs).__name__}); Control.from_files reads image files")
         if imgs.ndim != 4 or imgs.shape[1:] != (3, IMAGE_SIZE, IMAGE_SIZE) or imgs.dtype != np.float32 \
                 or len(imgs) == 0:
             raise InvalidInputError(f"control images must be float32 [N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}] "
                                     f"(got {imgs.dtype} {imgs.shape})")
-        if not np.isfinite(self.scale) or not 0 <= self.scale <= MAX_SCALE:
-            raise InvalidInputError(f"--control-scale must be a number in 0..{MAX_SCALE:g} (got {self.scale}; "
+        if not np.all(np.isfinite(imgs)) or imgs.min() < 0 or imgs.max() > 1:
+            bad = "NaN or infinity" if not np.all(np.isfinite(imgs)) else f"values {imgs.min():g}..{imgs.max():g}"
+            raise InvalidInputError(f"control images: {bad}; they must be in [0, 1] (an 8-bit image divided by "
+                                    "255, as load_control_image gives)")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real) or not np.isfinite(self.scale) \
+                or not 0 <= self.scale <= MAX_SCALE:
+            raise InvalidInputError(f"--control-scale must be a number in 0..{MAX_SCALE:g} (got {self.scale!r}; "
                                     f"diffusers' default is {DEFAULT_CONTROL_SCALE:g})")
         object.__setattr__(self, "fingerprints", tuple(hashlib.sha256(np.ascontiguousarray(a).tobytes())
                                                        .hexdigest()[:16] for a in imgs))
 
     @classmethod
     def from_files(cls, paths, scale: float = DEFAULT_CONTROL_SCALE, count: int | None = None) -> "Control":
-        """One file for every image, or exactly `count` files (one per image, in order)."""
-        paths = list(paths)
+        """One file for every image, or exactly `count` files (one per image, in order); `paths`: a
+        list of files, or one file (a str or Path)."""
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        if not paths:
+            raise InvalidInputError("--control-image: no files given; give one for all images or one per image")
         if count is not None and len(paths) not in (1, count):
             raise InvalidInputError(f"--control-image: {len(paths)} files for {count} images; give one for all "
                                     "images or one per image")

@@ -10,6 +10,7 @@ from .schedulers import make_schedule
 from .specs import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, LCM_LORA_DEFAULTS
 
 BACKENDS = ("auto", "ort", "trt", "openvino")
+DEVICES = ("auto", "cpu", "cuda")
 log = logging.getLogger("arc2face_rt")
 
 

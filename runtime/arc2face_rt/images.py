@@ -6,12 +6,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from .atomic import atomic_write
+from .errors import ImageDecodeError, InvalidInputError
+from .fileio import read_regular_file
 
 PARAMS_KEY = "arc2face-rt"   # PNG tEXt key holding the JSON parameters
+MAX_PNG_BYTES = 64 << 20     # ours are under 1 MB (512x512 RGB); a larger file is not one of them
 
 
 def png_bytes(image: np.ndarray, params: dict) -> bytes:
@@ -31,5 +34,45 @@ def save_png(path: str | Path, image: np.ndarray, params: dict, overwrite: bool 
 
 
 def read_params(path: str | Path) -> dict:
-    with Image.open(path) as im:
-        return json.loads(im.text[PARAMS_KEY])
+    """The generation parameters an arc2face-rt PNG records (a JSON object in its text chunk).
+
+    Raises InvalidInputError (no such file, a folder or pipe, an image without arc2face-rt parameters)
+    or ImageDecodeError (not a PNG, truncated or corrupt)."""
+    params, _, _ = read_png_params(path)
+    return params
+
+
+def read_png_params(path: str | Path) -> tuple[dict, tuple[int, int], str]:
+    """(parameters, image size, image mode) of an arc2face-rt PNG; errors as `read_params`. The whole
+    file is checked (every chunk present and its CRC right, up to IEND), not only the text chunk."""
+    data = read_regular_file(path, MAX_PNG_BYTES, what="PNG image")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt, size, mode = im.format, im.size, im.mode
+            text = im.info.get(PARAMS_KEY) if fmt == "PNG" else None   # our tEXt chunk precedes the pixels
+            if fmt == "PNG":
+                im.verify()
+    except UnidentifiedImageError:
+        if data.startswith(b"\x89PNG\r\n\x1a\n"):     # a PNG whose header chunks are broken (a bad CRC)
+            raise ImageDecodeError(f"{path}: truncated or corrupt PNG (Pillow cannot read its header chunks); "
+                                   "re-generate it") from None
+        raise ImageDecodeError(f"{path}: not an image (or one Pillow cannot read); read_params reads the PNGs "
+                               "arc2face-rt generates") from None
+    except Exception as e:              # truncated data, a bad CRC, broken chunks: Pillow raises many types
+        raise ImageDecodeError(f"{path}: truncated or corrupt PNG ({' '.join(str(e).split()) or type(e).__name__})"
+                               "; re-generate it") from None
+    if fmt != "PNG":
+        raise InvalidInputError(f"{path}: is a {fmt} image, not a PNG; arc2face-rt records its parameters only "
+                                "in the PNGs it generates")
+    if text is None:
+        raise InvalidInputError(f"{path}: has no arc2face-rt parameters (no '{PARAMS_KEY}' text chunk); it was "
+                                "not written by arc2face-rt, or an editor dropped the chunk")
+    try:
+        params = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise InvalidInputError(f"{path}: its '{PARAMS_KEY}' chunk is not valid JSON ({e}); the file was "
+                                "edited or damaged") from None
+    if not isinstance(params, dict):
+        raise InvalidInputError(f"{path}: its '{PARAMS_KEY}' chunk holds {type(params).__name__} "
+                                f"{str(params)[:40]}, not a JSON object of parameters; the file was edited")
+    return params, size, mode

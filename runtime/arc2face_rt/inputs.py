@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 
+from . import checks
 from .errors import InvalidInputError
 from .npyio import read_npy
 from .schedulers import Schedule
@@ -32,12 +34,14 @@ def normalize_identity(emb: np.ndarray, source: str = "embedding") -> np.ndarray
     return (emb / np.linalg.norm(emb)).astype(np.float32)
 
 
+MAX_INDEX = 2**63 - 1       # seeds and image indices are numpy SeedSequence entries; this keeps them int64
 IDENTITY_MAX_BYTES = 1 << 20    # a [1, 512] float64 .npy is 4.2 kB; anything near 1 MiB is another file
 
 
 def load_identity(path: str | Path) -> np.ndarray:
     """An identity .npy ([512] or [1, 512] float) -> unit float32 [512]."""
-    emb = read_npy(path, IDENTITY_MAX_BYTES, fix="write one with `arc2face-rt embed --image PHOTO --out id.npy`")
+    emb = read_npy(checks.path(path, "identity file"), IDENTITY_MAX_BYTES,
+                   fix="write one with `arc2face-rt embed --image PHOTO --out id.npy`")
     return normalize_identity(emb, str(path))
 
 
@@ -48,6 +52,8 @@ def identity_fingerprint(identity: np.ndarray) -> str:
 
 def random_identity(seed: int) -> np.ndarray:
     """A random unit vector: a new, non-existent identity (how synthetic face datasets are made)."""
+    if not 0 <= checks.whole(seed, "random_identity seed") <= MAX_INDEX:
+        raise InvalidInputError(f"random_identity seed must be in 0..2**63-1 (got {seed})")
     v = np.random.default_rng([seed, 0x1D]).standard_normal(ID_DIM)
     return (v / np.linalg.norm(v)).astype(np.float32)
 
@@ -60,3 +66,49 @@ def image_noise(seed: int, index: int, schedule: Schedule) -> tuple[np.ndarray, 
     x = (rng.standard_normal(shape) * schedule.init_noise_sigma).astype(np.float32)
     noise = rng.standard_normal((schedule.steps,) + shape).astype(np.float32) if schedule.uses_noise else None
     return x, noise
+
+
+def run_items(identities, num_images, indices, seeds, default_seed: int) -> tuple[list, list, list]:
+    """The checked arguments of a run of several identities: unit identities [512], one index sequence
+    per identity (`indices`, else range(num_images); a range stays a range, never listed), one seed per
+    identity (`seeds`, else `default_seed`). Raises InvalidInputError naming the argument."""
+    ids = np.asarray(identities)
+    if ids.ndim != 2 or len(ids) < 1:
+        raise InvalidInputError(f"identities: shape {ids.shape}, expected [M, {ID_DIM}] with M >= 1")
+    ids = [normalize_identity(row, f"identity {j}") for j, row in enumerate(ids)]
+    if indices is None:
+        if not 1 <= checks.whole(num_images, "num_images") <= MAX_INDEX:
+            raise InvalidInputError(f"num_images must be in 1..2**63-1 (got {num_images})")
+        indices = [range(num_images)] * len(ids)
+    else:
+        indices = [idx if isinstance(idx, range) else [checks.whole(i, "image index") for i in idx]
+                   for idx in indices]
+    seeds = [default_seed] * len(ids) if seeds is None else [checks.whole(s, "seed") for s in seeds]
+    if len(indices) != len(ids) or len(seeds) != len(ids) or not all(0 <= s <= MAX_INDEX for s in seeds):
+        raise InvalidInputError(f"{len(ids)} identities need as many index lists and seeds in 0..2**63-1 "
+                                f"(got {len(indices)} and {len(seeds)})")
+    bounds = [index_bounds(idx) for idx in indices if len(idx)]
+    if not bounds or min(b[0] for b in bounds) < 0 or max(b[1] for b in bounds) > MAX_INDEX:
+        raise InvalidInputError("image indices must be a non-empty list of numbers in 0..2**63-1 "
+                                f"(got {[idx if isinstance(idx, range) else idx[:4] for idx in indices[:2]]})")
+    return ids, indices, seeds
+
+
+def index_bounds(idx: Sequence[int]) -> tuple[int, int]:
+    """(smallest, largest) of a non-empty index sequence; a range's without listing it."""
+    if isinstance(idx, range):
+        return min(idx[0], idx[-1]), max(idx[0], idx[-1])
+    return min(idx), max(idx)
+
+
+def run_batches(indices: list, size: int) -> Iterator[list[tuple[int, int]]]:
+    """(identity j, image index i) pairs, identity-major, `size` at a time, made as they are needed."""
+    batch = []
+    for j, idx in enumerate(indices):
+        for i in idx:
+            batch.append((j, i))
+            if len(batch) == size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch

@@ -26,7 +26,7 @@ from pathlib import Path
 from .atomic import atomic_write
 from .errors import Arc2FaceError, EngineMismatchError
 from .fileio import read_regular_file
-from .manifest import resolve_inside, sha256_file
+from .manifest import reexport_advice, resolve_inside, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,6 @@ def verify_records(engines_dir: str | Path, records: dict, mode: str = "stamp") 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
     engines_dir = Path(engines_dir)
-    fix = f"re-export the folder (`arc2face-export onnx --out {engines_dir} --force`, then build-engines if you use plans)"
     report, t0 = VerifyReport(), time.perf_counter()
     store = StampStore(engines_dir) if mode != "size" else None
     try:
@@ -112,12 +111,13 @@ def verify_records(engines_dir: str | Path, records: dict, mode: str = "stamp") 
             try:
                 st = p.stat()
             except FileNotFoundError:
-                raise EngineMismatchError(f"{p}: listed in the manifest but missing; {fix}") from None
+                raise EngineMismatchError(f"{p}: listed in the manifest but missing;"
+                                          f" {reexport_advice(engines_dir)}") from None
             if not p.is_file():
-                raise EngineMismatchError(f"{p}: not a regular file; {fix}")
+                raise EngineMismatchError(f"{p}: not a regular file; {reexport_advice(engines_dir)}")
             if st.st_size != rec["bytes"]:
                 raise EngineMismatchError(f"{p}: {st.st_size} bytes, the manifest records {rec['bytes']} "
-                                          f"(truncated or replaced); {fix}")
+                                          f"(truncated or replaced); {reexport_advice(engines_dir)}")
             report.files += 1
             if store is None:
                 continue
@@ -129,7 +129,8 @@ def verify_records(engines_dir: str | Path, records: dict, mode: str = "stamp") 
             report.hashed_bytes += st.st_size
             if digest != rec["sha256"]:
                 raise EngineMismatchError(f"{p}: content differs from the manifest (sha256 {digest[:12]}..., "
-                                          f"recorded {rec['sha256'][:12]}...): corrupt or replaced; {fix}")
+                                          f"recorded {rec['sha256'][:12]}...): corrupt or replaced;"
+                                          f" {reexport_advice(engines_dir)}")
             st_after = p.stat()
             if _stat_key(st_after) == _stat_key(st):       # not rewritten while we hashed it
                 store.record(real, st, rec["sha256"])

@@ -31,12 +31,13 @@ import hashlib
 import json
 import math
 import os
+import shlex
 from pathlib import Path
 
 from .atomic import atomic_write
 from .errors import EngineMismatchError
 from .fileio import read_regular_file
-from .specs import ALL_STAGES, PRECISIONS, SPEC_REVISION, STEP, STEP_CFG, VAE_DECODER
+from .specs import ALL_STAGES, CONTROL_STAGES, PRECISIONS, SPEC_REVISION, STEP, STEP_CFG, VAE_DECODER
 
 MANIFEST = "manifest.json"
 FORMAT = "arc2face-rt-engines"
@@ -56,7 +57,39 @@ FILE_SECTIONS = {
     "openvino_int8": (STEP_CFG.name, STEP.name),
     "ort_cuda": (STEP_CFG.name, STEP.name, VAE_DECODER.name),
 }
-_REEXPORT = "re-export the folder (`arc2face-export onnx --out {d} --force`, then build-engines if you use plans)"
+
+
+def reexport_advice(engines_dir: str | Path, controlnet: bool = False) -> str:
+    """How to write an engines folder again: the whole `arc2face-export onnx` command, with the options
+    its manifest records (precision, a fused LoRA and its scale, --ort-cuda graphs; a model folder with
+    controlnet/ for the ControlNet graphs, or when `controlnet` asks for them). The manifest is read
+    best-effort (this is advice for a folder that failed a check): from a damaged one, the command
+    says which options to repeat. Paths are shell-quoted, so the command runs as written."""
+    d = shlex.quote(str(engines_dir))
+    try:
+        m = json.loads(read_regular_file(Path(engines_dir) / MANIFEST, MAX_MANIFEST_BYTES))
+    except Exception:                 # missing, unreadable, not JSON: the generic command
+        m = None
+    if not isinstance(m, dict):
+        return (f"re-export the folder (`arc2face-export onnx --model-dir MODEL --out {d} --force`, with the "
+                f"--precision and --lora options of its first export{', MODEL with controlnet/' if controlnet else ''}"
+                "; then build-engines if you use plans)")
+    model = (m.get("source") or {}).get("model_dir") if isinstance(m.get("source"), dict) else None
+    model = shlex.quote(model) if isinstance(model, str) and os.path.isdir(model) else "MODEL"
+    opts, notes = "", []
+    if m.get("precision") in PRECISIONS and m["precision"] != "fp32":
+        opts += f" --precision {m['precision']}"
+    if _lora_ok(m.get("lora")):
+        opts += f" --lora LORA --lora-scale {m['lora']['scale']:g}"
+        notes.append(f"LORA: the LoRA it fused, {m['lora']['file']} (sha256 {m['lora']['sha256'][:12]}...)")
+    if isinstance(m.get("ort_cuda"), dict) and m["ort_cuda"]:
+        opts += " --ort-cuda"
+    if controlnet or any(isinstance(m.get(k), dict) and any(n in m[k] for n in CONTROL_STAGES)
+                         for k in ("stages", "plans")):
+        notes.append(f"{model}: the model folder with its controlnet/")
+    note = "; " + ", ".join(notes) if notes else ""
+    return f"re-export the folder (`arc2face-export onnx --model-dir {model} --out {d}{opts} --force`{note}; " \
+           "then build-engines if you use plans)"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -89,12 +122,15 @@ def load_manifest(engines_dir: str | Path) -> dict:
         raise EngineMismatchError(
             f"{engines_dir}: no {MANIFEST}; write this folder with "
             f"`arc2face-export onnx --model-dir MODEL --out {engines_dir}`")
-    fix = _REEXPORT.format(d=engines_dir)
-    raw = read_regular_file(path, MAX_MANIFEST_BYTES, what="manifest", fix=fix, error=EngineMismatchError)
+    try:
+        raw = read_regular_file(path, MAX_MANIFEST_BYTES, what="manifest", error=EngineMismatchError)
+    except EngineMismatchError as e:
+        raise EngineMismatchError(f"{e}; {reexport_advice(engines_dir)}") from None
     try:
         m = json.loads(raw)
     except (ValueError, RecursionError) as e:
-        raise EngineMismatchError(f"{path}: unreadable manifest ({' '.join(str(e).split())}); {fix}") from None
+        raise EngineMismatchError(f"{path}: unreadable manifest ({' '.join(str(e).split())});"
+                                  f" {reexport_advice(engines_dir)}") from None
     check_manifest(m, engines_dir)
     return m
 
@@ -104,41 +140,44 @@ def check_manifest(m, engines_dir: str | Path) -> None:
     stages or precisions, or a file path that leaves the engines folder."""
     engines_dir = Path(engines_dir)
     where = engines_dir / MANIFEST
-    fix = _REEXPORT.format(d=engines_dir)
     if not isinstance(m, dict):
-        raise EngineMismatchError(f"{where}: holds {_kind(m)}, not an engines manifest; {fix}")
+        raise EngineMismatchError(f"{where}: holds {_kind(m)}, not an engines manifest; {reexport_advice(engines_dir)}")
     if m.get("format") != FORMAT:
         raise EngineMismatchError(f"{where}: not an arc2face-rt engines manifest (format {m.get('format')!r})")
     version = m.get("format_version")
     if not _is_int(version) or version > FORMAT_VERSION or version < 1:
         raise EngineMismatchError(f"{where}: format_version {version!r}; this arc2face-rt reads version "
-                                  f"{FORMAT_VERSION}; {fix}")
+                                  f"{FORMAT_VERSION}; {reexport_advice(engines_dir)}")
     rev = m.get("spec_revision")
     if not _is_int(rev):
-        raise EngineMismatchError(f"{where}: spec_revision is {rev!r}, not a whole number; {fix}")
+        raise EngineMismatchError(f"{where}: spec_revision is {rev!r}, not a whole number;"
+                                  f" {reexport_advice(engines_dir)}")
     if rev != SPEC_REVISION:
         raise EngineMismatchError(
             f"{engines_dir}: written for spec revision {rev}, this arc2face-rt reads revision {SPEC_REVISION}; "
             f"re-export with `arc2face-export onnx --model-dir MODEL --out {engines_dir} --force`")
     if m.get("precision") not in PRECISIONS:
         raise EngineMismatchError(f"{where}: precision {m.get('precision')!r} is not one of "
-                                  f"{', '.join(PRECISIONS)}; {fix}")
+                                  f"{', '.join(PRECISIONS)}; {reexport_advice(engines_dir)}")
     for key in ("source", "libraries", "scheduler_config"):
         if key in m and not isinstance(m[key], dict):
-            raise EngineMismatchError(f"{where}: '{key}' is {_kind(m[key])}, expected an object; {fix}")
+            raise EngineMismatchError(f"{where}: '{key}' is {_kind(m[key])}, expected an object;"
+                                      f" {reexport_advice(engines_dir)}")
     for section, known in FILE_SECTIONS.items():
         recs = m.get(section, {})
         if not isinstance(recs, dict):
-            raise EngineMismatchError(f"{where}: '{section}' is {_kind(recs)}, expected an object; {fix}")
+            raise EngineMismatchError(f"{where}: '{section}' is {_kind(recs)}, expected an object;"
+                                      f" {reexport_advice(engines_dir)}")
         for name, rec in recs.items():
             if name not in known:
                 raise EngineMismatchError(f"{where}: unknown entry '{name}' in '{section}' "
-                                          f"(known: {', '.join(known)}); {fix}")
+                                          f"(known: {', '.join(known)}); {reexport_advice(engines_dir)}")
             problem = _record_problem(rec, section, engines_dir)
             if problem:
-                raise EngineMismatchError(f"{where}: {section}.{name}: {problem}; {fix}")
+                raise EngineMismatchError(f"{where}: {section}.{name}: {problem}; {reexport_advice(engines_dir)}")
     if "lora" in m and not _lora_ok(m["lora"]):
-        raise EngineMismatchError(f"{where}: 'lora' is not {{file, sha256, bytes, scale}}; {fix}")
+        raise EngineMismatchError(f"{where}: 'lora' is not {{file, sha256, bytes, scale}};"
+                                  f" {reexport_advice(engines_dir)}")
 
 
 def _lora_ok(rec) -> bool:
@@ -215,10 +254,10 @@ def resolve_inside(engines_dir: str | Path, rel: str) -> Path:
     try:
         real = p.resolve()
     except (OSError, RuntimeError) as e:     # a symlink loop
-        raise EngineMismatchError(f"{p}: cannot be resolved ({e}); {_REEXPORT.format(d=engines_dir)}") from None
+        raise EngineMismatchError(f"{p}: cannot be resolved ({e}); {reexport_advice(engines_dir)}") from None
     if real != root and root not in real.parents:
         raise EngineMismatchError(f"{p}: points outside the engines folder (to {real}); copy the file into "
-                                  f"{engines_dir} or {_REEXPORT.format(d=engines_dir)}")
+                                  f"{engines_dir} or {reexport_advice(engines_dir)}")
     return p
 
 

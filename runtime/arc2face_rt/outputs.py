@@ -6,15 +6,14 @@ ones lists the folder once, so the cost is O(files in the folder), never O(-n).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
 from pathlib import Path
 
-from .errors import InvalidInputError
+from .errors import Arc2FaceError, InvalidInputError
 from .exits import os_error_message
-from .images import PARAMS_KEY
+from .images import read_png_params
 
 _NAME_MAX = 170        # file systems allow 255 bytes; atomic_write adds ~80 for its temporary name
 
@@ -99,19 +98,13 @@ def existing_images(out: Path, prefix: str, seed: int, count: int) -> dict[int, 
 def read_image_params(path: Path) -> dict | None:
     """The parameters a finished arc2face-rt PNG records, or None when the file is not one (unreadable,
     truncated, another image, no parameters)."""
-    from PIL import Image
-
     if not path.is_file():
         return None
     try:
-        with Image.open(path) as im:
-            text = im.info.get(PARAMS_KEY)       # our tEXt chunk precedes the image data
-            size, mode = im.size, im.mode
-            im.verify()                           # every chunk present and its CRC right, up to IEND
-        params = json.loads(text) if text else None
-    except Exception:                             # Pillow raises many types for broken files
+        params, size, mode = read_png_params(path)
+    except Arc2FaceError:
         return None
-    if not isinstance(params, dict) or size != (512, 512) or mode != "RGB":
+    if size != (512, 512) or mode != "RGB":
         return None
     return params
 

@@ -17,23 +17,24 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import __version__, folder_setup
+from . import __version__, checks, folder_setup
 from .control import Control
 from .errors import EngineMismatchError, InvalidInputError
 from .exits import check_interrupt
 # re-exported: what a folder and this machine decide before a run (defaults, backend) lives there
-from .folder_setup import BACKENDS, check_folder_scheduler, folder_defaults, pick_backend  # noqa: F401
+from .folder_setup import BACKENDS, DEVICES, check_folder_scheduler, folder_defaults, pick_backend  # noqa: F401
 # re-exported: the identity helpers are part of the pipeline's public API
 from .inputs import (IDENTITY_MAX_BYTES, identity_fingerprint, image_noise, load_identity,  # noqa: F401
                      normalize_identity, random_identity)
+from .inputs import MAX_INDEX, index_bounds, run_batches, run_items
 from .integrity import verify_records
-from .manifest import load_manifest, record_files, resolve_inside, stage_file
+from .manifest import load_manifest, record_files, reexport_advice, resolve_inside, stage_file
 from .schedulers import SCHEDULERS, Schedule, make_schedule
 from .specs import (ALL_STAGES, CONTROL_STAGES, DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS,
-                    ID_DIM, PROJECTOR, STEP_STAGES, VAE_DECODER,
-                    step_stage)
+                    IMAGE_SIZE, PROJECTOR, STEP_STAGES, VAE_DECODER, step_stage)
 
 MAX_GUIDANCE = 100.0        # CFG scales beyond this are a typo, not a setting (1e39 overflows float32)
+IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3   # one uint8 RGB image: 786 kB
 log = logging.getLogger("arc2face_rt")
 
 
@@ -47,6 +48,9 @@ class GenerationOptions:
     batch_size: int = DEFAULT_BATCH       # --batch: images per graph call (does not change the images)
 
     def check(self) -> None:
+        for name in ("steps", "seed", "batch_size"):
+            checks.whole(getattr(self, name), f"GenerationOptions.{name}")
+        checks.real(self.guidance, "GenerationOptions.guidance")
         if self.steps < 1:
             raise InvalidInputError(f"--steps must be >= 1 (got {self.steps})")
         if self.scheduler not in SCHEDULERS:
@@ -75,7 +79,8 @@ class Arc2FacePipeline:
         """`verify`: check every file's content against the manifest's sha256 before use (hashing a
         file only when it changed since its last check, see `integrity`); False checks sizes only.
         `cpu_precision`: OpenVINO's auto | fp32 | bf16 | int8 (`backends.openvino`)."""
-        self.engines_dir = Path(engines_dir)
+        self.engines_dir = checks.path(engines_dir, "engines folder")
+        checks.choice(device, "device (--device)", DEVICES)
         self.manifest = load_manifest(self.engines_dir)
         self.backend = pick_backend(self.engines_dir, self.manifest, backend, device)
         self.device = device
@@ -121,13 +126,13 @@ class Arc2FacePipeline:
             section = "plans" if self.backend == "trt" else "stages"
             if name in CONTROL_STAGES and name not in self.manifest[section]:
                 how = (f"`arc2face-export build-engines --out {self.engines_dir}`" if section == "plans" and
-                       name in self.manifest.get("stages", {}) else "an export of a model folder with controlnet/ "
-                       f"(`arc2face-export onnx --model-dir MODEL --out {self.engines_dir} --force`)")
+                       name in self.manifest.get("stages", {}) else
+                       "an export of a model folder with controlnet/: " + reexport_advice(self.engines_dir, True))
                 raise EngineMismatchError(f"{self.engines_dir}: has no ControlNet step graph '{name}' for "
                                           f"--control-image; write it with {how}")
             if name not in self.manifest[section]:
-                raise EngineMismatchError(f"{self.engines_dir}: no '{name}' stage; re-export the folder "
-                                          f"(`arc2face-export onnx --out {self.engines_dir} --force`)")
+                raise EngineMismatchError(f"{self.engines_dir}: no '{name}' stage; "
+                                          f"{reexport_advice(self.engines_dir)}")
             if self.backend == "trt":
                 from .backends.trt import SharedDeviceMemory, open_session   # TensorRT, cuda-python: lazily
                 if self._trt_memory is None:
@@ -153,7 +158,7 @@ class Arc2FacePipeline:
             sess.close()
             raise EngineMismatchError(f"{self._stage_path('plans' if self.backend == 'trt' else 'stages', name)}: "
                                       f"is not a '{name}' graph (inputs {got[0]}, outputs {got[1]}; expected "
-                                      f"{want[0]}, {want[1]}); re-export the folder")
+                                      f"{want[0]}, {want[1]}); {reexport_advice(self.engines_dir)}")
 
     def _stage_path(self, section: str, name: str) -> Path:
         """The file the manifest records for a stage (the one that was verified), inside the folder."""
@@ -244,10 +249,14 @@ class Arc2FacePipeline:
         """Images of one identity ([512] ArcFace features, any norm): indices `first_index` ..
         `first_index + num_images - 1`, or exactly `indices`. Image i depends only on (identity,
         options, i, its control image), never on the batch size or on which other images are made with it.
-        `control`: a pose condition (ControlNet step graphs), one image for all or one per index."""
+        `control`: a pose condition (ControlNet step graphs), one image for all or one per index.
+        All images are kept in memory: at most `max_images_in_memory()` (`iter_many` streams more)."""
         if indices is None:
-            if num_images < 1:
-                raise InvalidInputError(f"-n must be >= 1 (got {num_images})")
+            num_images, first_index = checks.whole(num_images, "num_images"), checks.whole(first_index, "first_index")
+            if not 1 <= num_images <= MAX_INDEX:
+                raise InvalidInputError(f"-n / num_images must be in 1..2**63-1 (got {num_images})")
+            if not 0 <= first_index <= MAX_INDEX - num_images + 1:
+                raise InvalidInputError(f"first_index must be in 0..2**63-num_images (got {first_index})")
             indices = range(first_index, first_index + num_images)
         return self.generate_many(normalize_identity(identity)[None], options=options, indices=[indices],
                                   on_step=on_step, control=control)
@@ -255,11 +264,26 @@ class Arc2FacePipeline:
     def generate_many(self, identities: np.ndarray, num_images: int = 1,
                       options: GenerationOptions = GenerationOptions(), **kw) -> GenerationResult:
         """Images of several identities ([M, 512]) in shared batches (the step graph takes a batch of
-        different conditions), identity-major; all in memory (see `iter_many`, which takes the same
-        arguments). Each equals `generate(identities[j], indices=[i], options with seed seeds[j])`."""
-        parts = list(self.iter_many(identities, num_images, options, **kw))
-        t = {k: sum(p.timings.get(k, 0.0) for p in parts) for k in ("project", "denoise", "decode", "total")}
-        return GenerationResult(np.concatenate([p.images for p in parts]), [q for p in parts for q in p.params], t)
+        different conditions), identity-major; all in memory, at most `max_images_in_memory()` (see
+        `iter_many`, which takes the same arguments and streams). Each equals
+        `generate(identities[j], indices=[i], options with seed seeds[j])`."""
+        options = _checked(options)
+        ids, indices, _ = run_items(identities, num_images, kw.get("indices"), kw.get("seeds"), options.seed)
+        total, limit = sum(len(idx) for idx in indices), max_images_in_memory()
+        if total > limit:
+            raise InvalidInputError(
+                f"{total} images do not fit in memory: generate keeps them all ({IMAGE_BYTES / 1e6:.2f} MB each), and "
+                f"half of this machine's memory holds {limit}; use Arc2FacePipeline.iter_many (one batch at a time) "
+                "or `arc2face-rt generate`/`dataset`, which write each batch to disk")
+        images = np.empty((total, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)   # filled in place: no second copy
+        params, t, n = [], dict.fromkeys(("project", "denoise", "decode", "total"), 0.0), 0
+        for part in self.iter_many(ids, num_images, options, **{**kw, "indices": indices}):
+            images[n:n + len(part.images)] = part.images
+            n += len(part.images)
+            params += part.params
+            for k in t:
+                t[k] += part.timings.get(k, 0.0)
+        return GenerationResult(images, params, t)
 
     def iter_many(self, identities: np.ndarray, num_images: int = 1, options: GenerationOptions = GenerationOptions(),
                   *, indices: Sequence[Sequence[int]] | None = None, seeds: Sequence[int] | None = None,
@@ -267,30 +291,22 @@ class Arc2FacePipeline:
                   control: Control | None = None) -> Iterator[GenerationResult]:
         """Images of identity j: indices 0 .. num_images - 1, or exactly `indices[j]`, with noise seed
         `seeds[j]` (default options.seed); one GenerationResult per batch of `options.batch_size`
-        images, so memory stays bounded. Each identity is projected alone (batch 1): its condition
-        has the same bytes as in `generate`. TensorRT (one identity per generator call) splits a
-        batch where the identity changes. `control`: as in `generate`, by image index."""
-        options.check()
-        ids = np.asarray(identities)
-        if ids.ndim != 2 or len(ids) < 1:
-            raise InvalidInputError(f"identities: shape {ids.shape}, expected [M, {ID_DIM}] with M >= 1")
-        ids = [normalize_identity(row, f"identity {j}") for j, row in enumerate(ids)]
-        indices = [[int(i) for i in idx] for idx in ([range(num_images)] * len(ids) if indices is None else indices)]
-        seeds = [options.seed] * len(ids) if seeds is None else [int(s) for s in seeds]
-        if len(indices) != len(ids) or len(seeds) != len(ids) or not all(0 <= s < 2**63 for s in seeds):
-            raise InvalidInputError(f"{len(ids)} identities need as many index lists and seeds in 0..2**63-1 "
-                                    f"(got {len(indices)} and {len(seeds)})")
-        if not any(indices) or min(min(i, default=0) for i in indices) < 0:
-            raise InvalidInputError(f"image indices must be a non-empty list of numbers >= 0 (got {indices[:2]})")
-        items = [(j, i) for j, idx in enumerate(indices) for i in idx]
+        images, so memory stays bounded (a range of indices is never listed: any count up to 2**63-1).
+        Each identity is projected alone (batch 1): its condition has the same bytes as in `generate`.
+        TensorRT (one identity per generator call) splits a batch where the identity changes.
+        `control`: as in `generate`, by image index."""
+        options = _checked(options)
+        ids, indices, seeds = run_items(identities, num_images, indices, seeds, options.seed)
         if control is not None:
-            control.check_indices([i for _, i in items])
+            if not isinstance(control, Control):
+                raise InvalidInputError(f"control must be a Control (from_files reads images), not "
+                                        f"{type(control).__name__}")
+            control.check_indices([max(index_bounds(idx)[1] for idx in indices if len(idx))])
         schedule = self.schedule(options.scheduler, options.steps)
         gen = self._trt_generator(options.guidance > 1.0, control is not None)
         conds: dict[int, np.ndarray] = {}
-        for start in range(0, len(items), options.batch_size):
+        for batch in run_batches(indices, options.batch_size):
             check_interrupt()               # a Ctrl-C a library swallowed while it loaded stops here
-            batch = items[start:start + options.batch_size]
             t = {"project": 0.0, "denoise": 0.0, "decode": 0.0}
             t_all = time.perf_counter()
             if gen is None:                 # conditions [1, 77, 768] of this batch's identities, kept for the next
@@ -364,3 +380,24 @@ class Arc2FacePipeline:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def max_images_in_memory() -> int:
+    """How many images `generate`/`generate_many` may hold: those whose uint8 arrays fill half of this
+    machine's physical memory (the other half is the models', the batch's and the system's). More would
+    end in a MemoryError (or the host swapping) after hours of work; knowable before the first step."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):     # no sysconf (Windows): assume 64 GiB
+        total = 64 << 30
+    return max(1, total // 2 // IMAGE_BYTES)
+
+
+
+def _checked(options) -> GenerationOptions:
+    """`options` checked, with numpy scalars made Python numbers (what the PNGs record as JSON)."""
+    if not isinstance(options, GenerationOptions):
+        raise InvalidInputError(f"options must be a GenerationOptions, got {type(options).__name__}")
+    options.check()
+    return replace(options, steps=int(options.steps), guidance=float(options.guidance), seed=int(options.seed),
+                   batch_size=int(options.batch_size))

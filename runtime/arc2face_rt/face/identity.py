@@ -90,17 +90,30 @@ class Identity:
 
 def combine_embeddings(embeddings: np.ndarray, method: str = "mean") -> Identity:
     """Several photos' embeddings [N, 512] → one identity: the normalised mean (or element-wise
-    median) of the normalised embeddings, and each photo's cosine similarity to it."""
-    e = np.asarray(embeddings, dtype=np.float32)
-    e = l2_normalize(e.reshape(-1, e.shape[-1]))
-    if len(e) == 0:
+    median) of the normalised embeddings, and each photo's cosine similarity to it. Refused: NaN or
+    infinite entries, an all-zero embedding, and embeddings whose mean (median) is zero, such as v
+    and -v: a zero vector has no direction, so it is no identity."""
+    e = np.asarray(embeddings)
+    if e.size == 0:
         raise NoFaceError("no embeddings to combine: no photo gave a usable face")
+    if e.dtype.kind not in "fiu" or e.ndim not in (1, 2) or e.shape[-1] != ID_DIM:
+        raise InvalidInputError(f"embeddings: {e.dtype} {e.shape}, expected float [N, {ID_DIM}] ArcFace features")
+    e = e.reshape(-1, ID_DIM).astype(np.float64)
+    if not np.all(np.isfinite(e)):
+        raise InvalidInputError("embeddings: contain NaN or infinity; not ArcFace features")
+    zero = np.flatnonzero(~np.any(e, axis=1))
+    if len(zero):
+        raise InvalidInputError(f"embedding {zero[0]} (of {len(e)}) is all zeros; not an identity")
+    e = l2_normalize(e / np.abs(e).max(axis=1, keepdims=True))    # the largest entry first: 1e30s would overflow
     if method == "mean":
         centre = e.mean(axis=0)
     elif method == "median":
         centre = np.median(e, axis=0)
     else:
         raise InvalidInputError(f"identity combine method must be 'mean' or 'median', got {method!r}")
+    if np.linalg.norm(centre) < 1e-6:
+        raise InvalidInputError(f"the {len(e)} embeddings cancel out (their {method} is zero): they are not one "
+                                "person's; combine photos of one identity")
     ident = l2_normalize(centre)
     return Identity(embedding=ident.astype(np.float32), cosines=(e @ ident).astype(np.float32), method=method)
 

@@ -13,6 +13,10 @@ Conversions (every image leaves here as [H, W, 3] uint8 RGB, upright):
 - Anything else Pillow can read (CMYK, YCbCr, LAB, float "F") goes through Image.convert("RGB").
 - Multi-frame files (GIF, TIFF, WebP) give their first frame.
 
+`pillow_rgb=True` replaces the conversions above by Pillow's own `Image.convert("RGB")` for every mode,
+which is what `diffusers.utils.load_image` does (alpha dropped, not composited; a palette's
+transparency ignored): ControlNet condition images (`control.load_control_image`) use it, photos do not.
+
 Limits are checked before any pixel is decoded: the file size from stat(), the pixel count from the
 header (Pillow opens lazily). Pillow's own decompression-bomb guard still applies above its hard
 limit (2 × PIL.Image.MAX_IMAGE_PIXELS ≈ 179 MP); raising past that needs PIL.Image.MAX_IMAGE_PIXELS too.
@@ -52,8 +56,8 @@ DEFAULT_LIMITS = ImageLimits()
 _FIX_FORMAT = "convert it to PNG or JPEG"
 
 
-def load_image(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
-    """Read an image file; return it upright as [H, W, 3] uint8 RGB.
+def load_image(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS, pillow_rgb: bool = False) -> np.ndarray:
+    """Read an image file; return it upright as [H, W, 3] uint8 RGB (`pillow_rgb`: see the module docstring).
 
     Raises ImageDecodeError (empty, too large, truncated, not an image or unsupported) and
     InvalidInputError (no such file)."""
@@ -65,7 +69,7 @@ def load_image(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -> np.nda
         raise ImageDecodeError(f"{path}: cannot be read ({os_error_message(e)})") from None
     with f:
         try:
-            return _decode(f, str(path), limits)
+            return _decode(f, str(path), limits, pillow_rgb)
         except OSError as e:          # an I/O error while decoding (the file system, not the format)
             raise ImageDecodeError(f"{path}: cannot be read ({os_error_message(e)})") from None
 
@@ -94,6 +98,9 @@ def check_image_file(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -> 
 
 def decode_image(data: bytes, name: str = "<bytes>", limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Like load_image, for encoded bytes already in memory (`name` only labels errors)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidInputError(f"{name}: decode_image takes the encoded file's bytes, not {type(data).__name__}; "
+                                "pass a path to load_image, or the bytes read from the file")
     if len(data) == 0:
         raise ImageDecodeError(f"{name}: empty (0 bytes); send the image file's contents")
     if len(data) > limits.max_bytes:
@@ -103,7 +110,7 @@ def decode_image(data: bytes, name: str = "<bytes>", limits: ImageLimits = DEFAU
     return _decode(io.BytesIO(data), name, limits)
 
 
-def _decode(fp, name: str, limits: ImageLimits) -> np.ndarray:
+def _decode(fp, name: str, limits: ImageLimits, pillow_rgb: bool = False) -> np.ndarray:
     with warnings.catch_warnings():
         # Our own pixel limit (checked next, from the header) is the policy; Pillow's warning is noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -131,7 +138,7 @@ def _decode(fp, name: str, limits: ImageLimits) -> np.ndarray:
             raise ImageDecodeError(f"{name}: cannot decode the {fmt} data ({e}); the file is truncated or "
                                    f"corrupt: re-export or re-download it") from e
         try:
-            return _to_rgb8(im)
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy() if pillow_rgb else _to_rgb8(im)
         except MemoryError:
             raise
         except Exception as e:

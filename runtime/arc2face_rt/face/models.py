@@ -13,8 +13,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from .. import checks
 from ..errors import EngineMismatchError, InvalidInputError, MissingWeightsError
-from ..folder_setup import pick_backend
+from ..folder_setup import BACKENDS, DEVICES, pick_backend
 from ..integrity import verify_records
 from ..manifest import load_manifest, record_files, resolve_inside
 from .detector import DETECTOR_FILE, SCORE_THRESHOLD, ScrfdDetector
@@ -143,6 +144,7 @@ def identity_from_images(paths: Iterable[str | Path], models_dir: str | Path | N
 
     Skipped photos and multi-face photos are reported through `log` (default: warnings.warn with
     FaceWarning). Raises NoFaceError when no photo gives a usable face."""
+    check_face_options(face, min_score, min_size, method, backend, device)
     if log is None:
         def log(msg: str) -> None:
             warnings.warn(msg, FaceWarning, stacklevel=3)
@@ -154,3 +156,20 @@ def identity_from_images(paths: Iterable[str | Path], models_dir: str | Path | N
     describe_report(report, face, log)
     report.require_some()
     return combine_embeddings(report.embeddings(), method).embedding
+
+
+def check_face_options(face, min_score, min_size, method: str = "mean", backend: str = "ort",
+                       device: str = "auto") -> None:
+    """Refuse a bad option before any model is loaded or photo read (InvalidInputError naming it): the
+    flags' own ranges (`embed --face/--min-score/--min-size/--combine/--backend/--device`)."""
+    checks.choice(method, "method (--combine)", ("mean", "median"))
+    checks.choice(backend, "backend (--backend)", BACKENDS)
+    checks.choice(device, "device (--device)", DEVICES)
+    if face != "largest" and (isinstance(face, str) or checks.whole(face, "face (--face)") < 0):
+        raise InvalidInputError(f"face (--face) must be 'largest' or a face index >= 0, got {face!r}")
+    score = checks.real(min_score, "min_score (--min-score)")
+    if not 0.0 <= score <= 1.0:            # also NaN: no detection would pass it, blaming the photo
+        raise InvalidInputError(f"min_score (--min-score) must be a detection score in 0..1, got {min_score!r}")
+    size = checks.real(min_size, "min_size (--min-size)")
+    if not 0.0 <= size < float("inf"):
+        raise InvalidInputError(f"min_size (--min-size) must be a size in pixels >= 0, got {min_size!r}")

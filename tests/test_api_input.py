@@ -1,0 +1,414 @@
+"""Bad arguments to the Python API (not the CLIs): each is refused with an arc2face_rt.errors
+exception naming the argument, never a numpy/Pillow/pathlib exception, a silent coercion, or a
+black image. Cheap: most cases need no engines; the rest reuse the session's tiny fp32 export."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from arc2face_rt.control import Control, load_control_image, preprocess_control
+from arc2face_rt.errors import ImageDecodeError, InvalidInputError
+from arc2face_rt.images import PARAMS_KEY, png_bytes, read_params
+from arc2face_rt.outputs import read_image_params
+from arc2face_rt.pipeline import GenerationOptions as G
+
+
+# ---- read_params ------------------------------------------------------------------------------
+def _png_with_chunk(path, text, size=(8, 8)):
+    info = PngInfo()
+    info.add_text(PARAMS_KEY, text)
+    Image.new("RGB", size).save(path, pnginfo=info)
+    return path
+
+
+def test_read_params_reads_what_png_bytes_wrote(tmp_path):
+    (tmp_path / "ok.png").write_bytes(png_bytes(np.zeros((8, 8, 3), np.uint8), {"seed": 3, "index": 1}))
+    assert read_params(tmp_path / "ok.png") == {"seed": 3, "index": 1}
+
+
+@pytest.mark.parametrize("case, error, words", [
+    ("missing", InvalidInputError, "no such file"),
+    ("folder", InvalidInputError, "is a folder"),
+    ("empty", InvalidInputError, "empty"),
+    ("text", ImageDecodeError, "not an image"),
+    ("jpeg", InvalidInputError, "JPEG image, not a PNG"),
+    ("no chunk", InvalidInputError, "no arc2face-rt parameters"),
+    ("truncated", ImageDecodeError, "truncated or corrupt"),
+    ("flipped byte", ImageDecodeError, "truncated or corrupt"),
+    ("not json", InvalidInputError, "not valid JSON"),
+    ("list", InvalidInputError, "not a JSON object"),
+    ("number", InvalidInputError, "not a JSON object"),
+])
+def test_read_params_refuses_bad_files(tmp_path, case, error, words):
+    p = tmp_path / "x.png"
+    good = png_bytes(np.zeros((8, 8, 3), np.uint8), {"seed": 3})
+    if case == "folder":
+        p.mkdir()
+    elif case == "empty":
+        p.write_bytes(b"")
+    elif case == "text":
+        p.write_text("hi")
+    elif case == "jpeg":
+        Image.new("RGB", (8, 8)).save(p, format="JPEG")
+    elif case == "no chunk":
+        Image.new("RGB", (8, 8)).save(p)
+    elif case == "truncated":
+        p.write_bytes(good[:-20])
+    elif case == "flipped byte":
+        i = good.index(b'{"seed"') + 3
+        p.write_bytes(good[:i] + bytes([good[i] ^ 1]) + good[i + 1:])      # the chunk's CRC no longer matches
+    elif case == "not json":
+        _png_with_chunk(p, "{bad")
+    elif case == "list":
+        _png_with_chunk(p, "[1, 2]")
+    elif case == "number":
+        _png_with_chunk(p, "42")
+    with pytest.raises(error, match=words) as e:
+        read_params(p)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_resume_reader_still_returns_none_for_foreign_files(tmp_path):
+    """--resume's reader (outputs.read_image_params) shares read_params' parsing but keeps answering
+    None for anything that is not a finished 512x512 arc2face-rt PNG (plan_resume refuses those)."""
+    good = png_bytes(np.zeros((512, 512, 3), np.uint8), {"seed": 3})
+    (tmp_path / "good.png").write_bytes(good)
+    (tmp_path / "trunc.png").write_bytes(good[:-20])
+    (tmp_path / "list.png").write_bytes(b"")
+    _png_with_chunk(tmp_path / "list.png", "[1, 2]", (512, 512))
+    _png_with_chunk(tmp_path / "small.png", '{"seed": 3}')
+    (tmp_path / "dir.png").mkdir()
+    assert read_image_params(tmp_path / "good.png") == {"seed": 3}
+    for name in ("trunc.png", "list.png", "small.png", "dir.png", "missing.png"):
+        assert read_image_params(tmp_path / name) is None, name
+
+
+# ---- ControlNet condition images ----------------------------------------------------------------
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pose_yaw30.png"
+
+
+@pytest.fixture(scope="module")
+def alpha_poses(tmp_path_factory):
+    """The shipped pose at 128 px with alpha 128 / alpha 0 (a render on a transparent background),
+    as LA, and as a palette PNG with a transparent colour."""
+    d = tmp_path_factory.mktemp("alpha")
+    src = np.asarray(Image.open(EXAMPLE).convert("RGB").resize((128, 128), Image.BILINEAR))
+    for name, a in (("rgba_half", 128), ("rgba_clear", 0)):
+        Image.fromarray(np.dstack([src, np.full(src.shape[:2], a, np.uint8)]), "RGBA").save(d / f"{name}.png")
+    Image.fromarray(np.dstack([src[..., 0], src[..., 1]]), "LA").save(d / "la.png")
+    pal = Image.fromarray(src).quantize(64)
+    pal.save(d / "palette_clear.png", transparency=int(np.asarray(pal)[64, 64]))
+    return d
+
+
+@pytest.mark.parametrize("name", ["rgba_half", "rgba_clear", "la", "palette_clear"])
+def test_control_image_with_alpha_reads_as_diffusers_load_image(alpha_poses, name):
+    """Oracle: diffusers.utils.load_image (Pillow's convert("RGB"): alpha dropped, not composited on
+    black as the photo loader does), then diffusers' ControlNet image processor."""
+    from diffusers.image_processor import VaeImageProcessor
+    from diffusers.utils import load_image as diffusers_load_image
+
+    from arc2face_rt.face.image_io import load_image
+
+    path = alpha_poses / f"{name}.png"
+    want = diffusers_load_image(str(path))
+    np.testing.assert_array_equal(load_image(path, pillow_rgb=True), np.asarray(want))
+    if name == "la":                                    # diffusers sees a grey image: refused as before
+        with pytest.raises(InvalidInputError, match="greyscale"):
+            load_control_image(path)
+        return
+    proc = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False)
+    np.testing.assert_array_equal(load_control_image(path),
+                                  proc.preprocess(want, height=512, width=512).numpy()[0])
+    assert load_image(path).tolist() != np.asarray(want).tolist()    # photos keep compositing on black
+
+
+@pytest.mark.parametrize("value, words", [(np.nan, "NaN or infinity"), (np.inf, "NaN or infinity"),
+                                          (200.0, r"values 0\.5\.\.200"), (-0.5, "must be in")])
+def test_control_refuses_values_outside_0_1(value, words):
+    imgs = np.full((1, 3, 512, 512), 0.5, np.float32)
+    imgs[0, 1, 7, 9] = value
+    with pytest.raises(InvalidInputError, match=words):
+        Control(imgs)
+    Control(np.clip(np.nan_to_num(imgs, posinf=1), 0, 1))     # the same array in range is accepted
+
+
+@pytest.mark.parametrize("images, scale, words", [
+    ([[1.0]], 1.0, "numpy float32 array"),
+    (np.zeros((1, 3, 512, 512), np.float32).tolist(), 1.0, "numpy float32 array"),
+    (None, 1.0, "numpy float32 array"),
+    (np.zeros((1, 3, 512, 512), np.float32), "1", "--control-scale"),
+    (np.zeros((1, 3, 512, 512), np.float32), None, "--control-scale"),
+    (np.zeros((1, 3, 512, 512), np.float32), True, "--control-scale"),
+])
+def test_control_refuses_wrong_types(images, scale, words):
+    with pytest.raises(InvalidInputError, match=words):
+        Control(images, scale)
+
+
+def test_control_from_files_arguments(tmp_path):
+    with pytest.raises(InvalidInputError, match="no files given"):
+        Control.from_files([])
+    one = Control.from_files(str(EXAMPLE))                     # one path (str or Path) is one file
+    assert len(one.images) == 1
+    np.testing.assert_array_equal(Control.from_files(EXAMPLE).images, one.images)
+
+
+def test_preprocess_control_refuses_other_arrays():
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    for bad, words in ((rgba, r"uint8 \(64, 64, 4\)"), (rgba[..., :3].astype(np.float32), "float32"),
+                       (rgba[..., 0], r"\(64, 64\)"), ([[1, 2, 3]], "list")):
+        with pytest.raises(InvalidInputError, match=words):
+            preprocess_control(bad)
+
+
+def test_decode_image_refuses_a_str():
+    from arc2face_rt.face import decode_image
+
+    with pytest.raises(InvalidInputError, match="bytes, not str"):
+        decode_image("abc")
+
+
+# ---- Arc2FacePipeline: options, counts, indices -------------------------------------------------
+@pytest.fixture(scope="module")
+def pipe(tiny_engines):
+    from arc2face_rt.pipeline import Arc2FacePipeline
+
+    with Arc2FacePipeline(tiny_engines, backend="ort") as p:
+        yield p
+
+
+ID = np.random.default_rng(0).standard_normal(512).astype(np.float32)
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(options=G(steps=2, seed=1.5)), r"GenerationOptions\.seed must be a whole number.*1\.5"),
+    (dict(options=G(steps=2, seed=2.0)), r"GenerationOptions\.seed must be a whole number.*2\.0"),
+    (dict(options=G(steps=2, seed=None)), r"GenerationOptions\.seed must be a whole number"),
+    (dict(options=G(steps=2, seed="1")), r"GenerationOptions\.seed must be a whole number"),
+    (dict(options=G(steps="2")), r"GenerationOptions\.steps must be a whole number"),
+    (dict(options=G(steps=None)), r"GenerationOptions\.steps must be a whole number"),
+    (dict(options=G(steps=2.0)), r"GenerationOptions\.steps must be a whole number"),
+    (dict(options=G(steps=2, guidance="3")), r"GenerationOptions\.guidance must be a number"),
+    (dict(options=G(steps=2, guidance=None)), r"GenerationOptions\.guidance must be a number"),
+    (dict(options=G(steps=2, batch_size=1.5), num_images=2), r"GenerationOptions\.batch_size must be a whole"),
+    (dict(num_images=2.0), "num_images must be a whole number"),
+    (dict(num_images="2"), "num_images must be a whole number"),
+    (dict(num_images=True), "num_images must be a whole number"),
+    (dict(first_index=0.5), "first_index must be a whole number"),
+    (dict(options=None), "options must be a GenerationOptions"),
+    (dict(indices=[1.5]), r"image index must be a whole number.*1\.5"),
+    (dict(indices=[np.float64(1)]), "image index must be a whole number"),
+    (dict(num_images=2**63), r"num_images must be in 1\.\.2\*\*63-1"),
+])
+def test_generate_refuses_wrong_types_naming_the_field(pipe, kw, words):
+    with pytest.raises(InvalidInputError, match=words) as e:
+        pipe.generate(ID, **kw)
+    assert "\n" not in str(e.value)
+
+
+def test_numpy_integers_are_whole_numbers(pipe):
+    a = pipe.generate(ID, np.int64(1), G(steps=1, seed=np.uint32(3), batch_size=np.int8(1)), indices=[np.int64(2)])
+    b = pipe.generate(ID, 1, G(steps=1, seed=3), indices=[2])
+    np.testing.assert_array_equal(a.images, b.images)
+    assert a.params == b.params and type(a.params[0]["seed"]) is int
+
+
+def test_iter_many_refuses_wrong_types(pipe):
+    for kw, words in ((dict(seeds=[1.0]), "seed must be a whole number"), (dict(options=None), "options must be"),
+                      (dict(indices=[[0, 2.5]]), "image index must be a whole number"),
+                      (dict(control=np.zeros((1, 3, 512, 512), np.float32)), "control must be a Control")):
+        with pytest.raises(InvalidInputError, match=words):
+            next(pipe.iter_many(ID[None], 1, **kw))
+
+
+def test_generate_bounds_the_images_it_keeps_in_memory(pipe):
+    """10**10 images (7.9 PB) are refused before any work instead of running into a MemoryError;
+    iter_many streams the same count (only the first batch is made here)."""
+    from arc2face_rt.pipeline import IMAGE_BYTES, max_images_in_memory
+
+    limit = max_images_in_memory()
+    assert 1 <= limit * IMAGE_BYTES <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for call in (lambda: pipe.generate(ID, 10**10, G(steps=1)),
+                 lambda: pipe.generate(ID, limit + 1, G(steps=1)),
+                 lambda: pipe.generate_many(np.stack([ID, -ID]), limit // 2 + 1, G(steps=1))):
+        with pytest.raises(InvalidInputError, match=f"half of this machine's memory holds {limit}.*iter_many"):
+            call()
+    first = next(pipe.iter_many(ID[None], 10**10, G(steps=1, batch_size=2)))
+    assert first.images.shape == (2, 512, 512, 3) and [p["index"] for p in first.params] == [0, 1]
+
+
+def test_identity_helpers_refuse_wrong_types():
+    from arc2face_rt.pipeline import load_identity, random_identity
+
+    for bad, words in ((-1, r"in 0\.\.2\*\*63-1 \(got -1\)"), (1.5, "whole number"), (2.0, "whole number"),
+                       ("1", "whole number"), (2**63, r"in 0\.\.2\*\*63-1")):
+        with pytest.raises(InvalidInputError, match=words):
+            random_identity(bad)
+    np.testing.assert_array_equal(random_identity(np.int64(4)), random_identity(4))
+    for bad, words in ((None, "must be a path"), ("", "must not be empty"), (3, "must be a path")):
+        with pytest.raises(InvalidInputError, match=words):
+            load_identity(bad)
+
+
+# ---- the re-export advice of a damaged engines folder ----------------------------------------------
+def _engines_copy(src, dst, **manifest_changes):
+    """Hard-linked copy of an engines folder with its own manifest (the shared export is never touched)."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst, copy_function=os.link)
+    m = json.loads((dst / "manifest.json").read_text())
+    for k, v in manifest_changes.items():
+        if v is None:
+            m.pop(k, None)
+        else:
+            m[k] = v
+    (dst / "manifest.json").unlink()
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst, m
+
+
+def _advised_command(message: str) -> list[str]:
+    """The `arc2face-export onnx ...` command an error advises, parsed by the exporter's own parser
+    (placeholders filled): a missing required option or a typo fails here."""
+    import shlex
+
+    from arc2face_export.cli import build_parser
+
+    cmd = message.split("`")[1]
+    assert cmd.startswith("arc2face-export onnx ")
+    argv = [{"MODEL": "model", "LORA": "lcm.safetensors"}.get(a, a) for a in shlex.split(cmd)[1:]]
+    return build_parser().parse_args(argv)
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.unlink()                                         # the copy's link, not the shared file
+    path.write_bytes(data[:100])
+
+
+def test_reexport_advice_is_a_complete_command(tiny_engines, tmp_path):
+    from arc2face_rt.errors import EngineMismatchError
+    from arc2face_rt.pipeline import Arc2FacePipeline
+
+    d, m = _engines_copy(tiny_engines, tmp_path / "plain dir")      # a space: the command is quoted
+    _truncate(d / "vae_decoder.onnx")
+    with pytest.raises(EngineMismatchError, match="truncated or replaced") as e:
+        Arc2FacePipeline(d, backend="ort")
+    args = _advised_command(str(e.value))
+    assert args.model_dir == Path(m["source"]["model_dir"]) and args.out == d and args.force   # recorded, exists
+    assert args.lora is None and args.precision == "fp32"
+
+
+def test_reexport_advice_repeats_the_lora_precision_and_controlnet(tiny_engines, tmp_path):
+    """A LoRA folder exported with `--stages projector step` (README) asked for CFG: the advice names the
+    LoRA and its scale, the precision, and a model folder with controlnet/ when the folder had its graphs."""
+    from arc2face_rt.errors import EngineMismatchError
+    from arc2face_rt.pipeline import Arc2FacePipeline
+
+    src = __import__("json").loads((tiny_engines / "manifest.json").read_text())
+    lora = {"file": "pytorch_lora_weights.safetensors", "sha256": "ab" * 32, "bytes": 10, "scale": 0.5}
+    stages = {k: v for k, v in src["stages"].items() if k != "step_cfg"}
+    d, _ = _engines_copy(tiny_engines, tmp_path / "lora", lora=lora, stages=stages, precision="fp16",
+                         source={"model_dir": str(tmp_path / "gone")})
+    with Arc2FacePipeline(d, backend="ort") as p:
+        with pytest.raises(EngineMismatchError, match="no 'step_cfg' stage") as e:
+            p.generate(ID, 1, G(steps=1, guidance=3.0))
+    msg = str(e.value)
+    args = _advised_command(msg)
+    assert (args.model_dir, args.precision, args.lora, args.lora_scale, args.force) == \
+        (Path("model"), "fp16", Path("lcm.safetensors"), 0.5, True)
+    assert "pytorch_lora_weights.safetensors (sha256 abababababab" in msg and "controlnet" not in msg
+    with pytest.raises(EngineMismatchError, match="has no ControlNet step graph") as e:
+        Arc2FacePipeline(d, backend="ort").session("step_control")
+    assert "controlnet/" in str(e.value) and _advised_command(str(e.value)).lora == Path("lcm.safetensors")
+    stages["step_control"] = stages["step"]                 # a folder that had the ControlNet graphs
+    d2, _ = _engines_copy(tiny_engines, tmp_path / "control", lora=lora, stages=stages,
+                          source={"model_dir": str(tmp_path / "gone")})
+    _truncate(d2 / "projector.onnx")
+    with pytest.raises(EngineMismatchError, match="truncated") as e:
+        Arc2FacePipeline(d2, backend="ort")
+    assert "MODEL: the model folder with its controlnet/" in str(e.value)
+    assert _advised_command(str(e.value)).lora_scale == 0.5
+
+
+def test_reexport_advice_of_an_unreadable_manifest(tiny_engines, tmp_path):
+    from arc2face_rt.errors import EngineMismatchError
+    from arc2face_rt.pipeline import Arc2FacePipeline
+
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "manifest.json").write_text("{not json")
+    with pytest.raises(EngineMismatchError, match="unreadable manifest") as e:
+        Arc2FacePipeline(d, backend="ort")
+    assert "--precision and --lora options of its first export" in str(e.value)
+    assert _advised_command(str(e.value)).model_dir == Path("model")
+
+
+# ---- the remaining public arguments ----------------------------------------------------------------
+@pytest.mark.parametrize("folder, kw, words", [
+    (None, {}, "engines folder must be a path"),
+    (3, {}, "engines folder must be a path"),
+    ("", {}, "engines folder must not be empty"),
+    ("TINY", dict(device="gpu"), r"device \(--device\) must be one of auto, cpu, cuda, got 'gpu'"),
+    ("TINY", dict(device="CPU"), "device"),
+    ("TINY", dict(device=None), "device"),
+])
+def test_pipeline_refuses_a_bad_folder_or_device(tiny_engines, folder, kw, words):
+    from arc2face_rt.pipeline import Arc2FacePipeline
+
+    with pytest.raises(InvalidInputError, match=words):
+        Arc2FacePipeline(tiny_engines if folder == "TINY" else folder, backend="ort", **kw)
+
+
+@pytest.mark.parametrize("emb, error, words", [
+    (np.full((2, 512), np.nan), InvalidInputError, "NaN or infinity"),
+    (np.zeros((2, 512)), InvalidInputError, "embedding 0 .* all zeros"),
+    ("CANCEL", InvalidInputError, "cancel out"),
+    ([], Exception, "no embeddings to combine"),
+    (np.zeros((0, 512)), Exception, "no embeddings to combine"),
+    (np.ones((2, 511)), InvalidInputError, r"expected float \[N, 512\]"),
+    (np.float32(1), InvalidInputError, r"expected float \[N, 512\]"),
+    (np.array(["a"] * 512), InvalidInputError, "expected float"),
+])
+def test_combine_embeddings_refuses_what_is_no_identity(emb, error, words):
+    from arc2face_rt.errors import NoFaceError
+    from arc2face_rt.face import combine_embeddings
+
+    if isinstance(emb, str) and emb == "CANCEL":                 # [v, -v]: mean zero
+        emb = np.stack([ID, -ID])
+    with pytest.raises(error, match=words) as e:
+        combine_embeddings(emb)
+    assert isinstance(e.value, (InvalidInputError, NoFaceError))
+    big = np.stack([ID * 1e30, ID * 1e-30])                     # any norm: each photo's direction counts
+    np.testing.assert_allclose(combine_embeddings(big).embedding, ID / np.linalg.norm(ID), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(method="bogus"), r"method \(--combine\)"),
+    (dict(face="biggest"), r"face \(--face\) must be 'largest' or a face index"),
+    (dict(face=-1), r"face \(--face\) must be 'largest' or a face index >= 0, got -1"),
+    (dict(face=1.0), r"face \(--face\) must be a whole number"),
+    (dict(min_size=-5), r"min_size \(--min-size\)"),
+    (dict(min_size=float("nan")), r"min_size \(--min-size\)"),
+    (dict(min_score=float("nan")), r"min_score \(--min-score\) must be a detection score in 0\.\.1"),
+    (dict(min_score=2), r"min_score \(--min-score\) must be a detection score"),
+    (dict(min_score="0.5"), r"min_score \(--min-score\) must be a number"),
+    (dict(backend="xx"), r"backend \(--backend\)"),
+    (dict(device="gpu"), r"device \(--device\)"),
+])
+def test_identity_from_images_checks_options_before_loading_anything(monkeypatch, tmp_path, kw, words):
+    import arc2face_rt.face.models as fm
+
+    def no_models(*a, **k):
+        raise AssertionError("face models loaded before the options were checked")
+    monkeypatch.setattr(fm, "load_face_models", no_models)
+    monkeypatch.setattr(fm, "expand_paths", no_models)
+    with pytest.raises(InvalidInputError, match=words):
+        fm.identity_from_images([EXAMPLE], tmp_path, **kw)
