@@ -357,3 +357,36 @@ def test_shard_check_without_recorded_sizes_checks_presence(tmp_path):
     (tmp_path / "id_000000" / "0001.png").unlink()
     with pytest.raises(InvalidInputError, match="0001.png: is missing"):
         _check_shard_files(tmp_path, spec, 0, p, {"files": files})
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_a_shard_another_resume_committed_meanwhile(tiny_engines, wds_run, tmp_path, capsys, monkeypatch, same):
+    """Two --resume runs on one folder: the one whose manifest write finds the other's identical shard
+    counts it as done (exit 0, same bytes); a different manifest there is refused, never overwritten."""
+    import shutil
+
+    from arc2face_rt.dataset import worker
+
+    out = tmp_path / "wds"
+    shutil.copytree(wds_run, out)
+    theirs = out / "shards" / "shard-000001.json"
+    m = json.loads(theirs.read_bytes())
+    m["run"] = {"seconds": 1.0, "worker": "elsewhere:1"}
+    if not same:
+        m["counts"]["generated"] += 1
+    theirs.unlink()
+    real = worker.atomic_write
+
+    def other_run_first(path, data, **kw):          # the other run commits just before this one
+        if Path(path) == theirs:
+            theirs.write_text(json.dumps(m))
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(worker, "atomic_write", other_run_first)
+    rc = rt_main(_args(tiny_engines, out, "--format", "wds", "--resume"))
+    err = capsys.readouterr().err
+    assert json.loads(theirs.read_bytes()) == m                     # theirs, never overwritten
+    if same:
+        assert rc == 0 and _tree(out) == _tree(wds_run), err
+    else:
+        assert rc == 2 and "with other content" in err.strip().splitlines()[-1], err

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ..atomic import atomic_write
-from ..errors import NoFaceError
+from ..errors import NoFaceError, OutputExistsError
 from ..images import png_bytes
 from .identities import identity_seed
 from .spec import DatasetSpec, shard_name
@@ -117,8 +117,18 @@ class ShardWorker:
                                "no_face": sum(r["similarity"] is None for r in records) if self.face else 0},
                     **committed, "images": records,
                     "run": {"seconds": round(time.perf_counter() - t0, 3), "worker": self.name}}
-        atomic_write(manifest_path(c.out, shard), json.dumps(manifest, indent=1).encode(), overwrite=False,
-                     hint="another run committed this shard meanwhile")
+        path, data = manifest_path(c.out, shard), json.dumps(manifest, indent=1).encode()
+        try:
+            atomic_write(path, data, overwrite=False, hint="another run committed this shard meanwhile")
+        except OutputExistsError:
+            # Another run (a second --resume on the folder) committed this shard meanwhile. Its images
+            # passed the writer's byte-for-byte comparison; the same manifest (less its timing) is the
+            # same shard, done: as `generate` counts an image another run wrote with the same parameters.
+            theirs = _manifest_or_none(path)
+            if theirs is None or _less_run(theirs) != _less_run(json.loads(data)):
+                raise OutputExistsError(f"{path}: another run committed shard {shard} meanwhile, with other "
+                                        "content; not overwritten. Let one run write into a folder at a time") from None
+            return theirs
         return manifest
 
     def _write(self, writer, j: int, i: int, image: np.ndarray, params: dict) -> dict:
@@ -132,3 +142,15 @@ class ShardWorker:
 
     def close(self) -> None:
         self.pipe.close()
+
+
+def _less_run(manifest: dict) -> dict:
+    return {k: v for k, v in manifest.items() if k != "run"}
+
+
+def _manifest_or_none(path: Path) -> dict | None:
+    try:
+        m = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return m if isinstance(m, dict) else None
