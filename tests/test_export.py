@@ -189,12 +189,12 @@ def test_a_failed_swap_puts_the_old_export_back(tiny_model_dir, tiny_engines, tm
     d = _linked_copy(tiny_engines, tmp_path / "e")
     before = snapshot(d)
     victim = d / "step.onnx"
-    real_rename, real_replace = os.rename, os.replace
-    failed = []
+    real_rename, real_replace, real_link = os.rename, os.replace, os.link
+    failed, times = [], 1 if side.startswith("old") else 2       # moving in: the link, then its rename fallback
 
     def guarded(real):
         def move(src, dst, *a, **k):
-            if Path(src if side.startswith("old") else dst) == victim and not failed:   # once: the rollback may
+            if Path(src if side.startswith("old") else dst) == victim and len(failed) < times:   # the rollback may
                 failed.append(src)
                 raise PermissionError(errno.EPERM, "Operation not permitted", str(src), None, str(dst))
             return real(src, dst, *a, **k)
@@ -202,6 +202,7 @@ def test_a_failed_swap_puts_the_old_export_back(tiny_model_dir, tiny_engines, tm
 
     monkeypatch.setattr(os, "rename", guarded(real_rename))
     monkeypatch.setattr(os, "replace", guarded(real_replace))
+    monkeypatch.setattr(os, "link", guarded(real_link))
     with pytest.raises(PermissionError):
         onnx_export.export_all(tiny_model_dir, d, force=True, validate=False)
     monkeypatch.undo()
@@ -257,3 +258,21 @@ def test_demo_after_a_killed_export_removes_its_temporary_folder(tiny_model_dir,
     stale = killed_run_temp(d / "engines-tiny-fp32", "export")
     assert main(["demo", "--out", str(d), "-n", "1", "--steps", "1"]) == 0
     assert not stale.exists() and (d / "images" / "run-001" / "arc2face_0_0000.png").is_file()
+
+
+def test_an_export_that_appeared_meanwhile_is_never_replaced(tmp_path):
+    """Two exports into one new folder: the one that finishes second finds the other's files where it
+    would move its own (it decided at its start that there was nothing to replace) and stops, putting
+    its own files back; the other export stays as it was."""
+    from arc2face_export.engines_folder import swap_in
+
+    out, new = tmp_path / "e", tmp_path / "e" / ".new"
+    new.mkdir(parents=True)
+    for name in ("projector.onnx", "manifest.json"):
+        (new / name).write_text(f"ours {name}")
+    (out / "projector.onnx").write_text("theirs")                  # written after this export started
+    with pytest.raises(OutputExistsError, match="another export meanwhile"):
+        swap_in(out, new, [])
+    assert (out / "projector.onnx").read_text() == "theirs" and not (out / "manifest.json").exists()
+    assert sorted(p.name for p in new.iterdir()) == ["manifest.json", "projector.onnx"]
+    assert not [p for p in out.iterdir() if p.name not in (".new", "projector.onnx")]   # no backup folder left

@@ -11,13 +11,14 @@ refused. The caches are kept (the TensorRT libraries check them against themselv
 old export goes.
 
 `swap_in` makes the replacement recoverable: the old files are first renamed into a tagged
-temporary folder, then the new ones are renamed in, manifest last; any failure puts everything back
-as it was, and the old files are deleted only after the new manifest is in place. A folder caught
+temporary folder, then the new ones are moved in (never over a file: one that another export wrote
+meanwhile stops this one), manifest last; any failure puts everything back as it was, and the old files are deleted only after the new manifest is in place. A folder caught
 mid-swap (power loss) has no manifest, so no tool trusts it, and the backup folder is removed by the
 next export as a stale temporary.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from arc2face_rt import manifest as mf
 from arc2face_rt.atomic import is_temp_name, set_usual_modes, temp_dir
+from arc2face_rt.errors import OutputExistsError
 from arc2face_rt.specs import ALL_STAGES
 
 _STAGE_NAMES = "|".join(re.escape(n) for n in (*ALL_STAGES, *mf.FACE_STAGES))
@@ -82,7 +84,12 @@ def swap_in(out_dir: Path, new_dir: Path, old: list[str], last: str = mf.MANIFES
             os.rename(out_dir / name, backup / name)
             moved_aside.append(name)
         for name in new:
-            os.rename(new_dir / name, out_dir / name)
+            try:
+                _move_no_replace(new_dir / name, out_dir / name)
+            except FileExistsError:
+                raise OutputExistsError(f"{out_dir / name}: written by another export meanwhile; not replaced. Let "
+                                        "one export write into a folder at a time, then run again (--force "
+                                        "replaces an export)") from None
             moved_in.append(name)
     except BaseException:
         for name in reversed(moved_in):
@@ -98,6 +105,21 @@ def swap_in(out_dir: Path, new_dir: Path, old: list[str], last: str = mf.MANIFES
         _remove_if_empty(backup)
         raise
     shutil.rmtree(backup, ignore_errors=True)
+
+
+def _move_no_replace(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst` unless `dst` exists (FileExistsError): a hard link, which never replaces, then
+    the unlink of `src`. On a file system without hard links: a check, then the rename."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "exists", str(dst)) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
 
 
 def _remove_if_empty(folder: Path) -> None:
