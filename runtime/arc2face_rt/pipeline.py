@@ -393,7 +393,6 @@ def max_images_in_memory() -> int:
     return max(1, total // 2 // IMAGE_BYTES)
 
 
-
 def _checked(options) -> GenerationOptions:
     """`options` checked, with numpy scalars made Python numbers (what the PNGs record as JSON)."""
     if not isinstance(options, GenerationOptions):
