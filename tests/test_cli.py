@@ -146,3 +146,12 @@ def test_repeated_list_flags_add_up_instead_of_replacing():
     a = export_parser().parse_args(["openvino-int8", "--engines", "e", "--stages", "step", "--stages", "step_cfg"])
     assert a.stages == ["step", "step_cfg"]
     assert export_parser().parse_args(["openvino-int8", "--engines", "e"]).stages is None   # the default: both
+
+
+@pytest.mark.parametrize("value", ["-inf", "-1e3"])
+def test_a_negative_value_is_refused_by_the_flags_range_not_taken_for_an_option(value, capsys):
+    from arc2face_rt.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--engines", "e", "--out", "o", "--random-id", "--control-scale", value])
+    assert f"{value} is outside 0..10" in capsys.readouterr().err

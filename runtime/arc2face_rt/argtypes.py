@@ -6,6 +6,7 @@ import argparse
 import functools
 import math
 import os
+import re
 from pathlib import Path
 
 
@@ -71,6 +72,9 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, tool: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.tool = tool or self.prog
+        # Values such as -inf or -1e3 are values (refused by the flag's own range), not unknown options:
+        # argparse's own pattern knows only -1 and -1.5.
+        self._negative_number_matcher = re.compile(r"^-(?:\d+|\d*\.\d+)(?:e[-+]?\d+)?$|^-(?:inf|infinity|nan)$", re.I)
 
     def add_subparsers(self, **kwargs):
         kwargs.setdefault("parser_class", functools.partial(type(self), tool=self.tool))
