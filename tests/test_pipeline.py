@@ -139,3 +139,13 @@ def test_io_binding_loop_equals_the_plain_loop(pipe, tiny_engines):
     got = OrtStepSession(tiny_engines / "step.onnx", device="cpu").denoise_loop(x[:1], cond[:1], lcm.table(), None,
                                                                                  noise)
     np.testing.assert_allclose(got, pipe.denoise(cond[:1], x[:1], lcm, 1.0, noise), rtol=1e-5, atol=1e-5)
+
+
+def test_non_finite_latents_are_an_error_not_black_images(pipe, monkeypatch):
+    """Weights that overflow (an fp16 export of a strong LoRA, say) make NaN latents, which the decoder
+    turns into black images: the pipeline says so instead."""
+    from arc2face_rt.errors import MissingWeightsError
+
+    monkeypatch.setattr(pipe, "denoise", lambda cond, x, *a, **k: np.full_like(x, np.nan))
+    with pytest.raises(MissingWeightsError, match="NaN/inf latents"):
+        pipe.generate(np.ones(512, np.float32), 1, GenerationOptions(steps=1))

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import __version__, checks, folder_setup
 from .control import Control
-from .errors import EngineMismatchError, InvalidInputError
+from .errors import EngineMismatchError, InvalidInputError, MissingWeightsError
 from .exits import check_interrupt
 # re-exported: what a folder and this machine decide before a run (defaults, backend) lives there
 from .folder_setup import BACKENDS, DEVICES, check_folder_scheduler, folder_defaults, pick_backend  # noqa: F401
@@ -346,6 +346,10 @@ class Arc2FacePipeline:
             return imgs, seconds
         t0 = time.perf_counter()
         lat = self.denoise(cond, x, schedule, guidance, noise, on_step=on_step, **extra)
+        if not np.isfinite(lat).all():          # would decode to black images without a word
+            raise MissingWeightsError(f"{self.engines_dir}: the denoising loop produced NaN/inf latents: the "
+                                      "engines' weights (or a fused LoRA) give non-finite values at this precision; "
+                                      "export from intact weights, or in fp32 (--precision fp32)")
         t1 = time.perf_counter()
         imgs = self.decode(lat)
         return imgs, {"denoise": t1 - t0, "decode": time.perf_counter() - t1}
