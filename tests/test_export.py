@@ -57,14 +57,13 @@ def test_a_no_op_export_checks_content_and_removes_a_dead_exports_temps(tiny_mod
     """A same-size change is not "up to date" (the content is hashed, through stamps), and a killed
     export's temporary folder goes even when there is nothing to export."""
     import shutil
-    import socket
 
     from arc2face_rt.errors import EngineMismatchError
+    from conftest import killed_run_temp
 
     d = tmp_path / "e"
     shutil.copytree(tiny_engines, d)
-    stale = d / f".export.arc2face-{socket.gethostname()}-999999-x.tmp"     # pid 999999: not running
-    stale.mkdir()
+    stale = killed_run_temp(d, "export")
     onnx_export.export_all(tiny_model_dir, d, precision="fp32")
     assert not stale.exists()
     f = d / "vae_decoder.onnx"

@@ -26,8 +26,9 @@ def adapter(tiny_model_dir):
 
 @pytest.fixture
 def library_lines():
-    """What diffusers, peft and transformers log (they print through handlers of their own, which
-    pytest's capture may not see): a handler on each library's logger collects it."""
+    """What diffusers, peft and transformers log outside the LoRA code's own capture (which swaps these
+    loggers' handlers while it loads the adapter, so this handler sees only what leaks around it: at
+    import, before or after the load). What leaks through the capture itself shows in capfd."""
     lines = []
 
     class Collect(logging.Handler):

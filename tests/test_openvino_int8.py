@@ -122,6 +122,24 @@ def test_a_full_disk_during_save_is_one_line_and_leaves_nothing(tiny_engines, tm
     assert not is_stale_temp(work)                      # ours while we run; a dead process's once killed
 
 
+def test_another_save_failure_is_not_called_a_full_disk(tiny_engines, tmp_path, monkeypatch):
+    """Only OpenVINO's stream errors are the disk's; any other RuntimeError of save_model stays a bug."""
+    import nncf
+    import openvino
+    from arc2face_export.cli import main as export_main
+
+    d = tmp_path / "e"
+    shutil.copytree(tiny_engines, d, ignore=shutil.ignore_patterns("openvino_cache"))
+
+    def broken(model, path, **kw):
+        raise RuntimeError("Exception from src/core/src/pass/serialize.cpp: unsupported element type")
+
+    monkeypatch.setattr(nncf, "quantize", lambda model, *a, **kw: model)
+    monkeypatch.setattr(openvino, "save_model", broken)
+    with pytest.raises(RuntimeError, match="unsupported element type"):
+        export_main(["openvino-int8", "--engines", str(d), *_ONE_STEP])
+
+
 def test_the_next_run_removes_a_killed_runs_temporary_files(q_engines, tmp_path):
     from arc2face_rt.atomic import temp_dir
     from conftest import killed_run_temp

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -50,24 +48,15 @@ def cmd_build_engines(args) -> int:
         if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
             logging.getLogger(name).setLevel(logging.INFO)
     out = check_output_dir(args.out)
-    new_out = not os.path.lexists(out)
-    try:
-        return _build(args, out)
-    except BaseException:
-        if new_out and out.is_dir():         # a failed command leaves no folder it made
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-
-
-def _build(args, out: Path) -> int:
     options = BuildOptions(batch=args.batch, opt_batch=args.opt_batch, opt_level=args.opt_level,
                            compute_capability=args.compute_capability, timing_cache=not args.no_timing_cache,
                            workspace_mib=args.workspace_mib)
     # Refuse what cannot work before exporting or copying anything: the target GPUs, the batch profile
     # of every stage that runs at the served batch, the face models.
     resolve_compute_capabilities(import_trt(), args.compute_capability, args.precision)
-    for spec in specs.ALL_STAGES.values():
-        stage_profile(spec, options)
+    for name in args.stages or specs.ALL_STAGES:
+        if name in specs.ALL_STAGES:
+            stage_profile(specs.ALL_STAGES[name], options)
     if not args.no_face and args.face_models is not None:
         find_face_models(args.face_models, explicit=True)
     quantized = args.precision in mf.QUANT_SECTIONS

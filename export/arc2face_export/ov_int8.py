@@ -43,6 +43,10 @@ SENSITIVE_NAME = re.compile(r"time_emb|time_proj|timestep|conv_in\b|conv_out\b|n
 log = logging.getLogger(__name__)
 
 
+class _StreamError(RuntimeError):
+    """OpenVINO's save_model failing to write its stream (a full disk, a file-size limit)."""
+
+
 def ov_int8_file(stage: str) -> str:
     return f"{stage}.ov-int8.xml"
 
@@ -81,11 +85,16 @@ def quantize_ov_int8(src_onnx: str | Path, dst_xml: str | Path, feeds: list[dict
     n_fq = sum(op.get_type_name() == "FakeQuantize" for op in q.get_ops())
     # OpenVINO reports a failed write (a full disk, a file-size limit) as RuntimeError("basic_ios::clear:
     # iostream error"): named as the output, with the fix; the engines folder is the only place it can go.
-    with naming_output(dst_xml, library_errors=(RuntimeError,), elsewhere=None):
+    with naming_output(dst_xml, library_errors=(_StreamError,), elsewhere=None):
         work = temp_dir(dst_xml.parent, dst_xml.name)
         try:
             tmp = work / dst_xml.name
-            ov.save_model(q, str(tmp), compress_to_fp16=False)
+            try:
+                ov.save_model(q, str(tmp), compress_to_fp16=False)
+            except RuntimeError as e:              # only its stream errors are the disk's; others stay bugs
+                if "iostream" not in str(e) and "ios_base" not in str(e):
+                    raise
+                raise _StreamError(str(e)) from e
             os.replace(_bin(tmp), _bin(dst_xml))          # weights first: the .xml names a complete .bin
             os.replace(tmp, dst_xml)
         finally:

@@ -27,6 +27,7 @@ import onnx
 from arc2face_rt import manifest as mf
 from arc2face_rt.atomic import remove_stale_temps, temp_dir, usual_mode
 from arc2face_rt.errors import Arc2FaceError, InvalidInputError
+from arc2face_rt.integrity import verify_records
 from arc2face_rt.specs import STAGES
 
 from . import calib, qdq
@@ -270,8 +271,8 @@ def _write_quantized(engines_dir: Path, stage: str, src: Path, placement: qdq.Pl
 
 def quant_is_current(engines_dir: Path, m: dict, stage: str, recipe: QuantRecipe, cal: calib.Calibration,
                      recorded: bool) -> bool:
-    """The stage's quantised graph exists, intact (sizes and sha256: hashing costs about a second, quantising
-    minutes), from the current source graph, recipe and calibration. A damaged record (fields missing or of
+    """The stage's quantised graph exists, intact (sizes and sha256, hashed once and then trusted through the
+    verification stamps), from the current source graph, recipe and calibration. A damaged record (fields missing or of
     other types) is not current: the graph is made again."""
     r = recipe.resolved()
     try:
@@ -283,7 +284,7 @@ def quant_is_current(engines_dir: Path, m: dict, stage: str, recipe: QuantRecipe
             return False
         if not recorded and {k: q["calibration"].get(k) for k in cal.record()} != cal.record():
             return False
-        mf.verify_files(engines_dir, q["files"], hashes=True)   # a flipped byte keeps the size: hash them
+        verify_records(engines_dir, q["files"], mode="stamp")   # a flipped byte keeps the size: hash (once)
         return True
     except (KeyError, TypeError, AttributeError, ValueError, Arc2FaceError):  # Arc2FaceError: outside, changed
         return False

@@ -19,12 +19,12 @@ x, y, z). A `Control` built from arrays must hold finite float32 values in [0, 1
 from __future__ import annotations
 
 import hashlib
-import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import checks
 from .errors import InvalidInputError
 from .specs import DEFAULT_CONTROL_SCALE, IMAGE_SIZE
 
@@ -85,10 +85,11 @@ class Control:
             bad = "NaN or infinity" if not np.all(np.isfinite(imgs)) else f"values {imgs.min():g}..{imgs.max():g}"
             raise InvalidInputError(f"control images: {bad}; they must be in [0, 1] (an 8-bit image divided by "
                                     "255, as load_control_image gives)")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real) or not np.isfinite(self.scale) \
-                or not 0 <= self.scale <= MAX_SCALE:
+        scale = checks.real(self.scale, "control scale (--control-scale)")     # a Python float: PNGs record it
+        if not np.isfinite(scale) or not 0 <= scale <= MAX_SCALE:
             raise InvalidInputError(f"--control-scale must be a number in 0..{MAX_SCALE:g} (got {self.scale!r}; "
                                     f"diffusers' default is {DEFAULT_CONTROL_SCALE:g})")
+        object.__setattr__(self, "scale", scale)
         object.__setattr__(self, "fingerprints", tuple(hashlib.sha256(np.ascontiguousarray(a).tobytes())
                                                        .hexdigest()[:16] for a in imgs))
 

@@ -52,6 +52,9 @@ def read_png_params(path: str | Path) -> tuple[dict, tuple[int, int], str]:
             text = im.info.get(PARAMS_KEY) if fmt == "PNG" else None   # our tEXt chunk precedes the pixels
             if fmt == "PNG":
                 im.verify()
+        if fmt == "PNG" and text is None:       # a text chunk after the pixels (a re-saving tool moved it)
+            with Image.open(io.BytesIO(data)) as im:
+                text = im.text.get(PARAMS_KEY)
     except UnidentifiedImageError:
         if data.startswith(b"\x89PNG\r\n\x1a\n"):     # a PNG whose header chunks are broken (a bad CRC)
             raise ImageDecodeError(f"{path}: truncated or corrupt PNG (Pillow cannot read its header chunks); "

@@ -4,6 +4,7 @@ from (seed, index) alone so that batching never changes an image."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -13,7 +14,7 @@ from . import checks
 from .errors import InvalidInputError
 from .npyio import read_npy
 from .schedulers import Schedule
-from .specs import ID_DIM, LATENT_CHANNELS, LATENT_SIZE
+from .specs import ID_DIM, IMAGE_SIZE, LATENT_CHANNELS, LATENT_SIZE
 
 
 def normalize_identity(emb: np.ndarray, source: str = "embedding") -> np.ndarray:
@@ -87,11 +88,18 @@ def run_items(identities, num_images, indices, seeds, default_seed: int) -> tupl
     if len(indices) != len(ids) or len(seeds) != len(ids) or not all(0 <= s <= MAX_INDEX for s in seeds):
         raise InvalidInputError(f"{len(ids)} identities need as many index lists and seeds in 0..2**63-1 "
                                 f"(got {len(indices)} and {len(seeds)})")
-    bounds = [index_bounds(idx) for idx in indices if len(idx)]
+    bounds = [index_bounds(idx) for idx in indices if idx]      # bool(), not len(): a huge range overflows len()
     if not bounds or min(b[0] for b in bounds) < 0 or max(b[1] for b in bounds) > MAX_INDEX:
         raise InvalidInputError("image indices must be a non-empty list of numbers in 0..2**63-1 "
                                 f"(got {[idx if isinstance(idx, range) else idx[:4] for idx in indices[:2]]})")
     return ids, indices, seeds
+
+
+def index_count(idx: Sequence[int]) -> int:
+    """len(idx), also for a range longer than len() takes (2**63 and more indices)."""
+    if isinstance(idx, range):
+        return (idx[-1] - idx[0]) // idx.step + 1 if idx else 0
+    return len(idx)
 
 
 def index_bounds(idx: Sequence[int]) -> tuple[int, int]:
@@ -112,3 +120,17 @@ def run_batches(indices: list, size: int) -> Iterator[list[tuple[int, int]]]:
                 batch = []
     if batch:
         yield batch
+
+
+IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3   # one uint8 RGB image: 786 kB
+
+
+def max_images_in_memory() -> int:
+    """How many images `generate`/`generate_many` may hold: those whose uint8 arrays fill half of this
+    machine's physical memory (the other half is the models', the batch's and the system's). More would
+    end in a MemoryError (or the host swapping) after hours of work; knowable before the first step."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):     # no sysconf (Windows): assume 64 GiB
+        total = 64 << 30
+    return max(1, total // 2 // IMAGE_BYTES)

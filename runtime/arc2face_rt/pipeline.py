@@ -26,7 +26,8 @@ from .folder_setup import BACKENDS, DEVICES, check_folder_scheduler, folder_defa
 # re-exported: the identity helpers are part of the pipeline's public API
 from .inputs import (IDENTITY_MAX_BYTES, identity_fingerprint, image_noise, load_identity,  # noqa: F401
                      normalize_identity, random_identity)
-from .inputs import MAX_INDEX, index_bounds, run_batches, run_items
+from .inputs import (IMAGE_BYTES, MAX_INDEX, index_bounds, index_count, max_images_in_memory,  # noqa: F401
+                     run_batches, run_items)
 from .integrity import verify_records
 from .manifest import load_manifest, record_files, reexport_advice, resolve_inside, stage_file
 from .schedulers import SCHEDULERS, Schedule, make_schedule
@@ -34,7 +35,6 @@ from .specs import (ALL_STAGES, CONTROL_STAGES, DEFAULT_BATCH, DEFAULT_GUIDANCE,
                     IMAGE_SIZE, PROJECTOR, STEP_STAGES, VAE_DECODER, step_stage)
 
 MAX_GUIDANCE = 100.0        # CFG scales beyond this are a typo, not a setting (1e39 overflows float32)
-IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3   # one uint8 RGB image: 786 kB
 log = logging.getLogger("arc2face_rt")
 
 
@@ -269,7 +269,7 @@ class Arc2FacePipeline:
         `generate(identities[j], indices=[i], options with seed seeds[j])`."""
         options = _checked(options)
         ids, indices, _ = run_items(identities, num_images, kw.get("indices"), kw.get("seeds"), options.seed)
-        total, limit = sum(len(idx) for idx in indices), max_images_in_memory()
+        total, limit = sum(index_count(idx) for idx in indices), max_images_in_memory()
         if total > limit:
             raise InvalidInputError(
                 f"{total} images do not fit in memory: generate keeps them all ({IMAGE_BYTES / 1e6:.2f} MB each), and "
@@ -301,7 +301,7 @@ class Arc2FacePipeline:
             if not isinstance(control, Control):
                 raise InvalidInputError(f"control must be a Control (from_files reads images), not "
                                         f"{type(control).__name__}")
-            control.check_indices([max(index_bounds(idx)[1] for idx in indices if len(idx))])
+            control.check_indices([max(index_bounds(idx)[1] for idx in indices if idx)])
         schedule = self.schedule(options.scheduler, options.steps)
         gen = self._trt_generator(options.guidance > 1.0, control is not None)
         conds: dict[int, np.ndarray] = {}
@@ -347,9 +347,11 @@ class Arc2FacePipeline:
         t0 = time.perf_counter()
         lat = self.denoise(cond, x, schedule, guidance, noise, on_step=on_step, **extra)
         if not np.isfinite(lat).all():          # would decode to black images without a word
+            fp16 = self.manifest.get("precision") == "fp16"
             raise MissingWeightsError(f"{self.engines_dir}: the denoising loop produced NaN/inf latents: the "
-                                      "engines' weights (or a fused LoRA) give non-finite values at this precision; "
-                                      "export from intact weights, or in fp32 (--precision fp32)")
+                                      f"engines' weights (or a fused LoRA) give non-finite values"
+                                      + (" in fp16; export from intact weights, or in fp32 (--precision fp32)" if fp16
+                                         else "; export from intact weights (and an intact LoRA)"))
         t1 = time.perf_counter()
         imgs = self.decode(lat)
         return imgs, {"denoise": t1 - t0, "decode": time.perf_counter() - t1}
@@ -384,17 +386,6 @@ class Arc2FacePipeline:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def max_images_in_memory() -> int:
-    """How many images `generate`/`generate_many` may hold: those whose uint8 arrays fill half of this
-    machine's physical memory (the other half is the models', the batch's and the system's). More would
-    end in a MemoryError (or the host swapping) after hours of work; knowable before the first step."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, OSError, ValueError):     # no sysconf (Windows): assume 64 GiB
-        total = 64 << 30
-    return max(1, total // 2 // IMAGE_BYTES)
 
 
 def _checked(options) -> GenerationOptions:

@@ -96,7 +96,7 @@ def combine_embeddings(embeddings: np.ndarray, method: str = "mean") -> Identity
     e = np.asarray(embeddings)
     if e.size == 0:
         raise NoFaceError("no embeddings to combine: no photo gave a usable face")
-    if e.dtype.kind not in "fiu" or e.ndim not in (1, 2) or e.shape[-1] != ID_DIM:
+    if e.dtype.kind not in "fiu" or e.ndim < 1 or e.shape[-1] != ID_DIM:   # [N, 1, 512] (stacked [1, 512]s) too
         raise InvalidInputError(f"embeddings: {e.dtype} {e.shape}, expected float [N, {ID_DIM}] ArcFace features")
     e = e.reshape(-1, ID_DIM).astype(np.float64)
     if not np.all(np.isfinite(e)):
