@@ -236,3 +236,27 @@ def test_the_per_user_root_lists_blob_folders_without_a_record(cache, capsys):
     [e] = user_cache.scan()
     assert e.path == stray and e.detail.startswith("no record")
     assert rt_main(["cache", "clear"]) == 0 and not stray.exists()
+
+
+def test_folders_not_named_as_ours_are_never_entries(cache, tmp_path, monkeypatch, capsys):
+    """ARC2FACE_CACHE_DIR may name a folder whose openvino/ is someone else's (a checkout): only folders
+    with our record, or with the names we give entries, count; in a shared ARC2FACE_OV_CACHE a
+    `.removing-NAME-PID` folder is ours only when NAME is one of ours."""
+    import os
+
+    src = cache / "openvino" / "src"
+    src.mkdir(parents=True)
+    (src / "main.cpp").write_text("keep me")
+    shared = tmp_path / "shared"
+    (shared / ".removing-photos-2024").mkdir(parents=True)
+    assert user_cache.scan() == []
+    assert rt_main(["cache", "clear"]) == 0 and (src / "main.cpp").exists()
+    monkeypatch.setenv("ARC2FACE_OV_CACHE", str(shared))
+    assert user_cache.scan() == []
+    assert rt_main(["cache", "prune"]) == 0 and (shared / ".removing-photos-2024").is_dir()
+    fifo = cache / "openvino" / "0123456789abcdef"                    # a FIFO as a record: not read, no hang
+    monkeypatch.delenv("ARC2FACE_OV_CACHE")
+    fifo.mkdir()
+    os.mkfifo(fifo / RECORD)
+    [e] = user_cache.scan()
+    assert e.path == fifo and e.detail.startswith("no record")

@@ -32,11 +32,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..errors import Arc2FaceError
+from ..fileio import read_regular_file
 from ..manifest import write_json_atomic
 
 log = logging.getLogger("arc2face_rt")
 
 RECORD = "record.json"
+MAX_RECORD_BYTES = 1 << 20         # a record names a few folders; anything larger is not ours
 FORMAT = "arc2face-rt-openvino-cache"
 
 
@@ -140,9 +143,9 @@ class CompileCache:
 def read_record(entry: Path) -> dict:
     """The record of one cache entry folder: {} when missing, unreadable or not ours (an entry is ours
     when its record says so). The fields are as the file has them: see `usable_record`."""
-    try:
-        rec = json.loads((entry / RECORD).read_text())
-    except (OSError, ValueError, RecursionError):
+    try:       # a regular file of sane size: a FIFO or /dev/zero put there must not hang or fill memory
+        rec = json.loads(read_regular_file(entry / RECORD, MAX_RECORD_BYTES, what="cache record"))
+    except (OSError, ValueError, RecursionError, Arc2FaceError):
         return {}
     return rec if isinstance(rec, dict) and rec.get("format") == FORMAT else {}
 
@@ -167,15 +170,19 @@ def record_used(rec: dict) -> float | None:
     return t if 0 <= t < 4102444800 else None          # NaN and inf fail too; 4102444800 is 2100-01-01
 
 
-TRASH = re.compile(r"^\.removing-.+-[0-9]+$")
+_KEY = r"(?:[0-9a-f]{16}|face-models)"      # the names `choose_cache_dir` gives: an engine id, the face models
+NAME = re.compile(rf"^{_KEY}$")
+TRASH = re.compile(rf"^\.removing-{_KEY}-[0-9]+$")
 
 
 def is_entry(p: Path, any_folder: bool = False) -> bool:
-    """A cache entry: a real folder (not a link) holding a record of ours, or one a removal left behind;
-    with `any_folder` (the per-user root, which only arc2face-rt writes) every real folder."""
+    """A cache entry: a real folder (not a link) holding a record of ours, or one of our removals left
+    behind; with `any_folder` (the per-user root) also a folder without a record that has the name we
+    give entries (its record was never written). Other folders are never ours, even in that root (an
+    ARC2FACE_CACHE_DIR may name a folder that has an unrelated openvino/ in it)."""
     if not p.is_dir() or p.is_symlink():
         return False
-    return any_folder or bool(TRASH.match(p.name)) or bool(read_record(p))
+    return bool(TRASH.match(p.name)) or bool(read_record(p)) or (any_folder and bool(NAME.match(p.name)))
 
 
 def root_is_ours() -> bool:
