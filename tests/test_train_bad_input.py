@@ -176,3 +176,24 @@ def test_fit_help_shows_every_default():
 
     fit = build_parser()._subparsers._group_actions[0].choices["fit"]
     assert [a.option_strings for a in fit._actions if not a.help] == []
+
+
+def test_resume_refuses_what_fit_did_not_write(tmp_path):
+    """--resume replaced a user's files and a damaged checkpoint (starting afresh over them, exit 0);
+    now each is named, with what to move away. What fit writes itself is fine."""
+    from arc2face_ref.train.checkpoint import STATE, check_resumable
+
+    run = tmp_path / "run"
+    check_resumable(run)                                      # nothing there yet: a new run
+    (run / "validation").mkdir(parents=True)
+    (run / "metrics.csv").write_text("step\n")
+    (run / "checkpoint-2" / STATE).parent.mkdir(parents=True)
+    (run / "checkpoint-2" / STATE).write_bytes(b"x")
+    check_resumable(run)
+    (run / "checkpoint-3").write_text("not a folder")
+    with pytest.raises(InvalidInputError, match="checkpoint-3 is not a complete checkpoint"):
+        check_resumable(run)
+    (run / "checkpoint-3").unlink()
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(InvalidInputError, match="holds notes.txt, which fit does not write"):
+        check_resumable(run)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from arc2face_rt.atomic import naming_output, set_usual_modes, temp_dir
+from arc2face_rt.atomic import is_temp_name, naming_output, set_usual_modes, temp_dir
 from arc2face_rt.errors import InvalidInputError
 
 from ..face_models import DETECTOR_FILE, RECOGNIZER_FILE
@@ -41,6 +41,28 @@ def checkpoints(run: str | Path) -> dict[int, Path]:
             if m and (p / STATE).is_file():
                 found[int(m[1])] = p
     return dict(sorted(found.items()))
+
+
+RUN_FILES = ("metrics.csv", "tensorboard", "validation")     # what fit writes besides its checkpoints
+
+
+def check_resumable(run: str | Path) -> None:
+    """Refuse a --resume into a folder holding what fit does not write there (a user's file, a file or
+    folder named like a checkpoint that is not a complete one): resuming would replace it."""
+    run = Path(run)
+    if not run.is_dir():
+        return
+    for p in sorted(run.iterdir()):
+        if p.name in RUN_FILES or is_temp_name(p.name):
+            continue
+        if _NAME.match(p.name):
+            if not (p / STATE).is_file():
+                raise InvalidInputError(f"--resume: {p} is not a complete checkpoint (no {STATE}): damaged or not "
+                                        "fit's; move it away, then run again (fit resumes from the newest complete "
+                                        "checkpoint, or starts the run afresh without one)")
+            continue
+        raise InvalidInputError(f"--resume: {run} holds {p.name}, which fit does not write; resuming could replace "
+                                "what is there: move it away, or choose another --out for a new run")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -26,7 +26,7 @@ from arc2face_rt.errors import InvalidInputError, OutputExistsError
 from arc2face_rt.outputs import check_output_dir
 
 from ..loading import Arc2FaceModels, cast, load_models
-from .checkpoint import checkpoints, load_state, prune_checkpoints, save_checkpoint
+from .checkpoint import check_resumable, checkpoints, load_state, prune_checkpoints, save_checkpoint
 from .config import RESUME_MAY_CHANGE, FitConfig
 from .model import Trainee, load_trainable_state, set_trainable, trainable_state
 from .shards import RunSampler, ShardDataset, index_shards, sample_seed
@@ -49,6 +49,7 @@ def _start(cfg: FitConfig, resume: bool) -> tuple[int, dict | None, Path | None]
             raise OutputExistsError(f"--out {cfg.out}: exists and is not empty; pass --resume to continue that run, "
                                     "or choose another --out")
         return 0, None, None
+    check_resumable(cfg.out)
     if not found:
         return 0, None, None            # --resume on a run with no checkpoint yet: start it
     step, path = list(found.items())[-1]
