@@ -4,6 +4,7 @@ bug; --lora-scale without --lora is refused. The adapters are made from the rand
 session's tiny checkpoint (kohya keys, as the released file)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -176,3 +177,23 @@ def test_weights_that_overflow_fp16_say_so(tiny_model_dir, adapter, tmp_path, ca
     err = capfd.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("arc2face-export: error: export of stage step: ")
     assert "torch in fp16 gives NaN/inf too (fp32 does not): the weights overflow fp16" in err[-1]
+
+
+def test_a_model_whose_weights_do_not_fit_its_config_is_blamed_not_the_adapter(tiny_model_dir, adapter, tmp_path):
+    """A good adapter against a UNet config that no longer fits its weights: the model folder is named."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from arc2face_ref.lora import check_lora_fits
+    from arc2face_rt.errors import MissingWeightsError
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir / "arc2face", model / "arc2face")
+    cfg = json.loads((model / "arc2face" / "config.json").read_text())
+    cfg["block_out_channels"] = [c * 2 for c in cfg["block_out_channels"]]
+    (model / "arc2face" / "config.json").write_text(json.dumps(cfg))
+    save_file(adapter, str(tmp_path / "good.safetensors"))
+    with pytest.raises(MissingWeightsError, match="does not match .*config.json.*download both again"):
+        check_lora_fits(adapter, model, tmp_path / "good.safetensors")
+    check_lora_fits(adapter, tiny_model_dir, tmp_path / "good.safetensors")      # the intact folder: fine

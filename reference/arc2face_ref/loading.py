@@ -131,6 +131,30 @@ def unet_skeleton(model_dir: str | Path) -> torch.nn.Module:
         return _from_config(UNet2DConditionModel, Path(model_dir) / "arc2face")
 
 
+def unet_weights_mismatch(model_dir: str | Path) -> str | None:
+    """Why MODEL_DIR's UNet weights do not fit its config, read from the safetensors header alone (no
+    weight loaded), or None when they fit or the weights are not a safetensors file (checked at load)."""
+    folder = Path(model_dir) / "arc2face"
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        want = {k: tuple(v.shape) for k, v in unet_skeleton(model_dir).state_dict().items()}
+    except MissingWeightsError as e:
+        return str(e)
+    except Exception as e:      # an unreadable header: the load says so in full
+        return f"{weights}: unreadable ({_first_line(e)}); download it again"
+    bad = [k for k in want if have.get(k) != want[k]]
+    if not bad:
+        return None
+    return (f"{weights}: does not match {folder / 'config.json'} ({bad[0]}: {list(have.get(bad[0], []))} in the file, "
+            f"{list(want[bad[0]])} by the config, and {len(bad) - 1} more); download both again")
+
+
 def cast(model, dtype):
     """`model.to(dtype)` for a diffusers model, without the warning diffusers' `to` (0.42) prints on every
     dtype cast even when none of the model's modules must stay fp32 (it printed two lines before every

@@ -30,7 +30,7 @@ from torch import nn
 from arc2face_rt.errors import MissingWeightsError
 from arc2face_rt.fileio import read_regular_file
 
-from .loading import unet_skeleton
+from .loading import unet_skeleton, unet_weights_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,14 @@ def check_lora_fits(state: dict[str, torch.Tensor], model_dir: str | Path, sourc
     (wrong shapes or rank, keys naming no layer, a lora_down without its lora_up), before the model is
     loaded: diffusers' own `load_lora_weights` runs on the UNet built from its config on the meta device,
     so every key format diffusers reads is checked as it will be read, and no weight is touched."""
-    _load_adapter(unet_skeleton(model_dir), state, source)
+    try:
+        skeleton = unet_skeleton(model_dir)
+        _load_adapter(skeleton, state, source)
+    except MissingWeightsError:
+        why = unet_weights_mismatch(model_dir)     # a broken model folder, not the adapter, may be at fault
+        if why:
+            raise MissingWeightsError(why) from None
+        raise
 
 
 def fuse_lora_into(unet: nn.Module, lora: str | Path | dict, scale: float = 1.0) -> int:
