@@ -197,3 +197,18 @@ def test_resume_refuses_what_fit_did_not_write(tmp_path):
     (run / "notes.txt").write_text("mine")
     with pytest.raises(InvalidInputError, match="holds notes.txt, which fit does not write"):
         check_resumable(run)
+
+
+def test_a_damaged_checkpoint_to_resume_from_is_named_with_its_fix(tiny_model_dir, tmp_path):
+    """Its missing VAE used to get "download the released weights": it is the checkpoint to move away."""
+    import shutil
+
+    from arc2face_ref.train.loop import _load_start_models
+
+    ckpt = tmp_path / "run" / "checkpoint-4"
+    shutil.copytree(tiny_model_dir, ckpt)
+    for f in (ckpt / "vae").glob("diffusion_pytorch_model.*"):
+        f.unlink()
+    with pytest.raises(MissingWeightsError, match=r"--resume: .*checkpoint-4 is damaged .*move it away") as e:
+        _load_start_models(ckpt, tiny_model_dir)
+    assert "download" not in str(e.value)

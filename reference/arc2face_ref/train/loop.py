@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from arc2face_rt.errors import InvalidInputError, OutputExistsError
+from arc2face_rt.errors import InvalidInputError, MissingWeightsError, OutputExistsError
 from arc2face_rt.outputs import check_output_dir
 
 from ..loading import Arc2FaceModels, cast, load_models
@@ -63,6 +63,19 @@ def _start(cfg: FitConfig, resume: bool) -> tuple[int, dict | None, Path | None]
         raise InvalidInputError(f"--resume: {path} is at step {step}, --steps is {cfg.steps}: nothing left to do; "
                                 "raise --steps to train further")
     return step, state, path
+
+
+def _load_start_models(ckpt: Path | None, model_dir: Path):
+    """The models a run starts from: the resumed checkpoint's (a damaged one is named, with the fix:
+    move it away and resume from the one before), else MODEL_DIR's."""
+    if ckpt is None:
+        return load_models(model_dir)
+    try:
+        return load_models(ckpt)
+    except MissingWeightsError as e:
+        why = str(e).split("; download")[0].split("; write")[0]
+        raise MissingWeightsError(f"--resume: {ckpt} is damaged ({why}); move it away to resume from the checkpoint "
+                                  "before it") from None
 
 
 def _per_sample_noise(seeds: list[int], latent_shape: tuple, timesteps: int, id_dropout: float):
@@ -106,7 +119,7 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
     refs = index_shards(cfg.data)
     analyzer = open_face_analyzer(cfg.face_models) if main and cfg.validate_every and cfg.face_models else None
     # LoRA trains adapters on the base weights; otherwise the checkpoint's weights are the start.
-    models = load_models(ckpt if ckpt is not None and not cfg.lora_rank else cfg.model_dir)
+    models = _load_start_models(ckpt if ckpt is not None and not cfg.lora_rank else None, cfg.model_dir)
     if models.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
         raise InvalidInputError(f"{cfg.model_dir}/scheduler: prediction_type "
                                 f"{models.scheduler_config['prediction_type']!r}; fit trains epsilon prediction only")
