@@ -359,3 +359,13 @@ def test_a_range_longer_than_len_takes_is_refused_not_an_overflow(pipe):
         next(pipe.iter_many(ID[None], indices=[range(0, 2**64)]))
     with pytest.raises(InvalidInputError, match="do not fit in memory"):
         pipe.generate(ID, indices=range(0, 2**63 - 1))
+
+
+def test_guidance_of_any_real_type_is_checked_as_a_float():
+    from fractions import Fraction
+
+    from arc2face_rt.pipeline import _checked
+
+    assert _checked(G(guidance=Fraction(3, 2))).guidance == 1.5
+    with pytest.raises(InvalidInputError, match="--guidance"):
+        _checked(G(guidance=Fraction(1000, 1)))

@@ -10,7 +10,7 @@ from pathlib import Path
 from arc2face_rt import argtypes
 from arc2face_rt import manifest as mf
 from arc2face_rt import specs
-from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError
+from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
 from arc2face_rt.outputs import check_output_dir
 
 from .face_plans import FACE_STAGES, add_face_stages, find_face_models
@@ -18,6 +18,16 @@ from .trt_build import (MAX_BATCH, MAX_WORKSPACE_MIB, BuildOptions, build_engine
                         parse_compute_capability, resolve_compute_capabilities, stage_profile)
 
 log = logging.getLogger("arc2face_export.trt_build")
+
+
+# The quantisation flags (int8/fp8 only) and the defaults of those that have one; None in the parser, so
+# that one given with --precision fp16/fp32 is refused instead of ignored.
+QUANT_DEFAULTS = {"calib_identities": 8, "calib_steps": 25, "calib_percentile": 99.99, "quant_level": 3.0}
+QUANT_FLAGS = ("calib_data", *QUANT_DEFAULTS, "calib_method", "smoothquant_alpha", "residual_qdq")
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _onnx_precision(precision: str) -> str:
@@ -60,10 +70,14 @@ def cmd_build_engines(args) -> int:
     if not args.no_face and args.face_models is not None:
         find_face_models(args.face_models, explicit=True)
     quantized = args.precision in mf.QUANT_SECTIONS
+    given = [f"--{k.replace('_', '-')}" for k in QUANT_FLAGS if getattr(args, k) not in (None, False)]
+    if given and not quantized:
+        raise InvalidInputError(f"{', '.join(given)}: quantisation options, for --precision int8 or fp8 only; "
+                                f"drop them for {args.precision}")
     if quantized:
         from .quantize import QUANT_STAGES, QuantRecipe, load_calibration
         recipe = QuantRecipe(args.precision, args.calib_method, args.smoothquant_alpha, args.residual_qdq,
-                             args.quant_level).resolved()
+                             _or(args.quant_level, QUANT_DEFAULTS["quant_level"])).resolved()
         if args.calib_data is not None:
             try:
                 have = set(mf.load_manifest(out).get("stages", {}))
@@ -86,7 +100,9 @@ def cmd_build_engines(args) -> int:
     if quantized:
         from .calib import Calibration
         from .quantize import ensure_quant_graphs
-        cal = Calibration(identities=args.calib_identities, steps=args.calib_steps, percentile=args.calib_percentile)
+        cal = Calibration(identities=_or(args.calib_identities, QUANT_DEFAULTS["calib_identities"]),
+                          steps=_or(args.calib_steps, QUANT_DEFAULTS["calib_steps"]),
+                          percentile=_or(args.calib_percentile, QUANT_DEFAULTS["calib_percentile"]))
         ensure_quant_graphs(out, [recipe], cal, calib_path=args.calib_data, stages=args.stages)
     build_engines(out, stages=args.stages, precision=args.precision, options=options, force=args.force)
     return 0
@@ -125,14 +141,14 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calib-data", default=None, type=argtypes.path,
                    help="int8/fp8: .npz of step-graph inputs (one array per input, leading axis = sample); "
                         "default: run this folder's pipeline on --calib-identities random identities")
-    p.add_argument("--calib-identities", type=argtypes.count(1, 4096, "a number of identities"), default=8,
+    p.add_argument("--calib-identities", type=argtypes.count(1, 4096, "a number of identities"), default=None,
                    metavar="K", help="int8/fp8: calibrate on K random identities x every step (default 8)")
-    p.add_argument("--calib-steps", type=argtypes.count(1, 1000, "a number of steps"), default=25, metavar="N",
+    p.add_argument("--calib-steps", type=argtypes.count(1, 1000, "a number of steps"), default=None, metavar="N",
                    help="int8/fp8: steps of the DPM-Solver++ schedule calibrated on: the one you serve (default 25)")
     p.add_argument("--calib-method", choices=("max", "percentile"), default=None,
                    help="int8/fp8: activation range per tensor: max |x| or a percentile of |x| over each step "
                         "(default: percentile for int8, max for fp8)")
-    p.add_argument("--calib-percentile", type=argtypes.number(50.0, 100.0, "a percentile"), default=99.99, metavar="P",
+    p.add_argument("--calib-percentile", type=argtypes.number(50.0, 100.0, "a percentile"), default=None, metavar="P",
                    help="the percentile --calib-method percentile reads (default 99.99)")
     p.add_argument("--smoothquant-alpha", type=argtypes.number(0.0, 1.0, "an alpha (0: off)"), default=None, metavar="A",
                    help="SmoothQuant migration strength on the MatMul inputs, 0 turns it off (default: 0.8 for "
@@ -141,7 +157,7 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
                    help="int8/fp8: also quantise the residual input of adds fed by a quantised conv, so TensorRT can "
                         "fuse conv + add in int8/FP8; costs accuracy (full size: 27 instead of 33 dB image PSNR vs "
                         "fp16), off by default")
-    p.add_argument("--quant-level", type=float, choices=(1.0, 2.0, 2.5, 3.0), default=3.0, metavar="L",
+    p.add_argument("--quant-level", type=float, choices=(1.0, 2.0, 2.5, 3.0), default=None, metavar="L",
                    help="int8/fp8: which layers are quantised, as ModelOpt's diffusers quant-level: 1 convs, 2 + "
                         "feed-forwards, 2.5 + attention q/k/v, 3 + every Linear (default 3); lower keeps more fp16")
     p.add_argument("--stages", nargs="+", action="extend", default=None, metavar="STAGE",

@@ -50,12 +50,12 @@ class GenerationOptions:
     def check(self) -> None:
         for name in ("steps", "seed", "batch_size"):
             checks.whole(getattr(self, name), f"GenerationOptions.{name}")
-        checks.real(self.guidance, "GenerationOptions.guidance")
+        guidance = checks.real(self.guidance, "GenerationOptions.guidance")    # a float: Fraction, numpy too
         if self.steps < 1:
             raise InvalidInputError(f"--steps must be >= 1 (got {self.steps})")
         if self.scheduler not in SCHEDULERS:
             raise InvalidInputError(f"--scheduler must be one of {', '.join(SCHEDULERS)} (got {self.scheduler!r})")
-        if not np.isfinite(self.guidance) or not 0 <= self.guidance <= MAX_GUIDANCE:
+        if not np.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
             raise InvalidInputError(f"--guidance must be a number in 0..{MAX_GUIDANCE:g} (got {self.guidance}; "
                                     f"Arc2Face uses {DEFAULT_GUIDANCE}, and images saturate well below {MAX_GUIDANCE:g})")
         if self.batch_size < 1:
