@@ -197,3 +197,17 @@ def test_a_model_whose_weights_do_not_fit_its_config_is_blamed_not_the_adapter(t
     with pytest.raises(MissingWeightsError, match="does not match .*config.json.*download both again"):
         check_lora_fits(adapter, model, tmp_path / "good.safetensors")
     check_lora_fits(adapter, tiny_model_dir, tmp_path / "good.safetensors")      # the intact folder: fine
+
+
+def test_peft_keys_without_the_unet_prefix_get_the_rename_as_their_fix(tiny_model_dir, tmp_path):
+    from arc2face_ref.loading import unet_skeleton
+    from arc2face_ref.lora import check_lora_fits
+    from arc2face_rt.errors import MissingWeightsError
+
+    name, lin = next((n, m) for n, m in unet_skeleton(tiny_model_dir).named_modules()
+                     if isinstance(m, torch.nn.Linear) and n.startswith("down_blocks."))
+    bare = {f"{name}.lora_A.weight": torch.randn(4, lin.in_features),
+            f"{name}.lora_B.weight": torch.randn(lin.out_features, 4)}
+    with pytest.raises(MissingWeightsError, match="without the 'unet.' prefix"):
+        check_lora_fits(bare, tiny_model_dir, tmp_path / "peft.safetensors")
+    check_lora_fits({f"unet.{k}": v for k, v in bare.items()}, tiny_model_dir, tmp_path / "peft.safetensors")

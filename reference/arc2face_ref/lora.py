@@ -186,6 +186,10 @@ def _load_adapter(unet: nn.Module, state: dict[str, torch.Tensor], source):
     if adapted < layers:
         extra = next((m for m in said if "unexpected keys" in m), "")
         extra = f" ({' '.join(extra.split())[:200]})" if extra else ""
+        bare = [k for k in state if re.match(r"^(?:base_model\.model\.)?(?:down_blocks|up_blocks|mid_block)\.", k)]
+        if bare:   # peft's own save format: UNet module paths without the "unet." prefix diffusers reads
+            fix = (f"its keys (e.g. {bare[0]}) are UNet module paths without the 'unet.' prefix diffusers expects "
+                   "(peft's own format): rename them to unet.<path>, or save the adapter with diffusers")
         raise MissingWeightsError(f"{source}: {layers - adapted} of its {layers} layers name no layer of this "
                                   f"UNet{extra}; {fix}")
     return pipe
