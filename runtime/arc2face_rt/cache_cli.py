@@ -8,7 +8,6 @@ import time
 
 from . import argtypes
 from .errors import OutputWriteError
-from .exits import os_error_message
 from .user_cache import CacheEntry, human_bytes, remove, scan, select
 
 DEFAULT_OLDER_THAN_DAYS = 30
@@ -59,8 +58,8 @@ def cmd_cache(args) -> int:
                 remove(e)
             except FileNotFoundError:
                 continue                    # another process removed it first
-            except OSError as err:
-                failed.append(os_error_message(err))
+            except OSError as err:                # name the entry and why, not the fix for a write
+                failed.append(f"{err.filename or e.path}: {(err.strerror or type(err).__name__).lower()}")
                 continue
         freed, deleted = freed + e.bytes, deleted + 1
         print(f"{'would delete' if args.dry_run else 'deleted'} {e.kind} {e.path.name} ({human_bytes(e.bytes)}): "
@@ -69,5 +68,6 @@ def cmd_cache(args) -> int:
     print(f"{deleted} of {len(entries)} entries, {verb} {human_bytes(freed)}")
     if failed:
         raise OutputWriteError(f"could not delete {len(failed)} cache entr{'y' if len(failed) == 1 else 'ies'}: "
-                               + "; ".join(failed[:3]))
+                               + "; ".join(failed[:3]) + "; fix the permissions (or the mount) of the cache "
+                               "folder, or delete them by hand")
     return 0
