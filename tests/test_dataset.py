@@ -390,3 +390,14 @@ def test_a_shard_another_resume_committed_meanwhile(tiny_engines, wds_run, tmp_p
         assert rc == 0 and _tree(out) == _tree(wds_run), err
     else:
         assert rc == 2 and "with other content" in err.strip().splitlines()[-1], err
+
+
+@pytest.mark.parametrize("flag,value", [("--identities", "1000000000"), ("--per-identity", "1000000000000000")])
+def test_counts_no_machine_holds_are_refused_while_parsing(tiny_engines, tmp_path, capsys, flag, value):
+    """Before: out of memory after --out was made, advising --batch and --resume (neither helps)."""
+    args = ["dataset", "--engines", str(tiny_engines), "--identities", "2", "--per-identity", "1", "--out",
+            str(tmp_path / "o")]
+    args[args.index(flag) + 1] = value
+    with pytest.raises(SystemExit):
+        rt_main(args)
+    assert f"{value} is outside 1.." in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -11,6 +11,11 @@ from ..specs import DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_
 from .spec import FORMATS, ON_REJECT, DatasetSpec
 
 
+# Far beyond any face-recognition training set (tens of thousands of identities, tens of images each),
+# and what one process holds: the identities ([N, 512] floats) and one shard's image records.
+MAX_IDENTITIES = 10**6
+MAX_PER_IDENTITY = 10**4
+
 def add_dataset_parser(sub) -> None:
     p = sub.add_parser("dataset", help="a synthetic face-recognition dataset: N new identities x K images",
                        description="Generate K images of each of N identities (random new ones, or the rows of a "
@@ -19,12 +24,14 @@ def add_dataset_parser(sub) -> None:
                                    "in-process or on a Ray cluster (--ray).")
     p.add_argument("--engines", required=True, type=argtypes.path, help="engines folder (manifest.json + graphs)")
     who = p.add_mutually_exclusive_group(required=True)
-    who.add_argument("--identities", type=argtypes.count(1, name="a number of identities"), metavar="N",
-                     help="N random identities (unit vectors drawn from --seed)")
+    who.add_argument("--identities", type=argtypes.count(1, MAX_IDENTITIES, "a number of identities"), metavar="N",
+                     help=f"N random identities (unit vectors drawn from --seed; at most {MAX_IDENTITIES:.0e}: they are "
+                          "held in memory, and larger sets are several datasets with other --seed values)")
     who.add_argument("--identities-from", type=argtypes.path, metavar="FILE.npy",
                      help="the identities: an [N, 512] array of ArcFace embeddings")
-    p.add_argument("--per-identity", type=argtypes.count(1, name="a number of images"), required=True, metavar="K",
-                   help="images kept per identity")
+    p.add_argument("--per-identity", type=argtypes.count(1, MAX_PER_IDENTITY, "a number of images"), required=True,
+                   metavar="K", help=f"images kept per identity (at most {MAX_PER_IDENTITY:.0e}; a shard's records "
+                                     "are held in memory)")
     p.add_argument("--out", required=True, type=argtypes.path, help="output folder (new or empty; or --resume)")
     p.add_argument("--format", choices=FORMATS, default="folders",
                    help="folders: DIR/id_000123/0007.png (ImageFolder); wds: WebDataset tar shards DIR/shard-NNNNNN.tar "
