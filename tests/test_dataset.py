@@ -401,3 +401,16 @@ def test_counts_no_machine_holds_are_refused_while_parsing(tiny_engines, tmp_pat
     with pytest.raises(SystemExit):
         rt_main(args)
     assert f"{value} is outside 1.." in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_an_unreachable_ray_address_is_refused_before_out_is_made(tiny_engines, tmp_path, capsys):
+    """Ray retried for minutes, printing a line per try, after --out was written."""
+    pytest.importorskip("ray")
+    import socket
+
+    with socket.socket() as s:                     # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert rt_main(_args(tiny_engines, tmp_path / "o", "--ray", f"127.0.0.1:{port}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no Ray head answers there" in err[0] and not (tmp_path / "o").exists()

@@ -79,8 +79,9 @@ def cmd_dataset(args) -> int:
     from .worker import ShardWorker, WorkerConfig, open_face_models
 
     if args.ray:
-        from .ray_runner import require_ray
+        from .ray_runner import check_ray_address, require_ray
         require_ray()
+        check_ray_address(args.ray)
     opts = GenerationOptions(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
                              batch_size=args.batch)
     if args.identities_from and args.max_id_similarity is not None:

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, InvalidInputError
 from ..exits import install_signal_handlers
 from .worker import ShardWorker, WorkerConfig
 
@@ -27,6 +27,23 @@ def require_ray():
     except ImportError:
         raise BackendUnavailableError("--ray needs Ray: pip install 'arc2face-rt[scale]'") from None
     return ray
+
+
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """A HOST:PORT to join must answer a TCP connection (checked before --out is touched; Ray itself
+    retries for minutes and prints a line per try). "local" and "auto" are Ray's to resolve."""
+    if address in ("local", "auto") or address.startswith("ray://"):
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise InvalidInputError(f"--ray {address}: not HOST:PORT (or 'auto', or no value for a local Ray)")
+    import socket
+
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise InvalidInputError(f"--ray {address}: no Ray head answers there ({e.strerror or e}); start one (`ray "
+                                "start --head`) or check the address") from None
 
 
 def run_on_ray(config: WorkerConfig, identities: np.ndarray, todo: list[int], address: str, workers: int | None,
