@@ -26,10 +26,6 @@ QUANT_DEFAULTS = {"calib_identities": 8, "calib_steps": 25, "calib_percentile": 
 QUANT_FLAGS = ("calib_data", *QUANT_DEFAULTS, "calib_method", "smoothquant_alpha", "residual_qdq")
 
 
-def _or(value, default):
-    return default if value is None else value
-
-
 def _onnx_precision(precision: str) -> str:
     return "fp32" if precision == "fp32" else "fp16"   # int8 and fp8 quantise the fp16 graphs
 
@@ -74,10 +70,13 @@ def cmd_build_engines(args) -> int:
     if given and not quantized:
         raise InvalidInputError(f"{', '.join(given)}: quantisation options, for --precision int8 or fp8 only; "
                                 f"drop them for {args.precision}")
+    for k, default in QUANT_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, default)
     if quantized:
         from .quantize import QUANT_STAGES, QuantRecipe, load_calibration
         recipe = QuantRecipe(args.precision, args.calib_method, args.smoothquant_alpha, args.residual_qdq,
-                             _or(args.quant_level, QUANT_DEFAULTS["quant_level"])).resolved()
+                             args.quant_level).resolved()
         if args.calib_data is not None:
             try:
                 have = set(mf.load_manifest(out).get("stages", {}))
@@ -100,9 +99,7 @@ def cmd_build_engines(args) -> int:
     if quantized:
         from .calib import Calibration
         from .quantize import ensure_quant_graphs
-        cal = Calibration(identities=_or(args.calib_identities, QUANT_DEFAULTS["calib_identities"]),
-                          steps=_or(args.calib_steps, QUANT_DEFAULTS["calib_steps"]),
-                          percentile=_or(args.calib_percentile, QUANT_DEFAULTS["calib_percentile"]))
+        cal = Calibration(identities=args.calib_identities, steps=args.calib_steps, percentile=args.calib_percentile)
         ensure_quant_graphs(out, [recipe], cal, calib_path=args.calib_data, stages=args.stages)
     build_engines(out, stages=args.stages, precision=args.precision, options=options, force=args.force)
     return 0

@@ -1,8 +1,9 @@
 """`arc2face-export demo`: the whole job on the built-in default, offline, on a CPU.
 
 random-weight checkpoint -> ONNX export (validated) -> `arc2face-rt generate` on the CPU (ONNX Runtime, or
-OpenVINO when installed: `--backend auto`) -> PNG files. Re-running reuses the checkpoint and the export and writes a new numbered run folder.
-Random weights give random-looking images: this shows the machinery, not faces.
+OpenVINO when installed: `--backend auto`) -> PNG files. Re-running reuses the checkpoint and the export and
+writes a new numbered run folder. Random weights give random-looking images: this shows the machinery, not
+faces.
 """
 from __future__ import annotations
 

@@ -10,11 +10,11 @@ removed first, a running one's are left alone): anything else means the folder i
 refused. The caches are kept (the TensorRT libraries check them against themselves), the rest of the
 old export goes.
 
-`swap_in` makes the replacement recoverable: the old files are first renamed into a tagged
-temporary folder, then the new ones are moved in (never over a file: one that another export wrote
-meanwhile stops this one), manifest last; any failure puts everything back as it was, and the old files are deleted only after the new manifest is in place. A folder caught
-mid-swap (power loss) has no manifest, so no tool trusts it, and the backup folder is removed by the
-next export as a stale temporary.
+`swap_in` makes the replacement recoverable: the old files are first renamed into a tagged temporary folder,
+then the new ones are moved in (never over a file: one that another export wrote meanwhile stops this one),
+manifest last; any failure puts everything back as it was, and the old files are deleted only after the new
+manifest is in place. A folder caught mid-swap (power loss) has no manifest, so no tool trusts it, and the
+backup folder is removed by the next export as a stale temporary.
 """
 from __future__ import annotations
 

@@ -146,9 +146,8 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
     model_dir, out_dir = Path(model_dir), check_output_dir(out_dir)
     names = _stage_names(model_dir, stages)
     fused = _ort_cuda_stages(ort_cuda, names, precision)
-    files = model_files(model_dir)
     lora_rec = _lora_record(lora, lora_scale, model_dir)
-    source = {str(p.relative_to(model_dir)): mf.file_record(p) for p in files}
+    source = {str(p.relative_to(model_dir)): mf.file_record(p) for p in model_files(model_dir)}
     if out_dir.is_dir():
         remove_stale_temps(out_dir)          # what a killed export left behind, also before a no-op
     if (out_dir / mf.MANIFEST).is_file() and not force:

@@ -11,11 +11,11 @@ convolution, time embedding, norms: `SENSITIVE_NAME`), and every node computed f
 scheduler coefficients (the timestep sinusoid, s·x, the CFG mix and the scheduler update), so the
 scheduler arithmetic is never quantised.
 
-Files: `<stage>.ov-int8.xml` + `.bin` next to the source graph, saved into a tagged temporary folder
-beside them (`.<stage>.ov-int8.xml.arc2face-HOST-PID-RANDOM.tmp/`, which the next run removes if this
-one is killed) and moved into place after they are complete, recorded in
-manifest["openvino_int8"][stage] with the source graph's sha256, the scheme, and the quantised outputs'
-error against the source graph on the calibration inputs (both run by OpenVINO in f32). The runtime uses them with `--backend openvino --cpu-precision int8`.
+Files: `<stage>.ov-int8.xml` + `.bin` next to the source graph, saved into a tagged temporary folder beside
+them (`.<stage>.ov-int8.xml.arc2face-HOST-PID-RANDOM.tmp/`, which the next run removes if this one is killed)
+and moved into place after they are complete, recorded in manifest["openvino_int8"][stage] with the source
+graph's sha256, the scheme, and the quantised outputs' error against the source graph on the calibration
+inputs (both run by OpenVINO in f32). The runtime uses them with `--backend openvino --cpu-precision int8`.
 """
 from __future__ import annotations
 

@@ -272,8 +272,8 @@ def _write_quantized(engines_dir: Path, stage: str, src: Path, placement: qdq.Pl
 def quant_is_current(engines_dir: Path, m: dict, stage: str, recipe: QuantRecipe, cal: calib.Calibration,
                      recorded: bool) -> bool:
     """The stage's quantised graph exists, intact (sizes and sha256, hashed once and then trusted through the
-    verification stamps), from the current source graph, recipe and calibration. A damaged record (fields missing or of
-    other types) is not current: the graph is made again."""
+    verification stamps), from the current source graph, recipe and calibration. A damaged record (fields
+    missing or of other types) is not current: the graph is made again."""
     r = recipe.resolved()
     try:
         q = m.get(SECTIONS[r.precision], {}).get(stage)

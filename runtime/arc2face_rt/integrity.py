@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_write
-from .errors import Arc2FaceError, EngineMismatchError
+from .errors import Arc2FaceError
 from .fileio import read_regular_file
-from .manifest import reexport_advice, resolve_inside, sha256_file
+from .manifest import refused, resolve_inside, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +111,12 @@ def verify_records(engines_dir: str | Path, records: dict, mode: str = "stamp") 
             try:
                 st = p.stat()
             except FileNotFoundError:
-                raise EngineMismatchError(f"{p}: listed in the manifest but missing;"
-                                          f" {reexport_advice(engines_dir)}") from None
+                raise refused(engines_dir, f"{p}: listed in the manifest but missing") from None
             if not p.is_file():
-                raise EngineMismatchError(f"{p}: not a regular file; {reexport_advice(engines_dir)}")
+                raise refused(engines_dir, f"{p}: not a regular file")
             if st.st_size != rec["bytes"]:
-                raise EngineMismatchError(f"{p}: {st.st_size} bytes, the manifest records {rec['bytes']} "
-                                          f"(truncated or replaced); {reexport_advice(engines_dir)}")
+                raise refused(engines_dir, f"{p}: {st.st_size} bytes, the manifest records {rec['bytes']} "
+                              f"(truncated or replaced)")
             report.files += 1
             if store is None:
                 continue
@@ -128,9 +127,8 @@ def verify_records(engines_dir: str | Path, records: dict, mode: str = "stamp") 
             report.hashed += 1
             report.hashed_bytes += st.st_size
             if digest != rec["sha256"]:
-                raise EngineMismatchError(f"{p}: content differs from the manifest (sha256 {digest[:12]}..., "
-                                          f"recorded {rec['sha256'][:12]}...): corrupt or replaced;"
-                                          f" {reexport_advice(engines_dir)}")
+                raise refused(engines_dir, f"{p}: content differs from the manifest (sha256 {digest[:12]}..., "
+                              f"recorded {rec['sha256'][:12]}...): corrupt or replaced")
             st_after = p.stat()
             if _stat_key(st_after) == _stat_key(st):       # not rewritten while we hashed it
                 store.record(real, st, rec["sha256"])

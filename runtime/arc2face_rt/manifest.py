@@ -92,6 +92,12 @@ def reexport_advice(engines_dir: str | Path, controlnet: bool = False) -> str:
            "then build-engines if you use plans)"
 
 
+def refused(engines_dir: str | Path, what: str) -> EngineMismatchError:
+    """The error for an engines folder that failed a check: `what`, then the command that writes it
+    again (`reexport_advice`)."""
+    return EngineMismatchError(f"{what}; {reexport_advice(engines_dir)}")
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -125,12 +131,11 @@ def load_manifest(engines_dir: str | Path) -> dict:
     try:
         raw = read_regular_file(path, MAX_MANIFEST_BYTES, what="manifest", error=EngineMismatchError)
     except EngineMismatchError as e:
-        raise EngineMismatchError(f"{e}; {reexport_advice(engines_dir)}") from None
+        raise refused(engines_dir, str(e)) from None
     try:
         m = json.loads(raw)
     except (ValueError, RecursionError) as e:
-        raise EngineMismatchError(f"{path}: unreadable manifest ({' '.join(str(e).split())});"
-                                  f" {reexport_advice(engines_dir)}") from None
+        raise refused(engines_dir, f"{path}: unreadable manifest ({' '.join(str(e).split())})") from None
     check_manifest(m, engines_dir)
     return m
 
@@ -141,43 +146,39 @@ def check_manifest(m, engines_dir: str | Path) -> None:
     engines_dir = Path(engines_dir)
     where = engines_dir / MANIFEST
     if not isinstance(m, dict):
-        raise EngineMismatchError(f"{where}: holds {_kind(m)}, not an engines manifest; {reexport_advice(engines_dir)}")
+        raise refused(engines_dir, f"{where}: holds {_kind(m)}, not an engines manifest")
     if m.get("format") != FORMAT:
         raise EngineMismatchError(f"{where}: not an arc2face-rt engines manifest (format {m.get('format')!r})")
     version = m.get("format_version")
     if not _is_int(version) or version > FORMAT_VERSION or version < 1:
-        raise EngineMismatchError(f"{where}: format_version {version!r}; this arc2face-rt reads version "
-                                  f"{FORMAT_VERSION}; {reexport_advice(engines_dir)}")
+        raise refused(engines_dir, f"{where}: format_version {version!r}; this arc2face-rt reads version "
+                      f"{FORMAT_VERSION}")
     rev = m.get("spec_revision")
     if not _is_int(rev):
-        raise EngineMismatchError(f"{where}: spec_revision is {rev!r}, not a whole number;"
-                                  f" {reexport_advice(engines_dir)}")
+        raise refused(engines_dir, f"{where}: spec_revision is {rev!r}, not a whole number")
     if rev != SPEC_REVISION:
         raise EngineMismatchError(
             f"{engines_dir}: written for spec revision {rev}, this arc2face-rt reads revision {SPEC_REVISION}; "
             f"re-export with `arc2face-export onnx --model-dir MODEL --out {engines_dir} --force`")
     if m.get("precision") not in PRECISIONS:
-        raise EngineMismatchError(f"{where}: precision {m.get('precision')!r} is not one of "
-                                  f"{', '.join(PRECISIONS)}; {reexport_advice(engines_dir)}")
+        raise refused(engines_dir, f"{where}: precision {m.get('precision')!r} is not one of "
+                      f"{', '.join(PRECISIONS)}")
     for key in ("source", "libraries", "scheduler_config"):
         if key in m and not isinstance(m[key], dict):
-            raise EngineMismatchError(f"{where}: '{key}' is {_kind(m[key])}, expected an object;"
-                                      f" {reexport_advice(engines_dir)}")
+            raise refused(engines_dir, f"{where}: '{key}' is {_kind(m[key])}, expected an object")
     for section, known in FILE_SECTIONS.items():
         recs = m.get(section, {})
         if not isinstance(recs, dict):
-            raise EngineMismatchError(f"{where}: '{section}' is {_kind(recs)}, expected an object;"
-                                      f" {reexport_advice(engines_dir)}")
+            raise refused(engines_dir, f"{where}: '{section}' is {_kind(recs)}, expected an object")
         for name, rec in recs.items():
             if name not in known:
-                raise EngineMismatchError(f"{where}: unknown entry '{name}' in '{section}' "
-                                          f"(known: {', '.join(known)}); {reexport_advice(engines_dir)}")
+                raise refused(engines_dir, f"{where}: unknown entry '{name}' in '{section}' "
+                              f"(known: {', '.join(known)})")
             problem = _record_problem(rec, section, engines_dir)
             if problem:
-                raise EngineMismatchError(f"{where}: {section}.{name}: {problem}; {reexport_advice(engines_dir)}")
+                raise refused(engines_dir, f"{where}: {section}.{name}: {problem}")
     if "lora" in m and not _lora_ok(m["lora"]):
-        raise EngineMismatchError(f"{where}: 'lora' is not {{file, sha256, bytes, scale}};"
-                                  f" {reexport_advice(engines_dir)}")
+        raise refused(engines_dir, f"{where}: 'lora' is not {{file, sha256, bytes, scale}}")
 
 
 def _lora_ok(rec) -> bool:
@@ -254,7 +255,7 @@ def resolve_inside(engines_dir: str | Path, rel: str) -> Path:
     try:
         real = p.resolve()
     except (OSError, RuntimeError) as e:     # a symlink loop
-        raise EngineMismatchError(f"{p}: cannot be resolved ({e}); {reexport_advice(engines_dir)}") from None
+        raise refused(engines_dir, f"{p}: cannot be resolved ({e})") from None
     if real != root and root not in real.parents:
         raise EngineMismatchError(f"{p}: points outside the engines folder (to {real}); copy the file into "
                                   f"{engines_dir} or {reexport_advice(engines_dir)}")

@@ -29,7 +29,7 @@ from .inputs import (IDENTITY_MAX_BYTES, identity_fingerprint, image_noise, load
 from .inputs import (IMAGE_BYTES, MAX_INDEX, index_bounds, index_count, max_images_in_memory,  # noqa: F401
                      run_batches, run_items)
 from .integrity import verify_records
-from .manifest import load_manifest, record_files, reexport_advice, resolve_inside, stage_file
+from .manifest import load_manifest, record_files, reexport_advice, refused, resolve_inside, stage_file
 from .schedulers import SCHEDULERS, Schedule, make_schedule
 from .specs import (ALL_STAGES, CONTROL_STAGES, DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS,
                     IMAGE_SIZE, PROJECTOR, STEP_STAGES, VAE_DECODER, step_stage)
@@ -131,8 +131,7 @@ class Arc2FacePipeline:
                 raise EngineMismatchError(f"{self.engines_dir}: has no ControlNet step graph '{name}' for "
                                           f"--control-image; write it with {how}")
             if name not in self.manifest[section]:
-                raise EngineMismatchError(f"{self.engines_dir}: no '{name}' stage; "
-                                          f"{reexport_advice(self.engines_dir)}")
+                raise refused(self.engines_dir, f"{self.engines_dir}: no '{name}' stage")
             if self.backend == "trt":
                 from .backends.trt import SharedDeviceMemory, open_session   # TensorRT, cuda-python: lazily
                 if self._trt_memory is None:
@@ -156,9 +155,9 @@ class Arc2FacePipeline:
         got = (sorted(sess.input_names), sorted(sess.output_names))
         if got != want:
             sess.close()
-            raise EngineMismatchError(f"{self._stage_path('plans' if self.backend == 'trt' else 'stages', name)}: "
-                                      f"is not a '{name}' graph (inputs {got[0]}, outputs {got[1]}; expected "
-                                      f"{want[0]}, {want[1]}); {reexport_advice(self.engines_dir)}")
+            path = self._stage_path("plans" if self.backend == "trt" else "stages", name)
+            raise refused(self.engines_dir, f"{path}: is not a '{name}' graph (inputs {got[0]}, outputs {got[1]}; "
+                                            f"expected {want[0]}, {want[1]})")
 
     def _stage_path(self, section: str, name: str) -> Path:
         """The file the manifest records for a stage (the one that was verified), inside the folder."""

@@ -8,9 +8,9 @@ Two kinds of entry, both facts about this machine that are cheap to make again:
   (`integrity.stamp_dir()`).
 Deleting any entry costs only time: the next run compiles or hashes again.
 
-`prune` deletes the entries released by a re-export, those whose engines folders are all gone and
-those not used for `older_than_days`; `clear` deletes every entry. An OpenVINO entry is renamed out of the way before it is removed, so
-a process that opens it at that moment finds it missing (and compiles), never half-deleted.
+`prune` deletes the entries released by a re-export, those whose engines folders are all gone and those not
+used for `older_than_days`; `clear` deletes every entry. An OpenVINO entry is renamed out of the way before it
+is removed, so a process that opens it at that moment finds it missing (and compiles), never half-deleted.
 """
 from __future__ import annotations
 
@@ -71,9 +71,9 @@ def _tree_size(path: Path) -> tuple[int, float]:
 
 
 def _openvino_entries() -> list[CacheEntry]:
-    """The entries of the OpenVINO cache root: folders with a record of ours and leftovers of an
-    unfinished removal; in the per-user root, which only arc2face-rt writes, every folder. Anything
-    else in a root ARC2FACE_OV_CACHE names (other programs may share it) is never listed or deleted."""
+    """The entries of the OpenVINO cache root (`ov_cache.is_entry`): folders with a record of ours and
+    leftovers of our unfinished removals; in the per-user root also folders with our entry names whose
+    record was never written. Anything else is never listed or deleted."""
     root = cache_root()
     if root is None or not root.is_dir():
         return []

@@ -97,29 +97,35 @@ def _add_fit_parser(sub) -> None:
     p.add_argument("--lr", type=argtypes.number(0, 1), default=d["lr"].default, help="AdamW learning rate")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d["lr_schedule"].default, help="after the warm-up")
     p.add_argument("--warmup-steps", type=num, default=d["warmup_steps"].default, help="linear warm-up steps")
-    p.add_argument("--weight-decay", type=argtypes.number(0, 10), default=d["weight_decay"].default, help="AdamW weight decay")
+    p.add_argument("--weight-decay", type=argtypes.number(0, 10), default=d["weight_decay"].default,
+                   help="AdamW weight decay")
     p.add_argument("--adam-betas", type=argtypes.number(0, 0.99999), nargs=2, default=list(d["adam_betas"].default),
                    metavar=("B1", "B2"), help="AdamW betas")
     p.add_argument("--adam-eps", type=argtypes.number(0, 1), default=d["adam_eps"].default, help="AdamW epsilon")
-    p.add_argument("--max-grad-norm", type=argtypes.number(0), default=d["max_grad_norm"].default, help="0: no clipping")
-    p.add_argument("--resolution", type=argtypes.count(64, 4096), default=d["resolution"].default, help="training image size (px)")
+    p.add_argument("--max-grad-norm", type=argtypes.number(0), default=d["max_grad_norm"].default,
+                   help="0: no clipping")
+    p.add_argument("--resolution", type=argtypes.count(64, 4096), default=d["resolution"].default,
+                   help="training image size (px)")
     p.add_argument("--freeze-unet", action="store_true", help="train the ID encoder only")
     p.add_argument("--freeze-encoder", action="store_true", help="train the UNet only")
     p.add_argument("--id-dropout", type=argtypes.number(0, 0.999), default=d["id_dropout"].default,
                    help="probability of training a sample unconditionally (keeps CFG working)")
-    p.add_argument("--mixed-precision", choices=PRECISIONS, default=d["mixed_precision"].default, help="autocast precision (Accelerate)")
+    p.add_argument("--mixed-precision", choices=PRECISIONS, default=d["mixed_precision"].default,
+                   help="autocast precision (Accelerate)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, more compute")
     p.add_argument("--ema-decay", type=argtypes.number(0, 0.99999), default=d["ema_decay"].default, help="0: off")
     p.add_argument("--lora-rank", type=num, default=d["lora_rank"].default, help="0: full fine-tuning")
     p.add_argument("--lora-alpha", type=argtypes.number(0), default=d["lora_alpha"].default, help="0: the rank")
     p.add_argument("--seed", type=argtypes.seed, default=d["seed"].default, help="data order, noise and dropout")
-    p.add_argument("--checkpoint-every", type=pos, default=d["checkpoint_every"].default, help="steps between checkpoints")
+    p.add_argument("--checkpoint-every", type=pos, default=d["checkpoint_every"].default,
+                   help="steps between checkpoints")
     p.add_argument("--keep-checkpoints", type=num, default=d["keep_checkpoints"].default, help="0: keep all")
     p.add_argument("--validate-every", type=num, default=d["validate_every"].default, help="0: off")
     p.add_argument("--val-ids", type=pos, default=d["val_ids"].default, help="validation identities")
     p.add_argument("--val-images", type=pos, default=d["val_images"].default, help="validation images per identity")
     p.add_argument("--val-steps", type=pos, default=d["val_steps"].default, help="sampling steps of a validation image")
-    p.add_argument("--val-guidance", type=argtypes.number(0, 100), default=d["val_guidance"].default, help="guidance of a validation image")
+    p.add_argument("--val-guidance", type=argtypes.number(0, 100), default=d["val_guidance"].default,
+                   help="guidance of a validation image")
     p.add_argument("--face-models", type=argtypes.path, help="detector + arcface.onnx for the validation ID similarity")
     p.add_argument("--workers", type=num, default=d["workers"].default, help="data-loading processes")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -132,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="photos -> face crops + ArcFace ids in WebDataset shards (resumable)")
-    p.add_argument("--images", required=True, nargs="+", action="extend", type=argtypes.path, help="photos, folders (recursive), globs")
+    p.add_argument("--images", required=True, nargs="+", action="extend", type=argtypes.path,
+                   help="photos, folders (recursive), globs")
     p.add_argument("--models", type=argtypes.path, help="folder with scrfd_10g_bnkps.onnx and arcface.onnx")
     p.add_argument("--detector", type=argtypes.path, help="detector file (default: found in --models)")
     p.add_argument("--recognizer", type=argtypes.path, help="arcface.onnx (default: found in --models)")

@@ -16,6 +16,7 @@ from .spec import FORMATS, ON_REJECT, DatasetSpec
 MAX_IDENTITIES = 10**6
 MAX_PER_IDENTITY = 10**4
 
+
 def add_dataset_parser(sub) -> None:
     p = sub.add_parser("dataset", help="a synthetic face-recognition dataset: N new identities x K images",
                        description="Generate K images of each of N identities (random new ones, or the rows of a "

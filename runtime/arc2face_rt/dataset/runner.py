@@ -69,7 +69,8 @@ def open_output(out: Path, spec: DatasetSpec, identities: np.ndarray, engine_id:
                                     "continues the same run: use the same flags and engines, or another --out")
         if ids_file.exists() and not np.array_equal(read_npy(ids_file, identities.nbytes + 4096), identities):
             raise InvalidInputError(f"{ids_file}: other identities than this run's; --resume only continues "
-                                    "the same run: use the same --identities and --seed (or --identities-from file), or another --out")
+                                    "the same run: use the same --identities and --seed (or --identities-from "
+                                    "file), or another --out")
         done = committed_shards(out, spec)
         if not ids_file.exists():
             save_npy_atomic(ids_file, identities)
