@@ -214,6 +214,34 @@ def test_a_ctrl_c_a_library_swallowed_still_stops_the_command(after, capsys):
     assert run_cli(lambda: 0, "tool") == 0                # the next command starts afresh
 
 
+def test_a_ctrl_c_inside_an_import_lands_after_it(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while a module is being imported (torch's initialisation runs Python from C++, where an
+    exception aborts the process) is raised once the import is over: the module finishes, the command
+    stops there with one line and exit 130, and no timer outlives the command."""
+    from arc2face_rt.exits import run_cli
+
+    (tmp_path / "slow_extension_init.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(0.3)\nfinished = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "slow_extension_init", raising=False)
+    reached = []
+
+    def command():
+        import slow_extension_init
+        reached.append(slow_extension_init.finished)
+        time.sleep(2)                                    # the stop lands here, right after the import
+        reached.append("went on")
+        return 0
+
+    try:
+        assert run_cli(command, "tool") == 130
+    finally:
+        sys.modules.pop("slow_extension_init", None)
+    assert reached == [True] and capsys.readouterr().err == "tool: interrupted\n"
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
+
+
 def test_a_signal_the_process_ignores_stays_ignored(capsys):
     """`nohup` and `cmd &` in a script start a command with SIGINT/SIGHUP ignored: run_cli keeps it so."""
     import os

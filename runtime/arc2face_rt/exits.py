@@ -99,9 +99,42 @@ def resumable(kept: Callable[[], str], log: Callable[[str], None], bar=None, aga
 _seen: list[int] = []          # the stop signals run_cli's handler received during the current command
 
 
-def _on_signal(signum, frame):
-    _seen.append(signum)
+_IMPORT_CODE = "<frozen importlib._bootstrap"   # the import machinery's frames (and _bootstrap_external's)
+_ALARM = signal.SIGALRM if hasattr(signal, "setitimer") else None    # None on Windows
+_RETRY_S = 0.02
+
+
+def _in_import(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_IMPORT_CODE):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _stop(signum: int):
     raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+def _on_signal(signum, frame):
+    """Raise the stop where Python code can clean up. Inside an import it waits until the import is
+    over: an extension's initialisation (torch's) runs Python modules from C++, and an exception
+    raised there makes C++ abort the process (no message, exit -6) instead of unwinding."""
+    _seen.append(signum)
+    if _ALARM is not None and _in_import(frame) and signal.getsignal(_ALARM) is _on_alarm:
+        signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
+        return
+    _stop(signum)
+
+
+def _on_alarm(signum, frame):
+    """A stop signal landed inside an import: raise it once the import has finished."""
+    if not _seen:
+        return
+    if _in_import(frame):
+        signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
+        return
+    _stop(_seen[-1])
 
 
 def check_interrupt() -> None:
@@ -119,18 +152,21 @@ STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, 
 def install_signal_handlers() -> dict:
     """Make Ctrl-C, SIGTERM and SIGHUP raise (and be remembered, see `check_interrupt`); returns the
     handlers replaced, to restore. A signal the process was started ignoring (`nohup`, `cmd &` in a
-    script) stays ignored; off the main thread nothing is installed. Also called again after a
-    library (Ray) installed handlers of its own."""
+    script) stays ignored; off the main thread nothing is installed. SIGALRM, when nothing else uses
+    it, carries a stop that landed inside an import to its end (see `_on_signal`). Also called again
+    after a library (Ray) installed handlers of its own."""
     old = {}
-    for sig in STOP_SIGNALS:
-        try:
+    try:
+        for sig in STOP_SIGNALS:
             current = signal.getsignal(sig)
             if current is signal.SIG_IGN:
                 continue
             if current is not _on_signal:
                 old[sig] = signal.signal(sig, _on_signal)
-        except ValueError:              # not the main thread: leave signals alone
-            break
+        if _ALARM is not None and signal.getsignal(_ALARM) is signal.SIG_DFL:
+            old[_ALARM] = signal.signal(_ALARM, _on_alarm)
+    except ValueError:                  # not the main thread: leave signals alone
+        pass
     return old
 
 
@@ -186,6 +222,8 @@ def run_cli(func: Callable[[], int], prog: str, verbose: bool = False) -> int:
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
     finally:
+        if _ALARM is not None and _ALARM in old:
+            signal.setitimer(signal.ITIMER_REAL, 0)      # a deferred stop must not outlive the command
         for sig, handler in old.items():
             signal.signal(sig, handler)
         if old:
