@@ -77,8 +77,8 @@ class Terminated(KeyboardInterrupt):
 def resumable(kept: Callable[[], str], log: Callable[[str], None], bar=None, again: str | None = None):
     """Long output-writing work that `--resume` can finish. However the block ends, `bar` (a progress
     bar) is closed. On Ctrl-C or SIGTERM, log one line saying what `kept()` is and how to finish
-    (`again`, default: the same command with --resume), then re-raise (marked reported). A failed write (a full disk, ...) or MemoryError becomes
-    OutputWriteError with the same two facts."""
+    (`again`, default: the same command with --resume), then re-raise (marked reported). A failed
+    write (a full disk, ...) or MemoryError becomes OutputWriteError with the same two facts."""
     again = again or "run the same command with --resume to finish"
     try:
         yield
