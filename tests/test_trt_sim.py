@@ -18,7 +18,7 @@ import pytest
 from arc2face_rt.backends import cuda
 from arc2face_rt.backends.trt import plan as trt_plan
 from arc2face_rt.backends.trt import SharedDeviceMemory, TrtSession, TrtStepSession, open_sessions
-from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
+from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError, InvalidInputError, MissingWeightsError
 from arc2face_rt.pipeline import Arc2FacePipeline, GenerationOptions, image_noise, pick_backend, random_identity
 from arc2face_rt.schedulers import make_schedule
 from sim_cuda import FakeCudart
@@ -252,3 +252,21 @@ def test_pipeline_one_host_sync_per_batch_through_pinned_memory(sim, scheduler, 
     np.testing.assert_array_equal(first.images, ref)
     np.testing.assert_array_equal(again.images, ref)
     assert sim.rt.live_device_bytes() == 0 and not sim.rt.allocs       # device and pinned memory freed
+
+
+def test_nan_latents_are_refused_not_decoded_to_black(sim, monkeypatch):
+    """The TensorRT loop keeps latents on the device: their copy beside the pixels (same single sync)
+    is checked, so broken weights give the same one-line error as on the other backends."""
+    import sim_trt
+
+    real = sim_trt.step_reference
+
+    def nan_step(*args, **kw):
+        x_out, m0 = real(*args, **kw)
+        x_out[0, 0, 0, 0] = np.nan
+        return x_out, m0
+
+    monkeypatch.setattr(sim_trt, "step_reference", nan_step)
+    with Arc2FacePipeline(sim.engines, backend="trt") as pipe:
+        with pytest.raises(MissingWeightsError, match="NaN/inf latents"):
+            pipe.generate(random_identity(3), 2, GenerationOptions(steps=3, batch_size=2))

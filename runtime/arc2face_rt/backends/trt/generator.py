@@ -6,7 +6,8 @@
 Everything is enqueued on the step session's stream: host inputs are staged in pinned buffers and
 copied asynchronously, the projector writes the conditioning of the one identity, which is copied B
 times into the loop's `cond` buffer on the device, the loop replays its CUDA graph, the decoder
-writes uint8 pixels that come back through a pinned buffer, and only then does the host wait, once.
+writes uint8 pixels that come back through a pinned buffer (with the final latents, which the host
+checks for NaN/inf: FloatingPointError), and only then does the host wait, once.
 CUDA events time the three stages on the device (`seconds`: project, denoise, decode).
 """
 from __future__ import annotations
@@ -79,6 +80,7 @@ class TrtGenerator:
             h[...] = arr
             ctrl[name] = h
         h_img = self._pinned("image", np.uint8, self.decoder.shape("image", batch))
+        h_lat = self._pinned("latents", step.dtypes["x"], step.shape("x", batch))
         cond_bytes = self.projector.nbytes("cond", 1)
         d_id = self._buffer("id", self.projector.nbytes("id", 1))
         d_cond = self._buffer("cond", cond_bytes)
@@ -94,12 +96,15 @@ class TrtGenerator:
         step.upload_inputs(st, stream, x=h_x, table=h_table, noise=h_noise, guidance=h_g, **ctrl)
         step.enqueue_loop(st, stream)
         ev[2].record(stream)
+        cuda.download(h_lat, step.output_ptr(st), stream)      # 16 KB an image, checked for NaN/inf below
         self.decoder.enqueue({"latents": step.output_ptr(st), "image": d_img}, stream, batch=batch)
         cuda.download(h_img, d_img, stream)
         ev[3].record(stream)
         cuda.synchronize(stream)                 # the one host synchronisation of the batch
         for sess in (self.projector, step, self.decoder):
             sess.mark_warm()
+        if not np.isfinite(h_lat).all():         # the decoder would turn them into black pixels
+            raise FloatingPointError(f"{step.path.name}: the denoising loop produced NaN/inf latents")
         seconds = {"project": ev[1].seconds_since(ev[0]), "denoise": ev[2].seconds_since(ev[1]),
                    "decode": ev[3].seconds_since(ev[2])}
         return h_img.copy(), seconds
