@@ -369,3 +369,14 @@ def test_guidance_of_any_real_type_is_checked_as_a_float():
     assert _checked(G(guidance=Fraction(3, 2))).guidance == 1.5
     with pytest.raises(InvalidInputError, match="--guidance"):
         _checked(G(guidance=Fraction(1000, 1)))
+
+
+@pytest.mark.parametrize("face,min_size", [(-1, 0.0), ("smallest", 0.0), (1.5, 0.0), (True, 0.0),
+                                           (0, float("nan")), (0, -3.0)])
+def test_face_analyzer_refuses_a_bad_face_choice_when_made(face, min_size):
+    """FaceAnalyzer checks its policy as `embed --face/--min-size` do; it used to take it, then skip
+    every photo with the same error (or pick the last face for -1, an index the CLI refuses)."""
+    from arc2face_rt.face import FaceAnalyzer
+
+    with pytest.raises(InvalidInputError, match="face \\(--face\\)|min_size \\(--min-size\\)"):
+        FaceAnalyzer(None, None, face=face, min_size=min_size)

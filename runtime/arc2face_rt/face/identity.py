@@ -12,6 +12,7 @@ from typing import Iterable
 
 import numpy as np
 
+from .. import checks
 from ..errors import ImageDecodeError, InvalidInputError, NoFaceError
 from ..specs import ID_DIM
 from .align import CROP_SIZE, align_face
@@ -118,11 +119,22 @@ def combine_embeddings(embeddings: np.ndarray, method: str = "mean") -> Identity
     return Identity(embedding=ident.astype(np.float32), cosines=(e @ ident).astype(np.float32), method=method)
 
 
+def check_face_choice(face, min_size) -> None:
+    """The face-choice policy's own ranges (`--face`, `--min-size`), refused with InvalidInputError
+    before any photo is read: every photo would otherwise be skipped with the same error."""
+    if face != "largest" and (isinstance(face, str) or checks.whole(face, "face (--face)") < 0):
+        raise InvalidInputError(f"face (--face) must be 'largest' or a face index >= 0, got {face!r}")
+    size = checks.real(min_size, "min_size (--min-size)")
+    if not 0.0 <= size < float("inf"):
+        raise InvalidInputError(f"min_size (--min-size) must be a size in pixels >= 0, got {min_size!r}")
+
+
 class FaceAnalyzer:
-    """Detector + recognizer + the face-choice policy; embeds images and files."""
+    """Detector + recognizer + the face-choice policy (checked here); embeds images and files."""
 
     def __init__(self, detector: ScrfdDetector | None, recognizer: ArcFaceRecognizer,
                  face: str | int = "largest", min_size: float = 0.0, limits: ImageLimits = DEFAULT_LIMITS):
+        check_face_choice(face, min_size)
         self.detector, self.recognizer = detector, recognizer
         self.face, self.min_size, self.limits = face, min_size, limits
 

@@ -19,7 +19,7 @@ from ..folder_setup import BACKENDS, DEVICES, pick_backend
 from ..integrity import verify_records
 from ..manifest import load_manifest, record_files, resolve_inside
 from .detector import DETECTOR_FILE, SCORE_THRESHOLD, ScrfdDetector
-from .identity import EmbedReport, FaceAnalyzer, combine_embeddings
+from .identity import EmbedReport, FaceAnalyzer, check_face_choice, combine_embeddings
 from .image_io import DEFAULT_LIMITS, ImageLimits, expand_paths
 from .recognizer import RECOGNIZER_FILE, ArcFaceRecognizer
 
@@ -165,11 +165,7 @@ def check_face_options(face, min_score, min_size, method: str = "mean", backend:
     checks.choice(method, "method (--combine)", ("mean", "median"))
     checks.choice(backend, "backend (--backend)", BACKENDS)
     checks.choice(device, "device (--device)", DEVICES)
-    if face != "largest" and (isinstance(face, str) or checks.whole(face, "face (--face)") < 0):
-        raise InvalidInputError(f"face (--face) must be 'largest' or a face index >= 0, got {face!r}")
+    check_face_choice(face, min_size)
     score = checks.real(min_score, "min_score (--min-score)")
     if not 0.0 <= score <= 1.0:            # also NaN: no detection would pass it, blaming the photo
         raise InvalidInputError(f"min_score (--min-score) must be a detection score in 0..1, got {min_score!r}")
-    size = checks.real(min_size, "min_size (--min-size)")
-    if not 0.0 <= size < float("inf"):
-        raise InvalidInputError(f"min_size (--min-size) must be a size in pixels >= 0, got {min_size!r}")
