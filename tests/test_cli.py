@@ -148,7 +148,7 @@ def test_repeated_list_flags_add_up_instead_of_replacing():
     assert export_parser().parse_args(["openvino-int8", "--engines", "e"]).stages is None   # the default: both
 
 
-@pytest.mark.parametrize("value", ["-inf", "-1e3"])
+@pytest.mark.parametrize("value", ["-inf", "-1e3", "-nan", "-NaN"])
 def test_a_negative_value_is_refused_by_the_flags_range_not_taken_for_an_option(value, capsys):
     from arc2face_rt.cli import build_parser
 

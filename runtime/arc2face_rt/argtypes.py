@@ -76,6 +76,12 @@ class Parser(argparse.ArgumentParser):
         # argparse's own pattern knows only -1 and -1.5.
         self._negative_number_matcher = re.compile(r"^-(?:\d+|\d*\.\d+)(?:e[-+]?\d+)?$|^-(?:inf|infinity|nan)$", re.I)
 
+    def _parse_optional(self, arg_string):
+        # Before argparse's own prefix matching, which reads -nan as `-n an` where a parser has -n.
+        if self._negative_number_matcher.match(arg_string) and not self._has_negative_number_optionals:
+            return None
+        return super()._parse_optional(arg_string)
+
     def add_subparsers(self, **kwargs):
         kwargs.setdefault("parser_class", functools.partial(type(self), tool=self.tool))
         return super().add_subparsers(**kwargs)
