@@ -57,6 +57,8 @@ def _bad(state: dict, what: str, tmp_path) -> str:
         "rank": lambda k, v: v[:8].clone() if "lora_down" in k else v,
         "in shape": lambda k, v: v[:, :3].clone() if "lora_down" in k else v,
         "alpha 0": lambda k, v: torch.tensor(0.0) if k.endswith(".alpha") else v,
+        "up 0": lambda k, v: torch.zeros_like(v) if "lora_up" in k else v,
+        "down 0": lambda k, v: torch.zeros_like(v) if "lora_down" in k else v,
     }
     from safetensors.torch import save_file
 
@@ -94,6 +96,8 @@ def _bad(state: dict, what: str, tmp_path) -> str:
     ("one key off", "1 of its 79 layers name no layer of this UNet"),
     ("no up", "every lora_down needs its lora_up"),
     ("alpha 0", "every .alpha is 0"),
+    ("up 0", "every lora_up tensor is 0"),
+    ("down 0", "every lora_down tensor is 0"),
     ("folder", "is a folder, expected a LoRA .safetensors file"),
     ("fifo", "is not a regular file (a pipe, socket or device)"),
 ])

@@ -47,6 +47,7 @@ MAX_LORA_VALUE = 65504.0
 # not one (and is read into memory whole).
 MAX_LORA_BYTES = 4 << 30
 _DOWN_KEYS = ("lora_down.weight", "lora.down.weight", "lora_A.weight")   # one per adapted layer, in each format
+_UP_KEYS = ("lora_up.weight", "lora.up.weight", "lora_B.weight")
 _FIX = (f"download the adapter (e.g. latent-consistency/lcm-lora-sdv1-5, {LORA_FILE}) or write a random one "
         "with `arc2face-export random-checkpoint --lcm-lora`")
 
@@ -82,7 +83,7 @@ def random_lcm_lora(unet: nn.Module, seed: int = 0, rank: int = LCM_LORA_RANK,
 def read_lora(path: str | Path) -> dict[str, torch.Tensor]:
     """A LoRA .safetensors file as a state dict. A file that is missing, not a regular file, unreadable,
     not a UNet LoRA, or whose values are unusable (not floating point, NaN/inf, beyond MAX_LORA_VALUE,
-    every alpha zero) is a MissingWeightsError (one line)."""
+    every alpha, every lora_up or every lora_down zero) is a MissingWeightsError (one line)."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -124,6 +125,12 @@ def _check_values(path: Path, state: dict[str, torch.Tensor]) -> None:
     if alphas and all(not a.any() for a in alphas):
         raise MissingWeightsError(f"{path}: every .alpha is 0, so every layer's change (up @ down x alpha / rank) "
                                   f"is zero and the adapter changes nothing; {again}")
+    for side, ends in (("up", _UP_KEYS), ("down", _DOWN_KEYS)):
+        tensors = [v for k, v in state.items() if k.endswith(ends)]
+        if tensors and all(not v.any() for v in tensors):
+            raise MissingWeightsError(f"{path}: every lora_{side} tensor is 0, so every layer's change (up @ down x "
+                                      f"alpha / rank) is zero and the adapter changes nothing (one saved before "
+                                      f"training starts, whose lora_up are 0?); pass a trained adapter")
 
 
 def check_lora_fits(state: dict[str, torch.Tensor], model_dir: str | Path, source: str | Path) -> None:
