@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from arc2face_rt import exits
 from arc2face_rt import manifest as mf
 from arc2face_rt import specs
 from arc2face_rt.atomic import atomic_write, remove_stale_temps
@@ -209,7 +210,7 @@ def _progress_monitor(trt):
                 log.log(logging.INFO if d <= 1 else logging.DEBUG, "%s%s (%d steps)", "  " * (d + 1), phase_name, num_steps)
 
         def step_complete(self, phase_name, step):
-            return True
+            return not exits.stop_requested()      # False cancels the build: Ctrl-C stops it at once
 
         def phase_finish(self, phase_name):
             with self._lock:
@@ -262,7 +263,8 @@ def build_plan(onnx_path: str | Path, plan_path: str | Path, spec, options: Buil
     onnx_sha = onnx_sha or {onnx_path.name: mf.sha256_file(onnx_path)}
     t0 = time.perf_counter()
 
-    builder, network, _parser, _logger = parse_onnx(trt, onnx_path)
+    with exits.holding_stops():          # TensorRT calls the logger from C++
+        builder, network, _parser, _logger = parse_onnx(trt, onnx_path)
     check_network_against_spec(network, spec, onnx_path)
     io = network_io(network)
     config = builder.create_builder_config()
@@ -286,7 +288,8 @@ def build_plan(onnx_path: str | Path, plan_path: str | Path, spec, options: Buil
 
     log.info("building %s from %s (%s, batch %s, opt level %d, %s %s, cc %s)", plan_path.name, onnx_path.name,
              precision, batch, options.opt_level, library["name"], library["version"], ",".join(ccs))
-    serialized = builder.build_serialized_network(network, config)
+    with exits.holding_stops():          # ... and the logger and progress monitor here
+        serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BuildFailedError(
             f"{library['name']} could not build {plan_path} (its reason is in the log above; batch profile "

@@ -99,6 +99,7 @@ def resumable(kept: Callable[[], str], log: Callable[[str], None], bar=None, aga
 _seen: list[int] = []          # the stop signals run_cli's handler received during the current command
 
 
+_held = 0                      # > 0 inside `holding_stops`
 _IMPORT_CODE = "<frozen importlib._bootstrap"   # the import machinery's frames (and _bootstrap_external's)
 _ALARM = signal.SIGALRM if hasattr(signal, "setitimer") else None    # None on Windows
 _RETRY_S = 0.02
@@ -121,6 +122,8 @@ def _on_signal(signum, frame):
     over: an extension's initialisation (torch's) runs Python modules from C++, and an exception
     raised there makes C++ abort the process (no message, exit -6) instead of unwinding."""
     _seen.append(signum)
+    if _held:
+        return
     if _ALARM is not None and _in_import(frame) and signal.getsignal(_ALARM) is _on_alarm:
         signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
         return
@@ -144,6 +147,26 @@ def check_interrupt() -> None:
     points (the pipeline before each batch); outside run_cli it does nothing."""
     if _seen:
         raise KeyboardInterrupt() if _seen[-1] == signal.SIGINT else Terminated()
+
+
+def stop_requested() -> bool:
+    """Whether a Ctrl-C or SIGTERM arrived during this command (see `holding_stops`)."""
+    return bool(_seen)
+
+
+@contextlib.contextmanager
+def holding_stops():
+    """Run C++ code that calls back into Python (TensorRT's logger and build progress monitor) with
+    Ctrl-C and SIGTERM held: raised inside such a callback, the exception is printed by the bindings
+    as a stack dump and the C++ work goes on. A stop that arrives is recorded (`stop_requested`, which
+    a progress callback can answer by cancelling) and raised when the block ends."""
+    global _held
+    _held += 1
+    try:
+        yield
+    finally:
+        _held -= 1
+    check_interrupt()
 
 
 STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ... import manifest as mf
 from ...errors import BackendUnavailableError, EngineMismatchError
+from ...exits import holding_stops, stop_requested
 from .. import cuda
 
 log = logging.getLogger("arc2face_rt.backends.trt")
@@ -86,8 +87,16 @@ def dtype_name(trt_dtype) -> str:
     return _DTYPE_NAMES.get(trt_dtype.name, trt_dtype.name.lower())
 
 
+_LOGGERS: dict = {}
+
+
 def make_logger(trt, logger: logging.Logger = log):
-    """A trt.ILogger forwarding to `logger` (TensorRT's console logger prints to stdout)."""
+    """The trt.ILogger forwarding to `logger` (TensorRT's console logger prints to stdout). One per
+    library and process, kept alive: TensorRT registers the first logger it is given, and warns about
+    every later builder or runtime created with another one."""
+    key = (id(trt), logger.name)
+    if key in _LOGGERS:
+        return _LOGGERS[key]
 
     class Forward(trt.ILogger):
         def __init__(self):
@@ -96,9 +105,12 @@ def make_logger(trt, logger: logging.Logger = log):
         def log(self, severity, msg):
             level = {trt.ILogger.INTERNAL_ERROR: logging.ERROR, trt.ILogger.ERROR: logging.ERROR,
                      trt.ILogger.WARNING: logging.WARNING}.get(severity, logging.DEBUG)
+            if stop_requested():          # "build canceled by user" and the like: the stop's own line says it
+                level = logging.DEBUG
             logger.log(level, "[%s] %s", trt.__name__, msg)
 
-    return Forward()
+    forward = _LOGGERS[key] = Forward()      # holds `trt`, so its id is not reused while cached
+    return forward
 
 
 def rebuild_command(engines_dir: Path, record: dict | None = None, extra: str = "") -> str:
@@ -186,7 +198,8 @@ def load_plan(path: str | Path, stage: str | None = None, verify_sha256: bool = 
         if not targeted:
             log.warning("%s: this GPU (sm %s) is not among the plan's targets %s; %s reports it %s", path.name,
                         gpu_cc, rec.get("compute_capabilities"), library["name"], validity.name)
-    engine = runtime.deserialize_cuda_engine(data)
+    with holding_stops():                 # TensorRT calls the logger from C++ (see holding_stops)
+        engine = runtime.deserialize_cuda_engine(data)
     if engine is None:
         raise EngineMismatchError(f"{path}: {library['name']} could not deserialise the plan (corrupt, or built "
                                   f"for another GPU/version); rebuild with {rebuild_command(engines_dir, rec)}")
