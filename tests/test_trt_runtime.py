@@ -285,3 +285,14 @@ def test_simulated_graph_loop_with_real_graphs_equals_onnxruntime(tmp_path, monk
             got = sess.denoise_loop(x, cond, table, guidance, noise)
             np.testing.assert_allclose(got, _host_loop(ort_sess, x, cond, table, guidance, noise), rtol=1e-6, atol=1e-6)
         assert sess.mode == "graph" and rt.captures == 2
+
+
+@pytest.mark.skipif(cuda.device_count() > 0, reason="needs a machine without an NVIDIA GPU")
+def test_backend_trt_without_a_gpu_says_so_before_what_the_folder_lacks(tiny_engines):
+    """An ONNX-only folder on a machine without a GPU: building plans would not help, so the missing
+    GPU is the error (it used to advise build-engines, after which the GPU error came anyway)."""
+    from arc2face_rt.pipeline import Arc2FacePipeline
+
+    with pytest.raises(BackendUnavailableError, match="GPU") as e:
+        Arc2FacePipeline(tiny_engines, backend="trt")
+    assert "build-engines" not in str(e.value)

@@ -23,13 +23,17 @@ def folder_defaults(manifest: dict | None) -> dict:
 
 
 def pick_backend(engines_dir: Path, manifest: dict, backend: str, device: str = "auto") -> str:
-    """`backend`, or for "auto": TensorRT when the folder has plans and TensorRT can run on this GPU
+    """`backend` (TensorRT checked usable here), or for "auto": TensorRT when the folder has plans and TensorRT can run on this GPU
     (`backends.trt.unusable_reason`); else ONNX Runtime when it can use a GPU; else (no usable GPU)
     OpenVINO when installed; else ONNX Runtime on the CPU."""
     if backend not in BACKENDS:
         raise InvalidInputError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
     if backend == "openvino" and device == "cuda":
         raise InvalidInputError("--backend openvino runs on the CPU; drop --device cuda or use --backend ort/trt")
+    if backend == "trt":                # no GPU or library decides the outcome: say so before the folder's state
+        from .backends.trt.plan import require_usable
+
+        require_usable()
     if backend != "auto":
         return backend
     if manifest.get("plans") and device != "cpu":

@@ -67,6 +67,19 @@ def unsupported_gpu_reason(trt, gpu_cc: str, gpu_name: str) -> str | None:
             "TensorRT of JetPack")
 
 
+def require_usable(where: str = "") -> tuple:
+    """(trt module, compute capability, GPU name) where the TensorRT backend can run, checked before
+    any TensorRT runtime object exists (without a device those can crash the process); else a
+    BackendUnavailableError saying why (no GPU, no library, a GPU the library cannot run on)."""
+    device = cuda.require_device()
+    trt = import_trt()
+    gpu_cc, gpu_name = cuda.compute_capability(device), cuda.device_name(device)
+    reason = unsupported_gpu_reason(trt, gpu_cc, gpu_name)
+    if reason:
+        raise BackendUnavailableError(f"{where}{reason}; or use --backend ort")
+    return trt, gpu_cc, gpu_name
+
+
 def unusable_reason() -> str | None:
     """Why the TensorRT backend cannot run on this machine (no library, no GPU, a GPU the installed
     library cannot run on), or None when it can. Creates no TensorRT runtime object."""
@@ -168,13 +181,8 @@ def load_plan(path: str | Path, stage: str | None = None, verify_sha256: bool = 
     The logger is returned because TensorRT keeps a pointer to it: it must outlive the runtime."""
     path = Path(path)
     engines_dir, stage = path.parent, stage or path.stem
-    device = cuda.require_device()                       # before any TensorRT runtime object
-    trt = import_trt()
+    trt, gpu_cc, gpu_name = require_usable(f"{path}: ")
     library = library_info(trt)
-    gpu_cc, gpu_name = cuda.compute_capability(device), cuda.device_name(device)
-    reason = unsupported_gpu_reason(trt, gpu_cc, gpu_name)
-    if reason:
-        raise BackendUnavailableError(f"{path}: {reason}; or use --backend ort")
     rec = plan_record(engines_dir, stage)
     if rec.get("file") != path.name:
         raise EngineMismatchError(f"{path}: the manifest's plan for '{stage}' is {rec.get('file')}")
