@@ -80,6 +80,25 @@ def test_resume_equals_straight_run(tiny_model_dir, data, tmp_path, steps):
         fit(_cfg(tiny_model_dir, data, tmp_path / "b", **{**kw, "steps": steps + 10, "lr": 1.0}), resume=True)
 
 
+def test_resume_keeping_one_checkpoint_prunes_the_resumed_one_and_finishes(tiny_model_dir, data, tmp_path):
+    """--resume --keep-checkpoints 1: the checkpoint resumed from is pruned after the next one is saved,
+    and the one after that still finds its VAE and scheduler (it copied them from the pruned one). The
+    abandoned checkpoint folder of a killed run is removed."""
+    from conftest import killed_run_temp
+
+    from arc2face_ref.loading import load_models
+    from arc2face_ref.train.loop import fit
+
+    kw = dict(checkpoint_every=1, keep_checkpoints=1, batch_size=1)
+    fit(_cfg(tiny_model_dir, data, tmp_path / "run", steps=1, **kw), progress=False)
+    left = killed_run_temp(tmp_path / "run", "checkpoint-2")
+    res = fit(_cfg(tiny_model_dir, data, tmp_path / "run", steps=3, **kw), resume=True, progress=False)
+    assert res.start_step == 1 and [p.name for p in res.checkpoints] == ["checkpoint-2", "checkpoint-3"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-3", "metrics.csv"]
+    assert not left.exists()
+    load_models(tmp_path / "run" / "checkpoint-3")                  # complete: VAE and scheduler included
+
+
 @pytest.mark.slow      # three processes importing torch + diffusers
 def test_two_processes_equal_one_with_double_batch(tiny_model_dir, data, tmp_path):
     """torchrun, 2 CPU processes (gloo) with batch 2 each == 1 process with batch 4 (2 micro-steps each)."""

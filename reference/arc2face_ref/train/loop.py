@@ -22,7 +22,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from arc2face_rt.atomic import remove_stale_temps
 from arc2face_rt.errors import InvalidInputError, MissingWeightsError, OutputExistsError
+from arc2face_rt.exits import check_interrupt
 from arc2face_rt.outputs import check_output_dir
 
 from ..loading import Arc2FaceModels, cast, load_models
@@ -158,6 +160,7 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
     acc.wait_for_everyone()             # every process has checked the run folder before it is made
     if main:
         cfg.out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(cfg.out)     # a checkpoint a killed run was writing
     if ema is not None:
         ema.to(acc.device)
 
@@ -165,7 +168,8 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
     sampler = RunSampler(len(refs), cfg.seed, cfg.batch_size, acc.process_index, acc.num_processes,
                          start * micro_per_step, cfg.steps * micro_per_step)
     loader = torch.utils.data.DataLoader(ShardDataset(refs, cfg.resolution), batch_sampler=sampler,
-                                         num_workers=cfg.workers, persistent_workers=False)
+                                         num_workers=cfg.workers, persistent_workers=False,
+                                         worker_init_fn=_worker_leaves_stops_to_the_main_process)
     lat = cfg.resolution // 8
     scale = float(vae.config.scaling_factor)            # 0.18215 for SD1.5
     timesteps = int(noise_sched.config.num_train_timesteps)
@@ -178,8 +182,10 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
     result = FitResult(start, [], [])
     step, step_losses, t0 = start, [], time.perf_counter()
     samples_per_step = cfg.batch_size * acc.num_processes * cfg.grad_accum
+    base = cfg.model_dir if ckpt is None else ckpt      # where a checkpoint's VAE, scheduler, face models come from
 
     for micro, (img, ids) in zip(range(start * micro_per_step, cfg.steps * micro_per_step), _unwrapped(loader)):
+        check_interrupt()               # a Ctrl-C swallowed where it landed (a fork hook as workers start)
         seeds = [sample_seed(cfg.seed, k) for k in sampler.sample_numbers(micro)]
         t, noise, vae_eps, drop = (x.to(acc.device) for x in _per_sample_noise(seeds, (4, lat, lat), timesteps,
                                                                                cfg.id_dropout))
@@ -227,8 +233,8 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
                             st["ema"] = ema.state_dict()
                         if ema is not None or cfg.lora_rank:
                             st["trainable"] = _raw(ema, unet, encoder)
-                        result.checkpoints.append(save_checkpoint(cfg.out, step, unet, encoder, cfg.model_dir
-                                                                  if ckpt is None else ckpt, st))
+                        result.checkpoints.append(save_checkpoint(cfg.out, step, unet, encoder, base, st))
+                        base = result.checkpoints[-1]       # the resumed checkpoint may be pruned now
                         prune_checkpoints(cfg.out, cfg.keep_checkpoints)
             acc.wait_for_everyone()
         if main:
@@ -238,6 +244,15 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
         log.close()
     acc.end_training()
     return result
+
+
+def _worker_leaves_stops_to_the_main_process(worker_id: int) -> None:
+    """Ctrl-C reaches every process of the terminal's group: a data worker ignores it (the main process
+    stops the run and its workers), and dies quietly on SIGTERM, instead of printing a traceback each."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def eval_models(models: Arc2FaceModels) -> Arc2FaceModels:
