@@ -154,4 +154,14 @@ def test_a_negative_value_is_refused_by_the_flags_range_not_taken_for_an_option(
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--engines", "e", "--out", "o", "--random-id", "--control-scale", value])
-    assert f"{value} is outside 0..10" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (f"{value} is outside 0..10" if value == "-1e3" else f"{value} is not a finite number in 0..10") in err
+
+
+@pytest.mark.parametrize("value,words", [("inf", "inf is not a finite number >= 0"), ("-1", "-1 is outside >= 0")])
+def test_a_range_without_an_upper_bound_reads_right(value, words, capsys):
+    from arc2face_ref.train.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fit", "--model-dir", "m", "--data", "d", "--out", "o", "--max-grad-norm", value])
+    assert words in capsys.readouterr().err

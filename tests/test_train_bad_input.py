@@ -212,3 +212,17 @@ def test_a_damaged_checkpoint_to_resume_from_is_named_with_its_fix(tiny_model_di
     with pytest.raises(MissingWeightsError, match=r"--resume: .*checkpoint-4 is damaged .*move it away") as e:
         _load_start_models(ckpt, tiny_model_dir)
     assert "download" not in str(e.value)
+
+
+@pytest.mark.parametrize("flags,words", [(["--lora-alpha", "8"], "--lora-alpha scales LoRA adapters"),
+                                         (["--face-models", "fm"], "--face-models serves validation only")])
+def test_fit_refuses_a_flag_that_would_be_ignored(tmp_path, capsys, flags, words):
+    """--lora-alpha without --lora-rank trained every weight; --face-models without --validate-every was
+    never read: both ran to exit 0 without a word (like --lora-scale without --lora, refused)."""
+    from arc2face_ref.train.cli import main
+
+    rc = main(["fit", "--model-dir", str(tmp_path / "m"), "--data", str(tmp_path / "d"), "--out",
+               str(tmp_path / "run"), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "run").exists()

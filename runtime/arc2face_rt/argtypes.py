@@ -24,8 +24,13 @@ def number(lo: float = -math.inf, hi: float = math.inf, name: str = "a number"):
             v = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
-        if not math.isfinite(v) or not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"{text} is outside {lo:g}..{hi:g}")
+        bounds = (f"{lo:g}..{hi:g}" if math.isfinite(lo) and math.isfinite(hi) else
+                  f">= {lo:g}" if math.isfinite(lo) else f"<= {hi:g}" if math.isfinite(hi) else "")
+        if not math.isfinite(v):
+            within = f" in {bounds}" if ".." in bounds else f" {bounds}" if bounds else ""
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number{within}")
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
         return v
     parse.__name__ = name
     return parse

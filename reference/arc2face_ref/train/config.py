@@ -62,6 +62,10 @@ class FitConfig:
         need(self.checkpoint_every >= 1, "--checkpoint-every must be at least 1")
         need(self.val_ids >= 1 and self.val_images >= 1 and self.val_steps >= 1,
              "--val-ids, --val-images and --val-steps must be at least 1")
+        need(not self.lora_alpha or self.lora_rank,     # it would train every weight, ignoring the alpha
+             "--lora-alpha scales LoRA adapters: it needs --lora-rank N (without it fit trains every weight)")
+        need(self.face_models is None or self.validate_every,
+             "--face-models serves validation only: add --validate-every N (or drop --face-models)")
 
     def to_json(self) -> dict:
         d = asdict(self)
