@@ -92,7 +92,7 @@ def _check_stages(args, m: dict | None, faces: dict) -> None:
             why[s] = (f"no face model for it in {where}" if where else "no --face-models or --model-dir to copy "
                       "it from") + "; pass --face-models DIR"
     if why:
-        raise InvalidInputError(f"--stages {' '.join(why)}: {'; '.join(f'{s}: {w}' for s, w in why.items())}; "
+        raise InvalidInputError(f"--stages: {'; '.join(f'{s}: {w}' for s, w in why.items())}; "
                                 f"leave them out of --stages (the folder will have: {', '.join(sorted(have))})")
 
 
@@ -213,6 +213,8 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--stages", nargs="+", action="extend", default=None, metavar="STAGE",
                    choices=[*specs.ALL_STAGES, *FACE_STAGES],
                    help=f"stages to build (default: all in the manifest): {' '.join([*specs.ALL_STAGES, *FACE_STAGES])}")
-    p.add_argument("--force", action="store_true", help="rebuild even when the plans are up to date")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild the plans and redo the int8/fp8 graphs even when up to date; lets an export that "
+                        "--stages needs replace the folder's")
     p.set_defaults(func=cmd_build_engines)
     return p
