@@ -104,16 +104,16 @@ def test_a_null_scheduler_config_is_refused(tmp_path):
                                     lambda q: q.update(files={"../outside.onnx": {"bytes": 1}})])
 def test_a_damaged_quantisation_record_is_stale_not_a_crash(tmp_path, damage):
     from arc2face_export import calib
-    from arc2face_export.quantize import RECIPE_REVISION, QuantRecipe, quant_is_current
+    from arc2face_export.quantize import RECIPE_REVISION, QuantRecipe, expected_calibration, quant_is_current
     from dataclasses import asdict
 
     r = QuantRecipe("int8").resolved()
     q = {"recipe": asdict(r), "recipe_revision": RECIPE_REVISION, "source": {"sha256": {"step_cfg.onnx": "a"}},
-         "calibration": calib.Calibration().record(), "files": {}}
+         "calibration": expected_calibration(calib.Calibration()), "files": {}}
     m = {"stages": {"step_cfg": {"files": {"step_cfg.onnx": {"sha256": "a"}}}}, "quantized": {"step_cfg": q}}
-    assert quant_is_current(tmp_path, json.loads(json.dumps(m)), "step_cfg", r, calib.Calibration(), False)
+    assert quant_is_current(tmp_path, json.loads(json.dumps(m)), "step_cfg", r, calib.Calibration())
     damage(q)
-    assert not quant_is_current(tmp_path, m, "step_cfg", r, calib.Calibration(), False)
+    assert not quant_is_current(tmp_path, m, "step_cfg", r, calib.Calibration())
 
 
 @pytest.mark.parametrize("flag", ["--identities", "--per-run", "--steps"])

@@ -228,7 +228,9 @@ def test_quantized_from_recorded_calibration_data(tmp_path):
     m = _manifest(d)
     assert m["quantized"]["step"]["calibration_samples"] == 3
     assert m["quantized"]["step"]["calibration"]["source"] == "recorded"
-    assert quantize.quant_is_current(d, m, "step", recipe, quantize.calib.Calibration(), recorded=True)
+    cal = quantize.calib.Calibration(data_sha256=mf.sha256_file(npz))
+    assert m["quantized"]["step"]["calibration"]["data_sha256"] == cal.data_sha256
+    assert quantize.quant_is_current(d, m, "step", recipe, cal)
 
 
 @pytest.mark.parametrize("bad,words", [

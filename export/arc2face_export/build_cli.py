@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -30,19 +31,69 @@ def _onnx_precision(precision: str) -> str:
     return "fp32" if precision == "fp32" else "fp16"   # int8 and fp8 quantise the fp16 graphs
 
 
-def _needs_export(out: Path, onnx_precision: str, stages: list[str] | None) -> bool:
-    try:
-        m = mf.load_manifest(out)
-    except EngineMismatchError:
-        return True
+def _exported(out: Path, onnx_precision: str) -> dict | None:
+    """The manifest of the export in `out`; None when there is none yet (a damaged one, or one of another
+    precision, is refused)."""
+    if not os.path.lexists(out / mf.MANIFEST):
+        return None
+    m = mf.load_manifest(out)
     if m.get("precision") != onnx_precision:
         raise EngineMismatchError(
             f"{out}: holds {m.get('precision')} graphs, and this build needs {onnx_precision} ones; choose another "
             f"--out, or re-export this one: `arc2face-export onnx --model-dir MODEL --out {out} --precision "
             f"{onnx_precision} --force`")
-    names = stages or list(specs.STAGES)
-    return any(n not in m.get("stages", {}) or not (out / specs.STAGES[n].onnx_file).is_file()
-               for n in names if n in specs.STAGES)
+    return m
+
+
+def _lacking(out: Path, m: dict, stages: list[str] | None) -> list[str]:
+    """The generation stages wanted (`stages`; without, those the manifest records, or every base stage when
+    it records none) whose ONNX graph the export in `out` lacks."""
+    recorded = m.get("stages", {})
+    names = [n for n in (stages or recorded) if n in specs.ALL_STAGES] or ([] if stages else list(specs.STAGES))
+    return [n for n in names if n not in recorded or not (out / specs.ALL_STAGES[n].onnx_file).is_file()]
+
+
+def _check_export(args, out: Path, m: dict | None, lacking: list[str], onnx_precision: str) -> None:
+    """Refuse, before any work, an export that cannot happen: no --model-dir, an export in `out` that only
+    --force may replace, or a LoRA one that build-engines would re-export without its LoRA."""
+    if m is None:
+        if args.model_dir is None:
+            raise EngineMismatchError(f"{out} has no {onnx_precision} ONNX graphs; pass --model-dir to export them")
+        return
+    what = f"{out}: the {onnx_precision} ONNX graph(s) of {', '.join(lacking)} are not in this folder"
+    skip = ", or leave them out of --stages" if args.stages and set(lacking) <= set(args.stages) else ""
+    if m.get("lora"):
+        raise EngineMismatchError(
+            f"{what}, and build-engines would re-export it without its LoRA; re-export it with: `arc2face-export onnx "
+            f"--model-dir MODEL --lora {m['lora'].get('file', 'LORA')} --out {out} --precision {onnx_precision} "
+            f"--force`{skip}")
+    if args.model_dir is None or not args.force:
+        need = "--force" if args.model_dir is not None else "--model-dir MODEL --force"
+        raise EngineMismatchError(f"{what}; pass {need} to re-export it (every stage){skip}")
+
+
+def _check_stages(args, m: dict | None, faces: dict) -> None:
+    """Refuse, before any work, a --stages choice the folder will not have once exported (`m` None: it
+    will be) and given its face stages."""
+    if m is None:
+        control = args.model_dir is None or (Path(args.model_dir) / "controlnet").is_dir()  # None: refused later
+        m = {"stages": dict.fromkeys([*specs.STAGES, *(specs.CONTROL_STAGES if control else ())])}
+    have = {*m.get("stages", {}), *faces, *m.get("face_stages", {})}
+    why = {}
+    for s in args.stages or ():
+        if s in have:
+            continue
+        if s in specs.CONTROL_STAGES:
+            why[s] = f"{args.model_dir} has no controlnet/, which the control step graphs need"
+        elif args.no_face:
+            why[s] = "--no-face leaves the face stages out"
+        else:
+            where = args.face_models or args.model_dir
+            why[s] = (f"no face model for it in {where}" if where else "no --face-models or --model-dir to copy "
+                      "it from") + "; pass --face-models DIR"
+    if why:
+        raise InvalidInputError(f"--stages: {'; '.join(f'{s}: {w}' for s, w in why.items())}; "
+                                f"leave them out of --stages (the folder will have: {', '.join(sorted(have))})")
 
 
 def cmd_build_engines(args) -> int:
@@ -58,13 +109,12 @@ def cmd_build_engines(args) -> int:
                            compute_capability=args.compute_capability, timing_cache=not args.no_timing_cache,
                            workspace_mib=args.workspace_mib)
     # Refuse what cannot work before exporting or copying anything: the target GPUs, the batch profile
-    # of every stage that runs at the served batch, the face models.
+    # of every stage that runs at the served batch, the export (is one needed, may it happen), the face
+    # models, the --stages the folder will not have, the calibration data.
     resolve_compute_capabilities(import_trt(), args.compute_capability, args.precision)
     for name in args.stages or specs.ALL_STAGES:
         if name in specs.ALL_STAGES:
             stage_profile(specs.ALL_STAGES[name], options)
-    if not args.no_face and args.face_models is not None:
-        find_face_models(args.face_models, explicit=True)
     quantized = args.precision in mf.QUANT_SECTIONS
     given = [f"--{k.replace('_', '-')}" for k in QUANT_FLAGS if getattr(args, k) not in (None, False)]
     if given and not quantized:
@@ -73,26 +123,29 @@ def cmd_build_engines(args) -> int:
     for k, default in QUANT_DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, default)
+    onnx_precision = _onnx_precision(args.precision)
+    m = _exported(out, onnx_precision)
+    lacking = _lacking(out, m, args.stages) if m is not None else list(specs.STAGES)
+    export = m is None or bool(lacking)
+    faces = {} if args.no_face else find_face_models(args.face_models or args.model_dir,
+                                                      explicit=args.face_models is not None)
+    _check_stages(args, None if export else m, faces)
+    if export:
+        _check_export(args, out, m, lacking, onnx_precision)
     if quantized:
         from .quantize import QUANT_STAGES, QuantRecipe, load_calibration
         recipe = QuantRecipe(args.precision, args.calib_method, args.smoothquant_alpha, args.residual_qdq,
                              args.quant_level).resolved()
-        if args.calib_data is not None:
-            try:
-                have = set(mf.load_manifest(out).get("stages", {}))
-            except EngineMismatchError:             # exported below, with every stage
-                have = set(QUANT_STAGES)
+        if args.calib_data is not None:             # an export below writes every stage
+            have = set(QUANT_STAGES) if export else set(m.get("stages", {}))
             load_calibration(args.calib_data, [s for s in (args.stages or QUANT_STAGES) if s in have])
-    onnx_precision = _onnx_precision(args.precision)
-    if _needs_export(out, onnx_precision, args.stages):
-        if args.model_dir is None:
-            raise EngineMismatchError(f"{out} has no {onnx_precision} ONNX graphs; pass --model-dir to export them")
+    if export:
         try:
             from .onnx_export import export_all
         except ImportError as e:
             raise BackendUnavailableError(f"ONNX export is unavailable ({e}); run `arc2face-export onnx` first") from e
         log.info("exporting %s ONNX graphs to %s first", onnx_precision, out)
-        export_all(Path(args.model_dir), out, precision=onnx_precision, force=False)
+        export_all(Path(args.model_dir), out, precision=onnx_precision, force=args.force)
     if not args.no_face:
         add_face_stages(out, args.face_models or args.model_dir, force=args.force,
                         explicit=args.face_models is not None)
@@ -100,7 +153,7 @@ def cmd_build_engines(args) -> int:
         from .calib import Calibration
         from .quantize import ensure_quant_graphs
         cal = Calibration(identities=args.calib_identities, steps=args.calib_steps, percentile=args.calib_percentile)
-        ensure_quant_graphs(out, [recipe], cal, calib_path=args.calib_data, stages=args.stages)
+        ensure_quant_graphs(out, [recipe], cal, calib_path=args.calib_data, stages=args.stages, force=args.force)
     build_engines(out, stages=args.stages, precision=args.precision, options=options, force=args.force)
     return 0
 
@@ -160,6 +213,8 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--stages", nargs="+", action="extend", default=None, metavar="STAGE",
                    choices=[*specs.ALL_STAGES, *FACE_STAGES],
                    help=f"stages to build (default: all in the manifest): {' '.join([*specs.ALL_STAGES, *FACE_STAGES])}")
-    p.add_argument("--force", action="store_true", help="rebuild even when the plans are up to date")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild the plans and redo the int8/fp8 graphs even when up to date; lets an export that "
+                        "--stages needs replace the folder's")
     p.set_defaults(func=cmd_build_engines)
     return p

@@ -40,6 +40,7 @@ class Calibration:
     guidance: float = 3.0         # step_cfg's guidance (step runs without CFG)
     seed: int = 0
     percentile: float = 99.99     # the percentile of |x| the "percentile" method reads
+    data_sha256: str | None = None  # sha256 of the recorded step inputs (--calib-data); None: the pipeline
 
     def record(self) -> dict:
         return asdict(self)

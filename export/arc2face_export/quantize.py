@@ -269,10 +269,18 @@ def _write_quantized(engines_dir: Path, stage: str, src: Path, placement: qdq.Pl
     return rec
 
 
-def quant_is_current(engines_dir: Path, m: dict, stage: str, recipe: QuantRecipe, cal: calib.Calibration,
-                     recorded: bool) -> bool:
+def expected_calibration(cal: calib.Calibration) -> dict:
+    """The calibration fields a graph quantised with `cal` records: recorded inputs (`cal.data_sha256`, the
+    file's hash) make the pipeline's identities, steps and guidance moot."""
+    if cal.data_sha256 is None:
+        return {**cal.record(), "source": "pipeline"}
+    return {**cal.record(), "identities": None, "steps": None, "guidance": None, "source": "recorded"}
+
+
+def quant_is_current(engines_dir: Path, m: dict, stage: str, recipe: QuantRecipe, cal: calib.Calibration) -> bool:
     """The stage's quantised graph exists, intact (sizes and sha256, hashed once and then trusted through the
-    verification stamps), from the current source graph, recipe and calibration. A damaged record (fields
+    verification stamps), from the current source graph, recipe and calibration (`expected_calibration`:
+    where the samples come from, the data file's sha256, the percentile, ...). A damaged record (fields
     missing or of other types) is not current: the graph is made again."""
     r = recipe.resolved()
     try:
@@ -282,7 +290,8 @@ def quant_is_current(engines_dir: Path, m: dict, stage: str, recipe: QuantRecipe
             return False
         if q["source"]["sha256"] != {k: v["sha256"] for k, v in src["files"].items()}:
             return False
-        if not recorded and {k: q["calibration"].get(k) for k in cal.record()} != cal.record():
+        want = expected_calibration(cal)
+        if {k: q["calibration"].get(k) for k in want} != want:
             return False
         verify_records(engines_dir, q["files"], mode="stamp")   # a flipped byte keeps the size: hash (once)
         return True
@@ -292,15 +301,19 @@ def quant_is_current(engines_dir: Path, m: dict, stage: str, recipe: QuantRecipe
 
 def ensure_quant_graphs(engines_dir: str | Path, recipes: Iterable[QuantRecipe], cal: calib.Calibration = calib.Calibration(),
                         calib_path: str | Path | None = None, stages: Iterable[str] | None = None,
-                        device: str = "auto") -> None:
+                        device: str = "auto", force: bool = False) -> None:
     """Make `<stage>.<precision>.onnx` current for the step stages of a folder (`build-engines --precision
-    int8|fp8`); stages already current for the recipe and calibration are kept."""
+    int8|fp8`); stages already current for the recipe and calibration (`calib_path`: its sha256 is part of
+    it) are kept unless `force`."""
     engines_dir = Path(engines_dir)
     recipes = [r.resolved() for r in recipes]
     m = mf.load_manifest(engines_dir)
     todo = [s for s in (stages or QUANT_STAGES) if s in QUANT_STAGES and s in m.get("stages", {})]
-    recorded = load_calibration(calib_path, todo) if calib_path is not None else None
+    recorded = None
+    if calib_path is not None:
+        recorded = load_calibration(calib_path, todo)
+        cal = replace(cal, data_sha256=mf.sha256_file(calib_path))
     for s in todo:
-        stale = [r for r in recipes if not quant_is_current(engines_dir, m, s, r, cal, recorded is not None)]
+        stale = [r for r in recipes if force or not quant_is_current(engines_dir, m, s, r, cal)]
         if stale:
             quantize_stage(engines_dir, s, stale, cal, recorded, device)
