@@ -145,13 +145,6 @@ def header() -> dict:
             "libraries": env.library_versions()}
 
 
-def write_result(result: dict, name: str, out: Path = RESULTS) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    return path
-
-
 _BUILD_CODE = """
 import json, logging, sys, time
 from arc2face_export.trt_build import BuildOptions, build_engines

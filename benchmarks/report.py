@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from arc2face_rt.atomic import atomic_write
+from arc2face_rt.errors import InvalidInputError
+
 STAGES = ("detect", "embed", "project", "step", "steps", "decode")
 
 
@@ -301,6 +304,9 @@ def chart(d: dict, path: Path) -> bool:
 
 
 def write_report(results: Path) -> tuple[Path, list[Path]]:
+    if not results.is_dir():
+        raise InvalidInputError(f"--results {results}: no such folder; give the folder of the result JSON files "
+                                "(default benchmarks/results)")
     docs = load_results(results)
     runs = sorted((d for d in docs if d["kind"] == "run"), key=lambda d: d["created"], reverse=True)
     lines = ["# Benchmark results", "",
@@ -327,5 +333,5 @@ def write_report(results: Path) -> tuple[Path, list[Path]]:
         for d in sorted((d for d in docs if d["kind"] == kind), key=lambda d: d["created"], reverse=True):
             lines += section(d)
     md = results / "RESULTS.md"
-    md.write_text("\n".join(lines).rstrip() + "\n")
+    atomic_write(md, ("\n".join(lines).rstrip() + "\n").encode(), overwrite=True)     # generated: replaced each time
     return md, charts

@@ -213,3 +213,87 @@ def test_bad_flag_is_one_line_naming_the_whole_tool(argv, where, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1
     assert err[0].startswith(f"python -m benchmarks: error: {where}"), err
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--steps", "0"], ["run", "--repeats", "0"], ["run", "--warmup", "-1"], ["run", "--batches", "0"],
+    ["run", "--guidance", "nan"], ["run", "--row-timeout", "0"], ["run", "--peak-tflops", "-1"], ["run", "--out", ""],
+    ["verify", "--engines", "e", "--repeats", "0"], ["demo", "-n", "0"], ["dataset", "--batch", "0"],
+    ["quant", "--identities", "0"], ["build", "--opt-level", "6"], ["gpu-check", "--out", "o", "--warmup", "-1"],
+    ["cpu-precision", "--steps", "0"], ["wheels", "--max-mib", "0"], ["run", "--name", "a/b.json"]])
+def test_out_of_range_values_are_refused_while_parsing(argv, capsys):
+    """Refused before any work (huntF #5: `run --steps 0` exported, ran every row, then exited 0)."""
+    from benchmarks.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    flag = [a for a in argv if a.startswith("-") and not a[1:2].isdigit()][-1]
+    assert e.value.code == 2 and len(err) == 1 and f"argument {flag}" in err[0], err
+
+
+@pytest.fixture
+def cli_main():
+    """benchmarks.cli.main in this process, with the exporter's log level (which main raises) restored."""
+    import logging
+
+    from benchmarks.cli import main
+
+    log = logging.getLogger("arc2face_export")
+    level = log.level
+    yield lambda *argv: main([str(a) for a in argv])
+    log.setLevel(level)
+
+
+@pytest.fixture
+def bench_main(cli_main, monkeypatch):
+    """cli_main with `verify` measuring nothing: its result is {"kind": "verify", "precision": "fp32"}."""
+    import benchmarks.export_bench
+    import benchmarks.verify_bench
+
+    calls = []
+    monkeypatch.setattr(benchmarks.verify_bench, "bench_verify",
+                        lambda engines, repeats, say: calls.append(engines) or {"kind": "verify", "precision": "fp32"})
+    monkeypatch.setattr(benchmarks.export_bench, "header", lambda: {"schema": 1})
+    return cli_main, calls
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["report", "--results", "{t}/nope"], "--results {t}/nope: no such folder"),
+    (["verify", "--engines", "{t}/nope", "--out", "{t}/o", "--repeats", "1"], "{t}/nope: no such engines folder"),
+    (["verify", "--engines", "{t}", "--out", "{t}/f.txt/o"], "--out {t}/f.txt/o: cannot be made: {t}/f.txt is a file")])
+def test_user_errors_are_one_line_and_exit_2(argv, says, cli_main, tmp_path, capsys):
+    """huntF #6: a missing --results or --engines folder was a traceback (exit 1)."""
+    (tmp_path / "f.txt").write_text("x")
+    rc = cli_main(*(a.format(t=tmp_path) for a in argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"benchmarks: error: {says.format(t=tmp_path)}"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]       # nothing written, no --out made
+
+
+def test_existing_name_is_refused_before_any_work_and_replaced_atomically_with_force(bench_main, tmp_path, capsys):
+    """huntF #7: `--name FILE` replaced an existing file in --out, in place, without a word."""
+    main, calls = bench_main
+    mine = tmp_path / "mine.json"
+    mine.write_text("precious\n")
+    inode = mine.stat().st_ino
+    assert main("verify", "--engines", tmp_path, "--out", tmp_path, "--name", "mine.json") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == f"benchmarks: error: {mine}: exists; choose another --name or pass --force"
+    assert mine.read_text() == "precious\n" and calls == []                # refused before measuring
+    assert main("verify", "--engines", tmp_path, "--out", tmp_path, "--name", "mine.json", "--force") == 0
+    assert json.loads(mine.read_text())["kind"] == "verify" and len(calls) == 1
+    assert mine.stat().st_ino != inode                                     # a new file moved into place
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.json"]           # no temporary file left
+
+
+def test_default_names_stay_stamped_and_never_replace_each_other(bench_main, tmp_path, monkeypatch):
+    """Two runs within the same second: the second gets -2 rather than being refused or replacing the first."""
+    import benchmarks.cli
+
+    main, _ = bench_main
+    monkeypatch.setattr(benchmarks.cli, "_stamp", lambda: "20261126T000000Z")
+    for _ in range(2):
+        assert main("verify", "--engines", tmp_path, "--out", tmp_path / "out") == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["verify-fp32-20261126T000000Z-2.json",
+                                                                    "verify-fp32-20261126T000000Z.json"]
