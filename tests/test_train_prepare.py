@@ -113,6 +113,21 @@ def test_prepare_refuses_other_inputs(tmp_path):
         prepare([paths[0]], tmp_path / "data", _analyzer, shard_size=3)
 
 
+@pytest.mark.parametrize("name", ["shard-00000.tar", "shard-00000.stats.json", "skipped.txt"])
+def test_prepare_never_replaces_files_it_did_not_write(tmp_path, name):
+    """An --out holding files of prepare's names but no prepare.json (another tool's, a user's): they
+    were replaced without a word; now refused, and nothing is touched."""
+    from arc2face_rt.errors import InvalidInputError
+    from arc2face_ref.train.prepare import prepare
+
+    paths = astronaut_variants(tmp_path / "photos", n=1)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / name).write_text("mine")
+    with pytest.raises(InvalidInputError, match=f"holds {name}, which prepare did not write"):
+        prepare(paths, tmp_path / "data", _analyzer, shard_size=2)
+    assert [p.name for p in (tmp_path / "data").iterdir()] == [name] and (tmp_path / "data" / name).read_text() == "mine"
+
+
 def test_reader_matches_webdataset(tmp_path):
     """fit's random-access reader gives the samples webdataset streams, in key order."""
     from arc2face_ref.train.shards import ShardDataset, index_shards, read_id

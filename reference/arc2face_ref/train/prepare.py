@@ -59,6 +59,10 @@ def _plan(out: Path, files: list[Path], shard_size: int) -> dict | None:
     plan = {"version": 1, "shard_size": shard_size, "size": TRAIN_SIZE, "files": [str(p) for p in files]}
     path = out / PLAN_FILE
     if not path.exists():
+        taken = sorted(p.name for p in out.glob("shard-*")) + [n for n in (SKIPPED_FILE,) if (out / n).exists()]
+        if taken:                       # names this run would write, not from an earlier run of it
+            raise InvalidInputError(f"{out}: holds {taken[0]}{f' and {len(taken) - 1} more' if len(taken) > 1 else ''}"
+                                    f", which prepare did not write (no {PLAN_FILE}); move them away or use a new --out")
         return plan
     try:
         old = json.loads(path.read_text())
