@@ -31,7 +31,8 @@ import numpy as np
 from arc2face_rt import manifest as mf
 from arc2face_rt.atomic import naming_output, remove_stale_temps, temp_dir
 from arc2face_rt.backends.openvino import INT8_KEY, OpenVinoSession, core, scheduler_subgraph
-from arc2face_rt.errors import InvalidInputError
+from arc2face_rt.errors import Arc2FaceError, InvalidInputError
+from arc2face_rt.integrity import verify_records
 from arc2face_rt.outputs import check_output_dir
 
 from .calib import output_drift, pipeline_calibration_feeds
@@ -113,11 +114,17 @@ def quantization_loss(ref: str | Path, quant: str | Path, feeds: list[dict]) -> 
 
 
 def is_current(engines_dir: Path, m: dict, stage: str) -> bool:
-    q, src = m.get(INT8_KEY, {}).get(stage), m.get("stages", {}).get(stage)
-    if not q or not src or q.get("source", {}).get("sha256") != {k: v["sha256"] for k, v in src["files"].items()}:
+    """The stage's int8 graph exists, intact (sizes and sha256, hashed once and then trusted through the
+    verification stamps), quantised from the folder's current source graph. A damaged record (fields
+    missing or of other types, which the runtime refuses) is not current: the graph is made again."""
+    try:
+        q, src = m.get(INT8_KEY, {}).get(stage), m.get("stages", {}).get(stage)
+        if not q or not src or q["source"]["sha256"] != {k: v["sha256"] for k, v in src["files"].items()}:
+            return False
+        verify_records(engines_dir, q["files"], mode="stamp")   # a flipped byte keeps the size: hash (once)
+        return True
+    except (KeyError, TypeError, AttributeError, ValueError, Arc2FaceError):  # Arc2FaceError: outside, changed
         return False
-    return all((engines_dir / k).is_file() and (engines_dir / k).stat().st_size == v["bytes"]
-               for k, v in q["files"].items())
 
 
 def ensure_ov_int8(engines_dir: str | Path, stages=INT8_STAGES, feeds: list[dict] | None = None,
