@@ -136,6 +136,24 @@ def test_a_damaged_int8_source_record_is_redone_not_a_traceback(q_engines, tmp_p
     assert capsys.readouterr().err.splitlines()[-1] == "arc2face-export: error: calibrating step"
 
 
+def test_an_int8_file_the_manifest_does_not_record_is_kept_and_named(tiny_engines, tmp_path, monkeypatch, capsys):
+    from arc2face_export.cli import main as export_main
+
+    d = tmp_path / "e"
+    shutil.copytree(tiny_engines, d, ignore=shutil.ignore_patterns("openvino_cache"))
+    (d / "step.ov-int8.bin").write_bytes(b"someone else's weights")
+
+    def calibration(*a, **kw):
+        raise AssertionError("calibration started")
+
+    monkeypatch.setattr(ov_int8, "pipeline_calibration_feeds", calibration)
+    assert export_main(["openvino-int8", "--engines", str(d), "--stages", "step"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [(
+        f"arc2face-export: error: {d / 'step.ov-int8.bin'}: exists and manifest.json does not record it as this "
+        f"folder's OpenVINO int8 step graph, so it is not replaced; move it out of {d}, then run again")]
+    assert (d / "step.ov-int8.bin").read_bytes() == b"someone else's weights"
+
+
 def test_int8_without_int8_graphs_names_the_command(tiny_engines, tmp_path, capsys):
     rc = rt_main(["generate", "--engines", str(tiny_engines), "--random-id", "--backend", "openvino",
                   "--cpu-precision", "int8", "--out", str(tmp_path / "o")])

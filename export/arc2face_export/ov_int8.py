@@ -16,6 +16,7 @@ them (`.<stage>.ov-int8.xml.arc2face-HOST-PID-RANDOM.tmp/`, which the next run r
 and moved into place after they are complete, recorded in manifest["openvino_int8"][stage] with the source
 graph's sha256, the scheme, and the quantised outputs' error against the source graph on the calibration
 inputs (both run by OpenVINO in f32). The runtime uses them with `--backend openvino --cpu-precision int8`.
+Files of those names that the manifest does not record are someone else's: refused before calibration, kept.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from arc2face_rt.integrity import verify_records
 from arc2face_rt.outputs import check_output_dir
 
 from .calib import output_drift, pipeline_calibration_feeds
+from .engines_folder import check_recorded
 from .quantize import QUANT_STAGES as INT8_STAGES
 
 # Node-name patterns (diffusers UNet exported by torch.onnx) NNCF leaves in float, with the first and last Conv.
@@ -127,6 +129,13 @@ def is_current(engines_dir: Path, m: dict, stage: str) -> bool:
         return False
 
 
+def _check_ours(engines_dir: Path, m: dict, stage: str) -> None:
+    """Refuse to replace `<stage>.ov-int8.xml/.bin` unless the manifest records them as this tool's."""
+    rec, xml = m.get(INT8_KEY, {}).get(stage), ov_int8_file(stage)
+    check_recorded(engines_dir, (xml, _bin(Path(xml)).name), rec.get("files") if isinstance(rec, dict) else None,
+                   "OpenVINO int8 step graph")
+
+
 def ensure_ov_int8(engines_dir: str | Path, stages=INT8_STAGES, feeds: list[dict] | None = None,
                    identities: int = 4, steps: int = 25, per_run: int = 4, force: bool = False,
                    say=log.info) -> dict:
@@ -148,6 +157,8 @@ def ensure_ov_int8(engines_dir: str | Path, stages=INT8_STAGES, feeds: list[dict
         files = " and ".join(f"{ov_int8_file(s)}/.bin" for s in todo)
         check_output_dir(engines_dir, flag="--engines", fix=f"openvino-int8 writes {files} and {mf.MANIFEST} "
                          "there: copy the folder somewhere writable and pass that as --engines")
+    for stage in todo:    # and files of those names that are not ours
+        _check_ours(engines_dir, m, stage)
     remove_stale_temps(engines_dir)              # what a killed run left behind (never raises)
     for stage in stages:
         src_rec = m["stages"][stage]
@@ -162,6 +173,7 @@ def ensure_ov_int8(engines_dir: str | Path, stages=INT8_STAGES, feeds: list[dict
         else:
             calib = feeds
         say(f"{stage}: NNCF quantisation on {len(calib)} samples")
+        _check_ours(engines_dir, mf.load_manifest(engines_dir), stage)    # again: the manifest may have changed
         dst = engines_dir / ov_int8_file(stage)
         info = quantize_ov_int8(engines_dir / src_rec["file"], dst, calib)
         loss = quantization_loss(engines_dir / src_rec["file"], dst, calib)

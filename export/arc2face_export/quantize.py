@@ -28,11 +28,12 @@ import onnx
 
 from arc2face_rt import manifest as mf
 from arc2face_rt.atomic import remove_stale_temps, temp_dir, usual_mode
-from arc2face_rt.errors import Arc2FaceError, InvalidInputError, OutputExistsError
+from arc2face_rt.errors import Arc2FaceError, InvalidInputError
 from arc2face_rt.integrity import verify_records
 from arc2face_rt.specs import STAGES
 
 from . import calib, qdq
+from .engines_folder import check_recorded
 
 log = logging.getLogger(__name__)
 
@@ -281,15 +282,9 @@ def _check_ours(engines_dir: Path, m: dict, stage: str, precision: str) -> None:
     """Refuse to replace `<stage>.<precision>.onnx[.data]` unless the manifest records it as this
     tool's: a file of that name the manifest does not list is someone else's, and is kept."""
     rec = m.get(SECTIONS[precision], {}).get(stage)
-    ours = rec.get("files", {}) if isinstance(rec, dict) else {}
-    for name in (quant_onnx_file(stage, precision), quant_onnx_file(stage, precision) + ".data"):
-        p = engines_dir / name
-        if not os.path.lexists(p):
-            continue
-        why = ("is a folder" if p.is_dir() and not p.is_symlink() else None if name in ours else
-               f"exists and {mf.MANIFEST} does not record it as this folder's {precision} step graph")
-        if why:
-            raise OutputExistsError(f"{p}: {why}, so it is not replaced; move it out of {engines_dir}, then run again")
+    dst = quant_onnx_file(stage, precision)
+    check_recorded(engines_dir, (dst, dst + ".data"), rec.get("files") if isinstance(rec, dict) else None,
+                   f"{precision} step graph")
 
 
 def quant_is_current(engines_dir: Path, m: dict, stage: str, recipe: QuantRecipe, cal: calib.Calibration,
