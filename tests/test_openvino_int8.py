@@ -76,6 +76,84 @@ def test_int8_from_an_older_export_is_refused(q_engines, tmp_path):
     assert not ov_int8.is_current(d, m, "step_cfg") and ov_int8.is_current(d, m, "step")
 
 
+def _int8_copy(q_engines, tmp_path):
+    d = tmp_path / "e"
+    shutil.copytree(q_engines, d, ignore=shutil.ignore_patterns("openvino_cache"))
+    return d, json.loads((d / "manifest.json").read_text())
+
+
+def test_a_changed_int8_graph_is_not_current_and_the_runtime_names_its_own_fix(q_engines, tmp_path, capsys):
+    """A flipped byte keeps the size: `is_current` hashes (through the stamps), so `openvino-int8` redoes the
+    graph; the runtime's refusal (and `info --verify`'s) names that command, every flag inside the backticks."""
+    from arc2face_export.cli import main as export_main
+    from arc2face_rt.integrity import verify_records
+
+    d, m = _int8_copy(q_engines, tmp_path)
+    b = d / "step.ov-int8.bin"
+    data = bytearray(b.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    b.write_bytes(bytes(data))
+    assert not ov_int8.is_current(d, m, "step") and ov_int8.is_current(d, m, "step_cfg")
+    with pytest.raises(EngineMismatchError) as e:
+        Arc2FacePipeline(d, backend="openvino", cpu_precision="int8").session("step")
+    assert str(e.value).startswith(f"{b}: content differs from the manifest") and str(e.value).endswith(
+        f"corrupt or replaced; write the int8 step graphs again with `arc2face-export openvino-int8 --engines {d} "
+        "--force`")
+    capsys.readouterr()
+    assert rt_main(["info", "--engines", str(d), "--verify"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"`arc2face-export openvino-int8 --engines {d} --force`")
+    assert export_main(["openvino-int8", "--engines", str(d), *_ONE_STEP]) == 0
+    m2 = json.loads((d / "manifest.json").read_text())
+    verify_records(d, m2[ovb.INT8_KEY]["step"]["files"], mode="full")
+    assert m2[ovb.INT8_KEY]["step_cfg"] == m[ovb.INT8_KEY]["step_cfg"]
+
+
+@pytest.mark.parametrize("source", ["x", None, {"sha256": 5}])
+def test_a_damaged_int8_source_record_is_redone_not_a_traceback(q_engines, tmp_path, monkeypatch, capsys, source):
+    """`openvino_int8.<stage>.source` that is not {file, sha256}: the runtime refuses it (one line, the fix in
+    backticks) and `openvino-int8`, without --force, treats the graph as not current and sets out to write it
+    again (up to its calibration, stopped here: the test above runs a whole redo)."""
+    from arc2face_export.cli import main as export_main
+    from arc2face_rt.errors import InvalidInputError
+
+    d, m = _int8_copy(q_engines, tmp_path)
+    if source is None:
+        del m[ovb.INT8_KEY]["step"]["source"]
+    else:
+        m[ovb.INT8_KEY]["step"]["source"] = source
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EngineMismatchError) as e:
+        Arc2FacePipeline(d, backend="openvino", cpu_precision="int8").session("step")
+    assert str(e.value).endswith(f"`arc2face-export openvino-int8 --engines {d} --force`")
+    assert not ov_int8.is_current(d, m, "step") and ov_int8.is_current(d, m, "step_cfg")
+
+    def calibration(engines_dir, stage, **kw):
+        raise InvalidInputError(f"calibrating {stage}")
+
+    monkeypatch.setattr(ov_int8, "pipeline_calibration_feeds", calibration)
+    capsys.readouterr()
+    assert export_main(["openvino-int8", "--engines", str(d), "--stages", "step_cfg", "step"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "arc2face-export: error: calibrating step"
+
+
+def test_an_int8_file_the_manifest_does_not_record_is_kept_and_named(tiny_engines, tmp_path, monkeypatch, capsys):
+    from arc2face_export.cli import main as export_main
+
+    d = tmp_path / "e"
+    shutil.copytree(tiny_engines, d, ignore=shutil.ignore_patterns("openvino_cache"))
+    (d / "step.ov-int8.bin").write_bytes(b"someone else's weights")
+
+    def calibration(*a, **kw):
+        raise AssertionError("calibration started")
+
+    monkeypatch.setattr(ov_int8, "pipeline_calibration_feeds", calibration)
+    assert export_main(["openvino-int8", "--engines", str(d), "--stages", "step"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [(
+        f"arc2face-export: error: {d / 'step.ov-int8.bin'}: exists and manifest.json does not record it as this "
+        f"folder's OpenVINO int8 step graph, so it is not replaced; move it out of {d}, then run again")]
+    assert (d / "step.ov-int8.bin").read_bytes() == b"someone else's weights"
+
+
 def test_int8_without_int8_graphs_names_the_command(tiny_engines, tmp_path, capsys):
     rc = rt_main(["generate", "--engines", str(tiny_engines), "--random-id", "--backend", "openvino",
                   "--cpu-precision", "int8", "--out", str(tmp_path / "o")])

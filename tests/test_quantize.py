@@ -237,6 +237,51 @@ def test_a_changed_byte_of_the_same_size_makes_the_graph_stale(quantized, monkey
     assert calls == [["int8"]]
 
 
+def test_rewriting_a_graph_replaces_only_its_own_files(quantized, tmp_path):
+    """A new recipe rewrites `step_cfg.int8.onnx` (and its `.data`) and nothing else: a user's files whose
+    names merely start with it stay, byte for byte."""
+    d = tmp_path / "q"
+    shutil.copytree(quantized, d)
+    mine = {"step_cfg.int8.onnx.notes.txt": b"my notes", "step_cfg.int8.onnx.bak": b"old graph"}
+    for name, data in mine.items():
+        (d / name).write_bytes(data)
+    old = (d / "step_cfg.int8.onnx").read_bytes()
+    quantize.ensure_quant_graphs(d, [quantize.QuantRecipe("int8", method="max")], CAL, stages=["step_cfg"],
+                                 device="cpu")
+    rec = mf.load_manifest(d)["quantized"]["step_cfg"]
+    assert rec["recipe"]["method"] == "max" and list(rec["files"]) == ["step_cfg.int8.onnx"]
+    assert (d / "step_cfg.int8.onnx").read_bytes() != old
+    assert {name: (d / name).read_bytes() for name in mine} == mine
+
+
+@pytest.mark.parametrize("name", ["step_cfg.int8.onnx", "step_cfg.int8.onnx.data"])
+def test_a_graph_file_the_manifest_does_not_record_is_kept_and_named(quantized, tmp_path, monkeypatch, name):
+    """A file at the name of the int8 graph (or of its external data) that the manifest does not record is
+    not this tool's: refused, naming it and the fix, before any calibration, and left as it was."""
+    from arc2face_rt.errors import OutputExistsError
+
+    d = tmp_path / "q"
+    shutil.copytree(quantized, d)
+    if name == "step_cfg.int8.onnx":                    # the graph is there, its record is not
+        m = json.loads((d / mf.MANIFEST).read_text())
+        del m["quantized"]
+        (d / mf.MANIFEST).write_text(json.dumps(m))
+    else:
+        (d / name).write_bytes(b"someone else's weights")
+    before = (d / name).read_bytes()
+
+    def calibrated(*a, **k):
+        raise AssertionError("calibration started")
+
+    monkeypatch.setattr(quantize, "calibrate", calibrated)
+    with pytest.raises(OutputExistsError) as e:
+        quantize.ensure_quant_graphs(d, [quantize.QuantRecipe("int8", method="max")], CAL, stages=["step_cfg"],
+                                     device="cpu")
+    assert str(e.value) == (f"{d / name}: exists and manifest.json does not record it as this folder's int8 step "
+                            f"graph, so it is not replaced; move it out of {d}, then run again")
+    assert (d / name).read_bytes() == before
+
+
 def test_smoothquant_keeps_the_linear_layer_exact():
     """x W == (x / s)(diag(s) W): SmoothQuant's rewrite alone changes nothing but the ranges."""
     rng = np.random.default_rng(0)

@@ -65,6 +65,20 @@ def foreign_entry(folder: Path) -> str | None:
     return None
 
 
+def check_recorded(folder: Path, names, recorded, what: str) -> None:
+    """Refuse (OutputExistsError, before any work) to replace an entry `names` of `folder` that the
+    manifest does not list in `recorded` (a record's {file: ...}) as `what`: a file of ours by name only
+    is someone else's, and is kept. A folder at such a name is refused too."""
+    for name in names:
+        p = folder / name
+        if not os.path.lexists(p):
+            continue
+        why = ("is a folder" if p.is_dir() and not p.is_symlink() else None if name in (recorded or {}) else
+               f"exists and {mf.MANIFEST} does not record it as this folder's {what}")
+        if why:
+            raise OutputExistsError(f"{p}: {why}, so it is not replaced; move it out of {folder}, then run again")
+
+
 def replaced_entries(folder: Path) -> list[str]:
     """The entries of an engines folder that a new export replaces: its manifest and stage artefacts."""
     return sorted(e.name for e in os.scandir(folder)

@@ -16,6 +16,7 @@ them (`.<stage>.ov-int8.xml.arc2face-HOST-PID-RANDOM.tmp/`, which the next run r
 and moved into place after they are complete, recorded in manifest["openvino_int8"][stage] with the source
 graph's sha256, the scheme, and the quantised outputs' error against the source graph on the calibration
 inputs (both run by OpenVINO in f32). The runtime uses them with `--backend openvino --cpu-precision int8`.
+Files of those names that the manifest does not record are someone else's: refused before calibration, kept.
 """
 from __future__ import annotations
 
@@ -31,10 +32,12 @@ import numpy as np
 from arc2face_rt import manifest as mf
 from arc2face_rt.atomic import naming_output, remove_stale_temps, temp_dir
 from arc2face_rt.backends.openvino import INT8_KEY, OpenVinoSession, core, scheduler_subgraph
-from arc2face_rt.errors import InvalidInputError
+from arc2face_rt.errors import Arc2FaceError, InvalidInputError
+from arc2face_rt.integrity import verify_records
 from arc2face_rt.outputs import check_output_dir
 
 from .calib import output_drift, pipeline_calibration_feeds
+from .engines_folder import check_recorded
 from .quantize import QUANT_STAGES as INT8_STAGES
 
 # Node-name patterns (diffusers UNet exported by torch.onnx) NNCF leaves in float, with the first and last Conv.
@@ -113,11 +116,24 @@ def quantization_loss(ref: str | Path, quant: str | Path, feeds: list[dict]) -> 
 
 
 def is_current(engines_dir: Path, m: dict, stage: str) -> bool:
-    q, src = m.get(INT8_KEY, {}).get(stage), m.get("stages", {}).get(stage)
-    if not q or not src or q.get("source", {}).get("sha256") != {k: v["sha256"] for k, v in src["files"].items()}:
+    """The stage's int8 graph exists, intact (sizes and sha256, hashed once and then trusted through the
+    verification stamps), quantised from the folder's current source graph. A damaged record (fields
+    missing or of other types, which the runtime refuses) is not current: the graph is made again."""
+    try:
+        q, src = m.get(INT8_KEY, {}).get(stage), m.get("stages", {}).get(stage)
+        if not q or not src or q["source"]["sha256"] != {k: v["sha256"] for k, v in src["files"].items()}:
+            return False
+        verify_records(engines_dir, q["files"], mode="stamp")   # a flipped byte keeps the size: hash (once)
+        return True
+    except (KeyError, TypeError, AttributeError, ValueError, Arc2FaceError):  # Arc2FaceError: outside, changed
         return False
-    return all((engines_dir / k).is_file() and (engines_dir / k).stat().st_size == v["bytes"]
-               for k, v in q["files"].items())
+
+
+def _check_ours(engines_dir: Path, m: dict, stage: str) -> None:
+    """Refuse to replace `<stage>.ov-int8.xml/.bin` unless the manifest records them as this tool's."""
+    rec, xml = m.get(INT8_KEY, {}).get(stage), ov_int8_file(stage)
+    check_recorded(engines_dir, (xml, _bin(Path(xml)).name), rec.get("files") if isinstance(rec, dict) else None,
+                   "OpenVINO int8 step graph")
 
 
 def ensure_ov_int8(engines_dir: str | Path, stages=INT8_STAGES, feeds: list[dict] | None = None,
@@ -141,6 +157,8 @@ def ensure_ov_int8(engines_dir: str | Path, stages=INT8_STAGES, feeds: list[dict
         files = " and ".join(f"{ov_int8_file(s)}/.bin" for s in todo)
         check_output_dir(engines_dir, flag="--engines", fix=f"openvino-int8 writes {files} and {mf.MANIFEST} "
                          "there: copy the folder somewhere writable and pass that as --engines")
+    for stage in todo:    # and files of those names that are not ours
+        _check_ours(engines_dir, m, stage)
     remove_stale_temps(engines_dir)              # what a killed run left behind (never raises)
     for stage in stages:
         src_rec = m["stages"][stage]
@@ -155,6 +173,7 @@ def ensure_ov_int8(engines_dir: str | Path, stages=INT8_STAGES, feeds: list[dict
         else:
             calib = feeds
         say(f"{stage}: NNCF quantisation on {len(calib)} samples")
+        _check_ours(engines_dir, mf.load_manifest(engines_dir), stage)    # again: the manifest may have changed
         dst = engines_dir / ov_int8_file(stage)
         info = quantize_ov_int8(engines_dir / src_rec["file"], dst, calib)
         loss = quantization_loss(engines_dir / src_rec["file"], dst, calib)

@@ -10,6 +10,8 @@ Files: `<stage>.int8.onnx` / `<stage>.fp8.onnx` (+ `.onnx.data` when large) next
 recorded in manifest["quantized"][stage] (int8) / manifest["quantized_fp8"][stage] (fp8) with the
 source graph's sha256, the recipe, the calibration size, the layers kept in fp16 and the loss against
 the source (both run in fp32 by ONNX Runtime on the first calibration inputs: `fake_quant` twins).
+Only those two names are replaced, and only when the manifest records them (`_check_ours`): a file there
+that it does not record is someone else's, and is refused, kept.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from arc2face_rt.integrity import verify_records
 from arc2face_rt.specs import STAGES
 
 from . import calib, qdq
+from .engines_folder import check_recorded
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +216,8 @@ def quantize_stage(engines_dir: str | Path, stage: str, recipes: Iterable[QuantR
     placement = replace(top, residuals={a: t for q in placements.values() for a, t in q.residuals.items()})
     if not placement.quantized:
         raise InvalidInputError(f"{src}: no Conv/Gemm/MatMul with constant weights to quantise")
+    for r in recipes:                        # before minutes of calibration
+        _check_ours(engines_dir, m, stage, r.precision)
     remove_stale_temps(engines_dir)
     work = temp_dir(engines_dir, f"{stage}.quant")
     out = {}
@@ -238,14 +243,18 @@ def _write_quantized(engines_dir: Path, stage: str, src: Path, placement: qdq.Pl
     twin = work / f"twin.{r.precision}.onnx"
     fake_quant(staged, twin)
     loss = output_loss(work / "observed.onnx", twin, kept)
-    for old in engines_dir.glob(dst.name + "*"):
-        old.unlink()
-    written = []
-    for p in sorted(work.glob(dst.name + "*")):
-        os.chmod(p, usual_mode())           # onnx writes external data private
-        p.rename(engines_dir / p.name)
-        written.append(engines_dir / p.name)
     m = mf.load_manifest(engines_dir)
+    _check_ours(engines_dir, m, stage, r.precision)     # again: the manifest may have changed meanwhile
+    written = []
+    for name in (dst.name + ".data", dst.name):     # the weights first: the graph names complete weights
+        new, final = work / name, engines_dir / name
+        if new.exists():
+            os.chmod(new, usual_mode())     # onnx writes external data private
+            os.replace(new, final)
+            written.append(final)
+        elif os.path.lexists(final):        # the old graph's weights; recorded, so ours (_check_ours)
+            final.unlink()
+    written.reverse()
     stage_rec = m["stages"][stage]
     rec = {"file": dst.name, "files": {p.name: mf.file_record(p) for p in written},
            "source": {"file": stage_rec["file"], "precision": m.get("precision"),
@@ -267,6 +276,15 @@ def _write_quantized(engines_dir: Path, stage: str, src: Path, placement: qdq.Pl
              len(placement.quantized), len(placement.kept), m.get("precision"), done["qdq_residuals"], m.get("precision"),
              ", ".join(f"{k} rel L2 {v['rel_l2']:.3g} PSNR {v['psnr_db']:.1f} dB" for k, v in loss.items()))
     return rec
+
+
+def _check_ours(engines_dir: Path, m: dict, stage: str, precision: str) -> None:
+    """Refuse to replace `<stage>.<precision>.onnx[.data]` unless the manifest records it as this
+    tool's: a file of that name the manifest does not list is someone else's, and is kept."""
+    rec = m.get(SECTIONS[precision], {}).get(stage)
+    dst = quant_onnx_file(stage, precision)
+    check_recorded(engines_dir, (dst, dst + ".data"), rec.get("files") if isinstance(rec, dict) else None,
+                   f"{precision} step graph")
 
 
 def expected_calibration(cal: calib.Calibration) -> dict:

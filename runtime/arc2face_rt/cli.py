@@ -158,7 +158,7 @@ def _add_info(sub) -> None:
 
 def cmd_info(args) -> int:
     from .integrity import verify_records
-    from .manifest import load_manifest, record_files
+    from .manifest import load_manifest, ov_int8_advice, record_files
 
     m = load_manifest(args.engines)
     check_folder_scheduler(args.engines, m, folder_defaults(m)["scheduler"])   # what generate refuses
@@ -172,7 +172,8 @@ def cmd_info(args) -> int:
     for section in ("stages", "face_stages", "quantized", "quantized_fp8", "openvino_int8", "ort_cuda", "plans"):
         for name, rec in m.get(section, {}).items():
             files = record_files(rec)
-            verify_records(args.engines, files, mode="full" if args.verify else "size")
+            verify_records(args.engines, files, mode="full" if args.verify else "size",
+                           fix=ov_int8_advice(args.engines) if section == "openvino_int8" else None)
             size = sum(r["bytes"] for r in files.values()) / 2**20
             val = rec.get("validation") or rec.get("source_validation")
             extra = f", {val.get('metric')} {val['value']:.3g} <= {val['tolerance']}" if val else ""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_write
-from .errors import Arc2FaceError
+from .errors import Arc2FaceError, EngineMismatchError
 from .fileio import read_regular_file
 from .manifest import refused, resolve_inside, sha256_file
 
@@ -94,15 +94,21 @@ class StampStore:
                      self.path, e)
 
 
-def verify_records(engines_dir: str | Path, records: dict, mode: str = "stamp") -> VerifyReport:
+def verify_records(engines_dir: str | Path, records: dict, mode: str = "stamp", fix: str | None = None) -> VerifyReport:
     """Check the files `records` ({relative path: {"sha256", "bytes"}}) of an engines folder.
 
     Every file must lie inside the folder (symbolic links resolved), exist and have its recorded size;
     with mode "stamp" or "full" its content must hash to the recorded sha256 ("stamp" skips files
-    whose stamp still matches). Raises EngineMismatchError naming the file and the fix."""
+    whose stamp still matches). Raises EngineMismatchError naming the file and the fix: `fix` when the
+    files have a command of their own that writes them again, else the folder's re-export
+    (`manifest.refused`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
     engines_dir = Path(engines_dir)
+
+    def fail(what: str) -> EngineMismatchError:
+        return EngineMismatchError(f"{what}; {fix}") if fix else refused(engines_dir, what)
+
     report, t0 = VerifyReport(), time.perf_counter()
     store = StampStore(engines_dir) if mode != "size" else None
     try:
@@ -111,12 +117,12 @@ def verify_records(engines_dir: str | Path, records: dict, mode: str = "stamp") 
             try:
                 st = p.stat()
             except FileNotFoundError:
-                raise refused(engines_dir, f"{p}: listed in the manifest but missing") from None
+                raise fail(f"{p}: listed in the manifest but missing") from None
             if not p.is_file():
-                raise refused(engines_dir, f"{p}: not a regular file")
+                raise fail(f"{p}: not a regular file")
             if st.st_size != rec["bytes"]:
-                raise refused(engines_dir, f"{p}: {st.st_size} bytes, the manifest records {rec['bytes']} "
-                              f"(truncated or replaced)")
+                raise fail(f"{p}: {st.st_size} bytes, the manifest records {rec['bytes']} "
+                           f"(truncated or replaced)")
             report.files += 1
             if store is None:
                 continue
@@ -127,8 +133,8 @@ def verify_records(engines_dir: str | Path, records: dict, mode: str = "stamp") 
             report.hashed += 1
             report.hashed_bytes += st.st_size
             if digest != rec["sha256"]:
-                raise refused(engines_dir, f"{p}: content differs from the manifest (sha256 {digest[:12]}..., "
-                              f"recorded {rec['sha256'][:12]}...): corrupt or replaced")
+                raise fail(f"{p}: content differs from the manifest (sha256 {digest[:12]}..., "
+                           f"recorded {rec['sha256'][:12]}...): corrupt or replaced")
             st_after = p.stat()
             if _stat_key(st_after) == _stat_key(st):       # not rewritten while we hashed it
                 store.record(real, st, rec["sha256"])

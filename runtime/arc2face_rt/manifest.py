@@ -98,6 +98,13 @@ def refused(engines_dir: str | Path, what: str) -> EngineMismatchError:
     return EngineMismatchError(f"{what}; {reexport_advice(engines_dir)}")
 
 
+def ov_int8_advice(engines_dir: str | Path) -> str:
+    """How to write a folder's OpenVINO int8 step graphs (section "openvino_int8") again: their own
+    command, not a re-export of the folder."""
+    d = shlex.quote(str(engines_dir))
+    return f"write the int8 step graphs again with `arc2face-export openvino-int8 --engines {d} --force`"
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..argtypes import env_count
 from ..errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
+from ..manifest import ov_int8_advice
 
 log = logging.getLogger("arc2face_rt")
 
@@ -316,7 +317,7 @@ class OpenVinoStages:
             source = {k: v["sha256"] for k, v in self.manifest["stages"][name]["files"].items()}
             if not isinstance(rec.get("source"), dict) or rec["source"].get("sha256") != source:
                 raise EngineMismatchError(f"{self.engines_dir}: the int8 '{name}' graph was quantised from an older "
-                                          f"export; {fix} --force")
+                                          f"export; {ov_int8_advice(self.engines_dir)}")
             return rec
         return self.manifest["stages"][name]
 
@@ -326,7 +327,8 @@ class OpenVinoStages:
 
         rec = self.record(name)
         if rec is not self.manifest["stages"][name]:     # the pipeline verified the stages already
-            verify_records(self.engines_dir, record_files(rec), mode="stamp" if self.verify else "size")
+            verify_records(self.engines_dir, record_files(rec), mode="stamp" if self.verify else "size",
+                           fix=ov_int8_advice(self.engines_dir))
         hint = self.precision.hint(name)
         cache = self.cache
         if cache is not None:
