@@ -245,18 +245,17 @@ def _write_quantized(engines_dir: Path, stage: str, src: Path, placement: qdq.Pl
     loss = output_loss(work / "observed.onnx", twin, kept)
     m = mf.load_manifest(engines_dir)
     _check_ours(engines_dir, m, stage, r.precision)     # again: the manifest may have changed meanwhile
-    written = []
+    # hashed before they move in: the moment between the move and the manifest naming them stays short
+    files = {n: mf.file_record(work / n) for n in (dst.name, dst.name + ".data") if (work / n).exists()}
     for name in (dst.name + ".data", dst.name):     # the weights first: the graph names complete weights
         new, final = work / name, engines_dir / name
         if new.exists():
             os.chmod(new, usual_mode())     # onnx writes external data private
             os.replace(new, final)
-            written.append(final)
         elif os.path.lexists(final):        # the old graph's weights; recorded, so ours (_check_ours)
             final.unlink()
-    written.reverse()
     stage_rec = m["stages"][stage]
-    rec = {"file": dst.name, "files": {p.name: mf.file_record(p) for p in written},
+    rec = {"file": dst.name, "files": files,
            "source": {"file": stage_rec["file"], "precision": m.get("precision"),
                       "sha256": {k: v["sha256"] for k, v in stage_rec["files"].items()}},
            "tool": "arc2face_export.qdq (ONNX pass reproducing NVIDIA's SD Q/DQ placement)",
