@@ -323,11 +323,25 @@ def _build_record(batch, opt_from: str, options: BuildOptions, precision: str, t
 
 
 def plan_is_current(engines_dir: Path, record: dict | None, key: str) -> bool:
-    """True when the recorded plan was built with `key` and its file is intact (size and sha256)."""
+    """True when the recorded plan was built with `key` and its file is intact (size and sha256) and
+    one the runtime loads: a symbolic link out of the folder is not (the build replaces the link)."""
     if not record or record.get("key") != key:
         return False
-    p = engines_dir / record["file"]
+    try:
+        p = mf.resolve_inside(engines_dir, record["file"])
+    except EngineMismatchError as e:
+        log.info("%s; rebuilding it in the folder", str(e).split("; ")[0])
+        return False
     return p.is_file() and p.stat().st_size == record["bytes"] and mf.sha256_file(p) == record["sha256"]
+
+
+def _check_outputs(paths: list[Path]) -> None:
+    """Refuse, before any build, a plan (or timing cache) path that a folder occupies: a file cannot
+    replace it, and --force replaces only files."""
+    for p in paths:
+        if p.is_dir() and not p.is_symlink():
+            raise InvalidInputError(f"{p}: is a folder, where build-engines writes the file {p.name}; move or "
+                                    "remove the folder, then run build-engines again")
 
 
 def build_engines(engines_dir: str | Path, stages: list[str] | None = None, precision: str | None = None,
@@ -354,6 +368,8 @@ def build_engines(engines_dir: str | Path, stages: list[str] | None = None, prec
     library = library_info(trt)
     plans = m.setdefault("plans", {})
     tc_path = engines_dir / TIMING_CACHE if options.timing_cache else None
+    _check_outputs([engines_dir / stage_specs[n].plan_file for n in names]
+                   + ([tc_path] if tc_path and not is_rtx(trt) else []))
     for name in names:
         spec = stage_specs[name]
         onnx_file, stage_precision, record = spec.onnx_file, m.get("precision", "unknown"), recorded.get(name)

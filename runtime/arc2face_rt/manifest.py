@@ -22,8 +22,9 @@ Layout (format 1):
 Stage names: the base stages, and `step_cfg_control`/`step_control` in folders exported from a model
 with controlnet/ (specs.ALL_STAGES).
 `load_manifest` checks this structure before anything reads it (`check_manifest`): types, known
-stages and precisions, a size and sha256 per file, and paths that stay inside the folder. File
-content is checked against the recorded hashes by `integrity.verify_records`.
+stages and precisions, a size and sha256 per file, the `file` each record loads (a face stage: its
+one file), the `io` rows ([name, dtype, shape]) of face stages and plans, and paths that stay inside
+the folder. File content is checked against the recorded hashes by `integrity.verify_records`.
 """
 from __future__ import annotations
 
@@ -190,8 +191,16 @@ def _lora_ok(rec) -> bool:
 def _record_problem(rec, section: str, engines_dir: Path) -> str | None:
     if not isinstance(rec, dict):
         return f"is {_kind(rec)}, expected an object"
-    if not isinstance(rec.get("file", ""), str) or (section == "plans" and "file" not in rec):
+    if section != "face_stages" and "file" not in rec:       # every reader of these records loads rec["file"]
+        return "names no 'file' to load"
+    if not isinstance(rec.get("file", ""), str):
         return f"'file' is {rec.get('file')!r}, not a file name"
+    if section == "face_stages" and "io" not in rec:
+        return "lacks its 'io' record (the graph's inputs and outputs)"
+    if "io" in rec:                 # face_stages: the stage spec the plan is built to; plans: checked on load
+        problem = _io_problem(rec["io"])
+        if problem:
+            return f"'io' {problem}"
     if section == "plans":
         files = {rec.get("file"): rec}
         if not isinstance(rec.get("library"), dict) or not isinstance(rec.get("build"), dict):
@@ -229,6 +238,24 @@ def _record_problem(rec, section: str, engines_dir: Path) -> str | None:
             return f"loads {rec['file']!r}, which is not among its checked files {sorted(files)}"
         if "file" not in rec and len(files) != 1:
             return "names no 'file' to load among several files"
+    return None
+
+
+def _io_problem(io) -> str | None:
+    """Why `io` is not {"inputs": [[name, dtype, shape], ...], "outputs": [...]} with each shape a
+    list of sizes and "B" (the batch axis), as `face_stages` and `plans` record a graph's tensors."""
+    if not isinstance(io, dict):
+        return f"is {_kind(io)}, expected {{inputs, outputs}}"
+    for kind in ("inputs", "outputs"):
+        rows = io.get(kind)
+        if not isinstance(rows, list) or not rows:
+            what = "missing" if rows is None and kind not in io else "empty" if rows == [] else _kind(rows)
+            return f"{kind} is {what}, expected a list of [name, dtype, shape]"
+        for row in rows:
+            if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and isinstance(row[1], str)
+                    and isinstance(row[2], list)
+                    and all(d == "B" or (_is_int(d) and d >= 0) for d in row[2])):
+                return f"{kind} row {repr(row):.80} is not [name, dtype, shape] (shape: sizes and \"B\")"
     return None
 
 
