@@ -132,7 +132,8 @@ def add_face_stages(engines_dir: str | Path, models_dir: str | Path | None = Non
                     recognizer: str | Path | None = None, force: bool = False, explicit: bool = False) -> list[str]:
     """Copy the face models found (`find_face_models`) into the engines folder as `detector.onnx` /
     `arcface.onnx`; return the names added or kept. A model that cannot be found is skipped with a
-    log line (unless `explicit`); one whose source sha256 is unchanged is kept as it is."""
+    log line (unless `explicit`); one whose source sha256 is unchanged is kept as it is. Every model
+    to copy is read before any is written, so a damaged one (MissingWeightsError) leaves the folder as it was."""
     engines_dir = Path(engines_dir)
     sources = find_face_models(models_dir, detector, recognizer, explicit)
     m = mf.load_manifest(engines_dir)
@@ -144,7 +145,8 @@ def add_face_stages(engines_dir: str | Path, models_dir: str | Path | None = Non
         if force or not (old and old.get("source_sha256") == src_sha and (engines_dir / f"{name}.onnx").is_file()):
             todo[name] = (src_sha, _load_model(src, FACE_STAGES[name][0]))
     for name, (src_sha, model) in todo.items():
-        src, (_role, shape, batch) = sources[name], FACE_STAGES[name]
+        src = sources[name]
+        _role, shape, batch = FACE_STAGES[name]
         dst = engines_dir / f"{name}.onnx"
         log.info("%s: %s -> %s (input pinned to %s)", name, src, dst.name, list(shape))
         io = _pin_input(model, src, dst, shape)

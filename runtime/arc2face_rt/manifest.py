@@ -255,7 +255,7 @@ def _io_problem(io) -> str | None:
             if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and isinstance(row[1], str)
                     and isinstance(row[2], list)
                     and all(d == "B" or (_is_int(d) and d >= 0) for d in row[2])):
-                return f"{kind} row {repr(row):.80} is not [name, dtype, shape] (shape: sizes and \"B\")"
+                return f"{kind} row {row!r:.80} is not [name, dtype, shape] (shape: sizes and \"B\")"
     return None
 
 
