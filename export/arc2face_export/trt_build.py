@@ -335,7 +335,7 @@ def plan_is_current(engines_dir: Path, record: dict | None, key: str) -> bool:
     return p.is_file() and p.stat().st_size == record["bytes"] and mf.sha256_file(p) == record["sha256"]
 
 
-def _check_outputs(paths: list[Path]) -> None:
+def check_plan_paths(paths: list[Path]) -> None:
     """Refuse, before any build, a plan (or timing cache) path that a folder occupies: a file cannot
     replace it, and --force replaces only files."""
     for p in paths:
@@ -368,8 +368,8 @@ def build_engines(engines_dir: str | Path, stages: list[str] | None = None, prec
     library = library_info(trt)
     plans = m.setdefault("plans", {})
     tc_path = engines_dir / TIMING_CACHE if options.timing_cache else None
-    _check_outputs([engines_dir / stage_specs[n].plan_file for n in names]
-                   + ([tc_path] if tc_path and not is_rtx(trt) else []))
+    check_plan_paths([engines_dir / stage_specs[n].plan_file for n in names]
+                     + ([tc_path] if tc_path and not is_rtx(trt) else []))
     for name in names:
         spec = stage_specs[name]
         onnx_file, stage_precision, record = spec.onnx_file, m.get("precision", "unknown"), recorded.get(name)
