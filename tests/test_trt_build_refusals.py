@@ -181,3 +181,31 @@ def test_a_folder_where_a_plan_goes_is_refused_before_building(tmp_path, trt_bui
     assert count_builds == []                             # nothing built first, not even the projector
     assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "projector.onnx", "vae_decoder.onnx",
                                                    "vae_decoder.plan"]
+
+
+def test_the_refusal_names_the_commands_that_make_again_what_a_re_export_replaces(tmp_path):
+    """A re-export (`onnx --force`) replaces the plans and the int8 graphs: the advice gives the commands
+    that make them again, at the precision the plans were built and with the face models they came from,
+    each one the exporter's own parser takes."""
+    import shlex
+
+    from arc2face_export.cli import build_parser
+
+    d = make_engines_dir(tmp_path / "e", "fp32", stages=("projector",))
+    m = _with_records(d)
+    faces = tmp_path / "faces"
+    (faces / "antelopev2").mkdir(parents=True)
+    m["face_stages"]["detector"]["source"] = str(faces / "antelopev2" / "scrfd_10g_bnkps.onnx")
+    m["plans"]["detector"] = {**m["plans"]["projector"], "file": "detector.plan"}
+    m["plans"]["step"] = {**m["plans"]["projector"], "file": "step.plan", "build": {"precision": "int8"}}
+    m["openvino_int8"] = {"step": {"file": "step.ov-int8.xml", "files": {"step.ov-int8.xml": FILE}}}
+    del m["quantized"]["step"]["file"]
+    mf.write_json_atomic(d / mf.MANIFEST, m)
+    with pytest.raises(EngineMismatchError) as e:
+        mf.load_manifest(d)
+    cmds = str(e.value).split("`")[1::2]
+    assert [c.split()[:2] for c in cmds] == [["arc2face-export", "onnx"], ["arc2face-export", "build-engines"],
+                                             ["arc2face-export", "openvino-int8"]]
+    args = [build_parser().parse_args([{"MODEL": "model"}.get(a, a) for a in shlex.split(c)[1:]]) for c in cmds]
+    assert args[1].out == d and args[1].precision == "int8" and args[1].face_models == faces
+    assert args[2].engines == d

@@ -90,7 +90,30 @@ def reexport_advice(engines_dir: str | Path, controlnet: bool = False) -> str:
         notes.append(f"{model}: the model folder with its controlnet/")
     note = "; " + ", ".join(notes) if notes else ""
     return f"re-export the folder (`arc2face-export onnx --model-dir {model} --out {d}{opts} --force`{note}; " \
-           "then build-engines if you use plans)"
+           f"then {_rebuild_after(m, d)})"
+
+
+def _rebuild_after(m: dict, d: str) -> str:
+    """The commands that make again what a re-export replaces and the manifest records: its plans (at
+    the precision they were built; the face plans from the folder their models came from) and the
+    OpenVINO int8 graphs. Read best-effort, like `reexport_advice`."""
+    plans = m.get("plans") if isinstance(m.get("plans"), dict) else {}
+    built = {(r.get("build") or {}).get("precision") for r in plans.values()
+             if isinstance(r, dict) and isinstance(r.get("build"), dict)}
+    steps = []
+    if plans:
+        prec = next((p for p in QUANT_SECTIONS if p in built), m.get("precision"))
+        opts = f" --precision {prec}" if prec in PRECISIONS + tuple(QUANT_SECTIONS) and prec != "fp16" else ""
+        if any(n in plans for n in FACE_STAGES):
+            face = m.get("face_stages") if isinstance(m.get("face_stages"), dict) else {}
+            dirs = {os.path.dirname(r["source"]).removesuffix("/antelopev2") for r in face.values()
+                    if isinstance(r, dict) and isinstance(r.get("source"), str)}
+            folder = next(iter(dirs)) if len(dirs) == 1 else ""
+            opts += f" --face-models {shlex.quote(folder) if folder and os.path.isdir(folder) else 'DIR'}"
+        steps.append(f"`arc2face-export build-engines --out {d}{opts}`")
+    if isinstance(m.get("openvino_int8"), dict) and m["openvino_int8"]:
+        steps.append(f"`arc2face-export openvino-int8 --engines {d}`")
+    return " and ".join(steps) or "build-engines if you use plans"
 
 
 def refused(engines_dir: str | Path, what: str) -> EngineMismatchError:
