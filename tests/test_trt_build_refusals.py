@@ -209,3 +209,36 @@ def test_the_refusal_names_the_commands_that_make_again_what_a_re_export_replace
     args = [build_parser().parse_args([{"MODEL": "model"}.get(a, a) for a in shlex.split(c)[1:]]) for c in cmds]
     assert args[1].out == d and args[1].precision == "int8" and args[1].face_models == faces
     assert args[2].engines == d
+
+
+def test_a_folder_where_a_face_model_is_copied_is_refused_before_copying(tmp_path, trt_build):
+    from arc2face_export.face_plans import add_face_stages
+
+    src = _one_input_graph(tmp_path / "arcface.onnx", ["N", 3, 112, 112])
+    d = make_engines_dir(tmp_path / "e", "fp32", stages=("projector",))
+    (d / "arcface.onnx").mkdir()
+    before = sorted(p.name for p in d.iterdir())
+    with pytest.raises(InvalidInputError) as e:
+        add_face_stages(d, recognizer=src)
+    assert str(e.value).startswith(f"{d / 'arcface.onnx'}: is a folder") and "remove the folder" in str(e.value)
+    assert sorted(p.name for p in d.iterdir()) == before   # no temporary file left either
+
+
+@pytest.mark.parametrize("gone,words", [
+    ("detector.onnx", "copy the face model in again: `arc2face-export build-engines --out {d} --face-models DIR`"),
+    ("vae_decoder.onnx", "missing; re-export the folder (`arc2face-export onnx --model-dir MODEL --out {d}"),
+])
+def test_a_missing_graph_is_refused_before_any_plan_is_built(tmp_path, trt_build, count_builds, gone, words):
+    """The face graphs are not written by `onnx` (its advice used to be `run arc2face-export onnx`);
+    and the check came only when the build reached that stage, after building the ones before it."""
+    d = make_engines_dir(tmp_path / "e", "fp32", stages=("projector", "vae_decoder"))
+    m = _with_records(d)
+    del m["plans"], m["quantized"]
+    m["face_stages"]["detector"]["files"] = {"detector.onnx": mf.file_record(
+        _one_input_graph(d / "detector.onnx", [1, 3, 640, 640]))}
+    mf.write_json_atomic(d / mf.MANIFEST, m)
+    (d / gone).unlink()
+    with pytest.raises(EngineMismatchError) as e:
+        trt_build.build_engines(d, stages=["projector", "vae_decoder", "detector"])
+    assert words.format(d=d) in str(e.value)
+    assert count_builds == []
