@@ -83,6 +83,38 @@ def test_manifest_mutated(good_manifest, tiny_engines, choice, value):
                 assert stage_file(rec) in files
 
 
+_FILE = {"sha256": "0" * 64, "bytes": 1}
+_IO = {"inputs": [["x", "float32", ["B", 3, 112, 112]]], "outputs": [["y", "float32", ["B", 512]]]}
+
+
+@FUZZ
+@given(choice=st.integers(0, 10**6), value=json_values)
+def test_manifest_mutated_build_records(good_manifest, tiny_engines, choice, value):
+    """The records build-engines and the TensorRT backend index (a face stage's io and batch_range, a
+    plan's io, a quantised graph's file), mutated: accepted only when every field they read is usable."""
+    m = json.loads(json.dumps({**good_manifest, "face_stages": {"arcface": {
+        "files": {"arcface.onnx": _FILE}, "io": _IO, "batch_range": [1, 1, 16], "graph_normalises": False}},
+        "plans": {"step": {"file": "step.plan", **_FILE, "library": {}, "build": {"precision": "fp16"}, "io": _IO}},
+        "quantized": {"step": {"file": "step.int8.onnx", "files": {"step.int8.onnx": _FILE}}}}))
+    choice %= 60      # the mutation lands in the records above (they come last in the walk) or near them
+    m = _mutate(m, -1 - choice, value)
+    try:
+        check_manifest(m, tiny_engines)
+    except EngineMismatchError:
+        return
+    from arc2face_rt.specs import StageSpec, TensorSpec
+    for name, rec in m.get("face_stages", {}).items():     # as face_plans.face_stage_specs reads them
+        spec = StageSpec(name, *(tuple(TensorSpec(n, dt, tuple(shape)) for n, dt, shape in rec["io"][k])
+                                 for k in ("inputs", "outputs")), tolerance={}, batch_range=tuple(rec["batch_range"]))
+        assert all(isinstance(d, int) for t in spec.inputs for d in t.concrete(spec.batch_range[2]))
+    for rec in m.get("plans", {}).values():                 # as TrtSession._check_io reads them
+        io = rec.get("io") or {"inputs": [], "outputs": []}
+        assert all(isinstance(r[0], str) and all(d == "B" or isinstance(d, int) for d in r[2])
+                   for r in io["inputs"] + io["outputs"])
+    for rec in m.get("quantized", {}).values():             # as trt_build.build_engines reads them
+        assert isinstance(rec["file"], str)
+
+
 @FUZZ
 @given(data=st.binary(max_size=300))
 def test_manifest_file_bytes(data, tmp_path_factory):

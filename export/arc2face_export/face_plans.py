@@ -17,7 +17,7 @@ from pathlib import Path
 
 from arc2face_rt import manifest as mf
 from arc2face_rt.atomic import temp_prefix, usual_mode
-from arc2face_rt.errors import ModelFormatError
+from arc2face_rt.errors import EngineMismatchError, InvalidInputError, MissingWeightsError, ModelFormatError
 from arc2face_rt.face.detector import INPUT_SIZE
 from arc2face_rt.face._onnx import first_nodes
 from arc2face_rt.face.align import CROP_SIZE
@@ -33,14 +33,27 @@ FACE_STAGES = {
     "detector": ("detector", (1, 3, INPUT_SIZE, INPUT_SIZE), (1, 1, 1)),
     "arcface": ("recognizer", ("B", 3, CROP_SIZE, CROP_SIZE), (1, 1, 16)),
 }
+_REDOWNLOAD = "download it again, or build without the face stages (--no-face)"
 
 
-def _pin_input(src: Path, dst: Path, shape: tuple) -> dict:
-    """Write `src` to `dst` with its one input's dims set to `shape` ("B" stays symbolic); return its I/O
-    (TensorRT's view after parsing, batch axis as "B")."""
+def _load_model(src: Path, role: str):
+    """The ONNX model in `src`; a file that does not parse as one (damaged, truncated, not ONNX) is
+    refused in one line naming it."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load(str(src))
+    except (DecodeError, ValueError, onnx.checker.ValidationError) as e:   # OSError: exits words it
+        raise MissingWeightsError(f"{src}: the {role} is not a readable ONNX model ({' '.join(str(e).split())}); "
+                                  f"the file is damaged or truncated: {_REDOWNLOAD}") from None
+
+
+def _pin_input(model, src: Path, dst: Path, shape: tuple) -> dict:
+    """Write `model` (read from `src`) to `dst` with its one input's dims set to `shape` ("B" stays
+    symbolic); return its I/O (TensorRT's view after parsing, batch axis as "B")."""
     import onnx
 
-    model = onnx.load(str(src))
     if len(model.graph.input) != 1:
         names = [i.name for i in model.graph.input]
         raise ModelFormatError(f"{src}: expected one input, found {names}")
@@ -61,7 +74,11 @@ def _pin_input(src: Path, dst: Path, shape: tuple) -> dict:
     try:
         os.chmod(tmp, usual_mode())             # NamedTemporaryFile makes it private; this becomes dst
         onnx.save(model, str(tmp))
-        io = _parsed_io(tmp, batch_dynamic="B" in shape)
+        try:
+            io = _parsed_io(tmp, batch_dynamic="B" in shape)
+        except EngineMismatchError:        # its advice (re-export) and file (the temporary copy) do not fit here
+            raise ModelFormatError(f"{src}: TensorRT's ONNX parser cannot read it (its errors are logged above); "
+                                   f"{_REDOWNLOAD}") from None
         tmp.replace(dst)
     finally:
         tmp.unlink(missing_ok=True)
@@ -87,7 +104,6 @@ def find_face_models(models_dir: str | Path | None, detector: str | Path | None 
 
     A folder the user named on purpose (`explicit`, e.g. --face-models) must exist and hold at least
     one of them; a folder that is only the default (--model-dir) may hold none."""
-    from arc2face_rt.errors import MissingWeightsError
     from arc2face_rt.face.models import DETECTOR_FILE, RECOGNIZER_FILE, resolve_model
 
     if explicit and models_dir is not None and not Path(models_dir).is_dir():
@@ -116,30 +132,35 @@ def add_face_stages(engines_dir: str | Path, models_dir: str | Path | None = Non
                     recognizer: str | Path | None = None, force: bool = False, explicit: bool = False) -> list[str]:
     """Copy the face models found (`find_face_models`) into the engines folder as `detector.onnx` /
     `arcface.onnx`; return the names added or kept. A model that cannot be found is skipped with a
-    log line (unless `explicit`); one whose source sha256 is unchanged is kept as it is."""
+    log line (unless `explicit`); one whose source sha256 is unchanged is kept as it is. Every model
+    to copy is read before any is written, so a damaged one (MissingWeightsError) leaves the folder as it was."""
     engines_dir = Path(engines_dir)
     sources = find_face_models(models_dir, detector, recognizer, explicit)
     m = mf.load_manifest(engines_dir)
     face = m.setdefault("face_stages", {})
-    done = []
-    for name, src in sources.items():
-        _role, shape, batch = FACE_STAGES[name]
+    todo = {}
+    for name, src in sources.items():         # read every model to copy before writing any
         src_sha = mf.sha256_file(src)
-        dst = engines_dir / f"{name}.onnx"
         old = face.get(name)
-        if not force and old and old.get("source_sha256") == src_sha and dst.is_file():
-            done.append(name)
-            continue
+        dst = engines_dir / f"{name}.onnx"
+        if force or not (old and old.get("source_sha256") == src_sha and dst.is_file()):
+            if dst.is_dir() and not dst.is_symlink():
+                raise InvalidInputError(f"{dst}: is a folder, where build-engines copies the {FACE_STAGES[name][0]}; "
+                                        "move or remove the folder, then run build-engines again")
+            todo[name] = (src_sha, _load_model(src, FACE_STAGES[name][0]))
+    for name, (src_sha, model) in todo.items():
+        src = sources[name]
+        _role, shape, batch = FACE_STAGES[name]
+        dst = engines_dir / f"{name}.onnx"
         log.info("%s: %s -> %s (input pinned to %s)", name, src, dst.name, list(shape))
-        io = _pin_input(src, dst, shape)
+        io = _pin_input(model, src, dst, shape)
         rec = {"files": {dst.name: mf.file_record(dst)}, "source": str(src), "source_sha256": src_sha,
                "io": io, "batch_range": list(batch)}
         if name == "arcface":
             rec["graph_normalises"] = graph_normalises(first_nodes(src, _HEAD_NODES))
         face[name] = rec
         mf.write_json_atomic(engines_dir / mf.MANIFEST, m)
-        done.append(name)
-    return done
+    return list(sources)
 
 
 def face_stage_specs(manifest: dict) -> dict[str, StageSpec]:

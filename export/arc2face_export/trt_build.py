@@ -326,11 +326,43 @@ def _build_record(batch, opt_from: str, options: BuildOptions, precision: str, t
 
 
 def plan_is_current(engines_dir: Path, record: dict | None, key: str) -> bool:
-    """True when the recorded plan was built with `key` and its file is intact (size and sha256)."""
+    """True when the recorded plan was built with `key` and its file is intact (size and sha256) and
+    one the runtime loads: a symbolic link out of the folder is not (the build replaces the link)."""
     if not record or record.get("key") != key:
         return False
-    p = engines_dir / record["file"]
+    try:
+        p = mf.resolve_inside(engines_dir, record["file"])
+    except EngineMismatchError as e:
+        log.info("%s; rebuilding it in the folder", str(e).split("; ")[0])
+        return False
     return p.is_file() and p.stat().st_size == record["bytes"] and mf.sha256_file(p) == record["sha256"]
+
+
+def check_plan_paths(paths: list[Path]) -> None:
+    """Refuse, before any build, a plan (or timing cache) path that a folder occupies: a file cannot
+    replace it, and --force replaces only files."""
+    for p in paths:
+        if p.is_dir() and not p.is_symlink():
+            raise InvalidInputError(f"{p}: is a folder, where build-engines writes the file {p.name}; move or "
+                                    "remove the folder, then run build-engines again")
+
+
+def _stage_source(engines_dir: Path, m: dict, spec, precision: str | None) -> tuple[str, str, dict, dict]:
+    """(ONNX file, precision, its record, {file: sha256}) that a stage's plan is built from: the Q/DQ
+    graph for --precision int8/fp8 where there is one, else the stage's graph (sizes checked)."""
+    name, face = spec.name, m.get("face_stages", {})
+    onnx_file, record = spec.onnx_file, {**m.get("stages", {}), **face}.get(spec.name)
+    stage_precision = "fp32" if name in face else m.get("precision", "unknown")   # the released face graphs: fp32
+    quant = m.get(mf.QUANT_SECTIONS.get(precision, ""), {}).get(name)
+    if quant:
+        onnx_file, stage_precision, record = quant["file"], precision, quant
+    if not (engines_dir / onnx_file).is_file():
+        what = f"{engines_dir / onnx_file}: {'not a file' if (engines_dir / onnx_file).exists() else 'missing'}"
+        if name in face and not quant:                         # `onnx` writes no face stage: copy it again
+            raise EngineMismatchError(f"{what}; copy the face model in again: `arc2face-export build-engines "
+                                      f"--out {engines_dir} --face-models DIR`")
+        raise mf.refused(engines_dir, what)
+    return onnx_file, stage_precision, record, onnx_files_digest(engines_dir, onnx_file, record)
 
 
 def build_engines(engines_dir: str | Path, stages: list[str] | None = None, precision: str | None = None,
@@ -357,17 +389,12 @@ def build_engines(engines_dir: str | Path, stages: list[str] | None = None, prec
     library = library_info(trt)
     plans = m.setdefault("plans", {})
     tc_path = engines_dir / TIMING_CACHE if options.timing_cache else None
+    check_plan_paths([engines_dir / stage_specs[n].plan_file for n in names]
+                     + ([tc_path] if tc_path and not is_rtx(trt) else []))
+    sources = {n: _stage_source(engines_dir, m, stage_specs[n], precision) for n in names}   # all, before a build
     for name in names:
         spec = stage_specs[name]
-        onnx_file, stage_precision, record = spec.onnx_file, m.get("precision", "unknown"), recorded.get(name)
-        if name in m.get("face_stages", {}):
-            stage_precision = "fp32"     # the released graphs are fp32; strongly typed plans keep that
-        quant = m.get(mf.QUANT_SECTIONS.get(precision, ""), {}).get(name)
-        if quant:
-            onnx_file, stage_precision, record = quant["file"], precision, quant
-        if not (engines_dir / onnx_file).is_file():
-            raise EngineMismatchError(f"{engines_dir / onnx_file}: missing; run `arc2face-export onnx` for this folder")
-        onnx_sha = onnx_files_digest(engines_dir, onnx_file, record)
+        onnx_file, stage_precision, record, onnx_sha = sources[name]
         batch, opt_from = stage_profile(spec, options)
         key = cache_key(onnx_sha, _build_record(batch, opt_from, options, stage_precision, trt), library, ccs)
         if not force and plan_is_current(engines_dir, plans.get(name), key):

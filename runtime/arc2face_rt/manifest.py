@@ -22,8 +22,9 @@ Layout (format 1):
 Stage names: the base stages, and `step_cfg_control`/`step_control` in folders exported from a model
 with controlnet/ (specs.ALL_STAGES).
 `load_manifest` checks this structure before anything reads it (`check_manifest`): types, known
-stages and precisions, a size and sha256 per file, and paths that stay inside the folder. File
-content is checked against the recorded hashes by `integrity.verify_records`.
+stages and precisions, a size and sha256 per file, the `file` each record loads (a face stage: its
+one file), the `io` rows ([name, dtype, shape]) of face stages and plans, and paths that stay inside
+the folder. File content is checked against the recorded hashes by `integrity.verify_records`.
 """
 from __future__ import annotations
 
@@ -89,7 +90,30 @@ def reexport_advice(engines_dir: str | Path, controlnet: bool = False) -> str:
         notes.append(f"{model}: the model folder with its controlnet/")
     note = "; " + ", ".join(notes) if notes else ""
     return f"re-export the folder (`arc2face-export onnx --model-dir {model} --out {d}{opts} --force`{note}; " \
-           "then build-engines if you use plans)"
+           f"then {_rebuild_after(m, d)})"
+
+
+def _rebuild_after(m: dict, d: str) -> str:
+    """The commands that make again what a re-export replaces and the manifest records: its plans (at
+    the precision they were built; the face plans from the folder their models came from) and the
+    OpenVINO int8 graphs. Read best-effort, like `reexport_advice`."""
+    plans = m.get("plans") if isinstance(m.get("plans"), dict) else {}
+    built = {(r.get("build") or {}).get("precision") for r in plans.values()
+             if isinstance(r, dict) and isinstance(r.get("build"), dict)}
+    steps = []
+    if plans:
+        prec = next((p for p in QUANT_SECTIONS if p in built), m.get("precision"))
+        opts = f" --precision {prec}" if prec in PRECISIONS + tuple(QUANT_SECTIONS) and prec != "fp16" else ""
+        if any(n in plans for n in FACE_STAGES):
+            face = m.get("face_stages") if isinstance(m.get("face_stages"), dict) else {}
+            dirs = {os.path.dirname(r["source"]).removesuffix("/antelopev2") for r in face.values()
+                    if isinstance(r, dict) and isinstance(r.get("source"), str)}
+            folder = next(iter(dirs)) if len(dirs) == 1 else ""
+            opts += f" --face-models {shlex.quote(folder) if folder and os.path.isdir(folder) else 'DIR'}"
+        steps.append(f"`arc2face-export build-engines --out {d}{opts}`")
+    if isinstance(m.get("openvino_int8"), dict) and m["openvino_int8"]:
+        steps.append(f"`arc2face-export openvino-int8 --engines {d}`")
+    return " and ".join(steps) or "build-engines if you use plans"
 
 
 def refused(engines_dir: str | Path, what: str) -> EngineMismatchError:
@@ -197,8 +221,16 @@ def _lora_ok(rec) -> bool:
 def _record_problem(rec, section: str, engines_dir: Path) -> str | None:
     if not isinstance(rec, dict):
         return f"is {_kind(rec)}, expected an object"
-    if not isinstance(rec.get("file", ""), str) or (section == "plans" and "file" not in rec):
+    if section != "face_stages" and "file" not in rec:       # every reader of these records loads rec["file"]
+        return "names no 'file' to load"
+    if not isinstance(rec.get("file", ""), str):
         return f"'file' is {rec.get('file')!r}, not a file name"
+    if section == "face_stages" and "io" not in rec:
+        return "lacks its 'io' record (the graph's inputs and outputs)"
+    if "io" in rec:                 # face_stages: the stage spec the plan is built to; plans: checked on load
+        problem = _io_problem(rec["io"])
+        if problem:
+            return f"'io' {problem}"
     if section == "plans":
         files = {rec.get("file"): rec}
         if not isinstance(rec.get("library"), dict) or not isinstance(rec.get("build"), dict):
@@ -236,6 +268,24 @@ def _record_problem(rec, section: str, engines_dir: Path) -> str | None:
             return f"loads {rec['file']!r}, which is not among its checked files {sorted(files)}"
         if "file" not in rec and len(files) != 1:
             return "names no 'file' to load among several files"
+    return None
+
+
+def _io_problem(io) -> str | None:
+    """Why `io` is not {"inputs": [[name, dtype, shape], ...], "outputs": [...]} with each shape a
+    list of sizes and "B" (the batch axis), as `face_stages` and `plans` record a graph's tensors."""
+    if not isinstance(io, dict):
+        return f"is {_kind(io)}, expected {{inputs, outputs}}"
+    for kind in ("inputs", "outputs"):
+        rows = io.get(kind)
+        if not isinstance(rows, list) or not rows:
+            what = "missing" if rows is None and kind not in io else "empty" if rows == [] else _kind(rows)
+            return f"{kind} is {what}, expected a list of [name, dtype, shape]"
+        for row in rows:
+            if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and isinstance(row[1], str)
+                    and isinstance(row[2], list)
+                    and all(d == "B" or (_is_int(d) and d >= 0) for d in row[2])):
+                return f"{kind} row {row!r:.80} is not [name, dtype, shape] (shape: sizes and \"B\")"
     return None
 
 
