@@ -242,3 +242,19 @@ def test_a_missing_graph_is_refused_before_any_plan_is_built(tmp_path, trt_build
         trt_build.build_engines(d, stages=["projector", "vae_decoder", "detector"])
     assert words.format(d=d) in str(e.value)
     assert count_builds == []
+
+
+def test_the_command_refuses_a_folder_where_a_plan_goes_before_quantising(tmp_path, monkeypatch, capsys):
+    """build-engines --precision int8 used to calibrate and quantise (minutes) before the build found it."""
+    from arc2face_export import quantize
+    from arc2face_export.cli import main
+
+    def no_quantising(*a, **k):
+        raise AssertionError("quantised before the plan paths were checked")
+
+    monkeypatch.setattr(quantize, "ensure_quant_graphs", no_quantising)
+    d = make_engines_dir(tmp_path / "e", "fp16")
+    (d / "step_cfg.plan").mkdir()
+    rc = main(["build-engines", "--out", str(d), "--precision", "int8", "--no-face"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"{d / 'step_cfg.plan'}: is a folder" in err[0], err
