@@ -296,3 +296,16 @@ def test_backend_trt_without_a_gpu_says_so_before_what_the_folder_lacks(tiny_eng
     with pytest.raises(BackendUnavailableError, match="GPU") as e:
         Arc2FacePipeline(tiny_engines, backend="trt")
     assert "build-engines" not in str(e.value)
+
+
+def test_rebuild_advice_keeps_the_folders_quantised_precision(tmp_path):
+    """A projector or decoder plan of an int8 folder records fp16 (what it was built from): advising
+    --precision fp16 would rebuild the step plans unquantised. Paths are shell-quoted."""
+    d = tmp_path / "my engines"
+    d.mkdir()
+    plans = {"projector": {"build": {"precision": "fp16"}}, "step_cfg": {"build": {"precision": "int8"}}}
+    (d / mf.MANIFEST).write_text(json.dumps({"plans": plans}))
+    assert trt_plan.rebuild_command(d, plans["projector"]) == \
+        f"`arc2face-export build-engines --out '{d}' --precision int8 --force`"
+    (d / mf.MANIFEST).write_text("{damaged")
+    assert "--precision fp16" in trt_plan.rebuild_command(d, plans["projector"])   # the record alone
