@@ -242,6 +242,35 @@ def test_a_ctrl_c_inside_an_import_lands_after_it(tmp_path, monkeypatch, capsys)
     assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
 
 
+def test_a_deferred_stop_raised_at_a_check_is_not_raised_again_in_its_cleanup(tmp_path, monkeypatch):
+    """A stop deferred inside an import and then raised by check_interrupt cancels its timer: the
+    cleanup that handles it (removing a temporary folder, logging the --resume line) runs to its end."""
+    from arc2face_rt.exits import check_interrupt, run_cli
+
+    (tmp_path / "slow_extension_init2.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(0.1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cleaned = []
+
+    def command():
+        try:
+            import slow_extension_init2  # noqa: F401
+            check_interrupt()                                # a loop's check, right after the import
+        except KeyboardInterrupt:
+            t = time.time()
+            while time.time() - t < 0.2:                     # ten timer periods
+                pass
+            cleaned.append(True)
+            raise
+        return 0
+
+    try:
+        assert run_cli(command, "tool") == 130
+    finally:
+        sys.modules.pop("slow_extension_init2", None)
+    assert cleaned == [True]
+
+
 def test_a_signal_the_process_ignores_stays_ignored(capsys):
     """`nohup` and `cmd &` in a script start a command with SIGINT/SIGHUP ignored: run_cli keeps it so."""
     import os

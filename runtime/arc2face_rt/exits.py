@@ -100,6 +100,7 @@ _seen: list[int] = []          # the stop signals run_cli's handler received dur
 
 
 _held = 0                      # > 0 inside `holding_stops`
+_deferred = False              # a stop that landed inside an import waits for the SIGALRM timer
 _IMPORT_CODE = "<frozen importlib._bootstrap"   # the import machinery's frames (and _bootstrap_external's)
 _ALARM = signal.SIGALRM if hasattr(signal, "setitimer") else None    # None on Windows
 _RETRY_S = 0.02
@@ -113,7 +114,17 @@ def _in_import(frame) -> bool:
     return False
 
 
+def _cancel_deferred() -> None:
+    global _deferred
+    if _deferred:
+        _deferred = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
 def _stop(signum: int):
+    """Raise the stop, once: a deferred one's timer is cancelled (it must not raise again inside the
+    cleanup of this one)."""
+    _cancel_deferred()
     raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
 
 
@@ -121,20 +132,23 @@ def _on_signal(signum, frame):
     """Raise the stop where Python code can clean up. Inside an import it waits until the import is
     over: an extension's initialisation (torch's) runs Python modules from C++, and an exception
     raised there makes C++ abort the process (no message, exit -6) instead of unwinding."""
+    global _deferred
     _seen.append(signum)
     if _held:
         return
     if _ALARM is not None and _in_import(frame) and signal.getsignal(_ALARM) is _on_alarm:
+        _deferred = True
         signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
         return
     _stop(signum)
 
 
 def _on_alarm(signum, frame):
-    """A stop signal landed inside an import: raise it once the import has finished."""
-    if not _seen:
+    """A stop signal landed inside an import: raise it once the import has finished (and outside
+    `holding_stops`, which raises it itself)."""
+    if not _deferred or not _seen:
         return
-    if _in_import(frame):
+    if _held or _in_import(frame):
         signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
         return
     _stop(_seen[-1])
@@ -146,7 +160,7 @@ def check_interrupt() -> None:
     KeyboardInterrupt, or turned it into another error, and went on. Long work calls this at safe
     points (the pipeline before each batch); outside run_cli it does nothing."""
     if _seen:
-        raise KeyboardInterrupt() if _seen[-1] == signal.SIGINT else Terminated()
+        _stop(_seen[-1])
 
 
 def stop_requested() -> bool:
@@ -246,7 +260,7 @@ def run_cli(func: Callable[[], int], prog: str, verbose: bool = False) -> int:
         return EXIT_USAGE
     finally:
         if _ALARM is not None and _ALARM in old:
-            signal.setitimer(signal.ITIMER_REAL, 0)      # a deferred stop must not outlive the command
+            _cancel_deferred()                            # a deferred stop must not outlive the command
         for sig, handler in old.items():
             signal.signal(sig, handler)
         if old:
