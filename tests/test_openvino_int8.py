@@ -255,3 +255,29 @@ def test_a_read_only_engines_folder_is_refused_before_any_work(tiny_engines, tmp
     assert capsys.readouterr().err.strip().splitlines() == [(
         f"arc2face-export: error: --engines {d}: is not writable (read-only file system); openvino-int8 writes "
         "step.ov-int8.xml/.bin and manifest.json there: copy the folder somewhere writable and pass that as --engines")]
+
+
+def test_a_stop_while_the_loss_is_measured_leaves_no_unrecorded_graph(tiny_engines, tmp_path, monkeypatch, capsys):
+    """The int8 graph moves into the folder right before the manifest records it: a stop during the loss
+    measurement (a minute at full size) used to leave files of ours that no record names, and every
+    later run refused them."""
+    import nncf
+    from arc2face_export import ov_int8
+    from arc2face_export.cli import main as export_main
+
+    d = tmp_path / "e"
+    shutil.copytree(tiny_engines, d, ignore=shutil.ignore_patterns("openvino_cache"))
+    before, manifest = _entries(d), (d / "manifest.json").read_bytes()
+    real = ov_int8.quantization_loss
+
+    def stopped(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nncf, "quantize", lambda model, *a, **kw: model)     # the quantisation is not the point
+    monkeypatch.setattr(ov_int8, "quantization_loss", stopped)
+    assert export_main(["openvino-int8", "--engines", str(d), *_ONE_STEP]) == 130
+    assert _entries(d) == before and (d / "manifest.json").read_bytes() == manifest
+    monkeypatch.setattr(ov_int8, "quantization_loss", real)
+    capsys.readouterr()
+    assert export_main(["openvino-int8", "--engines", str(d), *_ONE_STEP]) == 0, capsys.readouterr().err
+    assert "step" in json.loads((d / "manifest.json").read_text())["openvino_int8"]

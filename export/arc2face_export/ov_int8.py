@@ -68,8 +68,9 @@ def ignored_names(model) -> list[str]:
     return sorted(keep)
 
 
-def quantize_ov_int8(src_onnx: str | Path, dst_xml: str | Path, feeds: list[dict]) -> dict:
-    """Write an NNCF int8 copy of `src_onnx` as OpenVINO IR calibrated on `feeds`; return what was done."""
+def quantize_ov_int8(src_onnx: str | Path, dst_xml: str | Path, feeds: list[dict], work: Path) -> dict:
+    """Write an NNCF int8 copy of `src_onnx` as OpenVINO IR calibrated on `feeds` into `work` (a temporary
+    folder beside `dst_xml`, named in errors; the caller moves it in); return what was done."""
     import nncf
     import openvino as ov
 
@@ -89,19 +90,12 @@ def quantize_ov_int8(src_onnx: str | Path, dst_xml: str | Path, feeds: list[dict
     # OpenVINO reports a failed write (a full disk, a file-size limit) as RuntimeError("basic_ios::clear:
     # iostream error"): named as the output, with the fix; the engines folder is the only place it can go.
     with naming_output(dst_xml, library_errors=(_StreamError,), elsewhere=None):
-        work = temp_dir(dst_xml.parent, dst_xml.name)
         try:
-            tmp = work / dst_xml.name
-            try:
-                ov.save_model(q, str(tmp), compress_to_fp16=False)
-            except RuntimeError as e:              # only its stream errors are the disk's; others stay bugs
-                if "iostream" not in str(e) and "ios_base" not in str(e):
-                    raise
-                raise _StreamError(str(e)) from e
-            os.replace(_bin(tmp), _bin(dst_xml))          # weights first: the .xml names a complete .bin
-            os.replace(tmp, dst_xml)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+            ov.save_model(q, str(work / dst_xml.name), compress_to_fp16=False)
+        except RuntimeError as e:              # only its stream errors are the disk's; others stay bugs
+            if "iostream" not in str(e) and "ios_base" not in str(e):
+                raise
+            raise _StreamError(str(e)) from e
     log.info("%s: %d FakeQuantize nodes, %d nodes kept in float, %d calibration samples",
              dst_xml.name, n_fq, len(ignored), len(data))
     return {"tool": f"nncf {nncf.__version__} quantize (OpenVINO {ov.get_version()})", "preset": "MIXED",
@@ -173,17 +167,24 @@ def ensure_ov_int8(engines_dir: str | Path, stages=INT8_STAGES, feeds: list[dict
         else:
             calib = feeds
         say(f"{stage}: NNCF quantisation on {len(calib)} samples")
-        _check_ours(engines_dir, mf.load_manifest(engines_dir), stage)    # again: the manifest may have changed
         dst = engines_dir / ov_int8_file(stage)
-        info = quantize_ov_int8(engines_dir / src_rec["file"], dst, calib)
-        loss = quantization_loss(engines_dir / src_rec["file"], dst, calib)
-        files = {p.name: mf.file_record(p) for p in (dst, _bin(dst))}
-        m = mf.load_manifest(engines_dir)      # re-read: write only our key on top of the current manifest
-        m.setdefault(INT8_KEY, {})[stage] = {
-            "file": dst.name, "files": files, "seconds": round(time.perf_counter() - t0, 1),
-            "source": {"file": src_rec["file"], "sha256": {k: v["sha256"] for k, v in src_rec["files"].items()}},
-            **info, "loss_vs_source": loss}
-        mf.write_json_atomic(engines_dir / mf.MANIFEST, m)
+        work = temp_dir(engines_dir, dst.name)
+        try:    # quantised, measured and hashed in `work`: the files move in right before the manifest names them
+            staged = work / dst.name
+            info = quantize_ov_int8(engines_dir / src_rec["file"], dst, calib, work)
+            loss = quantization_loss(engines_dir / src_rec["file"], staged, calib)
+            files = {dst.name: mf.file_record(staged), _bin(dst).name: mf.file_record(_bin(staged))}
+            m = mf.load_manifest(engines_dir)      # re-read: write only our key on top of the current manifest
+            _check_ours(engines_dir, m, stage)     # again: the manifest may have changed meanwhile
+            os.replace(_bin(staged), _bin(dst))    # weights first: the .xml names a complete .bin
+            os.replace(staged, dst)
+            m.setdefault(INT8_KEY, {})[stage] = {
+                "file": dst.name, "files": files, "seconds": round(time.perf_counter() - t0, 1),
+                "source": {"file": src_rec["file"], "sha256": {k: v["sha256"] for k, v in src_rec["files"].items()}},
+                **info, "loss_vs_source": loss}
+            mf.write_json_atomic(engines_dir / mf.MANIFEST, m)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         say(f"{stage}: wrote {dst.name}; vs fp32: " + ", ".join(
             f"{k} rel L2 {v['rel_l2']:.3g}, PSNR {v['psnr_db']:.1f} dB" for k, v in loss.items()))
     return m.get(INT8_KEY, {})
