@@ -226,3 +226,15 @@ def test_fit_refuses_a_flag_that_would_be_ignored(tmp_path, capsys, flags, words
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and words in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_an_older_version_started_with_an_idle_lora_alpha_resumes(tmp_path):
+    """Older versions took --lora-alpha without --lora-rank (it did nothing); fit now refuses that pair,
+    so such a run must resume without it, and a real LoRA run's alpha still may not change."""
+    from arc2face_ref.train.config import FitConfig, resume_changes
+
+    now = FitConfig(model_dir=tmp_path, data=tmp_path, out=tmp_path).to_json()
+    assert resume_changes(now, {**now, "lora_alpha": 8.0}) == []
+    lora = {**now, "lora_rank": 4, "lora_alpha": 4.0}
+    assert resume_changes(lora, {**lora, "lora_alpha": 8.0}) == ["lora_alpha"]
+    assert resume_changes(now, {**now, "lr": 1.0}) == ["lr"]

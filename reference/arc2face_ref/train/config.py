@@ -80,3 +80,12 @@ class FitConfig:
 RESUME_MAY_CHANGE = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "validate_every", "val_ids",
                                "val_images", "val_steps", "val_guidance", "face_models", "workers", "model_dir",
                                "data", "out"})
+
+
+def resume_changes(new: dict, old: dict) -> list[str]:
+    """The options (FitConfig.to_json() keys) a resumed run sets otherwise than its checkpoint's run,
+    of those it may not change. Without LoRA (rank 0) the alpha does nothing: older versions took one."""
+    def acting(c: dict) -> dict:
+        return c if c.get("lora_rank") else {**c, "lora_alpha": 0.0}
+    new, old = acting(new), acting(old)
+    return [k for k, v in new.items() if k not in RESUME_MAY_CHANGE and old.get(k) != v]

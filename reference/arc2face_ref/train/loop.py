@@ -29,7 +29,7 @@ from arc2face_rt.outputs import check_output_dir
 
 from ..loading import Arc2FaceModels, cast, load_models
 from .checkpoint import check_resumable, checkpoints, load_state, prune_checkpoints, save_checkpoint
-from .config import RESUME_MAY_CHANGE, FitConfig
+from .config import FitConfig, resume_changes
 from .model import Trainee, load_trainable_state, set_trainable, trainable_state
 from .shards import RunSampler, ShardDataset, index_shards, sample_seed
 from .validation import RunLog, Validator, open_face_analyzer
@@ -57,7 +57,7 @@ def _start(cfg: FitConfig, resume: bool) -> tuple[int, dict | None, Path | None]
     step, path = list(found.items())[-1]
     state = load_state(path)
     old = state["config"]
-    changed = [k for k, v in cfg.to_json().items() if k not in RESUME_MAY_CHANGE and old.get(k) != v]
+    changed = resume_changes(cfg.to_json(), old)
     if changed:
         raise InvalidInputError(f"--resume: {path} was trained with other {', '.join('--' + k.replace('_', '-') for k in changed)}"
                                 f" ({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); pass the same values")
