@@ -225,7 +225,8 @@ def test_a_folder_where_a_face_model_is_copied_is_refused_before_copying(tmp_pat
 
 
 @pytest.mark.parametrize("gone,words", [
-    ("detector.onnx", "copy the face model in again: `arc2face-export build-engines --out {d} --face-models DIR`"),
+    ("detector.onnx", "copy the face model in again: `arc2face-export build-engines --out {d} --precision fp32 "
+                      "--face-models DIR`"),   # the folder's: the default fp16 would be refused on it
     ("vae_decoder.onnx", "missing; re-export the folder (`arc2face-export onnx --model-dir MODEL --out {d}"),
 ])
 def test_a_missing_graph_is_refused_before_any_plan_is_built(tmp_path, trt_build, count_builds, gone, words):

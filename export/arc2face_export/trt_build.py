@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import re
+import shlex
 import threading
 import time
 from dataclasses import dataclass
@@ -359,8 +360,9 @@ def _stage_source(engines_dir: Path, m: dict, spec, precision: str | None) -> tu
     if not (engines_dir / onnx_file).is_file():
         what = f"{engines_dir / onnx_file}: {'not a file' if (engines_dir / onnx_file).exists() else 'missing'}"
         if name in face and not quant:                         # `onnx` writes no face stage: copy it again
+            again = f"--precision {precision or m.get('precision')}"      # else fp16, not the folder's
             raise EngineMismatchError(f"{what}; copy the face model in again: `arc2face-export build-engines "
-                                      f"--out {engines_dir} --face-models DIR`")
+                                      f"--out {shlex.quote(str(engines_dir))} {again} --face-models DIR`")
         raise mf.refused(engines_dir, what)
     return onnx_file, stage_precision, record, onnx_files_digest(engines_dir, onnx_file, record)
 
