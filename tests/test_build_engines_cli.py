@@ -82,11 +82,13 @@ def test_a_stage_the_export_lacks_names_advice_that_works_when_followed(tmp_path
 def test_a_lora_export_is_not_re_exported_without_its_lora(tmp_path, tiny_model_dir, export_calls):
     d = make_engines_dir(tmp_path / "lcm", "fp16", stages=LCM_STAGES)
     m = _manifest(d)
-    m["lora"] = {"file": "pytorch_lora_weights.safetensors", "sha256": "0" * 64, "bytes": 1, "scale": 1.0}
+    m["lora"] = {"file": "pytorch_lora_weights.safetensors", "sha256": "0" * 64, "bytes": 1, "scale": 0.5}
     mf.write_json_atomic(d / mf.MANIFEST, m)
-    with pytest.raises(EngineMismatchError, match=r"without its LoRA; .*`arc2face-export onnx --model-dir MODEL "
-                                                  r"--lora pytorch_lora_weights.safetensors --out .* --force`"):
+    with pytest.raises(EngineMismatchError) as e:
         _run("--out", d, "--no-face", "--stages", "step_cfg", "--model-dir", tiny_model_dir, "--force")
+    # the whole re-export command, its scale included (a bare file name ran only from the adapter's folder)
+    assert f"without its LoRA: {mf.reexport_advice(d)}" in str(e.value)
+    assert "--lora LORA --lora-scale 0.5" in str(e.value) and "pytorch_lora_weights.safetensors" in str(e.value)
     assert not export_calls
 
 

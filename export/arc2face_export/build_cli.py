@@ -63,10 +63,8 @@ def _check_export(args, out: Path, m: dict | None, lacking: list[str], onnx_prec
     what = f"{out}: the {onnx_precision} ONNX graph(s) of {', '.join(lacking)} are not in this folder"
     skip = ", or leave them out of --stages" if args.stages and set(lacking) <= set(args.stages) else ""
     if m.get("lora"):
-        raise EngineMismatchError(
-            f"{what}, and build-engines would re-export it without its LoRA; re-export it with: `arc2face-export onnx "
-            f"--model-dir MODEL --lora {m['lora'].get('file', 'LORA')} --out {out} --precision {onnx_precision} "
-            f"--force`{skip}")
+        raise EngineMismatchError(f"{what}, and build-engines would re-export it without its LoRA: "
+                                  f"{mf.reexport_advice(out)}{skip}")
     if args.model_dir is None or not args.force:
         need = "--force" if args.model_dir is not None else "--model-dir MODEL --force"
         raise EngineMismatchError(f"{what}; pass {need} to re-export it (every stage){skip}")
