@@ -61,7 +61,8 @@ def _result_flags(r, default: str) -> None:
 
 def _write(args, result: dict, default: str) -> Path:
     """The result JSON: `--name` (an existing one only with --force), else `default`, a stamped name."""
-    return write_result(result, args.out / (args.name or default), overwrite=args.force, unique=not args.name)
+    return write_result(result, args.out / (args.name or default), overwrite=args.force and bool(args.name),
+                        unique=not args.name)          # --force replaces a --name file, never a stamped one
 
 
 def _stamp() -> str:

@@ -293,7 +293,7 @@ def test_default_names_stay_stamped_and_never_replace_each_other(bench_main, tmp
 
     main, _ = bench_main
     monkeypatch.setattr(benchmarks.cli, "_stamp", lambda: "20261126T000000Z")
-    for _ in range(2):
-        assert main("verify", "--engines", tmp_path, "--out", tmp_path / "out") == 0
+    for force in ([], ["--force"]):                 # --force replaces a --name file only, never a stamped one
+        assert main("verify", "--engines", tmp_path, "--out", tmp_path / "out", *force) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["verify-fp32-20261126T000000Z-2.json",
                                                                     "verify-fp32-20261126T000000Z.json"]
