@@ -14,7 +14,7 @@ from arc2face_rt.exits import run_cli
 from arc2face_rt.pipeline import MAX_GUIDANCE
 
 from . import env
-from .result_file import check_result_path, write_result
+from .result_file import add_result_flags, check_result_path, write_from_args
 
 RESULTS = env.REPO / "benchmarks" / "results"
 CACHE = env.REPO / "benchmarks" / ".cache"
@@ -45,26 +45,6 @@ IDENTITIES = argtypes.count(1, 4096, "a number of identities")
 SECONDS = argtypes.number(1, 1e6, "a number of seconds")
 
 
-def _file_name(text: str) -> str:
-    if not text or text in (".", "..") or any(c in text for c in "/\0"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a plain file name; put folders into --out")
-    return text
-
-
-def _result_flags(r, default: str) -> None:
-    """--out, --name, --force of a subcommand that writes one result JSON (see `_write`)."""
-    r.add_argument("--out", type=argtypes.path, default=RESULTS, help="folder of the result JSON (default "
-                   "benchmarks/results)")
-    r.add_argument("--name", type=_file_name, default=None, help=f"result file name (default {default})")
-    r.add_argument("--force", action="store_true", help="replace an existing --name file (refused by default)")
-
-
-def _write(args, result: dict, default: str) -> Path:
-    """The result JSON: `--name` (an existing one only with --force), else `default`, a stamped name."""
-    return write_result(result, args.out / (args.name or default), overwrite=args.force and bool(args.name),
-                        unique=not args.name)          # --force replaces a --name file, never a stamped one
-
-
 def _stamp() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
@@ -83,7 +63,7 @@ def cmd_run(args) -> int:
                       compile_mode=args.compile_mode, peak_tflops=args.peak_tflops,
                       row_timeout_s=args.row_timeout, smoke=args.smoke)
     result = run(opts, say=_say)
-    path = _write(args, result, f"run-{opts.size}-{result['device_kind']}-{_stamp()}.json")
+    path = write_from_args(args, result, f"run-{opts.size}-{result['device_kind']}-{_stamp()}.json")
     _say(f"wrote {path}")
     for row in result["rows"]:
         lat = row.get("latency_s", {}).get("median") if row["status"] == "ok" else None
@@ -105,7 +85,7 @@ def cmd_export(args) -> int:
 
     res = bench_export(args.size, tuple(args.precisions.split(",")), args.model_dir, Path(args.cache),
                        timeout=args.timeout, say=_say)
-    path = _write(args, {**header(), **res}, f"export-{args.size}-{_stamp()}.json")
+    path = write_from_args(args, {**header(), **res}, f"export-{args.size}-{_stamp()}.json")
     _say(f"wrote {path}")
     return 0 if all(r["status"] == "ok" for r in res["runs"]) else 1
 
@@ -114,7 +94,7 @@ def cmd_demo(args) -> int:
     from .export_bench import bench_demo, header
 
     res = bench_demo(args.size, args.num_images, args.steps, say=_say)
-    path = _write(args, {**header(), **res}, f"demo-{args.size}-{_stamp()}.json")
+    path = write_from_args(args, {**header(), **res}, f"demo-{args.size}-{_stamp()}.json")
     _say(f"wrote {path}")
     return 0 if all(r["status"] == "ok" for r in res["runs"]) else 1
 
@@ -124,7 +104,7 @@ def cmd_control(args) -> int:
     from .export_bench import header
 
     res = bench_control(args.size, args.batches, args.repeats, args.device, args.cache, say=_say)
-    path = _write(args, {**header(), **res}, f"control-{args.size}-{_stamp()}.json")
+    path = write_from_args(args, {**header(), **res}, f"control-{args.size}-{_stamp()}.json")
     _say(f"wrote {path}")
     return 0
 
@@ -133,7 +113,7 @@ def cmd_build(args) -> int:
     from .export_bench import bench_build, header
 
     res = bench_build(args.size, args.precision, args.engines, args.opt_level, timeout=args.timeout, say=_say)
-    path = _write(args, {**header(), **res}, f"build-{args.size}-{args.precision}-{_stamp()}.json")
+    path = write_from_args(args, {**header(), **res}, f"build-{args.size}-{args.precision}-{_stamp()}.json")
     _say(f"wrote {path}")
     return 0 if all(r["status"] == "ok" for r in res["runs"]) else 1
 
@@ -146,7 +126,7 @@ def cmd_quant(args) -> int:
     res = bench_quant(args.size, precisions, args.identities, args.steps, args.guidance, args.calib_identities,
                       args.model_dir, args.engines, args.fp32_engines, build=not args.no_build,
                       residual_qdq=args.residual_qdq, level=args.quant_level, say=_say)
-    path = _write(args, {**header(), **res}, f"quant-{args.size}-{_stamp()}.json")
+    path = write_from_args(args, {**header(), **res}, f"quant-{args.size}-{_stamp()}.json")
     for p, r in res["precisions"].items():
         _say(f"{p}: medians " + ", ".join(f"{k} {v:.4g}" for k, v in r["median"].items())
              + f"; gates {'passed' if r['gates_passed'] else 'FAILED'}")
@@ -159,7 +139,7 @@ def cmd_verify(args) -> int:
     from .verify_bench import bench_verify
 
     res = bench_verify(args.engines, repeats=args.repeats, say=_say)
-    path = _write(args, {**header(), **res}, f"verify-{res['precision']}-{_stamp()}.json")
+    path = write_from_args(args, {**header(), **res}, f"verify-{res['precision']}-{_stamp()}.json")
     _say(f"wrote {path}")
     return 0
 
@@ -201,7 +181,7 @@ def cmd_cpu_precision(args) -> int:
 
     res = bench_cpu_precision(args.size, tuple(args.precisions.split(",")), args.identities, args.steps,
                               args.guidance, args.model_dir, args.engines, say=_say)
-    path = _write(args, {**header(), **res}, f"cpu-precision-{args.size}-{_stamp()}.json")
+    path = write_from_args(args, {**header(), **res}, f"cpu-precision-{args.size}-{_stamp()}.json")
     _say(f"wrote {path}; " + "; ".join(f"{p}: " + ", ".join(f"{k} {v:.4g}" for k, v in r["median"].items())
                                        + (" (gates passed)" if r["gates_passed"] else " (GATES FAILED)")
                                        for p, r in res["precisions"].items()))
@@ -213,7 +193,7 @@ def cmd_dataset(args) -> int:
     from .export_bench import header
 
     res = bench_dataset(args.size, args.identities, args.per_identity, args.steps, args.batch, args.repeats, say=_say)
-    path = _write(args, {**header(), **res}, f"dataset-{args.size}-{_stamp()}.json")
+    path = write_from_args(args, {**header(), **res}, f"dataset-{args.size}-{_stamp()}.json")
     _say(f"wrote {path}; " + ", ".join(f"{m} {r['images_per_s']:.3f} images/s (wall {o['wall']:+.1f}%, CPU "
                                        f"{o['cpu']:+.1f}%)" for m, r in res["modes"].items()
                                        for o in [r["overhead_vs_generate_pct"]]))
@@ -256,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak rate for the compute floor instead of measuring one")
     r.add_argument("--row-timeout", type=SECONDS, default=None, help="seconds before a row is stopped")
     r.add_argument("--smoke", action="store_true", help="tiny, 2 steps, batch 1, 1 repeat (CI)")
-    _result_flags(r, "run-<size>-<device>-<UTC>.json")
+    add_result_flags(r, RESULTS, "run-<size>-<device>-<UTC>.json")
     r.set_defaults(func=cmd_run)
 
     r = sub.add_parser("report", help="RESULTS.md (+ PNG charts when matplotlib is installed) from the JSONs")
@@ -269,14 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model-dir", type=argtypes.path, default=None)
     r.add_argument("--cache", type=argtypes.path, default=CACHE, help="engines are written to <cache>/engines-<size>-<precision>")
     r.add_argument("--timeout", type=SECONDS, default=None, help="seconds per precision")
-    _result_flags(r, "export-<size>-<UTC>.json")
+    add_result_flags(r, RESULTS, "export-<size>-<UTC>.json")
     r.set_defaults(func=cmd_export)
 
     r = sub.add_parser("demo", help="CPU time of `arc2face-export demo` (from nothing, then reusing the export)")
     r.add_argument("--size", choices=("tiny", "full"), default="tiny")
     r.add_argument("-n", "--num-images", type=argtypes.count(1, 10_000, "a number of images"), default=4)
     r.add_argument("--steps", type=STEPS, default=25)
-    _result_flags(r, "demo-<size>-<UTC>.json")
+    add_result_flags(r, RESULTS, "demo-<size>-<UTC>.json")
     r.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("build", help="TensorRT build time and plan sizes of an exported engines folder")
@@ -287,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--opt-level", type=argtypes.count(0, 5, "an optimisation level"), default=3,
                    help="builder optimisation level 0..5 (default 3)")
     r.add_argument("--timeout", type=SECONDS, default=None, help="seconds before the build is stopped")
-    _result_flags(r, "build-<size>-<precision>-<UTC>.json")
+    add_result_flags(r, RESULTS, "build-<size>-<precision>-<UTC>.json")
     r.set_defaults(func=cmd_build)
 
     r = sub.add_parser("quant", help="int8/FP8 vs fp16 step graph end to end (latent/image PSNR, ArcFace cosine, "
@@ -310,13 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantise with build-engines --residual-qdq (Q/DQ on the residual adds; off by default)")
     r.add_argument("--quant-level", type=float, choices=(1.0, 2.0, 2.5, 3.0), default=3.0,
                    help="quantise with build-engines --quant-level (1 convs, 2 +FFN, 2.5 +q/k/v, 3 +all Linear; default 3)")
-    _result_flags(r, "quant-<size>-<UTC>.json")
+    add_result_flags(r, RESULTS, "quant-<size>-<UTC>.json")
     r.set_defaults(func=cmd_quant)
 
     r = sub.add_parser("verify", help="cost of checking an engines folder's files against its manifest")
     r.add_argument("--engines", type=argtypes.path, required=True, help="engines folder (e.g. a full-size fp16 export)")
     r.add_argument("--repeats", type=REPEATS, default=20)
-    _result_flags(r, "verify-<precision>-<UTC>.json")
+    add_result_flags(r, RESULTS, "verify-<precision>-<UTC>.json")
     r.set_defaults(func=cmd_verify)
 
     r = sub.add_parser("gpu-check", help="the whole first GPU session, in phases (see benchmarks/gpu_check.py)")
@@ -358,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model-dir", type=argtypes.path, default=None)
     r.add_argument("--engines", type=argtypes.path, default=None,
                    help="fp32 engines folder (default <cache>/engines-<size>-fp32, exported when missing)")
-    _result_flags(r, "cpu-precision-<size>-<UTC>.json")
+    add_result_flags(r, RESULTS, "cpu-precision-<size>-<UTC>.json")
     r.set_defaults(func=cmd_cpu_precision)
 
     r = sub.add_parser("control", help="seconds per step of the ControlNet step graph next to the base step (ORT)")
@@ -367,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--repeats", type=REPEATS, default=3)
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     r.add_argument("--cache", type=argtypes.path, default=CACHE)
-    _result_flags(r, "control-<size>-<UTC>.json")
+    add_result_flags(r, RESULTS, "control-<size>-<UTC>.json")
     r.set_defaults(func=cmd_control)
 
     r = sub.add_parser("dataset", help="images/s of `arc2face-rt dataset` (folders, wds, filter) vs `generate`")
@@ -377,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=STEPS, default=25)
     r.add_argument("--batch", type=argtypes.count(1, 256, "a batch size"), default=4)
     r.add_argument("--repeats", type=REPEATS, default=2, help="runs per mode, interleaved; the fastest is compared")
-    _result_flags(r, "dataset-<size>-<UTC>.json")
+    add_result_flags(r, RESULTS, "dataset-<size>-<UTC>.json")
     r.set_defaults(func=cmd_dataset)
 
     r = sub.add_parser("_row")              # internal: no help, so not listed (argparse.SUPPRESS prints as is)

@@ -27,7 +27,6 @@ import json
 import logging
 import re
 import shlex
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -42,7 +41,7 @@ from arc2face_rt.backends.trt.plan import is_rtx, library_info, rtx_compute_capa
 from arc2face_rt.errors import BackendUnavailableError, BuildFailedError, EngineMismatchError, InvalidInputError
 
 from .face_plans import face_stage_specs
-from .trt_network import check_network_against_spec, import_trt, network_io, parse_onnx
+from .trt_network import check_network_against_spec, import_trt, network_io, parse_onnx, progress_monitor
 
 log = logging.getLogger(__name__)
 
@@ -192,37 +191,6 @@ def _profile_shapes(spec, batch: tuple[int, int, int]) -> dict[str, tuple]:
     return {t.name: tuple(t.concrete(b) for b in batch) for t in spec.inputs if "B" in t.shape}
 
 
-# ----------------------------------------------------------------------------- progress
-
-def _progress_monitor(trt):
-    """An IProgressMonitor that logs phase starts/ends (indented by depth) to the module logger."""
-
-    class Monitor(trt.IProgressMonitor):
-        def __init__(self):
-            trt.IProgressMonitor.__init__(self)
-            self._depth: dict[str, int] = {}
-            self._t0: dict[str, float] = {}
-            self._lock = threading.Lock()   # TensorRT may call from several threads
-
-        def phase_start(self, phase_name, parent_phase, num_steps):
-            with self._lock:
-                d = self._depth.get(parent_phase, -1) + 1 if parent_phase else 0
-                self._depth[phase_name], self._t0[phase_name] = d, time.perf_counter()
-                log.log(logging.INFO if d <= 1 else logging.DEBUG, "%s%s (%d steps)", "  " * (d + 1), phase_name, num_steps)
-
-        def step_complete(self, phase_name, step):
-            return not exits.stop_requested()      # False cancels the build: Ctrl-C stops it at once
-
-        def phase_finish(self, phase_name):
-            with self._lock:
-                d = self._depth.pop(phase_name, 0)
-                dt = time.perf_counter() - self._t0.pop(phase_name, time.perf_counter())
-                if dt > 1.0:
-                    log.info("%s%s done in %.1f s", "  " * (d + 1), phase_name, dt)
-
-    return Monitor()
-
-
 # ----------------------------------------------------------------------------- cache key
 
 def onnx_files_digest(engines_dir: Path, onnx_file: str, stage_record: dict | None) -> dict[str, str]:
@@ -284,7 +252,7 @@ def build_plan(onnx_path: str | Path, plan_path: str | Path, spec, options: Buil
         data = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
         cache = config.create_timing_cache(data)
         config.set_timing_cache(cache, ignore_mismatch=False)
-    monitor = _progress_monitor(trt)
+    monitor = progress_monitor(trt)
     config.progress_monitor = monitor
 
     log.info("building %s from %s (%s, batch %s, opt level %d, %s %s, cc %s)", plan_path.name, onnx_path.name,

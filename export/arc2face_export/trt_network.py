@@ -1,13 +1,19 @@
 """TensorRT's view of an ONNX graph: parsing into a strongly typed network, and its inputs/outputs
-written as the stage specs write them (batch axis "B"). No GPU needed; used by the plan builder
-(`trt_build`) and by the face stages (`face_plans`).
+written as the stage specs write them (batch axis "B"), and the builder's progress monitor. No GPU
+needed; used by the plan builder (`trt_build`) and by the face stages (`face_plans`).
 """
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from pathlib import Path
 
+from arc2face_rt import exits
 from arc2face_rt.backends.trt.plan import dtype_name, import_trt as _import_trt, make_logger
 from arc2face_rt.errors import EngineMismatchError
+
+log = logging.getLogger("arc2face_export.trt_build")     # the build's progress lines, under its name
 
 
 def import_trt():
@@ -63,3 +69,33 @@ def check_network_against_spec(network, spec, onnx_path: Path) -> None:
             raise EngineMismatchError(
                 f"{onnx_path}: {kind} {sorted(g.values())} differ from stage spec '{spec.name}' {sorted(w.values())}; "
                 "re-export the folder with `arc2face-export onnx --force`")
+
+
+def progress_monitor(trt):
+    """An IProgressMonitor that logs phase starts/ends (indented by depth) to the build's logger, and
+    cancels the build once a Ctrl-C or SIGTERM has arrived (see `exits.holding_stops`)."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self._depth: dict[str, int] = {}
+            self._t0: dict[str, float] = {}
+            self._lock = threading.Lock()   # TensorRT may call from several threads
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            with self._lock:
+                d = self._depth.get(parent_phase, -1) + 1 if parent_phase else 0
+                self._depth[phase_name], self._t0[phase_name] = d, time.perf_counter()
+                log.log(logging.INFO if d <= 1 else logging.DEBUG, "%s%s (%d steps)", "  " * (d + 1), phase_name, num_steps)
+
+        def step_complete(self, phase_name, step):
+            return not exits.stop_requested()      # False cancels the build: Ctrl-C stops it at once
+
+        def phase_finish(self, phase_name):
+            with self._lock:
+                d = self._depth.pop(phase_name, 0)
+                dt = time.perf_counter() - self._t0.pop(phase_name, time.perf_counter())
+                if dt > 1.0:
+                    log.info("%s%s done in %.1f s", "  " * (d + 1), phase_name, dt)
+
+    return Monitor()
