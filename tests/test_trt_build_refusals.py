@@ -259,3 +259,21 @@ def test_the_command_refuses_a_folder_where_a_plan_goes_before_quantising(tmp_pa
     rc = main(["build-engines", "--out", str(d), "--precision", "int8", "--no-face"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and f"{d / 'step_cfg.plan'}: is a folder" in err[0], err
+
+
+def test_a_folder_where_the_timing_cache_goes_is_refused_with_the_early_checks(tmp_path, monkeypatch, capsys):
+    """Full TensorRT keeps a timing cache beside the plans (TensorRT-RTX has none): a folder there was
+    found only once the build started, after any export or quantisation."""
+    from arc2face_export import build_cli, quantize
+    from arc2face_export.cli import main
+
+    def no_quantising(*a, **k):
+        raise AssertionError("quantised before the timing cache path was checked")
+
+    monkeypatch.setattr(quantize, "ensure_quant_graphs", no_quantising)
+    monkeypatch.setattr(build_cli, "is_rtx", lambda trt: False)          # as with full TensorRT
+    d = make_engines_dir(tmp_path / "e", "fp16")
+    (d / "timing.cache").mkdir()
+    rc = main(["build-engines", "--out", str(d), "--precision", "int8", "--no-face"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"{d / 'timing.cache'}: is a folder" in err[0], err

@@ -15,8 +15,9 @@ from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError, Inv
 from arc2face_rt.outputs import check_output_dir
 
 from .face_plans import FACE_STAGES, add_face_stages, find_face_models
-from .trt_build import (MAX_BATCH, MAX_WORKSPACE_MIB, BuildOptions, build_engines, check_plan_paths, import_trt,
-                        parse_batch, parse_compute_capability, resolve_compute_capabilities, stage_profile)
+from .trt_build import (MAX_BATCH, MAX_WORKSPACE_MIB, TIMING_CACHE, BuildOptions, build_engines, check_plan_paths,
+                        import_trt, is_rtx, parse_batch, parse_compute_capability, resolve_compute_capabilities,
+                        stage_profile)
 
 log = logging.getLogger("arc2face_export.trt_build")
 
@@ -109,7 +110,8 @@ def cmd_build_engines(args) -> int:
     # Refuse what cannot work before exporting or copying anything: the target GPUs, the batch profile
     # of every stage that runs at the served batch, the export (is one needed, may it happen), the face
     # models, the --stages the folder will not have, the calibration data.
-    resolve_compute_capabilities(import_trt(), args.compute_capability, args.precision)
+    trt = import_trt()
+    resolve_compute_capabilities(trt, args.compute_capability, args.precision)
     for name in args.stages or specs.ALL_STAGES:
         if name in specs.ALL_STAGES:
             stage_profile(specs.ALL_STAGES[name], options)
@@ -128,7 +130,8 @@ def cmd_build_engines(args) -> int:
     faces = {} if args.no_face else find_face_models(args.face_models or args.model_dir,
                                                       explicit=args.face_models is not None)
     _check_stages(args, None if export else m, faces)
-    check_plan_paths([out / f"{n}.plan" for n in (args.stages or [*specs.ALL_STAGES, *FACE_STAGES])])
+    check_plan_paths([out / f"{n}.plan" for n in (args.stages or [*specs.ALL_STAGES, *FACE_STAGES])]
+                     + ([out / TIMING_CACHE] if options.timing_cache and not is_rtx(trt) else []))
     if export:
         _check_export(args, out, m, lacking, onnx_precision)
     if quantized:
