@@ -67,11 +67,8 @@ def reexport_advice(engines_dir: str | Path, controlnet: bool = False) -> str:
     best-effort (this is advice for a folder that failed a check): from a damaged one, the command
     says which options to repeat. Paths are shell-quoted, so the command runs as written."""
     d = shlex.quote(str(engines_dir))
-    try:
-        m = json.loads(read_regular_file(Path(engines_dir) / MANIFEST, MAX_MANIFEST_BYTES))
-    except Exception:                 # missing, unreadable, not JSON: the generic command
-        m = None
-    if not isinstance(m, dict):
+    m = read_best_effort(engines_dir)
+    if m is None:                     # missing, unreadable, not JSON: the generic command
         return (f"re-export the folder (`arc2face-export onnx --model-dir MODEL --out {d} --force`, with the "
                 f"--precision and --lora options of its first export{', MODEL with controlnet/' if controlnet else ''}"
                 "; then build-engines if you use plans)")
@@ -93,16 +90,33 @@ def reexport_advice(engines_dir: str | Path, controlnet: bool = False) -> str:
            f"then {_rebuild_after(m, d)})"
 
 
+def read_best_effort(engines_dir: str | Path) -> dict | None:
+    """The folder's manifest as JSON, unchecked, or None: for advice about a folder that failed a check."""
+    try:
+        m = json.loads(read_regular_file(Path(engines_dir) / MANIFEST, MAX_MANIFEST_BYTES))
+    except Exception:
+        return None
+    return m if isinstance(m, dict) else None
+
+
+def built_precision(m: dict, default: str | None = None) -> str | None:
+    """The --precision the folder's plans were built with, read best-effort: the quantised one (int8,
+    fp8) of its step plans wins over the fp16 its projector and decoder plans record (rebuilding at
+    fp16 would make the step plans unquantised); `default` when no plan records one."""
+    plans = m.get("plans") if isinstance(m.get("plans"), dict) else {}
+    built = [(r.get("build") or {}).get("precision") for r in plans.values()
+             if isinstance(r, dict) and isinstance(r.get("build"), dict)]
+    return next((p for p in QUANT_SECTIONS if p in built), default)
+
+
 def _rebuild_after(m: dict, d: str) -> str:
     """The commands that make again what a re-export replaces and the manifest records: its plans (at
     the precision they were built; the face plans from the folder their models came from) and the
     OpenVINO int8 graphs. Read best-effort, like `reexport_advice`."""
     plans = m.get("plans") if isinstance(m.get("plans"), dict) else {}
-    built = {(r.get("build") or {}).get("precision") for r in plans.values()
-             if isinstance(r, dict) and isinstance(r.get("build"), dict)}
     steps = []
     if plans:
-        prec = next((p for p in QUANT_SECTIONS if p in built), m.get("precision"))
+        prec = built_precision(m, m.get("precision"))
         opts = f" --precision {prec}" if prec in PRECISIONS + tuple(QUANT_SECTIONS) and prec != "fp16" else ""
         if any(n in plans for n in FACE_STAGES):
             face = m.get("face_stages") if isinstance(m.get("face_stages"), dict) else {}

@@ -10,7 +10,6 @@ file size), and only then deserialise.
 """
 from __future__ import annotations
 
-import json
 import logging
 import shlex
 from pathlib import Path
@@ -129,22 +128,12 @@ def make_logger(trt, logger: logging.Logger = log):
 
 
 def rebuild_command(engines_dir: Path, record: dict | None = None, extra: str = "") -> str:
-    """The build-engines command that builds the folder's plans again as they were: the precision of
-    its quantised step plans (int8, fp8) wins over the fp16 its projector and decoder plans record,
-    which would rebuild the step plans unquantised."""
-    found = [((r or {}).get("build") or {}).get("precision") for r in [record, *_recorded_plans(engines_dir)]]
-    precision = next((p for p in ("fp8", "int8") if p in found), found[0])
+    """The build-engines command that builds the folder's plans again as they were (`mf.built_precision`;
+    without a readable manifest, the precision `record` was built with)."""
+    own = ((record or {}).get("build") or {}).get("precision")
+    precision = mf.built_precision(mf.read_best_effort(engines_dir) or {}, own)
     prec = f" --precision {precision}" if precision in mf.PLAN_PRECISIONS else ""
     return f"`arc2face-export build-engines --out {shlex.quote(str(engines_dir))}{prec}{extra} --force`"
-
-
-def _recorded_plans(engines_dir: Path) -> list[dict]:
-    """The plan records of the folder's manifest, read leniently: this serves error messages."""
-    try:
-        plans = json.loads((Path(engines_dir) / mf.MANIFEST).read_text()).get("plans")
-    except (OSError, ValueError, AttributeError):
-        return []
-    return [r for r in plans.values() if isinstance(r, dict)] if isinstance(plans, dict) else []
 
 
 # ----------------------------------------------------------------------------- plan checks
