@@ -262,8 +262,7 @@ def _write_quantized(engines_dir: Path, stage: str, src: Path, placement: qdq.Pl
            "recipe_revision": RECIPE_REVISION, "recipe": asdict(r),
            "weights": "int8 per-channel symmetric" if r.precision == "int8" else "fp8 e4m3 per-tensor",
            "activations": f"{r.precision} per-tensor symmetric",
-           "calibration": {**cal.record(), "source": source, "samples": stats.samples,
-                           **({"identities": None, "steps": None, "guidance": None} if source == "recorded" else {})},
+           "calibration": {**calibration_fields(cal, source), "samples": stats.samples},
            "calibration_samples": stats.samples,
            "quantized_layers": len(placement.quantized), "smoothed_inputs": done["smoothed"],
            "qdq_activations": done["qdq_activations"], "residual_add_qdq": done["qdq_residuals"],
@@ -286,12 +285,16 @@ def _check_ours(engines_dir: Path, m: dict, stage: str, precision: str) -> None:
                    f"{precision} step graph")
 
 
+def calibration_fields(cal: calib.Calibration, source: str) -> dict:
+    """What a graph quantised with `cal` records of its calibration; samples from a file ("recorded")
+    make the pipeline's identities, steps and guidance moot."""
+    fields = {**cal.record(), "source": source}
+    return {**fields, "identities": None, "steps": None, "guidance": None} if source == "recorded" else fields
+
+
 def expected_calibration(cal: calib.Calibration) -> dict:
-    """The calibration fields a graph quantised with `cal` records: recorded inputs (`cal.data_sha256`, the
-    file's hash) make the pipeline's identities, steps and guidance moot."""
-    if cal.data_sha256 is None:
-        return {**cal.record(), "source": "pipeline"}
-    return {**cal.record(), "identities": None, "steps": None, "guidance": None, "source": "recorded"}
+    """The calibration fields a graph quantised with `cal` records (a data file: `cal.data_sha256`)."""
+    return calibration_fields(cal, "pipeline" if cal.data_sha256 is None else "recorded")
 
 
 def quant_is_current(engines_dir: Path, m: dict, stage: str, recipe: QuantRecipe, cal: calib.Calibration) -> bool:
