@@ -337,24 +337,24 @@ class Arc2FacePipeline:
         one host sync (stage times from CUDA events); otherwise denoise and decode with host arrays.
         `control`: (images [B, 3, 512, 512], scale) or None."""
         extra = {} if control is None else {"control": control[0], "control_scale": control[1]}
-        fp16 = self.manifest.get("precision") == "fp16"
-        non_finite = MissingWeightsError(       # NaN/inf latents would decode to black images without a word
-            f"{self.engines_dir}: the denoising loop produced NaN/inf latents: the engines' weights (or a fused "
-            f"LoRA) give non-finite values" + (" in fp16; export from intact weights, or in fp32 (--precision fp32)"
-                                               if fp16 else "; export from intact weights (and an intact LoRA)"))
+        def non_finite():                   # NaN/inf latents would decode to black images without a word
+            fix = (" in fp16; export from intact weights, or in fp32 (--precision fp32)"
+                   if self.manifest.get("precision") == "fp16" else "; export from intact weights (and an intact LoRA)")
+            return MissingWeightsError(f"{self.engines_dir}: the denoising loop produced NaN/inf latents: the "
+                                       f"engines' weights (or a fused LoRA) give non-finite values{fix}")
         if gen is not None:
             try:
                 imgs, seconds = gen.generate(identity, x, schedule.table(np.float32),
                                              guidance if guidance > 1.0 else None, noise, **extra)
             except FloatingPointError:
-                raise non_finite from None
+                raise non_finite() from None
             if on_step:
                 on_step(schedule.steps)
             return imgs, seconds
         t0 = time.perf_counter()
         lat = self.denoise(cond, x, schedule, guidance, noise, on_step=on_step, **extra)
         if not np.isfinite(lat).all():
-            raise non_finite
+            raise non_finite()
         t1 = time.perf_counter()
         imgs = self.decode(lat)
         return imgs, {"denoise": t1 - t0, "decode": time.perf_counter() - t1}
