@@ -14,9 +14,10 @@ from arc2face_rt import specs
 from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
 from arc2face_rt.outputs import check_output_dir
 
+from .engines_folder import refuse_folders_at
 from .face_plans import FACE_STAGES, add_face_stages, find_face_models
-from .trt_build import (MAX_BATCH, MAX_WORKSPACE_MIB, TIMING_CACHE, BuildOptions, build_engines, check_plan_paths,
-                        import_trt, is_rtx, parse_batch, parse_compute_capability, resolve_compute_capabilities,
+from .trt_build import (MAX_BATCH, MAX_WORKSPACE_MIB, TIMING_CACHE, BuildOptions, build_engines, import_trt,
+                        is_rtx, parse_batch, parse_compute_capability, resolve_compute_capabilities,
                         stage_profile)
 
 log = logging.getLogger("arc2face_export.trt_build")
@@ -130,7 +131,7 @@ def cmd_build_engines(args) -> int:
     faces = {} if args.no_face else find_face_models(args.face_models or args.model_dir,
                                                       explicit=args.face_models is not None)
     _check_stages(args, None if export else m, faces)
-    check_plan_paths([out / f"{n}.plan" for n in (args.stages or [*specs.ALL_STAGES, *FACE_STAGES])]
+    refuse_folders_at([out / f"{n}.plan" for n in (args.stages or [*specs.ALL_STAGES, *FACE_STAGES])]
                      + ([out / TIMING_CACHE] if options.timing_cache and not is_rtx(trt) else []))
     if export:
         _check_export(args, out, m, lacking, onnx_precision)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from arc2face_rt import manifest as mf
 from arc2face_rt.atomic import is_temp_name, set_usual_modes, temp_dir
-from arc2face_rt.errors import OutputExistsError
+from arc2face_rt.errors import InvalidInputError, OutputExistsError
 from arc2face_rt.specs import ALL_STAGES
 
 _STAGE_NAMES = "|".join(re.escape(n) for n in (*ALL_STAGES, *mf.FACE_STAGES))
@@ -77,6 +77,16 @@ def check_recorded(folder: Path, names, recorded, what: str) -> None:
                f"exists and {mf.MANIFEST} does not record it as this folder's {what}")
         if why:
             raise OutputExistsError(f"{p}: {why}, so it is not replaced; move it out of {folder}, then run again")
+
+
+def refuse_folders_at(paths) -> None:
+    """Refuse (InvalidInputError, before any work) a path where build-engines writes a file (a plan, the
+    timing cache, a face model's copy) that a folder occupies: a file cannot replace it, and --force
+    replaces only files."""
+    for p in paths:
+        if p.is_dir() and not p.is_symlink():
+            raise InvalidInputError(f"{p}: is a folder, where build-engines writes the file {p.name}; move or "
+                                    "remove the folder, then run build-engines again")
 
 
 def replaced_entries(folder: Path) -> list[str]:

@@ -17,13 +17,14 @@ from pathlib import Path
 
 from arc2face_rt import manifest as mf
 from arc2face_rt.atomic import temp_prefix, usual_mode
-from arc2face_rt.errors import EngineMismatchError, InvalidInputError, MissingWeightsError, ModelFormatError
+from arc2face_rt.errors import EngineMismatchError, MissingWeightsError, ModelFormatError
 from arc2face_rt.face.detector import INPUT_SIZE
 from arc2face_rt.face._onnx import first_nodes
 from arc2face_rt.face.align import CROP_SIZE
 from arc2face_rt.face.recognizer import _HEAD_NODES, graph_normalises
 from arc2face_rt.specs import StageSpec, TensorSpec
 
+from .engines_folder import refuse_folders_at
 from .trt_network import import_trt, network_io, parse_onnx
 
 log = logging.getLogger("arc2face_export")
@@ -144,9 +145,7 @@ def add_face_stages(engines_dir: str | Path, models_dir: str | Path | None = Non
         old = face.get(name)
         dst = engines_dir / f"{name}.onnx"
         if force or not (old and old.get("source_sha256") == src_sha and dst.is_file()):
-            if dst.is_dir() and not dst.is_symlink():
-                raise InvalidInputError(f"{dst}: is a folder, where build-engines copies the {FACE_STAGES[name][0]}; "
-                                        "move or remove the folder, then run build-engines again")
+            refuse_folders_at([dst])
             todo[name] = (src_sha, _load_model(src, FACE_STAGES[name][0]))
     for name, (src_sha, model) in todo.items():
         src = sources[name]

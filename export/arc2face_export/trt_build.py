@@ -40,6 +40,7 @@ from arc2face_rt.backends import cuda
 from arc2face_rt.backends.trt.plan import is_rtx, library_info, rtx_compute_capabilities, unsupported_gpu_reason
 from arc2face_rt.errors import BackendUnavailableError, BuildFailedError, EngineMismatchError, InvalidInputError
 
+from .engines_folder import refuse_folders_at
 from .face_plans import face_stage_specs
 from .trt_network import check_network_against_spec, import_trt, network_io, parse_onnx, progress_monitor
 
@@ -307,15 +308,6 @@ def plan_is_current(engines_dir: Path, record: dict | None, key: str) -> bool:
     return p.is_file() and p.stat().st_size == record["bytes"] and mf.sha256_file(p) == record["sha256"]
 
 
-def check_plan_paths(paths: list[Path]) -> None:
-    """Refuse, before any build, a plan (or timing cache) path that a folder occupies: a file cannot
-    replace it, and --force replaces only files."""
-    for p in paths:
-        if p.is_dir() and not p.is_symlink():
-            raise InvalidInputError(f"{p}: is a folder, where build-engines writes the file {p.name}; move or "
-                                    "remove the folder, then run build-engines again")
-
-
 def _stage_source(engines_dir: Path, m: dict, spec, precision: str | None) -> tuple[str, str, dict, dict]:
     """(ONNX file, precision, its record, {file: sha256}) that a stage's plan is built from: the Q/DQ
     graph for --precision int8/fp8 where there is one, else the stage's graph (sizes checked)."""
@@ -359,7 +351,7 @@ def build_engines(engines_dir: str | Path, stages: list[str] | None = None, prec
     library = library_info(trt)
     plans = m.setdefault("plans", {})
     tc_path = engines_dir / TIMING_CACHE if options.timing_cache else None
-    check_plan_paths([engines_dir / stage_specs[n].plan_file for n in names]
+    refuse_folders_at([engines_dir / stage_specs[n].plan_file for n in names]
                      + ([tc_path] if tc_path and not is_rtx(trt) else []))
     sources = {n: _stage_source(engines_dir, m, stage_specs[n], precision) for n in names}   # all, before a build
     for name in names:
