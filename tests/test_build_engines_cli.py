@@ -13,14 +13,11 @@ import pytest
 
 from arc2face_rt import manifest as mf
 from arc2face_rt import specs
-from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
+from arc2face_rt.errors import EngineMismatchError, InvalidInputError
+from trt_needed import tensorrt
 
-trt_build = pytest.importorskip("arc2face_export.trt_build")
+trt_build, _ = tensorrt()
 build_cli = pytest.importorskip("arc2face_export.build_cli")
-try:
-    trt_build.import_trt()
-except BackendUnavailableError:
-    pytest.skip("neither tensorrt nor tensorrt_rtx is installed", allow_module_level=True)
 
 from test_trt_graphs import make_engines_dir, random_feeds  # noqa: E402
 

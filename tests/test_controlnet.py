@@ -284,14 +284,11 @@ def test_build_engines_makes_plans_for_the_control_graphs(control_engines, tmp_p
     tensorrt-rtx), recorded with the spec's I/O."""
     import shutil
 
-    trt_build = pytest.importorskip("arc2face_export.trt_build")
+    from trt_needed import tensorrt
+
+    trt_build, trt = tensorrt()
     trt_network = pytest.importorskip("arc2face_export.trt_network")
     from arc2face_rt.backends import cuda
-    from arc2face_rt.errors import BackendUnavailableError
-    try:
-        trt = trt_build.import_trt()
-    except BackendUnavailableError:
-        pytest.skip("neither tensorrt nor tensorrt_rtx is installed")
     if cuda.device_count() == 0 and not trt_build.is_rtx(trt):
         pytest.skip("full TensorRT needs the target GPU")
     d = tmp_path / "e"

@@ -293,13 +293,9 @@ def test_smoothquant_keeps_the_linear_layer_exact():
 
 def _rtx_or_skip():
     """TensorRT-RTX (builds without a GPU), or skip."""
-    trt_build = pytest.importorskip("arc2face_export.trt_build")
-    from arc2face_rt.errors import BackendUnavailableError
+    from trt_needed import tensorrt
 
-    try:
-        trt = trt_build.import_trt()
-    except BackendUnavailableError:
-        pytest.skip("neither tensorrt nor tensorrt_rtx is installed")
+    trt_build, trt = tensorrt()
     if not trt_build.is_rtx(trt):
         pytest.skip("TensorRT-RTX only (full TensorRT builds only on its target GPU)")
     return trt

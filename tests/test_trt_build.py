@@ -18,14 +18,11 @@ from arc2face_rt import manifest as mf
 from arc2face_rt import specs
 from arc2face_rt.backends import cuda
 from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
+from trt_needed import tensorrt
 
-trt_build = pytest.importorskip("arc2face_export.trt_build")
+trt_build, TRT = tensorrt()
 build_cli = pytest.importorskip("arc2face_export.build_cli")
 trt_network = pytest.importorskip("arc2face_export.trt_network")
-try:
-    TRT = trt_build.import_trt()
-except BackendUnavailableError:
-    pytest.skip("neither tensorrt nor tensorrt_rtx is installed", allow_module_level=True)
 
 from test_trt_graphs import make_engines_dir, make_stage_onnx, random_feeds  # noqa: E402
 

@@ -12,8 +12,9 @@ import pytest
 from onnx import TensorProto, helper, save
 
 from arc2face_rt import manifest as mf
-from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError, InvalidInputError, MissingWeightsError
+from arc2face_rt.errors import EngineMismatchError, InvalidInputError, MissingWeightsError
 from test_trt_graphs import make_engines_dir
+from trt_needed import tensorrt
 
 FACE_IO = {"inputs": [["input.1", "float32", [1, 3, 640, 640]]], "outputs": [["score", "float32", [12800, 1]]]}
 FILE = {"sha256": "0" * 64, "bytes": 1}
@@ -77,12 +78,7 @@ def test_records_the_readers_index_are_checked_with_the_manifest(tmp_path, case)
 
 @pytest.fixture
 def trt_build():
-    tb = pytest.importorskip("arc2face_export.trt_build")
-    try:
-        tb.import_trt()
-    except BackendUnavailableError:
-        pytest.skip("neither tensorrt nor tensorrt_rtx is installed")
-    return tb
+    return tensorrt()[0]
 
 
 @pytest.fixture

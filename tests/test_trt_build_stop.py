@@ -10,13 +10,9 @@ import sys
 
 import pytest
 
-from arc2face_rt.errors import BackendUnavailableError
+from trt_needed import tensorrt
 
-trt_build = pytest.importorskip("arc2face_export.trt_build")
-try:
-    trt_build.import_trt()
-except BackendUnavailableError:
-    pytest.skip("neither tensorrt nor tensorrt_rtx is installed", allow_module_level=True)
+tensorrt()
 
 EXPORT = [sys.executable, "-c", "import sys; from arc2face_export.cli import main; sys.exit(main())"]
 

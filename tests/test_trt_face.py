@@ -16,13 +16,10 @@ from arc2face_rt.backends import cuda
 from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
 from arc2face_rt.face.models import face_plan, load_face_models
 from arc2face_rt.face.recognizer import ArcFaceRecognizer
+from trt_needed import tensorrt
 
-trt_build = pytest.importorskip("arc2face_export.trt_build")
+trt_build, _ = tensorrt()
 build_cli = pytest.importorskip("arc2face_export.build_cli")
-try:
-    trt_build.import_trt()
-except BackendUnavailableError:
-    pytest.skip("neither tensorrt nor tensorrt_rtx is installed", allow_module_level=True)
 
 from face_fixtures import tiny_models_dir  # noqa: E402
 

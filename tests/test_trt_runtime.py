@@ -16,12 +16,9 @@ from arc2face_rt.backends import cuda
 from arc2face_rt.backends import trt as trt_backend
 from arc2face_rt.backends.trt import plan as trt_plan
 from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError
+from trt_needed import tensorrt
 
-trt_build = pytest.importorskip("arc2face_export.trt_build")
-try:
-    TRT = trt_build.import_trt()
-except BackendUnavailableError:
-    pytest.skip("neither tensorrt nor tensorrt_rtx is installed", allow_module_level=True)
+trt_build, TRT = tensorrt()
 
 from test_trt_graphs import make_engines_dir, random_feeds  # noqa: E402
 
