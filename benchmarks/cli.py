@@ -18,6 +18,7 @@ from .result_file import add_result_flags, check_result_path, write_from_args
 
 RESULTS = env.REPO / "benchmarks" / "results"
 CACHE = env.REPO / "benchmarks" / ".cache"
+PROG = "python -m benchmarks"     # as a user types it: the prefix of every error line
 ALL_BACKENDS = ("ort", "torch", "torch-compile", "diffusers", "diffusers-bf16", "trt", "openvino-fp32", "openvino-bf16",
                 "openvino-int8")
 
@@ -207,7 +208,7 @@ def cmd_row(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argtypes.Parser(prog="python -m benchmarks", description=__doc__)
+    p = argtypes.Parser(prog=PROG, description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="measure backend rows; write one JSON under --out")
@@ -370,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_digest(args) -> int:
     d = env.source_digest(args.rev)
     if d is None:
-        print(f"benchmarks: error: cannot read commit {args.rev!r}", file=sys.stderr)
+        print(f"{PROG}: error: cannot read commit {args.rev!r}", file=sys.stderr)
         return 2
     print(d)
     return 0
@@ -382,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
     logging.getLogger("arc2face_export").setLevel(logging.INFO)
-    return run_cli(lambda: _run(args), "benchmarks")
+    return run_cli(lambda: _run(args), PROG)
 
 
 def _run(args) -> int:

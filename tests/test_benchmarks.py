@@ -267,7 +267,7 @@ def test_user_errors_are_one_line_and_exit_2(argv, says, cli_main, tmp_path, cap
     (tmp_path / "f.txt").write_text("x")
     rc = cli_main(*(a.format(t=tmp_path) for a in argv))
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith(f"benchmarks: error: {says.format(t=tmp_path)}"), err
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"python -m benchmarks: error: {says.format(t=tmp_path)}"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]       # nothing written, no --out made
 
 
@@ -279,7 +279,7 @@ def test_existing_name_is_refused_before_any_work_and_replaced_atomically_with_f
     inode = mine.stat().st_ino
     assert main("verify", "--engines", tmp_path, "--out", tmp_path, "--name", "mine.json") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0] == f"benchmarks: error: {mine}: exists; choose another --name or pass --force"
+    assert len(err) == 1 and err[0] == f"python -m benchmarks: error: {mine}: exists; choose another --name or pass --force"
     assert mine.read_text() == "precious\n" and calls == []                # refused before measuring
     assert main("verify", "--engines", tmp_path, "--out", tmp_path, "--name", "mine.json", "--force") == 0
     assert json.loads(mine.read_text())["kind"] == "verify" and len(calls) == 1
