@@ -258,7 +258,7 @@ def test_a_read_only_engines_folder_is_refused_before_any_work(tiny_engines, tmp
 
 
 def test_a_stop_while_the_loss_is_measured_leaves_no_unrecorded_graph(tiny_engines, tmp_path, monkeypatch, capsys):
-    """The int8 graph moves into the folder right before the manifest records it: a stop during the loss
+    """The int8 graph moves into the folder only once it is measured and recorded: a stop during the loss
     measurement (a minute at full size) used to leave files of ours that no record names, and every
     later run refused them."""
     import nncf
@@ -281,3 +281,37 @@ def test_a_stop_while_the_loss_is_measured_leaves_no_unrecorded_graph(tiny_engin
     capsys.readouterr()
     assert export_main(["openvino-int8", "--engines", str(d), *_ONE_STEP]) == 0, capsys.readouterr().err
     assert "step" in json.loads((d / "manifest.json").read_text())["openvino_int8"]
+
+
+@pytest.mark.parametrize("kill_at", ["manifest", "move"])
+def test_a_stop_as_the_graph_lands_leaves_only_recorded_files(tiny_engines, tmp_path, monkeypatch, capsys, kill_at):
+    """A stop at the manifest write or at the move of the files leaves only files the manifest names: the
+    next run makes the graph again instead of refusing an unrecorded file."""
+    import nncf
+    from arc2face_export.cli import main as export_main
+    from arc2face_rt import manifest as mf
+
+    d = tmp_path / "e"
+    shutil.copytree(tiny_engines, d, ignore=shutil.ignore_patterns("openvino_cache"))
+    real_write, real_replace = mf.write_json_atomic, os.replace
+
+    def write(path, data, *a, **k):
+        if kill_at == "manifest" and "openvino_int8" in data:
+            raise KeyboardInterrupt
+        return real_write(path, data, *a, **k)
+
+    def replace(src, dst, *a, **k):
+        if kill_at == "move" and ".ov-int8." in os.path.basename(dst):
+            raise KeyboardInterrupt
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(nncf, "quantize", lambda model, *a, **kw: model)     # the quantisation is not the point
+    monkeypatch.setattr(mf, "write_json_atomic", write)
+    monkeypatch.setattr(os, "replace", replace)
+    assert export_main(["openvino-int8", "--engines", str(d), *_ONE_STEP]) == 130
+    monkeypatch.setattr(mf, "write_json_atomic", real_write)
+    monkeypatch.setattr(os, "replace", real_replace)
+    capsys.readouterr()
+    assert export_main(["openvino-int8", "--engines", str(d), *_ONE_STEP]) == 0, capsys.readouterr().err
+    m = json.loads((d / "manifest.json").read_text())
+    assert ov_int8.is_current(d, m, "step")

@@ -282,6 +282,41 @@ def test_a_graph_file_the_manifest_does_not_record_is_kept_and_named(quantized, 
     assert (d / name).read_bytes() == before
 
 
+@pytest.mark.parametrize("kill_at", ["manifest", "move"])
+def test_a_first_graph_stopped_while_it_lands_is_made_again_not_refused(quantized, tmp_path, monkeypatch, kill_at):
+    """A stop as a first-ever int8 graph lands (at its manifest write, or at the move of its file) leaves
+    only files the manifest names: the next run quantises again instead of refusing an unrecorded file."""
+    import os
+
+    d = tmp_path / "q"
+    shutil.copytree(quantized, d)
+    m = json.loads((d / mf.MANIFEST).read_text())
+    del m["quantized"]
+    (d / mf.MANIFEST).write_text(json.dumps(m))
+    (d / "step_cfg.int8.onnx").unlink()
+    real_write, real_replace = mf.write_json_atomic, os.replace
+
+    def write(path, data, *a, **k):
+        if kill_at == "manifest" and "quantized" in data:
+            raise KeyboardInterrupt
+        return real_write(path, data, *a, **k)
+
+    def replace(src, dst, *a, **k):
+        if kill_at == "move" and os.path.basename(dst).startswith("step_cfg.int8.onnx"):
+            raise KeyboardInterrupt
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(mf, "write_json_atomic", write)
+    monkeypatch.setattr(os, "replace", replace)
+    recipe = [quantize.QuantRecipe("int8")]
+    with pytest.raises(KeyboardInterrupt):
+        quantize.ensure_quant_graphs(d, recipe, CAL, stages=["step_cfg"], device="cpu")
+    monkeypatch.undo()
+    quantize.ensure_quant_graphs(d, recipe, CAL, stages=["step_cfg"], device="cpu")
+    m = mf.load_manifest(d)
+    assert quantize.quant_is_current(d, m, "step_cfg", recipe[0], CAL)
+
+
 def test_smoothquant_keeps_the_linear_layer_exact():
     """x W == (x / s)(diag(s) W): SmoothQuant's rewrite alone changes nothing but the ranges."""
     rng = np.random.default_rng(0)

@@ -169,20 +169,22 @@ def ensure_ov_int8(engines_dir: str | Path, stages=INT8_STAGES, feeds: list[dict
         say(f"{stage}: NNCF quantisation on {len(calib)} samples")
         dst = engines_dir / ov_int8_file(stage)
         work = temp_dir(engines_dir, dst.name)
-        try:    # quantised, measured and hashed in `work`: the files move in right before the manifest names them
+        try:    # quantised, measured and hashed in `work`; the files move in right after the manifest names them
             staged = work / dst.name
             info = quantize_ov_int8(engines_dir / src_rec["file"], dst, calib, work)
             loss = quantization_loss(engines_dir / src_rec["file"], staged, calib)
             files = {dst.name: mf.file_record(staged), _bin(dst).name: mf.file_record(_bin(staged))}
             m = mf.load_manifest(engines_dir)      # re-read: write only our key on top of the current manifest
             _check_ours(engines_dir, m, stage)     # again: the manifest may have changed meanwhile
-            os.replace(_bin(staged), _bin(dst))    # weights first: the .xml names a complete .bin
-            os.replace(staged, dst)
             m.setdefault(INT8_KEY, {})[stage] = {
                 "file": dst.name, "files": files, "seconds": round(time.perf_counter() - t0, 1),
                 "source": {"file": src_rec["file"], "sha256": {k: v["sha256"] for k, v in src_rec["files"].items()}},
                 **info, "loss_vs_source": loss}
+            # recorded first: a kill at any moment leaves only files the manifest names (old files under the
+            # new hashes are stale, so made again), never one the next run refuses as someone else's
             mf.write_json_atomic(engines_dir / mf.MANIFEST, m)
+            os.replace(_bin(staged), _bin(dst))    # weights first: the .xml names a complete .bin
+            os.replace(staged, dst)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         say(f"{stage}: wrote {dst.name}; vs fp32: " + ", ".join(

@@ -245,15 +245,10 @@ def _write_quantized(engines_dir: Path, stage: str, src: Path, placement: qdq.Pl
     loss = output_loss(work / "observed.onnx", twin, kept)
     m = mf.load_manifest(engines_dir)
     _check_ours(engines_dir, m, stage, r.precision)     # again: the manifest may have changed meanwhile
-    # hashed before they move in: the moment between the move and the manifest naming them stays short
     files = {n: mf.file_record(work / n) for n in (dst.name, dst.name + ".data") if (work / n).exists()}
-    for name in (dst.name + ".data", dst.name):     # the weights first: the graph names complete weights
-        new, final = work / name, engines_dir / name
-        if new.exists():
-            os.chmod(new, usual_mode())     # onnx writes external data private
-            os.replace(new, final)
-        elif os.path.lexists(final):        # the old graph's weights; recorded, so ours (_check_ours)
-            final.unlink()
+    for name in (dst.name, dst.name + ".data"):
+        if name not in files and os.path.lexists(engines_dir / name):
+            (engines_dir / name).unlink()   # the old graph's weights; recorded, so ours (_check_ours)
     stage_rec = m["stages"][stage]
     rec = {"file": dst.name, "files": files,
            "source": {"file": stage_rec["file"], "precision": m.get("precision"),
@@ -269,7 +264,13 @@ def _write_quantized(engines_dir: Path, stage: str, src: Path, placement: qdq.Pl
            "fp16_layers": placement.kept, "attention_bmms_unquantized": len(placement.attention_bmms),
            "loss_vs_source": loss}
     m.setdefault(SECTIONS[r.precision], {})[stage] = rec
+    # Recorded before the files move in: a kill at any moment leaves only files the manifest names (an old
+    # graph under the new record's hashes is stale, so quantised again), never one the next run refuses.
     mf.write_json_atomic(engines_dir / mf.MANIFEST, m)
+    for name in (dst.name + ".data", dst.name):     # the weights first: the graph names complete weights
+        if name in files:
+            os.chmod(work / name, usual_mode())     # onnx writes external data private
+            os.replace(work / name, engines_dir / name)
     log.info("%s: %d layers quantised, %d kept in %s, %d residual adds; vs %s: %s", dst.name,
              len(placement.quantized), len(placement.kept), m.get("precision"), done["qdq_residuals"], m.get("precision"),
              ", ".join(f"{k} rel L2 {v['rel_l2']:.3g} PSNR {v['psnr_db']:.1f} dB" for k, v in loss.items()))
