@@ -12,7 +12,7 @@ from .cache_cli import add_cache_parser
 from .dataset.cli import add_dataset_parser
 from .errors import InvalidInputError
 from .exits import cli_main
-from .face.cli import add_embed_parser, add_score_parser
+from .face.cli import add_embed_parser, add_max_pixels, add_score_parser, limits_from
 from .folder_setup import BACKENDS, check_folder_scheduler, folder_defaults
 from .pipeline import GenerationOptions
 from .schedulers import SCHEDULERS
@@ -28,7 +28,7 @@ def _add_generate(sub) -> None:
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--embedding", type=argtypes.path, help="ArcFace embedding .npy, shape (512,) or (1, 512)")
     who.add_argument("--random-id", action="store_true", help="a random unit vector: a new identity")
-    who.add_argument("--image", nargs="+", action="extend", metavar="PATH",
+    who.add_argument("--image", nargs="+", action="extend", metavar="PATH", type=argtypes.path,
                      help="photos, folders or globs of one person (detect, align, ArcFace, average)")
     p.add_argument("--models", type=argtypes.path, help="folder with scrfd_10g_bnkps.onnx and arcface.onnx, for --image "
                    "(default: $ARC2FACE_MODELS, else ./models)")
@@ -48,6 +48,7 @@ def _add_generate(sub) -> None:
                         "diffusers does); one for all images or one per image (README: ControlNet pose)")
     p.add_argument("--control-scale", type=argtypes.number(0, 10, "a control scale"), default=None,
                    help=f"ControlNet conditioning scale, with --control-image (default {DEFAULT_CONTROL_SCALE:g})")
+    add_max_pixels(p)
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH,
                    help=f"images per graph call (default {DEFAULT_BATCH}; TensorRT plans are tuned for it)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
@@ -92,7 +93,7 @@ def cmd_generate(args) -> int:
     if args.control_image:
         from .control import Control
         scale = DEFAULT_CONTROL_SCALE if args.control_scale is None else args.control_scale
-        control = Control.from_files(args.control_image, scale, count=args.num_images)
+        control = Control.from_files(args.control_image, scale, count=args.num_images, limits=limits_from(args))
     run = FolderRun(out=args.out, count=args.num_images, prefix=args.prefix, resume=args.resume,
                     overwrite=args.overwrite, again=getattr(args, "again", None))   # demo sets `again`
     existing = run.check(args.seed)
@@ -103,7 +104,7 @@ def cmd_generate(args) -> int:
     else:
         from .face.models import identity_from_images
         identity = identity_from_images(args.image, models_dir=args.models, device=args.device,
-                                        log=_stderr, engines=args.engines, backend=args.backend,
+                                        log=_stderr, limits=limits_from(args), engines=args.engines, backend=args.backend,
                                         verify=not args.no_verify)
         who = f"from {len(args.image)} photo path(s)"
     with Arc2FacePipeline(args.engines, backend=args.backend, device=args.device, verify=not args.no_verify,

@@ -57,11 +57,12 @@ def preprocess_control(rgb: np.ndarray, name: str = "control image") -> np.ndarr
     return (np.asarray(im).astype(np.float32) / 255.0).transpose(2, 0, 1).copy()
 
 
-def load_control_image(path: str | Path) -> np.ndarray:
-    """A condition image file -> [3, 512, 512] float32 in [0, 1]."""
-    from .face.image_io import load_image
+def load_control_image(path: str | Path, limits=None) -> np.ndarray:
+    """A condition image file -> [3, 512, 512] float32 in [0, 1] (`limits`: an ImageLimits, default
+    DEFAULT_LIMITS)."""
+    from .face.image_io import DEFAULT_LIMITS, load_image
 
-    return preprocess_control(load_image(path, pillow_rgb=True), str(path))
+    return preprocess_control(load_image(path, limits or DEFAULT_LIMITS, pillow_rgb=True), str(path))
 
 
 @dataclass(frozen=True)
@@ -94,16 +95,17 @@ class Control:
                                                        .hexdigest()[:16] for a in imgs))
 
     @classmethod
-    def from_files(cls, paths, scale: float = DEFAULT_CONTROL_SCALE, count: int | None = None) -> "Control":
+    def from_files(cls, paths, scale: float = DEFAULT_CONTROL_SCALE, count: int | None = None,
+                   limits=None) -> "Control":
         """One file for every image, or exactly `count` files (one per image, in order); `paths`: a
-        list of files, or one file (a str or Path)."""
+        list of files, or one file (a str or Path); `limits`: as load_control_image."""
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         if not paths:
             raise InvalidInputError("--control-image: no files given; give one for all images or one per image")
         if count is not None and len(paths) not in (1, count):
             raise InvalidInputError(f"--control-image: {len(paths)} files for {count} images; give one for all "
                                     "images or one per image")
-        return cls(np.stack([load_control_image(p) for p in paths]), scale)
+        return cls(np.stack([load_control_image(p, limits) for p in paths]), scale)
 
     def check_indices(self, indices) -> None:
         if len(self.images) > 1 and max(indices) >= len(self.images):

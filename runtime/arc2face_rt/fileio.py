@@ -18,6 +18,8 @@ def read_regular_file(path: str | Path, max_bytes: int, what: str = "file", fix:
     tail = f"; {fix}" if fix else ""
     try:
         st = os.stat(path)
+    except ValueError:               # os.stat's "embedded null byte": no file has such a name
+        raise error(f"{str(path)!r}: not a valid path (it contains a NUL byte){tail}") from None
     except FileNotFoundError:
         raise error(f"{path}: no such file{tail}") from None
     except OSError as e:

@@ -55,6 +55,9 @@ def read_png_params(path: str | Path) -> tuple[dict, tuple[int, int], str]:
         if fmt == "PNG" and text is None:       # a text chunk after the pixels (a re-saving tool moved it)
             with Image.open(io.BytesIO(data)) as im:
                 text = im.text.get(PARAMS_KEY)
+    except Image.DecompressionBombError as e:    # intact, but more pixels than Pillow will decode
+        raise ImageDecodeError(f"{path}: over Pillow's decompression-bomb pixel limit ({e}); arc2face-rt's PNGs "
+                               f"are {512}x{512}, so this is not one of them") from None
     except UnidentifiedImageError:
         if data.startswith(b"\x89PNG\r\n\x1a\n"):     # a PNG whose header chunks are broken (a bad CRC)
             raise ImageDecodeError(f"{path}: truncated or corrupt PNG (Pillow cannot read its header chunks); "

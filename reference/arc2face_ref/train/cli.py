@@ -26,6 +26,7 @@ def _say(msg: str) -> None:
 def cmd_prepare(args) -> int:
     from tqdm.auto import tqdm
 
+    from arc2face_rt.face.cli import limits_from
     from arc2face_rt.face.identity import FaceAnalyzer
     from arc2face_rt.face.models import load_face_models
 
@@ -34,7 +35,7 @@ def cmd_prepare(args) -> int:
     def analyzer():
         det, rec = load_face_models(args.models, args.detector, args.recognizer, device=args.device,
                                     min_score=args.min_score, file_flags=True)
-        return FaceAnalyzer(det, rec, "largest", args.min_size)
+        return FaceAnalyzer(det, rec, "largest", args.min_size, limits_from(args))
 
     bars = []                  # made at the first photo: a refused command prints only its error line
 
@@ -50,7 +51,8 @@ def cmd_prepare(args) -> int:
             bar.close()
     if not rep.written:                 # nothing to train on: a user error, with the reasons kept on disk
         raise InvalidInputError(f"no photo gave a usable face ({len(rep.skipped)} skipped, each with its reason in "
-                                f"{Path(args.out) / SKIPPED_FILE}); fit needs at least one sample")
+                                f"{Path(args.out) / SKIPPED_FILE}); fit needs at least one sample: fix or replace "
+                                "the photos and run the same command again (it reads changed photos again)")
     _say(f"{rep.written} sample(s) in {rep.shards} shard(s) in {args.out}; {len(rep.skipped)} photo(s) skipped"
          + (f" (listed in {Path(args.out) / SKIPPED_FILE})" if rep.skipped else ""))
     return 0
@@ -133,6 +135,8 @@ def _add_fit_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from arc2face_rt.face.cli import add_max_pixels
+
     parser = argtypes.Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-score", type=argtypes.number(0, 1), default=0.5, help="detector threshold (default 0.5)")
     p.add_argument("--min-size", type=argtypes.number(0), default=0.0, help="skip faces smaller than this (px)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="face models' device")
+    add_max_pixels(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
     _add_fit_parser(sub)

@@ -8,14 +8,17 @@ embedding of its 112x112 alignment -> the 512x512 training view (crop.py). A sam
 Work is split into numbered shards of `shard_size` input photos (img2dataset's scheme): shard k is
 committed by writing `shard-k.tar` and then `shard-k.stats.json` (its counts and skipped photos), both
 atomically; a later run skips every shard whose stats file exists, so an interrupted run continues
-where it stopped and a finished one is a no-op. `prepare.json` pins the input list and the shard size:
+where it stopped and a finished one is a no-op, except that a shard is redone when a photo it skipped
+has changed since (its size or modification time; fixed, replaced or removed), so a fixed photo is used. `prepare.json` pins the input list and the shard size:
 a run with other photos into the same folder is refused. `skipped.txt` lists every skipped photo with
-its reason (photos with no usable face, unreadable files); they are skipped, never fatal.
+its reason (photos with no usable face, unreadable files); they are skipped, never fatal. A file name
+that is not valid UTF-8 is written there as its own bytes.
 """
 from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -114,7 +117,7 @@ def prepare(images: Sequence[str | Path], out: str | Path, analyzer_factory: Cal
     out = check_output_dir(out)
     plan = _plan(out, files, shard_size)
     n_shards = -(-len(files) // shard_size)
-    todo = [k for k in range(n_shards) if not (out / stats_name(k)).is_file()]
+    todo = [k for k in range(n_shards) if not _done(out, k)]
     if len(todo) < n_shards:
         say(f"{n_shards - len(todo)} of {n_shards} shard(s) already done; continuing with the rest")
     analyzer = analyzer_factory() if todo else None      # face models refused before --out is touched
@@ -128,7 +131,7 @@ def prepare(images: Sequence[str | Path], out: str | Path, analyzer_factory: Cal
             try:
                 s = _sample(analyzer, path)
             except SKIPPABLE as e:
-                skipped.append({"path": str(path), "reason": str(e)})
+                skipped.append({"path": str(path), "reason": str(e), "stat": _signature(path)})
             else:
                 samples.append({"__key__": f"{k * shard_size + i:09d}", **s})
             if progress:
@@ -138,6 +141,35 @@ def prepare(images: Sequence[str | Path], out: str | Path, analyzer_factory: Cal
         stats = {"shard": k, "photos": len(samples) + len(skipped), "written": len(samples), "skipped": skipped}
         atomic_write(out / stats_name(k), json.dumps(stats, indent=1).encode(), overwrite=True)
     return _summarise(out, len(files), n_shards, n_shards - len(todo))
+
+
+def _signature(path: str | Path) -> list[int] | None:
+    """What tells a changed photo: [size, mtime_ns], or None when it cannot be stat()ed."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _done(out: Path, k: int) -> bool:
+    """Shard k is committed and none of the photos it skipped has changed since."""
+    try:
+        stats = json.loads((out / stats_name(k)).read_text())
+        return all(s.get("stat") == _signature(s["path"]) for s in stats["skipped"])
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return True          # damaged: _summarise says what to do with it
+
+
+def _line(path: str, reason: str) -> bytes:
+    """One skipped.txt line; a non-UTF-8 file name (held as surrogates) goes back to its own bytes."""
+    text = f"{path}\t{' '.join(reason.split())}\n"
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace")
 
 
 def _summarise(out: Path, photos: int, n_shards: int, done_before: int) -> PrepareReport:
@@ -150,7 +182,7 @@ def _summarise(out: Path, photos: int, n_shards: int, done_before: int) -> Prepa
         except (ValueError, KeyError, TypeError) as e:
             raise InvalidInputError(f"{out / stats_name(k)}: damaged ({' '.join(str(e).split())[:80]}); move it "
                                     "and its shard away and run the same command to prepare that shard again") from None
-    text = "".join(f"{p}\t{' '.join(r.split())}\n" for p, r in skipped).encode()
+    text = b"".join(_line(p, r) for p, r in skipped)
     path = out / SKIPPED_FILE
     if not path.is_file() or path.read_bytes() != text:
         atomic_write(path, text, overwrite=True)

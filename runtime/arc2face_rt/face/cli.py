@@ -60,13 +60,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"detection score threshold (default {SCORE_THRESHOLD})")
     f.add_argument("--min-size", type=argtypes.number(0.0, name="a size in pixels"), default=0.0, metavar="PX",
                    help="ignore faces whose box is narrower or shorter than PX pixels")
-    f.add_argument("--max-pixels", type=argtypes.count(1, name="a pixel count"), default=DEFAULT_LIMITS.max_pixels,
-                   metavar="N",
-                   help=f"refuse images with more than N pixels, checked before decoding "
-                        f"(default {DEFAULT_LIMITS.max_pixels / 1e6:g}e6)")
+    add_max_pixels(f)
     f.add_argument("--aligned", action="store_true",
                    help="inputs are already aligned 112x112 ArcFace crops: skip detection")
     f.add_argument("--recursive", action="store_true", help="folders: include subfolders")
+
+
+def add_max_pixels(p) -> None:
+    """`--max-pixels N`, on every command that reads photos (embed, score, generate, arc2face-train prepare)."""
+    p.add_argument("--max-pixels", type=argtypes.count(1, name="a pixel count"), default=DEFAULT_LIMITS.max_pixels,
+                   metavar="N",
+                   help=f"refuse images with more than N pixels, checked before decoding "
+                        f"(default {DEFAULT_LIMITS.max_pixels / 1e6:g}e6)")
+
+
+def limits_from(args) -> ImageLimits:
+    """The image limits a command's --max-pixels sets."""
+    return ImageLimits(max_bytes=DEFAULT_LIMITS.max_bytes, max_pixels=args.max_pixels)
 
 
 def add_embed_parser(subparsers) -> argparse.ArgumentParser:
@@ -74,7 +84,7 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:
         "embed", help="photos of one person -> ArcFace identity embedding (.npy)",
         description="Detect, align and embed the face in each photo; write the normalised mean embedding "
                     "[512] float32. Unreadable photos and photos without a face are skipped and reported.")
-    p.add_argument("--image", nargs="+", action="extend", required=True, metavar="PATH",
+    p.add_argument("--image", nargs="+", action="extend", required=True, metavar="PATH", type=argtypes.path,
                    help="image files, folders or glob patterns (repeatable)")
     p.add_argument("--out", required=True, type=argtypes.path, metavar="FILE.npy",
                    help="output embedding (never overwritten)")
@@ -92,7 +102,7 @@ def add_score_parser(subparsers) -> argparse.ArgumentParser:
         description="Print 'cosine<TAB>path' per image (nan when it has no usable face). Exit 1 if any "
                     "image could not be scored.")
     p.add_argument("--identity", required=True, type=argtypes.path, metavar="FILE.npy", help="identity embedding [512]")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
+    p.add_argument("images", nargs="+", metavar="IMAGE", type=argtypes.path, help="image files, folders or glob patterns")
     _add_model_args(p)
     p.set_defaults(func=run_score)
     return p
@@ -102,7 +112,7 @@ def _embed_files(args, paths: list[Path]) -> EmbedReport:
     """Every file's result. Files that stat() already refuses (missing, a folder or pipe, empty, over
     the size limit) are found before the face models load, and when no file is left the models never
     load at all."""
-    limits = _limits(args)
+    limits = limits_from(args)
     early = []
     for p in paths:
         try:
@@ -114,16 +124,12 @@ def _embed_files(args, paths: list[Path]) -> EmbedReport:
     return _analyzer(args).embed_files(paths, aligned=args.aligned)
 
 
-def _limits(args) -> ImageLimits:
-    return ImageLimits(max_bytes=DEFAULT_LIMITS.max_bytes, max_pixels=args.max_pixels)
-
-
 def _analyzer(args) -> FaceAnalyzer:
     det, rec = load_face_models(args.models, args.detector, args.recognizer, device=args.device,
                                 min_score=args.min_score, need_detector=not args.aligned,
                                 engines=args.engines, backend=args.backend, verify=not args.no_verify,
                                 file_flags=True)
-    return FaceAnalyzer(det, rec, face=args.face, min_size=args.min_size, limits=_limits(args))
+    return FaceAnalyzer(det, rec, face=args.face, min_size=args.min_size, limits=limits_from(args))
 
 
 def run_embed(args) -> int:
@@ -144,6 +150,8 @@ def run_embed(args) -> int:
     paths = expand_paths(args.image, recursive=args.recursive)
     report = _embed_files(args, paths)
     log = _stderr
+    if len(paths) == 1:
+        report.require_some()       # one photo: its error line alone, not a 'skipped' line before it
     describe_report(report, args.face, log)
     report.require_some()
     ident = combine_embeddings(report.embeddings(), args.combine)
@@ -164,9 +172,19 @@ def run_score(args) -> int:
     describe_report(report, args.face, _stderr)
     for r in report.results:
         cos = float(r.embedding @ ident) if r.ok else float("nan")
-        sys.stdout.write(f"{cos:.4f}\t{r.path}\n")
+        _write_out(f"{cos:.4f}\t{r.path}\n")
     _stderr(f"scored {report.n_ok} of {len(paths)} image(s)")
     return 0 if report.n_ok == len(paths) else 1
+
+
+def _write_out(line: str) -> None:
+    """A line of the table on stdout. A file name that is not valid UTF-8 (held as surrogates) goes out
+    as its own bytes where the stream allows it, else escaped (\\udcNN) as the messages on stderr show it."""
+    try:
+        sys.stdout.write(line)
+    except UnicodeEncodeError:
+        enc = sys.stdout.encoding or "utf-8"
+        sys.stdout.write(line.encode(enc, "backslashreplace").decode(enc))
 
 
 def _stderr(msg: str) -> None:

@@ -23,7 +23,9 @@ limit (2 × PIL.Image.MAX_IMAGE_PIXELS ≈ 179 MP); raising past that needs PIL.
 """
 from __future__ import annotations
 
+import functools
 import io
+import os
 import stat
 import warnings
 from dataclasses import dataclass
@@ -31,15 +33,18 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageDecodeError, InvalidInputError
 from ..exits import os_error_message
 
-# Suffixes a folder argument expands to (compared lower-case). Files named explicitly, or matched
-# by a glob, are taken whatever their suffix: decoding decides.
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif",
-                              ".ppm", ".pgm", ".pnm", ".jfif"})
+
+
+@functools.cache
+def image_extensions() -> frozenset[str]:
+    """Suffixes a folder argument expands to (compared lower-case): every suffix Pillow registers for
+    reading. Files named explicitly, or matched by a glob, are taken whatever their suffix: decoding decides."""
+    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,7 @@ def load_image(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS, pillow_rg
 
     Raises ImageDecodeError (empty, too large, truncated, not an image or unsupported) and
     InvalidInputError (no such file)."""
-    path = Path(path)
+    path = Path(check_path(path))
     check_image_file(path, limits)
     try:
         f = open(path, "rb")
@@ -77,23 +82,43 @@ def load_image(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS, pillow_rg
 def check_image_file(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -> None:
     """What `load_image` can refuse from stat() alone (missing, not a regular file, empty, over the
     size limit), with its errors: a command checks every file this way before it loads any model."""
-    path = Path(path)
+    path = Path(check_path(path))
     try:
         st = path.stat()
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise InvalidInputError(f"{path}: a symbolic link to nothing (it points at {os.readlink(path)}, which "
+                                    "does not exist); fix or remove the link") from None
         raise InvalidInputError(f"{path}: no such file; check the path") from None
     except OSError as e:
         raise ImageDecodeError(f"{path}: cannot be read ({os_error_message(e)})") from None
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            os.scandir(path).close()
+        except OSError as e:        # a folder walk lists a subfolder it cannot open as a file it skipped
+            raise ImageDecodeError(f"{path}: is a folder that cannot be read ({(e.strerror or str(e)).lower()}), "
+                                   "not an image file; the photos in it are not used: fix its permissions") from None
+        raise ImageDecodeError(f"{path}: is a folder, not an image file")
     if not stat.S_ISREG(st.st_mode):
-        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe, socket or device)"
-        raise ImageDecodeError(f"{path}: is {kind}, not an image file")
+        raise ImageDecodeError(f"{path}: is not a regular file (a pipe, socket or device), not an image file")
     size = st.st_size
     if size == 0:
         raise ImageDecodeError(f"{path}: empty file (0 bytes); re-copy or re-download it")
     if size > limits.max_bytes:
         raise ImageDecodeError(
             f"{path}: {size / 2**20:.1f} MiB exceeds the {limits.max_bytes / 2**20:.0f} MiB file-size limit; "
-            "downscale or recompress it, or raise the limit (ImageLimits.max_bytes)")
+            "downscale or recompress it (from Python: raise ImageLimits.max_bytes)")
+
+
+def check_path(path: str | Path) -> str | Path:
+    """`path`, refused with InvalidInputError when no file can have that name (empty, or a NUL byte)."""
+    text = str(path)
+    if not text.strip():
+        raise InvalidInputError("an empty path; give an image file, folder or pattern (an empty string would "
+                                "mean the current folder)")
+    if "\0" in text:
+        raise InvalidInputError(f"{text!r}: not a valid path (it contains a NUL byte)")
+    return path
 
 
 def decode_image(data: bytes, name: str = "<bytes>", limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
@@ -106,7 +131,7 @@ def decode_image(data: bytes, name: str = "<bytes>", limits: ImageLimits = DEFAU
     if len(data) > limits.max_bytes:
         raise ImageDecodeError(
             f"{name}: {len(data) / 2**20:.1f} MiB exceeds the {limits.max_bytes / 2**20:.0f} MiB limit; "
-            "downscale or recompress it, or raise ImageLimits.max_bytes")
+            "downscale or recompress it (from Python: raise ImageLimits.max_bytes)")
     return _decode(io.BytesIO(data), name, limits)
 
 
@@ -114,6 +139,9 @@ def _decode(fp, name: str, limits: ImageLimits, pillow_rgb: bool = False) -> np.
     with warnings.catch_warnings():
         # Our own pixel limit (checked next, from the header) is the policy; Pillow's warning is noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        # So are Pillow's warnings about a file's oddities (corrupt EXIF data, a palette's transparency
+        # given as bytes): the image either decodes, or the error below says why not.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
         try:
             im = Image.open(fp)  # lazy: reads the header only
         except Image.DecompressionBombError as e:
@@ -124,11 +152,15 @@ def _decode(fp, name: str, limits: ImageLimits, pillow_rgb: bool = False) -> np.
         except Exception as e:  # a malformed header raises SyntaxError/OSError/ValueError by plugin
             raise ImageDecodeError(f"{name}: unreadable image header ({e}); {_FIX_FORMAT}") from e
         w, h = im.size
+        fmt = im.format or "image"
+        if fmt == "EPS" or isinstance(im, ImageFile.StubImageFile):   # Ghostscript, or a handler we never install
+            raise ImageDecodeError(f"{name}: is in the {fmt} format, which Pillow decodes only with an external program "
+                                   f"or handler (Ghostscript for EPS/PostScript) that arc2face-rt does not run; "
+                                   f"{_FIX_FORMAT}")
         if w * h > limits.max_pixels:
             raise ImageDecodeError(
                 f"{name}: {w}x{h} = {w * h / 1e6:.1f} MP exceeds the {limits.max_pixels / 1e6:.1f} MP limit; "
-                "downscale it, or raise the limit (--max-pixels / ImageLimits.max_pixels)")
-        fmt = im.format or "image"
+                "downscale it, or raise the limit (--max-pixels N; ImageLimits.max_pixels in Python)")
         try:
             im.load()
             im = ImageOps.exif_transpose(im)
@@ -168,10 +200,18 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
+def _expanduser(s: str) -> Path:
+    """`~` and `~user` expanded; a `~user` with no such user stays literal (and then names no file)."""
+    try:
+        return Path(s).expanduser()
+    except RuntimeError:
+        return Path(s)
+
+
 def _glob(pattern: str) -> list[Path]:
     """Files matching a pattern (`**` = any depth), hidden names left out. pathlib's `**` does not
     descend into symbolic links to folders, so a link loop cannot make the search explode."""
-    parts = Path(pattern).expanduser().parts
+    parts = _expanduser(pattern).parts
     first = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
     root = Path(*parts[:first]) if first else Path(".")
     try:
@@ -180,26 +220,67 @@ def _glob(pattern: str) -> list[Path]:
         raise InvalidInputError(f"{pattern}: cannot be searched ({e})") from None
 
 
-def expand_paths(args: Iterable[str | Path], recursive: bool = False) -> list[Path]:
-    """PATH arguments (files, folders, glob patterns) → a sorted list of unique files.
+def _walk(folder: Path, recursive: bool) -> list[Path]:
+    """The photo candidates of a folder: every entry, hidden names left out, whose suffix Pillow reads
+    (`image_extensions`), and with `recursive` those of its subfolders, symbolic links to folders
+    followed (each folder once, so a link loop ends). An entry that is no usable file (a dangling link,
+    a pipe, a link loop) and a subfolder that cannot be listed are candidates too: the per-file check
+    (`check_image_file`) then skips each with its reason, so nothing in the folder is silently lost."""
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
 
-    A file is taken as given; a folder gives the image files in it (by suffix, hidden files skipped;
-    subfolders too when `recursive`); a pattern with * ? [ gives every file it matches (`**` recurses).
-    Raises InvalidInputError for an argument that names nothing, or a folder/pattern without images."""
+    def visit(d: Path) -> None:
+        try:
+            st = d.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                return
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            if d == folder:
+                raise
+            found.append(d)
+            return
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                is_dir = e.is_dir()          # follows a symbolic link
+            except OSError:                  # a link loop, say: a candidate, its check says why
+                is_dir = False
+            if is_dir:
+                if recursive:
+                    visit(d / e.name)
+            elif Path(e.name).suffix.lower() in image_extensions():
+                found.append(d / e.name)
+    visit(folder)
+    return found
+
+
+def expand_paths(args: Iterable[str | Path] | str | Path, recursive: bool = False) -> list[Path]:
+    """PATH arguments (files, folders, glob patterns; or one path as a str or Path) → a sorted list of
+    unique files.
+
+    A file is taken as given; a folder gives its photo candidates (see `_walk`: by suffix, hidden files
+    skipped, subfolders too when `recursive`); a pattern with * ? [ gives every file it matches (`**`
+    recurses). Raises InvalidInputError for an empty path, one that names nothing, or a folder/pattern
+    without images."""
     out: set[Path] = set()
-    for arg in args:
-        s = str(arg)
-        p = Path(s).expanduser()
-        if p.exists() and not p.is_dir():     # files, and pipes/devices (load_image refuses those)
-            out.add(p)
-        elif p.is_dir():
-            it = p.rglob("*") if recursive else p.iterdir()
-            found = [q for q in it if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS
-                     and not q.name.startswith(".")]
+    for arg in [args] if isinstance(args, (str, Path)) else args:
+        s = str(check_path(arg))
+        p = _expanduser(s)
+        if p.is_dir():
+            try:
+                found = _walk(p, recursive)
+            except OSError as e:
+                raise InvalidInputError(f"{s}: folder cannot be read ({os_error_message(e)})") from None
             if not found:
-                raise InvalidInputError(f"{s}: folder has no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
-                                        "point at the photos themselves")
+                raise InvalidInputError(f"{s}: is a folder with no image files in it (none with a suffix Pillow "
+                                        "reads, such as .jpg .png .webp); point at the photos themselves")
             out.update(found)
+        elif os.path.lexists(p):   # files, pipes/devices, dangling links, link loops: load_image says why
+            out.add(p)
         elif any(c in s for c in "*?["):
             found = _glob(s)
             if not found:

@@ -148,11 +148,13 @@ def identity_from_images(paths: Iterable[str | Path], models_dir: str | Path | N
     if log is None:
         def log(msg: str) -> None:
             warnings.warn(msg, FaceWarning, stacklevel=3)
-    files = expand_paths([paths] if isinstance(paths, (str, Path)) else paths)
+    files = expand_paths(paths)
     det, rec = load_face_models(models_dir, detector_path, recognizer_path, device=device,
                                 min_score=min_score, need_detector=not aligned, engines=engines, backend=backend,
                                 verify=verify)
     report = FaceAnalyzer(det, rec, face, min_size, limits).embed_files(files, aligned=aligned)
+    if len(files) == 1:
+        report.require_some()       # one photo: its error alone, not also a 'skipped' line
     describe_report(report, face, log)
     report.require_some()
     return combine_embeddings(report.embeddings(), method).embedding
