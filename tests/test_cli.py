@@ -138,7 +138,7 @@ def test_repeated_list_flags_add_up_instead_of_replacing():
 
     a = build_parser().parse_args(["generate", "--engines", "e", "--out", "o", "--image", "a.png", "--image", "b.png",
                                    "--control-image", "p.png", "--control-image", "q.png"])
-    assert a.image == ["a.png", "b.png"] and [str(p) for p in a.control_image] == ["p.png", "q.png"]
+    assert [str(p) for p in a.image] == ["a.png", "b.png"] and [str(p) for p in a.control_image] == ["p.png", "q.png"]
     a = train_parser().parse_args(["prepare", "--images", "x", "--images", "y", "--models", "m", "--out", "o"])
     assert [str(p) for p in a.images] == ["x", "y"]
     a = export_parser().parse_args(["onnx", "--model-dir", "m", "--out", "o", "--stages", "projector", "--stages", "step"])

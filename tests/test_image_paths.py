@@ -209,3 +209,16 @@ def test_prepare_non_utf8_skip_and_fixed_photo_rerun(tmp_path):
     rep = prepare([photos], out, analyzer)
     assert rep.written == 1 and rep.skipped == [] and (out / SKIPPED_FILE).read_bytes() == b""
     assert prepare([photos], out, analyzer).shards_done_before == 1      # unchanged: a no-op again
+
+
+def test_identity_from_one_bad_photo_raises_without_logging(tmp_path):
+    """generate --image's path: one unusable photo is one error, not also a 'skipped' line."""
+    from face_fixtures import tiny_models_dir
+
+    from arc2face_rt.face.models import identity_from_images
+
+    (tmp_path / "zero.png").write_bytes(b"")
+    logged = []
+    with pytest.raises(InvalidInputError, match="empty file"):
+        identity_from_images(tmp_path / "zero.png", tiny_models_dir(), device="cpu", log=logged.append)
+    assert logged == []

@@ -12,6 +12,9 @@ Conversions (every image leaves here as [H, W, 3] uint8 RGB, upright):
   we do the same for 16-bit grayscale ("I;16*", and "I", which we treat as 16-bit).
 - Anything else Pillow can read (CMYK, YCbCr, LAB, float "F") goes through Image.convert("RGB").
 - Multi-frame files (GIF, TIFF, WebP) give their first frame.
+- Formats Pillow decodes only with an external program or handler (EPS/PostScript: Ghostscript; its
+  stub formats) are refused, naming the format. Pillow's warnings about a file's oddities (corrupt
+  EXIF data, ...) are not shown: the image decodes, or the error says why not.
 
 `pillow_rgb=True` replaces the conversions above by Pillow's own `Image.convert("RGB")` for every mode,
 which is what `diffusers.utils.load_image` does (alpha dropped, not composited; a palette's

@@ -143,7 +143,8 @@ def identity_from_images(paths: Iterable[str | Path], models_dir: str | Path | N
     """Photos (files, folders, globs) of one person → unit identity embedding [512] float32.
 
     Skipped photos and multi-face photos are reported through `log` (default: warnings.warn with
-    FaceWarning). Raises NoFaceError when no photo gives a usable face."""
+    FaceWarning). Raises NoFaceError (or InvalidInputError) when no photo gives a usable face; a single
+    photo's problem is raised only, not also logged."""
     check_face_options(face, min_score, min_size, method, backend, device)
     if log is None:
         def log(msg: str) -> None:
