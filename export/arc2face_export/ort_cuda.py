@@ -75,9 +75,12 @@ def fuse_for_ort_cuda(src: str | Path, dst: str | Path, stage: str, cpu_kernels_
     """Fuse the graph `src` for ONNX Runtime CUDA and write it to `dst` (weights in `dst`.data when
     over 1 GiB). Returns the fused-operator counts. `cpu_kernels_only` keeps to fusions ONNX Runtime
     also has CPU kernels for (MultiHeadAttention unpacked, LayerNormalization, SkipLayerNormalization),
-    so a test can compare the fused attention with torch on a CPU."""
+    so a test can compare the fused attention with torch on a CPU.
+
+    Fusions whose CUDA kernel refuses this model's widths are left out (`unsupported_fusions`,
+    recorded as "not_fused"), and the no-op Casts the NhwcConv fusion adds are removed
+    (`remove_no_op_casts`). The optimizer's own failures raise FusedGraphError."""
     from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
 
     kind = "vae" if stage == VAE_DECODER.name else "unet"
     options = FusionOptions(kind)
@@ -85,15 +88,132 @@ def fuse_for_ort_cuda(src: str | Path, dst: str | Path, stage: str, cpu_kernels_
     if cpu_kernels_only:
         for flag in CUDA_ONLY_FUSIONS:
             setattr(options, flag, False)
-    with _quiet(), _declared_initializer_types():
-        model = optimize_model(str(src), model_type=kind, opt_level=0, use_gpu=True, optimization_options=options)
+    model = _optimize(src, kind, options)
+    not_fused = {} if cpu_kernels_only else unsupported_fusions(model.model.graph)
+    if not_fused:                          # fused again without them: the plain ops run anywhere
+        for flag in {FUSION_FLAGS[op] for op in not_fused}:
+            for f in flag:
+                setattr(options, f, False)
+        model = _optimize(src, kind, options)
     fused = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
+    no_op_casts = remove_no_op_casts(model.model.graph)
     dst = Path(dst)
     external = model.model.ByteSize() > onnx_files.EXTERNAL_DATA_BYTES
     model.save_model_to_file(str(dst), use_external_data_format=external, all_tensors_to_one_file=True)
     if external:
         _rename_external_data(dst)
-    return {"fused": fused, "model_type": kind}
+    rec = {"fused": fused, "model_type": kind, "no_op_casts_removed": no_op_casts}
+    if not_fused:
+        rec["not_fused"] = not_fused
+    return rec
+
+
+def _optimize(src, kind: str, options):
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    try:
+        with _quiet(), _declared_initializer_types():
+            return optimize_model(str(src), model_type=kind, opt_level=0, use_gpu=True, optimization_options=options)
+    except (MemoryError, OSError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the optimizer's own failures: that fused graph is dropped
+        raise FusedGraphError(f"{Path(src).name}: ONNX Runtime's optimizer failed ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from e
+
+
+# The CUDA kernels' limits on widths (onnxruntime/contrib_ops/cuda/diffusion/: bias_split_gelu.cc,
+# bias_add.cc, group_norm_impl.cu): met by Stable Diffusion 1.5's widths, not by every model (the tiny
+# test model's). A graph outside them loads, then fails at its first run with INVALID_ARGUMENT /
+# NOT_IMPLEMENTED, so such a fusion is not applied to that model (its plain ops stay).
+BIAS_SPLIT_GELU_WIDTHS = (2560, 5120, 10240)      # input's last dimension (2 x the feed-forward width)
+BIAS_ADD_WIDTHS = (320, 640, 1280)                # channels
+FUSION_FLAGS = {"BiasSplitGelu": ("enable_bias_splitgelu",), "BiasAdd": ("enable_bias_add",),
+                "GroupNorm": ("enable_group_norm", "enable_skip_group_norm"),
+                "SkipGroupNorm": ("enable_group_norm", "enable_skip_group_norm")}
+
+
+def unsupported_fusions(graph) -> dict[str, str]:
+    """{op: why} for each fused op in `graph` (onnx GraphProto) with a width its CUDA kernel refuses;
+    widths come from the bias / gamma initializers."""
+    widths = {t.name: list(t.dims) for t in graph.initializer}
+    out = {}
+    for n in graph.node:
+        if n.domain != "com.microsoft" or n.op_type not in FUSION_FLAGS or n.op_type in out:
+            continue
+        dims = widths.get(n.input[1]) if len(n.input) > 1 else None
+        if not dims or len(dims) != 1:
+            continue
+        w = dims[0]
+        if n.op_type == "BiasSplitGelu" and w not in BIAS_SPLIT_GELU_WIDTHS:
+            out[n.op_type] = f"width {w}; the CUDA kernel takes {'/'.join(map(str, BIAS_SPLIT_GELU_WIDTHS))}"
+        elif n.op_type == "BiasAdd" and w not in BIAS_ADD_WIDTHS:
+            out[n.op_type] = f"{w} channels; the CUDA kernel takes {'/'.join(map(str, BIAS_ADD_WIDTHS))}"
+        elif n.op_type in ("GroupNorm", "SkipGroupNorm"):
+            groups = next((a.i for a in n.attribute if a.name == "groups"), 0)
+            if not groups or w % groups or (w // groups) % 2:
+                out[n.op_type] = (f"{w} channels in {groups} groups; the CUDA kernel needs an even number "
+                                  "of channels per group")
+    return out
+
+
+# Ops whose first output has the element type of their first input (ONNX and com.microsoft schemas);
+# Where's is its second input's; the outputs of _TYPED_OUTPUTS, and all of Split's, are typed so too.
+_SAME_TYPE_OPS = frozenset(
+    "Transpose Reshape Identity Squeeze Unsqueeze Flatten Slice Concat Split Expand Tile Pad Resize Gather "
+    "GatherElements DepthToSpace SpaceToDepth Add Sub Mul Div Pow Neg Abs Max Min Sum Mean Clip Round Floor Ceil "
+    "Reciprocal Relu LeakyRelu Elu Sigmoid HardSigmoid Softplus Tanh Erf Sqrt Exp Log Sin Cos Softmax Gelu "
+    "ReduceMean ReduceSum ReduceMax Conv ConvTranspose MatMul Gemm AveragePool MaxPool GlobalAveragePool "
+    "InstanceNormalization BatchNormalization LayerNormalization GroupNorm SkipGroupNorm NhwcConv "
+    "BiasSplitGelu BiasAdd BiasGelu FastGelu QuickGelu MultiHeadAttention Attention SkipLayerNormalization".split())
+_TYPE_FROM_INPUT = {"Where": 1}
+_TYPED_OUTPUTS = {"SkipGroupNorm": (0, 1), "SkipLayerNormalization": (0, 3)}     # output, input+skip sum
+
+
+def remove_no_op_casts(graph) -> int:
+    """Bypass every Cast whose input already has the target type (an identity); return how many.
+
+    The NhwcConv fusion cannot see the type of the Transpose it has just added, so it puts a
+    Cast(to=fp16) in front of every NhwcConv of an fp16 graph. Harmless to ONNX Runtime 1.31, but the
+    CPU provider of 1.30 mistypes them while loading ("Type (tensor(float)) of output arg
+    (InsertedPrecisionFreeCast_...) does not match expected type (tensor(float16))"), so the graph
+    would fail `check_loads` there. Types are followed from the graph's inputs, initializers,
+    Constants and Casts through `_SAME_TYPE_OPS`; a Cast whose input type is unknown stays."""
+    types = {v.name: v.type.tensor_type.elem_type for v in list(graph.input) + list(graph.value_info)}
+    types.update((t.name, t.data_type) for t in graph.initializer)
+    for n in graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            types[n.output[0]] = n.attribute[0].t.data_type
+    changed = True
+    while changed:                          # nodes may be out of order: to a fixed point
+        changed = False
+        for n in graph.node:
+            if not n.output or n.output[0] in types:
+                continue
+            if n.op_type == "Cast":
+                t = next((a.i for a in n.attribute if a.name == "to"), None)
+            elif n.op_type in _SAME_TYPE_OPS or n.op_type in _TYPE_FROM_INPUT:
+                k = _TYPE_FROM_INPUT.get(n.op_type, 0)
+                if len(n.input) <= k or n.input[k] not in types:
+                    continue
+                t = types[n.input[k]]
+            else:
+                continue
+            idx = range(len(n.output)) if n.op_type == "Split" else _TYPED_OUTPUTS.get(n.op_type, (0,))
+            for i in idx:
+                if i < len(n.output) and n.output[i]:
+                    types[n.output[i]] = t
+            changed = True
+    graph_outputs = {o.name for o in graph.output}
+    drop = [n for n in graph.node if n.op_type == "Cast" and n.output[0] not in graph_outputs
+            and types.get(n.input[0]) is not None
+            and types[n.input[0]] == next((a.i for a in n.attribute if a.name == "to"), None)]
+    for n in drop:
+        for m in graph.node:
+            for i, x in enumerate(m.input):
+                if x == n.output[0]:
+                    m.input[i] = n.input[0]
+        graph.node.remove(n)
+    return len(drop)
 
 
 @contextlib.contextmanager
