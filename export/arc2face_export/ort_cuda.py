@@ -16,11 +16,15 @@ How a graph is made (`export_all(..., ort_cuda=True)`, `arc2face-export onnx --o
    scaled_dot_product_attention exports a form it does not), and validated against torch fp32;
 2. the optimizer fuses it (opt_level 0: graph fusions only). Its GroupNorm fusion writes gamma and
    beta as float32 tensors but copies the fp16 bytes of an fp16 graph, which onnx rejects; the
-   values are cast to the declared type while it runs (`_declared_initializer_types`).
+   values are cast to the declared type while it runs (`_declared_initializer_types`). A GroupNorm,
+   BiasAdd or BiasSplitGelu fusion is undone where its CUDA kernel refuses the width
+   (`_only_supported_widths`), and the no-op Casts the NhwcConv fusion adds are removed
+   (`remove_no_op_casts`);
 (ONNX Runtime's own fp16 converter, run on a fused fp32 graph instead, left type errors in our graphs:
 Mul and Div nodes with one fp16 and one fp32 input.) The exporter then type-checks each fused graph
-(`check_loads`: ONNX Runtime's CPU provider must load it up to the missing CUDA kernels), and
-tests/test_ort_cuda.py runs them on a GPU, against the plain fp16 graph and the CPU.
+(`check_loads`: ONNX Runtime's CPU provider must load it up to the missing CUDA kernels; a graph that
+fails is left out of the export, see onnx_export), and tests/test_ort_cuda.py runs them on a GPU,
+against the plain fp16 graph and the CPU.
 """
 from __future__ import annotations
 
@@ -77,8 +81,8 @@ def fuse_for_ort_cuda(src: str | Path, dst: str | Path, stage: str, cpu_kernels_
     also has CPU kernels for (MultiHeadAttention unpacked, LayerNormalization, SkipLayerNormalization),
     so a test can compare the fused attention with torch on a CPU.
 
-    Fusions whose CUDA kernel refuses this model's widths are left out (`unsupported_fusions`,
-    recorded as "not_fused"), and the no-op Casts the NhwcConv fusion adds are removed
+    Fusions whose CUDA kernel refuses the width at that place are left out there
+    (`_only_supported_widths`; recorded as "not_fused"), and the no-op Casts the NhwcConv fusion adds are removed
     (`remove_no_op_casts`). The optimizer's own failures raise FusedGraphError."""
     from onnxruntime.transformers.fusion_options import FusionOptions
 
@@ -88,13 +92,12 @@ def fuse_for_ort_cuda(src: str | Path, dst: str | Path, stage: str, cpu_kernels_
     if cpu_kernels_only:
         for flag in CUDA_ONLY_FUSIONS:
             setattr(options, flag, False)
-    model = _optimize(src, kind, options)
-    not_fused = {} if cpu_kernels_only else unsupported_fusions(model.model.graph)
-    if not_fused:                          # fused again without them: the plain ops run anywhere
-        for flag in {FUSION_FLAGS[op] for op in not_fused}:
-            for f in flag:
-                setattr(options, f, False)
+    not_fused: dict[str, str] = {}
+    with _only_supported_widths(not_fused):
         model = _optimize(src, kind, options)
+    refused = unsupported_fusions(model.model.graph)
+    if refused:                           # a fusion path _only_supported_widths does not see
+        raise FusedGraphError(f"{Path(src).name}: fused ops with widths their CUDA kernels refuse: {refused}")
     fused = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
     no_op_casts = remove_no_op_casts(model.model.graph)
     dst = Path(dst)
@@ -127,33 +130,83 @@ def _optimize(src, kind: str, options):
 # NOT_IMPLEMENTED, so such a fusion is not applied to that model (its plain ops stay).
 BIAS_SPLIT_GELU_WIDTHS = (2560, 5120, 10240)      # input's last dimension (2 x the feed-forward width)
 BIAS_ADD_WIDTHS = (320, 640, 1280)                # channels
-FUSION_FLAGS = {"BiasSplitGelu": ("enable_bias_splitgelu",), "BiasAdd": ("enable_bias_add",),
-                "GroupNorm": ("enable_group_norm", "enable_skip_group_norm"),
-                "SkipGroupNorm": ("enable_group_norm", "enable_skip_group_norm")}
+WIDTH_LIMITED = ("BiasSplitGelu", "BiasAdd", "GroupNorm", "SkipGroupNorm")
+# the optimizer's fusions that write them (module, class); it imports its modules under two names
+_WIDTH_FUSIONS = (("fusion_group_norm", "FusionGroupNorm"), ("fusion_bias_add", "FusionBiasAdd"),
+                  ("fusion_biassplitgelu", "FusionBiasSplitGelu"))
+
+
+def refused_width(node, width_of) -> str | None:
+    """Why `node`'s CUDA kernel refuses its width (None when it takes it); `width_of(name)`: the
+    length of a 1-D initializer (bias / gamma), or None."""
+    if node.domain != "com.microsoft" or node.op_type not in WIDTH_LIMITED or len(node.input) < 2:
+        return None
+    w = width_of(node.input[1])
+    if w is None:
+        return None
+    if node.op_type == "BiasSplitGelu" and w not in BIAS_SPLIT_GELU_WIDTHS:
+        return f"width {w}; the CUDA kernel takes {'/'.join(map(str, BIAS_SPLIT_GELU_WIDTHS))}"
+    if node.op_type == "BiasAdd" and w not in BIAS_ADD_WIDTHS:
+        return f"{w} channels; the CUDA kernel takes {'/'.join(map(str, BIAS_ADD_WIDTHS))}"
+    if node.op_type in ("GroupNorm", "SkipGroupNorm"):
+        groups = next((a.i for a in node.attribute if a.name == "groups"), 0)
+        if not groups or w % groups or (w // groups) % 2:
+            return f"{w} channels in {groups} groups; the CUDA kernel needs an even number of channels per group"
+    return None
 
 
 def unsupported_fusions(graph) -> dict[str, str]:
-    """{op: why} for each fused op in `graph` (onnx GraphProto) with a width its CUDA kernel refuses;
-    widths come from the bias / gamma initializers."""
-    widths = {t.name: list(t.dims) for t in graph.initializer}
+    """{op: why} for the fused ops in `graph` (onnx GraphProto) with a width their CUDA kernel refuses."""
+    dims = {t.name: list(t.dims) for t in graph.initializer}
     out = {}
     for n in graph.node:
-        if n.domain != "com.microsoft" or n.op_type not in FUSION_FLAGS or n.op_type in out:
-            continue
-        dims = widths.get(n.input[1]) if len(n.input) > 1 else None
-        if not dims or len(dims) != 1:
-            continue
-        w = dims[0]
-        if n.op_type == "BiasSplitGelu" and w not in BIAS_SPLIT_GELU_WIDTHS:
-            out[n.op_type] = f"width {w}; the CUDA kernel takes {'/'.join(map(str, BIAS_SPLIT_GELU_WIDTHS))}"
-        elif n.op_type == "BiasAdd" and w not in BIAS_ADD_WIDTHS:
-            out[n.op_type] = f"{w} channels; the CUDA kernel takes {'/'.join(map(str, BIAS_ADD_WIDTHS))}"
-        elif n.op_type in ("GroupNorm", "SkipGroupNorm"):
-            groups = next((a.i for a in n.attribute if a.name == "groups"), 0)
-            if not groups or w % groups or (w // groups) % 2:
-                out[n.op_type] = (f"{w} channels in {groups} groups; the CUDA kernel needs an even number "
-                                  "of channels per group")
+        why = refused_width(n, lambda name: dims[name][0] if len(dims.get(name, ())) == 1 else None)
+        if why:
+            out.setdefault(n.op_type, why)
     return out
+
+
+@contextlib.contextmanager
+def _only_supported_widths(left_out: dict):
+    """While the optimizer runs, a GroupNorm / BiasAdd / BiasSplitGelu fusion whose new node has a width
+    its CUDA kernel refuses is undone (its nodes are neither added nor removed): that place keeps its
+    plain ops, the others are fused. `left_out` collects {op: "why (n places)"}."""
+    import importlib
+    import sys
+
+    importlib.import_module("onnxruntime.transformers.optimizer")     # imports them under their short names
+    for mod, _ in _WIDTH_FUSIONS:
+        importlib.import_module(f"onnxruntime.transformers.{mod}")
+    classes = {getattr(m, cls) for mod, cls in _WIDTH_FUSIONS for name, m in list(sys.modules.items())
+               if name.endswith(mod) and hasattr(m, cls)}
+    saved = {c: c.__dict__["fuse"] for c in classes}
+    counts: dict[str, list] = {}
+
+    def wrap(real):
+        def fuse(self, node, input_name_to_nodes, output_name_to_node):
+            n_add, n_remove = len(self.nodes_to_add), len(self.nodes_to_remove)
+            out = real(self, node, input_name_to_nodes, output_name_to_node)
+
+            def width_of(name):
+                t = self.model.get_initializer(name)
+                return t.dims[0] if t is not None and len(t.dims) == 1 else None
+            whys = [(n.op_type, w) for n in self.nodes_to_add[n_add:] if (w := refused_width(n, width_of))]
+            if whys:
+                del self.nodes_to_add[n_add:]
+                del self.nodes_to_remove[n_remove:]
+                for op, why in whys:
+                    counts.setdefault(op, [why, 0])[1] += 1
+            return out
+        return fuse
+
+    for c, real in saved.items():
+        c.fuse = wrap(real)
+    try:
+        yield
+    finally:
+        for c, real in saved.items():
+            c.fuse = real
+        left_out.update({op: f"{why} ({n} places)" for op, (why, n) in counts.items()})
 
 
 # Ops whose first output has the element type of their first input (ONNX and com.microsoft schemas);
