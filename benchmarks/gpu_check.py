@@ -241,8 +241,10 @@ def phase_export(opts: GpuCheckOptions, work: Path) -> dict:
             "export_s": round(time.perf_counter() - t - t_model, 1), "precision": ro.precision,
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
             "stages_export_s": {k: v.get("export_s") for k, v in m["stages"].items()},
-            "ort_cuda": {k: {kk: v.get(kk) for kk in ("export_s", "fused", "source_validation")}
-                         for k, v in m.get("ort_cuda", {}).items()}}
+            "ort_cuda": {k: {kk: v.get(kk) for kk in ("export_s", "fused", "not_fused", "no_op_casts_removed",
+                                                     "source_validation")}
+                         for k, v in m.get("ort_cuda", {}).items()},
+            "ort_cuda_skipped": m.get("ort_cuda_skipped", {})}
 
 
 def _need_export(opts: GpuCheckOptions) -> None:

@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 
 ORT_CUDA_STAGES = (STEP_CFG.name, STEP.name, VAE_DECODER.name)
 # Bumped whenever the recipe changes, so a folder made by an older one is not taken as current.
-# 1: fused fp32 graph + ONNX Runtime's fp16 converter (left type errors); 2: fused fp16 export.
-ORT_CUDA_RECIPE = 2
+# 1: fused fp32 graph + ONNX Runtime's fp16 converter (left type errors); 2: fused fp16 export;
+# 3: no-op Casts removed, width-limited fusions undone where their CUDA kernel refuses the width.
+ORT_CUDA_RECIPE = 3
 
 
 def ort_cuda_file(stage: str) -> str:
