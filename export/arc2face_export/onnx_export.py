@@ -340,10 +340,9 @@ def _export_ort_cuda_source(models, name: str, validate: bool, tmp: Path, say) -
 
 
 def _fuse_ort_cuda_stages(sources: dict, tmp: Path, out_dir: Path, say) -> tuple[dict, dict]:
-    """Fuse each source graph; returns (the `ort_cuda` records, {stage: why} of the graphs left out).
-    A fused graph is an extra: one that fails (FusedGraphError) is dropped with a warning and noted in
-    the manifest's `ort_cuda_skipped` (the runtime then uses the plain graph), and the export goes on.
-    A folder with such a note counts as up to date for the same recipe; `--force` tries again."""
+    """Fuse each source graph; returns (the `ort_cuda` records, the `ort_cuda_skipped` ones). A fused
+    graph is an extra: one that fails (FusedGraphError) is left out with a warning, the runtime uses the
+    plain graph, and the folder counts as up to date for the same recipe (`--force` tries again)."""
     import onnxruntime
 
     done, skipped = {}, {}
@@ -354,9 +353,8 @@ def _fuse_ort_cuda_stages(sources: dict, tmp: Path, out_dir: Path, say) -> tuple
             log.warning("[%s] no ONNX Runtime CUDA graph: %s; the plain graph serves CUDA too", name, e)
             skipped[name] = {"recipe": ORT_CUDA_RECIPE, "reason": str(e)[:500],
                              "onnxruntime": onnxruntime.__version__}
-            for p in tmp.iterdir():            # what the failed stage left (its work folder, its graph)
-                if p.name.startswith(f"{name}.ort-cuda"):
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            for p in (p for p in tmp.iterdir() if p.name.startswith(f"{name}.ort-cuda")):   # what it left
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
     return done, skipped
 
 
