@@ -156,7 +156,7 @@ def cmd_gpu_check(args) -> int:
     opts = GpuCheckOptions(out=args.out, phases=phases, wheels=args.wheels, copy_to=args.copy_to, size=args.size,
                            device=args.device, batches=args.batches, steps=args.steps, guidance=args.guidance,
                            repeats=args.repeats, warmup=args.warmup, row_timeout_s=args.row_timeout,
-                           compile_mode=args.compile_mode)
+                           compile_mode=args.compile_mode, compile_batches=args.compile_batches)
     written = gpu_check(opts)
     statuses = {}
     for p in written:
@@ -315,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--warmup", type=WARMUP, default=1)
     r.add_argument("--row-timeout", type=SECONDS, default=540.0, help="seconds per row (partial results are kept)")
     r.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of the torch-compile row")
+    r.add_argument("--compile-batches", type=_ints, default=(1,),
+                   help="batches of the torch-compile row (default 1: each other batch is another compile)")
     r.set_defaults(func=cmd_gpu_check)
 
     r = sub.add_parser("wheels", help="download wheels for a Python 3.12 x86-64 GPU machine and pack them "

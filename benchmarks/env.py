@@ -96,6 +96,25 @@ def library_versions() -> dict:
     return out
 
 
+def onnxruntime_in_use() -> dict:
+    """The onnxruntime this process imports: version, file, and the package it came from (onnxruntime-gpu
+    or the CPU onnxruntime; both can be installed, in different folders, and only one is imported)."""
+    from importlib import metadata
+
+    import onnxruntime
+
+    here = Path(onnxruntime.__file__).resolve()
+    package = None
+    for d in ("onnxruntime-gpu", "onnxruntime"):
+        try:
+            if Path(metadata.distribution(d).locate_file("onnxruntime/__init__.py")).resolve() == here:
+                package = d
+                break
+        except metadata.PackageNotFoundError:
+            continue
+    return {"version": onnxruntime.__version__, "package": package, "file": str(here)}
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

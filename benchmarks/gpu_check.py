@@ -1,7 +1,8 @@
 """`python -m benchmarks gpu-check --out DIR`: everything a first GPU session should run, in phases.
 
     install     (with --wheels DIR, always first) add a folder of wheels from `benchmarks wheels` and
-                install the wheels it completes; `--phase install` does only that
+                install the wheels it completes; `--phase install` does only that. Pieces an
+                earlier folder brought, missing here (a fresh machine), fail it and stop the call
     probe       GPU name, compute capability, driver; library versions; where ONNX Runtime really runs;
                 whether TensorRT can run here and why not
     tests       the `gpu`-marked tests (simulated TensorRT engine on CuPy, ONNX Runtime CUDA parity), and
@@ -10,6 +11,7 @@
                 graphs of step_cfg and the VAE (`--ort-cuda`; cached under DIR/work)
     ort         ONNX Runtime CUDA step loop at full size: fused (`--ort-cuda`) or plain graph, CUDA graph
                 on/off, convolution search; per-step time; the VAE decode per variant, with a profile
+                (needs DIR/export.json from the export phase; so does row:ort)
     quant       int8 / FP8 (cc >= 8.9) step_cfg plans vs fp16: build time, plan size, inspector layer
                 precisions, per-step time, latent drift (benchmarks/gpu_quant.py; skipped, pending,
                 where TensorRT cannot run, e.g. TensorRT-RTX on an H100)
@@ -58,6 +60,9 @@ class GpuCheckOptions:
     row_timeout_s: float = 540.0
     tests_timeout_s: float = 480.0
     compile_mode: str = "max-autotune"
+    # row:torch-compile: batch 1 only unless asked (each new batch shape is another max-autotune compile of
+    # the UNet and the VAE, minutes each; the cold start with its compile is measured at batch 1)
+    compile_batches: tuple[int, ...] = (1,)
 
 
 def parse_phases(text: str) -> tuple[str, ...]:
@@ -212,7 +217,8 @@ def _junit_summary(path: Path) -> dict:
 
 def _run_options(opts: GpuCheckOptions, work: Path, backends=()):
     from .harness import RunOptions
-    return RunOptions(size=opts.size, backends=tuple(backends), batches=opts.batches, steps=opts.steps,
+    batches = opts.compile_batches if tuple(backends) == ("torch-compile",) else opts.batches
+    return RunOptions(size=opts.size, backends=tuple(backends), batches=batches, steps=opts.steps,
                       guidance=opts.guidance, repeats=opts.repeats, warmup=opts.warmup, device=opts.device,
                       precision="fp16" if opts.device == "cuda" else "fp32", cache_dir=str(work / "cache"),
                       compile_mode=opts.compile_mode, row_timeout_s=opts.row_timeout_s)
@@ -235,12 +241,26 @@ def phase_export(opts: GpuCheckOptions, work: Path) -> dict:
             "export_s": round(time.perf_counter() - t - t_model, 1), "precision": ro.precision,
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
             "stages_export_s": {k: v.get("export_s") for k, v in m["stages"].items()},
-            "ort_cuda": {k: {kk: v.get(kk) for kk in ("export_s", "fused", "source_validation")}
-                         for k, v in m.get("ort_cuda", {}).items()}}
+            "ort_cuda": {k: {kk: v.get(kk) for kk in ("export_s", "fused", "not_fused", "no_op_casts_removed",
+                                                     "source_validation")}
+                         for k, v in m.get("ort_cuda", {}).items()},
+            "ort_cuda_skipped": m.get("ort_cuda_skipped", {})}
+
+
+def _need_export(opts: GpuCheckOptions) -> None:
+    """The `ort` phase and `row:ort` measure DIR's export (the `export` phase, this call or an earlier
+    one): without a good one, fail at once instead of exporting for minutes inside the row."""
+    f = opts.out / "export.json"
+    status = json.loads(f.read_text()).get("status") if f.is_file() else None
+    if status != "ok":
+        why = "no export.json" if status is None else f"export.json says {status}"
+        raise RuntimeError(f"{opts.out}: {why}; run the export phase first (in a call sequence on a lent machine "
+                           "this means a fresh machine or a failed call 1: start again from call 1)")
 
 
 def phase_ort(opts: GpuCheckOptions, work: Path) -> dict:
     from .gpu_ort import measure_ort_loop, measure_vae_decode
+    _need_export(opts)
     ro = _run_options(opts, work)
     engines = Path(ro.cache_dir) / f"engines-{opts.size}-{ro.precision}"
     res = measure_ort_loop(engines, opts.steps, opts.guidance, batches=(1, 4), repeats=opts.repeats,
@@ -257,12 +277,42 @@ def phase_quant(opts: GpuCheckOptions, work: Path) -> dict:
 
 
 def phase_row(opts: GpuCheckOptions, work: Path, backend: str) -> dict:
-    """One harness row; the phase's status is the row's ("skipped" with its reason counts as done)."""
+    """One harness row; the phase's status is the row's ("skipped" with its reason counts as done).
+
+    `row:ort` runs with the plain graphs (ARC2FACE_ORT_FUSED=0) when this DIR's `ort` phase found that
+    the fused `--ort-cuda` graphs do not run here, or when the row itself fails in a fused graph (it is
+    then measured once more, plainly); `fused_graphs` in the result says which and why."""
+    from .gpu_ort import env_set
     from .harness import run
-    res = run(_run_options(opts, work, (backend,)), say=_say)
+    if backend == "ort":
+        _need_export(opts)
+    fused_off = _fused_failed_before(opts) if backend == "ort" else None
+    with env_set("ARC2FACE_ORT_FUSED", "0" if fused_off else None):
+        res = run(_run_options(opts, work, (backend,)), say=_say)
     row = res["rows"][0]
+    if backend == "ort" and not fused_off and row["status"] == "failed" and "ARC2FACE_ORT_FUSED=0" in str(row):
+        fused_off = f"the row failed in a fused graph: {row.get('reason', '')[:500]}"
+        _say(f"row:ort: {fused_off}; measuring it again with the plain graphs")
+        with env_set("ARC2FACE_ORT_FUSED", "0"):
+            res = run(_run_options(opts, work, (backend,)), say=_say)
+        row = res["rows"][0]
+    if backend == "ort":
+        res["fused_graphs"] = f"off: {fused_off}" if fused_off else "used where the folder has them"
     res["status"] = "ok" if row["status"] in ("ok", "skipped") else row["status"]
     return res
+
+
+def _fused_failed_before(opts: GpuCheckOptions) -> str | None:
+    """Why the fused graphs did not run in this DIR's `ort` phase (ort.json), or None."""
+    from .gpu_ort import fused_failed
+    f = opts.out / "ort.json"
+    if not f.is_file():
+        return None
+    doc = json.loads(f.read_text())
+    if doc.get("status") != "ok":
+        return None
+    why = fused_failed(doc)
+    return f"no fused step graph ran in the ort phase ({why[:500]})" if why else None
 
 
 def phase_report(opts: GpuCheckOptions, work: Path, written: list) -> dict:
@@ -278,7 +328,11 @@ def phase_report(opts: GpuCheckOptions, work: Path, written: list) -> dict:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     if docs:
         run = dict(docs[0])
+        for d in docs:                     # each row ran in its own call, maybe with other libraries
+            for r in d["rows"]:
+                r.setdefault("libraries", d.get("libraries"))
         run["rows"] = [r for d in docs for r in d["rows"]]
+        run["libraries"] = docs[-1].get("libraries")     # the last call's (the earlier ones are in the rows)
         for r in run["rows"]:
             r.pop("vs_diffusers", None)
         _add_baseline(run["rows"])
@@ -315,6 +369,10 @@ def gpu_check(opts: GpuCheckOptions) -> list[Path]:
                 prev = opts.out / "install.json"
                 if prev.is_file():
                     data["earlier"] = json.loads(prev.read_text())
+                if data.get("lost"):
+                    data["status"] = "failed"
+                    data["error"] = (f"fresh machine: pieces the earlier calls brought are gone ({', '.join(data['lost'])}); "
+                                     "the earlier calls' state (DIR/work) did not survive: start again from call 1")
             elif phase == "report":
                 data = phase_report(opts, work, written)
             elif phase.startswith("row:"):
@@ -329,4 +387,7 @@ def gpu_check(opts: GpuCheckOptions) -> list[Path]:
         name = {"report": "gpu-check-summary.json"}.get(phase, f"{phase.replace(':', '-')}.json")
         _write(opts, name, data, written)
         _say(f"phase {phase}: {data['status']} in {data['phase_wall_s']} s -> {opts.out / name}")
+        if phase == "install" and data.get("lost"):
+            _say(f"stopping: {data['error']}")
+            break
     return written

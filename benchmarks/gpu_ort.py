@@ -8,7 +8,11 @@ one host sync. Latents of each variant are compared with those of the plain grap
 graph (relative L2), so a variant that is fast but wrong shows.
 
 VAE decode: the plain and fused graphs under both convolution searches, with an ONNX Runtime profile
-(time per op type and per node) of the first variant.
+(time per op type and per node) of the first variant measured.
+
+A variant that cannot be opened, or that fails while it runs (a fused kernel refusing a shape, a CUDA
+graph capture error, out of memory), is recorded with its "error" and the next one runs; a CUDA graph
+ONNX Runtime refused at load is recorded as "cuda_graph_refused".
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .env import onnxruntime_in_use
 from .loop_timing import rel_l2, time_denoise_loop
 
 # name: (graph file of the stage, CUDA graph on, ARC2FACE_ORT_CONV_SEARCH)
@@ -34,16 +39,32 @@ REFERENCE = "plain"
 
 
 @contextlib.contextmanager
-def _conv_search(value: str):
-    old = os.environ.get("ARC2FACE_ORT_CONV_SEARCH")
-    os.environ["ARC2FACE_ORT_CONV_SEARCH"] = value
+def env_set(name: str, value: str | None):
+    """Set (or, for None, leave alone) one environment variable while the block runs; children inherit it."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("ARC2FACE_ORT_CONV_SEARCH", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["ARC2FACE_ORT_CONV_SEARCH"] = old
+            os.environ[name] = old
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).strip()[:500]}"
+
+
+def fused_failed(ort_json: dict) -> str | None:
+    """Why the fused graphs did not run in an `ort` phase result (every fused step variant has an error,
+    or none was measured), or None when one ran."""
+    fused = {k: v for k, v in (ort_json.get("variants") or {}).items() if k.startswith("fused")}
+    if any(v.get("batches") and "error" not in v for v in fused.values()):
+        return None
+    errors = [f"{k}: {v.get('error') or v.get('skipped') or 'not measured'}" for k, v in fused.items()]
+    return "; ".join(errors) or "no fused variant in the ort phase"
 
 
 def measure_ort_loop(engines: Path, steps: int, guidance: float, batches=(1, 4), repeats: int = 3,
@@ -58,7 +79,7 @@ def measure_ort_loop(engines: Path, steps: int, guidance: float, batches=(1, 4),
     rng = np.random.default_rng(0)
     cond_one = (rng.standard_normal((1, 77, 768)) * 0.5).astype(np.float32)
     out = {"engines": str(engines), "precision": m.get("precision"), "steps": steps, "guidance": guidance,
-           "variants": {}}
+           "onnxruntime": onnxruntime_in_use(), "variants": {}}
     latents = {}
     for name, (file, graph, search) in VARIANTS.items():
         path = engines / file.format(stage="step_cfg")
@@ -67,19 +88,23 @@ def measure_ort_loop(engines: Path, steps: int, guidance: float, batches=(1, 4),
             continue
         t = time.perf_counter()
         try:
-            with _conv_search(search):
+            with env_set("ARC2FACE_ORT_CONV_SEARCH", search):
                 sess = OrtStepSession(path, device=device, options=CudaLoopOptions(cuda_graph=graph))
         except EngineMismatchError as e:      # e.g. the fused graph where only the CPU provider runs
             out["variants"][name] = {"graph": path.name, "error": str(e)[:300]}
             continue
-        res = {"graph": path.name, "conv_search": search, "load_s": time.perf_counter() - t,
-               "providers": sess.providers, "cuda_graph": sess.cuda_graph, "batches": {}}
-        for b in batches:
-            lat, stats = time_denoise_loop(sess, sched, cond_one, b, guidance, repeats)
-            res["batches"][str(b)] = {**stats, "images_per_s_steps_only": b / stats["loop_median_s"]}
-            latents[(name, b)] = lat
-        sess.close()
-        out["variants"][name] = res
+        res = out["variants"][name] = {
+            "graph": path.name, "conv_search": search, "load_s": time.perf_counter() - t, "providers": sess.providers,
+            "cuda_graph": sess.cuda_graph, "cuda_graph_refused": sess.cuda_graph_refused, "batches": {}}
+        try:
+            for b in batches:
+                lat, stats = time_denoise_loop(sess, sched, cond_one, b, guidance, repeats)
+                res["batches"][str(b)] = {**stats, "images_per_s_steps_only": b / stats["loop_median_s"]}
+                latents[(name, b)] = lat
+        except Exception as e:  # noqa: BLE001 - a variant that fails at run time: recorded, the others still run
+            res["error"] = _error_text(e)
+        finally:
+            sess.close()
     for (name, b), lat in latents.items():
         ref = latents.get((REFERENCE, b))
         if ref is not None:
@@ -99,11 +124,9 @@ def measure_vae_decode(engines: Path, batches=(1,), repeats: int = 3, top: int =
     """The VAE decode on ONNX Runtime CUDA per variant (median of `repeats` warm runs, host latents to
     host pixels, through the backend's own session), and an ONNX Runtime profile of the first
     variant's runs summarised by op type and by node (where the time goes)."""
-    import json
-
     import onnxruntime as ort
 
-    from arc2face_rt.backends.ort import CPU_EP, CUDA_EP, OrtSession
+    from arc2face_rt.backends.ort import OrtSession
     from arc2face_rt.errors import EngineMismatchError
 
     out = {"variants": {}}
@@ -115,44 +138,54 @@ def measure_vae_decode(engines: Path, batches=(1,), repeats: int = 3, top: int =
             out["variants"][name] = {"skipped": f"{path.name} is not in the folder"}
             continue
         try:
-            with _conv_search(search):
+            with env_set("ARC2FACE_ORT_CONV_SEARCH", search):
                 sess = OrtSession(path, device=device)
         except EngineMismatchError as e:
             out["variants"][name] = {"graph": path.name, "error": str(e)[:300]}
             continue
-        res = {"graph": path.name, "conv_search": search, "providers": sess.providers, "batches": {}}
-        profile = None
-        if not profiled:                       # a second session of the same graph, with ORT's profiler
-            so = ort.SessionOptions()
-            so.log_severity_level = 3
-            so.enable_profiling = True
-            so.profile_file_prefix = str(engines.parent / "vae-profile")
-            with _conv_search(search):
-                providers = [(CUDA_EP, {"cudnn_conv_algo_search": search}), CPU_EP] if sess.on_gpu else [CPU_EP]
-                profile = ort.InferenceSession(str(path), so, providers=providers)
-        for b in batches:
-            lat = {"latents": rng.standard_normal((b, 4, 64, 64)).astype(np.float32)}
-            t = time.perf_counter()
-            sess.run(lat)
-            first = time.perf_counter() - t
-            times = []
-            for _ in range(repeats):
+        res = out["variants"][name] = {"graph": path.name, "conv_search": search, "providers": sess.providers,
+                                       "batches": {}}
+        try:
+            for b in batches:
+                lat = {"latents": rng.standard_normal((b, 4, 64, 64)).astype(np.float32)}
                 t = time.perf_counter()
                 sess.run(lat)
-                times.append(time.perf_counter() - t)
-            res["batches"][str(b)] = {"first_s": first, "median_s": statistics.median(times)}
-        if profile is not None:
-            lat = {"latents": rng.standard_normal((1, 4, 64, 64)).astype(np.float32)}
-            for _ in range(repeats + 1):
-                profile.run(None, lat)
-            trace = Path(profile.end_profiling())
-            res["profile_batch_1"] = _summarise_profile(json.loads(trace.read_text()), top)
-            trace.unlink()
-            del profile
-            profiled = True
-        sess.close()
-        out["variants"][name] = res
+                first = time.perf_counter() - t
+                times = []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    sess.run(lat)
+                    times.append(time.perf_counter() - t)
+                res["batches"][str(b)] = {"first_s": first, "median_s": statistics.median(times)}
+            if not profiled:                   # a second session of the same graph, with ORT's profiler
+                res["profile_batch_1"] = _profile(ort, path, search, sess.on_gpu, engines, rng, repeats, top)
+                profiled = True
+        except Exception as e:  # noqa: BLE001 - a variant that fails at run time: recorded, the others still run
+            res["error"] = _error_text(e)
+        finally:
+            sess.close()
     return out
+
+
+def _profile(ort, path: Path, search: str, on_gpu: bool, engines: Path, rng, repeats: int, top: int) -> dict:
+    import json
+
+    from arc2face_rt.backends.ort import CPU_EP, CUDA_EP
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.enable_profiling = True
+    so.profile_file_prefix = str(engines.parent / "vae-profile")
+    with env_set("ARC2FACE_ORT_CONV_SEARCH", search):
+        providers = [(CUDA_EP, {"cudnn_conv_algo_search": search}), CPU_EP] if on_gpu else [CPU_EP]
+        profile = ort.InferenceSession(str(path), so, providers=providers)
+    lat = {"latents": rng.standard_normal((1, 4, 64, 64)).astype(np.float32)}
+    for _ in range(repeats + 1):
+        profile.run(None, lat)
+    trace = Path(profile.end_profiling())
+    summary = _summarise_profile(json.loads(trace.read_text()), top)
+    trace.unlink()
+    return summary
 
 
 def _summarise_profile(events: list, top: int) -> dict:

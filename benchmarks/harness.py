@@ -208,6 +208,9 @@ def _run_child(cfg: dict, timeout: float | None) -> dict:
             row = json.loads(partial.read_text())
             row["reason"] = (f"stopped after {wall} s (--row-timeout)" if rc == "timeout"
                              else f"row process ended with {rc}: {tail[-500:]}") + "; partial measurements kept"
+            if row.get("under_way"):
+                row["stopped_during"] = row.pop("under_way")
+                row["reason"] += f"; it stopped during {row['stopped_during']}"
         else:
             row = {"status": "failed", "reason": f"row process ended with {rc} and no result: {tail}"}
         if row.get("status") == "failed" and "output_tail" not in row:
@@ -339,11 +342,17 @@ def measure_row(cfg: dict, save=None) -> dict:
         if cfg.get("prepare_only"):      # OpenVINO: compile into the cache, then stop
             runner.close()
             return {"status": "ok", "load_s": row["load_s"], "peak_rss_mb": env.rss_high_water_mb()}
+        # what is under way is saved before each long part: a row stopped there says where (for
+        # torch.compile, a stop in the first image means the compile itself took longer than the budget)
+        row["under_way"] = "the first image (cold start: torch.compile compiles here)"
+        checkpoint()
         first = runner.generate(1)
         row.update(cold_start_s=time.perf_counter() - t0, image_shape=list(first.shape),
                    image_mean=float(first.astype("float64").mean()))
         checkpoint()
         for b in [1] + [b for b in cfg["batches"] if b != 1]:       # batch 1: warm latency (after the cold run)
+            row["under_way"] = f"the timed runs at batch {b}"
+            checkpoint()
             if b != 1:
                 _times(lambda: runner.generate(b), runner.sync, warmup)
             ts = _times(lambda: runner.generate(b), runner.sync, repeats)
@@ -353,6 +362,7 @@ def measure_row(cfg: dict, save=None) -> dict:
             if b == 1:
                 row["latency_s"] = {"median": _median(ts), "min": min(ts), "max": max(ts), "runs": ts}
             checkpoint()
+        row["under_way"] = "the per-stage timings"
         for name, fn in runner.stages().items():
             _times(fn, runner.sync, warmup if name in ("detect", "embed", "step") else 0)
             row["stages_s"][name] = _median(_times(fn, runner.sync, repeats))
@@ -360,6 +370,7 @@ def measure_row(cfg: dict, save=None) -> dict:
         row["info"] = runner.info()
         row["peak_torch_gpu_mib"] = runner.peak_torch_gpu_mib() if hasattr(runner, "peak_torch_gpu_mib") else None
     runner.close()
+    row.pop("under_way")
     row.update(status="ok", peak_rss_mb=env.rss_high_water_mb(), peak_gpu_mib=gpu.peak_mib)
     return row
 

@@ -122,6 +122,10 @@ class RuntimeRunner(Runner):
             info["providers"] = list(sess.providers)
             info["cuda_graph"] = bool(getattr(sess, "cuda_graph", False))
         info["graphs"] = {k: Path(s.path).name for k, s in self.pipe._sessions.items() if getattr(s, "path", None)}
+        if sess is not None and hasattr(sess, "providers"):      # an ONNX Runtime session: which onnxruntime ran it
+            from .env import onnxruntime_in_use
+            info["onnxruntime"] = onnxruntime_in_use()
+            info["cuda_graph_refused"] = getattr(sess, "cuda_graph_refused", None)
         ov = self.pipe.openvino
         if ov is not None:
             import openvino

@@ -5,13 +5,15 @@ x86-64 Linux, the packages `gpu-check` needs that a CUDA-13 PyTorch image lacks 
 onnxruntime-gpu, a CUDA 13 build that loads CUDA/cuDNN from the torch image's nvidia-* wheels), with
 `pip download --no-deps`. It then packs them into folders `.whl/call1`, `.whl/call2`, ... of at most
 `--max-mib` each: small wheels whole, a larger wheel cut into numbered pieces spread over folders.
-Each folder also holds `wheels.json` (every file's name, size, sha256 and pieces).
+Each folder also holds `wheels.json` (every file's name, size, sha256 and pieces, which folder brings
+each file, and its own folder number).
 
 There (offline):  `gpu-check --wheels .whl/callK` calls `install`: the folder's files are added to
 a stash that persists on that machine between calls, every wheel whose pieces are all there is
 reassembled and checked against its sha256, and complete wheels not yet installed are installed with
 `pip install --no-index --no-deps --target SITE`. Calls can come in any order; a wheel is installed
-by the call that completes it.
+by the call that completes it. A call that misses a piece an EARLIER folder brought is on a fresh
+machine (the stash is gone): `install` reports those pieces as "lost", and gpu-check stops there.
 """
 from __future__ import annotations
 
@@ -76,6 +78,7 @@ def pack(wheels: list[Path], out: Path, max_mib: float = 60.0) -> list[Path]:
     for old in out.glob("call*"):
         shutil.rmtree(old)
     dirs = []
+    manifest["folders"] = {name: k for k, items_k in enumerate(folders, 1) for _, _, name, _ in items_k}
     for k, items_k in enumerate(folders, 1):
         d = out / f"call{k}"
         d.mkdir(parents=True)
@@ -86,7 +89,7 @@ def pack(wheels: list[Path], out: Path, max_mib: float = 60.0) -> list[Path]:
                 with open(src, "rb") as f:
                     f.seek(span[0])
                     (d / name).write_bytes(f.read(span[1] - span[0]))
-        (d / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (d / MANIFEST).write_text(json.dumps({**manifest, "folder": k}, indent=1))
         dirs.append(d)
     return dirs
 
@@ -94,7 +97,10 @@ def pack(wheels: list[Path], out: Path, max_mib: float = 60.0) -> list[Path]:
 def install(source: Path, stash: Path, site: Path) -> dict:
     """Add `source`'s files to `stash`, reassemble complete wheels, install new ones into `site`.
 
-    Returns {"installed": [...], "already": [...], "waiting": {wheel: missing pieces}}."""
+    Returns {"installed": [...], "already": [...], "waiting": {wheel: missing pieces}}, and "lost": the
+    missing pieces that an EARLIER folder brought (folder numbers from `pack`): not in the stash, so
+    this machine is not the one the earlier calls ran on (or one of them was skipped), and the wheel
+    they belong to can never be completed by the later folders."""
     stash.mkdir(parents=True, exist_ok=True)
     site.mkdir(parents=True, exist_ok=True)
     for f in source.iterdir():
@@ -126,4 +132,8 @@ def install(source: Path, stash: Path, site: Path) -> dict:
         for p in entry["pieces"]:                      # the wheel is installed: free the disk
             (stash / p).unlink(missing_ok=True)
     done_file.write_text(json.dumps(sorted(done)))
+    here, where = manifest.get("folder"), manifest.get("folders", {})
+    if here is not None:
+        report["lost"] = sorted(p for missing in report["waiting"].values() for p in missing
+                                if where.get(p, here) < here)
     return report

@@ -53,6 +53,9 @@ def test_smoke_measures_ort_torch_diffusers(smoke):
         assert r["floor"]["latency_ratio"] > 0 and r["floor"]["latency_floor_s"] > 0
         assert r["vs_diffusers"]["latency_speedup"] > 0
     assert rows["ort"]["stages_s"]["step"] > 0 and rows["torch"]["stages_s"]["step"] > 0
+    import onnxruntime                 # the onnxruntime that ran the row, not just one that is installed
+    ran = rows["ort"]["info"]["onnxruntime"]
+    assert ran["version"] == onnxruntime.__version__ and ran["package"] in ("onnxruntime", "onnxruntime-gpu")
     assert rows["diffusers"]["vs_diffusers"]["latency_speedup"] == pytest.approx(1.0)
     # same identity, same noise: every row makes the same image up to rounding
     means = [rows[n]["image_mean"] for n in ("ort", "torch", "diffusers")]

@@ -131,7 +131,7 @@ def test_nvidia_libraries_are_linked_next_to_an_onnxruntime_installed_apart(tmp_
     assert _link_nvidia_libraries(site) == []                         # idempotent
 
 
-def test_the_ort_phase_measures_every_variant_it_can_open(tmp_path):
+def test_the_ort_phase_measures_every_variant_it_can_open(tmp_path, monkeypatch):
     """gpu-check's `ort` phase code on the CPU provider: plain variants measured and agreeing, the
     fused graphs (CUDA-only kernels) recorded as errors instead of ending the phase."""
     from arc2face_export.onnx_export import export_all
@@ -146,9 +146,33 @@ def test_the_ort_phase_measures_every_variant_it_can_open(tmp_path):
     assert "error" in loop["variants"]["fused+graph"]
     plain = loop["variants"]["plain+graph"]
     assert plain["cuda_graph"] is False and plain["batches"]["1"]["rel_l2_vs_plain"] == 0.0
+    assert plain["cuda_graph_refused"] is None and loop["onnxruntime"]["version"]
     vae = measure_vae_decode(engines, batches=(1,), repeats=1, device="cpu")
     assert "error" in vae["variants"]["fused"]
     assert vae["variants"]["plain"]["profile_batch_1"]["ms_by_op"]
+
+    # a variant that opens and then fails while it runs is recorded; the others are still measured
+    import benchmarks.gpu_ort as gpu_ort
+    from arc2face_rt.backends.ort import OrtSession
+    real_loop, real_run, calls = gpu_ort.time_denoise_loop, OrtSession.run, []
+
+    def first_fails(real):
+        def f(*a, **k):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : simulated kernel refusal")
+            return real(*a, **k)
+        return f
+    monkeypatch.setattr(gpu_ort, "time_denoise_loop", first_fails(real_loop))
+    loop = measure_ort_loop(engines, steps=3, guidance=3.0, batches=(1,), repeats=1, device="cpu")
+    assert "simulated kernel refusal" in loop["variants"]["plain+graph"]["error"]
+    assert loop["variants"]["plain"]["batches"]["1"]["loop_median_s"] > 0
+    assert loop["variants"]["plain+graph+exhaustive"]["batches"]["1"]["rel_l2_vs_plain"] == 0.0
+    calls.clear()
+    monkeypatch.setattr(OrtSession, "run", first_fails(real_run))
+    vae = measure_vae_decode(engines, batches=(1,), repeats=1, device="cpu")
+    assert "simulated kernel refusal" in vae["variants"]["plain"]["error"]
+    assert vae["variants"]["plain+exhaustive"]["profile_batch_1"]["ms_by_op"]
 
 
 def test_the_quant_phase_times_fp8_at_quant_level_2_as_well(monkeypatch, tmp_path):
@@ -240,3 +264,104 @@ def test_source_digest_names_the_commit_whatever_git_says(monkeypatch, tmp_path)
     assert env.source_digest("HEAD") == env.source_digest() and env.source_digest("HEAD~1") == first
     assert env.git_commit()["source_sha256"] == env.source_digest()
     assert env.source_digest("no-such-commit") is None
+
+
+@pytest.fixture
+def isolated_gpu_check(monkeypatch):
+    """gpu_check() in this process: what it puts on the path and in the environment is undone after."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in ("PYTHONPATH", "TORCHINDUCTOR_CACHE_DIR", "PYTHONUNBUFFERED", "ARC2FACE_ORT_FUSED"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+        if name == "ARC2FACE_ORT_FUSED":
+            monkeypatch.delenv(name)
+
+
+def test_a_fresh_machine_in_a_later_call_stops_at_install(tmp_path, isolated_gpu_check):
+    """Call 2 on a machine that did not run call 1: the stash lacks call 1's pieces, which no later
+    folder brings, so gpu-check says so and runs nothing else."""
+    from benchmarks.gpu_check import GpuCheckOptions, gpu_check
+    from benchmarks.wheels import install, pack
+
+    folders = pack([_wheel(tmp_path / "tinypkg-1.0-py3-none-any.whl", 600_000)], tmp_path / "whl", max_mib=0.25)
+    assert install(folders[0], tmp_path / "s1", tmp_path / "site1")["lost"] == []        # call 1: waits, nothing lost
+    later = install(folders[1], tmp_path / "s2", tmp_path / "site2")
+    assert later["lost"] and all(p in json.loads((folders[0] / "wheels.json").read_text())["folders"]
+                                 for p in later["lost"])
+    out = tmp_path / "gc"
+    written = gpu_check(GpuCheckOptions(out=out, phases=("probe", "row:ort"), wheels=folders[1], size="tiny"))
+    assert [p.name for p in written] == ["install.json"]
+    inst = json.loads((out / "install.json").read_text())
+    assert inst["status"] == "failed" and "fresh machine" in inst["error"] and "call 1" in inst["error"]
+
+
+def test_ort_phases_without_an_export_fail_at_once(tmp_path, isolated_gpu_check):
+    from benchmarks.gpu_check import GpuCheckOptions, gpu_check
+
+    out = tmp_path / "gc"
+    gpu_check(GpuCheckOptions(out=out, phases=("ort", "row:ort"), size="tiny"))
+    for name in ("ort.json", "row-ort.json"):
+        doc = json.loads((out / name).read_text())
+        assert doc["status"] == "failed" and "no export.json" in doc["error"] and doc["phase_wall_s"] < 30
+    assert not (out / "work" / "cache").exists()                   # nothing was exported inside the row
+
+
+def test_row_ort_uses_the_plain_graphs_when_the_fused_ones_failed(tmp_path, monkeypatch, isolated_gpu_check):
+    import benchmarks.harness as harness
+    from benchmarks.gpu_check import GpuCheckOptions, phase_row
+
+    out = tmp_path / "gc"
+    out.mkdir()
+    (out / "export.json").write_text(json.dumps({"status": "ok"}))
+    seen, rows = [], []
+
+    def run(opts, say=print):
+        seen.append(os.environ.get("ARC2FACE_ORT_FUSED"))
+        return {"rows": [rows.pop(0)], "libraries": {}}
+    monkeypatch.setattr(harness, "run", run)
+    opts = GpuCheckOptions(out=out, size="tiny")
+    # the row fails in a fused graph: measured again with ARC2FACE_ORT_FUSED=0
+    rows[:] = [{"status": "failed", "reason": "EngineMismatchError: step_cfg.ort-cuda.onnx: ... set "
+                "ARC2FACE_ORT_FUSED=0 to use the plain graphs"}, {"status": "ok"}]
+    res = phase_row(opts, out / "work", "ort")
+    assert seen == [None, "0"] and res["status"] == "ok" and res["fused_graphs"].startswith("off: the row failed")
+    # the ort phase already found them failing: plain from the start
+    (out / "ort.json").write_text(json.dumps({"status": "ok", "variants": {
+        "fused+graph": {"error": "INVALID_ARGUMENT x"}, "fused": {"error": "INVALID_ARGUMENT y"},
+        "plain": {"batches": {"1": {}}}}}))
+    seen.clear()
+    rows[:] = [{"status": "ok"}]
+    res = phase_row(opts, out / "work", "ort")
+    assert seen == ["0"] and "INVALID_ARGUMENT y" in res["fused_graphs"]
+    assert "ARC2FACE_ORT_FUSED" not in os.environ
+
+
+def test_the_merged_run_keeps_each_rows_libraries(tmp_path):
+    from benchmarks.gpu_check import GpuCheckOptions, phase_report
+
+    out = tmp_path / "gc"
+    out.mkdir()
+    for backend, ort_version in (("diffusers", "1.30.0 (onnxruntime)"), ("ort", "1.31.1 (onnxruntime-gpu)")):
+        (out / f"row-{backend}.json").write_text(json.dumps({
+            "schema": 1, "kind": "run", "libraries": {"onnxruntime": ort_version}, "options": {"size": "tiny"},
+            "device_kind": "cuda", "machine": {}, "rows": [{"backend": backend, "status": "skipped", "reason": "x"}]}))
+    summary = phase_report(GpuCheckOptions(out=out, size="tiny"), out / "work", [])
+    run = json.loads((out / summary["run"]).read_text())
+    rows = {r["backend"]: r for r in run["rows"]}
+    assert rows["ort"]["libraries"]["onnxruntime"] == "1.31.1 (onnxruntime-gpu)"
+    assert rows["diffusers"]["libraries"]["onnxruntime"] == "1.30.0 (onnxruntime)"
+    assert run["libraries"]["onnxruntime"] == "1.31.1 (onnxruntime-gpu)"
+
+
+class _ColdRunner(_SlowRunner):
+    def generate(self, batch):
+        raise TimeoutError("still compiling")
+
+
+def test_a_row_stopped_in_its_cold_start_keeps_its_load_time_and_says_where(monkeypatch, tmp_path):
+    from benchmarks import harness, runners
+
+    monkeypatch.setitem(runners.RUNNERS, "cold", _ColdRunner)
+    (tmp_path / "config.json").write_text(json.dumps({"backend": "cold", "repeats": 1, "warmup": 0, "batches": [1]}))
+    assert harness.row_main(tmp_path / "config.json", tmp_path / "row.json") == 1
+    partial = json.loads((tmp_path / "row.json").read_text())["partial"]
+    assert partial["load_s"] is not None and "first image" in partial["under_way"]

@@ -43,6 +43,7 @@ def _generate(engines, device, n=4, steps=6, batch=2):
         res = pipe.generate(random_identity(3), n, opts)
         kinds = {k: (type(s).__name__, s.on_gpu, getattr(s, "cuda_graph", None)) for k, s in pipe._sessions.items()}
         kinds["files"] = {k: s.path.name for k, s in pipe._sessions.items()}
+        kinds["cuda_graph_refused"] = {k: getattr(s, "cuda_graph_refused", None) for k, s in pipe._sessions.items()}
     return res.images, kinds
 
 
@@ -80,7 +81,7 @@ def test_ort_cuda_fused_graphs_run_with_a_cuda_graph_and_keep_40_db(fp32, fused,
     and of the plain fp16 graphs on the GPU."""
     cpu, _ = _generate(fp32, "cpu")
     gpu, kinds = _generate(fused, "cuda")
-    assert kinds["step_cfg"] == ("OrtStepSession", True, True)
+    assert kinds["step_cfg"] == ("OrtStepSession", True, True), kinds["cuda_graph_refused"]
     assert kinds["files"]["step_cfg"] == "step_cfg.ort-cuda.onnx"
     assert kinds["files"]["vae_decoder"] == "vae_decoder.ort-cuda.onnx"
     assert _psnr(gpu, cpu) >= 40.0

@@ -14,7 +14,8 @@ from onnx import TensorProto
 
 from arc2face_export.cuda_placement import host_to_device_edges
 from arc2face_export.onnx_export import _export_one, _modules_for, example_inputs, export_all
-from arc2face_export.ort_cuda import ORT_CUDA_RECIPE, FusedGraphError, attention_for, check_loads, fuse_for_ort_cuda
+from arc2face_export.ort_cuda import (ORT_CUDA_RECIPE, FusedGraphError, attention_for, check_loads, fuse_for_ort_cuda,
+                                     remove_no_op_casts, unsupported_fusions)
 from arc2face_rt.errors import InvalidInputError
 from arc2face_rt.specs import STEP_CFG
 
@@ -124,3 +125,82 @@ def test_a_type_error_in_a_fused_graph_is_refused(tmp_path):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "bad.onnx"))
     with pytest.raises(FusedGraphError, match="bad.onnx"):
         check_loads(tmp_path / "bad.onnx")
+
+
+@pytest.mark.parametrize("stage", ["step_cfg", "vae_decoder"])
+def test_no_cast_feeds_an_nhwc_conv(fused, stage):
+    """The NhwcConv fusion puts a Cast(to=fp16) in front of every NhwcConv of an fp16 graph, which ONNX
+    Runtime 1.30's CPU provider mistypes while loading (check_loads fails there, so the graph would be
+    lost): the exporter removes these no-op casts."""
+    out, m = fused
+    g = onnx.load(str(out / m["ort_cuda"][stage]["file"])).graph
+    made_by = {o: n for n in g.node for o in n.output}
+    convs = [n for n in g.node if n.op_type == "NhwcConv"]
+    assert convs and m["ort_cuda"][stage]["no_op_casts_removed"] >= len(convs)
+    assert [n.name for n in convs if made_by.get(n.input[0]) is not None and made_by[n.input[0]].op_type == "Cast"] == []
+
+
+def test_a_cast_to_its_own_type_is_bypassed_and_nothing_else(tmp_path):
+    from onnx import helper
+
+    f16, f32 = TensorProto.FLOAT16, TensorProto.FLOAT
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0]),
+             helper.make_node("Cast", ["t"], ["t16"], to=f16),          # fp16 -> fp16: an identity
+             helper.make_node("Relu", ["t16"], ["r"]),
+             helper.make_node("Cast", ["z"], ["z16"], to=f16),          # fp32 -> fp16: kept
+             helper.make_node("Add", ["r", "z16"], ["s"]),
+             helper.make_node("Cast", ["s"], ["y"], to=f16)]            # a graph output: kept
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f16, [2, 3]),
+                                       helper.make_tensor_value_info("z", f32, [3, 2])],
+                          [helper.make_tensor_value_info("y", f16, [3, 2])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    feeds = {"x": np.arange(-3, 3, dtype=np.float16).reshape(2, 3), "z": np.ones((3, 2), np.float32)}
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert remove_no_op_casts(model.graph) == 1
+    assert [n.input[0] for n in model.graph.node if n.op_type == "Cast"] == ["z", "s"]
+    onnx.checker.check_model(model)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("stage", ["step_cfg", "step", "vae_decoder"])
+def test_fused_ops_keep_to_the_widths_their_cuda_kernels_take(fused, stage):
+    """BiasSplitGelu (2560/5120/10240), BiasAdd (320/640/1280) and GroupNorm (an even number of channels
+    per group) refuse other widths at run time on CUDA; the tiny model has some, so those places keep
+    their plain ops (recorded), and the other places are fused."""
+    from arc2face_export.ort_cuda import BIAS_ADD_WIDTHS, BIAS_SPLIT_GELU_WIDTHS
+
+    out, m = fused
+    g = onnx.load(str(out / m["ort_cuda"][stage]["file"])).graph
+    dims = {t.name: list(t.dims) for t in g.initializer}
+    for n in g.node:
+        if n.op_type == "BiasSplitGelu":
+            assert dims[n.input[1]][0] in BIAS_SPLIT_GELU_WIDTHS
+        elif n.op_type == "BiasAdd":
+            assert dims[n.input[1]][0] in BIAS_ADD_WIDTHS
+        elif n.op_type in ("GroupNorm", "SkipGroupNorm"):
+            groups = next(a.i for a in n.attribute if a.name == "groups")
+            assert (dims[n.input[1]][0] // groups) % 2 == 0
+    assert unsupported_fusions(g) == {}
+    rec = m["ort_cuda"][stage]
+    assert "GroupNorm" in rec["not_fused"] and rec["fused"].get("GroupNorm", 0) > 0    # left out only where refused
+    if stage != "vae_decoder":
+        assert "BiasSplitGelu" in rec["not_fused"]
+
+
+def test_a_fused_graph_that_fails_is_dropped_and_the_export_kept(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """A fused graph is an extra: one ONNX Runtime rejects is left out with a warning and a manifest
+    note, the plain graphs are written, and the folder then counts as up to date."""
+    import arc2face_export.onnx_export as onnx_export
+
+    def reject(path):
+        raise FusedGraphError(f"{path.name}: ONNX Runtime rejects the fused graph (simulated)")
+
+    monkeypatch.setattr(onnx_export, "check_loads", reject)
+    out = tmp_path / "e"
+    m = export_all(tiny_model_dir, out, precision="fp16", stages=("vae_decoder",), ort_cuda=True, validate=False)
+    assert m.get("ort_cuda") == {} and "simulated" in m["ort_cuda_skipped"]["vae_decoder"]["reason"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "vae_decoder.onnx"]
+    assert any("no ONNX Runtime CUDA graph" in r.getMessage() for r in caplog.records)
+    again = export_all(tiny_model_dir, out, precision="fp16", stages=("vae_decoder",), ort_cuda=True, validate=False)
+    assert again["created"] == m["created"]          # up to date: not exported again

@@ -32,7 +32,8 @@ from arc2face_ref.projector import Arc2FaceProjector, unconditional_embedding
 
 from .cuda_placement import host_to_device_edges
 from .validate import ValidationError, example_inputs, validate_stage as _validate  # noqa: F401 (re-exported)
-from .ort_cuda import ORT_CUDA_RECIPE, ORT_CUDA_STAGES, attention_for, check_loads, fuse_for_ort_cuda, ort_cuda_file
+from .ort_cuda import (ORT_CUDA_RECIPE, ORT_CUDA_STAGES, FusedGraphError, attention_for, check_loads, fuse_for_ort_cuda,
+                       ort_cuda_file)
 from .onnx_files import save_model
 from .engines_folder import KEPT_ALWAYS, foreign_entry, replaced_entries, swap_in
 
@@ -157,7 +158,8 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
             old = None
         if old and old.get("precision") == precision and old.get("source", {}).get("files") == source \
                 and old.get("lora") == lora_rec and all(n in old["stages"] for n in names) \
-                and all(old.get("ort_cuda", {}).get(n, {}).get("recipe") == ORT_CUDA_RECIPE for n in fused):
+                and all(ORT_CUDA_RECIPE in (old.get("ort_cuda", {}).get(n, {}).get("recipe"),
+                                            old.get("ort_cuda_skipped", {}).get(n, {}).get("recipe")) for n in fused):
             _check_up_to_date_files(out_dir, old, names)
             say(f"{out_dir}: up to date ({precision}), nothing to export")
             return old
@@ -192,8 +194,9 @@ def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp3
                 sources = {name: _export_ort_cuda_source(models, name, validate, tmp, say) for name in fused}
                 del models                     # the optimizer holds the whole graph, more than once
                 gc.collect()
-                manifest["ort_cuda"] = {name: _fuse_ort_cuda_stage(name, rec, tmp, out_dir, say)
-                                        for name, rec in sources.items()}
+                manifest["ort_cuda"], skipped = _fuse_ort_cuda_stages(sources, tmp, out_dir, say)
+                if skipped:
+                    manifest["ort_cuda_skipped"] = skipped
             mf.write_json_atomic(tmp / mf.MANIFEST, manifest)
             swap_in(out_dir, tmp, replaced)
         finally:
@@ -334,6 +337,25 @@ def _export_ort_cuda_source(models, name: str, validate: bool, tmp: Path, say) -
     del module
     rec["export_s"] = round(time.perf_counter() - ts, 2)
     return rec
+
+
+def _fuse_ort_cuda_stages(sources: dict, tmp: Path, out_dir: Path, say) -> tuple[dict, dict]:
+    """Fuse each source graph; returns (the `ort_cuda` records, the `ort_cuda_skipped` ones). A fused
+    graph is an extra: one that fails (FusedGraphError) is left out with a warning, the runtime uses the
+    plain graph, and the folder counts as up to date for the same recipe (`--force` tries again)."""
+    import onnxruntime
+
+    done, skipped = {}, {}
+    for name, rec in sources.items():
+        try:
+            done[name] = _fuse_ort_cuda_stage(name, rec, tmp, out_dir, say)
+        except FusedGraphError as e:
+            log.warning("[%s] no ONNX Runtime CUDA graph: %s; the plain graph serves CUDA too", name, e)
+            skipped[name] = {"recipe": ORT_CUDA_RECIPE, "reason": str(e)[:500],
+                             "onnxruntime": onnxruntime.__version__}
+            for p in (p for p in tmp.iterdir() if p.name.startswith(f"{name}.ort-cuda")):   # what it left
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return done, skipped
 
 
 def _fuse_ort_cuda_stage(name: str, rec: dict, tmp: Path, out_dir: Path, say) -> dict:

@@ -16,6 +16,7 @@ Layout (format 1):
       "openvino_int8": {"step_cfg" | "step": {"file": ..., "files": {...}, "source": {...}, ...}},  # NNCF IR
       "ort_cuda": {"step_cfg" | "step" | "vae_decoder": {"file": ..., "files": {...}, "fused": {...}, ...}},
                                                      # fp16 graphs with ONNX Runtime's CUDA fusions (onnx --ort-cuda)
+      "ort_cuda_skipped": {stage: {"recipe": n, "reason": str, "onnxruntime": version}},  # fused graphs left out
       "plans": {name: {"file", "sha256", "bytes", "library", "build", ...}},    # TensorRT (build-engines)
       "lora": {"file": name, "sha256": hex, "bytes": n, "scale": float}         # a LoRA fused before export
     }
@@ -80,7 +81,7 @@ def reexport_advice(engines_dir: str | Path, controlnet: bool = False) -> str:
     if _lora_ok(m.get("lora")):
         opts += f" --lora LORA --lora-scale {m['lora']['scale']:g}"
         notes.append(f"LORA: the LoRA it fused, {m['lora']['file']} (sha256 {m['lora']['sha256'][:12]}...)")
-    if isinstance(m.get("ort_cuda"), dict) and m["ort_cuda"]:
+    if any(isinstance(m.get(k), dict) and m[k] for k in ("ort_cuda", "ort_cuda_skipped")):
         opts += " --ort-cuda"
     if controlnet or any(isinstance(m.get(k), dict) and any(n in m[k] for n in CONTROL_STAGES)
                          for k in ("stages", "plans")):

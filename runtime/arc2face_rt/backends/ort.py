@@ -136,9 +136,22 @@ class OrtSession:
         try:
             outs = self._sess.run(self.output_names, feeds, self._run_options)
         except Exception as e:
-            raise_if_out_of_memory(e, f"running {self.path.name}")
+            self._run_failed(e)
             raise
         return dict(zip(self.output_names, outs))
+
+    # True for a graph with ONNX Runtime's CUDA-only fusions that `open_session` opened instead of the plain one
+    fused_graph = False
+
+    def _run_failed(self, e: BaseException) -> None:
+        """A failed run: out of memory is a MemoryError; a fused graph that loads but fails to run (a
+        kernel refusing a shape, a CUDA graph capture error) is one line naming the way out, since the
+        plain graph is not tried behind the caller's back in the middle of a generation."""
+        raise_if_out_of_memory(e, f"running {self.path.name}")
+        if self.fused_graph:
+            raise EngineMismatchError(f"{self.path.name}: ONNX Runtime failed running this fused CUDA graph "
+                                      f"({_first_line(e)}); set ARC2FACE_ORT_FUSED=0 to use the plain graphs "
+                                      "(and please report it)") from e
 
     def close(self) -> None:
         self._sess = None
@@ -156,7 +169,8 @@ def open_session(path: str | Path, device: str = "auto", step: bool = False, thr
     device-resident loop, ONNX Runtime's CUDA graph); otherwise an `OrtSession`. On a CPU the plain
     host loop is as fast and reports progress per step. `cuda_path`: the stage's graph with ONNX
     Runtime's CUDA-only fused kernels, opened instead of `path` when the session runs on CUDA (a
-    graph this onnxruntime cannot load falls back to `path`, with a warning)."""
+    graph this onnxruntime cannot load falls back to `path`, with a warning; one that loads and then
+    fails to run is an EngineMismatchError naming ARC2FACE_ORT_FUSED=0, see OrtSession._run_failed)."""
     if cuda_path is not None and CUDA_EP in ort_providers(device):
         try:
             sess = open_session(cuda_path, device=device, step=step, threads=threads)
@@ -166,6 +180,7 @@ def open_session(path: str | Path, device: str = "auto", step: bool = False, thr
                         Path(cuda_path).name, why, Path(path).name)
         else:
             if sess.on_gpu:
+                sess.fused_graph = True
                 return sess
             sess.close()
     if step and CUDA_EP in ort_providers(device):

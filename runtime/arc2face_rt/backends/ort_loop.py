@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import specs
 from ..errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
-from .ort import CUDA_EP, OrtSession, ort_providers, raise_if_out_of_memory
+from .ort import CUDA_EP, OrtSession, ort_providers
 
 log = logging.getLogger("arc2face_rt.backends.ort")
 
@@ -132,7 +132,7 @@ class OrtStepSession(OrtSession):
     def __init__(self, path, device: str = "auto", threads: int | None = None,
                  options: CudaLoopOptions | None = None):
         opts = options or CudaLoopOptions.from_env()
-        stream = None
+        stream, refused = None, None
         if CUDA_EP in ort_providers(device) and cuda_loop_unavailable() is None:
             from . import cuda
             stream = cuda.create_stream(blocking=True)   # ordered with anything ORT puts on the default stream
@@ -143,6 +143,7 @@ class OrtStepSession(OrtSession):
                 if not (stream and opts.cuda_graph):
                     raise
                 log.warning("%s: no CUDA graph (%s); running the loop without one", path, e)
+                refused = str(e)[:500]
                 opts = CudaLoopOptions(cuda_graph=False)
                 super().__init__(path, device, threads, opts.provider_options(stream))
         except BaseException:
@@ -156,6 +157,8 @@ class OrtStepSession(OrtSession):
             stream = None
         self.options, self._stream = opts, stream
         self.cuda_graph = self.on_gpu and opts.cuda_graph
+        # why ONNX Runtime refused to load the graph with a CUDA graph (the loop then runs without one)
+        self.cuda_graph_refused: str | None = refused
         self.device_type = "cuda" if self.on_gpu else "cpu"
         self.cfg = "guidance" in self.input_names
         self.control = "control" in self.input_names
@@ -223,7 +226,7 @@ class OrtStepSession(OrtSession):
             try:
                 self._sess.run_with_iobinding(b.binding, ro)
             except Exception as e:
-                raise_if_out_of_memory(e, f"running {self.path.name}")
+                self._run_failed(e)
                 raise
             c.copy(b.ptr("x"), b.ptr("x_out"), lat)
             c.copy(b.ptr("m_prev"), b.ptr("m0"), lat)
