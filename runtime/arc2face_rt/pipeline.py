@@ -226,7 +226,10 @@ class Arc2FacePipeline:
     def generate(self, identity: np.ndarray, num_images: int = 1, options: GenerationOptions = GenerationOptions(),
                  on_step: Callable[[int], None] | None = None, first_index: int = 0,
                  indices: Sequence[int] | None = None, control: Control | None = None) -> GenerationResult:
-        """Images of one identity ([512] ArcFace features, any norm): indices `first_index` ..
+        """Images of one identity ([512] ArcFace features, any norm: it is normalised from its float32
+        values, so a copy scaled by a power of two is the same identity, while another scale rounds
+        differently and is, bit for bit, another one: another fingerprint, pixels a grey level apart):
+        indices `first_index` ..
         `first_index + num_images - 1`, or exactly `indices`. Image i depends only on (identity,
         options, i, its control image), never on the batch size or on which other images are made with it.
         `control`: a pose condition (ControlNet step graphs), one image for all or one per index.
