@@ -56,7 +56,7 @@ def _dataset(pipe, engines: Path, out: Path, n: int, k: int, opts, fmt: str, mod
     config = WorkerConfig(out=out, spec=spec, engines=engines, backend="ort", device="cpu", models=models)
     t0 = _clocks()
     ids = random_identities(n, opts.seed)
-    open_output(out, spec, ids, pipe.engine_id, False, log=lambda m: None)
+    open_output(out, spec, ids, pipe.run_params(), False, log=lambda m: None)
     run_dataset(config, ids, list(range(spec.shards)), pipe=pipe, log=lambda m: None)
     return _since(t0)
 

@@ -131,7 +131,10 @@ class RuntimeRunner(Runner):
             import openvino
 
             heavy = "bf16" if ov.precision.heavy == "bf16" else "fp32"
-            info.update(openvino=openvino.get_version(), cpu=ov.isa.as_dict(), isa=ov.isa.summary(),
+            # `precision`: the --cpu-precision that ran (int8's float part is in stage_precisions; the PNGs'
+            # full label in `run`)
+            info.update(precision=ov.precision.name, run=self.pipe.run_params(),
+                        openvino=openvino.get_version(), cpu=ov.isa.as_dict(), isa=ov.isa.summary(),
                         compile_cache=str(ov.cache.folder) if ov.cache else None,
                         stage_precisions={"project": "fp32", "decode": heavy,
                                           "step": "int8" if ov.precision.int8_steps else heavy})

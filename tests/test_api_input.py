@@ -364,7 +364,7 @@ def test_a_range_longer_than_len_takes_is_refused_not_an_overflow(pipe):
 def test_guidance_of_any_real_type_is_checked_as_a_float():
     from fractions import Fraction
 
-    from arc2face_rt.pipeline import _checked
+    from arc2face_rt.pipeline import checked_options as _checked
 
     assert _checked(G(guidance=Fraction(3, 2))).guidance == 1.5
     with pytest.raises(InvalidInputError, match="--guidance"):

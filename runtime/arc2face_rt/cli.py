@@ -109,6 +109,7 @@ def cmd_generate(args) -> int:
         who = f"from {len(args.image)} photo path(s)"
     with Arc2FacePipeline(args.engines, backend=args.backend, device=args.device, verify=not args.no_verify,
                           cpu_precision=args.cpu_precision) as pipe:
+        run.check_resume(pipe, identity, opts, existing, control)   # a changed setting: refused before graphs load
         pipe.prepare(opts, control=control is not None)
         _stderr(f"arc2face-rt {__version__}: {args.num_images} image(s) of identity {who}, {opts.steps} "
                 f"{opts.scheduler} steps, guidance {opts.guidance}, backend {pipe.backend} ({pipe.precision}"

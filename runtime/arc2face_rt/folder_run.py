@@ -3,6 +3,7 @@ so that a resumed run gives the same bytes, stopped cleanly with everything fini
 
     run = FolderRun(out=Path("faces"), count=20, prefix="arc2face", resume=True)
     existing = run.check(seed=0)                 # before any model is loaded
+    run.check_resume(pipe, identity, options, existing)   # before pipe.prepare() opens the graphs
     summary = run.write(pipe, identity, options, existing, log=print)
 """
 from __future__ import annotations
@@ -81,6 +82,15 @@ class FolderRun:
                                     "another --out, --seed or --prefix")
         return existing
 
+    def check_resume(self, pipe, identity: np.ndarray, options, existing: dict[int, Path], control=None) -> set[int]:
+        """--resume: the indices among `existing` that are finished images of this run; an image made with
+        other parameters is refused. `pipe` need not have opened a graph (`Arc2FacePipeline.run_params`
+        is known before), so `generate` calls this before it loads anything, and `write` again after."""
+        if not self.resume:
+            return set()
+        kw = {} if control is None else {"control": control}
+        return plan_resume(existing, lambda i: pipe.image_params(options, i, identity, **kw))
+
     def write(self, pipe, identity: np.ndarray, options, existing: dict[int, Path],
               log: Callable[[str], None] = lambda m: print(m, file=sys.stderr), progress=None,
               control=None) -> RunSummary:
@@ -88,7 +98,7 @@ class FolderRun:
         `control`: the run's ControlNet condition (`control.Control`) or None.
         Raises OutputWriteError (naming what was kept) when the disk fills or a write fails."""
         kw = {} if control is None else {"control": control}
-        done = plan_resume(existing, lambda i: pipe.image_params(options, i, identity, **kw)) if self.resume else set()
+        done = self.check_resume(pipe, identity, options, existing, control)
         s = RunSummary(skipped=len(done))
         todo = self.count - len(done)
         runs = batches_to_run(self.count, options.batch_size, done)

@@ -9,7 +9,6 @@ loop below calls the step graph N times.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import __version__, checks, folder_setup
+from . import __version__, checks, folder_setup, provenance
 from .control import Control
 from .errors import EngineMismatchError, InvalidInputError, MissingWeightsError
 from .exits import check_interrupt
@@ -30,38 +29,12 @@ from .inputs import (IMAGE_BYTES, MAX_INDEX, index_bounds, index_count, max_imag
                      run_batches, run_items)
 from .integrity import verify_records
 from .manifest import load_manifest, record_files, reexport_advice, refused, resolve_inside, stage_file
-from .schedulers import SCHEDULERS, Schedule, make_schedule
-from .specs import (ALL_STAGES, CONTROL_STAGES, DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS,
-                    IMAGE_SIZE, PROJECTOR, STEP_STAGES, VAE_DECODER, step_stage)
+# re-exported: the options are part of the pipeline's public API (`options`)
+from .options import MAX_GUIDANCE, GenerationOptions, checked_options  # noqa: F401
+from .schedulers import Schedule, make_schedule
+from .specs import ALL_STAGES, CONTROL_STAGES, IMAGE_SIZE, PROJECTOR, STEP_STAGES, VAE_DECODER, step_stage
 
-MAX_GUIDANCE = 100.0        # CFG scales beyond this are a typo, not a setting (1e39 overflows float32)
 log = logging.getLogger("arc2face_rt")
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """What to generate; each field is one `arc2face-rt generate` flag."""
-    steps: int = DEFAULT_STEPS            # --steps: denoising steps
-    guidance: float = DEFAULT_GUIDANCE    # --guidance: CFG scale; <= 1 runs the no-CFG step graph
-    scheduler: str = DEFAULT_SCHEDULER    # --scheduler: dpmpp2m | ddim | euler | lcm
-    seed: int = 0                         # --seed: image i uses numpy default_rng([seed, i])
-    batch_size: int = DEFAULT_BATCH       # --batch: images per graph call (does not change the images)
-
-    def check(self) -> None:
-        for name in ("steps", "seed", "batch_size"):
-            checks.whole(getattr(self, name), f"GenerationOptions.{name}")
-        guidance = checks.real(self.guidance, "GenerationOptions.guidance")    # a float: Fraction, numpy too
-        if self.steps < 1:
-            raise InvalidInputError(f"--steps must be >= 1 (got {self.steps})")
-        if self.scheduler not in SCHEDULERS:
-            raise InvalidInputError(f"--scheduler must be one of {', '.join(SCHEDULERS)} (got {self.scheduler!r})")
-        if not np.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
-            raise InvalidInputError(f"--guidance must be a number in 0..{MAX_GUIDANCE:g} (got {self.guidance}; "
-                                    f"Arc2Face uses {DEFAULT_GUIDANCE}, and images saturate well below {MAX_GUIDANCE:g})")
-        if self.batch_size < 1:
-            raise InvalidInputError(f"--batch must be >= 1 (got {self.batch_size})")
-        if not 0 <= self.seed < 2**63:
-            raise InvalidInputError(f"--seed must be in 0..2**63-1 (got {self.seed})")
 
 
 @dataclass
@@ -98,22 +71,31 @@ class Arc2FacePipeline:
         self.openvino = None           # OpenVINO: the resolved --cpu-precision and compile cache
         if self.backend == "openvino":
             from .backends.openvino import OpenVinoStages
-            self.openvino = OpenVinoStages(self.engines_dir, self.manifest, cpu_precision, cache_key=self.engine_id,
-                                           verify=verify)
+            self.openvino = OpenVinoStages(self.engines_dir, self.manifest, cpu_precision, verify=verify,
+                                           cache_key=provenance.engine_id(self.manifest, ("stages",)))
         elif cpu_precision not in ("auto", "fp32"):
             raise InvalidInputError(f"--cpu-precision {cpu_precision} needs --backend openvino "
                                     f"(the {self.backend} backend runs the folder's {self.manifest.get('precision')} "
                                     "graphs); install it with `pip install 'arc2face-rt[openvino]'`")
-        # what every PNG records as `precision`: the compute precision of the denoiser
-        self.precision = self.openvino.precision.name if self.openvino else self.manifest.get("precision")
+        self._ort_gpu = self.backend == "ort" and folder_setup.ort_gpu_usable(device)   # predicted: CUDA wanted
+        self.precision = self.run_params()["precision"]     # the denoiser's compute precision (PNGs record it)
+
+    def run_params(self) -> dict:
+        """How this pipeline's pixels are made beyond the options (`provenance`: backend, precision, engine
+        id; ONNX Runtime on the GPU: device, fused graphs, TF32), recorded in every PNG. Known before any
+        graph is opened; with sessions open, where ONNX Runtime actually runs them."""
+        if self.backend != "ort":
+            return provenance.run_record(self.manifest, self.backend, self.openvino and self.openvino.precision)
+        fused_files = {str(resolve_inside(self.engines_dir, stage_file(r)))
+                       for r in self.manifest.get(provenance.ORT_CUDA, {}).values()}
+        on_gpu, fused = provenance.from_sessions(self._sessions, fused_files) if self._sessions else \
+            (self._ort_gpu, provenance.ort_fused_wanted(self.manifest))
+        return provenance.run_record(self.manifest, "ort", on_gpu=on_gpu, fused=fused)
 
     @property
     def engine_id(self) -> str:
-        """Short hash naming the exact graphs used (recorded in every PNG)."""
-        h = [r["sha256"] for section in ("stages", "ort_cuda") for s in self.manifest.get(section, {}).values()
-             for r in s["files"].values()]
-        import hashlib
-        return hashlib.sha256("".join(sorted(h)).encode()).hexdigest()[:16]
+        """Short hash naming the exact graphs this pipeline runs (recorded in every PNG; `provenance`)."""
+        return self.run_params()["engines"]
 
     @property
     def has_control(self) -> bool:
@@ -166,9 +148,8 @@ class Arc2FacePipeline:
     def _ort_cuda_path(self, name: str) -> Path | None:
         """The stage's graph with ONNX Runtime's CUDA fusions (`onnx --ort-cuda`), verified, or None
         (none in the folder, or ARC2FACE_ORT_FUSED=0); ONNX Runtime uses it only on a GPU."""
-        rec = self.manifest.get("ort_cuda", {}).get(name)
-        if rec is None or self.manifest.get("precision") != "fp16" or os.environ.get("ARC2FACE_ORT_FUSED", "1") == "0" \
-                or not folder_setup.ort_gpu_usable(self.device):
+        rec = self.manifest.get(provenance.ORT_CUDA, {}).get(name)
+        if rec is None or not provenance.ort_fused_wanted(self.manifest) or not self._ort_gpu:
             return None
         verify_records(self.engines_dir, record_files(rec), mode=self._verify_mode)
         return resolve_inside(self.engines_dir, stage_file(rec))
@@ -245,7 +226,10 @@ class Arc2FacePipeline:
     def generate(self, identity: np.ndarray, num_images: int = 1, options: GenerationOptions = GenerationOptions(),
                  on_step: Callable[[int], None] | None = None, first_index: int = 0,
                  indices: Sequence[int] | None = None, control: Control | None = None) -> GenerationResult:
-        """Images of one identity ([512] ArcFace features, any norm): indices `first_index` ..
+        """Images of one identity ([512] ArcFace features, any norm: it is normalised from its float32
+        values, so a copy scaled by a power of two is the same identity, while another scale rounds
+        differently and is, bit for bit, another one: another fingerprint, pixels a grey level apart):
+        indices `first_index` ..
         `first_index + num_images - 1`, or exactly `indices`. Image i depends only on (identity,
         options, i, its control image), never on the batch size or on which other images are made with it.
         `control`: a pose condition (ControlNet step graphs), one image for all or one per index.
@@ -266,7 +250,7 @@ class Arc2FacePipeline:
         different conditions), identity-major; all in memory, at most `max_images_in_memory()` (see
         `iter_many`, which takes the same arguments and streams). Each equals
         `generate(identities[j], indices=[i], options with seed seeds[j])`."""
-        options = _checked(options)
+        options = checked_options(options)
         ids, indices, _ = run_items(identities, num_images, kw.get("indices"), kw.get("seeds"), options.seed)
         total, limit = sum(index_count(idx) for idx in indices), max_images_in_memory()
         if total > limit:
@@ -294,7 +278,7 @@ class Arc2FacePipeline:
         Each identity is projected alone (batch 1): its condition has the same bytes as in `generate`.
         TensorRT (one identity per generator call) splits a batch where the identity changes.
         `control`: as in `generate`, by image index."""
-        options = _checked(options)
+        options = checked_options(options)
         ids, indices, seeds = run_items(identities, num_images, indices, seeds, options.seed)
         if control is not None:
             if not isinstance(control, Control):
@@ -367,8 +351,7 @@ class Arc2FacePipeline:
         if control is not None:
             p.update(control.params(index))
         p.pop("batch_size")
-        p.update(index=index, identity=identity_fingerprint(identity), backend=self.backend,
-                 precision=self.precision, engines=self.engine_id, arc2face_rt=__version__)
+        p.update(index=index, identity=identity_fingerprint(identity), **self.run_params(), arc2face_rt=__version__)
         if self.manifest.get("source", {}).get("random_weights"):
             p["random_weights"] = True
         return p
@@ -390,11 +373,3 @@ class Arc2FacePipeline:
     def __exit__(self, *exc):
         self.close()
 
-
-def _checked(options) -> GenerationOptions:
-    """`options` checked, with numpy scalars made Python numbers (what the PNGs record as JSON)."""
-    if not isinstance(options, GenerationOptions):
-        raise InvalidInputError(f"options must be a GenerationOptions, got {type(options).__name__}")
-    options.check()
-    return replace(options, steps=int(options.steps), guidance=float(options.guidance), seed=int(options.seed),
-                   batch_size=int(options.batch_size))

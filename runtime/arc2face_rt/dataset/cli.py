@@ -76,7 +76,7 @@ def add_dataset_parser(sub) -> None:
 def cmd_dataset(args) -> int:
     from ..pipeline import Arc2FacePipeline
     from .identities import load_identities, random_identities
-    from .runner import open_output, run_dataset
+    from .runner import check_output, open_output, run_dataset
     from .worker import ShardWorker, WorkerConfig, open_face_models
 
     if args.ray:
@@ -98,10 +98,13 @@ def cmd_dataset(args) -> int:
     spec.check()
     if identities is None:
         identities = random_identities(args.identities, args.seed, args.max_id_similarity)
-    config = WorkerConfig(out=args.out, spec=spec, engines=args.engines, backend=args.backend, device=args.device,
-                          verify=not args.no_verify, cpu_precision=args.cpu_precision, models=args.models)
     with Arc2FacePipeline(args.engines, backend=args.backend, device=args.device, verify=not args.no_verify,
                           cpu_precision=args.cpu_precision) as pipe:
+        # a --resume with another setting (backend, precision, engines, options) is refused before graphs load
+        check_output(args.out, spec, identities, pipe.run_params(), args.resume)
+        config = WorkerConfig(out=args.out, spec=spec, engines=args.engines, backend=args.backend, device=args.device,
+                              verify=not args.no_verify, cpu_precision=args.cpu_precision, models=args.models,
+                              run=pipe.run_params() if args.ray else None)   # what each actor must match
         # everything that can refuse the command (engines, options, face models) before --out is touched
         if args.ray:
             pipe.schedule(opts.scheduler, opts.steps)     # the actors open the sessions
@@ -109,7 +112,7 @@ def cmd_dataset(args) -> int:
             worker = None
         else:
             worker = ShardWorker(config, identities, pipe=pipe)
-        done = open_output(args.out, spec, identities, pipe.engine_id, args.resume, _stderr)
+        done = open_output(args.out, spec, identities, pipe.run_params(), args.resume, _stderr)
         todo = [s for s in range(spec.shards) if s not in done]
         _stderr(f"arc2face-rt dataset: {spec.identities} identities x {spec.per_identity} images in {spec.shards} "
                 f"shard(s) of {spec.shard_size}, {len(done)} already committed; {opts.steps} {opts.scheduler} steps, "

@@ -2,7 +2,7 @@
 committed shards skipped on `--resume`, the rest made in-process or by Ray actors, and
 `summary.json` written from the shard manifests.
 
-Layout of DIR: dataset.json (spec + engines id), identities.npy [N, 512], shards/shard-NNNNNN.json
+Layout of DIR: dataset.json (spec + backend, precision, engines id), identities.npy [N, 512], shards/shard-NNNNNN.json
 (one per committed shard: every image's identity, index, similarity, kept, file), the images
 (`id_NNNNNN/IIII.png`, or `shard-NNNNNN.tar`), summary.json (counts, similarity statistics, throughput).
 """
@@ -52,25 +52,46 @@ def _first_difference(got, want, where: str = "") -> str | None:
     return None if got == want else f"{where}: {got!r} there, {want!r} now"
 
 
-def open_output(out: Path, spec: DatasetSpec, identities: np.ndarray, engine_id: str, resume: bool,
+def dataset_record(spec: DatasetSpec, run: dict) -> dict:
+    """What dataset.json holds: the spec and how the pixels are made (`Arc2FacePipeline.run_params`:
+    backend, precision, engine id and, ONNX Runtime on a GPU, device, fused graphs, TF32)."""
+    return {"format": DATASET_FORMAT, "format_version": 1, "spec": spec.to_json(), **run}
+
+
+def check_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict, resume: bool) -> None:
+    """Refuse what `open_output` would refuse about a dataset already in `out`, reading only: `dataset`
+    calls it before any graph is opened. A dataset.json from before backend and precision were recorded
+    is refused with the fields to add once its images (`read_params`) show they match."""
+    check_output_dir(out)
+    meta, ids_file = out / DATASET_FILE, out / IDENTITIES_FILE
+    if not meta.exists():
+        return
+    if not resume:
+        raise OutputExistsError(f"{out}: holds a dataset already; pass --resume to finish it, or choose another --out")
+    record, there = dataset_record(spec, run), _read_json(meta, "dataset description")
+    if "backend" not in there:
+        fields = ", ".join(f'"{k}": {json.dumps(v)}' for k, v in run.items() if k != "engines")
+        raise InvalidInputError(f"{meta}: does not record the backend and precision its images were made with (an "
+                                f"older arc2face-rt); if its images record the same as this run (read_params: "
+                                f"{fields}), add these fields to it and --resume again; otherwise use another --out")
+    diff = _first_difference(there, record)
+    if diff:
+        raise InvalidInputError(f"{meta}: this dataset was made with other settings ({diff}); --resume only "
+                                "continues the same run: use the same flags, engines and machine kind, or another --out")
+    if ids_file.exists() and not np.array_equal(read_npy(ids_file, identities.nbytes + 4096), identities):
+        raise InvalidInputError(f"{ids_file}: other identities than this run's; --resume only continues "
+                                "the same run: use the same --identities and --seed (or --identities-from "
+                                "file), or another --out")
+
+
+def open_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict, resume: bool,
                 log: Callable[[str], None]) -> set[int]:
     """Claim `out` for this dataset (or check that it holds this very dataset, with --resume) and
-    return the shards already committed. Every check comes before the first write: a refused
-    command leaves `out` as it was (absent if it was absent)."""
-    check_output_dir(out)
-    record = {"format": DATASET_FORMAT, "format_version": 1, "spec": spec.to_json(), "engines": engine_id}
+    return the shards already committed. `run`: `Arc2FacePipeline.run_params()`. Every check comes
+    before the first write: a refused command leaves `out` as it was (absent if it was absent)."""
+    check_output(out, spec, identities, run, resume)
     meta, ids_file = out / DATASET_FILE, out / IDENTITIES_FILE
     if meta.exists():
-        if not resume:
-            raise OutputExistsError(f"{out}: holds a dataset already; pass --resume to finish it, or choose another --out")
-        diff = _first_difference(_read_json(meta, "dataset description"), record)
-        if diff:
-            raise InvalidInputError(f"{meta}: this dataset was made with other settings ({diff}); --resume only "
-                                    "continues the same run: use the same flags and engines, or another --out")
-        if ids_file.exists() and not np.array_equal(read_npy(ids_file, identities.nbytes + 4096), identities):
-            raise InvalidInputError(f"{ids_file}: other identities than this run's; --resume only continues "
-                                    "the same run: use the same --identities and --seed (or --identities-from "
-                                    "file), or another --out")
         done = committed_shards(out, spec)
         if not ids_file.exists():
             save_npy_atomic(ids_file, identities)
@@ -80,7 +101,7 @@ def open_output(out: Path, spec: DatasetSpec, identities: np.ndarray, engine_id:
                                     "empty folder")
         done = set()
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(meta, json.dumps(record, indent=1).encode())
+        atomic_write(meta, json.dumps(dataset_record(spec, run), indent=1).encode())
         save_npy_atomic(ids_file, identities)
     removed = remove_stale_temps(out) + remove_stale_temps(out / SHARDS_DIR)
     if removed:

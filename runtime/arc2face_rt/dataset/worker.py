@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ..atomic import atomic_write
-from ..errors import NoFaceError, OutputExistsError
+from ..errors import EngineMismatchError, NoFaceError, OutputExistsError
 from ..images import png_bytes
 from .identities import identity_seed
 from .spec import DatasetSpec, shard_name
@@ -41,6 +41,8 @@ class WorkerConfig:
     verify: bool = True
     cpu_precision: str = "auto"
     models: Path | None = None         # face models folder (scrfd_10g_bnkps.onnx, arcface.onnx)
+    run: dict | None = None            # the driver's `Arc2FacePipeline.run_params()`: a worker that would make
+                                       # other pixels (a Ray node whose CPU resolves another precision) refuses
 
 
 def manifest_path(out: Path, shard: int) -> Path:
@@ -68,6 +70,13 @@ class ShardWorker:
         self.pipe = pipe or Arc2FacePipeline(config.engines, backend=config.backend, device=config.device,
                                              verify=config.verify, cpu_precision=config.cpu_precision)
         self.pipe.prepare(config.spec.options)
+        mine = self.pipe.run_params()
+        if config.run is not None and mine != config.run:
+            diff = next(k for k in sorted(set(mine) | set(config.run)) if mine.get(k) != config.run.get(k))
+            raise EngineMismatchError(
+                f"{socket.gethostname()}: this worker would make other pixels than the dataset records ({diff}: "
+                f"{config.run.get(diff)!r} there, {mine.get(diff)!r} here); run every worker on the same kind of "
+                "machine, or pin the setting (--backend, --device, --cpu-precision)")
         self.face = open_face_models(config)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 

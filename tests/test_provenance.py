@@ -1,0 +1,183 @@
+"""Every setting that changes pixels is recorded in each PNG and in dataset.json, and `--resume` (generate
+and dataset) refuses a change of any of them before a graph is opened: the backend, the precision that
+actually runs (OpenVINO int8's float part, TensorRT's built plans), the engine id over every file the run
+loads (OpenVINO int8 IR, TensorRT plans, ONNX Runtime's fused graphs), ONNX Runtime's device and TF32."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from arc2face_rt import folder_setup, provenance
+from arc2face_rt.cli import main as rt_main
+from arc2face_rt.images import read_params
+from arc2face_rt.pipeline import Arc2FacePipeline, GenerationOptions, identity_fingerprint, random_identity
+
+openvino = pytest.importorskip("openvino")
+from arc2face_rt.backends import openvino as ov  # noqa: E402
+
+
+def _fake_int8(engines: Path, digest: str) -> None:
+    """An `openvino_int8` manifest section (never opened here: only recorded)."""
+    m = json.loads((engines / "manifest.json").read_text())
+    m["openvino_int8"] = {"step_cfg": {"file": "step_cfg.ov-int8.xml", "files": {
+        "step_cfg.ov-int8.xml": {"sha256": digest * 64, "bytes": 1}}}}
+    (engines / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.fixture
+def engines(tiny_engines, tmp_path):
+    d = tmp_path / "e"
+    shutil.copytree(tiny_engines, d, ignore=shutil.ignore_patterns("openvino_cache"))
+    return d
+
+
+def _isa(bf16: bool) -> ov.CpuIsa:
+    return ov.CpuIsa("test CPU", (), ("FP32", "INT8") + (("BF16",) if bf16 else ()))
+
+
+def test_requantised_openvino_int8_graphs_change_the_engine_id(engines, monkeypatch):
+    """Re-quantised int8 step graphs give another engine id; fp32 runs do not depend on the int8 section."""
+    monkeypatch.setattr(ov, "cpu_isa", lambda: _isa(True))
+    ids, fp32 = {}, {}
+    for digest in "ab":
+        _fake_int8(engines, digest)
+        with Arc2FacePipeline(engines, backend="openvino", cpu_precision="int8", verify=False) as p:
+            ids[digest] = p.engine_id
+        with Arc2FacePipeline(engines, backend="openvino", cpu_precision="fp32", verify=False) as p:
+            fp32[digest] = p.engine_id
+    assert ids["a"] != ids["b"] and fp32["a"] == fp32["b"] and ids["a"] != fp32["a"]
+
+
+@pytest.mark.parametrize("bf16,label", [(True, "int8 (bf16 float)"), (False, "int8 (fp32 float)")])
+def test_openvino_int8_records_the_float_precision_of_the_rest(engines, monkeypatch, bf16, label):
+    """int8 runs the VAE and the step graphs' float ops in bf16 where the CPU has it, else fp32: the two
+    give other pixels, so the PNGs record which."""
+    _fake_int8(engines, "a")
+    monkeypatch.setattr(ov, "cpu_isa", lambda: _isa(bf16))
+    with Arc2FacePipeline(engines, backend="openvino", cpu_precision="int8", verify=False) as p:
+        params = p.image_params(GenerationOptions(), 0, random_identity(1))
+    assert params["precision"] == label and params["backend"] == "openvino"
+
+
+def test_trt_records_built_plans_and_ort_gpu_records_device_fused_tf32(monkeypatch):
+    """GPU-only paths, through the record they make (no GPU here): TensorRT's precision is the plans'
+    built one and its id covers the plans; ONNX Runtime on CUDA records device, fused graphs and TF32."""
+    f = lambda d: {"file": "x", "files": {"x": {"sha256": d * 64, "bytes": 1}}}   # noqa: E731
+    m = {"precision": "fp16", "stages": {"step_cfg": f("1")}, "ort_cuda": {"step_cfg": f("2")},
+         "plans": {"step_cfg": {"file": "p", "sha256": "3" * 64, "bytes": 1, "build": {"precision": "int8"}}}}
+    trt = provenance.run_record(m, "trt")
+    assert trt["precision"] == "int8"
+    assert provenance.run_record({**m, "plans": {"step_cfg": {**m["plans"]["step_cfg"], "sha256": "4" * 64}}},
+                                 "trt")["engines"] != trt["engines"]
+    cpu, gpu = provenance.run_record(m, "ort"), provenance.run_record(m, "ort", on_gpu=True, fused=True)
+    assert "device" not in cpu and gpu["device"] == "cuda" and gpu["ort_graphs"] == "fused"
+    assert gpu["engines"] != cpu["engines"] == provenance.run_record(m, "ort", fused=True)["engines"]
+    monkeypatch.setenv("ARC2FACE_ORT_FUSED", "0")
+    assert "ort_graphs" not in provenance.run_record(m, "ort", on_gpu=True,
+                                                     fused=provenance.ort_fused_wanted(m))
+    monkeypatch.setenv("ARC2FACE_ORT_TF32", "1")
+    assert "tf32" not in gpu and provenance.run_record({**m, "precision": "fp32"}, "ort", on_gpu=True)["tf32"]
+
+
+def test_ort_records_the_predicted_gpu_before_loading(engines, monkeypatch):
+    monkeypatch.setattr(folder_setup, "ort_gpu_usable", lambda device: True)
+    monkeypatch.setenv("ARC2FACE_ORT_TF32", "1")
+    with Arc2FacePipeline(engines, backend="ort", verify=False) as p:     # tiny engines: fp32
+        params = p.image_params(GenerationOptions(), 0, random_identity(1))
+    assert params["device"] == "cuda" and params["tf32"] is True
+
+
+def _no_graphs(monkeypatch):
+    def refuse(self, name):
+        raise AssertionError(f"graph {name} opened before the --resume check")
+    monkeypatch.setattr(Arc2FacePipeline, "session", refuse)
+
+
+GEN = ["generate", "--random-id", "--seed", "7", "-n", "2", "--steps", "2", "--batch", "1"]
+
+
+@pytest.fixture(scope="module")
+def two_images(tiny_engines, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "r"
+    assert rt_main(GEN + ["--engines", str(tiny_engines), "--out", str(out), "--backend", "ort", "--device", "cpu"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("change", [["--guidance", "2.5"], ["--backend", "openvino", "--cpu-precision", "fp32"],
+                                    ["--steps", "3"], ["--scheduler", "ddim"]])
+def test_generate_resume_with_a_change_is_refused_before_graphs_open(tiny_engines, two_images, tmp_path, monkeypatch,
+                                                                     capsys, change):
+    out = tmp_path / "r"
+    shutil.copytree(two_images, out)
+    base = GEN + ["--engines", str(tiny_engines), "--out", str(out)]
+    (out / "arc2face_7_0001.png").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _no_graphs(monkeypatch)
+    argv = base + ["--backend", "ort", "--device", "cpu"] + change + ["--resume"]
+    capsys.readouterr()
+    assert rt_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "was made with other parameters" in err and "--resume only continues the same run" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+DS = ["dataset", "--identities", "2", "--per-identity", "1", "--steps", "1", "--shard-size", "1", "--seed", "5"]
+
+
+def test_dataset_resume_refuses_another_backend_or_precision(tiny_engines, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "d"
+    base = DS + ["--engines", str(tiny_engines), "--out", str(out)]
+    assert rt_main(base + ["--backend", "ort", "--device", "cpu"]) == 0
+    (out / "shards" / "shard-000001.json").unlink()           # = killed before shard 1 committed
+    _no_graphs(monkeypatch)
+    for change, key in ((["--backend", "openvino", "--cpu-precision", "fp32"], "backend"),
+                        (["--backend", "ort", "--guidance", "2"], "guidance")):
+        capsys.readouterr()
+        assert rt_main(base + change + ["--resume"]) == 2
+        err = capsys.readouterr().err
+        assert "made with other settings" in err and key in err, err
+    meta = json.loads((out / "dataset.json").read_text())
+    assert (meta["backend"], meta["precision"]) == ("ort", "fp32")
+    # a dataset.json from before backend and precision were recorded: refused, naming the fields to add
+    old = {k: v for k, v in meta.items() if k not in ("backend", "precision")}
+    (out / "dataset.json").write_text(json.dumps(old))
+    assert rt_main(base + ["--backend", "ort", "--device", "cpu", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert 'does not record the backend' in err and '"backend": "ort", "precision": "fp32"' in err, err
+
+
+def test_a_worker_that_would_make_other_pixels_refuses(tiny_engines, tmp_path):
+    """A Ray actor whose machine resolves another setup than the driver recorded refuses its shards."""
+    from arc2face_rt.dataset.spec import DatasetSpec
+    from arc2face_rt.dataset.worker import ShardWorker, WorkerConfig
+    from arc2face_rt.errors import EngineMismatchError
+
+    spec = DatasetSpec(identities=1, per_identity=1, options=GenerationOptions(steps=1, batch_size=1))
+    with Arc2FacePipeline(tiny_engines, backend="ort", device="cpu") as p:
+        run = {**p.run_params(), "precision": "bf16"}
+        config = WorkerConfig(out=tmp_path / "o", spec=spec, engines=tiny_engines, backend="ort", device="cpu", run=run)
+        with pytest.raises(EngineMismatchError, match="precision: 'bf16' there, 'fp32' here"):
+            ShardWorker(config, random_identity(1)[None], pipe=p)
+
+
+def test_a_scaled_identity_is_documented_as_another_identity():
+    """The identity is normalised from its float32 values: a power-of-two scale is exact (the same identity),
+    another scale rounds differently and is, bit for bit, another identity (as documented)."""
+    v = random_identity(7)
+    assert identity_fingerprint(v * 2) == identity_fingerprint(v) == identity_fingerprint(v[None] * 0.25)
+    assert identity_fingerprint((v * 5).astype(np.float32)) != identity_fingerprint(v)
+    assert "power of two" in Arc2FacePipeline.generate.__doc__
+
+
+def test_png_records_the_run(tiny_engines, tmp_path):
+    out = tmp_path / "p"
+    assert rt_main(GEN + ["--engines", str(tiny_engines), "--out", str(out), "--backend", "ort", "--device", "cpu",
+                          "-n", "1"]) == 0
+    p = read_params(out / "arc2face_7_0000.png")
+    with Arc2FacePipeline(tiny_engines, backend="ort", device="cpu") as pipe:
+        assert {k: p[k] for k in provenance.RUN_KEYS if k in p} == pipe.run_params()
+    assert "device" not in p          # ONNX Runtime on the CPU: as before, so older PNGs still resume
