@@ -77,13 +77,19 @@ def test_read_params_over_pillow_pixel_limit(tmp_path, monkeypatch):
 
 def test_folder_walk_reports_what_it_cannot_use(tmp_path, monkeypatch):
     """Every entry of a photo folder is used or comes back as a candidate whose check says why it is
-    skipped: symlinked subfolders are followed (once: a link loop ends), any suffix Pillow reads is taken."""
+    skipped: a symlinked subfolder is not followed but reported (as `**` patterns do not follow it), hidden
+    subfolders are walked as before, photo suffixes beyond the old list (.tga) are taken, video, data and
+    EPS files are left alone."""
     album, d = tmp_path / "album", tmp_path / "pl"
     album.mkdir(), d.mkdir()
     _png(album / "al.png")
     _png(d / "top.png")
     Image.new("RGB", (64, 64)).save(d / "x.tga")               # a format Pillow reads, not on an old list
-    (d / "notes.txt").write_text("not a photo")
+    for other in ("notes.txt", "clip.mpg", "data.h5", "logo.eps", "favicon.ico"):
+        (d / other).write_bytes(b"not a photo")
+    (d / ".thumbs").mkdir()
+    _png(d / ".thumbs" / "t.png")
+    _png(d / ".hidden.png")
     (d / "linked").symlink_to(album)
     (d / "up").symlink_to("..")                                 # a loop: the walk must end
     (d / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
@@ -102,14 +108,16 @@ def test_folder_walk_reports_what_it_cannot_use(tmp_path, monkeypatch):
 
     got = expand_paths([d], recursive=True)
     names = [p.relative_to(d).as_posix() for p in got]
-    assert "linked/al.png" in names and "x.tga" in names and "notes.txt" not in names
+    assert "x.tga" in names and ".thumbs/t.png" in names and "linked/al.png" not in names
+    assert not {"notes.txt", "clip.mpg", "data.h5", "logo.eps", "favicon.ico", ".hidden.png"} & set(names)
     reasons = {}
     for p in got:
         try:
             check_image_file(p)
         except (ImageDecodeError, InvalidInputError) as e:
             reasons[p.relative_to(d).as_posix()] = str(e)
-    assert set(reasons) == {"dangling.jpg", "loop1.png", "loop2.png", "pipe.png", "locked"}, reasons
+    assert set(reasons) == {"dangling.jpg", "loop1.png", "loop2.png", "pipe.png", "locked", "linked", "up"}, reasons
+    assert "symbolic link to a folder" in reasons["linked"] and "name the folder itself" in reasons["linked"]
     assert "link to nothing" in reasons["dangling.jpg"]
     assert "too many levels of symbolic links" in reasons["loop1.png"]
     assert "not a regular file" in reasons["pipe.png"]
@@ -150,6 +158,10 @@ def test_pillow_warnings_stay_quiet_and_eps_is_named(tmp_path):
     with pytest.raises(ImageDecodeError, match="EPS format.*Ghostscript") as e:
         load_image(tmp_path / "f.eps")
     assert "corrupt" not in str(e.value)
+    (tmp_path / "d.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)      # a stub format: no Ghostscript
+    with pytest.raises(ImageDecodeError, match="HDF5 format.*decoder plugin") as e:
+        load_image(tmp_path / "d.h5")
+    assert "Ghostscript" not in str(e.value)
 
 
 def test_score_table_with_non_utf8_name_under_strict_stdout(monkeypatch):

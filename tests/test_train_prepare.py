@@ -107,8 +107,10 @@ def test_prepare_refuses_other_inputs(tmp_path):
 
     paths = astronaut_variants(tmp_path / "photos", n=2)
     prepare([paths[0]], tmp_path / "data", _analyzer, shard_size=2)
-    with pytest.raises(InvalidInputError, match="another list of photos"):
+    with pytest.raises(InvalidInputError, match=f"another list of photos \\(1 then, 2 now: '{paths[1]}' is new\\)"):
         prepare(paths, tmp_path / "data", _analyzer, shard_size=2)
+    with pytest.raises(InvalidInputError, match=f"\\(1 then, 1 now: '{paths[0]}' is gone\\)"):
+        prepare([paths[1]], tmp_path / "data", _analyzer, shard_size=2)
     with pytest.raises(InvalidInputError, match="--shard-size 2"):
         prepare([paths[0]], tmp_path / "data", _analyzer, shard_size=3)
 

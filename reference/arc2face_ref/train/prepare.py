@@ -9,7 +9,8 @@ Work is split into numbered shards of `shard_size` input photos (img2dataset's s
 committed by writing `shard-k.tar` and then `shard-k.stats.json` (its counts and skipped photos), both
 atomically; a later run skips every shard whose stats file exists, so an interrupted run continues
 where it stopped and a finished one is a no-op, except that a shard is redone when a photo it skipped
-has changed since (its size or modification time; fixed, replaced or removed), so a fixed photo is used. `prepare.json` pins the input list and the shard size:
+has changed since (its size or modification time: fixed or replaced), so a fixed photo is used (a removed
+photo changes the input list, which is refused). `prepare.json` pins the input list and the shard size:
 a run with other photos into the same folder is refused. `skipped.txt` lists every skipped photo with
 its reason (photos with no usable face, unreadable files); they are skipped, never fatal. A file name
 that is not valid UTF-8 is written there as its own bytes.
@@ -75,8 +76,11 @@ def _plan(out: Path, files: list[Path], shard_size: int) -> dict | None:
         raise InvalidInputError(f"{out}: was prepared with --shard-size {old.get('shard_size')}; pass the same to "
                                 "continue, or use a new --out")
     if old.get("files") != plan["files"]:
-        raise InvalidInputError(f"{out}: was prepared from another list of photos ({len(old.get('files', []))} "
-                                f"then, {len(files)} now); pass the same --images to continue, or use a new --out")
+        then, now = old.get("files") or [], plan["files"]
+        gone, new = [f for f in then if f not in set(now)], [f for f in now if f not in set(then)]
+        which = (f"{gone[0]!r} is gone" if gone else f"{new[0]!r} is new") if gone or new else "their order differs"
+        raise InvalidInputError(f"{out}: was prepared from another list of photos ({len(then)} then, {len(now)} now: "
+                                f"{which}); pass the same --images with the same photos to continue, or use a new --out")
     return None
 
 

@@ -42,12 +42,21 @@ from ..errors import ImageDecodeError, InvalidInputError
 from ..exits import os_error_message
 
 
+# Still-image formats a folder walk takes (compared lower-case): the common photo formats, and others
+# Pillow decodes itself, without an external program. Video, data containers (HDF5, GRIB, ...), EPS
+# and icons are not photos: a folder walk leaves them alone. Files named explicitly, or matched by a
+# glob, are taken whatever their suffix: decoding decides.
+PHOTO_SUFFIXES = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".avif", ".avifs", ".qoi", ".tga", ".jp2", ".j2k", ".jpx", ".jpf",
+    ".pcx", ".sgi", ".ras"})
+
 
 @functools.cache
 def image_extensions() -> frozenset[str]:
-    """Suffixes a folder argument expands to (compared lower-case): every suffix Pillow registers for
-    reading. Files named explicitly, or matched by a glob, are taken whatever their suffix: decoding decides."""
-    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+    """The suffixes a folder argument expands to: `PHOTO_SUFFIXES` this Pillow can open."""
+    readable = {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    return frozenset(PHOTO_SUFFIXES & readable)
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,9 @@ def check_image_file(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -> 
     except OSError as e:
         raise ImageDecodeError(f"{path}: cannot be read ({os_error_message(e)})") from None
     if stat.S_ISDIR(st.st_mode):
+        if os.path.islink(path):
+            raise ImageDecodeError(f"{path}: is a symbolic link to a folder, which a folder walk does not follow; "
+                                   "name the folder itself to use its photos")
         try:
             os.scandir(path).close()
         except OSError as e:        # a folder walk lists a subfolder it cannot open as a file it skipped
@@ -157,9 +169,9 @@ def _decode(fp, name: str, limits: ImageLimits, pillow_rgb: bool = False) -> np.
         w, h = im.size
         fmt = im.format or "image"
         if fmt == "EPS" or isinstance(im, ImageFile.StubImageFile):   # Ghostscript, or a handler we never install
-            raise ImageDecodeError(f"{name}: is in the {fmt} format, which Pillow decodes only with an external program "
-                                   f"or handler (Ghostscript for EPS/PostScript) that arc2face-rt does not run; "
-                                   f"{_FIX_FORMAT}")
+            needs = "the external Ghostscript program" if fmt == "EPS" else "a decoder plugin Pillow does not ship"
+            raise ImageDecodeError(f"{name}: is in the {fmt} format, which Pillow decodes only with {needs}, and "
+                                   f"arc2face-rt does not use one; {_FIX_FORMAT}")
         if w * h > limits.max_pixels:
             raise ImageDecodeError(
                 f"{name}: {w}x{h} = {w * h / 1e6:.1f} MP exceeds the {limits.max_pixels / 1e6:.1f} MP limit; "
@@ -224,20 +236,16 @@ def _glob(pattern: str) -> list[Path]:
 
 
 def _walk(folder: Path, recursive: bool) -> list[Path]:
-    """The photo candidates of a folder: every entry, hidden names left out, whose suffix Pillow reads
-    (`image_extensions`), and with `recursive` those of its subfolders, symbolic links to folders
-    followed (each folder once, so a link loop ends). An entry that is no usable file (a dangling link,
-    a pipe, a link loop) and a subfolder that cannot be listed are candidates too: the per-file check
-    (`check_image_file`) then skips each with its reason, so nothing in the folder is silently lost."""
+    """The photo candidates of a folder: its files whose suffix is a photo format (`image_extensions`),
+    hidden names left out, and with `recursive` those of its subfolders (hidden ones too, as
+    `Path.rglob` walks them). Symbolic links to folders are not followed, as `**` patterns do not
+    follow them: with `recursive` each is a candidate that the per-file check skips with its reason.
+    So are entries that are no usable file (a dangling link, a link loop, a pipe with a photo suffix)
+    and subfolders that cannot be listed: nothing in the folder is silently lost."""
     found: list[Path] = []
-    seen: set[tuple[int, int]] = set()
 
     def visit(d: Path) -> None:
         try:
-            st = d.stat()
-            if (st.st_dev, st.st_ino) in seen:
-                return
-            seen.add((st.st_dev, st.st_ino))
             with os.scandir(d) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError:
@@ -246,16 +254,14 @@ def _walk(folder: Path, recursive: bool) -> list[Path]:
             found.append(d)
             return
         for e in entries:
-            if e.name.startswith("."):
-                continue
             try:
-                is_dir = e.is_dir()          # follows a symbolic link
-            except OSError:                  # a link loop, say: a candidate, its check says why
+                is_dir = e.is_dir()          # True for a link to a folder too
+            except OSError:                  # a link loop, say: a candidate if named as a photo
                 is_dir = False
             if is_dir:
                 if recursive:
-                    visit(d / e.name)
-            elif Path(e.name).suffix.lower() in image_extensions():
+                    found.append(d / e.name) if e.is_symlink() else visit(d / e.name)
+            elif not e.name.startswith(".") and Path(e.name).suffix.lower() in image_extensions():
                 found.append(d / e.name)
     visit(folder)
     return found
