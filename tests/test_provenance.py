@@ -16,8 +16,14 @@ from arc2face_rt.cli import main as rt_main
 from arc2face_rt.images import read_params
 from arc2face_rt.pipeline import Arc2FacePipeline, GenerationOptions, identity_fingerprint, random_identity
 
-openvino = pytest.importorskip("openvino")
-from arc2face_rt.backends import openvino as ov  # noqa: E402
+
+
+@pytest.fixture
+def ov():
+    """The OpenVINO backend module, for the tests that need OpenVINO (the others run without it)."""
+    pytest.importorskip("openvino")
+    from arc2face_rt.backends import openvino
+    return openvino
 
 
 def _fake_int8(engines: Path, digest: str) -> None:
@@ -35,13 +41,13 @@ def engines(tiny_engines, tmp_path):
     return d
 
 
-def _isa(bf16: bool) -> ov.CpuIsa:
+def _isa(ov, bf16: bool):
     return ov.CpuIsa("test CPU", (), ("FP32", "INT8") + (("BF16",) if bf16 else ()))
 
 
-def test_requantised_openvino_int8_graphs_change_the_engine_id(engines, monkeypatch):
+def test_requantised_openvino_int8_graphs_change_the_engine_id(engines, monkeypatch, ov):
     """Re-quantised int8 step graphs give another engine id; fp32 runs do not depend on the int8 section."""
-    monkeypatch.setattr(ov, "cpu_isa", lambda: _isa(True))
+    monkeypatch.setattr(ov, "cpu_isa", lambda: _isa(ov, True))
     ids, fp32 = {}, {}
     for digest in "ab":
         _fake_int8(engines, digest)
@@ -53,11 +59,11 @@ def test_requantised_openvino_int8_graphs_change_the_engine_id(engines, monkeypa
 
 
 @pytest.mark.parametrize("bf16,label", [(True, "int8 (bf16 float)"), (False, "int8 (fp32 float)")])
-def test_openvino_int8_records_the_float_precision_of_the_rest(engines, monkeypatch, bf16, label):
+def test_openvino_int8_records_the_float_precision_of_the_rest(engines, monkeypatch, ov, bf16, label):
     """int8 runs the VAE and the step graphs' float ops in bf16 where the CPU has it, else fp32: the two
     give other pixels, so the PNGs record which."""
     _fake_int8(engines, "a")
-    monkeypatch.setattr(ov, "cpu_isa", lambda: _isa(bf16))
+    monkeypatch.setattr(ov, "cpu_isa", lambda: _isa(ov, bf16))
     with Arc2FacePipeline(engines, backend="openvino", cpu_precision="int8", verify=False) as p:
         params = p.image_params(GenerationOptions(), 0, random_identity(1))
     assert params["precision"] == label and params["backend"] == "openvino"
@@ -81,6 +87,16 @@ def test_trt_records_built_plans_and_ort_gpu_records_device_fused_tf32(monkeypat
                                                      fused=provenance.ort_fused_wanted(m))
     monkeypatch.setenv("ARC2FACE_ORT_TF32", "1")
     assert "tf32" not in gpu and provenance.run_record({**m, "precision": "fp32"}, "ort", on_gpu=True)["tf32"]
+    # the face models' plans (build-engines adds them to `plans`) make no pixel: not in the id
+    face = {**m, "plans": {**m["plans"], "detector": f("5"), "arcface": f("6")}}
+    assert provenance.run_record(face, "trt")["engines"] == trt["engines"]
+
+
+def test_an_explicit_cuda_device_is_predicted_without_probing(engines, monkeypatch):
+    """`--device cuda` is taken at its word: a Ray head without a GPU records what its GPU actors make."""
+    monkeypatch.setattr(folder_setup, "ort_gpu_usable", lambda device: False)     # this machine: no GPU
+    with Arc2FacePipeline(engines, backend="ort", device="cuda", verify=False) as p:
+        assert p.run_params()["device"] == "cuda"
 
 
 def test_ort_records_the_predicted_gpu_before_loading(engines, monkeypatch):
@@ -148,6 +164,59 @@ def test_dataset_resume_refuses_another_backend_or_precision(tiny_engines, tmp_p
     assert rt_main(base + ["--backend", "ort", "--device", "cpu", "--resume"]) == 2
     err = capsys.readouterr().err
     assert 'does not record the backend' in err and '"backend": "ort", "precision": "fp32"' in err, err
+
+
+def _legacy_ort_cuda(engines: Path) -> str:
+    """Give a folder an `ort_cuda` section (never opened on the CPU) and return the engine id versions
+    before provenance recorded (sha over `stages` + `ort_cuda`, whatever ran)."""
+    m = json.loads((engines / "manifest.json").read_text())
+    m["ort_cuda"] = {"step_cfg": m["stages"]["step_cfg"]}
+    (engines / "manifest.json").write_text(json.dumps(m))
+    return provenance.engine_id(m, ("stages", "ort_cuda"))
+
+
+def test_older_pngs_of_a_folder_with_fused_graphs_still_resume(engines, tmp_path, capsys):
+    """A PNG an older version made with ONNX Runtime on the CPU records the old engine id (which also
+    covered the unused fused graphs): the same pixels, so --resume keeps it; another stages' id is refused."""
+    from PIL import Image
+
+    from arc2face_rt.images import save_png
+
+    legacy = _legacy_ort_cuda(engines)
+    out = tmp_path / "g"
+    args = GEN + ["--engines", str(engines), "--out", str(out), "--backend", "ort", "--device", "cpu"]
+    assert rt_main(args) == 0
+    png = out / "arc2face_7_0000.png"
+    params = read_params(png)
+    assert params["engines"] != legacy
+    save_png(png, np.asarray(Image.open(png)), {**params, "engines": legacy}, overwrite=True)   # as an older version
+    (out / "arc2face_7_0001.png").unlink()
+    capsys.readouterr()
+    assert rt_main(args + ["--resume"]) == 0, capsys.readouterr().err
+    save_png(png, np.asarray(Image.open(png)), {**params, "engines": "0" * 16}, overwrite=True)
+    (out / "arc2face_7_0001.png").unlink()
+    assert rt_main(args + ["--resume"]) == 2
+    assert "engines: '0000000000000000' there" in capsys.readouterr().err
+
+
+def test_an_older_dataset_resumes_once_the_advised_fields_are_added(engines, tmp_path, capsys):
+    legacy = _legacy_ort_cuda(engines)
+    out = tmp_path / "d"
+    base = DS + ["--engines", str(engines), "--out", str(out), "--backend", "ort", "--device", "cpu"]
+    assert rt_main(base) == 0
+    (out / "shards" / "shard-000001.json").unlink()
+    meta = json.loads((out / "dataset.json").read_text())
+    old = {k: v for k, v in meta.items() if k not in ("backend", "precision")}
+    (out / "dataset.json").write_text(json.dumps({**old, "engines": legacy}))    # as an older version wrote it
+    capsys.readouterr()
+    assert rt_main(base + ["--resume"]) == 2
+    assert '"backend": "ort", "precision": "fp32"' in capsys.readouterr().err
+    (out / "dataset.json").write_text(json.dumps({**old, "engines": legacy, "backend": "ort", "precision": "fp32"}))
+    assert rt_main(base + ["--resume"]) == 0, capsys.readouterr().err
+    (out / "shards" / "shard-000001.json").unlink()
+    (out / "dataset.json").write_text(json.dumps({**old, "engines": "0" * 16}))   # other graphs: cannot continue
+    assert rt_main(base + ["--resume"]) == 2
+    assert "does not record enough to continue it: use another --out" in capsys.readouterr().err
 
 
 def test_a_worker_that_would_make_other_pixels_refuses(tiny_engines, tmp_path):

@@ -89,7 +89,7 @@ class FolderRun:
         if not self.resume:
             return set()
         kw = {} if control is None else {"control": control}
-        return plan_resume(existing, lambda i: pipe.image_params(options, i, identity, **kw))
+        return plan_resume(existing, lambda i: pipe.image_params(options, i, identity, **kw), pipe.legacy_engine_id())
 
     def write(self, pipe, identity: np.ndarray, options, existing: dict[int, Path],
               log: Callable[[str], None] = lambda m: print(m, file=sys.stderr), progress=None,

@@ -11,6 +11,7 @@ import re
 import tempfile
 from pathlib import Path
 
+from .provenance import as_current
 from .errors import Arc2FaceError, InvalidInputError
 from .exits import os_error_message
 from .images import read_png_params
@@ -120,9 +121,9 @@ def is_same_image(path: Path, want: dict) -> bool:
     return got is not None and not params_differ(got, want)
 
 
-def plan_resume(existing: dict[int, Path], expected) -> set[int]:
+def plan_resume(existing: dict[int, Path], expected, legacy_engines: str | None = None) -> set[int]:
     """The indices among `existing` that are finished images of this run (`expected(i)` gives image
-    i's parameters): --resume skips them. Anything else at one of this run's names is refused before
+    i's parameters; `legacy_engines`: `provenance.legacy_engine_id`): --resume skips them. Anything else at one of this run's names is refused before
     any work, never replaced: a finished image with other parameters is another run's, and a file
     that is not a complete arc2face-rt PNG is not ours (ours are written whole or not at all)."""
     done = set()
@@ -131,6 +132,7 @@ def plan_resume(existing: dict[int, Path], expected) -> set[int]:
         if got is None:
             raise InvalidInputError(f"{path}: is not an image this run wrote (unreadable, incomplete, or a PNG "
                                     "without arc2face-rt parameters); move it away or choose another --out/--prefix")
+        got = as_current(got, expected(i), legacy_engines)     # an older version's name of the same graphs
         diff = params_differ(got, expected(i))
         if diff:
             k = diff[0]

@@ -77,7 +77,8 @@ class Arc2FacePipeline:
             raise InvalidInputError(f"--cpu-precision {cpu_precision} needs --backend openvino "
                                     f"(the {self.backend} backend runs the folder's {self.manifest.get('precision')} "
                                     "graphs); install it with `pip install 'arc2face-rt[openvino]'`")
-        self._ort_gpu = self.backend == "ort" and folder_setup.ort_gpu_usable(device)   # predicted: CUDA wanted
+        # predicted: CUDA wanted (an explicit --device cuda is taken at its word, as Ray actors elsewhere need)
+        self._ort_gpu = self.backend == "ort" and (device == "cuda" or folder_setup.ort_gpu_usable(device))
         self.precision = self.run_params()["precision"]     # the denoiser's compute precision (PNGs record it)
 
     def run_params(self) -> dict:
@@ -91,6 +92,10 @@ class Arc2FacePipeline:
         on_gpu, fused = provenance.from_sessions(self._sessions, fused_files) if self._sessions else \
             (self._ort_gpu, provenance.ort_fused_wanted(self.manifest))
         return provenance.run_record(self.manifest, "ort", on_gpu=on_gpu, fused=fused)
+
+    def legacy_engine_id(self) -> str | None:
+        """The engine id older PNGs of this setup recorded (`provenance.legacy_engine_id`), or None."""
+        return provenance.legacy_engine_id(self.manifest, self.run_params())
 
     @property
     def engine_id(self) -> str:

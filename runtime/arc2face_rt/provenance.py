@@ -22,17 +22,35 @@ from __future__ import annotations
 import hashlib
 import os
 
-from .manifest import built_precision, record_files
+from .manifest import FACE_STAGES, built_precision, record_files
 
 RUN_KEYS = ("backend", "precision", "engines", "device", "ort_graphs", "tf32")
 ORT_CUDA = "ort_cuda"                  # manifest section of `arc2face-export onnx --ort-cuda`
 
 
 def engine_id(manifest: dict, sections: tuple[str, ...]) -> str:
-    """Short hash naming the exact graphs of `sections` (every file of every record in them)."""
-    h = [r["sha256"] for section in sections for rec in manifest.get(section, {}).values()
-         for r in record_files(rec).values()]
+    """Short hash naming the exact graphs of `sections` (every file of every record in them but the face
+    models', which `build-engines` may add to `plans` and which make no pixel)."""
+    h = [r["sha256"] for section in sections for stage, rec in manifest.get(section, {}).items()
+         if stage not in FACE_STAGES for r in record_files(rec).values()]
     return hashlib.sha256("".join(sorted(h)).encode()).hexdigest()[:16]
+
+
+def legacy_engine_id(manifest: dict, record: dict) -> str | None:
+    """The engine id PNGs and dataset.json recorded before this record existed (over the `stages` and
+    `ort_cuda` sections whatever ran), where it names the same pixels as `record`: ONNX Runtime on the
+    CPU and OpenVINO fp32/bf16, which load only the stages. None for the other setups, whose older
+    images say too little to be continued."""
+    if "device" in record or record["backend"] not in ("ort", "openvino") or \
+            str(record["precision"]).startswith("int8"):
+        return None
+    return engine_id(manifest, ("stages", ORT_CUDA))
+
+
+def as_current(got: dict, record: dict, legacy: str | None) -> dict:
+    """`got` (what a PNG or dataset.json records) with a legacy engine id (`legacy_engine_id`) read as
+    `record`'s: the same graphs under the old name."""
+    return {**got, "engines": record["engines"]} if legacy and got.get("engines") == legacy else got
 
 
 def ort_fused_wanted(manifest: dict) -> bool:

@@ -101,7 +101,7 @@ def cmd_dataset(args) -> int:
     with Arc2FacePipeline(args.engines, backend=args.backend, device=args.device, verify=not args.no_verify,
                           cpu_precision=args.cpu_precision) as pipe:
         # a --resume with another setting (backend, precision, engines, options) is refused before graphs load
-        check_output(args.out, spec, identities, pipe.run_params(), args.resume)
+        check_output(args.out, spec, identities, pipe.run_params(), args.resume, pipe.legacy_engine_id())
         config = WorkerConfig(out=args.out, spec=spec, engines=args.engines, backend=args.backend, device=args.device,
                               verify=not args.no_verify, cpu_precision=args.cpu_precision, models=args.models,
                               run=pipe.run_params() if args.ray else None)   # what each actor must match
@@ -112,7 +112,7 @@ def cmd_dataset(args) -> int:
             worker = None
         else:
             worker = ShardWorker(config, identities, pipe=pipe)
-        done = open_output(args.out, spec, identities, pipe.run_params(), args.resume, _stderr)
+        done = open_output(args.out, spec, identities, pipe.run_params(), args.resume, _stderr, pipe.legacy_engine_id())
         todo = [s for s in range(spec.shards) if s not in done]
         _stderr(f"arc2face-rt dataset: {spec.identities} identities x {spec.per_identity} images in {spec.shards} "
                 f"shard(s) of {spec.shard_size}, {len(done)} already committed; {opts.steps} {opts.scheduler} steps, "

@@ -24,6 +24,7 @@ from ..exits import resumable
 from ..fileio import read_regular_file
 from ..npyio import read_npy, save_npy_atomic
 from ..outputs import check_output_dir
+from ..provenance import as_current
 from .spec import DatasetSpec
 from .worker import SHARD_FORMAT, SHARDS_DIR, ShardWorker, WorkerConfig, manifest_path
 
@@ -58,10 +59,12 @@ def dataset_record(spec: DatasetSpec, run: dict) -> dict:
     return {"format": DATASET_FORMAT, "format_version": 1, "spec": spec.to_json(), **run}
 
 
-def check_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict, resume: bool) -> None:
+def check_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict, resume: bool,
+                 legacy_engines: str | None = None) -> None:
     """Refuse what `open_output` would refuse about a dataset already in `out`, reading only: `dataset`
     calls it before any graph is opened. A dataset.json from before backend and precision were recorded
-    is refused with the fields to add once its images (`read_params`) show they match."""
+    is refused with the fields to add once its images (`read_params`) show they match; its engine id may
+    be the older name of the same graphs (`legacy_engines`: `provenance.legacy_engine_id`)."""
     check_output_dir(out)
     meta, ids_file = out / DATASET_FILE, out / IDENTITIES_FILE
     if not meta.exists():
@@ -69,6 +72,11 @@ def check_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict
     if not resume:
         raise OutputExistsError(f"{out}: holds a dataset already; pass --resume to finish it, or choose another --out")
     record, there = dataset_record(spec, run), _read_json(meta, "dataset description")
+    there = as_current(there, record, legacy_engines)
+    if "backend" not in there and there.get("engines") != record["engines"]:
+        raise InvalidInputError(f"{meta}: was made by an older arc2face-rt with other graphs than this run loads "
+                                f"(engines: {there.get('engines')!r} there, {record['engines']!r} now), and does not "
+                                "record enough to continue it: use another --out")
     if "backend" not in there:
         fields = ", ".join(f'"{k}": {json.dumps(v)}' for k, v in run.items() if k != "engines")
         raise InvalidInputError(f"{meta}: does not record the backend and precision its images were made with (an "
@@ -85,11 +93,11 @@ def check_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict
 
 
 def open_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict, resume: bool,
-                log: Callable[[str], None]) -> set[int]:
+                log: Callable[[str], None], legacy_engines: str | None = None) -> set[int]:
     """Claim `out` for this dataset (or check that it holds this very dataset, with --resume) and
     return the shards already committed. `run`: `Arc2FacePipeline.run_params()`. Every check comes
     before the first write: a refused command leaves `out` as it was (absent if it was absent)."""
-    check_output(out, spec, identities, run, resume)
+    check_output(out, spec, identities, run, resume, legacy_engines)
     meta, ids_file = out / DATASET_FILE, out / IDENTITIES_FILE
     if meta.exists():
         done = committed_shards(out, spec)
