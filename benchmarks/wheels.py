@@ -11,9 +11,10 @@ each file, and its own folder number).
 There (offline):  `gpu-check --wheels .whl/callK` calls `install`: the folder's files are added to
 a stash that persists on that machine between calls, every wheel whose pieces are all there is
 reassembled and checked against its sha256, and complete wheels not yet installed are installed with
-`pip install --no-index --no-deps --target SITE`. Calls can come in any order; a wheel is installed
-by the call that completes it. A call that misses a piece an EARLIER folder brought is on a fresh
-machine (the stash is gone): `install` reports those pieces as "lost", and gpu-check stops there.
+`pip install --no-index --no-deps --target SITE`. Calls come in order (call1, call2, ...); a wheel is
+installed by the call that completes it. A call that misses a piece an EARLIER folder brought is on a
+fresh machine (the stash is gone), or came out of order: `install` reports those pieces as "lost", and
+gpu-check stops there.
 """
 from __future__ import annotations
 

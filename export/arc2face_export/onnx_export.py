@@ -1,10 +1,10 @@
 """Export the generation stages to ONNX, validate each against torch with onnxruntime, write a manifest.
 
-Fixed template per stage (style: CTranslate2's converter): build the torch module -> export ->
-validate against torch fp32 at the spec's tolerance -> save (external data above 1 GiB of weights) -> record.
-Files are written into a temporary folder inside the output and moved in only when every stage has
-passed, manifest last, replacing the previous export all or nothing (`engines_folder.swap_in`), so an
-interrupted or failed export never leaves a half-written engines folder.
+Fixed template per stage (style: CTranslate2's converter): build the torch module -> export -> validate
+against torch fp32 at the spec's tolerance -> save (external data above 1 GiB of weights) -> record.
+Files are written into a temporary folder inside the output and moved in only when every stage has passed,
+manifest last, replacing the previous export all or nothing (`engines_folder.swap_in`): an interrupted or
+failed export never leaves a half-written engines folder.
 """
 from __future__ import annotations
 
@@ -299,8 +299,7 @@ def _export_stage(models, name: str, precision: str, validate: bool, tmp: Path, 
 
 
 def _ort_cuda_stages(ort_cuda, names: tuple[str, ...], precision: str) -> tuple[str, ...]:
-    """The stages to write ONNX Runtime CUDA graphs for: all of ORT_CUDA_STAGES among `names` (True),
-    the listed ones, or none."""
+    """The stages to get ONNX Runtime CUDA graphs: ORT_CUDA_STAGES among `names` (True), those listed, or none."""
     if not ort_cuda:
         return ()
     if precision != "fp16":

@@ -12,7 +12,8 @@ from .cache_cli import add_cache_parser
 from .dataset.cli import add_dataset_parser
 from .errors import InvalidInputError
 from .exits import cli_main
-from .face.cli import add_embed_parser, add_max_pixels, add_score_parser, limits_from
+from .face.cli import add_embed_parser, add_score_parser
+from .face.flags import add_max_pixels, limits_from
 from .folder_setup import BACKENDS, check_folder_scheduler, folder_defaults
 from .pipeline import GenerationOptions
 from .schedulers import SCHEDULERS

@@ -26,7 +26,7 @@ def _say(msg: str) -> None:
 def cmd_prepare(args) -> int:
     from tqdm.auto import tqdm
 
-    from arc2face_rt.face.cli import limits_from
+    from arc2face_rt.face.flags import limits_from
     from arc2face_rt.face.identity import FaceAnalyzer
     from arc2face_rt.face.models import load_face_models
 
@@ -135,7 +135,7 @@ def _add_fit_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from arc2face_rt.face.cli import add_max_pixels
+    from arc2face_rt.face.flags import add_max_pixels
 
     parser = argtypes.Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true")

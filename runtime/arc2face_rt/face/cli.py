@@ -18,7 +18,8 @@ from ..outputs import check_output_file
 from ..pipeline import load_identity
 from .detector import DETECTOR_FILE, SCORE_THRESHOLD
 from .identity import SKIPPABLE, EmbedReport, FaceAnalyzer, FileResult, combine_embeddings
-from .image_io import DEFAULT_LIMITS, ImageLimits, check_image_file, expand_paths
+from .flags import add_max_pixels, limits_from
+from .image_io import check_image_file, expand_paths
 from .models import DEFAULT_MODELS_DIR, describe_report, load_face_models
 from .recognizer import RECOGNIZER_FILE
 
@@ -64,19 +65,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     f.add_argument("--aligned", action="store_true",
                    help="inputs are already aligned 112x112 ArcFace crops: skip detection")
     f.add_argument("--recursive", action="store_true", help="folders: include subfolders")
-
-
-def add_max_pixels(p) -> None:
-    """`--max-pixels N`, on every command that reads photos (embed, score, generate, arc2face-train prepare)."""
-    p.add_argument("--max-pixels", type=argtypes.count(1, name="a pixel count"), default=DEFAULT_LIMITS.max_pixels,
-                   metavar="N",
-                   help=f"refuse images with more than N pixels, checked before decoding "
-                        f"(default {DEFAULT_LIMITS.max_pixels / 1e6:g}e6)")
-
-
-def limits_from(args) -> ImageLimits:
-    """The image limits a command's --max-pixels sets."""
-    return ImageLimits(max_bytes=DEFAULT_LIMITS.max_bytes, max_pixels=args.max_pixels)
 
 
 def add_embed_parser(subparsers) -> argparse.ArgumentParser:
