@@ -115,6 +115,29 @@ def test_prepare_refuses_other_inputs(tmp_path):
         prepare([paths[0]], tmp_path / "data", _analyzer, shard_size=3)
 
 
+def test_prepare_resumes_when_the_walk_adds_only_entries_that_are_no_photos(tmp_path):
+    """A folder prepared by an older version, whose walk left out a symbolic link to a folder (this walk
+    reports it as skipped): the same --images continue with the pinned list; a new photo is refused."""
+    from arc2face_rt.errors import InvalidInputError
+    from arc2face_ref.train.prepare import PLAN_FILE, prepare
+
+    photos = tmp_path / "photos"
+    paths = astronaut_variants(photos, n=2)
+    (tmp_path / "other").mkdir()
+    paths[1].rename(tmp_path / "other" / paths[1].name)
+    data = tmp_path / "data"
+    prepare([photos], data, _analyzer, shard_size=2)
+    pinned = (data / PLAN_FILE).read_bytes()
+    (photos / "shared").symlink_to(tmp_path / "other")      # as if the older walk had not listed it
+    said = []
+    rep = prepare([photos], data, _analyzer, shard_size=2, say=said.append)
+    assert rep.photos == 1 and rep.shards_done_before == 1 and (data / PLAN_FILE).read_bytes() == pinned
+    assert any(f"'{photos / 'shared'}' is a symbolic link to a folder" in m for m in said), said
+    (tmp_path / "other" / paths[1].name).rename(photos / "new.jpg")
+    with pytest.raises(InvalidInputError, match="another list of photos .*new.jpg' is new"):
+        prepare([photos], data, _analyzer, shard_size=2)
+
+
 @pytest.mark.parametrize("name", ["shard-00000.tar", "shard-00000.stats.json", "skipped.txt"])
 def test_prepare_never_replaces_files_it_did_not_write(tmp_path, name):
     """An --out holding files of prepare's names but no prepare.json (another tool's, a user's): they

@@ -11,7 +11,8 @@ atomically; a later run skips every shard whose stats file exists, so an interru
 where it stopped and a finished one is a no-op, except that a shard is redone when a photo it skipped
 has changed since (its size or modification time: fixed or replaced), so a fixed photo is used (a removed
 photo changes the input list, which is refused). `prepare.json` pins the input list and the shard size:
-a run with other photos into the same folder is refused. `skipped.txt` lists every skipped photo with
+a run with other photos into the same folder is refused (extra entries that are no photo files, which an
+older version's walk left out, do not count: the pinned list is kept). `skipped.txt` lists every skipped photo with
 its reason (photos with no usable face, unreadable files); they are skipped, never fatal. A file name
 that is not valid UTF-8 is written there as its own bytes.
 """
@@ -28,9 +29,9 @@ import cv2
 import numpy as np
 
 from arc2face_rt.atomic import atomic_write, remove_stale_temps
-from arc2face_rt.errors import InvalidInputError
+from arc2face_rt.errors import ImageDecodeError, InvalidInputError
 from arc2face_rt.face.identity import SKIPPABLE, FaceAnalyzer
-from arc2face_rt.face.image_io import expand_paths, load_image
+from arc2face_rt.face.image_io import check_image_file, expand_paths, load_image
 from arc2face_rt.outputs import check_output_dir
 
 from .crop import TRAIN_SIZE, train_crop
@@ -57,9 +58,12 @@ class PrepareReport:
     skipped: list[tuple[str, str]]   # (photo, reason), all shards
 
 
-def _plan(out: Path, files: list[Path], shard_size: int) -> dict | None:
-    """The plan (prepare.json) to write on a first run, or None on a later run (after refusing other
-    inputs or another shard size)."""
+def _plan(out: Path, files: list[Path], shard_size: int, say: Callable[[str], None]) -> tuple[dict | None, list[Path]]:
+    """(the plan (prepare.json) to write on a first run, or None on a later run; the photos to use).
+
+    A later run refuses other inputs or another shard size. It keeps the pinned list when the walk now
+    finds only extra entries that are no photo files (a symbolic link to a folder, a dangling link, a
+    pipe; an older version's walk left them out): they would only be skipped, so the shards stay the same."""
     plan = {"version": 1, "shard_size": shard_size, "size": TRAIN_SIZE, "files": [str(p) for p in files]}
     path = out / PLAN_FILE
     if not path.exists():
@@ -67,7 +71,7 @@ def _plan(out: Path, files: list[Path], shard_size: int) -> dict | None:
         if taken:                       # names this run would write, not from an earlier run of it
             raise InvalidInputError(f"{out}: holds {taken[0]}{f' and {len(taken) - 1} more' if len(taken) > 1 else ''}"
                                     f", which prepare did not write (no {PLAN_FILE}); move them away or use a new --out")
-        return plan
+        return plan, files
     try:
         old = json.loads(path.read_text())
     except ValueError as e:
@@ -75,13 +79,29 @@ def _plan(out: Path, files: list[Path], shard_size: int) -> dict | None:
     if old.get("shard_size") != shard_size:
         raise InvalidInputError(f"{out}: was prepared with --shard-size {old.get('shard_size')}; pass the same to "
                                 "continue, or use a new --out")
-    if old.get("files") != plan["files"]:
-        then, now = old.get("files") or [], plan["files"]
-        gone, new = [f for f in then if f not in set(now)], [f for f in now if f not in set(then)]
-        which = (f"{gone[0]!r} is gone" if gone else f"{new[0]!r} is new") if gone or new else "their order differs"
-        raise InvalidInputError(f"{out}: was prepared from another list of photos ({len(then)} then, {len(now)} now: "
-                                f"{which}); pass the same --images with the same photos to continue, or use a new --out")
-    return None
+    then, now = old.get("files") or [], plan["files"]
+    if then == now:
+        return None, files
+    gone, new = [f for f in then if f not in set(now)], [f for f in now if f not in set(then)]
+    reasons = [] if gone else [_not_a_photo(f) for f in new]
+    if reasons and all(reasons):
+        say(f"{len(new)} entr{'y' if len(new) == 1 else 'ies'} found now, not in {PLAN_FILE}, left out as before: "
+            f"{new[0]!r} {reasons[0]}")
+        return None, [Path(f) for f in then]
+    which = (f"{gone[0]!r} is gone" if gone else f"{new[0]!r} is new") if gone or new else "their order differs"
+    raise InvalidInputError(f"{out}: was prepared from another list of photos ({len(then)} then, {len(now)} now: "
+                            f"{which}); pass the same --images with the same photos to continue, or use a new --out")
+
+
+def _not_a_photo(path: str) -> str:
+    """Why `path` is no photo file (a folder, a link to one or to nothing, a pipe), or "" when it is a file."""
+    if os.path.isfile(path):
+        return ""
+    try:
+        check_image_file(path)
+    except (ImageDecodeError, InvalidInputError) as e:
+        return str(e).removeprefix(f"{path}: ")
+    return "not a regular file"        # a race: it became one since
 
 
 def _sample(analyzer: FaceAnalyzer, path: Path) -> dict:
@@ -119,7 +139,7 @@ def prepare(images: Sequence[str | Path], out: str | Path, analyzer_factory: Cal
         raise InvalidInputError(f"--shard-size must be at least 1 (got {shard_size})")
     files = expand_paths(images, recursive=True)
     out = check_output_dir(out)
-    plan = _plan(out, files, shard_size)
+    plan, files = _plan(out, files, shard_size, say)
     n_shards = -(-len(files) // shard_size)
     todo = [k for k in range(n_shards) if not _done(out, k)]
     if len(todo) < n_shards:
