@@ -155,11 +155,11 @@ def test_pillow_warnings_stay_quiet_and_eps_is_named(tmp_path):
         assert load_image(tmp_path / "badexif.jpg").shape == (64, 64, 3)
         assert load_image(tmp_path / "pal.png", pillow_rgb=True).shape == (64, 64, 3)
     Image.new("RGB", (64, 64)).save(tmp_path / "f.eps")
-    with pytest.raises(ImageDecodeError, match="EPS format.*Ghostscript") as e:
+    with pytest.raises(ImageDecodeError, match="EPS/PostScript drawing.*Ghostscript") as e:
         load_image(tmp_path / "f.eps")
     assert "corrupt" not in str(e.value)
     (tmp_path / "d.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)      # a stub format: no Ghostscript
-    with pytest.raises(ImageDecodeError, match="HDF5 format.*decoder plugin") as e:
+    with pytest.raises(ImageDecodeError, match=r"is a scientific data file \(HDF5\), not a photo.*no decoder") as e:
         load_image(tmp_path / "d.h5")
     assert "Ghostscript" not in str(e.value)
 
@@ -234,3 +234,21 @@ def test_identity_from_one_bad_photo_raises_without_logging(tmp_path):
     with pytest.raises(InvalidInputError, match="empty file"):
         identity_from_images(tmp_path / "zero.png", tiny_models_dir(), device="cpu", log=logged.append)
     assert logged == []
+
+
+def test_folder_suffixes_keep_the_old_list_and_drop_formats_without_their_codec(monkeypatch):
+    """The suffixes of earlier versions are always walked (a folder gives the list it gave then); JPEG 2000
+    and AVIF only where this Pillow has the codec; no video, data, EPS or icon suffix."""
+    from PIL import features
+
+    from arc2face_rt.face import image_io
+
+    old = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm", ".jfif"}
+    image_io.image_extensions.cache_clear()
+    monkeypatch.setattr(features, "check", lambda name: name != "jpg_2000")
+    try:
+        got = image_io.image_extensions()
+    finally:
+        image_io.image_extensions.cache_clear()
+    assert old <= got and ".tga" in got and ".qoi" in got and ".jp2" not in got and ".j2k" not in got
+    assert not {".mpg", ".mpeg", ".h5", ".grib", ".bufr", ".wmf", ".emf", ".eps", ".ps", ".ico"} & got

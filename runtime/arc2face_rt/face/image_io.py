@@ -12,9 +12,10 @@ Conversions (every image leaves here as [H, W, 3] uint8 RGB, upright):
   we do the same for 16-bit grayscale ("I;16*", and "I", which we treat as 16-bit).
 - Anything else Pillow can read (CMYK, YCbCr, LAB, float "F") goes through Image.convert("RGB").
 - Multi-frame files (GIF, TIFF, WebP) give their first frame.
-- Formats Pillow decodes only with an external program or handler (EPS/PostScript: Ghostscript; its
-  stub formats) are refused, naming the format. Pillow's warnings about a file's oddities (corrupt
-  EXIF data, ...) are not shown: the image decodes, or the error says why not.
+- Formats Pillow identifies but does not decode here are refused, naming the format and why
+  (EPS/PostScript: the external Ghostscript program; HDF5, GRIB, BUFR: data, no decoder; WMF/EMF:
+  Windows only). Pillow's warnings about a file's oddities (corrupt EXIF data, ...) are not shown: the
+  image decodes, or the error says why not.
 
 `pillow_rgb=True` replaces the conversions above by Pillow's own `Image.convert("RGB")` for every mode,
 which is what `diffusers.utils.load_image` does (alpha dropped, not composited; a palette's
@@ -42,21 +43,42 @@ from ..errors import ImageDecodeError, InvalidInputError
 from ..exits import os_error_message
 
 
-# Still-image formats a folder walk takes (compared lower-case): the common photo formats, and others
-# Pillow decodes itself, without an external program. Video, data containers (HDF5, GRIB, ...), EPS
-# and icons are not photos: a folder walk leaves them alone. Files named explicitly, or matched by a
-# glob, are taken whatever their suffix: decoding decides.
-PHOTO_SUFFIXES = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif",
-    ".ppm", ".pgm", ".pbm", ".pnm", ".avif", ".avifs", ".qoi", ".tga", ".jp2", ".j2k", ".jpx", ".jpf",
-    ".pcx", ".sgi", ".ras"})
+# Still-image formats a folder walk takes (compared lower-case). `PHOTO_SUFFIXES`, the list of earlier
+# versions, always (so a folder gives the list it gave then); `MORE_PHOTO_SUFFIXES`, still-image formats
+# Pillow decodes itself without an external program, where this Pillow can open them (the codec built in).
+# Video, data containers (HDF5, GRIB, ...), EPS/PostScript, WMF/EMF and icons are not photos: a folder walk
+# leaves them alone. Files named explicitly, or matched by a glob, are taken whatever their suffix:
+# decoding decides, and says why it cannot.
+PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif",
+                            ".ppm", ".pgm", ".pnm", ".jfif"})
+MORE_PHOTO_SUFFIXES = frozenset({".jpe", ".apng", ".dib", ".pbm", ".avif", ".avifs", ".qoi", ".tga", ".jp2",
+                                 ".j2k", ".jpx", ".jpf", ".pcx", ".sgi", ".ras"})
+_CODECS = {"jpg_2000": (".jp2", ".j2k", ".jpx", ".jpf"), "avif": (".avif", ".avifs")}   # PIL.features names
 
 
 @functools.cache
 def image_extensions() -> frozenset[str]:
-    """The suffixes a folder argument expands to: `PHOTO_SUFFIXES` this Pillow can open."""
+    """The suffixes a folder argument expands to: `PHOTO_SUFFIXES`, and `MORE_PHOTO_SUFFIXES` this Pillow
+    can open."""
+    from PIL import features
+
     readable = {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-    return frozenset(PHOTO_SUFFIXES & readable)
+    for codec, suffixes in _CODECS.items():
+        if not features.check(codec):
+            readable -= set(suffixes)
+    return PHOTO_SUFFIXES | (MORE_PHOTO_SUFFIXES & readable)
+
+
+# Formats Pillow identifies but does not decode here, and why (EPS: the Ghostscript program; the rest:
+# stub plugins whose decoder Pillow does not ship, or ships for Windows only).
+_UNDECODED = {
+    "EPS": "an EPS/PostScript drawing, which Pillow decodes only with the external Ghostscript program "
+           "(arc2face-rt does not run it)",
+    "HDF5": "a scientific data file (HDF5), not a photo; Pillow identifies it but has no decoder for it",
+    "GRIB": "a weather data file (GRIB), not a photo; Pillow identifies it but has no decoder for it",
+    "BUFR": "a weather data file (BUFR), not a photo; Pillow identifies it but has no decoder for it",
+    "WMF": "a Windows vector drawing (WMF/EMF), which Pillow renders only on Windows",
+}
 
 
 @dataclass(frozen=True)
@@ -168,10 +190,9 @@ def _decode(fp, name: str, limits: ImageLimits, pillow_rgb: bool = False) -> np.
             raise ImageDecodeError(f"{name}: unreadable image header ({e}); {_FIX_FORMAT}") from e
         w, h = im.size
         fmt = im.format or "image"
-        if fmt == "EPS" or isinstance(im, ImageFile.StubImageFile):   # Ghostscript, or a handler we never install
-            needs = "the external Ghostscript program" if fmt == "EPS" else "a decoder plugin Pillow does not ship"
-            raise ImageDecodeError(f"{name}: is in the {fmt} format, which Pillow decodes only with {needs}, and "
-                                   f"arc2face-rt does not use one; {_FIX_FORMAT}")
+        if fmt == "EPS" or isinstance(im, ImageFile.StubImageFile):   # Ghostscript, or a decoder we never install
+            why = _UNDECODED.get(fmt, f"in the {fmt} format, which Pillow identifies but has no decoder for here")
+            raise ImageDecodeError(f"{name}: is {why}; {_FIX_FORMAT}")
         if w * h > limits.max_pixels:
             raise ImageDecodeError(
                 f"{name}: {w}x{h} = {w * h / 1e6:.1f} MP exceeds the {limits.max_pixels / 1e6:.1f} MP limit; "
