@@ -233,6 +233,44 @@ def test_a_worker_that_would_make_other_pixels_refuses(tiny_engines, tmp_path):
             ShardWorker(config, random_identity(1)[None], pipe=p)
 
 
+def test_ray_dataset_records_the_actors_run_not_the_gpu_less_heads(tiny_engines, tmp_path, monkeypatch, capsys):
+    """`dataset --ray` from a head without a GPU whose actors run on GPUs (simulated: Ray's actor start and
+    pool replaced by in-process ShardWorkers whose sessions report CUDA): dataset.json records the actors'
+    run, not the head's prediction; a resume on GPU actors continues, on a CPU actor or in-process on the
+    CPU it is refused."""
+    from contextlib import contextmanager
+
+    from arc2face_rt.dataset import ray_runner
+    from arc2face_rt.dataset.worker import ShardWorker, same_record
+
+    @contextmanager
+    def actors(config, identities, address, workers, shards, log):
+        ws = [ShardWorker(config, identities) for _ in range(2)]
+        try:
+            yield ws, same_record([w.record() for w in ws])
+        finally:
+            for w in ws:
+                w.close()
+
+    monkeypatch.setattr(folder_setup, "ort_gpu_usable", lambda device: False)      # the head: no GPU
+    monkeypatch.setattr(ray_runner, "ray_actors", actors)
+    monkeypatch.setattr(ray_runner, "run_on_ray", lambda ws, todo: (ws[0].run(s) for s in todo))
+    out = tmp_path / "d"
+    args = DS + ["--engines", str(tiny_engines), "--out", str(out), "--backend", "ort", "--ray"]
+    with monkeypatch.context() as m:
+        m.setattr(provenance, "from_sessions", lambda sessions, files: (True, False))   # the actors: on CUDA
+        assert rt_main(args) == 0, capsys.readouterr().err
+        assert json.loads((out / "dataset.json").read_text())["device"] == "cuda"
+        (out / "shards" / "shard-000001.json").unlink()
+        assert rt_main(args + ["--resume"]) == 0, capsys.readouterr().err
+    (out / "shards" / "shard-000001.json").unlink()
+    capsys.readouterr()
+    assert rt_main(args + ["--resume"]) == 2                                   # the actors on CPUs this time
+    assert "device: 'cuda' there, None here" in capsys.readouterr().err
+    assert rt_main([a for a in args if a != "--ray"] + ["--resume"]) == 2       # in-process on this CPU
+    assert "device: 'cuda' there, None now" in capsys.readouterr().err
+
+
 def test_a_scaled_identity_is_documented_as_another_identity():
     """The identity is normalised from its float32 values: a power-of-two scale is exact (the same identity),
     another scale rounds differently and is, bit for bit, another identity (as documented)."""

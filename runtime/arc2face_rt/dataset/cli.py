@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import ExitStack
 
 from .. import argtypes
 from ..backends.openvino import CPU_PRECISIONS
@@ -9,7 +10,6 @@ from ..pipeline import BACKENDS, GenerationOptions
 from ..schedulers import SCHEDULERS
 from ..specs import DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS
 from .spec import FORMATS, ON_REJECT, DatasetSpec
-
 
 # Far beyond any face-recognition training set (tens of thousands of identities, tens of images each),
 # and what one process holds: the identities ([N, 512] floats) and one shard's image records.
@@ -74,9 +74,16 @@ def add_dataset_parser(sub) -> None:
 
 
 def cmd_dataset(args) -> int:
+    from .. import provenance
     from ..pipeline import Arc2FacePipeline
     from .identities import load_identities, random_identities
-    from .runner import check_output, open_output, run_dataset
+    from .runner import (
+        check_output,
+        open_output,
+        pending_shards,
+        recorded_run,
+        run_dataset,
+    )
     from .worker import ShardWorker, WorkerConfig, open_face_models
 
     if args.ray:
@@ -99,30 +106,37 @@ def cmd_dataset(args) -> int:
     if identities is None:
         identities = random_identities(args.identities, args.seed, args.max_id_similarity)
     with Arc2FacePipeline(args.engines, backend=args.backend, device=args.device, verify=not args.no_verify,
-                          cpu_precision=args.cpu_precision) as pipe:
-        # a --resume with another setting (backend, precision, engines, options) is refused before graphs load
-        check_output(args.out, spec, identities, pipe.run_params(), args.resume, pipe.legacy_engine_id())
+                          cpu_precision=args.cpu_precision) as pipe, ExitStack() as stack:
+        # a --resume with another setting (backend, precision, engines, options) is refused before graphs load;
+        # with --ray only the actors, which open the graphs, know the record (this machine may have no GPU)
+        check_output(args.out, spec, identities, None if args.ray else pipe.run_params(), args.resume,
+                     pipe.legacy_engine_id())
         config = WorkerConfig(out=args.out, spec=spec, engines=args.engines, backend=args.backend, device=args.device,
                               verify=not args.no_verify, cpu_precision=args.cpu_precision, models=args.models,
-                              run=pipe.run_params() if args.ray else None)   # what each actor must match
+                              run=recorded_run(args.out) if args.ray and args.resume else None)  # actors match it
         # everything that can refuse the command (engines, options, face models) before --out is touched
         if args.ray:
+            from .ray_runner import ray_actors
             pipe.schedule(opts.scheduler, opts.steps)     # the actors open the sessions
             open_face_models(config)
             worker = None
+            actors, record = stack.enter_context(ray_actors(config, identities, args.ray, args.workers,
+                                                            pending_shards(args.out, spec, args.resume), _stderr))
         else:
-            worker = ShardWorker(config, identities, pipe=pipe)
-        done = open_output(args.out, spec, identities, pipe.run_params(), args.resume, _stderr, pipe.legacy_engine_id())
+            worker, actors = ShardWorker(config, identities, pipe=pipe), None
+            record = pipe.run_params()
+        done = open_output(args.out, spec, identities, record, args.resume, _stderr,
+                           provenance.legacy_engine_id(pipe.manifest, record))
         todo = [s for s in range(spec.shards) if s not in done]
         _stderr(f"arc2face-rt dataset: {spec.identities} identities x {spec.per_identity} images in {spec.shards} "
                 f"shard(s) of {spec.shard_size}, {len(done)} already committed; {opts.steps} {opts.scheduler} steps, "
-                f"guidance {opts.guidance}, backend {pipe.backend} ({pipe.precision}), format {spec.format}"
+                f"guidance {opts.guidance}, backend {record['backend']} ({record['precision']}), format {spec.format}"
                 + (f", keeping cosine >= {spec.min_similarity} ({spec.on_reject})" if spec.min_similarity is not None
                    else ""))
         if pipe.manifest.get("source", {}).get("random_weights"):
             _stderr("note: these engines come from a RANDOM-WEIGHT checkpoint: images will look like noise, not faces"
                     + ("; similarities exercise the filter's mechanics, not quality" if spec.score else ""))
-        s = run_dataset(config, identities, todo, ray=args.ray, workers=args.workers, log=_stderr,
+        s = run_dataset(config, identities, todo, ray=args.ray, actors=actors, log=_stderr,
                         progress=_progress_bar, worker=worker)
     i, run = s["images"], s["this_run"]
     _stderr(f"wrote {run['shards']} shard(s) to {args.out} in {run['seconds']:.1f} s "

@@ -9,13 +9,14 @@ system (NFS, a cluster file system, a FUSE-mounted bucket with rename support).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import numpy as np
 
 from ..errors import BackendUnavailableError, InvalidInputError
 from ..exits import install_signal_handlers
-from .worker import ShardWorker, WorkerConfig
+from .worker import ShardWorker, WorkerConfig, same_record
 
 RETRIES = 3
 
@@ -46,13 +47,15 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
                                 "start --head`) or check the address") from None
 
 
-def run_on_ray(config: WorkerConfig, identities: np.ndarray, todo: list[int], address: str, workers: int | None,
-               log: Callable[[str], None]) -> Iterator[dict]:
-    """Yield each shard's manifest as its actor commits it. `address`: "local" starts a Ray instance
-    here (with `workers` CPUs when given), "auto" or HOST:PORT joins a running cluster."""
+@contextmanager
+def ray_actors(config: WorkerConfig, identities: np.ndarray, address: str, workers: int | None, shards: int,
+               log: Callable[[str], None]) -> Iterator[tuple[list, dict]]:
+    """Start Ray ("local": here, with `workers` CPUs when given; "auto" or HOST:PORT: join a cluster) and
+    its actors (at most `shards`); yield them with the run record they resolved, which dataset.json then
+    records: the driver may run on a head without a GPU, so only the actors, which open the graphs, know
+    how the pixels are made. Actors that resolve different records refuse (with `config.run`, the
+    record of the dataset being resumed, each actor compares itself with that)."""
     ray = require_ray()
-    from ray.util import ActorPool
-
     started = not ray.is_initialized()
     if started:
         if address == "local":
@@ -64,14 +67,21 @@ def run_on_ray(config: WorkerConfig, identities: np.ndarray, todo: list[int], ad
         res = ray.cluster_resources()
         gpus = int(res.get("GPU", 0))
         slots = gpus or int(res.get("CPU", 1))
-        n = max(1, min(workers or slots, slots, len(todo)))
+        n = max(1, min(workers or slots, slots, shards))
         log(f"ray: {n} worker(s), one per {'GPU' if gpus else 'CPU slot'}, cluster "
             f"{int(res.get('CPU', 0))} CPU(s), {gpus} GPU(s), {len(ray.nodes())} node(s)")
         actor = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, max_restarts=RETRIES,
                            max_task_retries=RETRIES)(ShardWorker)
         ids = ray.put(identities)
-        pool = ActorPool([actor.remote(config, ids) for _ in range(n)])
-        yield from pool.map_unordered(lambda a, s: a.run.remote(s), todo)
+        actors = [actor.remote(config, ids) for _ in range(n)]
+        yield actors, same_record(ray.get([a.record.remote() for a in actors]))
     finally:
         if started:
             ray.shutdown()
+
+
+def run_on_ray(actors: list, todo: list[int]) -> Iterator[dict]:
+    """Yield each shard's manifest as one of `actors` (`ray_actors`) commits it."""
+    from ray.util import ActorPool
+
+    yield from ActorPool(actors).map_unordered(lambda a, s: a.run.remote(s), todo)

@@ -24,7 +24,7 @@ from ..exits import resumable
 from ..fileio import read_regular_file
 from ..npyio import read_npy, save_npy_atomic
 from ..outputs import check_output_dir
-from ..provenance import as_current
+from ..provenance import RUN_KEYS, as_current
 from .spec import DatasetSpec
 from .worker import SHARD_FORMAT, SHARDS_DIR, ShardWorker, WorkerConfig, manifest_path
 
@@ -59,26 +59,39 @@ def dataset_record(spec: DatasetSpec, run: dict) -> dict:
     return {"format": DATASET_FORMAT, "format_version": 1, "spec": spec.to_json(), **run}
 
 
-def check_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict, resume: bool,
+def recorded_run(out: Path) -> dict | None:
+    """The run record (`provenance.RUN_KEYS`) of the dataset in `out`, None where there is none yet."""
+    meta = out / DATASET_FILE
+    there = _read_json(meta, "dataset description") if meta.exists() else {}
+    return {k: there[k] for k in RUN_KEYS if k in there} or None
+
+
+def check_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict | None, resume: bool,
                  legacy_engines: str | None = None) -> None:
     """Refuse what `open_output` would refuse about a dataset already in `out`, reading only: `dataset`
     calls it before any graph is opened. A dataset.json from before backend and precision were recorded
     is refused with the fields to add once its images (`read_params`) show they match; its engine id may
-    be the older name of the same graphs (`legacy_engines`: `provenance.legacy_engine_id`)."""
+    be the older name of the same graphs (`legacy_engines`: `provenance.legacy_engine_id`). `run` None
+    (`--ray`: the driver opens no graph, its actors resolve the record): everything but the record."""
     check_output_dir(out)
     meta, ids_file = out / DATASET_FILE, out / IDENTITIES_FILE
     if not meta.exists():
         return
     if not resume:
         raise OutputExistsError(f"{out}: holds a dataset already; pass --resume to finish it, or choose another --out")
-    record, there = dataset_record(spec, run), _read_json(meta, "dataset description")
+    there = _read_json(meta, "dataset description")
+    if run is None and "backend" not in there:
+        raise InvalidInputError(f"{meta}: does not record the backend and precision its images were made with (an "
+                                "older arc2face-rt), which --ray actors cannot be checked against: --resume it once "
+                                "without --ray (which says what to add), or use another --out")
+    record = dataset_record(spec, run if run is not None else {k: there[k] for k in RUN_KEYS if k in there})
     there = as_current(there, record, legacy_engines)
     if "backend" not in there and there.get("engines") != record["engines"]:
         raise InvalidInputError(f"{meta}: was made by an older arc2face-rt with other graphs than this run loads "
                                 f"(engines: {there.get('engines')!r} there, {record['engines']!r} now), and does not "
                                 "record enough to continue it: use another --out")
     if "backend" not in there:
-        fields = ", ".join(f'"{k}": {json.dumps(v)}' for k, v in run.items() if k != "engines")
+        fields = ", ".join(f'"{k}": {json.dumps(v)}' for k, v in record.items() if k in RUN_KEYS and k != "engines")
         raise InvalidInputError(f"{meta}: does not record the backend and precision its images were made with (an "
                                 f"older arc2face-rt); if its images record the same as this run (read_params: "
                                 f"{fields}), add these fields to it and --resume again; otherwise use another --out")
@@ -116,6 +129,12 @@ def open_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict,
         log(f"removed {removed} unfinished shard file(s) an interrupted run left in {out}")
     (out / SHARDS_DIR).mkdir(exist_ok=True)
     return done
+
+
+def pending_shards(out: Path, spec: DatasetSpec, resume: bool) -> int:
+    """How many shards a run on `out` has left to make (read only: `open_output` checks the rest)."""
+    done = committed_shards(out, spec, check_files=False) if resume and (out / DATASET_FILE).exists() else ()
+    return spec.shards - len(done)
 
 
 def committed_shards(out: Path, spec: DatasetSpec, check_files: bool = True) -> set[int]:
@@ -228,11 +247,11 @@ def summarize(out: Path, spec: DatasetSpec, run: dict) -> dict:
 
 
 def run_dataset(config: WorkerConfig, identities: np.ndarray, todo: list[int], pipe=None, ray: str | None = None,
-                workers: int | None = None, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+                actors: list | None = None, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
                 progress=None, worker: ShardWorker | None = None) -> dict:
-    """Make the shards `todo` (in-process with `worker`, or a new one on `pipe`; or on Ray at address
-    `ray`: "local" starts one here), then write summary.json; returns it. `progress(total_images)`
-    returns a tqdm-like bar."""
+    """Make the shards `todo` (in-process with `worker`, or a new one on `pipe`; or on the Ray `actors`
+    of `ray_runner.ray_actors`, `ray` naming the address), then write summary.json; returns it.
+    `progress(total_images)` returns a tqdm-like bar."""
     spec = config.spec
     bar = progress(sum(len(spec.shard_identities(s)) for s in todo) * spec.per_identity) if progress else None
     t0, made, per_worker = time.perf_counter(), 0, Counter()
@@ -248,7 +267,7 @@ def run_dataset(config: WorkerConfig, identities: np.ndarray, todo: list[int], p
         else:
             from .ray_runner import run_on_ray
 
-            for m in run_on_ray(config, identities, todo, ray, workers, log):
+            for m in run_on_ray(actors, todo):
                 made += m["counts"]["generated"]
                 per_worker[m["run"]["worker"]] += 1
                 if bar:

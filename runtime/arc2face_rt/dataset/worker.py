@@ -22,6 +22,7 @@ import numpy as np
 from ..atomic import atomic_write
 from ..errors import EngineMismatchError, NoFaceError, OutputExistsError
 from ..images import png_bytes
+from ..provenance import as_current
 from .identities import identity_seed
 from .spec import DatasetSpec, shard_name
 from .writers import WRITERS
@@ -41,8 +42,21 @@ class WorkerConfig:
     verify: bool = True
     cpu_precision: str = "auto"
     models: Path | None = None         # face models folder (scrfd_10g_bnkps.onnx, arcface.onnx)
-    run: dict | None = None            # the driver's `Arc2FacePipeline.run_params()`: a worker that would make
+    run: dict | None = None            # the run record of the dataset being resumed: a worker that would make
                                        # other pixels (a Ray node whose CPU resolves another precision) refuses
+
+
+def same_record(records: list[tuple[dict, str]]) -> dict:
+    """The run record all of `records` (record, who) share; EngineMismatchError naming the first who differs."""
+    want, first = records[0]
+    for mine, who in records[1:]:
+        if mine != want:
+            k = next(k for k in sorted(set(mine) | set(want)) if mine.get(k) != want.get(k))
+            raise EngineMismatchError(
+                f"{who}: this worker would make other pixels than {first} ({k}: {want.get(k)!r} there, "
+                f"{mine.get(k)!r} here); run every worker on the same kind of machine, or pin the setting "
+                "(--backend, --device, --cpu-precision)")
+    return want
 
 
 def manifest_path(out: Path, shard: int) -> Path:
@@ -70,15 +84,16 @@ class ShardWorker:
         self.pipe = pipe or Arc2FacePipeline(config.engines, backend=config.backend, device=config.device,
                                              verify=config.verify, cpu_precision=config.cpu_precision)
         self.pipe.prepare(config.spec.options)
-        mine = self.pipe.run_params()
-        if config.run is not None and mine != config.run:
-            diff = next(k for k in sorted(set(mine) | set(config.run)) if mine.get(k) != config.run.get(k))
-            raise EngineMismatchError(
-                f"{socket.gethostname()}: this worker would make other pixels than the dataset records ({diff}: "
-                f"{config.run.get(diff)!r} there, {mine.get(diff)!r} here); run every worker on the same kind of "
-                "machine, or pin the setting (--backend, --device, --cpu-precision)")
-        self.face = open_face_models(config)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        mine = self.pipe.run_params()
+        if config.run is not None:
+            same_record([(as_current(config.run, mine, self.pipe.legacy_engine_id()), "the dataset"),
+                         (mine, socket.gethostname())])
+        self.face = open_face_models(config)
+
+    def record(self) -> tuple[dict, str]:
+        """How this worker makes pixels (`Arc2FacePipeline.run_params` once its graphs are open), and its name."""
+        return self.pipe.run_params(), self.name
 
     def similarity(self, image: np.ndarray, j: int) -> float | None:
         """ArcFace cosine of `image` to identity j; None when no face is found in it."""
