@@ -22,17 +22,18 @@ from __future__ import annotations
 import hashlib
 import os
 
-from .manifest import FACE_STAGES, built_precision, record_files
+from .manifest import built_precision, record_files
+from .specs import ALL_STAGES
 
 RUN_KEYS = ("backend", "precision", "engines", "device", "ort_graphs", "tf32")
 ORT_CUDA = "ort_cuda"                  # manifest section of `arc2face-export onnx --ort-cuda`
 
 
 def engine_id(manifest: dict, sections: tuple[str, ...]) -> str:
-    """Short hash naming the exact graphs of `sections` (every file of every record in them but the face
-    models', which `build-engines` may add to `plans` and which make no pixel)."""
+    """Short hash naming the exact graphs of `sections`: every file of the generation stages' records in
+    them (`specs.ALL_STAGES`), not the face models' plans `build-engines` adds to `plans`, which make no pixel."""
     h = [r["sha256"] for section in sections for stage, rec in manifest.get(section, {}).items()
-         if stage not in FACE_STAGES for r in record_files(rec).values()]
+         if stage in ALL_STAGES for r in record_files(rec).values()]
     return hashlib.sha256("".join(sorted(h)).encode()).hexdigest()[:16]
 
 
