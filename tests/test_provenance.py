@@ -217,6 +217,13 @@ def test_an_older_dataset_resumes_once_the_advised_fields_are_added(engines, tmp
     (out / "dataset.json").write_text(json.dumps({**old, "engines": "0" * 16}))   # other graphs: cannot continue
     assert rt_main(base + ["--resume"]) == 2
     assert "does not record enough to continue it: use another --out" in capsys.readouterr().err
+    from arc2face_rt.dataset.runner import check_output
+    from arc2face_rt.dataset.spec import DatasetSpec
+    from arc2face_rt.errors import InvalidInputError
+
+    (out / "dataset.json").write_text(json.dumps({**old, "engines": legacy}))    # --ray: its actors cannot tell
+    with pytest.raises(InvalidInputError, match="resume it once without --ray"):
+        check_output(out, DatasetSpec(2, 1, GenerationOptions()), np.zeros((2, 512), np.float32), None, True)
 
 
 def test_a_worker_that_would_make_other_pixels_refuses(tiny_engines, tmp_path):

@@ -93,8 +93,9 @@ def check_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict
     if "backend" not in there:
         fields = ", ".join(f'"{k}": {json.dumps(v)}' for k, v in record.items() if k in RUN_KEYS and k != "engines")
         raise InvalidInputError(f"{meta}: does not record the backend and precision its images were made with (an "
-                                f"older arc2face-rt); if its images record the same as this run (read_params: "
-                                f"{fields}), add these fields to it and --resume again; otherwise use another --out")
+                                "older arc2face-rt); if its images' read_params show this run's backend and precision "
+                                "and they were made on this kind of machine (older images record no device), add "
+                                f"these fields to it: {fields}, and --resume again; otherwise use another --out")
     diff = _first_difference(there, record)
     if diff:
         raise InvalidInputError(f"{meta}: this dataset was made with other settings ({diff}); --resume only "
