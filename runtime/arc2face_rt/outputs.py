@@ -11,10 +11,10 @@ import re
 import tempfile
 from pathlib import Path
 
-from .provenance import as_current
 from .errors import Arc2FaceError, InvalidInputError
 from .exits import os_error_message
 from .images import read_png_params
+from .provenance import as_current
 
 _NAME_MAX = 170        # file systems allow 255 bytes; atomic_write adds ~80 for its temporary name
 
@@ -123,21 +123,23 @@ def is_same_image(path: Path, want: dict) -> bool:
 
 def plan_resume(existing: dict[int, Path], expected, legacy_engines: str | None = None) -> set[int]:
     """The indices among `existing` that are finished images of this run (`expected(i)` gives image
-    i's parameters; `legacy_engines`: `provenance.legacy_engine_id`): --resume skips them. Anything else at one of this run's names is refused before
-    any work, never replaced: a finished image with other parameters is another run's, and a file
-    that is not a complete arc2face-rt PNG is not ours (ours are written whole or not at all)."""
+    i's parameters; `legacy_engines`: `provenance.legacy_engine_id`): --resume skips them. Anything
+    else at one of this run's names is refused before any work, never replaced: a finished image with
+    other parameters is another run's, and a file that is not a complete arc2face-rt PNG is not ours
+    (ours are written whole or not at all)."""
     done = set()
     for i, path in sorted(existing.items()):          # folders and links there: refused by FolderRun.check
         got = read_image_params(path)
         if got is None:
             raise InvalidInputError(f"{path}: is not an image this run wrote (unreadable, incomplete, or a PNG "
                                     "without arc2face-rt parameters); move it away or choose another --out/--prefix")
-        got = as_current(got, expected(i), legacy_engines)     # an older version's name of the same graphs
-        diff = params_differ(got, expected(i))
+        want = expected(i)
+        got = as_current(got, want, legacy_engines)     # an older version's name of the same graphs
+        diff = params_differ(got, want)
         if diff:
             k = diff[0]
             raise InvalidInputError(
-                f"{path}: was made with other parameters ({k}: {got.get(k)!r} there, {expected(i).get(k)!r} now"
+                f"{path}: was made with other parameters ({k}: {got.get(k)!r} there, {want.get(k)!r} now"
                 f"{f', and {len(diff) - 1} more' if len(diff) > 1 else ''}); --resume only continues the same "
                 "run: choose another --out/--prefix/--seed, or pass --overwrite")
         done.add(i)
