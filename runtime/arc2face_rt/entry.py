@@ -25,6 +25,9 @@ def interruptible(prog: str, load_main):
         previous = None if ignored else signal.signal(signal.SIGINT, on_sigint)
     except ValueError:                    # not the main thread
         previous = None
+    except KeyboardInterrupt:             # the Ctrl-C landed while the handler was being installed
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     try:
         main = load_main()
     except BaseException:
