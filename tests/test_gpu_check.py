@@ -365,3 +365,27 @@ def test_a_row_stopped_in_its_cold_start_keeps_its_load_time_and_says_where(monk
     assert harness.row_main(tmp_path / "config.json", tmp_path / "row.json") == 1
     partial = json.loads((tmp_path / "row.json").read_text())["partial"]
     assert partial["load_s"] is not None and "first image" in partial["under_way"]
+
+
+# On the device machines the repository is copied, not installed: `python3 -m benchmarks gpu-check`
+# from its root must find arc2face_rt, arc2face_export and arc2face_ref by itself (one session's call 1
+# failed at import, before gpu-check could put those folders on its path).
+_NOT_INSTALLED = """
+import importlib.util, runpy, sys
+drop = ("runtime", "export", "reference")
+sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith(drop)]
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+for name in [m for m in sys.modules if m.split(".")[0] in ("arc2face_rt", "arc2face_export", "arc2face_ref")]:
+    del sys.modules[name]
+importlib.invalidate_caches()
+assert importlib.util.find_spec("arc2face_rt") is None, "the test could not hide the installed package"
+sys.argv = ["benchmarks", "digest", "HEAD"]
+runpy.run_module("benchmarks", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_python_m_benchmarks_runs_from_a_repository_that_is_not_installed():
+    p = subprocess.run([sys.executable, "-c", _NOT_INSTALLED], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert len(p.stdout.strip()) == 64, p.stdout
