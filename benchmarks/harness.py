@@ -364,7 +364,10 @@ def measure_row(cfg: dict, save=None) -> dict:
             checkpoint()
         row["under_way"] = "the per-stage timings"
         for name, fn in runner.stages().items():
-            _times(fn, runner.sync, warmup if name in ("detect", "embed", "step") else 0)
+            # every stage but the whole loop (minutes on a CPU, and warm from the batches above) gets
+            # --warmup untimed calls: a stage's first call at batch 1 on host arrays (e.g. ONNX Runtime
+            # CUDA's VAE decode, 0.175 s cold vs 0.014 s warm on an H200) is not its steady-state time
+            _times(fn, runner.sync, 0 if name == "steps" else warmup)
             row["stages_s"][name] = _median(_times(fn, runner.sync, repeats))
             checkpoint()
         row["info"] = runner.info()
