@@ -10,6 +10,11 @@ graph (relative L2), so a variant that is fast but wrong shows.
 VAE decode: the plain and fused graphs under both convolution searches, with an ONNX Runtime profile
 (time per op type and per node) of the first variant measured.
 
+On a GPU, the variants without a CUDA graph ("fused", "plain") and the first VAE variant measured also
+get `kernels_batch_N`: GPU time per CUDA kernel and per kernel family from CUPTI (`gpu_kernels.py`),
+per step at the largest batch for the loop, per decode at batch 1 for the VAE. ONNX Runtime's own
+profile times nodes on the host, which on CUDA is mostly the launch.
+
 A variant that cannot be opened, or that fails while it runs (a fused kernel refusing a shape, a CUDA
 graph capture error, out of memory), is recorded with its "error" and the next one runs; a CUDA graph
 ONNX Runtime refused at load is recorded as "cuda_graph_refused".
@@ -25,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from .env import onnxruntime_in_use
-from .loop_timing import rel_l2, time_denoise_loop
+from .gpu_kernels import kernel_profile
+from .loop_timing import loop_inputs, rel_l2, time_denoise_loop
 
 # name: (graph file of the stage, CUDA graph on, ARC2FACE_ORT_CONV_SEARCH)
 VARIANTS = {
@@ -36,6 +42,7 @@ VARIANTS = {
     "plain": ("{stage}.onnx", False, "HEURISTIC"),
 }
 REFERENCE = "plain"
+KERNEL_PROFILED = ("fused", "plain")      # without a CUDA graph: every kernel is launched where it is seen
 
 
 @contextlib.contextmanager
@@ -103,6 +110,11 @@ def measure_ort_loop(engines: Path, steps: int, guidance: float, batches=(1, 4),
                 latents[(name, b)] = lat
         except Exception as e:  # noqa: BLE001 - a variant that fails at run time: recorded, the others still run
             res["error"] = _error_text(e)
+        else:
+            if sess.on_gpu and name in KERNEL_PROFILED:
+                x, cond, table = loop_inputs(sched, cond_one, max(batches))
+                res[f"kernels_batch_{max(batches)}"] = _kernels(
+                    lambda: sess.denoise_loop(x, cond, table, guidance), per=len(table))
         finally:
             sess.close()
     for (name, b), lat in latents.items():
@@ -159,12 +171,23 @@ def measure_vae_decode(engines: Path, batches=(1,), repeats: int = 3, top: int =
                 res["batches"][str(b)] = {"first_s": first, "median_s": statistics.median(times)}
             if not profiled:                   # a second session of the same graph, with ORT's profiler
                 res["profile_batch_1"] = _profile(ort, path, search, sess.on_gpu, engines, rng, repeats, top)
+                if sess.on_gpu:
+                    one = {"latents": rng.standard_normal((1, 4, 64, 64)).astype(np.float32)}
+                    res["kernels_batch_1"] = _kernels(lambda: sess.run(one))
                 profiled = True
         except Exception as e:  # noqa: BLE001 - a variant that fails at run time: recorded, the others still run
             res["error"] = _error_text(e)
         finally:
             sess.close()
     return out
+
+
+def _kernels(run, per: int = 1) -> dict:
+    """kernel_profile, whose failure (no CUDA torch, CUPTI busy) is recorded instead of losing the variant."""
+    try:
+        return kernel_profile(run, calls=1, per=per)
+    except Exception as e:  # noqa: BLE001
+        return {"error": _error_text(e)}
 
 
 def _profile(ort, path: Path, search: str, on_gpu: bool, engines: Path, rng, repeats: int, top: int) -> dict:

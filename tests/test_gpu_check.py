@@ -389,3 +389,34 @@ def test_python_m_benchmarks_runs_from_a_repository_that_is_not_installed():
                        timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert p.returncode == 0, p.stderr[-2000:]
     assert len(p.stdout.strip()) == 64, p.stdout
+
+
+def test_kernel_summary_splits_gpu_time_by_kernel_and_family():
+    """gpu_kernels.summarise_kernels on torch.profiler-shaped averages: only CUDA kernels count, times
+    (µs) become ms per unit, and each family gets its kernels' total."""
+    from types import SimpleNamespace as E
+
+    from benchmarks.gpu_kernels import family, summarise_kernels
+    events = [E(key="flash_fwd_kernel<...>", device_type="DeviceType.CUDA", self_device_time_total=5000.0, count=50),
+              E(key="sm90_xmma_fprop_implicit_gemm_f16", device_type="DeviceType.CUDA",
+                self_device_time_total=3000.0, count=100),
+              E(key="cutlass_80_tensorop_h16816gemm", device_type="DeviceType.CUDA", self_device_time_total=1500.0,
+                count=50),
+              E(key="GroupNormNHWCSumKernel", device_type="DeviceType.CUDA", self_device_time_total=500.0, count=25),
+              E(key="cudaLaunchKernel", device_type="DeviceType.CPU", self_device_time_total=0.0, count=900)]
+    s = summarise_kernels(events, divide=25, top=2)
+    assert s["ms_by_kernel"] == [("flash_fwd_kernel<...>", 0.2), ("sm90_xmma_fprop_implicit_gemm_f16", 0.12)]
+    assert dict(s["ms_by_family"]) == {"attention": 0.2, "convolution": 0.12, "matmul": 0.06, "normalization": 0.02}
+    assert s["total_ms"] == 0.4 and s["kernels"] == 9.0
+    assert family("some_unknown_kernel") == "other"
+
+
+def test_kernel_profile_says_why_it_cannot_run_without_a_cuda_torch():
+    import torch
+
+    from benchmarks.gpu_kernels import kernel_profile
+    if torch.cuda.is_available():
+        pytest.skip("this torch has CUDA")
+    calls = []
+    assert kernel_profile(lambda: calls.append(1)) == {"skipped": "torch sees no CUDA device"}
+    assert calls == []
