@@ -2,11 +2,11 @@
 it was copied there), the repository's runtime/, export/ and reference/ folders go first on the path."""
 import importlib.util
 import sys
-from pathlib import Path
+
+from . import env
 
 if importlib.util.find_spec("arc2face_rt") is None:
-    _repo = Path(__file__).resolve().parent.parent
-    sys.path[:0] = [str(_repo / d) for d in ("runtime", "export", "reference")]
+    sys.path[:0] = [str(env.REPO / d) for d in env.PACKAGE_DIRS]
 
 from .cli import main  # noqa: E402
 

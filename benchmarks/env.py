@@ -38,7 +38,8 @@ def git_commit() -> dict:
             "source_sha256": source_digest()}
 
 
-SOURCE_DIRS = ("runtime", "export", "reference", "benchmarks", "tests")
+PACKAGE_DIRS = ("runtime", "export", "reference")     # the folders that hold arc2face_rt, _export and _ref
+SOURCE_DIRS = (*PACKAGE_DIRS, "benchmarks", "tests")
 SOURCE_FILES = ("pyproject.toml",)
 
 

@@ -79,8 +79,7 @@ def parse_phases(text: str) -> tuple[str, ...]:
 
 def _setup_paths(work: Path) -> None:
     """Installed wheels and the repository's packages first on this process's path and its children's."""
-    paths = [str(work / "site"), str(env.REPO / "runtime"), str(env.REPO / "export"), str(env.REPO / "reference"),
-             str(env.REPO)]
+    paths = [str(work / "site"), *(str(env.REPO / d) for d in env.PACKAGE_DIRS), str(env.REPO)]
     for p in reversed(paths):
         if p not in sys.path:
             sys.path.insert(0, p)

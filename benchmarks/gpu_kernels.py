@@ -56,14 +56,12 @@ def summarise_kernels(averages: Iterable, divide: int, top: int = 15) -> dict:
     for e in averages:
         if not str(getattr(e, "device_type", "")).endswith("CUDA"):
             continue
-        us = getattr(e, "self_device_time_total", None)
-        if us is None:
-            us = getattr(e, "self_cuda_time_total", 0)
-        by_kernel[e.key] = by_kernel.get(e.key, 0.0) + us
+        by_kernel[e.key] = by_kernel.get(e.key, 0.0) + e.self_device_time_total
         launches += getattr(e, "count", 1)
     by_family = {}
     for k, us in by_kernel.items():
-        by_family[family(k)] = by_family.get(family(k), 0.0) + us
+        f = family(k)
+        by_family[f] = by_family.get(f, 0.0) + us
     div = max(1, divide) * 1e3
 
     def ms(d, n=None):
