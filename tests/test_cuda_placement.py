@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper
 
 from arc2face_export.cuda_placement import host_to_device_edges
-from arc2face_export.onnx_export import static_attention_scale
+from arc2face_export.tracing import static_attention_scale
 
 
 def _model(nodes, inputs, outputs, inits=()):

@@ -87,6 +87,38 @@ def test_fp16_export_is_half_precision_and_validates(tiny_model_dir, tmp_path):
     assert _io(onnx.load(str(out / "step_cfg.onnx")).graph.input)[0] == ("x", "float32", ("B", 4, 64, 64))
 
 
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_a_channels_last_trace_writes_the_nchw_graph(tiny_models, tmp_path, monkeypatch, precision):
+    """The trace runs with channels-last weights (much faster fp16 convolutions on AVX2 CPUs); the graph
+    must be the one an NCHW trace writes, node for node and weight for weight, and the module's weights
+    must be back in NCHW order afterwards."""
+    import hashlib
+
+    import torch
+    from arc2face_export import tracing
+    from arc2face_rt.specs import VAE_DECODER
+
+    module = onnx_export._modules_for(tiny_models, "vae_decoder", precision)
+    feeds = onnx_export.example_inputs(VAE_DECODER, batch=1)
+
+    def graph(path):
+        g = onnx.load(str(path)).graph
+        return ([(n.op_type, list(n.input), list(n.output), [str(a) for a in n.attribute]) for n in g.node],
+                {i.name: hashlib.sha256(onnx.numpy_helper.to_array(i).tobytes()).hexdigest() for i in g.initializer})
+
+    assert tracing.TRACE_MEMORY_FORMAT == torch.channels_last
+    (tmp_path / "cl").mkdir()
+    tracing.export_graph(module, VAE_DECODER, feeds, tmp_path / "cl" / "vae_decoder.onnx")
+    convs = [p for p in module.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous() for p in convs)      # NCHW again
+    monkeypatch.setattr(tracing, "TRACE_MEMORY_FORMAT", torch.contiguous_format)
+    (tmp_path / "nchw").mkdir()
+    tracing.export_graph(module, VAE_DECODER, feeds, tmp_path / "nchw" / "vae_decoder.onnx")
+    got, want = graph(tmp_path / "cl" / "vae_decoder.onnx"), graph(tmp_path / "nchw" / "vae_decoder.onnx")
+    assert len(got[0]) > 100 and any(n[0] == "Conv" for n in got[0])
+    assert got == want
+
+
 def test_large_graphs_use_external_data(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_BYTES", 0)
     out = tmp_path / "ext"

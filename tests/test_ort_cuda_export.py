@@ -13,7 +13,8 @@ import torch
 from onnx import TensorProto
 
 from arc2face_export.cuda_placement import host_to_device_edges
-from arc2face_export.onnx_export import _export_one, _modules_for, example_inputs, export_all
+from arc2face_export.onnx_export import _modules_for, example_inputs, export_all
+from arc2face_export.tracing import export_graph
 from arc2face_export.ort_cuda import (ORT_CUDA_RECIPE, FusedGraphError, attention_for, check_loads, fuse_for_ort_cuda,
                                      remove_no_op_casts, unsupported_fusions)
 from arc2face_rt.errors import InvalidInputError
@@ -61,7 +62,7 @@ def test_fused_attention_computes_what_torch_computes(tiny_models, tmp_path):
     module = _modules_for(tiny_models, STEP_CFG.name, "fp32")
     feeds = example_inputs(STEP_CFG, batch=2)
     with attention_for(module, STEP_CFG.name):
-        _export_one(module, STEP_CFG, feeds, tmp_path / "step_cfg.onnx")
+        export_graph(module, STEP_CFG, feeds, tmp_path / "step_cfg.onnx")
     rec = fuse_for_ort_cuda(tmp_path / "step_cfg.onnx", tmp_path / "fused.onnx", STEP_CFG.name, cpu_kernels_only=True)
     assert rec["fused"].get("Attention", 0) + rec["fused"].get("MultiHeadAttention", 0) > 0
     got = ort.InferenceSession(str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)

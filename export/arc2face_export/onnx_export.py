@@ -8,13 +8,11 @@ failed export never leaves a half-written engines folder.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import gc
 import logging
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,20 +23,18 @@ from arc2face_rt.atomic import naming_output, remove_stale_temps, temp_dir, undo
 from arc2face_rt.errors import InvalidInputError, MissingWeightsError, OutputExistsError
 from arc2face_rt.outputs import check_output_dir
 from arc2face_rt.specs import (ALL_STAGES, CONTROL_STAGES, PRECISIONS, PROJECTOR, SPEC_REVISION, STAGES, STEP,
-                               STEP_CFG, STEP_CFG_CONTROL, STEP_CONTROL, VAE_DECODER, StageSpec)
+                               STEP_CFG, STEP_CFG_CONTROL, STEP_CONTROL, VAE_DECODER)
 from arc2face_ref.loading import cast, load_models, model_files
 from arc2face_ref.modules import DenoiseStep, VaeDecode
 from arc2face_ref.projector import Arc2FaceProjector, unconditional_embedding
 
-from .cuda_placement import host_to_device_edges
 from .validate import ValidationError, example_inputs, validate_stage as _validate  # noqa: F401 (re-exported)
 from .ort_cuda import (ORT_CUDA_RECIPE, ORT_CUDA_STAGES, FusedGraphError, attention_for, check_loads, fuse_for_ort_cuda,
                        ort_cuda_file)
-from .onnx_files import save_model
 from .engines_folder import KEPT_ALWAYS, foreign_entry, replaced_entries, swap_in
+from .tracing import OPSET, export_graph
 
 log = logging.getLogger("arc2face_export")
-OPSET = 18
 
 
 def library_versions() -> dict:
@@ -61,68 +57,6 @@ class _CastIO(torch.nn.Module):
 
     def forward(self, x):
         return self.module(x.to(self.dtype)).float()
-
-
-@contextlib.contextmanager
-def static_attention_scale():
-    """Trace attention with its softmax scale as a constant.
-
-    Called without `scale`, torch's exporter computes 1/sqrt(head_dim) at run time from `Shape(q)`;
-    ONNX Runtime's CUDA provider then runs that arithmetic on the host and copies the result into the
-    device-side multiply, a Memcpy node that forbids its CUDA graphs (see `cuda_placement`). The head
-    dimension is fixed by the weights, so the scale is the same number for every batch size."""
-    real = torch.nn.functional.scaled_dot_product_attention
-
-    def sdpa(query, key, value, *args, scale=None, **kwargs):
-        if scale is None:
-            scale = 1.0 / float(int(query.shape[-1])) ** 0.5
-        return real(query, key, value, *args, scale=scale, **kwargs)
-
-    torch.nn.functional.scaled_dot_product_attention = sdpa
-    try:
-        yield
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = real
-
-
-def _export_one(module, spec: StageSpec, feeds: dict, path: Path) -> None:
-    args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
-    dynamic = {t.name: {0: "B"} for t in spec.inputs + spec.outputs if t.shape and t.shape[0] == "B"}
-    raw = path.with_suffix(".raw.onnx")
-    with torch.no_grad(), warnings.catch_warnings(), static_attention_scale():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)   # shape asserts in diffusers, expected
-        warnings.simplefilter("ignore", DeprecationWarning)        # the legacy exporter is chosen on purpose
-        torch.onnx.export(module, args, str(raw), input_names=[t.name for t in spec.inputs],
-                          output_names=[t.name for t in spec.outputs], dynamic_axes=dynamic,
-                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
-    import onnx
-
-    model = onnx.load(str(raw), load_external_data=True)
-    _stamp_io(model, spec)
-    for p in raw.parent.iterdir():   # the raw export (and any loose weight files it scattered)
-        p.unlink()
-    save_model(model, path)
-    del model
-    edges = host_to_device_edges(onnx.load(str(path), load_external_data=False))
-    if edges:
-        log.warning("%s: %d values would be copied from host to device by ONNX Runtime's CUDA provider "
-                    "(no CUDA graph there), e.g. %s", path.name, len(edges), edges[0])
-
-
-def _stamp_io(model, spec: StageSpec) -> None:
-    """Declare exactly the spec's I/O shapes (the tracer sometimes leaves outputs with made-up
-    symbolic dims); validation then checks the real outputs against them."""
-    for values, tensors in ((model.graph.input, spec.inputs), (model.graph.output, spec.outputs)):
-        for v, t in zip(values, tensors):
-            assert v.name == t.name, (v.name, t.name)
-            dims = v.type.tensor_type.shape.dim
-            del dims[:]
-            for d in t.shape:
-                dim = dims.add()
-                if isinstance(d, str):
-                    dim.dim_param = d
-                else:
-                    dim.dim_value = d
 
 
 def export_all(model_dir: str | Path, out_dir: str | Path, precision: str = "fp32", force: bool = False,
@@ -281,7 +215,7 @@ def _export_stage(models, name: str, precision: str, validate: bool, tmp: Path, 
     stage_dir.mkdir()
     path = stage_dir / spec.onnx_file
     with naming_output(out_dir / spec.onnx_file):
-        _export_one(module, spec, feeds, path)
+        export_graph(module, spec, feeds, path)
     rec = {"file": spec.onnx_file, "export_s": round(time.perf_counter() - ts, 2)}
     if validate:
         say(f"[{name}] validating against torch with onnxruntime")
@@ -329,7 +263,7 @@ def _export_ort_cuda_source(models, name: str, validate: bool, tmp: Path, say) -
     say(f"[{name}] exporting for ONNX Runtime CUDA (fp16, to be fused)")
     rec = {"file": ort_cuda_file(name), "recipe": ORT_CUDA_RECIPE}
     with attention_for(module, name):
-        _export_one(module, spec, feeds, work / spec.onnx_file)
+        export_graph(module, spec, feeds, work / spec.onnx_file)
     if validate:
         rec["source_validation"] = _validate(module, spec, check, work / spec.onnx_file, "fp16",
                                              _reference_fp32(models, name))
