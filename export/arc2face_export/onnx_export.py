@@ -220,8 +220,10 @@ def _export_stage(models, name: str, precision: str, validate: bool, tmp: Path, 
     if validate:
         say(f"[{name}] validating against torch with onnxruntime")
         rec["validation"] = _validate(module, spec, feeds, path, precision, ref32 or module)
-        say(f"[{name}] {rec['validation']['metric']} = {rec['validation']['value']:.3g} "
-            f"(tolerance {rec['validation']['tolerance']})")
+        v = rec["validation"]
+        judged = (f"; both within rounding of float64 (ONNX Runtime {v['float64']['onnxruntime']:.3g}, torch "
+                  f"{v['float64']['torch']:.3g})" if "float64" in v else "")
+        say(f"[{name}] {v['metric']} = {v['value']:.3g} (tolerance {v['tolerance']}){judged}")
     for p in stage_dir.iterdir():
         p.rename(tmp / p.name)
     stage_dir.rmdir()
