@@ -149,17 +149,18 @@ def write_random_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, 
     An existing folder must be empty, or with `force` a random checkpoint this tool wrote (it holds
     RANDOM_WEIGHTS.txt and only the files listed in _OWN_FILES); anything else is refused, and so is
     the current folder or one that contains it. Everything is written into a temporary folder beside
-    `out` and renamed into place at the end: a failure leaves `out` as it was."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel
-
+    `out` and renamed into place at the end: a failure leaves `out` as it was. The checks come before
+    the model libraries are imported: a refusal takes a moment, not their import's seconds."""
     if size not in CONFIGS:
         raise InvalidInputError(f"size must be one of {sorted(CONFIGS)}")
     if not 0 <= seed < 2**63:
         raise InvalidInputError(f"--seed must be in 0..2**63-1 (got {seed})")
     out = _check_target(out, force)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     if out.parent.is_dir():
         remove_stale_temps(out.parent)          # what a killed run left beside it
     cfg = CONFIGS[size]
