@@ -7,7 +7,6 @@ import subprocess
 
 import pytest
 
-
 def _has_cuda_gpu() -> bool:
     return shutil.which("nvidia-smi") is not None and subprocess.run(
         ["nvidia-smi", "-L"], capture_output=True).returncode == 0
@@ -59,6 +58,16 @@ def tiny_engines(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("engines") / "fp32"
     export_all(tiny_model_dir, out, precision="fp32")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16_engines(tiny_model_dir, tmp_path_factory):
+    """The tiny model exported in fp16 with the ONNX Runtime CUDA graphs (`onnx --precision fp16 --ort-cuda`),
+    with its manifest; shared, so read only (copy it with test_bad_input.engines_copy to change it)."""
+    from arc2face_export.onnx_export import export_all
+
+    out = tmp_path_factory.mktemp("engines") / "fp16"
+    return out, export_all(tiny_model_dir, out, precision="fp16", ort_cuda=True)
 
 
 def killed_run_temp(folder, name: str):

@@ -74,9 +74,8 @@ def test_a_no_op_export_checks_content_and_removes_a_dead_exports_temps(tiny_mod
         onnx_export.export_all(tiny_model_dir, d, precision="fp32")
 
 
-def test_fp16_export_is_half_precision_and_validates(tiny_model_dir, tmp_path):
-    out = tmp_path / "fp16"
-    m = onnx_export.export_all(tiny_model_dir, out, precision="fp16", stages=("projector", "step_cfg"))
+def test_fp16_export_is_half_precision_and_validates(tiny_fp16_engines):
+    out, m = tiny_fp16_engines
     for name in ("projector", "step_cfg"):
         g = onnx.load(str(out / f"{name}.onnx")).graph
         kinds = {i.data_type for i in g.initializer if len(i.dims) >= 2}

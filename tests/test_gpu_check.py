@@ -131,17 +131,14 @@ def test_nvidia_libraries_are_linked_next_to_an_onnxruntime_installed_apart(tmp_
     assert _link_nvidia_libraries(site) == []                         # idempotent
 
 
-def test_the_ort_phase_measures_every_variant_it_can_open(tmp_path, monkeypatch):
+def test_the_ort_phase_measures_every_variant_it_can_open(tiny_fp16_engines, tmp_path, monkeypatch):
     """gpu-check's `ort` phase code on the CPU provider: plain variants measured and agreeing, the
     fused graphs (CUDA-only kernels) recorded as errors instead of ending the phase."""
-    from arc2face_export.onnx_export import export_all
-    from arc2face_ref.random_ckpt import write_random_checkpoint
+    from test_bad_input import engines_copy
 
     from benchmarks.gpu_ort import measure_ort_loop, measure_vae_decode
 
-    model = write_random_checkpoint(tmp_path / "tiny", size="tiny", seed=0, face_models=False)
-    engines = tmp_path / "engines"
-    export_all(model, engines, precision="fp16", stages=("projector", "step_cfg", "vae_decoder"), ort_cuda=True)
+    engines = engines_copy(tiny_fp16_engines[0], tmp_path / "engines")     # the profiles go beside it
     loop = measure_ort_loop(engines, steps=3, guidance=3.0, batches=(1,), repeats=1, device="cpu")
     assert "error" in loop["variants"]["fused+graph"]
     plain = loop["variants"]["plain+graph"]

@@ -22,9 +22,8 @@ from arc2face_rt.specs import STEP_CFG
 
 
 @pytest.fixture(scope="module")
-def fused(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("engines") / "fused"
-    return out, export_all(tiny_model_dir, out, precision="fp16", ort_cuda=True)
+def fused(tiny_fp16_engines):
+    return tiny_fp16_engines
 
 
 def test_manifest_records_verified_fused_graphs(fused):
@@ -85,12 +84,13 @@ def test_the_cpu_path_never_asks_for_the_fused_graphs(fused, monkeypatch):
     assert len(asked) == 3 and asked == [None, None, None]
 
 
-def test_on_a_gpu_the_fused_graph_is_offered_after_verification(fused, monkeypatch):
+def test_on_a_gpu_the_fused_graph_is_offered_after_verification(fused, monkeypatch, tmp_path):
     import arc2face_rt.folder_setup as folder_setup
     import arc2face_rt.pipeline as pipeline
     from arc2face_rt.errors import EngineMismatchError
+    from test_bad_input import engines_copy, replace_file
 
-    out, m = fused
+    out, m = engines_copy(fused[0], tmp_path / "e"), fused[1]       # the shared folder stays as it is
     monkeypatch.setattr(folder_setup, "ort_gpu_usable", lambda device: True)
     with pipeline.Arc2FacePipeline(out, backend="ort", device="cpu") as pipe:
         assert pipe._ort_cuda_path("step_cfg") == out / "step_cfg.ort-cuda.onnx"
@@ -100,12 +100,9 @@ def test_on_a_gpu_the_fused_graph_is_offered_after_verification(fused, monkeypat
         monkeypatch.delenv("ARC2FACE_ORT_FUSED")
         path = out / m["ort_cuda"]["vae_decoder"]["file"]
         data = path.read_bytes()
-        try:
-            path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))     # same size, other content
-            with pytest.raises(EngineMismatchError):
-                pipe._ort_cuda_path("vae_decoder")
-        finally:
-            path.write_bytes(data)
+        replace_file(path, data[:-1] + bytes([data[-1] ^ 1]))        # same size, other content
+        with pytest.raises(EngineMismatchError):
+            pipe._ort_cuda_path("vae_decoder")
 
 
 def test_ort_cuda_needs_an_fp16_folder_and_its_own_stages(tiny_model_dir, tmp_path):
