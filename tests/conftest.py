@@ -7,6 +7,15 @@ import subprocess
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n N` (.ci/run): N workers share the cores, so each runs torch, ONNX Runtime and OpenVINO on
+    # one thread instead of one per core (oversubscribed, their spinning threads made the 2-core run only
+    # 18% faster than one worker; with one thread each the tiny pipeline loses 25% and two run at once).
+    # Set before any test module imports torch; child processes inherit it.
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ARC2FACE_ORT_THREADS", "ARC2FACE_OV_THREADS"):
+        os.environ.setdefault(_var, "1")
+
+
 def _has_cuda_gpu() -> bool:
     return shutil.which("nvidia-smi") is not None and subprocess.run(
         ["nvidia-smi", "-L"], capture_output=True).returncode == 0
