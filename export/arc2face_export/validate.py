@@ -135,7 +135,7 @@ def _refuse_nonfinite(spec: StageSpec, outputs: list, precision: str) -> None:
     for t, w in zip(spec.outputs, outputs):
         bad = int(w.size - np.isfinite(w).sum())
         if bad:
-            why = (f"torch in {precision} gives NaN/inf too (fp32 does not): the weights overflow {precision}; "
+            why = (f"torch in {precision} gives NaN/inf (fp32 does not): the weights overflow {precision}; "
                    "export --precision fp32" if precision else
                    "torch itself gives NaN/inf: the model (or fused LoRA) weights produce non-finite values; "
                    "check or download the weights again, or pass another --lora")
