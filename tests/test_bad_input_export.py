@@ -4,6 +4,8 @@ process: exit code 2, one `arc2face-export: error:` line, no traceback, nothing 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,3 +149,20 @@ def test_export_cli_write_failure(case, tiny_model_dir, tiny_engines, tmp_path):
     last = assert_refused(EXPORT, "arc2face-export", [a.format(t=t, e=e, m=tiny_model_dir) for a in argv], t, words,
                           cwd=t, preexec_fn=_file_size_limit(1 << 20))
     assert "could not be written" in last or "file too large" in last, last
+
+
+@pytest.mark.parametrize("call", ["load_models(m)", "write_random_checkpoint(t, force=True)"])
+def test_refusals_come_before_the_model_libraries_are_imported(call, tiny_model_dir, tmp_path):
+    """A broken config, or a random-checkpoint --out that is the current folder, is refused without
+    importing diffusers or transformers (seconds of import on a small machine, for a refusal)."""
+    m = model_copy(tiny_model_dir, tmp_path / "m")
+    replace_file(m / "vae" / "config.json", b"[1, 2]")
+    code = ("import os, sys\n"
+            "from arc2face_ref.loading import load_models\n"
+            "from arc2face_ref.random_ckpt import write_random_checkpoint\n"
+            f"m, t = sys.argv[1], os.getcwd()\n"
+            f"try:\n    {call}\nexcept Exception as e:\n"
+            "    print(type(e).__name__, 'diffusers' in sys.modules, 'transformers' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(m)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.stdout.split()[1:] == ["False", "False"] and r.stdout.split()[0] in ("MissingWeightsError",
+                                                                                  "InvalidInputError"), r

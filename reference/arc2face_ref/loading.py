@@ -103,16 +103,27 @@ def _load_weights(model, state: dict, weights: Path, config_path: Path):
     return model
 
 
-def _from_config(cls, folder: Path):
-    """`cls` built from folder/config.json, with its initial (random) weights."""
-    config_path = folder / "config.json"
+def _config_object(config_path: Path) -> dict:
+    """A model's config.json as a JSON object, or MissingWeightsError naming the file. Plain JSON: no
+    model library is imported for it, so a broken config is refused at once."""
     try:
-        config = cls.load_config(str(folder))
-    except Exception as e:
+        config = json.loads(config_path.read_text())
+    except (ValueError, OSError) as e:
         raise MissingWeightsError(f"{config_path}: unreadable or invalid ({_first_line(e)}); download it again") from e
     if not isinstance(config, dict):
         raise MissingWeightsError(f"{config_path}: holds a JSON {type(config).__name__}, not a model config (an "
                                   "object); download it again")
+    return config
+
+
+def _from_config(cls, folder: Path):
+    """`cls` built from folder/config.json, with its initial (random) weights."""
+    config_path = folder / "config.json"
+    _config_object(config_path)
+    try:
+        config = cls.load_config(str(folder))
+    except Exception as e:
+        raise MissingWeightsError(f"{config_path}: unreadable or invalid ({_first_line(e)}); download it again") from e
     return _build(config_path, lambda: cls.from_config(config))
 
 
@@ -213,11 +224,17 @@ class Arc2FaceModels:
 
 
 def load_models(model_dir: str | Path, dtype=torch.float32) -> Arc2FaceModels:
+    """Every model of MODEL_DIR. The files and configs are checked before the model libraries are
+    imported (seconds), so a missing file or a broken config is refused at once."""
+    model_dir = Path(model_dir)
+    found = model_files(model_dir)
+    files = {p.parent.name: p for p in found if p.name != "config.json"}
+    scheduler_config = read_scheduler_config(model_dir / "scheduler" / "scheduler_config.json")
+    for p in found:
+        if p.name == "config.json":
+            _config_object(p)
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
-    model_dir = Path(model_dir)
-    files = {p.parent.name: p for p in model_files(model_dir) if p.name != "config.json"}
-    scheduler_config = read_scheduler_config(model_dir / "scheduler" / "scheduler_config.json")
     return Arc2FaceModels(
         unet=_load_diffusers(UNet2DConditionModel, model_dir / "arc2face", files["arc2face"], dtype),
         vae=_load_diffusers(AutoencoderKL, model_dir / "vae", files["vae"], dtype),
