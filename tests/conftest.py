@@ -10,7 +10,8 @@ import pytest
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `pytest -n N` (.ci/run): N workers share the cores, so each runs torch, ONNX Runtime and OpenVINO on
     # one thread instead of one per core (oversubscribed, their spinning threads made the 2-core run only
-    # 18% faster than one worker; with one thread each the tiny pipeline loses 25% and two run at once).
+    # 18% faster than one worker; on one thread the pipeline parity test and test_resume took 182 s
+    # instead of 161 s, and two workers run at once).
     # Set before any test module imports torch; child processes inherit it.
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ARC2FACE_ORT_THREADS", "ARC2FACE_OV_THREADS"):
         os.environ.setdefault(_var, "1")
