@@ -149,6 +149,47 @@ def test_stale_temporary_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, foreign.name])
 
 
+
+@pytest.mark.parametrize("where", ["mkstemp returns", "cleanup starts"])
+def test_a_stop_inside_a_write_leaves_no_temporary_file(tmp_path, monkeypatch, where):
+    """SIGTERM landing the moment mkstemp has made the temporary file (before its name is bound), or
+    as the cleanup starts, is raised once the write is over: the output is whole, no temporary file is
+    left. (CI once found one after `generate` was stopped by SIGTERM.)"""
+    import tempfile
+
+    from arc2face_rt import atomic, exits
+
+    monkeypatch.setattr(exits, "_seen", [])
+    if where == "mkstemp returns":
+        real_mkstemp = tempfile.mkstemp
+
+        def mkstemp(*a, **k):
+            made = real_mkstemp(*a, **k)
+            exits._on_signal(signal.SIGTERM, None)
+            return made
+        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    else:
+        real_unlink = Path.unlink
+
+        def unlink(self, *a, **k):
+            exits._on_signal(signal.SIGTERM, None)
+            return real_unlink(self, *a, **k)
+        monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(exits.Terminated):
+        atomic.atomic_write(tmp_path / "a.png", b"image")
+    monkeypatch.undo()
+    assert _folder(tmp_path) == {"a.png": b"image"}
+
+
+def test_a_write_in_the_cleanup_of_a_stop_is_not_stopped_again(tmp_path, monkeypatch):
+    """A cleanup that handles a stop (saving verification stamps, a runtime cache) writes to its end:
+    only a stop that arrives during the write is raised after it."""
+    from arc2face_rt import atomic, exits
+
+    monkeypatch.setattr(exits, "_seen", [signal.SIGTERM])        # the stop being handled
+    atomic.atomic_write(tmp_path / "stamps.json", b"{}")
+    assert _folder(tmp_path) == {"stamps.json": b"{}"}
+
 def test_huge_n_costs_nothing_up_front(tiny_engines, tmp_path):
     """-n 10**9 starts generating at once (no list of names is built); the first images appear."""
     out = tmp_path / "out"

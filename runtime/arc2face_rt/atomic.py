@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from .errors import OutputExistsError, OutputWriteError
+from .exits import holding_stops
 
 _TAG = "arc2face"
 _TEMP_RE = re.compile(r"^\..+\." + _TAG + r"-(?P<host>[A-Za-z0-9_.-]*)-(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp$")
@@ -60,6 +61,16 @@ def atomic_write(path: str | Path, data: bytes | memoryview | Callable[[BinaryIO
         data(buf)
         data = buf.getbuffer()
     path.parent.mkdir(parents=True, exist_ok=True)
+    with holding_stops():       # see _write_into_place
+        _write_into_place(path, data, overwrite)
+    return path
+
+
+def _write_into_place(path: Path, data, overwrite: bool) -> None:
+    """atomic_write's file-system part, run with Ctrl-C and SIGTERM held: a stop raised between
+    creating the temporary file and binding its name, or inside the cleanup, would leave the file
+    behind. A stop that arrives meanwhile is raised once the output is in place (or the temporary
+    file gone)."""
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
@@ -86,7 +97,6 @@ def atomic_write(path: str | Path, data: bytes | memoryview | Callable[[BinaryIO
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-    return path
 
 
 def _process_alive(pid: int) -> bool:

@@ -170,17 +170,22 @@ def stop_requested() -> bool:
 
 @contextlib.contextmanager
 def holding_stops():
-    """Run C++ code that calls back into Python (TensorRT's logger and build progress monitor) with
-    Ctrl-C and SIGTERM held: raised inside such a callback, the exception is printed by the bindings
-    as a stack dump and the C++ work goes on. A stop that arrives is recorded (`stop_requested`, which
-    a progress callback can answer by cancelling) and raised when the block ends."""
+    """Run a block with Ctrl-C and SIGTERM held. For C++ code that calls back into Python (TensorRT's
+    logger and build progress monitor: raised inside such a callback, the exception is printed by
+    the bindings as a stack dump and the C++ work goes on), and for steps that must not be cut in two
+    (an atomic write's temporary file and its removal). A stop that arrives is recorded
+    (`stop_requested`, which a progress callback can answer by cancelling) and raised when the block
+    ends; one that arrived before the block is not raised again (the block may be the cleanup that
+    handles it)."""
     global _held
+    before = len(_seen)
     _held += 1
     try:
         yield
     finally:
         _held -= 1
-    check_interrupt()
+    if len(_seen) > before:
+        _stop(_seen[-1])
 
 
 STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
