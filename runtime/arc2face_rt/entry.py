@@ -3,7 +3,9 @@ Runtime or torch are still loading ends with one line and exit 130 rather than a
 
 A KeyboardInterrupt that lands inside a C extension's import can surface as another exception
 (numpy turns it into an ImportError), so the import runs under a SIGINT handler that remembers the
-signal: whatever the import then raises, it was the user's Ctrl-C.
+signal: whatever the import then raises, it was the user's Ctrl-C. A Ctrl-C before `main()` has
+installed that handler (Python's own start-up, the console script's first lines) is Python's: a
+traceback.
 """
 from __future__ import annotations
 
