@@ -15,35 +15,32 @@ import sys
 
 def interruptible(prog: str, load_main):
     """Import the CLI (`load_main()` returns its main) and run it; Ctrl-C during the import gives
-    `PROG: interrupted` and exit 130 (once it runs, the CLI handles Ctrl-C itself)."""
+    `PROG: interrupted` and exit 130 (once it runs, the CLI handles Ctrl-C itself). So does one that
+    lands as the handler is installed or put back: the whole body is inside the one `except`."""
     seen = []
 
     def on_sigint(signum, frame):
         seen.append(signum)
         raise KeyboardInterrupt
 
-    try:                                  # a Ctrl-C the process was started ignoring stays ignored
-        ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-        previous = None if ignored else signal.signal(signal.SIGINT, on_sigint)
-    except ValueError:                    # not the main thread
-        previous = None
-    except KeyboardInterrupt:             # the Ctrl-C landed while the handler was being installed
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    previous = None
     try:
-        main = load_main()
-    except BaseException:
-        if seen:
-            print(f"{prog}: interrupted", file=sys.stderr)
-            return 130
-        raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    if seen:                               # the signal arrived as the import finished
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    try:
+        try:                              # a Ctrl-C the process was started ignoring stays ignored
+            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+                previous = signal.signal(signal.SIGINT, on_sigint)
+        except ValueError:                # not the main thread
+            pass
+        try:
+            main = load_main()
+        except BaseException:
+            if seen:                      # numpy, say, turned the KeyboardInterrupt into an ImportError
+                raise KeyboardInterrupt from None
+            raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        if seen:                          # the signal arrived as the import finished
+            raise KeyboardInterrupt
         return main()
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
