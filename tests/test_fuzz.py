@@ -23,7 +23,7 @@ from arc2face_rt.pipeline import load_identity
 # CI runs a fixed (derandomised) 150 examples per test; ARC2FACE_FUZZ_EXAMPLES=N runs N random ones.
 _EXAMPLES = os.environ.get("ARC2FACE_FUZZ_EXAMPLES")
 FUZZ = settings(max_examples=int(_EXAMPLES or 150), deadline=None, derandomize=not _EXAMPLES,
-                suppress_health_check=[HealthCheck.function_scoped_fixture])
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=20),
