@@ -151,7 +151,6 @@ def test_stale_temporary_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, foreign.name])
 
 
-
 @pytest.mark.parametrize("where", ["mkstemp returns", "cleanup starts"])
 def test_a_stop_inside_a_write_leaves_no_temporary_file(tmp_path, monkeypatch, where):
     """SIGTERM landing the moment mkstemp has made the temporary file (before its name is bound), or
@@ -191,6 +190,7 @@ def test_a_write_in_the_cleanup_of_a_stop_is_not_stopped_again(tmp_path, monkeyp
     monkeypatch.setattr(exits, "_seen", [signal.SIGTERM])        # the stop being handled
     atomic.atomic_write(tmp_path / "stamps.json", b"{}")
     assert _folder(tmp_path) == {"stamps.json": b"{}"}
+
 
 def test_huge_n_costs_nothing_up_front(tiny_engines, tmp_path):
     """-n 10**9 starts generating at once (no list of names is built); the first images appear."""
@@ -239,7 +239,6 @@ def test_ctrl_c_while_still_importing(tool, tiny_engines, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
-
 def test_a_ctrl_c_as_the_import_handler_is_put_back_is_one_line(monkeypatch, capsys):
     """A Ctrl-C landing as `interruptible` puts Python's handler back (the import just finished)
     raises there: still one line and exit 130, not a traceback."""
@@ -257,6 +256,7 @@ def test_a_ctrl_c_as_the_import_handler_is_put_back_is_one_line(monkeypatch, cap
     monkeypatch.setattr(entry.signal, "signal", put_back_then_interrupted)
     assert entry.interruptible("tool", lambda: (lambda: 0)) == 130
     assert capsys.readouterr().err == "tool: interrupted\n" and len(calls) == 2
+
 
 @pytest.mark.parametrize("after", ["check", "error", "return"])
 def test_a_ctrl_c_a_library_swallowed_still_stops_the_command(after, capsys):
