@@ -8,7 +8,8 @@ its row (OpenVINO rows: after a first child that compiles the graphs into the bl
 that crashes or times out is recorded as failed with the tail of its output; the run still writes
 its results.
 
-Child (`row_main`): cold start (load -> first image), warm batch-1 latency (median of repeats),
+Child (`row_main`): cold start (load -> each torch.compile'd model compiled and timed on its own ->
+first image), warm batch-1 latency (median of repeats),
 throughput per batch size, the per-stage split, peak host RSS and peak GPU memory.
 """
 from __future__ import annotations
@@ -342,9 +343,14 @@ def measure_row(cfg: dict, save=None) -> dict:
         if cfg.get("prepare_only"):      # OpenVINO: compile into the cache, then stop
             runner.close()
             return {"status": "ok", "load_s": row["load_s"], "peak_rss_mb": env.rss_high_water_mb()}
+        row["info"] = runner.info()         # what runs (e.g. the compile mode), also in a partial row
         # what is under way is saved before each long part: a row stopped there says where (for
-        # torch.compile, a stop in the first image means the compile itself took longer than the budget)
-        row["under_way"] = "the first image (cold start: torch.compile compiles here)"
+        # torch.compile, a stop while compiling a model means that compile took longer than the budget)
+        for label, compile_once in runner.compile_parts().items():
+            row["under_way"] = f"compiling {label} (cold start)"
+            checkpoint()
+            row.setdefault("compile_s", {})[label] = _times(compile_once, runner.sync, 1)[0]
+        row["under_way"] = "the first image (cold start)"
         checkpoint()
         first = runner.generate(1)
         row.update(cold_start_s=time.perf_counter() - t0, image_shape=list(first.shape),

@@ -126,15 +126,23 @@ def run_section(d: dict, chart: str | None) -> list[str]:
         notes = [f"- {r['backend']}: {n}" for r in ok for n in r.get("notes", [])]
         notes += [f"- {r['backend']}: {r['info']['isa']}; first compile {_f(r['first_compile'].get('load_s'))} s "
                   "(cold start is a later process, compiled blobs from the cache)" for r in ok if r.get("first_compile")]
+        notes += [f"- {r['backend']}: {_compiles(r)}" for r in ok if r.get("compile_s") and r["status"] == "ok"]
         if notes:
             lines += ["Notes:", ""] + notes + [""]
     skipped = [r for r in rows if r["status"] != "ok"]
     if skipped:
         lines += ["Not (fully) measured:", ""]
-        lines += [f"- **{r['backend']}** {r['status']}: {r.get('reason', '')}" for r in skipped] + [""]
+        lines += [f"- **{r['backend']}** {r['status']}: {r.get('reason', '')}"
+                  + (f"; {_compiles(r)}" if r.get("compile_s") else "") for r in skipped] + [""]
     if chart:
         lines += [f"![{d['_file']}]({chart})", ""]
     return lines
+
+
+def _compiles(r: dict) -> str:
+    """The compiles a row timed before its first image, e.g. "compiled (max-autotune): UNet 312 s"."""
+    mode = r.get("info", {}).get("compile_mode", "?")
+    return f"compiled ({mode}): " + ", ".join(f"{k} {_f(v)} s" for k, v in r["compile_s"].items())
 
 
 def export_section(d: dict) -> list[str]:

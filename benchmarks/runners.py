@@ -49,6 +49,11 @@ class Runner:
     def stages(self) -> dict:
         return {}
 
+    def compile_parts(self) -> dict:
+        """{label: call} that each compile one model at the shapes of the first image; the harness times
+        them one by one before that image, so a compile that outlasts --row-timeout is named."""
+        return {}
+
     def info(self) -> dict:
         return {}
 
@@ -210,6 +215,24 @@ class TorchRunner(Runner):
         eps_u, eps_c = self.unet(self.torch.cat([x_in, x_in]), t, enc).sample.float().chunk(2)
         eps = eps_u + self.guidance * (eps_c - eps_u)
         return sched.step(eps, t, x).prev_sample
+
+    def compile_parts(self) -> dict:
+        if not self.compile:
+            return {}
+        torch = self.torch
+
+        def first_step():       # the first image's first UNet call: same shapes, dtypes and devices
+            with torch.no_grad():
+                cond = self._project(self.identity[None])
+                x = torch.from_numpy(_latents(1, self.steps, self.models.scheduler_config)).to(self.dev)
+                sched = self.make_scheduler()
+                sched.set_timesteps(self.steps, device=self.dev)
+                self._step(sched, sched.timesteps[0], x, torch.cat([self.uncond[None], cond]))
+
+        def decode():
+            with torch.no_grad():
+                self.decoder(torch.from_numpy(_latents(1, self.steps, self.models.scheduler_config)).to(self.dev))
+        return {"UNet": first_step, "VAE decoder": decode}
 
     def _loop(self, cond, x):
         sched = self.make_scheduler()

@@ -88,6 +88,37 @@ def test_missing_checkpoint_is_a_skipped_row(tmp_path):
     assert row["status"] == "skipped" and "missing checkpoint" in row["reason"]
 
 
+def test_torch_compile_rows_compile_each_model_at_the_first_images_shapes(tiny_model_dir, monkeypatch):
+    """The timed compiles before the first image must leave that image nothing new to compile: Dynamo
+    (with a backend that records each graph instead of Inductor's minutes on a CPU) traces no new graph."""
+    import torch
+    import torch._dynamo
+
+    from benchmarks.runners import TorchCompileRunner
+
+    graphs, compile_ = [], torch.compile
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compile_(model, backend=record))
+    torch._dynamo.reset()
+    runner = TorchCompileRunner({"model_dir": str(tiny_model_dir), "device": "cpu", "steps": 2, "guidance": 3.0,
+                                 "compile_mode": "max-autotune"})
+    runner.load()
+    parts = runner.compile_parts()
+    assert list(parts) == ["UNet", "VAE decoder"]
+    for label, compile_once in parts.items():
+        before = len(graphs)
+        compile_once()
+        assert len(graphs) > before, f"{label}: nothing was compiled"
+    traced = len(graphs)
+    assert runner.generate(1).shape[0] == 1
+    assert len(graphs) == traced, "the first image traced new graphs: the compile parts used other shapes"
+    assert runner.info()["compile_mode"] == "max-autotune"
+    torch._dynamo.reset()
+
+
 def test_build_records_each_plan(tiny_engines, tmp_path):
     """`build` times a TensorRT(-RTX) build of every stage and records each plan's size."""
     pytest.importorskip("tensorrt_rtx")

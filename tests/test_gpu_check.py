@@ -1,5 +1,5 @@
-"""The GPU-session tooling that can be checked without a GPU: wheels carried in pieces, partial rows
-of a stopped benchmark, and `gpu-check` phases writing their JSON (the GPU parts skip or report why)."""
+"""The GPU-session tooling that can be checked without a GPU: wheels carried in pieces and `gpu-check`
+phases writing their JSON (the GPU parts skip or report why)."""
 from __future__ import annotations
 
 import json
@@ -47,49 +47,6 @@ def test_wheels_travel_in_pieces_and_install_when_complete(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(site)),
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == ["600000", "600000"]
-
-
-class _SlowRunner:
-    """A benchmark row that measures batch 1 and then dies at batch 4 (as a row stopped by a timeout)."""
-    notes: list = []
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-    def load(self):
-        pass
-
-    def sync(self):
-        pass
-
-    def generate(self, batch):
-        if batch == 4:
-            raise TimeoutError("stopped")
-        return np.zeros((batch, 512, 512, 3), np.uint8)
-
-    def stages(self):
-        return {}
-
-
-def test_a_row_stopped_part_way_keeps_what_it_measured(monkeypatch, tmp_path):
-    from benchmarks import harness, report, runners
-
-    monkeypatch.setitem(runners.RUNNERS, "slow", _SlowRunner)
-    cfg = {"backend": "slow", "repeats": 2, "warmup": 0, "batches": [1, 4]}
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert harness.row_main(tmp_path / "config.json", tmp_path / "row.json") == 1
-    row = json.loads((tmp_path / "row.json").read_text())
-    assert row["status"] == "failed" and "stopped" in row["reason"]
-    partial = row["partial"]
-    assert partial["status"] == "partial" and partial["latency_s"]["median"] >= 0
-    assert partial["throughput_ips"].keys() == {"1"} and partial["cold_start_s"] is not None
-    partial.update(backend="slow", reason="stopped after 540 s (--row-timeout); partial measurements kept")
-    assert harness.measured(partial)
-    doc = {"_file": "x.json", "options": {"size": "full", "steps": 25, "guidance": 3.0, "batches": [1, 4],
-                                          "repeats": 2, "precision_resolved": "fp16"},
-           "device_kind": "cuda", "machine": {}, "created": "now", "git": {}, "rows": [partial]}
-    text = "\n".join(report.run_section(doc, None))
-    assert "**slow (partial)**" in text and "stopped after 540 s" in text
 
 
 def test_gpu_check_phases_write_their_json_without_a_gpu(tmp_path):
@@ -347,21 +304,6 @@ def test_the_merged_run_keeps_each_rows_libraries(tmp_path):
     assert rows["ort"]["libraries"]["onnxruntime"] == "1.31.1 (onnxruntime-gpu)"
     assert rows["diffusers"]["libraries"]["onnxruntime"] == "1.30.0 (onnxruntime)"
     assert run["libraries"]["onnxruntime"] == "1.31.1 (onnxruntime-gpu)"
-
-
-class _ColdRunner(_SlowRunner):
-    def generate(self, batch):
-        raise TimeoutError("still compiling")
-
-
-def test_a_row_stopped_in_its_cold_start_keeps_its_load_time_and_says_where(monkeypatch, tmp_path):
-    from benchmarks import harness, runners
-
-    monkeypatch.setitem(runners.RUNNERS, "cold", _ColdRunner)
-    (tmp_path / "config.json").write_text(json.dumps({"backend": "cold", "repeats": 1, "warmup": 0, "batches": [1]}))
-    assert harness.row_main(tmp_path / "config.json", tmp_path / "row.json") == 1
-    partial = json.loads((tmp_path / "row.json").read_text())["partial"]
-    assert partial["load_s"] is not None and "first image" in partial["under_way"]
 
 
 # On the device machines the repository is copied, not installed: `python3 -m benchmarks gpu-check`
