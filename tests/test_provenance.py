@@ -240,6 +240,36 @@ def test_a_worker_that_would_make_other_pixels_refuses(tiny_engines, tmp_path):
             ShardWorker(config, random_identity(1)[None], pipe=p)
 
 
+def test_a_restarted_ray_actor_that_would_make_other_pixels_refuses_its_shard_in_one_line(tiny_engines, tmp_path,
+                                                                                          capsys):
+    """Ray re-creates a dead actor from its first arguments, perhaps on another machine, and nothing
+    compared it with the others: every `--ray` shard task carries the run record the actors agreed on.
+    The refusal reaches the driver wrapped in Ray's RayTaskError, and is still the worker's one line."""
+    ray_exceptions = pytest.importorskip("ray.exceptions")
+    from arc2face_rt.dataset.spec import DatasetSpec
+    from arc2face_rt.dataset.worker import ShardWorker, WorkerConfig
+    from arc2face_rt.errors import EngineMismatchError
+    from arc2face_rt.exits import run_cli
+
+    spec = DatasetSpec(identities=1, per_identity=1, options=GenerationOptions(steps=1, batch_size=1))
+    out = tmp_path / "o"
+    out.mkdir()                                                   # as the driver leaves it for the actors
+    with Arc2FacePipeline(tiny_engines, backend="ort", device="cpu") as p:
+        agreed = {**p.run_params(), "precision": "bf16"}          # what the other actors resolved
+        restarted = ShardWorker(WorkerConfig(out=out, spec=spec, engines=tiny_engines, backend="ort", device="cpu"),
+                                random_identity(1)[None], pipe=p)
+        with pytest.raises(EngineMismatchError, match="precision: 'bf16' there, 'fp32' here") as refused:
+            restarted.run(0, expect=agreed)
+        assert not list(out.rglob("*"))                           # refused before anything was written
+        assert restarted.run(0, expect=p.run_params())["counts"]["generated"] == 1
+
+    def driver():
+        raise ray_exceptions.RayTaskError("ShardWorker.run", "Traceback (most recent call last):\n  ...",
+                                          refused.value).as_instanceof_cause()
+    assert run_cli(driver, "arc2face-rt") == 2
+    assert capsys.readouterr().err == f"arc2face-rt: error: {refused.value}\n"
+
+
 def test_ray_dataset_records_the_actors_run_not_the_gpu_less_heads(tiny_engines, tmp_path, monkeypatch, capsys):
     """`dataset --ray` from a head without a GPU whose actors run on GPUs (simulated: Ray's actor start and
     pool replaced by in-process ShardWorkers whose sessions report CUDA): dataset.json records the actors'
@@ -261,13 +291,16 @@ def test_ray_dataset_records_the_actors_run_not_the_gpu_less_heads(tiny_engines,
 
     monkeypatch.setattr(folder_setup, "ort_gpu_usable", lambda device: False)      # the head: no GPU
     monkeypatch.setattr(ray_runner, "ray_actors", actors)
-    monkeypatch.setattr(ray_runner, "run_on_ray", lambda ws, todo: (ws[0].run(s) for s in todo))
+    expected = []
+    monkeypatch.setattr(ray_runner, "run_on_ray",
+                        lambda ws, todo, record: (expected.append(record) or ws[0].run(s, expect=record) for s in todo))
     out = tmp_path / "d"
     args = DS + ["--engines", str(tiny_engines), "--out", str(out), "--backend", "ort", "--ray"]
     with monkeypatch.context() as m:
         m.setattr(provenance, "from_sessions", lambda sessions, files: (True, False))   # the actors: on CUDA
         assert rt_main(args) == 0, capsys.readouterr().err
         assert json.loads((out / "dataset.json").read_text())["device"] == "cuda"
+        assert expected and all(r["device"] == "cuda" for r in expected)   # each shard checked against it
         (out / "shards" / "shard-000001.json").unlink()
         assert rt_main(args + ["--resume"]) == 0, capsys.readouterr().err
     (out / "shards" / "shard-000001.json").unlink()

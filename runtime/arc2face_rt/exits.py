@@ -55,6 +55,8 @@ def os_error_message(e: OSError) -> str:
 
 def user_error_message(e: BaseException) -> str | None:
     """The one-line message for an exception a user can cause and fix, or None for a bug."""
+    if type(e).__module__ == "ray.exceptions" and isinstance(getattr(e, "cause", None), BaseException):
+        e = e.cause         # a Ray worker's exception (`dataset --ray`): its message, not Ray's traceback text
     if isinstance(e, Arc2FaceError):
         return str(e)
     if isinstance(e, OSError):

@@ -137,7 +137,7 @@ def cmd_dataset(args) -> int:
             _stderr("note: these engines come from a RANDOM-WEIGHT checkpoint: images will look like noise, not faces"
                     + ("; similarities exercise the filter's mechanics, not quality" if spec.score else ""))
         s = run_dataset(config, identities, todo, ray=args.ray, actors=actors, log=_stderr,
-                        progress=_progress_bar, worker=worker)
+                        progress=_progress_bar, worker=worker, record=record)
     i, run = s["images"], s["this_run"]
     _stderr(f"wrote {run['shards']} shard(s) to {args.out} in {run['seconds']:.1f} s "
             f"({run['images_per_s'] or 0:.2f} images/s); dataset: {s['shards']['committed']} of "

@@ -4,7 +4,8 @@ One `ShardWorker` actor per GPU (`num_gpus=1`) when the cluster has GPUs, else o
 (`num_cpus=1`), each holding one loaded pipeline; a `ray.util.ActorPool` hands them shard numbers.
 A worker that dies is restarted and its shard retried (`max_restarts`, `max_task_retries`): a shard
 is idempotent (built out of sight, committed by rename, manifest last), so a retry gives the same
-bytes. Every actor writes into the same output folder: on several machines it must be a shared file
+bytes, and every shard task carries the run record the actors agreed on, so a restarted actor that
+would make other pixels (another machine) refuses instead of writing. Every actor writes into the same output folder: on several machines it must be a shared file
 system (NFS, a cluster file system, a FUSE-mounted bucket with rename support).
 """
 from __future__ import annotations
@@ -80,8 +81,8 @@ def ray_actors(config: WorkerConfig, identities: np.ndarray, address: str, worke
             ray.shutdown()
 
 
-def run_on_ray(actors: list, todo: list[int]) -> Iterator[dict]:
-    """Yield each shard's manifest as one of `actors` (`ray_actors`) commits it."""
+def run_on_ray(actors: list, todo: list[int], record: dict) -> Iterator[dict]:
+    """Yield each shard's manifest as one of `actors` (`ray_actors`, which also resolved `record`) commits it."""
     from ray.util import ActorPool
 
-    yield from ActorPool(actors).map_unordered(lambda a, s: a.run.remote(s), todo)
+    yield from ActorPool(actors).map_unordered(lambda a, s: a.run.remote(s, expect=record), todo)

@@ -249,9 +249,10 @@ def summarize(out: Path, spec: DatasetSpec, run: dict) -> dict:
 
 def run_dataset(config: WorkerConfig, identities: np.ndarray, todo: list[int], pipe=None, ray: str | None = None,
                 actors: list | None = None, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
-                progress=None, worker: ShardWorker | None = None) -> dict:
+                progress=None, worker: ShardWorker | None = None, record: dict | None = None) -> dict:
     """Make the shards `todo` (in-process with `worker`, or a new one on `pipe`; or on the Ray `actors`
-    of `ray_runner.ray_actors`, `ray` naming the address), then write summary.json; returns it.
+    of `ray_runner.ray_actors`, `ray` naming the address, each shard checked against the run `record`
+    they resolved), then write summary.json; returns it.
     `progress(total_images)` returns a tqdm-like bar."""
     spec = config.spec
     bar = progress(sum(len(spec.shard_identities(s)) for s in todo) * spec.per_identity) if progress else None
@@ -268,7 +269,7 @@ def run_dataset(config: WorkerConfig, identities: np.ndarray, todo: list[int], p
         else:
             from .ray_runner import run_on_ray
 
-            for m in run_on_ray(actors, todo):
+            for m in run_on_ray(actors, todo, record):
                 made += m["counts"]["generated"]
                 per_worker[m["run"]["worker"]] += 1
                 if bar:

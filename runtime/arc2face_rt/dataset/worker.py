@@ -103,8 +103,13 @@ class ShardWorker:
             return None
         return float(emb @ self.identities[j])
 
-    def run(self, shard: int, progress: Callable[[int], None] | None = None) -> dict:
-        """Make, write and commit `shard`; return its manifest (also written last, as the commit mark)."""
+    def run(self, shard: int, progress: Callable[[int], None] | None = None, expect: dict | None = None) -> dict:
+        """Make, write and commit `shard`; return its manifest (also written last, as the commit mark).
+        `expect`: the run record the dataset records (`--ray` passes it with every shard: an actor that
+        Ray restarted, perhaps on another machine, was never compared with the others); a worker that
+        would make other pixels refuses before it writes anything."""
+        if expect is not None:
+            same_record([(expect, "the dataset's workers"), self.record()])
         c, spec = self.config, self.config.spec
         t0 = time.perf_counter()
         ids = list(spec.shard_identities(shard))
