@@ -5,7 +5,10 @@ loads (OpenVINO int8 IR, TensorRT plans, ONNX Runtime's fused graphs), ONNX Runt
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +271,27 @@ def test_a_restarted_ray_actor_that_would_make_other_pixels_refuses_its_shard_in
                                           refused.value).as_instanceof_cause()
     assert run_cli(driver, "arc2face-rt") == 2
     assert capsys.readouterr().err == f"arc2face-rt: error: {refused.value}\n"
+
+
+def test_a_ray_actor_that_refuses_the_dataset_being_resumed_is_one_line(tiny_engines, tmp_path, capsys):
+    """A real local Ray: an actor whose setup differs from the dataset's refuses in its constructor. Ray
+    reports a constructor that raised as ActorDiedError with its traceback as text; the actor keeps the
+    error for its first call instead, so the command ends in the worker's one line and exit 2."""
+    pytest.importorskip("ray")
+    out = tmp_path / "d"
+    args = DS + ["--engines", str(tiny_engines), "--out", str(out), "--backend", "ort", "--device", "cpu"]
+    assert rt_main(args) == 0, capsys.readouterr().err
+    meta = json.loads((out / "dataset.json").read_text())
+    (out / "dataset.json").write_text(json.dumps({**meta, "precision": "bf16"}))   # made on another kind of CPU
+    (out / "shards" / "shard-000001.json").unlink()
+    code = "import sys; from arc2face_rt.cli import main; sys.exit(main())"
+    r = subprocess.run([sys.executable, "-c", code, *args, "--ray", "--workers", "1", "--resume"], capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("arc2face-rt: error: ")]
+    assert len(errors) == 1 and "would make other pixels than the dataset (precision: 'bf16' there, 'fp32' here)" \
+        in errors[0], r.stderr[-3000:]
 
 
 def test_ray_dataset_records_the_actors_run_not_the_gpu_less_heads(tiny_engines, tmp_path, monkeypatch, capsys):

@@ -16,10 +16,36 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import BackendUnavailableError, InvalidInputError
-from ..exits import install_signal_handlers
+from ..exits import install_signal_handlers, user_error_message
 from .worker import ShardWorker, WorkerConfig, same_record
 
 RETRIES = 3
+
+
+class RayShardWorker(ShardWorker):
+    """The actor: a ShardWorker whose constructor keeps a user-fixable error (graphs that do not load
+    on that node, a setup other than the dataset being resumed) and raises it from every call instead.
+    Ray reports a constructor that raised as ActorDiedError, which keeps only Ray's traceback text; an
+    error raised by a call reaches the driver as itself, and the CLI prints its one line."""
+
+    def __init__(self, config: WorkerConfig, identities: np.ndarray):
+        self.refused: BaseException | None = None
+        try:
+            super().__init__(config, identities)
+        except Exception as e:
+            if user_error_message(e) is None:
+                raise
+            self.refused = e
+
+    def record(self) -> tuple[dict, str]:
+        if self.refused is not None:
+            raise self.refused
+        return super().record()
+
+    def run(self, shard: int, progress=None, expect: dict | None = None) -> dict:
+        if self.refused is not None:
+            raise self.refused
+        return super().run(shard, progress, expect)
 
 
 def require_ray():
@@ -72,7 +98,7 @@ def ray_actors(config: WorkerConfig, identities: np.ndarray, address: str, worke
         log(f"ray: {n} worker(s), one per {'GPU' if gpus else 'CPU slot'}, cluster "
             f"{int(res.get('CPU', 0))} CPU(s), {gpus} GPU(s), {len(ray.nodes())} node(s)")
         actor = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, max_restarts=RETRIES,
-                           max_task_retries=RETRIES)(ShardWorker)
+                           max_task_retries=RETRIES)(RayShardWorker)
         ids = ray.put(identities)
         actors = [actor.remote(config, ids) for _ in range(n)]
         yield actors, same_record(ray.get([a.record.remote() for a in actors]))
