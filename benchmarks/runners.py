@@ -220,18 +220,19 @@ class TorchRunner(Runner):
         if not self.compile:
             return {}
         torch = self.torch
+        # the first image's inputs: the same shapes, dtypes and devices, so that image compiles nothing new
+        x = torch.from_numpy(_latents(1, self.steps, self.models.scheduler_config)).to(self.dev)
 
-        def first_step():       # the first image's first UNet call: same shapes, dtypes and devices
+        def first_step():
             with torch.no_grad():
                 cond = self._project(self.identity[None])
-                x = torch.from_numpy(_latents(1, self.steps, self.models.scheduler_config)).to(self.dev)
                 sched = self.make_scheduler()
                 sched.set_timesteps(self.steps, device=self.dev)
                 self._step(sched, sched.timesteps[0], x, torch.cat([self.uncond[None], cond]))
 
         def decode():
             with torch.no_grad():
-                self.decoder(torch.from_numpy(_latents(1, self.steps, self.models.scheduler_config)).to(self.dev))
+                self.decoder(x)
         return {"UNet": first_step, "VAE decoder": decode}
 
     def _loop(self, cond, x):

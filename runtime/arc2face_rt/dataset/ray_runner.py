@@ -5,8 +5,9 @@ One `ShardWorker` actor per GPU (`num_gpus=1`) when the cluster has GPUs, else o
 A worker that dies is restarted and its shard retried (`max_restarts`, `max_task_retries`): a shard
 is idempotent (built out of sight, committed by rename, manifest last), so a retry gives the same
 bytes, and every shard task carries the run record the actors agreed on, so a restarted actor that
-would make other pixels (another machine) refuses instead of writing. Every actor writes into the same output folder: on several machines it must be a shared file
-system (NFS, a cluster file system, a FUSE-mounted bucket with rename support).
+would make other pixels (another machine) refuses instead of writing. Every actor writes into the
+same output folder: on several machines it must be a shared file system (NFS, a cluster file
+system, a FUSE-mounted bucket with rename support).
 """
 from __future__ import annotations
 
