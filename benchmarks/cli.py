@@ -314,9 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--repeats", type=REPEATS, default=3)
     r.add_argument("--warmup", type=WARMUP, default=1)
     r.add_argument("--row-timeout", type=SECONDS, default=540.0, help="seconds per row (partial results are kept)")
-    r.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of the torch-compile row")
-    r.add_argument("--compile-batches", type=_ints, default=(1,),
-                   help="batches of the torch-compile row (default 1: each other batch is another compile)")
+    r.add_argument("--compile-mode", default="reduce-overhead",
+                   help="torch.compile mode of the torch-compile row (default reduce-overhead; max-autotune "
+                        "has not compiled the UNet within 400 s on an H200)")
+    r.add_argument("--compile-batches", type=_ints, default=None,
+                   help="batches of the torch-compile row (default: --batches; each batch is another compile, "
+                        "so pass 1 with max-autotune)")
     r.set_defaults(func=cmd_gpu_check)
 
     r = sub.add_parser("wheels", help="download wheels for a Python 3.12 x86-64 GPU machine and pack them "

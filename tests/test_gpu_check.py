@@ -306,6 +306,25 @@ def test_the_merged_run_keeps_each_rows_libraries(tmp_path):
     assert run["libraries"]["onnxruntime"] == "1.31.1 (onnxruntime-gpu)"
 
 
+def test_the_torch_compile_row_compiles_without_autotuning_at_every_batch_unless_asked(tmp_path):
+    """max-autotune never compiled the UNet within 400 s on an H200, so the default is reduce-overhead, whose
+    compiles take about a minute, at the row's batches; a slow mode is asked for with its own batches."""
+    from benchmarks.cli import build_parser
+    from benchmarks.gpu_check import GpuCheckOptions, _run_options
+
+    args = build_parser().parse_args(["gpu-check", "--out", str(tmp_path), "--batches", "1,16"])
+    assert (args.compile_mode, args.compile_batches) == ("reduce-overhead", None)
+    opts = GpuCheckOptions(out=tmp_path, batches=args.batches, compile_mode=args.compile_mode,
+                           compile_batches=args.compile_batches)
+    ro = _run_options(opts, tmp_path, ["torch-compile"])
+    assert (ro.batches, ro.compile_mode) == ((1, 16), "reduce-overhead")
+    args = build_parser().parse_args(["gpu-check", "--out", str(tmp_path), "--compile-mode", "max-autotune",
+                                      "--compile-batches", "1"])
+    opts = GpuCheckOptions(out=tmp_path, compile_mode=args.compile_mode, compile_batches=args.compile_batches)
+    assert _run_options(opts, tmp_path, ["torch-compile"]).batches == (1,)
+    assert _run_options(opts, tmp_path, ["diffusers"]).batches == (1, 4, 16)
+
+
 # On the device machines the repository is copied, not installed: `python3 -m benchmarks gpu-check`
 # from its root must find arc2face_rt, arc2face_export and arc2face_ref by itself (one session's call 1
 # failed at import, before gpu-check could put those folders on its path).
