@@ -192,6 +192,35 @@ def test_a_write_in_the_cleanup_of_a_stop_is_not_stopped_again(tmp_path, monkeyp
     assert _folder(tmp_path) == {"stamps.json": b"{}"}
 
 
+def test_a_block_held_in_another_thread_leaves_the_main_threads_stop_alone(monkeypatch):
+    """Signals reach the main thread only: a write in another thread must not hold the main thread's
+    stop, nor raise it in its own thread when its block ends."""
+    import threading
+
+    from arc2face_rt import exits
+
+    monkeypatch.setattr(exits, "_seen", [])
+    inside, release, raised = threading.Event(), threading.Event(), []
+
+    def worker():
+        try:
+            with exits.holding_stops():
+                inside.set()
+                release.wait(10)
+        except BaseException as e:                    # whatever leaked out of the block
+            raised.append(e)
+    t = threading.Thread(target=worker)
+    t.start()
+    assert inside.wait(10)
+    try:
+        with pytest.raises(exits.Terminated):
+            exits._on_signal(signal.SIGTERM, None)
+    finally:
+        release.set()
+        t.join(10)
+    assert raised == []
+
+
 def test_huge_n_costs_nothing_up_front(tiny_engines, tmp_path):
     """-n 10**9 starts generating at once (no list of names is built); the first images appear."""
     out = tmp_path / "out"

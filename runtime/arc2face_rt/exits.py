@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from typing import Callable
 
 from .errors import Arc2FaceError, OutputWriteError
@@ -178,8 +179,12 @@ def holding_stops():
     (an atomic write's temporary file and its removal). A stop that arrives is recorded
     (`stop_requested`, which a progress callback can answer by cancelling) and raised when the block
     ends; one that arrived before the block is not raised again (the block may be the cleanup that
-    handles it)."""
+    handles it). Python runs signal handlers in the main thread only, so a block in another thread
+    holds nothing: it would otherwise hold the main thread's stop, and raise it in its own thread."""
     global _held
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     before = len(_seen)
     _held += 1
     try:
