@@ -80,6 +80,31 @@ def tiny_fp16_engines(tiny_model_dir, tmp_path_factory):
     return out, export_all(tiny_model_dir, out, precision="fp16", ort_cuda=True)
 
 
+@pytest.fixture(scope="session")
+def wds_run(tiny_engines, tmp_path_factory):
+    """The uninterrupted in-process `dataset --format wds` run (tests/test_dataset*.py) everything else is
+    compared with; shared, so read only (copy it to change it)."""
+    from arc2face_rt.cli import main as rt_main
+    from dataset_runs import dataset_args
+
+    out = tmp_path_factory.mktemp("wds") / "out"
+    assert rt_main(dataset_args(tiny_engines, out, "--format", "wds")) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def scored_run(tiny_engines, tmp_path_factory):
+    """`dataset --format folders` with the face models: every image's similarity recorded, nothing
+    dropped; shared, so read only."""
+    from arc2face_rt.cli import main as rt_main
+    from dataset_runs import dataset_args
+    from face_fixtures import tiny_models_dir
+
+    out = tmp_path_factory.mktemp("scored") / "out"
+    assert rt_main(dataset_args(tiny_engines, out, "--models", str(tiny_models_dir()))) == 0
+    return out
+
+
 def killed_run_temp(folder, name: str):
     """A tagged temporary folder for output `name` in `folder`, as a SIGKILLed process of ours leaves
     it (its process id is one that has exited), with a half-written file inside."""

@@ -21,45 +21,13 @@ from arc2face_rt.cli import main as rt_main
 from arc2face_rt.dataset.identities import identity_seed, random_identities
 from arc2face_rt.images import read_params
 from arc2face_rt.pipeline import Arc2FacePipeline, GenerationOptions, random_identity
-
-RT = [sys.executable, "-c", "import sys; from arc2face_rt.cli import main; sys.exit(main())"]
-N, K = 4, 2           # the default tests (about a second per tiny image here); the Ray test: the issue's 6 x 3
-
-
-def _args(engines: Path, out: Path, *extra: str, n: int = N, k: int = K) -> list[str]:
-    return ["dataset", "--engines", str(engines), "--identities", str(n), "--per-identity", str(k), "--steps", "1",
-            "--batch", "4", "--shard-size", "2", "--seed", "5", "--device", "cpu", "--backend", "ort",
-            "--out", str(out), *extra]
-
-
-def _tree(d: Path, skip_run: bool = True) -> dict[str, bytes]:
-    """Every file under `d` by relative path; shard manifests without their "run" part (time, worker)
-    and summary.json (this run's throughput) left out."""
-    out = {}
-    for p in sorted(d.rglob("*")):
-        if p.is_dir() or p.name == "summary.json":
-            continue
-        data = p.read_bytes()
-        if skip_run and p.parent.name == "shards":
-            m = json.loads(data)
-            m.pop("run")
-            data = json.dumps(m, sort_keys=True).encode()
-        out[str(p.relative_to(d))] = data
-    return out
+from dataset_runs import RT, K, N, dataset_args, tree
 
 
 @pytest.fixture(scope="module")
 def pipe(tiny_engines):
     with Arc2FacePipeline(tiny_engines, backend="ort", device="cpu") as p:
         yield p
-
-
-@pytest.fixture(scope="module")
-def wds_run(tiny_engines, tmp_path_factory):
-    """The uninterrupted in-process run everything else is compared with."""
-    out = tmp_path_factory.mktemp("wds") / "out"
-    assert rt_main(_args(tiny_engines, out, "--format", "wds")) == 0
-    return out
 
 
 def test_generate_many_equals_separate_generate_calls(pipe):
@@ -87,16 +55,6 @@ def test_random_identities_are_seeded_and_distinct():
     assert not np.array_equal(a, free)                  # the threshold rejected some draws
     assert np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
     assert len({identity_seed(3, j) for j in range(40)}) == 40
-
-
-@pytest.fixture(scope="module")
-def scored_run(tiny_engines, tmp_path_factory):
-    """--format folders with the face models: every image's similarity recorded, nothing dropped."""
-    from face_fixtures import tiny_models_dir
-
-    out = tmp_path_factory.mktemp("scored") / "out"
-    assert rt_main(_args(tiny_engines, out, "--models", str(tiny_models_dir()))) == 0
-    return out
 
 
 def test_identities_from_a_file(tmp_path):
@@ -171,7 +129,7 @@ def _kill_while_shard_1_is_written(engines: Path, out: Path) -> None:
     folder checked again: on a loaded machine the poll can come too late, and that try is redone."""
     for _ in range(3):
         shutil.rmtree(out, ignore_errors=True)
-        p = subprocess.Popen(RT + _args(engines, out, "--format", "wds"), stdout=subprocess.DEVNULL,
+        p = subprocess.Popen(RT + dataset_args(engines, out, "--format", "wds"), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and p.poll() is None and not _shard_1_open(out):
@@ -189,19 +147,19 @@ def _kill_while_shard_1_is_written(engines: Path, out: Path) -> None:
 def test_sigkill_then_resume_equals_uninterrupted(tiny_engines, wds_run, tmp_path):
     out = tmp_path / "out"
     _kill_while_shard_1_is_written(tiny_engines, out)
-    ref = _tree(wds_run)
+    ref = tree(wds_run)
     visible = [q for q in out.iterdir() if q.suffix == ".tar"]
     assert visible and len(visible) < 2
     for q in visible:                                   # no partial shard is visible
         assert q.read_bytes() == ref[q.name]
     assert any(q.name.endswith(".tmp") for q in out.iterdir())   # the unfinished one, out of sight
-    r = subprocess.run(RT + _args(tiny_engines, out, "--format", "wds", "--resume"), capture_output=True,
+    r = subprocess.run(RT + dataset_args(tiny_engines, out, "--format", "wds", "--resume"), capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "unfinished shard file" in r.stderr and "already committed" in r.stderr
-    assert _tree(out) == ref                            # same files, same bytes, no temporary file left
-    again = rt_main(_args(tiny_engines, out, "--format", "wds", "--resume"))      # nothing left to do
-    assert again == 0 and _tree(out) == ref
+    assert tree(out) == ref                            # same files, same bytes, no temporary file left
+    again = rt_main(dataset_args(tiny_engines, out, "--format", "wds", "--resume"))      # nothing left to do
+    assert again == 0 and tree(out) == ref
 
 
 def _similarities(out: Path) -> dict[tuple[int, int], float]:
@@ -222,7 +180,7 @@ def test_similarity_filter_drops_and_regenerates(tiny_engines, scored_run, tmp_p
     assert 0 < len(keep) < len(sims)
 
     dropped = tmp_path / "dropped"
-    assert rt_main(_args(tiny_engines, dropped, "--models", models, "--min-similarity", repr(thr))) == 0
+    assert rt_main(dataset_args(tiny_engines, dropped, "--models", models, "--min-similarity", repr(thr))) == 0
     files = {(int(p.parent.name[3:]), int(p.stem)) for p in dropped.glob("id_*/*.png")}
     assert files == keep                                # exactly the images at or above the threshold ...
     for j, i in keep:                                   # ... and the very same images
@@ -234,7 +192,7 @@ def test_similarity_filter_drops_and_regenerates(tiny_engines, scored_run, tmp_p
     assert s["similarity"]["kept"]["min"] >= thr
 
     regen = tmp_path / "regen"
-    assert rt_main(_args(tiny_engines, regen, "--models", models, "--min-similarity", repr(thr),
+    assert rt_main(dataset_args(tiny_engines, regen, "--models", models, "--min-similarity", repr(thr),
                          "--on-reject", "regenerate", "--max-tries", "2")) == 0
     recs = [r for m in sorted((regen / "shards").glob("*.json")) for r in json.loads(m.read_text())["images"]]
     for j in range(N):
@@ -250,79 +208,6 @@ def test_similarity_filter_drops_and_regenerates(tiny_engines, scored_run, tmp_p
     assert s["identities"]["short"] == sum(sum(r["kept"] for r in recs if r["identity"] == j) < K for j in range(N))
 
 
-def test_refusals_write_nothing(tiny_engines, wds_run, tmp_path, capsys):
-    before = _tree(wds_run, skip_run=False)
-    # the same folder with other settings, or without --resume
-    assert rt_main(_args(tiny_engines, wds_run, "--format", "wds")) == 2
-    assert "--resume" in capsys.readouterr().err
-    assert rt_main(_args(tiny_engines, wds_run, "--format", "wds", "--resume", "--steps", "2")) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "other settings" in err and "steps" in err
-    assert _tree(wds_run, skip_run=False) == before
-    # a folder that is not a dataset, a filter without models
-    other = tmp_path / "notes"
-    other.mkdir()
-    (other / "mine.txt").write_text("x")
-    assert rt_main(_args(tiny_engines, other)) == 2
-    assert "not empty" in capsys.readouterr().err
-    assert rt_main(_args(tiny_engines, tmp_path / "new", "--min-similarity", "0.3")) == 2
-    assert "--models" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
-
-
-def test_missing_face_models_refused_before_out_is_written(tiny_engines, tmp_path, capsys):
-    """--models naming no models: one line, exit 2, and --out is not made (it used to get dataset.json,
-    identities.npy and shards/, which then refused the corrected command)."""
-    out = tmp_path / "out"
-    assert rt_main(_args(tiny_engines, out, "--models", str(tmp_path / "no-models"))) == 2
-    assert not out.exists()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no scrfd_10g_bnkps.onnx" in err[0], err
-    assert "pass --models DIR" in err[0] and "--detector" not in err[0], err       # dataset has no --detector
-
-
-def test_resume_refuses_a_committed_shard_whose_files_are_gone(tiny_engines, wds_run, scored_run, tmp_path, capsys):
-    """--resume checks each committed shard's files (folders: every image its manifest lists, and its size;
-    wds: the tar's size): a deleted or truncated image or a missing or truncated tar is one line, exit 2, nothing changed, and
-    doing what the line says makes the shard again, byte for byte."""
-    import shutil
-
-    from face_fixtures import tiny_models_dir
-
-    folders, away = tmp_path / "folders", tmp_path / "away"
-    shutil.copytree(scored_run, folders)
-    away.mkdir()
-    (folders / "id_000003" / "0001.png").unlink()
-    args = _args(tiny_engines, folders, "--models", str(tiny_models_dir()), "--resume")
-    before = _tree(folders, skip_run=False)
-    assert rt_main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert _tree(folders, skip_run=False) == before
-    assert len(err) == 1 and f"{folders / 'id_000003' / '0001.png'}: is missing" in err[0], err
-    assert f"move {folders / 'shards' / 'shard-000001.json'} and {folders / 'id_000003'} away" in err[0], err
-    for name in ("shards/shard-000001.json", "id_000003"):          # what the line says
-        (folders / name).rename(away / name.replace("/", "-"))
-    assert rt_main(args) == 0 and "1 already committed" in capsys.readouterr().err
-    assert _tree(folders) == _tree(scored_run)
-    png = folders / "id_000002" / "0000.png"                   # a truncated image, same shard
-    png.write_bytes(png.read_bytes()[:100])
-    before = _tree(folders, skip_run=False)
-    assert rt_main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert _tree(folders, skip_run=False) == before
-    assert len(err) == 1 and f"{png}: has 100 bytes" in err[0] and "truncated" in err[0], err
-    tars = tmp_path / "wds"
-    shutil.copytree(wds_run, tars)
-    tar = tars / "shard-000001.tar"
-    for damage, words in ((lambda: os.truncate(tar, 1000), "has 1000 bytes"), (tar.unlink, "is missing")):
-        damage()
-        before = _tree(tars, skip_run=False)
-        assert rt_main(_args(tiny_engines, tars, "--format", "wds", "--resume")) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and f"{tar}: {words}" in err[0] and "shard-000001.json" in err[0], err
-        assert _tree(tars, skip_run=False) == before
-
-
 @pytest.mark.slow
 def test_ray_local_two_cpus_gives_the_same_bytes(tiny_engines, tmp_path):
     """The issue's acceptance run, --identities 6 --per-identity 3, in-process and as Ray actor tasks on
@@ -330,12 +215,12 @@ def test_ray_local_two_cpus_gives_the_same_bytes(tiny_engines, tmp_path):
     start, about a minute here.)"""
     pytest.importorskip("ray")
     ref, out = tmp_path / "in-process", tmp_path / "ray"
-    assert rt_main(_args(tiny_engines, ref, "--format", "wds", n=6, k=3)) == 0
-    r = subprocess.run(RT + _args(tiny_engines, out, "--format", "wds", "--ray", "--workers", "2", n=6, k=3),
+    assert rt_main(dataset_args(tiny_engines, ref, "--format", "wds", n=6, k=3)) == 0
+    r = subprocess.run(RT + dataset_args(tiny_engines, out, "--format", "wds", "--ray", "--workers", "2", n=6, k=3),
                        capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
     assert r.returncode == 0, r.stderr
     assert "ray: 2 worker(s)" in r.stderr
-    assert _tree(out) == _tree(ref) and len(list(out.glob("shard-*.tar"))) == 3
+    assert tree(out) == tree(ref) and len(list(out.glob("shard-*.tar"))) == 3
     s = json.loads((out / "summary.json").read_text())
     assert sum(s["this_run"]["workers"].values()) == 3 and s["images"]["kept"] == 18
 
@@ -349,86 +234,7 @@ def test_runtime_imports_without_ray_or_torch(tiny_engines, tmp_path):
             "assert not bad, bad\n"
             "from arc2face_rt.cli import main; sys.exit(main(sys.argv[1:]))")
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-c", code, *_args(tiny_engines, out, "--ray")], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code, *dataset_args(tiny_engines, out, "--ray")], capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == ["arc2face-rt: error: --ray needs Ray: pip install 'arc2face-rt[scale]'"]
     assert not out.exists()
-
-
-def test_shard_check_without_recorded_sizes_checks_presence(tmp_path):
-    """A shard manifest from before sizes were recorded: a truncated image passes (nothing to compare),
-    a missing one is refused; with sizes, both are; a sizes list that does not fit is not a manifest."""
-    from arc2face_rt.dataset.runner import _check_shard_files
-    from arc2face_rt.dataset.spec import DatasetSpec
-    from arc2face_rt.errors import InvalidInputError
-
-    spec = DatasetSpec(identities=1, per_identity=2, options=GenerationOptions())
-    (tmp_path / "id_000000").mkdir()
-    (tmp_path / "id_000000" / "0000.png").write_bytes(b"x" * 5)        # recorded as 10 bytes below
-    (tmp_path / "id_000000" / "0001.png").write_bytes(b"x" * 10)
-    p, files = tmp_path / "shard.json", ["id_000000/0000.png", "id_000000/0001.png"]
-    _check_shard_files(tmp_path, spec, 0, p, {"files": files})
-    with pytest.raises(InvalidInputError, match="0000.png: has 5 bytes"):
-        _check_shard_files(tmp_path, spec, 0, p, {"files": files, "bytes": [10, 10]})
-    with pytest.raises(InvalidInputError, match="not shard 0's manifest"):
-        _check_shard_files(tmp_path, spec, 0, p, {"files": files, "bytes": [10]})
-    (tmp_path / "id_000000" / "0001.png").unlink()
-    with pytest.raises(InvalidInputError, match="0001.png: is missing"):
-        _check_shard_files(tmp_path, spec, 0, p, {"files": files})
-
-
-@pytest.mark.parametrize("same", [True, False])
-def test_a_shard_another_resume_committed_meanwhile(tiny_engines, wds_run, tmp_path, capsys, monkeypatch, same):
-    """Two --resume runs on one folder: the one whose manifest write finds the other's identical shard
-    counts it as done (exit 0, same bytes); a different manifest there is refused, never overwritten."""
-    import shutil
-
-    from arc2face_rt.dataset import worker
-
-    out = tmp_path / "wds"
-    shutil.copytree(wds_run, out)
-    theirs = out / "shards" / "shard-000001.json"
-    m = json.loads(theirs.read_bytes())
-    m["run"] = {"seconds": 1.0, "worker": "elsewhere:1"}
-    if not same:
-        m["counts"]["generated"] += 1
-    theirs.unlink()
-    real = worker.atomic_write
-
-    def other_run_first(path, data, **kw):          # the other run commits just before this one
-        if Path(path) == theirs:
-            theirs.write_text(json.dumps(m))
-        return real(path, data, **kw)
-
-    monkeypatch.setattr(worker, "atomic_write", other_run_first)
-    rc = rt_main(_args(tiny_engines, out, "--format", "wds", "--resume"))
-    err = capsys.readouterr().err
-    assert json.loads(theirs.read_bytes()) == m                     # theirs, never overwritten
-    if same:
-        assert rc == 0 and _tree(out) == _tree(wds_run), err
-    else:
-        assert rc == 2 and "with other content" in err.strip().splitlines()[-1], err
-
-
-@pytest.mark.parametrize("flag,value", [("--identities", "1000000000"), ("--per-identity", "1000000000000000")])
-def test_counts_no_machine_holds_are_refused_while_parsing(tiny_engines, tmp_path, capsys, flag, value):
-    """Before: out of memory after --out was made, advising --batch and --resume (neither helps)."""
-    args = ["dataset", "--engines", str(tiny_engines), "--identities", "2", "--per-identity", "1", "--out",
-            str(tmp_path / "o")]
-    args[args.index(flag) + 1] = value
-    with pytest.raises(SystemExit):
-        rt_main(args)
-    assert f"{value} is outside 1.." in capsys.readouterr().err and not (tmp_path / "o").exists()
-
-
-def test_an_unreachable_ray_address_is_refused_before_out_is_made(tiny_engines, tmp_path, capsys):
-    """Ray retried for minutes, printing a line per try, after --out was written."""
-    pytest.importorskip("ray")
-    import socket
-
-    with socket.socket() as s:                     # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    assert rt_main(_args(tiny_engines, tmp_path / "o", "--ray", f"127.0.0.1:{port}")) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no Ray head answers there" in err[0] and not (tmp_path / "o").exists()

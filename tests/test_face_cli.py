@@ -169,7 +169,7 @@ def test_several_faces_and_skips_are_reported():
 
 def test_missing_models_error_names_only_the_commands_flags(photos, tmp_path, capsys, monkeypatch):
     """`generate --image` has --models but no --detector/--recognizer: its error must not suggest
-    them (`dataset` is checked in test_dataset.py); `embed` has them, so its error does."""
+    them (`dataset` is checked in test_dataset_refusals.py); `embed` has them, so its error does."""
     from arc2face_rt.cli import main as rt_main
 
     monkeypatch.delenv("ARC2FACE_MODELS", raising=False)

@@ -1,0 +1,167 @@
+"""`arc2face-rt dataset` refusing what it cannot do safely, each in one line (exit 2) with nothing
+written or changed: another setup in a folder being resumed, a folder that is not a dataset, missing
+face models, committed shards whose files are gone or truncated, a shard another resume committed
+meanwhile, counts no machine holds, an unreachable Ray head."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from arc2face_rt.cli import main as rt_main
+from arc2face_rt.pipeline import GenerationOptions
+from dataset_runs import dataset_args, tree
+
+
+def test_refusals_write_nothing(tiny_engines, wds_run, tmp_path, capsys):
+    before = tree(wds_run, skip_run=False)
+    # the same folder with other settings, or without --resume
+    assert rt_main(dataset_args(tiny_engines, wds_run, "--format", "wds")) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert rt_main(dataset_args(tiny_engines, wds_run, "--format", "wds", "--resume", "--steps", "2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "other settings" in err and "steps" in err
+    assert tree(wds_run, skip_run=False) == before
+    # a folder that is not a dataset, a filter without models
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("x")
+    assert rt_main(dataset_args(tiny_engines, other)) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert rt_main(dataset_args(tiny_engines, tmp_path / "new", "--min-similarity", "0.3")) == 2
+    assert "--models" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
+def test_missing_face_models_refused_before_out_is_written(tiny_engines, tmp_path, capsys):
+    """--models naming no models: one line, exit 2, and --out is not made (it used to get dataset.json,
+    identities.npy and shards/, which then refused the corrected command)."""
+    out = tmp_path / "out"
+    assert rt_main(dataset_args(tiny_engines, out, "--models", str(tmp_path / "no-models"))) == 2
+    assert not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no scrfd_10g_bnkps.onnx" in err[0], err
+    assert "pass --models DIR" in err[0] and "--detector" not in err[0], err       # dataset has no --detector
+
+
+def test_resume_refuses_a_committed_shard_whose_files_are_gone(tiny_engines, wds_run, scored_run, tmp_path, capsys):
+    """--resume checks each committed shard's files (folders: every image its manifest lists, and its size;
+    wds: the tar's size): a deleted or truncated image or a missing or truncated tar is one line, exit 2, nothing changed, and
+    doing what the line says makes the shard again, byte for byte."""
+    import shutil
+
+    from face_fixtures import tiny_models_dir
+
+    folders, away = tmp_path / "folders", tmp_path / "away"
+    shutil.copytree(scored_run, folders)
+    away.mkdir()
+    (folders / "id_000003" / "0001.png").unlink()
+    args = dataset_args(tiny_engines, folders, "--models", str(tiny_models_dir()), "--resume")
+    before = tree(folders, skip_run=False)
+    assert rt_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert tree(folders, skip_run=False) == before
+    assert len(err) == 1 and f"{folders / 'id_000003' / '0001.png'}: is missing" in err[0], err
+    assert f"move {folders / 'shards' / 'shard-000001.json'} and {folders / 'id_000003'} away" in err[0], err
+    for name in ("shards/shard-000001.json", "id_000003"):          # what the line says
+        (folders / name).rename(away / name.replace("/", "-"))
+    assert rt_main(args) == 0 and "1 already committed" in capsys.readouterr().err
+    assert tree(folders) == tree(scored_run)
+    png = folders / "id_000002" / "0000.png"                   # a truncated image, same shard
+    png.write_bytes(png.read_bytes()[:100])
+    before = tree(folders, skip_run=False)
+    assert rt_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert tree(folders, skip_run=False) == before
+    assert len(err) == 1 and f"{png}: has 100 bytes" in err[0] and "truncated" in err[0], err
+    tars = tmp_path / "wds"
+    shutil.copytree(wds_run, tars)
+    tar = tars / "shard-000001.tar"
+    for damage, words in ((lambda: os.truncate(tar, 1000), "has 1000 bytes"), (tar.unlink, "is missing")):
+        damage()
+        before = tree(tars, skip_run=False)
+        assert rt_main(dataset_args(tiny_engines, tars, "--format", "wds", "--resume")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{tar}: {words}" in err[0] and "shard-000001.json" in err[0], err
+        assert tree(tars, skip_run=False) == before
+
+
+def test_shard_check_without_recorded_sizes_checks_presence(tmp_path):
+    """A shard manifest from before sizes were recorded: a truncated image passes (nothing to compare),
+    a missing one is refused; with sizes, both are; a sizes list that does not fit is not a manifest."""
+    from arc2face_rt.dataset.runner import _check_shard_files
+    from arc2face_rt.dataset.spec import DatasetSpec
+    from arc2face_rt.errors import InvalidInputError
+
+    spec = DatasetSpec(identities=1, per_identity=2, options=GenerationOptions())
+    (tmp_path / "id_000000").mkdir()
+    (tmp_path / "id_000000" / "0000.png").write_bytes(b"x" * 5)        # recorded as 10 bytes below
+    (tmp_path / "id_000000" / "0001.png").write_bytes(b"x" * 10)
+    p, files = tmp_path / "shard.json", ["id_000000/0000.png", "id_000000/0001.png"]
+    _check_shard_files(tmp_path, spec, 0, p, {"files": files})
+    with pytest.raises(InvalidInputError, match="0000.png: has 5 bytes"):
+        _check_shard_files(tmp_path, spec, 0, p, {"files": files, "bytes": [10, 10]})
+    with pytest.raises(InvalidInputError, match="not shard 0's manifest"):
+        _check_shard_files(tmp_path, spec, 0, p, {"files": files, "bytes": [10]})
+    (tmp_path / "id_000000" / "0001.png").unlink()
+    with pytest.raises(InvalidInputError, match="0001.png: is missing"):
+        _check_shard_files(tmp_path, spec, 0, p, {"files": files})
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_a_shard_another_resume_committed_meanwhile(tiny_engines, wds_run, tmp_path, capsys, monkeypatch, same):
+    """Two --resume runs on one folder: the one whose manifest write finds the other's identical shard
+    counts it as done (exit 0, same bytes); a different manifest there is refused, never overwritten."""
+    import shutil
+
+    from arc2face_rt.dataset import worker
+
+    out = tmp_path / "wds"
+    shutil.copytree(wds_run, out)
+    theirs = out / "shards" / "shard-000001.json"
+    m = json.loads(theirs.read_bytes())
+    m["run"] = {"seconds": 1.0, "worker": "elsewhere:1"}
+    if not same:
+        m["counts"]["generated"] += 1
+    theirs.unlink()
+    real = worker.atomic_write
+
+    def other_run_first(path, data, **kw):          # the other run commits just before this one
+        if Path(path) == theirs:
+            theirs.write_text(json.dumps(m))
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(worker, "atomic_write", other_run_first)
+    rc = rt_main(dataset_args(tiny_engines, out, "--format", "wds", "--resume"))
+    err = capsys.readouterr().err
+    assert json.loads(theirs.read_bytes()) == m                     # theirs, never overwritten
+    if same:
+        assert rc == 0 and tree(out) == tree(wds_run), err
+    else:
+        assert rc == 2 and "with other content" in err.strip().splitlines()[-1], err
+
+
+@pytest.mark.parametrize("flag,value", [("--identities", "1000000000"), ("--per-identity", "1000000000000000")])
+def test_counts_no_machine_holds_are_refused_while_parsing(tiny_engines, tmp_path, capsys, flag, value):
+    """Before: out of memory after --out was made, advising --batch and --resume (neither helps)."""
+    args = ["dataset", "--engines", str(tiny_engines), "--identities", "2", "--per-identity", "1", "--out",
+            str(tmp_path / "o")]
+    args[args.index(flag) + 1] = value
+    with pytest.raises(SystemExit):
+        rt_main(args)
+    assert f"{value} is outside 1.." in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_an_unreachable_ray_address_is_refused_before_out_is_made(tiny_engines, tmp_path, capsys):
+    """Ray retried for minutes, printing a line per try, after --out was written."""
+    pytest.importorskip("ray")
+    import socket
+
+    with socket.socket() as s:                     # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert rt_main(dataset_args(tiny_engines, tmp_path / "o", "--ray", f"127.0.0.1:{port}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no Ray head answers there" in err[0] and not (tmp_path / "o").exists()
