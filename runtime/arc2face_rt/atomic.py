@@ -52,7 +52,8 @@ def atomic_write(path: str | Path, data: bytes | memoryview | Callable[[BinaryIO
     A callable renders into memory first, so no library's unchecked writes (numpy's tofile ignores a
     failed fwrite) can leave a short file: every byte goes through os.write, which raises on a full
     disk or a file-size limit, and fsync surfaces errors a file system reports late. Outputs written
-    this way are small (images, embeddings, JSON), or already in memory (TensorRT plans)."""
+    this way are small (images, embeddings, JSON), or already in memory (TensorRT plans). Missing
+    parent folders are made, and removed again if the write fails."""
     path = Path(path)
     if os.path.lexists(path) and not overwrite:        # lexists: a dangling symbolic link counts too
         raise OutputExistsError(f"{path}: exists; {hint}")
@@ -60,9 +61,9 @@ def atomic_write(path: str | Path, data: bytes | memoryview | Callable[[BinaryIO
         buf = io.BytesIO()
         data(buf)
         data = buf.getbuffer()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with holding_stops():       # see _write_into_place
-        _write_into_place(path, data, overwrite)
+    with undo_new_folders(path.parent):        # a failed write leaves none of the folders it made
+        with holding_stops():       # see _write_into_place
+            _write_into_place(path, data, overwrite)
     return path
 
 

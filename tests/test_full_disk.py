@@ -1,0 +1,44 @@
+"""A full disk before anything is finished: the command ends in one line (exit 2) and leaves no folder
+it made, and says that nothing is kept rather than pointing at a folder it removed."""
+from __future__ import annotations
+
+import errno
+import os
+
+from arc2face_rt.cli import main as rt_main
+
+
+def _full(*a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_failed_write_removes_the_folders_it_made(tmp_path, monkeypatch):
+    from arc2face_rt import atomic
+
+    (tmp_path / "there").mkdir()
+    monkeypatch.setattr(atomic.os, "fsync", _full)
+    try:
+        atomic.atomic_write(tmp_path / "there" / "a" / "b" / "x.npy", b"data")
+    except OSError as e:
+        assert e.errno == errno.ENOSPC and str(tmp_path / "there" / "a" / "b" / "x.npy") in str(e)
+    else:
+        raise AssertionError("the write did not fail")
+    assert os.listdir(tmp_path / "there") == []                 # a/ and a/b/ removed, there/ kept
+    monkeypatch.undo()
+    atomic.atomic_write(tmp_path / "there" / "a" / "x.npy", b"data")
+    assert (tmp_path / "there" / "a" / "x.npy").read_bytes() == b"data"
+
+
+def test_generate_on_a_full_disk_before_its_first_image_keeps_nothing_and_says_so(tiny_engines, tmp_path,
+                                                                                    monkeypatch, capsys):
+    import arc2face_rt.folder_run as folder_run
+
+    monkeypatch.setattr(folder_run, "save_png", _full)
+    out = tmp_path / "new" / "out"
+    args = ["generate", "--engines", str(tiny_engines), "--random-id", "--seed", "3", "-n", "2", "--steps", "1",
+            "--device", "cpu", "--out", str(out)]
+    assert rt_main(args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("arc2face-rt: error:") and "no space left" in last, last
+    assert last.endswith("before the first of 2 image(s) was finished; none is kept: run the same command again")
+    assert os.listdir(tmp_path) == []
