@@ -282,8 +282,8 @@ def test_embed_refuses_unusable_photos(case, tmp_path):
 
 
 def test_a_file_size_limit_names_its_fix(tiny_engines, tmp_path):
-    """EFBIG (`ulimit -f`): the line names the limit to raise, not only "file too large", then --resume;
-    the --out folder the run made is gone, as nothing was written into it."""
+    """EFBIG (`ulimit -f`): the line names the limit to raise, not only "file too large"; the --out folder
+    the run made is gone, as nothing was written into it, and the line says to run the command again."""
     import resource
 
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))   # noqa: E731
@@ -291,5 +291,6 @@ def test_a_file_size_limit_names_its_fix(tiny_engines, tmp_path):
                              "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300,
                        preexec_fn=limit)
     last = r.stderr.strip().splitlines()[-1]
-    assert r.returncode == 2 and "ulimit -f" in last and "--resume" in last, r.stderr
+    assert r.returncode == 2 and "ulimit -f" in last and last.endswith("none is kept: run the same command again"), \
+        r.stderr
     assert not (tmp_path / "o").exists()             # it failed before its first image: no folder left

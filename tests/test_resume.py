@@ -392,7 +392,8 @@ def test_a_signal_the_process_ignores_stays_ignored(capsys):
 
 
 def test_a_stop_says_how_this_command_finishes(tmp_path):
-    """generate's stop line advises --resume; a caller without that flag (the demo) gives its own advice."""
+    """A caller without --resume (the demo) gives its own advice; generate's stop line advises --resume
+    once an image is kept (test_full_disk_keeps_finished_images), running the command again before."""
     from arc2face_rt.folder_run import FolderRun
     from arc2face_rt.pipeline import GenerationOptions
 
@@ -400,9 +401,9 @@ def test_a_stop_says_how_this_command_finishes(tmp_path):
         def generate(self, *a, **k):
             raise KeyboardInterrupt
 
-    for again, want in ((None, "run the same command with --resume to finish"), ("run the demo again", None)):
+    for again, want in ((None, "none is kept; run the same command again"), ("run the demo again", None)):
         run = FolderRun(out=tmp_path / "out", count=2, again=again)
         lines = []
         with pytest.raises(KeyboardInterrupt):
             run.write(Pipe(), np.zeros(512, np.float32), GenerationOptions(steps=1), run.check(0), log=lines.append)
-        assert lines[-1].endswith(want or again) and ("--resume" in lines[-1]) == (again is None)
+        assert lines[-1].endswith(want or again) and "--resume" not in lines[-1]

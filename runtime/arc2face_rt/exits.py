@@ -77,24 +77,27 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def resumable(kept: Callable[[], str], log: Callable[[str], None], bar=None, again: str | None = None):
+def resumable(kept: Callable[[], str], log: Callable[[str], None], bar=None,
+              again: str | Callable[[], str] | None = None):
     """Long output-writing work that `--resume` can finish. However the block ends, `bar` (a progress
     bar) is closed. On Ctrl-C or SIGTERM, log one line saying what `kept()` is and how to finish
-    (`again`, default: the same command with --resume), then re-raise (marked reported). A failed
-    write (a full disk, ...) or MemoryError becomes OutputWriteError with the same two facts."""
-    again = again or "run the same command with --resume to finish"
+    (`again`, or what it returns when called then; default: the same command with --resume), then
+    re-raise (marked reported). A failed write (a full disk, ...) or MemoryError becomes
+    OutputWriteError with the same two facts."""
+    def how() -> str:
+        return (again() if callable(again) else again) or "run the same command with --resume to finish"
     try:
         yield
     except KeyboardInterrupt as e:
         if bar:
             bar.close()
-        log(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}: {kept()}; {again}")
+        log(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}: {kept()}; {how()}")
         e.reported = True
         raise
     except (OSError, MemoryError) as e:
         if bar:
             bar.close()
-        raise OutputWriteError(f"{user_error_message(e)}; {kept()}: {again}") from e
+        raise OutputWriteError(f"{user_error_message(e)}; {kept()}: {how()}") from e
     if bar:
         bar.close()
 

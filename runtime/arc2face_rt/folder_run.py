@@ -108,9 +108,11 @@ class FolderRun:
                 log(f"removed {removed} temporary file(s) an interrupted run left in {self.out}")
             bar = progress(runs * options.steps) if progress else None
             t0 = time.perf_counter()
-            kept = lambda: (f"stopped after {s.written} of {todo} image(s), which are kept in {self.out}, "  # noqa: E731
-                            "none half-written")
-            with resumable(kept, log, bar, self.again):
+            def kept() -> str:
+                if not s.written:
+                    return f"stopped before the first of {todo} image(s) was finished; none is kept"
+                return f"stopped after {s.written} of {todo} image(s), which are kept in {self.out}, none half-written"
+            with resumable(kept, log, bar, lambda: self.again or (None if s.written else "run the same command again")):
                 for idx in batches(self.count, options.batch_size, done):
                     res = pipe.generate(identity, options=options, on_step=bar.update if bar else None, indices=idx,
                                         **kw)
