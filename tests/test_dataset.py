@@ -157,8 +157,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_engines, wds_run, tmp_pat
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "unfinished shard file" in r.stderr and "already committed" in r.stderr
-    assert tree(out) == ref                            # same files, same bytes, no temporary file left
-    again = rt_main(dataset_args(tiny_engines, out, "--format", "wds", "--resume"))      # nothing left to do
+    assert tree(out) == ref                             # same files, same bytes, no temporary file left
+    again = rt_main(dataset_args(tiny_engines, out, "--format", "wds", "--resume"))     # nothing left to do
     assert again == 0 and tree(out) == ref
 
 
@@ -193,7 +193,7 @@ def test_similarity_filter_drops_and_regenerates(tiny_engines, scored_run, tmp_p
 
     regen = tmp_path / "regen"
     assert rt_main(dataset_args(tiny_engines, regen, "--models", models, "--min-similarity", repr(thr),
-                         "--on-reject", "regenerate", "--max-tries", "2")) == 0
+                                "--on-reject", "regenerate", "--max-tries", "2")) == 0
     recs = [r for m in sorted((regen / "shards").glob("*.json")) for r in json.loads(m.read_text())["images"]]
     for j in range(N):
         mine = [r for r in recs if r["identity"] == j]
@@ -234,7 +234,8 @@ def test_runtime_imports_without_ray_or_torch(tiny_engines, tmp_path):
             "assert not bad, bad\n"
             "from arc2face_rt.cli import main; sys.exit(main(sys.argv[1:]))")
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-c", code, *dataset_args(tiny_engines, out, "--ray")], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code, *dataset_args(tiny_engines, out, "--ray")], capture_output=True,
+                       text=True)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == ["arc2face-rt: error: --ray needs Ray: pip install 'arc2face-rt[scale]'"]
     assert not out.exists()

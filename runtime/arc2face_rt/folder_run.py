@@ -112,7 +112,10 @@ class FolderRun:
                 if not s.written:
                     return f"stopped before the first of {todo} image(s) was finished; none is kept"
                 return f"stopped after {s.written} of {todo} image(s), which are kept in {self.out}, none half-written"
-            with resumable(kept, log, bar, lambda: self.again or (None if s.written else "run the same command again")):
+
+            def again() -> str | None:          # None: resumable's default, the same command with --resume
+                return self.again or (None if s.written else "run the same command again")
+            with resumable(kept, log, bar, again):
                 for idx in batches(self.count, options.batch_size, done):
                     res = pipe.generate(identity, options=options, on_step=bar.update if bar else None, indices=idx,
                                         **kw)
