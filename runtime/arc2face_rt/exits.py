@@ -47,9 +47,14 @@ _OS_FIX = {
 }
 
 
+def os_error_reason(e: OSError) -> str:
+    """What happened and what to do, for an OSError, without the file names."""
+    return _OS_FIX.get(e.errno) or (e.strerror or str(e) or type(e).__name__).rstrip(".")
+
+
 def os_error_message(e: OSError) -> str:
     """One line for an OSError: the file(s) involved, what happened, what to do."""
-    what = _OS_FIX.get(e.errno) or (e.strerror or str(e) or type(e).__name__).rstrip(".")
+    what = os_error_reason(e)
     names = [str(n) for n in (e.filename, e.filename2) if n is not None]
     return f"{' -> '.join(names)}: {what}" if names else what
 

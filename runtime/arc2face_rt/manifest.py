@@ -34,10 +34,12 @@ import json
 import math
 import os
 import shlex
+import stat
 from pathlib import Path
 
 from .atomic import atomic_write
 from .errors import EngineMismatchError
+from .exits import os_error_reason
 from .fileio import read_regular_file
 from .specs import ALL_STAGES, CONTROL_STAGES, PRECISIONS, SPEC_REVISION, STEP, STEP_CFG, VAE_DECODER
 
@@ -166,14 +168,24 @@ def load_manifest(engines_dir: str | Path) -> dict:
     """Read an engines folder's manifest and check its schema; raise EngineMismatchError naming the fix."""
     engines_dir = Path(engines_dir)
     path = engines_dir / MANIFEST
-    if not engines_dir.is_dir():
-        raise EngineMismatchError(
-            f"{engines_dir}: no such engines folder; write one with "
-            f"`arc2face-export onnx --model-dir MODEL --out {engines_dir}`")
-    if not os.path.lexists(path):
-        raise EngineMismatchError(
-            f"{engines_dir}: no {MANIFEST}; write this folder with "
-            f"`arc2face-export onnx --model-dir MODEL --out {engines_dir}`")
+    write = f"`arc2face-export onnx --model-dir MODEL --out {engines_dir}`"
+    try:
+        st = os.stat(engines_dir)
+    except FileNotFoundError:
+        raise EngineMismatchError(f"{engines_dir}: no such engines folder; write one with {write}") from None
+    except (OSError, ValueError) as e:   # unreadable parent, a file as a parent, a NUL byte in the name
+        why = os_error_reason(e) if isinstance(e, OSError) else "not a valid path (it contains a NUL byte)"
+        raise EngineMismatchError(f"{engines_dir}: cannot open the engines folder: {why}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise EngineMismatchError(f"{engines_dir}: is {'a file' if stat.S_ISREG(st.st_mode) else 'a special file'}, not an engines folder (a folder holding {MANIFEST} "
+                                  f"and the graphs); give the folder, or write one with {write}")
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        raise EngineMismatchError(f"{engines_dir}: no {MANIFEST}; write this folder with {write}") from None
+    except OSError as e:                 # a folder we may not search: say so, not that it lacks a manifest
+        raise EngineMismatchError(f"{engines_dir}: cannot read the engines folder: "
+                                  f"{os_error_reason(e)}") from None
     try:
         raw = read_regular_file(path, MAX_MANIFEST_BYTES, what="manifest", error=EngineMismatchError)
     except EngineMismatchError as e:

@@ -9,9 +9,12 @@ so this costs microseconds even for a 250 MB IResNet-100.
 from __future__ import annotations
 
 import mmap
+import os
+import stat
 from pathlib import Path
 
 from ..errors import EngineMismatchError, MissingWeightsError, ModelFormatError
+from ..exits import os_error_reason
 
 
 def open_session(path: str | Path, what: str, fix: str, device: str = "auto", threads: int | None = None,
@@ -19,8 +22,17 @@ def open_session(path: str | Path, what: str, fix: str, device: str = "auto", th
     """A session for a face model (ONNX Runtime, or OpenVINO in f32 with backend "openvino"), with
     errors that say which model and how to get it."""
     path = Path(path)
-    if not path.is_file():
-        raise MissingWeightsError(f"{path}: {what} not found; {fix}")
+    try:
+        st = os.stat(path)
+        os.close(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)))   # readable, never blocking on a FIFO
+    except FileNotFoundError:
+        raise MissingWeightsError(f"{path}: {what} not found; {fix}") from None
+    except (OSError, ValueError) as e:
+        why = os_error_reason(e) if isinstance(e, OSError) else "not a valid path (it contains a NUL byte)"
+        raise MissingWeightsError(f"{path}: cannot read the {what}: {why}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise MissingWeightsError(f"{path}: is {kind}, not the {what} (an .onnx file); {fix}")
     try:
         if backend == "openvino":
             from ..backends.openvino import open_model_file
