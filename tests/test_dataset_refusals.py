@@ -32,6 +32,9 @@ def test_refusals_write_nothing(tiny_engines, wds_run, tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert rt_main(dataset_args(tiny_engines, tmp_path / "new", "--min-similarity", "0.3")) == 2
     assert "--models" in capsys.readouterr().err
+    # --workers counts Ray actors: without --ray it would be ignored, so it is refused
+    assert rt_main(dataset_args(tiny_engines, tmp_path / "new", "--workers", "2")) == 2
+    assert "--workers 2 needs --ray" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
 
 

@@ -5,6 +5,7 @@ import sys
 from contextlib import ExitStack
 
 from .. import argtypes
+from ..errors import InvalidInputError
 from ..backends.openvino import CPU_PRECISIONS
 from ..pipeline import BACKENDS, GenerationOptions
 from ..schedulers import SCHEDULERS
@@ -86,6 +87,9 @@ def cmd_dataset(args) -> int:
     )
     from .worker import ShardWorker, WorkerConfig, open_face_models
 
+    if args.workers is not None and not args.ray:
+        raise InvalidInputError(f"--workers {args.workers} needs --ray (the actors it counts); without --ray the "
+                                "shards run one after another in this process")
     if args.ray:
         from .ray_runner import check_ray_address, require_ray
         require_ray()
