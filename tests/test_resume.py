@@ -1,4 +1,4 @@
-"""Interrupted runs lose nothing: SIGINT/SIGKILL at several moments of `generate -n 20`, then
+"""Interrupted runs lose nothing: SIGINT/SIGKILL at several moments of `generate -n 14`, then
 `--resume`, gives the same folder as an uninterrupted run, byte for byte; a full disk stops cleanly
 and keeps every finished image; abandoned temporary files are removed by the next run."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ from arc2face_rt.atomic import is_stale_temp, remove_stale_temps, temp_prefix
 from arc2face_rt.cli import main as rt_main
 
 RT = [sys.executable, "-c", "import sys; from arc2face_rt.cli import main; sys.exit(main())"]
-N, STEPS, BATCH = 20, 2, 3
+N, STEPS, BATCH = 14, 2, 3
 
 
 def _generate_args(engines: Path, out: Path, *extra: str) -> list[str]:
@@ -90,7 +90,7 @@ def test_full_disk_keeps_finished_images(tiny_engines, tmp_path, monkeypatch, ca
     out = tmp_path / "out"
     assert rt_main(_generate_args(tiny_engines, out)) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("arc2face-rt: error:") and "no space left" in last and "3 of 20" in last
+    assert last.startswith("arc2face-rt: error:") and "no space left" in last and f"3 of {N}" in last
     assert "--resume" in last
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in calls)
 
