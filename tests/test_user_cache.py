@@ -151,6 +151,18 @@ def test_cache_off_lists_only_stamps(cache, monkeypatch, capsys):
     assert e.value.code == 2 and "--older-than: -1 is outside" in capsys.readouterr().err
 
 
+def test_options_an_action_does_not_use_are_refused(cache, capsys):
+    """`clear --older-than 30` (a prune meant) would delete every entry: refused, nothing deleted."""
+    e = _entry("abc0000000000000", None)
+    for argv, words in ((["clear", "--older-than", "30"], "--older-than is for `cache prune`"),
+                        (["--older-than", "30"], "--older-than is for `cache prune`"),
+                        (["list", "--dry-run"], "--dry-run is for `cache prune` and `cache clear`")):
+        assert rt_main(["cache", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    assert e.folder.exists()
+
+
 def test_cache_touches_only_its_own_entries(cache, tmp_path, monkeypatch, capsys):
     """ARC2FACE_OV_CACHE may name a folder other programs use: only folders with a record of ours (and
     the leftovers of our own removals) are listed or deleted; a link is never followed."""

@@ -7,7 +7,7 @@ import sys
 import time
 
 from . import argtypes
-from .errors import OutputWriteError
+from .errors import InvalidInputError, OutputWriteError
 from .user_cache import CacheEntry, human_bytes, remove, scan, select
 
 DEFAULT_OLDER_THAN_DAYS = 30
@@ -24,7 +24,7 @@ def add_cache_parser(sub) -> None:
                    help="list (default): every entry with its size, last use and engines folder; prune: delete "
                         "entries released by a re-export, whose engines folders are gone, or not used for "
                         "--older-than days; clear: delete every entry")
-    p.add_argument("--older-than", type=argtypes.number(0, 1e6, "a number of days"), default=DEFAULT_OLDER_THAN_DAYS,
+    p.add_argument("--older-than", type=argtypes.number(0, 1e6, "a number of days"), default=None,
                    metavar="DAYS", help=f"prune: entries unused for longer than this (default {DEFAULT_OLDER_THAN_DAYS})")
     p.add_argument("--dry-run", action="store_true", help="prune/clear: say what would be deleted, delete nothing")
     p.set_defaults(func=cmd_cache)
@@ -43,6 +43,13 @@ def _line(e: CacheEntry) -> str:
 
 
 def cmd_cache(args) -> int:
+    # an option the action does not use is refused: `clear --older-than 30` meant as a prune would delete everything
+    if args.older_than is not None and args.action != "prune":
+        raise InvalidInputError(f"--older-than is for `cache prune`; `cache {args.action}` "
+                                + ("deletes every entry" if args.action == "clear" else "lists every entry")
+                                + ": use `arc2face-rt cache prune --older-than DAYS`")
+    if args.dry_run and args.action == "list":
+        raise InvalidInputError("--dry-run is for `cache prune` and `cache clear`; `cache list` deletes nothing")
     entries = scan()
     if args.action == "list":
         for e in entries:
@@ -50,7 +57,8 @@ def cmd_cache(args) -> int:
         total = sum(e.bytes for e in entries)
         print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {human_bytes(total)}")
         return 0
-    doomed = select(entries, args.older_than if args.action == "prune" else None)
+    older_than = DEFAULT_OLDER_THAN_DAYS if args.older_than is None else args.older_than
+    doomed = select(entries, older_than if args.action == "prune" else None)
     freed, deleted, failed = 0, 0, []
     for e, why in doomed:
         if not args.dry_run:
