@@ -158,16 +158,31 @@ def test_prepare_with_no_usable_photo_is_a_user_error(tmp_path, capsys):
     assert len((tmp_path / "data" / "skipped.txt").read_text().splitlines()) == 2
 
 
-def test_a_fit_that_fails_before_its_first_checkpoint_leaves_no_folder(tiny_model_dir, tmp_path, capsys):
+def test_a_fit_that_fails_before_its_first_checkpoint_leaves_no_folder(tiny_model_dir, tmp_path, capsys,
+                                                                      monkeypatch):
     pytest.importorskip("accelerate")
+    from arc2face_ref.train import loop
     from arc2face_ref.train.cli import main
     from train_fixtures import prepared_data
 
     data = prepared_data(tmp_path / "d")
+    mse = loop.F.mse_loss
+    monkeypatch.setattr(loop.F, "mse_loss", lambda a, b: mse(a, b) * float("nan"))     # a run that diverges
     rc = main(["fit", "--model-dir", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "run"),
-               "--steps", "2", "--batch-size", "1", "--workers", "0", "--adam-eps", "0", "-q"])
+               "--steps", "2", "--batch-size", "1", "--workers", "0", "-q"])
     assert rc == 2 and "loss became nan" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()                 # it held only the metrics of two failed steps
+
+
+def test_fit_refuses_a_zero_adam_epsilon(tmp_path, capsys):
+    """--adam-eps 0 made the first step 0/0 = NaN, which fit then blamed on --lr or fp16."""
+    from arc2face_ref.train.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--model-dir", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+              "--adam-eps", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--adam-eps: 0 is outside" in err[0], err
 
 
 def test_fit_help_shows_every_default():
@@ -238,3 +253,20 @@ def test_a_run_an_older_version_started_with_an_idle_lora_alpha_resumes(tmp_path
     lora = {**now, "lora_rank": 4, "lora_alpha": 4.0}
     assert resume_changes(lora, {**lora, "lora_alpha": 8.0}) == ["lora_alpha"]
     assert resume_changes(now, {**now, "lr": 1.0}) == ["lr"]
+
+
+def test_a_resume_with_other_options_names_the_flags_that_started_the_run(tmp_path):
+    """The refusal names each stored setting as `fit`'s own flag (train_unet=True read "--train-unet",
+    which fit does not have: the fix was to drop --freeze-unet)."""
+    from arc2face_ref.train.cli import build_parser
+    from arc2face_ref.train.config import FitConfig, as_flags
+
+    cfg = FitConfig(model_dir=tmp_path, data=tmp_path, out=tmp_path, gradient_checkpointing=True).to_json()
+    said = {k: as_flags(k, v) for k, v in cfg.items()}
+    assert said["train_unet"] == "without --freeze-unet" and said["lr"] == "--lr 1e-05"
+    assert said["adam_betas"] == "--adam-betas 0.9 0.999" and said["gradient_checkpointing"] == \
+        "with --gradient-checkpointing"
+    fit = build_parser()._subparsers._group_actions[0].choices["fit"]
+    for k, text in said.items():                       # every flag named is one of fit's
+        flag = next(w for w in text.split() if w.startswith("--"))
+        assert flag in fit._option_string_actions, (k, text)

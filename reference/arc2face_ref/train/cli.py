@@ -103,7 +103,9 @@ def _add_fit_parser(sub) -> None:
                    help="AdamW weight decay")
     p.add_argument("--adam-betas", type=argtypes.number(0, 0.99999), nargs=2, default=list(d["adam_betas"].default),
                    metavar=("B1", "B2"), help="AdamW betas")
-    p.add_argument("--adam-eps", type=argtypes.number(0, 1), default=d["adam_eps"].default, help="AdamW epsilon")
+    # > 0: with 0, a weight whose gradient is still 0 gets 0/0 = NaN on the first step
+    p.add_argument("--adam-eps", type=argtypes.number(1e-20, 1, "an epsilon"), default=d["adam_eps"].default,
+                   help="AdamW epsilon")
     p.add_argument("--max-grad-norm", type=argtypes.number(0), default=d["max_grad_norm"].default,
                    help="0: no clipping")
     p.add_argument("--resolution", type=argtypes.count(64, 4096), default=d["resolution"].default,

@@ -89,3 +89,16 @@ def resume_changes(new: dict, old: dict) -> list[str]:
         return c if c.get("lora_rank") else {**c, "lora_alpha": 0.0}
     new, old = acting(new), acting(old)
     return [k for k, v in new.items() if k not in RESUME_MAY_CHANGE and old.get(k) != v]
+
+
+def as_flags(key: str, value) -> str:
+    """How the run that stored `value` for FitConfig field `key` was started, in `fit`'s own flags:
+    `--lr 0.0001`, `--adam-betas 0.9 0.999`, `without --freeze-unet`, `with --gradient-checkpointing`."""
+    if key in ("train_unet", "train_encoder"):          # stored as what trains; the flag says what is frozen
+        return f"{'without' if value else 'with'} --freeze-{key.removeprefix('train_')}"
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"{'with' if value else 'without'} {flag}"
+    if value is None:
+        return f"without {flag}"
+    return f"{flag} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"

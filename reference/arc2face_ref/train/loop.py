@@ -29,7 +29,7 @@ from arc2face_rt.outputs import check_output_dir
 
 from ..loading import Arc2FaceModels, cast, load_models
 from .checkpoint import check_resumable, checkpoints, load_state, prune_checkpoints, save_checkpoint
-from .config import FitConfig, resume_changes
+from .config import FitConfig, as_flags, resume_changes
 from .model import Trainee, load_trainable_state, set_trainable, trainable_state
 from .shards import RunSampler, ShardDataset, index_shards, sample_seed
 from .validation import RunLog, Validator, open_face_analyzer
@@ -59,8 +59,9 @@ def _start(cfg: FitConfig, resume: bool) -> tuple[int, dict | None, Path | None]
     old = state["config"]
     changed = resume_changes(cfg.to_json(), old)
     if changed:
-        raise InvalidInputError(f"--resume: {path} was trained with other {', '.join('--' + k.replace('_', '-') for k in changed)}"
-                                f" ({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); pass the same values")
+        was = "; ".join(as_flags(k, old.get(k)) for k in changed)
+        raise InvalidInputError(f"--resume: {path} was trained otherwise: {was}; resume it with those, or start a "
+                                "new run in another --out")
     if step >= cfg.steps:
         raise InvalidInputError(f"--resume: {path} is at step {step}, --steps is {cfg.steps}: nothing left to do; "
                                 "raise --steps to train further")
