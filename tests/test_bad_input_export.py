@@ -18,6 +18,13 @@ def model_copy(m: Path, dst: Path) -> Path:
     return engines_copy(m, dst)
 
 
+def _torch_save(obj, path: Path) -> None:
+    import torch
+
+    path.unlink()                                  # a hard-linked copy: never write through to the original
+    torch.save(obj, path)
+
+
 def _edit_json(path: Path, **changes) -> None:
     replace_file(path, json.dumps({**json.loads(path.read_text()), **changes}).encode())
 
@@ -50,6 +57,8 @@ EXPORT_CASES = [
     ("onnx-encoder-garbage", lambda t, m: replace_file(model_copy(m, t / "m2") / "encoder" / "pytorch_model.bin",
                                                        b"garbage" * 100),
      ["onnx", "--model-dir", "{t}/m2", "--out", "{t}/e2"], "pytorch_model.bin: unreadable"),
+    ("onnx-encoder-a-list", lambda t, m: _torch_save([1, 2], model_copy(m, t / "m2") / "encoder" / "pytorch_model.bin"),
+     ["onnx", "--model-dir", "{t}/m2", "--out", "{t}/e2"], "pytorch_model.bin: holds list, not a model's weights"),
     ("onnx-scheduler-list", lambda t, m: replace_file(model_copy(m, t / "m2") / "scheduler" / "scheduler_config.json",
                                                       b"[]"),
      ["onnx", "--model-dir", "{t}/m2", "--out", "{t}/e2"], "not a scheduler config object"),

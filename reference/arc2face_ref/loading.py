@@ -69,12 +69,17 @@ def _read_state_dict(path: Path) -> dict:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or corrupt files raise library-specific errors
         # torch's weights-only refusal opens with advice to load untrusted code; its reason comes later
         reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
         raise MissingWeightsError(f"{path}: unreadable or truncated ({type(e).__name__}: "
                                   f"{reason[1].strip() if reason else _first_line(e)}); download it again") from e
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        what = type(state).__name__ if not isinstance(state, dict) else "a dict that is not {name: tensor}"
+        raise MissingWeightsError(f"{path}: holds {what}, not a model's weights (a state dict); download it again")
+    return state
 
 
 def _build(config_path: Path, make):

@@ -177,8 +177,9 @@ def load_manifest(engines_dir: str | Path) -> dict:
         why = os_error_reason(e) if isinstance(e, OSError) else "not a valid path (it contains a NUL byte)"
         raise EngineMismatchError(f"{engines_dir}: cannot open the engines folder: {why}") from None
     if not stat.S_ISDIR(st.st_mode):
-        raise EngineMismatchError(f"{engines_dir}: is {'a file' if stat.S_ISREG(st.st_mode) else 'a special file'}, not an engines folder (a folder holding {MANIFEST} "
-                                  f"and the graphs); give the folder, or write one with {write}")
+        kind = "a file" if stat.S_ISREG(st.st_mode) else "a special file"
+        raise EngineMismatchError(f"{engines_dir}: is {kind}, not an engines folder (a folder holding {MANIFEST} and "
+                                  f"the graphs); give the folder, or write one with {write}")
     try:
         os.lstat(path)
     except FileNotFoundError:
