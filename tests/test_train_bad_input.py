@@ -143,7 +143,8 @@ def test_fit_refuses_missing_face_models_before_loading_anything(tiny_model_dir,
 
 
 def test_prepare_with_no_usable_photo_is_a_user_error(tmp_path, capsys):
-    """Every photo skipped: one line, exit 2, naming the file that lists why (was exit 1)."""
+    """Every photo skipped: one line, exit 2, naming the file that lists why (was exit 1); the same --out
+    then takes other photos (it refused them: "prepared from another list of photos")."""
     from arc2face_ref.train.cli import main
     from face_fixtures import tiny_models_dir
     from PIL import Image
@@ -156,6 +157,18 @@ def test_prepare_with_no_usable_photo_is_a_user_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "no photo gave a usable face (2 skipped" in err[0], err
     assert len((tmp_path / "data" / "skipped.txt").read_text().splitlines()) == 2
+    # the wrong folder, corrected: a folder holding no sample does not pin its list of photos
+    from train_fixtures import astronaut_variants
+
+    astronaut_variants(tmp_path / "faces", n=3)
+    argv = ["prepare", "--models", str(tiny_models_dir()), "--out", str(tmp_path / "data"), "--device", "cpu", "-q"]
+    assert main(argv + ["--images", str(tmp_path / "faces")]) == 0, capsys.readouterr().err
+    assert "kept no sample" in capsys.readouterr().err
+    assert (tmp_path / "data" / "skipped.txt").read_text() == ""
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
+        "prepare.json", "shard-00000.stats.json", "shard-00000.tar", "skipped.txt"]
+    assert main(argv + ["--images", str(tmp_path / "photos")]) == 2      # now it holds samples: pinned
+    assert "was prepared from another list of photos" in capsys.readouterr().err
 
 
 def test_a_fit_that_fails_before_its_first_checkpoint_leaves_no_folder(tiny_model_dir, tmp_path, capsys,

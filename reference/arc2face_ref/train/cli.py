@@ -52,7 +52,8 @@ def cmd_prepare(args) -> int:
     if not rep.written:                 # nothing to train on: a user error, with the reasons kept on disk
         raise InvalidInputError(f"no photo gave a usable face ({len(rep.skipped)} skipped, each with its reason in "
                                 f"{Path(args.out) / SKIPPED_FILE}); fit needs at least one sample: fix or replace "
-                                "the photos and run the same command again (it reads changed photos again)")
+                                "the photos and run the same command again (it reads changed photos again), or "
+                                "run it with other --images")
     _say(f"{rep.written} sample(s) in {rep.shards} shard(s) in {args.out}; {len(rep.skipped)} photo(s) skipped"
          + (f" (listed in {Path(args.out) / SKIPPED_FILE})" if rep.skipped else ""))
     return 0

@@ -11,10 +11,10 @@ atomically; a later run skips every shard whose stats file exists, so an interru
 where it stopped and a finished one is a no-op, except that a shard is redone when a photo it skipped
 has changed since (its size or modification time: fixed or replaced), so a fixed photo is used (a removed
 photo changes the input list, which is refused). `prepare.json` pins the input list and the shard size:
-a run with other photos into the same folder is refused (extra entries that are no photo files, which an
-older version's walk left out, do not count: the pinned list is kept). `skipped.txt` lists every skipped photo with
-its reason (photos with no usable face, unreadable files); they are skipped, never fatal. A file name
-that is not valid UTF-8 is written there as its own bytes.
+a run with other photos into the same folder is refused once a shard holds a sample (extra entries that
+are no photo files, which an older version's walk left out, do not count: the pinned list is kept).
+`skipped.txt` lists every skipped photo with its reason (photos with no usable face, unreadable files);
+they are skipped, never fatal. A file name that is not valid UTF-8 is written there as its own bytes.
 """
 from __future__ import annotations
 
@@ -61,9 +61,11 @@ class PrepareReport:
 def _plan(out: Path, files: list[Path], shard_size: int, say: Callable[[str], None]) -> tuple[dict | None, list[Path]]:
     """(the plan (prepare.json) to write on a first run, or None on a later run; the photos to use).
 
-    A later run refuses other inputs or another shard size. It keeps the pinned list when the walk now
-    finds only extra entries that are no photo files (a symbolic link to a folder, a dangling link, a
-    pipe; an older version's walk left them out): they would only be skipped, so the shards stay the same."""
+    A later run refuses other inputs or another shard size, unless no shard holds a sample (the earlier run
+    skipped every photo, say for pointing at the wrong folder): then it starts again with these. It keeps
+    the pinned list when the walk now finds only extra entries that are no photo files (a symbolic link to
+    a folder, a dangling link, a pipe; an older version's walk left them out): they would only be
+    skipped, so the shards stay the same."""
     plan = {"version": 1, "shard_size": shard_size, "size": TRAIN_SIZE, "files": [str(p) for p in files]}
     path = out / PLAN_FILE
     if not path.exists():
@@ -76,12 +78,17 @@ def _plan(out: Path, files: list[Path], shard_size: int, say: Callable[[str], No
         old = json.loads(path.read_text())
     except ValueError as e:
         raise InvalidInputError(f"{path}: unreadable ({e}); use a new --out") from None
+    if not isinstance(old, dict):
+        raise InvalidInputError(f"{path}: holds no plan; use a new --out")
+    if old.get("shard_size") == shard_size and old.get("files") == plan["files"]:
+        return None, files
+    if not any(out.glob("shard-*.tar")):      # nothing of value: the earlier run found no usable face at all
+        say(f"{out}: its earlier run kept no sample (every photo skipped): starting again with these --images")
+        return plan, files
     if old.get("shard_size") != shard_size:
         raise InvalidInputError(f"{out}: was prepared with --shard-size {old.get('shard_size')}; pass the same to "
                                 "continue, or use a new --out")
     then, now = old.get("files") or [], plan["files"]
-    if then == now:
-        return None, files
     gone, new = [f for f in then if f not in set(now)], [f for f in now if f not in set(then)]
     reasons = [] if gone else [_not_a_photo(f) for f in new]
     if reasons and all(reasons):
@@ -141,14 +148,16 @@ def prepare(images: Sequence[str | Path], out: str | Path, analyzer_factory: Cal
     out = check_output_dir(out)
     plan, files = _plan(out, files, shard_size, say)
     n_shards = -(-len(files) // shard_size)
-    todo = [k for k in range(n_shards) if not _done(out, k)]
+    todo = [k for k in range(n_shards) if plan is not None or not _done(out, k)]   # a new plan: every shard
     if len(todo) < n_shards:
         say(f"{n_shards - len(todo)} of {n_shards} shard(s) already done; continuing with the rest")
     analyzer = analyzer_factory() if todo else None      # face models refused before --out is touched
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     if plan is not None:
-        atomic_write(out / PLAN_FILE, json.dumps(plan, indent=1).encode())
+        for stats in out.glob("shard-*.stats.json"):     # an earlier run's, which kept no sample: redo those shards
+            stats.unlink()
+        atomic_write(out / PLAN_FILE, json.dumps(plan, indent=1).encode(), overwrite=True)
     for k in todo:
         samples, skipped = [], []
         for i, path in enumerate(files[k * shard_size:(k + 1) * shard_size]):
