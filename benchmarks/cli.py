@@ -76,7 +76,7 @@ def cmd_run(args) -> int:
 def cmd_report(args) -> int:
     from .report import write_report
 
-    md, charts = write_report(Path(args.results))
+    md, charts = write_report(Path(args.results), say=_say)
     _say(f"wrote {md}" + (f" and {len(charts)} chart(s)" if charts else " (no chart: matplotlib not installed)"))
     return 0
 

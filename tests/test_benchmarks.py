@@ -81,6 +81,19 @@ def test_report_writes_markdown(smoke):
         assert name in md
 
 
+def test_report_leaves_out_an_incomplete_result_naming_it(tmp_path):
+    """A known kind lacking what its section reads (hand-edited, older schema) was a KeyError traceback."""
+    from benchmarks.report import write_report
+
+    (tmp_path / "a.json").write_text('{"kind": "verify"}')
+    (tmp_path / "b.json").write_text('{"kind": "run", "created": "x", "rows": 3}')
+    said = []
+    md, charts = write_report(tmp_path, say=said.append)
+    assert charts == [] and "Benchmark results" in md.read_text() and "a.json" not in md.read_text()
+    assert len(said) == 2 and said[0].startswith("left out b.json: not a complete run result ("), said
+    assert said[1] == "left out a.json: not a complete verify result (no 'first')", said
+
+
 def test_missing_checkpoint_is_a_skipped_row(tmp_path):
     _bench("run", "--smoke", "--device", "cpu", "--model-dir", tmp_path / "nowhere", "--backends", "torch",
            "--out", tmp_path, "--name", "r.json", "--peak-tflops", "1")
