@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .export_bench import CACHE
+from .export_bench import CACHE, checkpoint
 from .quant_quality import _face_models, _generate, _psnr
 
 GATES = {"image_psnr_db": 30.0, "arcface_cosine": 0.95}
@@ -32,14 +32,10 @@ def bench_cpu_precision(size: str = "tiny", precisions=("bf16", "int8"), identit
                         guidance: float = 3.0, model_dir: Path | None = None, engines: Path | None = None,
                         say=print) -> dict:
     from arc2face_export.onnx_export import export_all
-    from arc2face_ref.random_ckpt import write_random_checkpoint
     from arc2face_rt.backends.openvino import cpu_isa
     from arc2face_rt.pipeline import Arc2FacePipeline
 
-    model_dir = model_dir or CACHE / f"model-{size}"
-    if not (model_dir / "arc2face").is_dir():
-        say(f"writing a random-weight {size} checkpoint to {model_dir}")
-        write_random_checkpoint(model_dir, size=size, seed=0, force=model_dir.exists())
+    model_dir = checkpoint(model_dir, size, say)
     engines = engines or CACHE / f"engines-{size}-fp32"
     export_all(model_dir, engines, precision="fp32", progress=say)
     quant_s = None

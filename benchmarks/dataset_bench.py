@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .export_bench import CACHE
+from .export_bench import CACHE, checkpoint
 
 MODES = ("generate", "dataset-folders", "dataset-wds", "dataset-filter")
 
@@ -64,13 +64,9 @@ def _dataset(pipe, engines: Path, out: Path, n: int, k: int, opts, fmt: str, mod
 def bench_dataset(size: str = "tiny", identities: int = 8, per_identity: int = 4, steps: int = 25, batch: int = 4,
                   repeats: int = 2, say=print) -> dict:
     from arc2face_export.onnx_export import export_all
-    from arc2face_ref.random_ckpt import write_random_checkpoint
     from arc2face_rt.pipeline import Arc2FacePipeline, GenerationOptions, random_identity
 
-    model_dir = CACHE / f"model-{size}"
-    if not (model_dir / "arc2face").is_dir():
-        say(f"writing a random-weight {size} checkpoint to {model_dir}")
-        write_random_checkpoint(model_dir, size=size, seed=0, force=model_dir.exists())
+    model_dir = checkpoint(None, size, say)
     engines = CACHE / f"engines-{size}-fp32"
     export_all(model_dir, engines, precision="fp32", progress=say)
     opts = GenerationOptions(steps=steps, batch_size=batch)

@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from arc2face_rt.errors import InvalidInputError
+
 from . import env
 
 RESULTS = env.REPO / "benchmarks" / "results"
@@ -47,6 +49,14 @@ def _child(code: str, timeout: float | None = None) -> dict:
     if rc != 0:
         res["error_tail"] = (err or out)[-3000:]
     return res
+
+
+def _why(res: dict) -> str:
+    """': CAUSE' for a failed child job (its error, else the last line it printed on stderr), else ''."""
+    if res.get("status") == "ok":
+        return ""
+    lines = str(res.get("error") or res.get("error_tail") or "").strip().splitlines()
+    return f": {lines[-1][:300]}" if lines else ""
 
 
 # A child job: imports, then `def job(out)` filling `out`; _JOB_END runs it and prints `out` as JSON
@@ -88,14 +98,31 @@ def job(out):
 """
 
 
-def bench_export(size: str, precisions: tuple[str, ...], model_dir: Path | None, out_root: Path,
-                 timeout: float | None = None, say=print) -> dict:
-    from arc2face_ref.random_ckpt import write_random_checkpoint
-
-    model_dir = model_dir or CACHE / f"model-{size}"
+def checkpoint(model_dir: Path | None, size: str, say=print) -> Path:
+    """The checkpoint a benchmark starts from, as an absolute path: `--model-dir` when given (it must hold
+    arc2face/: a wrong folder is refused, never filled), else a random-weight one in the benchmark cache,
+    written on first use."""
+    if model_dir is not None:
+        if not (model_dir / "arc2face").is_dir():
+            raise InvalidInputError(f"--model-dir {model_dir}: no arc2face/ in it (not a checkpoint folder); leave "
+                                    "--model-dir out for a random-weight checkpoint in the benchmark cache")
+        return model_dir.resolve()
+    model_dir = CACHE / f"model-{size}"
     if not (model_dir / "arc2face").is_dir():
+        from arc2face_ref.random_ckpt import write_random_checkpoint
+
         say(f"writing a random-weight {size} checkpoint to {model_dir}")
         write_random_checkpoint(model_dir, size=size, seed=0, force=model_dir.exists())
+    return model_dir
+
+
+def bench_export(size: str, precisions: tuple[str, ...], model_dir: Path | None, out_root: Path,
+                 timeout: float | None = None, say=print) -> dict:
+    for spec in precisions:        # before anything is written: a bad one cost a full-size checkpoint first
+        if spec.partition(":")[0] not in ("fp32", "fp16") or spec.partition(":")[2] not in ("", "novalidate"):
+            raise InvalidInputError(f"--precisions: {spec!r} is not fp32 or fp16 (optionally with :novalidate)")
+    # absolute: the child runs in the repository, not in this process's working folder
+    model_dir, out_root = checkpoint(model_dir, size, say), out_root.resolve()
     runs = []
     for spec in precisions:      # "fp16" or "fp16:novalidate" (export only, no onnxruntime check)
         precision, _, flag = spec.partition(":")
@@ -106,7 +133,8 @@ def bench_export(size: str, precisions: tuple[str, ...], model_dir: Path | None,
                                          validate=validate), timeout)
         res.update(precision=precision, validate=validate)
         res.setdefault("status", "failed" if res["returncode"] != 0 else "ok")
-        say(f"  {precision}: {res['status']} in {res['wall_s']} s, peak RSS {res.get('peak_rss_mb')} MB")
+        say(f"  {precision}: {res['status']} in {res['wall_s']} s, peak RSS {res.get('peak_rss_mb')} MB"
+            + _why(res))
         runs.append(res)
     return {"kind": "export", "size": size, "model_dir": str(model_dir),
             "model_mb": round(sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file()) / 2**20, 1),
@@ -164,14 +192,16 @@ def bench_build(size: str, precision: str, engines_dir: Path | None, opt_level: 
     """`build_engines` (every stage, forced) on an exported engines folder, in a child process: per-plan
     build seconds and size, total wall/CPU time and peak RSS. The folder comes from `export` (int8: from
     fp16 plus `arc2face-export build-engines --precision int8` having written the Q/DQ graphs)."""
-    engines_dir = engines_dir or CACHE / f"engines-{size}-{'fp16' if precision == 'int8' else precision}"
+    given = engines_dir
+    engines_dir = (engines_dir or CACHE / f"engines-{size}-{'fp16' if precision == 'int8' else precision}").resolve()
     if not (engines_dir / "manifest.json").is_file():
-        raise SystemExit(f"{engines_dir}: no exported engines folder; run `python -m benchmarks export "
-                         f"--size {size} --precisions {precision}` first")
+        raise InvalidInputError(f"--engines {given}: no manifest.json (not an exported engines folder)"
+                                if given is not None else f"{engines_dir}: no exported engines folder; run `python -m "
+                                f"benchmarks export --size {size} --precisions {precision}` first, or pass --engines")
     say(f"build_engines {engines_dir} ({precision}, opt level {opt_level})")
     res = _child(_job_code(_BUILD_CODE, engines=str(engines_dir), precision=precision, opt_level=opt_level), timeout)
     res.setdefault("status", "failed" if res["returncode"] != 0 else "ok")
-    say(f"  {res['status']} in {res['wall_s']} s, peak RSS {res.get('peak_rss_mb')} MB")
+    say(f"  {res['status']} in {res['wall_s']} s, peak RSS {res.get('peak_rss_mb')} MB" + _why(res))
     for name, p in res.get("plans", {}).items():
         say(f"  {name}: {p['build_s']} s, {p['plan_mb']} MiB")
     return {"kind": "build", "size": size, "precision": precision, "opt_level": opt_level,

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .export_bench import CACHE
+from .export_bench import CACHE, checkpoint
 
 GATES = {"image_psnr_db": 30.0, "arcface_cosine": 0.95}
 
@@ -196,16 +196,13 @@ def bench_quant(size: str = "tiny", precisions=("int8", "fp8"), identities: int 
     from arc2face_export.quantize import QuantRecipe, ensure_quant_graphs
     from arc2face_rt import manifest as mf
 
-    model_dir = model_dir or CACHE / f"model-{size}"
+    given, model_dir = model_dir, model_dir or CACHE / f"model-{size}"
     if fp32_engines is not None:
         engines = fp16_from_fp32(fp32_engines, engines or CACHE / f"engines-{size}-fp16c", say)
     else:
         from arc2face_export.onnx_export import export_all
-        from arc2face_ref.random_ckpt import write_random_checkpoint
 
-        if not (model_dir / "arc2face").is_dir():
-            say(f"writing a random-weight {size} checkpoint to {model_dir}")
-            write_random_checkpoint(model_dir, size=size, seed=0, force=model_dir.exists())
+        model_dir = checkpoint(given, size, say)
         engines = engines or CACHE / f"engines-{size}-fp16"
         say(f"fp16 ONNX graphs in {engines}")
         export_all(model_dir, engines, precision="fp16", progress=say, stages=("projector", "step_cfg", "vae_decoder"))

@@ -12,9 +12,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _bench(*args, timeout=600):
+def _bench(*args, timeout=600, cwd=REPO):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
-    p = subprocess.run([sys.executable, "-m", "benchmarks", *map(str, args)], cwd=REPO, env=env,
+    p = subprocess.run([sys.executable, "-m", "benchmarks", *map(str, args)], cwd=cwd, env=env,
                        capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
@@ -133,14 +133,15 @@ def test_torch_compile_rows_compile_each_model_at_the_first_images_shapes(tiny_m
 
 
 def test_build_records_each_plan(tiny_engines, tmp_path):
-    """`build` times a TensorRT(-RTX) build of every stage and records each plan's size."""
+    """`build` times a TensorRT(-RTX) build of every stage and records each plan's size. --engines is
+    relative to the working folder (the build's child process runs in the repository: it was not found)."""
     pytest.importorskip("tensorrt_rtx")
     import shutil
 
     engines = tmp_path / "engines"
     shutil.copytree(tiny_engines, engines, ignore=shutil.ignore_patterns("*.plan"))
-    _bench("build", "--size", "tiny", "--precision", "fp32", "--engines", engines, "--out", tmp_path,
-           "--name", "b.json", "--opt-level", "0")
+    _bench("build", "--size", "tiny", "--precision", "fp32", "--engines", "engines", "--out", ".",
+           "--name", "b.json", "--opt-level", "0", cwd=tmp_path)
     res = json.loads((tmp_path / "b.json").read_text())
     run = res["runs"][0]
     assert res["kind"] == "build" and run["status"] == "ok", run
@@ -308,9 +309,14 @@ def bench_main(cli_main, monkeypatch):
 @pytest.mark.parametrize("argv, says", [
     (["report", "--results", "{t}/nope"], "--results {t}/nope: no such folder"),
     (["verify", "--engines", "{t}/nope", "--out", "{t}/o", "--repeats", "1"], "{t}/nope: no such engines folder"),
-    (["verify", "--engines", "{t}", "--out", "{t}/f.txt/o"], "--out {t}/f.txt/o: cannot be made: {t}/f.txt is a file")])
+    (["verify", "--engines", "{t}", "--out", "{t}/f.txt/o"], "--out {t}/f.txt/o: cannot be made: {t}/f.txt is a file"),
+    (["export", "--precisions", "fp99", "--out", "{t}/o"], "--precisions: 'fp99' is not fp32 or fp16"),
+    (["export", "--model-dir", "{t}/nope", "--out", "{t}/o"], "--model-dir {t}/nope: no arc2face/ in it"),
+    (["build", "--engines", "{t}/nope", "--out", "{t}/o"], "--engines {t}/nope: no manifest.json")])
 def test_user_errors_are_one_line_and_exit_2(argv, says, cli_main, tmp_path, capsys):
-    """huntF #6: a missing --results or --engines folder was a traceback (exit 1)."""
+    """huntF #6: a missing --results or --engines folder was a traceback (exit 1). `export` with a bad
+    precision wrote a full-size random checkpoint into the repository first, then a result of failed runs
+    (exit 1); `build` with a missing folder printed its message without the prefix (exit 1)."""
     (tmp_path / "f.txt").write_text("x")
     rc = cli_main(*(a.format(t=tmp_path) for a in argv))
     err = capsys.readouterr().err.strip().splitlines()
