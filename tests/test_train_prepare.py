@@ -171,6 +171,32 @@ def test_reader_matches_webdataset(tmp_path):
         np.testing.assert_allclose((img.permute(1, 2, 0).numpy() + 1) * 127.5, s["jpg"], atol=1e-3)
 
 
+def test_fit_reads_only_a_finished_prepare_with_every_shard_present(tmp_path):
+    """A committed shard whose tar is gone, or a shard not committed yet: fit trained on the rest without
+    a word (4 samples of 8); now one line names the file and how to redo it."""
+    import shutil
+
+    from arc2face_rt.errors import InvalidInputError
+    from arc2face_ref.train.shards import index_shards
+    from train_fixtures import prepared_data
+
+    data = prepared_data(tmp_path / "d")
+    assert len(index_shards(data)) == 8
+    away = tmp_path / "away"
+    away.mkdir()
+    shutil.move(data / "shard-00001.tar", away)
+    with pytest.raises(InvalidInputError, match=r"shard-00001.tar: missing, though shard-00001.stats.json records "
+                                                r"4 sample\(s\); move shard-00001.stats.json away"):
+        index_shards(data)
+    shutil.move(data / "shard-00001.stats.json", away)
+    with pytest.raises(InvalidInputError, match=r"prepare has committed 1 of its 2 shard\(s\) \(no "
+                                                r"shard-00001.stats.json\); run the same .* again to finish it"):
+        index_shards(data)
+    for p in away.iterdir():
+        shutil.move(p, data)
+    assert len(index_shards(data)) == 8
+
+
 def test_training_crop_is_ffhq_framing():
     from arc2face_rt.face.align import umeyama
     from arc2face_ref.train.crop import train_crop, train_template

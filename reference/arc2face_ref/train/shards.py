@@ -22,7 +22,7 @@ import torch
 
 from arc2face_rt.errors import InvalidInputError
 
-from .prepare import PLAN_FILE
+from .prepare import PLAN_FILE, shard_name, stats_name
 
 _PARTS = ("jpg", "id.npy", "json")
 
@@ -35,14 +35,37 @@ class SampleRef:
 
 
 def index_shards(data: str | Path) -> list[SampleRef]:
-    """Every complete sample of the shards in `data`, in shard and key order."""
+    """Every complete sample of the shards in `data`, in shard and key order. The folder must be one
+    `prepare` finished: every shard of its plan committed (its stats file), and every committed shard
+    that records samples present (a missing one was silently trained without)."""
     data = Path(data)
-    if not (data / PLAN_FILE).is_file():
+    plan_path = data / PLAN_FILE
+    if not plan_path.is_file():
         raise InvalidInputError(f"--data {data}: not a folder written by `arc2face-train prepare` (no {PLAN_FILE})")
+    redo = "run the same `arc2face-train prepare` command again"
+    try:
+        plan = json.loads(plan_path.read_text())
+        n_shards = -(-len(plan["files"]) // int(plan["shard_size"]))
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+        raise InvalidInputError(f"{plan_path}: damaged ({' '.join(str(e).split())[:80]}); prepare the data again "
+                                "into a new folder") from None
+    unfinished = [k for k in range(n_shards) if not (data / stats_name(k)).is_file()]
+    if unfinished:
+        raise InvalidInputError(f"--data {data}: prepare has committed {n_shards - len(unfinished)} of its {n_shards} "
+                                f"shard(s) (no {stats_name(unfinished[0])}); {redo} to finish it")
     refs = []
-    for shard in sorted(data.glob("shard-*.tar")):
-        if not shard.with_name(shard.name[:-4] + ".stats.json").is_file():
-            continue                       # not committed: a prepare run is still writing it
+    for k in range(n_shards):
+        shard, stats = data / shard_name(k), data / stats_name(k)
+        try:
+            written = int(json.loads(stats.read_text())["written"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InvalidInputError(f"{stats}: damaged ({' '.join(str(e).split())[:80]}); move it and "
+                                    f"{shard.name} away and {redo} to redo that shard") from None
+        if not written:
+            continue                       # every photo of this shard was skipped: prepare wrote no tar
+        if not shard.is_file():
+            raise InvalidInputError(f"{shard}: missing, though {stats.name} records {written} sample(s); move "
+                                    f"{stats.name} away and {redo} to redo that shard")
         by_key: dict[str, dict] = {}
         try:
             with tarfile.open(shard) as tf:
@@ -52,7 +75,8 @@ def index_shards(data: str | Path) -> list[SampleRef]:
         except (tarfile.TarError, OSError) as e:
             raise InvalidInputError(f"{shard}: unreadable shard ({e}); delete it and its .stats.json, then run "
                                     "`arc2face-train prepare` again to redo it") from None
-        refs += [SampleRef(shard, k, p) for k, p in sorted(by_key.items()) if all(q in p for q in _PARTS)]
+        refs += [SampleRef(shard, key, parts) for key, parts in sorted(by_key.items())
+                 if all(q in parts for q in _PARTS)]
     if not refs:
         raise InvalidInputError(f"--data {data}: no samples (did prepare skip every photo? see its skipped.txt)")
     return refs
