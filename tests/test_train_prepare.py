@@ -138,10 +138,11 @@ def test_prepare_resumes_when_the_walk_adds_only_entries_that_are_no_photos(tmp_
         prepare([photos], data, _analyzer, shard_size=2)
 
 
-@pytest.mark.parametrize("name", ["shard-00000.tar", "shard-00000.stats.json", "skipped.txt"])
+@pytest.mark.parametrize("name", ["shard-00000.tar", "shard-00000.stats.json", "skipped.txt", "keep.txt"])
 def test_prepare_never_replaces_files_it_did_not_write(tmp_path, name):
     """An --out holding files of prepare's names but no prepare.json (another tool's, a user's): they
-    were replaced without a word; now refused, and nothing is touched."""
+    were replaced without a word; now refused, and nothing is touched. So is any other file (shards were
+    written among a user's files, into a model or engines folder)."""
     from arc2face_rt.errors import InvalidInputError
     from arc2face_ref.train.prepare import prepare
 

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=argtypes.path, help="folder with scrfd_10g_bnkps.onnx and arcface.onnx")
     p.add_argument("--detector", type=argtypes.path, help="detector file (default: found in --models)")
     p.add_argument("--recognizer", type=argtypes.path, help="arcface.onnx (default: found in --models)")
-    p.add_argument("--out", required=True, type=argtypes.path, help="data folder to write (or continue)")
+    p.add_argument("--out", required=True, type=argtypes.path, help="data folder to write (new or empty) or to continue")
     p.add_argument("--shard-size", type=argtypes.count(1), default=1000, help="photos per shard (default 1000)")
     p.add_argument("--min-score", type=argtypes.number(0, 1), default=0.5, help="detector threshold (default 0.5)")
     p.add_argument("--min-size", type=argtypes.number(0), default=0.0, help="skip faces smaller than this (px)")

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
-from arc2face_rt.atomic import atomic_write, remove_stale_temps
+from arc2face_rt.atomic import atomic_write, is_stale_temp, remove_stale_temps
 from arc2face_rt.errors import ImageDecodeError, InvalidInputError
 from arc2face_rt.face.identity import SKIPPABLE, FaceAnalyzer
 from arc2face_rt.face.image_io import check_image_file, expand_paths, load_image
@@ -69,8 +69,9 @@ def _plan(out: Path, files: list[Path], shard_size: int, say: Callable[[str], No
     plan = {"version": 1, "shard_size": shard_size, "size": TRAIN_SIZE, "files": [str(p) for p in files]}
     path = out / PLAN_FILE
     if not path.exists():
-        taken = sorted(p.name for p in out.glob("shard-*")) + [n for n in (SKIPPED_FILE,) if (out / n).exists()]
-        if taken:                       # names this run would write, not from an earlier run of it
+        # anything but our own abandoned temporary files: a data folder holds only what prepare writes
+        taken = sorted(p.name for p in out.iterdir() if not is_stale_temp(p)) if out.is_dir() else []
+        if taken:
             raise InvalidInputError(f"{out}: holds {taken[0]}{f' and {len(taken) - 1} more' if len(taken) > 1 else ''}"
                                     f", which prepare did not write (no {PLAN_FILE}); move them away or use a new --out")
         return plan, files
