@@ -42,3 +42,26 @@ def test_generate_on_a_full_disk_before_its_first_image_keeps_nothing_and_says_s
     assert last.startswith("arc2face-rt: error:") and "no space left" in last, last
     assert last.endswith("before the first of 2 image(s) was finished; none is kept: run the same command again")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_library_error_on_a_full_disk_names_the_full_disk(tmp_path, monkeypatch):
+    """torch.save on a full disk says "[enforce fail at inline_container.cc:672] . unexpected pos 2816 vs
+    2710", OpenVINO "basic_ios::clear: iostream error": with under 1 MiB free the line says the disk is
+    full; with room left, the library's words stand alone (the cause is something else)."""
+    from collections import namedtuple
+
+    import pytest
+
+    from arc2face_rt import atomic
+    from arc2face_rt.errors import OutputWriteError
+
+    torch_said = "[enforce fail at inline_container.cc:672] . unexpected pos 2816 vs 2710"
+    for free, start in ((4096, f"(no space left on device; the library said: {torch_said})"),
+                        (1 << 30, f"({torch_said})")):
+        usage = namedtuple("usage", "total used free")(1 << 31, 0, free)
+        monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p, usage=usage: usage)
+        with pytest.raises(OutputWriteError) as e:
+            with atomic.naming_output(tmp_path / "run" / "x.bin", (RuntimeError,)):
+                raise RuntimeError(torch_said)
+        said = str(e.value)
+        assert said.startswith(f"{tmp_path / 'run' / 'x.bin'}: could not be written {start}; free some"), said

@@ -194,6 +194,17 @@ def remove_stale_temps(folder: str | Path) -> int:
     return removed
 
 
+def _nearly_full(path: Path, below: int = 1 << 20) -> bool:
+    """Whether the file system holding `path` (or its nearest existing parent) has under `below` bytes free
+    for this user."""
+    for p in (path, *path.parents):
+        try:
+            return shutil.disk_usage(p).free < below
+        except OSError:
+            continue
+    return False
+
+
 @contextmanager
 def naming_output(final: str | Path, library_errors: tuple = (), staged: tuple[Path, Path] | None = None,
                   elsewhere: str | None = "choose another --out"):
@@ -210,6 +221,10 @@ def naming_output(final: str | Path, library_errors: tuple = (), staged: tuple[P
         if staged and isinstance(e, OSError) and e.filename and Path(e.filename).is_relative_to(staged[0]):
             final = staged[1] / Path(e.filename).relative_to(staged[0])
         why = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)).strip().splitlines()
-        raise OutputWriteError(f"{final}: could not be written ({why[0] if why else type(e).__name__}); free some "
+        why = why[0] if why else type(e).__name__
+        if not isinstance(e, OSError) and "no space" not in why.lower() and \
+                _nearly_full(staged[0] if staged else final.parent):
+            why = f"no space left on device; the library said: {why}"   # its own words hide the cause
+        raise OutputWriteError(f"{final}: could not be written ({why}); free some "
                                "space or raise the file-size limit (ulimit -f)"
                                + (f", or {elsewhere}" if elsewhere else "")) from None
