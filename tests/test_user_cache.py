@@ -163,6 +163,15 @@ def test_options_an_action_does_not_use_are_refused(cache, capsys):
     assert e.folder.exists()
 
 
+def test_a_cache_folder_that_is_a_file_is_named(tmp_path, monkeypatch, capsys):
+    """ARC2FACE_CACHE_DIR naming a file listed "0 entries", as if nothing were cached."""
+    (tmp_path / "f").write_text("x")
+    monkeypatch.setenv("ARC2FACE_CACHE_DIR", str(tmp_path / "f"))
+    assert rt_main(["cache", "list"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"ARC2FACE_CACHE_DIR={tmp_path / 'f'}: is a file, not a folder" in err[0], err
+
+
 def test_cache_touches_only_its_own_entries(cache, tmp_path, monkeypatch, capsys):
     """ARC2FACE_OV_CACHE may name a folder other programs use: only folders with a record of ours (and
     the leftovers of our own removals) are listed or deleted; a link is never followed."""

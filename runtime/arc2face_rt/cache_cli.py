@@ -8,6 +8,7 @@ import time
 
 from . import argtypes
 from .errors import InvalidInputError, OutputWriteError
+from .integrity import cache_dir
 from .user_cache import CacheEntry, human_bytes, remove, scan, select
 
 DEFAULT_OLDER_THAN_DAYS = 30
@@ -50,6 +51,10 @@ def cmd_cache(args) -> int:
                                 + ": use `arc2face-rt cache prune --older-than DAYS`")
     if args.dry_run and args.action == "list":
         raise InvalidInputError("--dry-run is for `cache prune` and `cache clear`; `cache list` deletes nothing")
+    root = cache_dir()
+    if root.exists() and not root.is_dir():      # listed as empty, a user would think nothing is cached
+        where = "ARC2FACE_CACHE_DIR=" if os.environ.get("ARC2FACE_CACHE_DIR") else "the cache folder "
+        raise InvalidInputError(f"{where}{root}: is a file, not a folder; point ARC2FACE_CACHE_DIR at a folder")
     entries = scan()
     if args.action == "list":
         for e in entries:
