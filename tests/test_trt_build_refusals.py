@@ -146,6 +146,21 @@ def test_a_face_model_tensorrt_cannot_parse_names_the_model_not_a_temp_file(tmp_
     assert not (d / "arcface.onnx").exists()
 
 
+def test_a_face_model_of_another_kind_is_named_as_the_wrong_model(tmp_path, trt_build):
+    """The UNet's (or any) ONNX file given as the recognizer: "input dims ... cannot take ..." named no fix."""
+    from arc2face_export.face_plans import add_face_stages
+    from arc2face_rt.errors import ModelFormatError
+
+    src = _one_input_graph(tmp_path / "arcface.onnx", [1, 4, 64, 64])
+    d = make_engines_dir(tmp_path / "e", "fp32", stages=("projector",))
+    with pytest.raises(ModelFormatError) as e:
+        add_face_stages(d, recognizer=src)
+    msg = str(e.value)
+    assert msg.startswith(f"{src}: input dims [1, 4, 64, 64] cannot take ('B', 3, 112, 112); is it the face "
+                          "recognizer? The face models are scrfd_10g_bnkps.onnx"), msg
+    assert "--no-face" in msg and not (d / "arcface.onnx").exists()
+
+
 def test_a_plan_linked_from_outside_the_folder_is_rebuilt_in_it(tmp_path, trt_build, count_builds):
     """The runtime refuses such a link (manifest.resolve_inside): build-engines used to call it up to date."""
     d = make_engines_dir(tmp_path / "e", "fp32", stages=("projector",))

@@ -50,22 +50,26 @@ def _load_model(src: Path, role: str):
                                   f"the file is damaged or truncated: {_REDOWNLOAD}") from None
 
 
-def _pin_input(model, src: Path, dst: Path, shape: tuple) -> dict:
+def _pin_input(model, src: Path, dst: Path, shape: tuple, role: str = "face model") -> dict:
     """Write `model` (read from `src`) to `dst` with its one input's dims set to `shape` ("B" stays
-    symbolic); return its I/O (TensorRT's view after parsing, batch axis as "B")."""
+    symbolic); return its I/O (TensorRT's view after parsing, batch axis as "B"). A model whose input
+    cannot take `shape` is another model than the `role` it was given as, refused in one line."""
     import onnx
 
+    wrong = (f"; is it the {role}? The face models are scrfd_10g_bnkps.onnx (detector) and arcface.onnx "
+             "(recognizer); give their folder, or build without the face stages (--no-face)")
     if len(model.graph.input) != 1:
         names = [i.name for i in model.graph.input]
-        raise ModelFormatError(f"{src}: expected one input, found {names}")
+        raise ModelFormatError(f"{src}: expected one input, found {names}{wrong}")
     dims = model.graph.input[0].type.tensor_type.shape.dim
     if len(dims) != len(shape):
-        raise ModelFormatError(f"{src}: input has {len(dims)} dims, expected {len(shape)} ({shape})")
+        raise ModelFormatError(f"{src}: input has {len(dims)} dims, expected {len(shape)} ({shape}){wrong}")
+    given = [x.dim_value or x.dim_param for x in dims]      # before any is pinned
     for d, want in zip(dims, shape):
         if want == "B":
             d.dim_param = "B"
         elif d.HasField("dim_value") and d.dim_value not in (0, want):
-            raise ModelFormatError(f"{src}: input dims {[x.dim_value or x.dim_param for x in dims]} cannot take {shape}")
+            raise ModelFormatError(f"{src}: input dims {given} cannot take {shape}{wrong}")
         else:
             d.dim_value = want
     for out in model.graph.output:      # output dims follow from the input: let the parser infer them
@@ -152,7 +156,7 @@ def add_face_stages(engines_dir: str | Path, models_dir: str | Path | None = Non
         _role, shape, batch = FACE_STAGES[name]
         dst = engines_dir / f"{name}.onnx"
         log.info("%s: %s -> %s (input pinned to %s)", name, src, dst.name, list(shape))
-        io = _pin_input(model, src, dst, shape)
+        io = _pin_input(model, src, dst, shape, f"face {_role}")
         rec = {"files": {dst.name: mf.file_record(dst)}, "source": str(src), "source_sha256": src_sha,
                "io": io, "batch_range": list(batch)}
         if name == "arcface":
