@@ -228,14 +228,17 @@ CASES = [
 ]
 
 
-def assert_refused(tool: list[str], prog: str, args: list[str], sandbox: Path, words: str, **run) -> str:
-    """Run a CLI in a child: exit 2, a final one-line `PROG: error:` naming `words`, no traceback,
-    and the sandbox exactly as before. Returns that line. `run`: more subprocess.run arguments."""
+def assert_refused(tool: list[str], prog: str, args: list[str], sandbox: Path, words: str, only_line: bool = False,
+                   **run) -> str:
+    """Run a CLI in a child: exit 2, a final one-line `PROG: error:` naming `words` (with `only_line`, the
+    only line on stderr), no traceback, and the sandbox exactly as before. Returns that line. `run`: more
+    subprocess.run arguments."""
     before = snapshot(sandbox)
     r = subprocess.run(tool + args, capture_output=True, text=True, timeout=300, **run)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert lines and lines[-1].startswith(f"{prog}: error:"), r.stderr
+    assert len(lines) == 1 or not only_line, r.stderr
     assert words.lower() in lines[-1].lower(), lines[-1]
     assert snapshot(sandbox) == before, "the command changed files"
     return lines[-1]

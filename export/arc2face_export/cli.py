@@ -21,9 +21,9 @@ def _say(msg: str) -> None:
 def cmd_random_checkpoint(args) -> int:
     from arc2face_ref.random_ckpt import write_random_checkpoint
 
-    _say(f"writing a random-weight {args.size} checkpoint (seed {args.seed}) to {args.out}")
     write_random_checkpoint(args.out, size=args.size, seed=args.seed, force=args.force,
-                            face_models=not args.no_face_models, controlnet=args.controlnet, lcm_lora=args.lcm_lora)
+                            face_models=not args.no_face_models, controlnet=args.controlnet, lcm_lora=args.lcm_lora,
+                            say=_say)       # after its checks: a refused --out is the only line
     _say(f"done: {args.out} (random weights: generated images will look like noise)")
     return 0
 

@@ -143,19 +143,22 @@ def _check_target(out: str | Path, force: bool) -> Path:
 
 
 def write_random_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, force: bool = False,
-                            face_models: bool = True, controlnet: bool = False, lcm_lora: bool = False) -> Path:
+                            face_models: bool = True, controlnet: bool = False, lcm_lora: bool = False,
+                            say=lambda msg: None) -> Path:
     """Write MODEL_DIR with seeded random weights; return its absolute path.
 
     An existing folder must be empty, or with `force` a random checkpoint this tool wrote (it holds
     RANDOM_WEIGHTS.txt and only the files listed in _OWN_FILES); anything else is refused, and so is
     the current folder or one that contains it. Everything is written into a temporary folder beside
     `out` and renamed into place at the end: a failure leaves `out` as it was. The checks come before
-    the model libraries are imported: a refusal takes a moment, not their import's seconds."""
+    the model libraries are imported: a refusal takes a moment, not their import's seconds. `say` hears
+    one line once they have passed."""
     if size not in CONFIGS:
         raise InvalidInputError(f"size must be one of {sorted(CONFIGS)}")
     if not 0 <= seed < 2**63:
         raise InvalidInputError(f"--seed must be in 0..2**63-1 (got {seed})")
     out = _check_target(out, force)
+    say(f"writing a random-weight {size} checkpoint (seed {seed}) to {out}")
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors import SafetensorError
     from safetensors.torch import save_file
