@@ -77,7 +77,10 @@ def cmd_report(args) -> int:
     from .report import write_report
 
     md, charts = write_report(Path(args.results), say=_say)
-    _say(f"wrote {md}" + (f" and {len(charts)} chart(s)" if charts else " (no chart: matplotlib not installed)"))
+    import importlib.util
+
+    why = "matplotlib not installed" if importlib.util.find_spec("matplotlib") is None else "no complete run result"
+    _say(f"wrote {md}" + (f" and {len(charts)} chart(s)" if charts else f" (no chart: {why})"))
     return 0
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from arc2face_rt.errors import InvalidInputError
+from arc2face_rt.specs import PRECISIONS
 
 from . import env
 
@@ -119,8 +120,9 @@ def checkpoint(model_dir: Path | None, size: str, say=print) -> Path:
 def bench_export(size: str, precisions: tuple[str, ...], model_dir: Path | None, out_root: Path,
                  timeout: float | None = None, say=print) -> dict:
     for spec in precisions:        # before anything is written: a bad one cost a full-size checkpoint first
-        if spec.partition(":")[0] not in ("fp32", "fp16") or spec.partition(":")[2] not in ("", "novalidate"):
-            raise InvalidInputError(f"--precisions: {spec!r} is not fp32 or fp16 (optionally with :novalidate)")
+        if spec.partition(":")[0] not in PRECISIONS or spec.partition(":")[2] not in ("", "novalidate"):
+            raise InvalidInputError(f"--precisions: {spec!r} is not {' or '.join(PRECISIONS)} (optionally with "
+                                    ":novalidate)")
     # absolute: the child runs in the repository, not in this process's working folder
     model_dir, out_root = checkpoint(model_dir, size, say), out_root.resolve()
     runs = []

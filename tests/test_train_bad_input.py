@@ -163,7 +163,7 @@ def test_prepare_with_no_usable_photo_is_a_user_error(tmp_path, capsys):
     astronaut_variants(tmp_path / "faces", n=3)
     argv = ["prepare", "--models", str(tiny_models_dir()), "--out", str(tmp_path / "data"), "--device", "cpu", "-q"]
     assert main(argv + ["--images", str(tmp_path / "faces")]) == 0, capsys.readouterr().err
-    assert "kept no sample" in capsys.readouterr().err
+    assert "holds no sample yet: starting again" in capsys.readouterr().err
     assert (tmp_path / "data" / "skipped.txt").read_text() == ""
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
         "prepare.json", "shard-00000.stats.json", "shard-00000.tar", "skipped.txt"]
@@ -196,6 +196,10 @@ def test_fit_refuses_a_zero_adam_epsilon(tmp_path, capsys):
               "--adam-eps", "0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "--adam-eps: 0 is outside" in err[0], err
+    from arc2face_ref.train.config import FitConfig
+
+    with pytest.raises(InvalidInputError, match="--adam-eps must be above 0"):     # the library's callers too
+        FitConfig(model_dir=tmp_path, data=tmp_path, out=tmp_path, adam_eps=0.0)
 
 
 def test_fit_help_shows_every_default():

@@ -154,6 +154,18 @@ def test_prepare_never_replaces_files_it_did_not_write(tmp_path, name):
     assert [p.name for p in (tmp_path / "data").iterdir()] == [name] and (tmp_path / "data" / name).read_text() == "mine"
 
 
+def test_a_damaged_plan_is_named(tmp_path):
+    """prepare.json of valid JSON but not a plan ("files": 5) was a TypeError traceback."""
+    from arc2face_rt.errors import InvalidInputError
+    from arc2face_ref.train.prepare import prepare
+
+    paths = astronaut_variants(tmp_path / "photos", n=1)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "prepare.json").write_text('{"shard_size": 2, "files": 5}')
+    with pytest.raises(InvalidInputError, match=r"prepare.json: damaged \(not a plan of prepare's\)"):
+        prepare(paths, tmp_path / "data", _analyzer, shard_size=2)
+
+
 def test_reader_matches_webdataset(tmp_path):
     """fit's random-access reader gives the samples webdataset streams, in key order."""
     from arc2face_ref.train.shards import ShardDataset, index_shards, read_id

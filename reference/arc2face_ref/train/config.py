@@ -59,6 +59,8 @@ class FitConfig:
              "--freeze-unet and --freeze-encoder together leave nothing to train; drop one")
         need(0 <= self.id_dropout < 1, f"--id-dropout must be in [0, 1) (got {self.id_dropout})")
         need(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1) (got {self.ema_decay})")
+        need(self.adam_eps > 0, f"--adam-eps must be above 0 (got {self.adam_eps}): with 0 a weight whose gradient "
+                                "is still 0 gets 0/0 = NaN")
         need(self.checkpoint_every >= 1, "--checkpoint-every must be at least 1")
         need(self.val_ids >= 1 and self.val_images >= 1 and self.val_steps >= 1,
              "--val-ids, --val-images and --val-steps must be at least 1")

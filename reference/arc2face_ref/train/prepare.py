@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
-from arc2face_rt.atomic import atomic_write, is_stale_temp, remove_stale_temps
+from arc2face_rt.atomic import atomic_write, is_temp_name, remove_stale_temps
 from arc2face_rt.errors import ImageDecodeError, InvalidInputError
 from arc2face_rt.face.identity import SKIPPABLE, FaceAnalyzer
 from arc2face_rt.face.image_io import check_image_file, expand_paths, load_image
@@ -61,8 +61,8 @@ class PrepareReport:
 def _plan(out: Path, files: list[Path], shard_size: int, say: Callable[[str], None]) -> tuple[dict | None, list[Path]]:
     """(the plan (prepare.json) to write on a first run, or None on a later run; the photos to use).
 
-    A later run refuses other inputs or another shard size, unless no shard holds a sample (the earlier run
-    skipped every photo, say for pointing at the wrong folder): then it starts again with these. It keeps
+    A later run refuses other inputs or another shard size, unless no shard holds a sample yet (say the
+    earlier run skipped every photo, given the wrong folder): then it starts again with these. It keeps
     the pinned list when the walk now finds only extra entries that are no photo files (a symbolic link to
     a folder, a dangling link, a pipe; an older version's walk left them out): they would only be
     skipped, so the shards stay the same."""
@@ -70,7 +70,7 @@ def _plan(out: Path, files: list[Path], shard_size: int, say: Callable[[str], No
     path = out / PLAN_FILE
     if not path.exists():
         # anything but our own abandoned temporary files: a data folder holds only what prepare writes
-        taken = sorted(p.name for p in out.iterdir() if not is_stale_temp(p)) if out.is_dir() else []
+        taken = sorted(p.name for p in out.iterdir() if not _ours(p.name)) if out.is_dir() else []
         if taken:
             raise InvalidInputError(f"{out}: holds {taken[0]}{f' and {len(taken) - 1} more' if len(taken) > 1 else ''}"
                                     f", which prepare did not write (no {PLAN_FILE}); move them away or use a new --out")
@@ -79,12 +79,12 @@ def _plan(out: Path, files: list[Path], shard_size: int, say: Callable[[str], No
         old = json.loads(path.read_text())
     except ValueError as e:
         raise InvalidInputError(f"{path}: unreadable ({e}); use a new --out") from None
-    if not isinstance(old, dict):
-        raise InvalidInputError(f"{path}: holds no plan; use a new --out")
+    if not isinstance(old, dict) or not isinstance(old.get("files", []), list):
+        raise InvalidInputError(f"{path}: damaged (not a plan of prepare's); use a new --out")
     if old.get("shard_size") == shard_size and old.get("files") == plan["files"]:
         return None, files
     if not any(out.glob("shard-*.tar")):      # nothing of value: the earlier run found no usable face at all
-        say(f"{out}: its earlier run kept no sample (every photo skipped): starting again with these --images")
+        say(f"{out}: holds no sample yet: starting again with these --images")
         return plan, files
     if old.get("shard_size") != shard_size:
         raise InvalidInputError(f"{out}: was prepared with --shard-size {old.get('shard_size')}; pass the same to "
@@ -99,6 +99,11 @@ def _plan(out: Path, files: list[Path], shard_size: int, say: Callable[[str], No
     which = (f"{gone[0]!r} is gone" if gone else f"{new[0]!r} is new") if gone or new else "their order differs"
     raise InvalidInputError(f"{out}: was prepared from another list of photos ({len(then)} then, {len(now)} now: "
                             f"{which}); pass the same --images with the same photos to continue, or use a new --out")
+
+
+def _ours(name: str) -> bool:
+    """A temporary file or folder of ours (a write in progress or abandoned; check_output_dir's probe)."""
+    return is_temp_name(name) or name.startswith(".arc2face-probe-")
 
 
 def _not_a_photo(path: str) -> str:

@@ -75,6 +75,9 @@ def add_dataset_parser(sub) -> None:
 
 
 def cmd_dataset(args) -> int:
+    if args.workers is not None and not args.ray:      # before the imports below: a refusal takes a moment
+        raise InvalidInputError(f"--workers {args.workers} needs --ray (the actors it counts); without --ray the "
+                                "shards run one after another in this process")
     from .. import provenance
     from ..pipeline import Arc2FacePipeline
     from .identities import load_identities, random_identities
@@ -87,9 +90,6 @@ def cmd_dataset(args) -> int:
     )
     from .worker import ShardWorker, WorkerConfig, open_face_models
 
-    if args.workers is not None and not args.ray:
-        raise InvalidInputError(f"--workers {args.workers} needs --ray (the actors it counts); without --ray the "
-                                "shards run one after another in this process")
     if args.ray:
         from .ray_runner import check_ray_address, require_ray
         require_ray()

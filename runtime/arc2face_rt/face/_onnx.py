@@ -24,14 +24,15 @@ def open_session(path: str | Path, what: str, fix: str, device: str = "auto", th
     path = Path(path)
     try:
         st = os.stat(path)
-        os.close(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)))   # readable, never blocking on a FIFO
+        if stat.S_ISREG(st.st_mode):            # the kind first: only a regular file is opened to test it
+            os.close(os.open(path, os.O_RDONLY))
     except FileNotFoundError:
         raise MissingWeightsError(f"{path}: {what} not found; {fix}") from None
     except (OSError, ValueError) as e:
         why = os_error_reason(e) if isinstance(e, OSError) else "not a valid path (it contains a NUL byte)"
         raise MissingWeightsError(f"{path}: cannot read the {what}: {why}") from None
     if not stat.S_ISREG(st.st_mode):
-        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe, socket or device)"
         raise MissingWeightsError(f"{path}: is {kind}, not the {what} (an .onnx file); {fix}")
     try:
         if backend == "openvino":
