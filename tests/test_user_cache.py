@@ -170,6 +170,11 @@ def test_a_cache_folder_that_is_a_file_is_named(tmp_path, monkeypatch, capsys):
     assert rt_main(["cache", "list"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"ARC2FACE_CACHE_DIR={tmp_path / 'f'}: is a file, not a folder" in err[0], err
+    monkeypatch.setenv("ARC2FACE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("ARC2FACE_OV_CACHE", str(tmp_path / "f"))      # the OpenVINO blobs' own root
+    assert rt_main(["cache", "list"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"ARC2FACE_OV_CACHE={tmp_path / 'f'}: is a file, not a folder" in err[0], err
 
 
 def test_cache_touches_only_its_own_entries(cache, tmp_path, monkeypatch, capsys):

@@ -7,6 +7,7 @@ import sys
 import time
 
 from . import argtypes
+from .backends.ov_cache import cache_root
 from .errors import InvalidInputError, OutputWriteError
 from .integrity import cache_dir
 from .user_cache import CacheEntry, human_bytes, remove, scan, select
@@ -51,10 +52,11 @@ def cmd_cache(args) -> int:
                                 + ": use `arc2face-rt cache prune --older-than DAYS`")
     if args.dry_run and args.action == "list":
         raise InvalidInputError("--dry-run is for `cache prune` and `cache clear`; `cache list` deletes nothing")
-    root = cache_dir()
-    if root.exists() and not root.is_dir():      # listed as empty, a user would think nothing is cached
-        where = "ARC2FACE_CACHE_DIR=" if os.environ.get("ARC2FACE_CACHE_DIR") else "the cache folder "
-        raise InvalidInputError(f"{where}{root}: is a file, not a folder; point ARC2FACE_CACHE_DIR at a folder")
+    # a root that is a file would be listed as empty: a user would think nothing is cached
+    for root, var in ((cache_dir(), "ARC2FACE_CACHE_DIR"), (cache_root(), "ARC2FACE_OV_CACHE")):
+        if root is not None and root.exists() and not root.is_dir():
+            where = f"{var}=" if os.environ.get(var) else "the cache folder "
+            raise InvalidInputError(f"{where}{root}: is a file, not a folder; point {var} at a folder")
     entries = scan()
     if args.action == "list":
         for e in entries:
