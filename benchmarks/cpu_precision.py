@@ -32,9 +32,17 @@ def bench_cpu_precision(size: str = "tiny", precisions=("bf16", "int8"), identit
                         guidance: float = 3.0, model_dir: Path | None = None, engines: Path | None = None,
                         say=print) -> dict:
     from arc2face_export.onnx_export import export_all
-    from arc2face_rt.backends.openvino import cpu_isa
+    from arc2face_rt.backends.openvino import CPU_PRECISIONS, cpu_isa
+    from arc2face_rt.errors import InvalidInputError
     from arc2face_rt.pipeline import Arc2FacePipeline
 
+    bad = [p for p in precisions if p not in CPU_PRECISIONS or p == "auto"]
+    if bad or not precisions:
+        raise InvalidInputError(f"--precisions: {bad[0] if bad else ''!r} is not one of "
+                                f"{', '.join(p for p in CPU_PRECISIONS if p != 'auto')}")
+    if engines is not None and engines.is_dir() and any(engines.iterdir()) and not (engines / "manifest.json").exists():
+        raise InvalidInputError(f"--engines {engines}: holds files but no manifest.json (not an engines folder); "
+                                "give an fp32 engines folder, a new or empty one to export into, or leave it out")
     model_dir = checkpoint(model_dir, size, say)
     engines = engines or CACHE / f"engines-{size}-fp32"
     export_all(model_dir, engines, precision="fp32", progress=say)

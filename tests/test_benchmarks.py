@@ -312,7 +312,9 @@ def bench_main(cli_main, monkeypatch):
     (["verify", "--engines", "{t}", "--out", "{t}/f.txt/o"], "--out {t}/f.txt/o: cannot be made: {t}/f.txt is a file"),
     (["export", "--precisions", "fp99", "--out", "{t}/o"], "--precisions: 'fp99' is not fp32 or fp16"),
     (["export", "--model-dir", "{t}/nope", "--out", "{t}/o"], "--model-dir {t}/nope: no arc2face/ in it"),
-    (["build", "--engines", "{t}/nope", "--out", "{t}/o"], "--engines {t}/nope: no manifest.json")])
+    (["build", "--engines", "{t}/nope", "--out", "{t}/o"], "--engines {t}/nope: no manifest.json"),
+    (["cpu-precision", "--precisions", "bf16,fp99", "--out", "{t}/o"], "--precisions: 'fp99' is not one of"),
+    (["cpu-precision", "--engines", "{t}", "--out", "{t}/o"], "--engines {t}: holds files but no manifest.json")])
 def test_user_errors_are_one_line_and_exit_2(argv, says, cli_main, tmp_path, capsys):
     """huntF #6: a missing --results or --engines folder was a traceback (exit 1). `export` with a bad
     precision wrote a full-size random checkpoint into the repository first, then a result of failed runs
