@@ -161,7 +161,11 @@ def undo_new_folders(path: str | Path):
     still empty, so a failed run leaves no folder behind that was not there before."""
     path = Path(path)
     full = Path(os.path.abspath(path))
-    made = [p for p in (full, *full.parents) if not os.path.lexists(p)]
+    made = []                               # deepest first; above the first existing one all exist
+    for p in (full, *full.parents):
+        if os.path.lexists(p):
+            break
+        made.append(p)
     path.mkdir(parents=True, exist_ok=True)
     try:
         yield path

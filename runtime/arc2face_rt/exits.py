@@ -47,8 +47,11 @@ _OS_FIX = {
 }
 
 
-def os_error_reason(e: OSError) -> str:
-    """What happened and what to do, for an OSError, without the file names."""
+def os_error_reason(e: OSError | ValueError) -> str:
+    """What happened and what to do, for an OSError, without the file names; a ValueError is what os
+    calls raise for a name with a NUL byte."""
+    if not isinstance(e, OSError):
+        return "not a valid path (it contains a NUL byte)"
     return _OS_FIX.get(e.errno) or (e.strerror or str(e) or type(e).__name__).rstrip(".")
 
 

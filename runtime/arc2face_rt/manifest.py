@@ -174,8 +174,7 @@ def load_manifest(engines_dir: str | Path) -> dict:
     except FileNotFoundError:
         raise EngineMismatchError(f"{engines_dir}: no such engines folder; write one with {write}") from None
     except (OSError, ValueError) as e:   # unreadable parent, a file as a parent, a NUL byte in the name
-        why = os_error_reason(e) if isinstance(e, OSError) else "not a valid path (it contains a NUL byte)"
-        raise EngineMismatchError(f"{engines_dir}: cannot open the engines folder: {why}") from None
+        raise EngineMismatchError(f"{engines_dir}: cannot open the engines folder: {os_error_reason(e)}") from None
     if not stat.S_ISDIR(st.st_mode):
         kind = "a file" if stat.S_ISREG(st.st_mode) else "a special file"
         raise EngineMismatchError(f"{engines_dir}: is {kind}, not an engines folder (a folder holding {MANIFEST} and "

@@ -12,10 +12,11 @@ import tempfile
 from pathlib import Path
 
 from .errors import Arc2FaceError, InvalidInputError
-from .exits import os_error_message
+from .exits import os_error_message, os_error_reason
 from .images import read_png_params
 from .provenance import as_current
 
+PROBE_PREFIX = ".arc2face-probe-"    # check_output_dir's test folder, made and removed at once
 _NAME_MAX = 170        # file systems allow 255 bytes; atomic_write adds ~80 for its temporary name
 
 
@@ -52,9 +53,9 @@ def check_output_dir(out: str | Path, flag: str = "--out", fix: str = "choose an
         raise InvalidInputError(f"{flag} {out}: {what}; {fix} or fix its permissions")
     made = None
     try:       # access() says yes to root everywhere; /proc, a read-only mount or a full inode table say no
-        made = tempfile.mkdtemp(prefix=".arc2face-probe-", dir=probe)
+        made = tempfile.mkdtemp(prefix=PROBE_PREFIX, dir=probe)
     except OSError as e:
-        why = os_error_message(e).split(": ", 1)[-1].split("; ")[0]     # what happened, not exits' generic advice
+        why = os_error_reason(e).split("; ")[0]     # what happened, not exits' generic advice
         raise InvalidInputError(f"{flag} {out}: {what} ({why}); {fix}") from None
     finally:
         if made:

@@ -32,7 +32,7 @@ from arc2face_rt.atomic import atomic_write, is_temp_name, remove_stale_temps
 from arc2face_rt.errors import ImageDecodeError, InvalidInputError
 from arc2face_rt.face.identity import SKIPPABLE, FaceAnalyzer
 from arc2face_rt.face.image_io import check_image_file, expand_paths, load_image
-from arc2face_rt.outputs import check_output_dir
+from arc2face_rt.outputs import PROBE_PREFIX, check_output_dir
 
 from .crop import TRAIN_SIZE, train_crop
 
@@ -103,7 +103,7 @@ def _plan(out: Path, files: list[Path], shard_size: int, say: Callable[[str], No
 
 def _ours(name: str) -> bool:
     """A temporary file or folder of ours (a write in progress or abandoned; check_output_dir's probe)."""
-    return is_temp_name(name) or name.startswith(".arc2face-probe-")
+    return is_temp_name(name) or name.startswith(PROBE_PREFIX)
 
 
 def _not_a_photo(path: str) -> str:

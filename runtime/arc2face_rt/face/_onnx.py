@@ -29,8 +29,7 @@ def open_session(path: str | Path, what: str, fix: str, device: str = "auto", th
     except FileNotFoundError:
         raise MissingWeightsError(f"{path}: {what} not found; {fix}") from None
     except (OSError, ValueError) as e:
-        why = os_error_reason(e) if isinstance(e, OSError) else "not a valid path (it contains a NUL byte)"
-        raise MissingWeightsError(f"{path}: cannot read the {what}: {why}") from None
+        raise MissingWeightsError(f"{path}: cannot read the {what}: {os_error_reason(e)}") from None
     if not stat.S_ISREG(st.st_mode):
         kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe, socket or device)"
         raise MissingWeightsError(f"{path}: is {kind}, not the {what} (an .onnx file); {fix}")
