@@ -6,11 +6,33 @@ A KeyboardInterrupt that lands inside a C extension's import can surface as anot
 signal: whatever the import then raises, it was the user's Ctrl-C. A Ctrl-C before `main()` has
 installed that handler (Python's own start-up, the console script's first lines) is Python's: a
 traceback.
+
+Before the import, `quiet_libraries` keeps two libraries' start-up noise off the terminal.
 """
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import sys
+
+
+def _not_openvino_telemetry(record: logging.LogRecord) -> bool:
+    return "openvino_telemetry" not in record.pathname
+
+
+def quiet_libraries() -> None:
+    """For a console script (never on import: a program using the Python API keeps its own settings):
+    - ONNX Runtime's telemetry is off (ORT_DISABLE_TELEMETRY=1) unless the environment sets
+      ORT_DISABLE_TELEMETRY itself. ONNX Runtime 1.31 starts it as it is imported, and where HOME
+      cannot be written (a container, a service account) prints a colour-coded warning about its
+      device id; a tool that handles face images sends nothing by default.
+    - openvino_telemetry's warnings (through the root logger, as `import openvino` starts it, where
+      it cannot write its consent folder in HOME) are dropped; its own opt-out is unchanged."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    root = logging.getLogger()
+    if _not_openvino_telemetry not in root.filters:
+        root.addFilter(_not_openvino_telemetry)
 
 
 def interruptible(prog: str, load_main):
@@ -23,6 +45,7 @@ def interruptible(prog: str, load_main):
         seen.append(signum)
         raise KeyboardInterrupt
 
+    quiet_libraries()
     previous = None
     try:
         try:                              # a Ctrl-C the process was started ignoring stays ignored
