@@ -108,12 +108,18 @@ def checkpoint(model_dir: Path | None, size: str, say=print) -> Path:
             raise InvalidInputError(f"--model-dir {model_dir}: no arc2face/ in it (not a checkpoint folder); leave "
                                     "--model-dir out for a random-weight checkpoint in the benchmark cache")
         return model_dir.resolve()
-    model_dir = CACHE / f"model-{size}"
-    if not (model_dir / "arc2face").is_dir():
+    return random_checkpoint(CACHE, size, say)
+
+
+def random_checkpoint(cache: Path, size: str, say=print) -> Path:
+    """`cache`/model-SIZE: the seed-0 random-weight checkpoint, written on first use (`say` hears it).
+    The writer renames the whole folder into place at the end, so its RANDOM_WEIGHTS.txt marks a
+    finished one; a folder of anything else there is refused by the writer, never filled."""
+    model_dir = cache / f"model-{size}"
+    if not (model_dir / "RANDOM_WEIGHTS.txt").is_file():
         from arc2face_ref.random_ckpt import write_random_checkpoint
 
-        say(f"writing a random-weight {size} checkpoint to {model_dir}")
-        write_random_checkpoint(model_dir, size=size, seed=0, force=model_dir.exists())
+        write_random_checkpoint(model_dir, size=size, seed=0, force=model_dir.exists(), say=say)
     return model_dir
 
 

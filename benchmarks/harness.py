@@ -138,15 +138,13 @@ def _prepare_model(opts: RunOptions, say) -> tuple[Path, str | None]:
         except ImportError:   # no torch here: the runtime rows only need the engines folder
             pass
         return model_dir, None
-    model_dir = Path(opts.cache_dir) / f"model-{opts.size}"
-    if not (model_dir / "RANDOM_WEIGHTS.txt").is_file():
-        try:
-            from arc2face_ref.random_ckpt import write_random_checkpoint
-        except ImportError as e:
-            return model_dir, f"no checkpoint at {model_dir} and cannot write a random one ({e})"
-        say(f"writing a random-weight {opts.size} checkpoint to {model_dir}")
-        write_random_checkpoint(model_dir, size=opts.size, seed=0, force=model_dir.exists())
-    return model_dir, None
+    from .export_bench import random_checkpoint
+
+    try:
+        return random_checkpoint(Path(opts.cache_dir), opts.size, say), None
+    except ImportError as e:              # no torch/diffusers here (a device machine before `install`)
+        model_dir = Path(opts.cache_dir) / f"model-{opts.size}"
+        return model_dir, f"no checkpoint at {model_dir} and cannot write a random one ({e})"
 
 
 def _prepare_engines(opts: RunOptions, model_dir: Path, precision: str, key: str, say, device: str = "cpu") -> Path:
