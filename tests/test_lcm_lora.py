@@ -142,6 +142,19 @@ def test_generate_defaults_to_lcm_on_a_lora_folder_and_flags_win(lora_engines, t
     assert (p["scheduler"], p["steps"], p["guidance"]) == ("ddim", 2, 1.0)
 
 
+def test_dataset_takes_the_folders_lcm_defaults_too(lora_engines, tmp_path, capsys):
+    """`dataset` on an LCM-LoRA folder (which has no step_cfg graph) used Arc2Face's guidance 3 and stopped
+    with "no 'step_cfg' stage"; it now samples as `generate` does there, flags winning."""
+    from arc2face_rt.cli import main
+
+    out = tmp_path / "ds"
+    assert main(["dataset", "--engines", str(lora_engines), "--identities", "1", "--per-identity", "1",
+                 "--steps", "2", "--out", str(out)]) == 0
+    assert "LCM-LoRA defaults --scheduler lcm --guidance 1; given: --steps 2" in capsys.readouterr().err
+    p = read_params(next(out.rglob("*.png")))
+    assert (p["scheduler"], p["steps"], p["guidance"]) == ("lcm", 2, 1.0)
+
+
 def test_a_folder_without_lora_keeps_arc2face_defaults():
     from arc2face_rt.pipeline import folder_defaults
 

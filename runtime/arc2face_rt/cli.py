@@ -14,7 +14,7 @@ from .errors import InvalidInputError
 from .exits import cli_main
 from .face.cli import add_embed_parser, add_score_parser
 from .face.flags import add_max_pixels, limits_from
-from .folder_setup import BACKENDS, check_folder_scheduler, folder_defaults
+from .folder_setup import BACKENDS, check_folder_scheduler, folder_defaults, sampling_options
 from .pipeline import GenerationOptions
 from .schedulers import SCHEDULERS
 from .specs import (DEFAULT_BATCH, DEFAULT_CONTROL_SCALE, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS,
@@ -80,16 +80,11 @@ def cmd_generate(args) -> int:
     if args.control_scale is not None and not args.control_image:
         raise InvalidInputError("--control-scale needs --control-image (the pose it scales); without one the "
                                 "images are made without pose control")
-    defaults, lora = _folder_defaults(args.engines)
-    chosen = {k: getattr(args, k) for k in defaults if getattr(args, k) is not None}
-    opts = GenerationOptions(**{**defaults, **chosen}, seed=args.seed, batch_size=args.batch)
+    sampling, note = sampling_options(args.engines, {k: getattr(args, k) for k in ("scheduler", "steps", "guidance")})
+    opts = GenerationOptions(**sampling, seed=args.seed, batch_size=args.batch)
     opts.check()
-    if lora:
-        unset = [f"--{k} {defaults[k]:g}" if k != "scheduler" else f"--{k} {defaults[k]}" for k in defaults
-                 if k not in chosen]
-        _stderr(f"engines with LoRA {lora['file']} fused (scale {lora['scale']:g}): " + (
-            f"LCM-LoRA defaults {' '.join(unset)}" if unset else "all sampling options given") +
-            (f"; given: {', '.join(f'--{k} {v}' for k, v in chosen.items())}" if chosen else ""))
+    if note:
+        _stderr(note)
     control = None
     if args.control_image:
         from .control import Control
@@ -128,18 +123,6 @@ def cmd_generate(args) -> int:
             f"{t.get('denoise', 0) / steps_run * 1000:.0f} ms/step at batch {batch}, "
             f"decode {t.get('decode', 0):.1f} s)")
     return 0
-
-
-def _folder_defaults(engines) -> tuple[dict, dict | None]:
-    """(scheduler/steps/guidance defaults, the fused LoRA's record or None) of an engines folder. A
-    manifest that does not load gives Arc2Face's defaults here; opening the folder reports it."""
-    from .manifest import load_manifest
-
-    try:
-        m = load_manifest(engines)
-    except Exception:  # noqa: BLE001 - reported, with its fix, when the pipeline opens the folder
-        m = None
-    return folder_defaults(m), (m or {}).get("lora")
 
 
 def _progress_bar(total: int):

@@ -22,6 +22,29 @@ def folder_defaults(manifest: dict | None) -> dict:
     return {"scheduler": DEFAULT_SCHEDULER, "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE}
 
 
+def sampling_options(engines, chosen: dict) -> tuple[dict, str | None]:
+    """The scheduler, steps and guidance of a run on `engines`: what the user `chosen` (None: not given)
+    over the folder's defaults (`folder_defaults`); and, for a folder with a LoRA fused, the line that
+    says which defaults it took, else None. A manifest that does not load gives Arc2Face's defaults
+    here; opening the folder reports it, with its fix."""
+    from .manifest import load_manifest
+
+    try:
+        m = load_manifest(engines)
+    except Exception:  # noqa: BLE001 - reported by the pipeline that opens the folder
+        m = None
+    defaults, lora = folder_defaults(m), (m or {}).get("lora")
+    given = {k: v for k, v in chosen.items() if k in defaults and v is not None}
+    note = None
+    if lora:
+        unset = [f"--{k} {defaults[k]:g}" if k != "scheduler" else f"--{k} {defaults[k]}" for k in defaults
+                 if k not in given]
+        note = (f"engines with LoRA {lora['file']} fused (scale {lora['scale']:g}): "
+                + (f"LCM-LoRA defaults {' '.join(unset)}" if unset else "all sampling options given")
+                + (f"; given: {', '.join(f'--{k} {v}' for k, v in given.items())}" if given else ""))
+    return {**defaults, **given}, note
+
+
 def pick_backend(engines_dir: Path, manifest: dict, backend: str, device: str = "auto") -> str:
     """`backend` (TensorRT checked usable here), or for "auto": TensorRT when the folder has plans and TensorRT can run on this GPU
     (`backends.trt.unusable_reason`); else ONNX Runtime when it can use a GPU; else (no usable GPU)

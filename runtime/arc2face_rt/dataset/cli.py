@@ -9,7 +9,9 @@ from ..errors import InvalidInputError
 from ..backends.openvino import CPU_PRECISIONS
 from ..pipeline import BACKENDS, GenerationOptions
 from ..schedulers import SCHEDULERS
+from ..folder_setup import sampling_options
 from ..specs import DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS
+from ..specs import LCM_LORA_DEFAULTS as LCM
 from .spec import FORMATS, ON_REJECT, DatasetSpec
 
 # Far beyond any face-recognition training set (tens of thousands of identities, tens of images each),
@@ -44,9 +46,13 @@ def add_dataset_parser(sub) -> None:
                    help="random identities: redraw one whose cosine to an earlier identity exceeds COS")
     p.add_argument("--seed", type=argtypes.seed, default=0,
                    help="identities and noise: image i of identity j uses seed identity_seed(SEED, j) (default 0)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"CFG scale (default {DEFAULT_GUIDANCE})")
-    p.add_argument("--scheduler", choices=SCHEDULERS, default=DEFAULT_SCHEDULER, help="sampler")
+    # None: the folder's default, as for `generate` (Arc2Face's; LCM's on folders with an LCM-LoRA fused in)
+    p.add_argument("--steps", type=int,
+                   help=f"denoising steps (default {DEFAULT_STEPS}; {LCM['steps']} with an LCM-LoRA)")
+    p.add_argument("--guidance", type=float,
+                   help=f"CFG scale (default {DEFAULT_GUIDANCE}; {LCM['guidance']:g} with an LCM-LoRA)")
+    p.add_argument("--scheduler", choices=SCHEDULERS,
+                   help=f"sampler (default {DEFAULT_SCHEDULER}; {LCM['scheduler']} with an LCM-LoRA)")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH,
                    help=f"images per graph call, across identities (default {DEFAULT_BATCH})")
     f = p.add_argument_group("identity filter (needs the face models)")
@@ -94,8 +100,10 @@ def cmd_dataset(args) -> int:
         from .ray_runner import check_ray_address, require_ray
         require_ray()
         check_ray_address(args.ray)
-    opts = GenerationOptions(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
-                             batch_size=args.batch)
+    sampling, note = sampling_options(args.engines, {k: getattr(args, k) for k in ("scheduler", "steps", "guidance")})
+    opts = GenerationOptions(**sampling, seed=args.seed, batch_size=args.batch)
+    if note:
+        _stderr(note)
     if args.identities_from and args.max_id_similarity is not None:
         _stderr("note: --max-id-similarity applies to random identities; the rows of --identities-from are used as given")
     if args.identities_from:
