@@ -74,9 +74,12 @@ class Parser(argparse.ArgumentParser):
     exit code 2, instead of the usage block followed by `TOOL COMMAND: error: ...`. TOOL is the top-level
     parser's prog, which may have spaces (`python -m benchmarks`); subcommand parsers inherit it."""
 
-    def __init__(self, *args, tool: str | None = None, **kwargs):
+    def __init__(self, *args, tool: str | None = None, verbose_flag: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.tool = tool or self.prog
+        if verbose_flag:      # a subcommand of a tool with -v takes it after its name too (`onnx ... -v`)
+            self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                              help="log more (as before the command)")
         # Values such as -inf or -1e3 are values (refused by the flag's own range), not unknown options:
         # argparse's own pattern knows only -1 and -1.5.
         self._negative_number_matcher = re.compile(r"^-(?:\d+|\d*\.\d+)(?:e[-+]?\d+)?$|^-(?:inf|infinity|nan)$", re.I)
@@ -88,7 +91,8 @@ class Parser(argparse.ArgumentParser):
         return super()._parse_optional(arg_string)
 
     def add_subparsers(self, **kwargs):
-        kwargs.setdefault("parser_class", functools.partial(type(self), tool=self.tool))
+        verbose = any(a.dest == "verbose" for a in self._actions)
+        kwargs.setdefault("parser_class", functools.partial(type(self), tool=self.tool, verbose_flag=verbose))
         return super().add_subparsers(**kwargs)
 
     def error(self, message: str):
