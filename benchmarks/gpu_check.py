@@ -74,7 +74,7 @@ def parse_phases(text: str) -> tuple[str, ...]:
             continue
         for q in ALIASES.get(p, (p,)):
             if q not in PHASES:
-                raise ValueError(f"unknown phase {q!r}; phases: {', '.join(PHASES)}, or all, rows")
+                raise ValueError(f"unknown phase {q!r}; phases: {', '.join(PHASES)}, or all, rows, install")
             out.append(q)
     return tuple(dict.fromkeys(out))
 
