@@ -1,4 +1,5 @@
-"""Writing generated images: PNG with the generation parameters in a text chunk, written atomically."""
+"""Writing generated images: PNG with the generation parameters in a text chunk (or, for `dataset
+--image-format jpg`, JPEG with them in its comment), written atomically."""
 from __future__ import annotations
 
 import io
@@ -23,6 +24,25 @@ def png_bytes(image: np.ndarray, params: dict) -> bytes:
     info.add_text(PARAMS_KEY, json.dumps(params, sort_keys=True))
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image), "RGB").save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+IMAGE_FORMATS = ("png", "jpg")   # `dataset --image-format`; `generate` writes PNG
+DEFAULT_JPEG_QUALITY = 95
+
+
+def image_bytes(image: np.ndarray, params: dict, image_format: str = "png",
+                quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
+    """image [H, W, 3] uint8 RGB -> file content: "png" (lossless; `params` in a text chunk, which
+    `read_params` reads) or "jpg" (baseline JPEG at `quality`, 4:2:0 chroma; `params` as the same JSON
+    in its comment segment, which Pillow shows as `Image.info["comment"]`)."""
+    if image_format == "png":
+        return png_bytes(image, params)
+    if image_format != "jpg":
+        raise InvalidInputError(f"image format must be one of {', '.join(IMAGE_FORMATS)} (got {image_format!r})")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image), "RGB").save(
+        buf, format="JPEG", quality=quality, comment=json.dumps(params, sort_keys=True).encode())
     return buf.getvalue()
 
 

@@ -10,6 +10,7 @@ from ..backends.openvino import CPU_PRECISIONS
 from ..pipeline import BACKENDS, GenerationOptions
 from ..schedulers import SCHEDULERS
 from ..folder_setup import sampling_options
+from ..images import DEFAULT_JPEG_QUALITY, IMAGE_FORMATS
 from ..specs import DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS
 from ..specs import LCM_LORA_DEFAULTS as LCM
 from .spec import FORMATS, ON_REJECT, DatasetSpec
@@ -39,7 +40,13 @@ def add_dataset_parser(sub) -> None:
     p.add_argument("--out", required=True, type=argtypes.path, help="output folder (new or empty; or --resume)")
     p.add_argument("--format", choices=FORMATS, default="folders",
                    help="folders: DIR/id_000123/0007.png (ImageFolder); wds: WebDataset tar shards DIR/shard-NNNNNN.tar "
-                        "with KEY.png, KEY.json, KEY.cls (default folders)")
+                        "with KEY.png, KEY.json, KEY.cls (default folders; .jpg with --image-format jpg)")
+    p.add_argument("--image-format", choices=IMAGE_FORMATS, default="png",
+                   help="png: lossless, the generation parameters in a text chunk (default); jpg: JPEG at "
+                        "--jpeg-quality, smaller and quicker to encode, the parameters in its comment "
+                        "(similarities are of the generated pixels, before compression)")
+    p.add_argument("--jpeg-quality", type=argtypes.count(1, 100, "a JPEG quality"), default=None,
+                   metavar="Q", help=f"--image-format jpg: quality 1..100 (default {DEFAULT_JPEG_QUALITY})")
     p.add_argument("--shard-size", type=argtypes.count(1, name="a number of identities"), default=16, metavar="IDS",
                    help="identities per shard: the unit of commit, resume and distribution (default 16)")
     p.add_argument("--max-id-similarity", type=argtypes.number(-1.0, 1.0, "a cosine"), default=None, metavar="COS",
@@ -104,6 +111,8 @@ def cmd_dataset(args) -> int:
     opts = GenerationOptions(**sampling, seed=args.seed, batch_size=args.batch)
     if note:
         _stderr(note)
+    if args.jpeg_quality is not None and args.image_format != "jpg":
+        raise InvalidInputError(f"--jpeg-quality {args.jpeg_quality} needs --image-format jpg (PNG is lossless)")
     if args.identities_from and args.max_id_similarity is not None:
         _stderr("note: --max-id-similarity applies to random identities; the rows of --identities-from are used as given")
     if args.identities_from:
@@ -113,7 +122,8 @@ def cmd_dataset(args) -> int:
     spec = DatasetSpec(identities=len(identities) if identities is not None else args.identities,
                        per_identity=args.per_identity, options=opts, format=args.format, shard_size=args.shard_size,
                        min_similarity=args.min_similarity, on_reject=args.on_reject, max_tries=args.max_tries,
-                       score=args.models is not None)
+                       score=args.models is not None, image_format=args.image_format,
+                       jpeg_quality=args.jpeg_quality or DEFAULT_JPEG_QUALITY)
     spec.check()
     if identities is None:
         identities = random_identities(args.identities, args.seed, args.max_id_similarity)

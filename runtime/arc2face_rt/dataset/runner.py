@@ -53,6 +53,15 @@ def _first_difference(got, want, where: str = "") -> str | None:
     return None if got == want else f"{where}: {got!r} there, {want!r} now"
 
 
+def _image_format_named(record: dict) -> dict:
+    """`record` with its spec's image format named where it is PNG (`DatasetSpec.to_json` leaves it out),
+    so that a refused --resume says "png there, 'jpg' now", not None."""
+    spec = record.get("spec")
+    if isinstance(spec, dict) and "image_format" not in spec:
+        return {**record, "spec": {**spec, "image_format": "png"}}
+    return record
+
+
 def dataset_record(spec: DatasetSpec, run: dict) -> dict:
     """What dataset.json holds: the spec and how the pixels are made (`Arc2FacePipeline.run_params`:
     backend, precision, engine id and, ONNX Runtime on a GPU, device, fused graphs, TF32)."""
@@ -96,7 +105,7 @@ def check_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict
                                 "older arc2face-rt); if its images' read_params show this run's backend and precision "
                                 "and they were made on this kind of machine (older images record no device), add "
                                 f"these fields to it: {fields}, and --resume again; otherwise use another --out")
-    diff = _first_difference(there, record)
+    diff = _first_difference(_image_format_named(there), _image_format_named(record))
     if diff:
         raise InvalidInputError(f"{meta}: this dataset was made with other settings ({diff}); --resume only "
                                 "continues the same run: use the same flags, engines and machine kind, or another --out")

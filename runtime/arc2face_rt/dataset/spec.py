@@ -9,6 +9,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from ..errors import InvalidInputError
+from ..images import DEFAULT_JPEG_QUALITY, IMAGE_FORMATS
 from ..pipeline import GenerationOptions
 
 FORMATS = ("folders", "wds")
@@ -26,6 +27,8 @@ class DatasetSpec:
     on_reject: str = "drop"            # --on-reject: drop | regenerate (with the next unused index)
     max_tries: int = 4                 # --max-tries: regenerate makes at most K * max_tries images per identity
     score: bool = False                # images are embedded and their similarity recorded (face models given)
+    image_format: str = "png"          # --image-format: png | jpg
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY   # --jpeg-quality (jpg only)
 
     def check(self) -> None:
         self.options.check()
@@ -40,6 +43,12 @@ class DatasetSpec:
             raise InvalidInputError(f"--on-reject must be one of {', '.join(ON_REJECT)} (got {self.on_reject!r})")
         if self.max_tries < 1:
             raise InvalidInputError(f"--max-tries must be >= 1 (got {self.max_tries})")
+        if self.image_format not in IMAGE_FORMATS:
+            raise InvalidInputError(f"--image-format must be one of {', '.join(IMAGE_FORMATS)} (got {self.image_format!r})")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise InvalidInputError(f"--jpeg-quality must be in 1..100 (got {self.jpeg_quality})")
+        if self.image_format != "jpg" and self.jpeg_quality != DEFAULT_JPEG_QUALITY:
+            raise InvalidInputError("--jpeg-quality needs --image-format jpg (PNG is lossless)")
         if self.min_similarity is not None and not self.score:
             raise InvalidInputError("--min-similarity needs the face models: pass --models DIR (detector and "
                                     "arcface.onnx)")
@@ -53,7 +62,13 @@ class DatasetSpec:
         return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.identities))
 
     def to_json(self) -> dict:
-        return asdict(self)       # --batch included: on ONNX Runtime it can move a pixel by one grey level
+        """What dataset.json records (--batch included: on ONNX Runtime it can move a pixel by one grey
+        level). PNG, the default, records no image fields, so datasets made before --image-format
+        existed resume as they are."""
+        d = asdict(self)
+        if self.image_format == "png":
+            del d["image_format"], d["jpeg_quality"]
+        return d
 
 
 def shard_name(shard: int) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..errors import EngineMismatchError, NoFaceError, OutputExistsError
-from ..images import png_bytes
+from ..images import image_bytes
 from ..provenance import as_current
 from .identities import identity_seed
 from .spec import DatasetSpec, shard_name
@@ -117,7 +117,7 @@ class ShardWorker:
         need = {j: spec.per_identity for j in ids}
         next_index = {j: 0 for j in ids}
         records: list[dict] = []
-        writer = WRITERS[spec.format](Path(c.out), shard)
+        writer = WRITERS[spec.format](Path(c.out), shard, spec.image_format)
         try:
             while any(need.values()):                       # one round; regenerated images in the next
                 todo = [j for j in ids if need[j]]
@@ -165,7 +165,8 @@ class ShardWorker:
         ms = self.config.spec.min_similarity
         rec = {"identity": j, "index": i, "similarity": sim, "kept": ms is None or (sim is not None and sim >= ms)}
         if rec["kept"]:
-            rec["file"] = writer.add(j, i, png_bytes(image, params),
+            spec = self.config.spec
+            rec["file"] = writer.add(j, i, image_bytes(image, params, spec.image_format, spec.jpeg_quality),
                                      {"identity": j, "index": i, "similarity": sim, "params": params})
         return rec
 

@@ -2,9 +2,9 @@
 killed at any moment) never sees half of one.
 
 - `FolderShardWriter` (`--format folders`): images go to `DIR/.shard-NNNNNN.arc2face-HOST-PID-R.tmp/
-  id_000123/0007.png`; commit renames each finished identity folder to `DIR/id_000123/`.
+  id_000123/0007.png` (`.jpg` with `--image-format jpg`); commit renames each finished identity folder to `DIR/id_000123/`.
 - `TarShardWriter` (`--format wds`): samples stream into a temporary tar beside `DIR/shard-NNNNNN.tar`
-  (WebDataset layout: members `KEY.png`, `KEY.json`, `KEY.cls` in sample order, written with the
+  (WebDataset layout: members `KEY.png` or `KEY.jpg`, `KEY.json`, `KEY.cls` in sample order, written with the
   standard library's tarfile; reading it needs no arc2face-rt); commit links it into place.
 
 Either way the shard's manifest (`DIR/shards/shard-NNNNNN.json`) is written after the commit and is
@@ -44,22 +44,22 @@ def _conflict(path: Path) -> OutputExistsError:
 
 
 class FolderShardWriter:
-    """ImageFolder layout: DIR/id_000123/0007.png."""
+    """ImageFolder layout: DIR/id_000123/0007.png (or .jpg: `ext`)."""
 
-    def __init__(self, out: Path, shard: int):
-        self.out = out
+    def __init__(self, out: Path, shard: int, ext: str = "png"):
+        self.out, self.ext = out, ext
         self.stage = temp_dir(out, shard_name(shard))
         self.files: list[str] = []
         self.sizes: list[int] = []
 
-    def add(self, j: int, index: int, png: bytes, sample: dict) -> str:
+    def add(self, j: int, index: int, image: bytes, sample: dict) -> str:
         d = self.stage / identity_dir(j)
         d.mkdir(exist_ok=True)
-        name = f"{identity_dir(j)}/{index:04d}.png"
+        name = f"{identity_dir(j)}/{index:04d}.{self.ext}"
         with open(self.stage / name, "wb") as f:
-            f.write(png)
+            f.write(image)
         self.files.append(name)
-        self.sizes.append(len(png))
+        self.sizes.append(len(image))
         return name
 
     def commit(self) -> dict:
@@ -85,10 +85,10 @@ class FolderShardWriter:
 
 
 class TarShardWriter:
-    """WebDataset tar shard: DIR/shard-000003.tar with KEY.png, KEY.json, KEY.cls per sample."""
+    """WebDataset tar shard: DIR/shard-000003.tar with KEY.png (or KEY.jpg: `ext`), KEY.json, KEY.cls per sample."""
 
-    def __init__(self, out: Path, shard: int):
-        self.path = out / f"{shard_name(shard)}.tar"
+    def __init__(self, out: Path, shard: int, ext: str = "png"):
+        self.path, self.ext = out / f"{shard_name(shard)}.tar", ext
         fd, tmp = tempfile.mkstemp(dir=out, prefix=temp_prefix(self.path.name), suffix=".tmp")
         os.fchmod(fd, usual_mode())
         self.tmp = Path(tmp)
@@ -101,9 +101,9 @@ class TarShardWriter:
         info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o644
         self.tar.addfile(info, io.BytesIO(data))
 
-    def add(self, j: int, index: int, png: bytes, sample: dict) -> str:
+    def add(self, j: int, index: int, image: bytes, sample: dict) -> str:
         key = image_key(j, index)
-        self._member(f"{key}.png", png)
+        self._member(f"{key}.{self.ext}", image)
         self._member(f"{key}.json", json.dumps(sample, sort_keys=True).encode())
         self._member(f"{key}.cls", str(j).encode())        # the class label FR trainers read
         self.keys.append(key)
