@@ -297,3 +297,28 @@ def test_build_engines_makes_plans_for_the_control_graphs(control_engines, tmp_p
     for name, spec in [("step_cfg_control", CONTROL_STAGES["step_cfg_control"])]:
         assert m["plans"][name]["io"] == trt_network.spec_io(spec)
         assert (d / spec.plan_file).stat().st_size == m["plans"][name]["bytes"]
+
+
+def test_openvino_runs_the_control_step_at_the_runs_precision(control_engines, poses, tmp_path):
+    """bf16 ran the ControlNet step graph in f32 while every PNG recorded bf16; int8, which has no int8
+    ControlNet graph, is refused instead of recording int8 for an f32 step."""
+    ovb = pytest.importorskip("arc2face_rt.backends.openvino")
+    pytest.importorskip("openvino")
+    from arc2face_rt.errors import InvalidInputError
+
+    manifest = mf.load_manifest(control_engines)
+    int8 = ovb.OpenVinoStages(control_engines, {**manifest, "openvino_int8": {"step_cfg": {}}}, "int8")
+    with pytest.raises(InvalidInputError, match="no int8 ControlNet step graph.*--cpu-precision bf16, fp32 or auto"):
+        int8.record("step_cfg_control")
+    if not ovb.cpu_isa().bf16:
+        pytest.skip("this CPU has no AMX-BF16/AVX512-BF16")
+    engines = tmp_path / "e"                       # a private copy: OpenVINO's cache goes beside it
+    import shutil
+    shutil.copytree(control_engines, engines)
+    with Arc2FacePipeline(engines, backend="openvino", cpu_precision="bf16") as pipe:
+        res = pipe.generate(random_identity(2), 1, GenerationOptions(steps=1, seed=1, batch_size=1),
+                            control=Control.from_files([poses / "pose512.png"]))
+        prec = pipe.session("step_cfg_control").runtime_precisions()
+    assert res.params[0]["precision"] == "bf16"
+    assert any(p == "bf16" for n, p in prec.items() if "/controlnet/" in n)
+    assert any(p == "bf16" for n, p in prec.items() if "/unet/down_blocks" in n)

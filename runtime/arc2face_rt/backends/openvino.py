@@ -6,12 +6,13 @@ opened, and a missing install is a BackendUnavailableError naming that command.
 Precision (`--cpu-precision`, resolved once per pipeline by `resolve_precision`):
 - `fp32`: every graph with INFERENCE_PRECISION_HINT f32. OpenVINO's own CPU default is bf16 on CPUs
   that have it, so f32 is always asked for explicitly.
-- `bf16`: the step graphs and the VAE decoder with the bf16 hint; the projector and the face models
+- `bf16`: the step graphs (with the ControlNet ones) and the VAE decoder with the bf16 hint; the projector and the face models
   stay f32 (they run once per identity or photo, under 1% of the time). Needs a CPU with AMX-BF16 or
   AVX512-BF16 (OpenVINO's `BF16` capability); elsewhere bf16 is refused rather than emulated.
 - `int8`: the step graphs from the NNCF-quantised IR that `arc2face-export openvino-int8` writes
   (manifest key `openvino_int8`), their remaining float ops and the VAE decoder at the CPU's float
-  precision (bf16 where available, else f32).
+  precision (bf16 where available, else f32). There is no int8 ControlNet step graph, so int8 with a
+  control image is refused (every PNG records one precision for its step graph).
 - `auto`: bf16 where the CPU has it, else fp32.
 
 Latents stay fp32 at every graph boundary, and no scheduler arithmetic runs in bf16: OpenVINO keeps a
@@ -33,6 +34,7 @@ import numpy as np
 from ..argtypes import env_count
 from ..errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
 from ..manifest import ov_int8_advice
+from ..specs import CONTROL_STAGES, STEP_STAGES
 
 log = logging.getLogger("arc2face_rt")
 
@@ -141,7 +143,7 @@ class Precision:
         return self.heavy if stage in HEAVY_STAGES else "f32"
 
 
-HEAVY_STAGES = ("step", "step_cfg", "vae_decoder")
+HEAVY_STAGES = (*STEP_STAGES, "vae_decoder")     # the ControlNet step graphs too: the heaviest of all
 
 
 def resolve_precision(requested: str, isa: CpuIsa) -> Precision:
@@ -309,6 +311,10 @@ class OpenVinoStages:
 
     def record(self, name: str) -> dict:
         """The manifest record of the graph stage `name` runs from at this precision."""
+        if self.precision.int8_steps and name in CONTROL_STAGES:
+            raise InvalidInputError(f"--cpu-precision int8 has no int8 ControlNet step graph ('{name}': `arc2face-export "
+                                    "openvino-int8` quantises step and step_cfg); with --control-image use "
+                                    "--cpu-precision bf16, fp32 or auto")
         if self.precision.int8_steps and name in ("step", "step_cfg"):
             rec = self.manifest[INT8_KEY].get(name)
             fix = INT8_FIX.format(dir=self.engines_dir)
