@@ -208,7 +208,7 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
                         "int8, 0 for fp8)")
     p.add_argument("--residual-qdq", action="store_true",
                    help="int8/fp8: also quantise the residual input of adds fed by a quantised conv, so TensorRT can "
-                        "fuse conv + add in int8/FP8; costs accuracy (full size: 27 instead of 33 dB image PSNR vs "
+                        "fuse conv + add in int8/FP8; costs accuracy (full size: 27 instead of 34 dB image PSNR vs "
                         "fp16), off by default")
     p.add_argument("--quant-level", type=float, choices=(1.0, 2.0, 2.5, 3.0), default=None, metavar="L",
                    help="int8/fp8: which layers are quantised, as ModelOpt's diffusers quant-level: 1 convs, 2 + "

@@ -45,7 +45,7 @@ class Arc2FaceProjector(nn.Module):
 
     def forward(self, id_emb: torch.Tensor, prompt_tokens: torch.Tensor | None = None) -> torch.Tensor:
         # id_emb: [B, 512]; prompt_tokens: [77, 768], default the table's rows cached at construction.
-        # Training passes them live from the encoder's table, so its rows get gradients as in Arc2Face.
+        # Training passes them live from the encoder's token table (frozen there: the rows are read, not trained).
         b = id_emb.shape[0]
         idn = id_emb / torch.linalg.vector_norm(id_emb, dim=1, keepdim=True)  # as the official code
         slot = torch.cat([idn, idn.new_zeros(b, TEXT_DIM - ID_DIM)], dim=1)[:, None]  # [B, 1, 768]

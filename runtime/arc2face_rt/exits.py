@@ -1,4 +1,5 @@
-"""How both command-line tools turn a failure into one line on stderr and an exit code.
+"""How every command-line tool (arc2face-rt, arc2face-export, arc2face-train, python -m benchmarks)
+turns a failure into one line on stderr and an exit code.
 
 Exit codes: 0 success, 1 partial result (e.g. `score` could not score every image), 2 a problem the
 user can fix (bad input, missing or changed files, no space, no permission), 130 interrupted (Ctrl-C),

@@ -57,7 +57,7 @@ def read_params(path: str | Path) -> dict:
     """The generation parameters an arc2face-rt PNG records (a JSON object in its text chunk): the options
     (seed, index, steps, guidance, scheduler), the identity (and control image) fingerprint, and how the
     pixels were made (backend, precision, engines; ONNX Runtime on a GPU also device, ort_graphs, tf32:
-    `provenance`, whose keys an older PNG may lack). README: PNG parameters.
+    `provenance`, whose keys an older PNG may lack). README: Commands.
 
     Raises InvalidInputError (no such file, a folder or pipe, an image without arc2face-rt parameters)
     or ImageDecodeError (not a PNG, truncated or corrupt)."""

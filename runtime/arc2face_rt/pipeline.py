@@ -2,7 +2,7 @@
 
 Backends only run graphs; all host arithmetic (scheduler tables, noise) is numpy and happens before
 the loop. With TensorRT a whole batch (projector, the loop as one CUDA graph, decoder) runs on one
-stream with one host sync (`backends.trt.TrtGenerator`); otherwise a step session that offers
+stream with one host sync, two on a signature's first batch (`backends.trt.TrtGenerator`); otherwise a step session that offers
 `denoise_loop` (ONNX Runtime on CUDA: device-resident loop) runs the loop itself, and on a CPU the
 loop below calls the step graph N times.
 """
@@ -235,8 +235,9 @@ class Arc2FacePipeline:
         values, so a copy scaled by a power of two is the same identity, while another scale rounds
         differently and is, bit for bit, another one: another fingerprint, pixels a grey level apart):
         indices `first_index` ..
-        `first_index + num_images - 1`, or exactly `indices`. Image i depends only on (identity,
-        options, i, its control image), never on the batch size or on which other images are made with it.
+        `first_index + num_images - 1`, or exactly `indices`. Image i's noise depends only on (identity,
+        options, i, its control image), never on the batch size or on which other images are made with it;
+        another batch size may move its pixels by one grey level (ONNX Runtime's kernels per batch shape).
         `control`: a pose condition (ControlNet step graphs), one image for all or one per index.
         All images are kept in memory: at most `max_images_in_memory()` (`iter_many` streams more)."""
         if indices is None:

@@ -2,7 +2,8 @@
 
 The shards are indexed once (tar member offsets), so any sample can be read directly: that is what
 makes resuming exact and the data split independent of the number of processes. Sample number k of
-the run (k = step · global_batch + position in that batch) is sample perm_e[k mod N] with e = k div N
+the run (k = micro-step · global micro-batch + position in it; with --grad-accum an optimizer step is
+several micro-steps) is sample perm_e[k mod N] with e = k div N
 and perm_e a permutation seeded by (seed, e): every epoch is a fresh shuffle, none drops a remainder.
 A global batch is cut into per-process slices in rank order; all randomness of a sample (timestep,
 noise, VAE sample, ID dropout) comes from a generator seeded by (seed, k), so one process with batch

@@ -80,5 +80,5 @@ def identity_dir(j: int) -> str:
 
 
 def image_key(j: int, index: int) -> str:
-    """A sample's name: `id_000123/0007` in folders (a folder per identity), `id_000123_0007` in tars."""
+    """A sample's key in a WebDataset tar: `id_000123_0007` (folders name the file `id_000123/0007.png`)."""
     return f"{identity_dir(j)}_{index:04d}"

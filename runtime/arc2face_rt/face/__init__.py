@@ -1,6 +1,7 @@
 """Face front end: image files → SCRFD detection → 5-point alignment → ArcFace → unit 512-d identity.
 
-numpy, OpenCV, Pillow and onnxruntime only (insightface itself is not needed; its behaviour is
+numpy, OpenCV, Pillow and an inference library (ONNX Runtime, OpenVINO, or TensorRT plans of the face
+models) only (insightface itself is not needed; its behaviour is
 reproduced and cited where it matters). Model loading and photos -> identity live in
 `face.models`, the `embed`/`score` commands in `face.cli`.
 """

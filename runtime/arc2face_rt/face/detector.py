@@ -15,7 +15,7 @@ MIN_CANVAS_SIDE px on the 640x640 input (longer than 10:1) are refused, as are i
 MIN_IMAGE_SIDE px: neither can hold a face the detector and ArcFace could use.
 
 The session is anything with `.run({name: array}) -> {name: array}` and `input_names`/`output_names`
-(arc2face_rt.backends.OrtSession, or a TensorRT session later).
+(an ONNX Runtime or OpenVINO session, or a TensorRT plan's: `face.models`).
 """
 from __future__ import annotations
 

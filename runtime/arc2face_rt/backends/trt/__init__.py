@@ -5,6 +5,7 @@
     session.py  TrtSession (one plan, one execution context) and SharedDeviceMemory
     step.py     TrtStepSession: the denoise loop on the device as one CUDA graph per signature
     generator.py  TrtGenerator: projector, loop and decoder of one batch on one stream, one host sync
+                (two on a signature's first batch: the warm-up before the capture)
 
 Nothing here imports TensorRT or touches the GPU until a plan is opened.
 """
