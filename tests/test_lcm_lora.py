@@ -202,3 +202,18 @@ def test_lora_record_is_checked_by_the_manifest_schema(lora_engines, tmp_path):
     (d / mf.MANIFEST).write_text(json.dumps(m))
     with pytest.raises(EngineMismatchError, match="'lora' is not"):
         mf.load_manifest(d)
+
+
+def test_build_engines_of_another_precision_keeps_the_lora_in_its_advice(lora_engines, tmp_path, capsys):
+    """build-engines --precision fp16 on an fp32 LoRA folder advised `onnx --model-dir MODEL ... --force`,
+    which writes the folder again without its LoRA."""
+    import shutil
+
+    from arc2face_export.cli import main as export_main
+
+    d = tmp_path / "e"
+    shutil.copytree(lora_engines, d)
+    assert export_main(["build-engines", "--out", str(d), "--precision", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert "holds fp32 graphs, and this build needs fp16 ones" in err
+    assert "--precision fp16 --lora LORA --lora-scale 1 --force" in err and LORA_FILE in err

@@ -63,10 +63,11 @@ FILE_SECTIONS = {
 }
 
 
-def reexport_advice(engines_dir: str | Path, controlnet: bool = False) -> str:
+def reexport_advice(engines_dir: str | Path, controlnet: bool = False, precision: str | None = None) -> str:
     """How to write an engines folder again: the whole `arc2face-export onnx` command, with the options
-    its manifest records (precision, a fused LoRA and its scale, --ort-cuda graphs; a model folder with
-    controlnet/ for the ControlNet graphs, or when `controlnet` asks for them). The manifest is read
+    its manifest records (precision, or `precision` where another is needed; a fused LoRA and its scale,
+    --ort-cuda graphs; a model folder with controlnet/ for the ControlNet graphs, or when `controlnet`
+    asks for them). The manifest is read
     best-effort (this is advice for a folder that failed a check): from a damaged one, the command
     says which options to repeat. Paths are shell-quoted, so the command runs as written."""
     d = shlex.quote(str(engines_dir))
@@ -78,12 +79,13 @@ def reexport_advice(engines_dir: str | Path, controlnet: bool = False) -> str:
     model = (m.get("source") or {}).get("model_dir") if isinstance(m.get("source"), dict) else None
     model = shlex.quote(model) if isinstance(model, str) and os.path.isdir(model) else "MODEL"
     opts, notes = "", []
-    if m.get("precision") in PRECISIONS and m["precision"] != "fp32":
-        opts += f" --precision {m['precision']}"
+    precision = precision or m.get("precision")
+    if precision in PRECISIONS and precision != "fp32":
+        opts += f" --precision {precision}"
     if _lora_ok(m.get("lora")):
         opts += f" --lora LORA --lora-scale {m['lora']['scale']:g}"
         notes.append(f"LORA: the LoRA it fused, {m['lora']['file']} (sha256 {m['lora']['sha256'][:12]}...)")
-    if any(isinstance(m.get(k), dict) and m[k] for k in ("ort_cuda", "ort_cuda_skipped")):
+    if precision == "fp16" and any(isinstance(m.get(k), dict) and m[k] for k in ("ort_cuda", "ort_cuda_skipped")):
         opts += " --ort-cuda"
     if controlnet or any(isinstance(m.get(k), dict) and any(n in m[k] for n in CONTROL_STAGES)
                          for k in ("stages", "plans")):
