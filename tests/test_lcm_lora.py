@@ -217,3 +217,25 @@ def test_build_engines_of_another_precision_keeps_the_lora_in_its_advice(lora_en
     err = capsys.readouterr().err
     assert "holds fp32 graphs, and this build needs fp16 ones" in err
     assert "--precision fp16 --lora LORA --lora-scale 1 --force" in err and LORA_FILE in err
+
+
+def test_openvino_int8_on_an_lcm_folder_quantises_its_step_graph_on_lcm_steps(lora_engines, tmp_path, capsys):
+    """openvino-int8 on the folder the README recommends (no step_cfg) said "no stage 'step_cfg'"; it now
+    quantises the step graph the folder has, calibrated on the folder's own 4 LCM steps, and int8 runs."""
+    pytest.importorskip("nncf")
+    pytest.importorskip("openvino")
+    import shutil
+
+    from arc2face_export.cli import main as export_main
+    from arc2face_rt.cli import main as rt_main
+
+    d = tmp_path / "e"
+    shutil.copytree(lora_engines, d)
+    assert export_main(["openvino-int8", "--engines", str(d), "--identities", "1", "--per-run", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "step: recording calibration inputs (1 identities x 2 of 4 lcm steps)" in err and "step_cfg" not in err
+    assert set(mf.load_manifest(d)["openvino_int8"]) == {"step"}
+    assert rt_main(["generate", "--engines", str(d), "--random-id", "-n", "1", "--backend", "openvino",
+                    "--cpu-precision", "int8", "--out", str(tmp_path / "o")]) == 0
+    p = read_params(next((tmp_path / "o").glob("*.png")))
+    assert (p["scheduler"], p["steps"]) == ("lcm", 4) and p["precision"].startswith("int8")

@@ -163,11 +163,12 @@ class _RecordingSession:
 
 
 def pipeline_calibration_feeds(engines_dir: str | Path, stage: str, identities: int = 8, steps: int = 25,
-                               per_run: int = 4, seed: int = 0, device: str = "auto") -> list[dict]:
+                               per_run: int = 4, seed: int = 0, device: str = "auto",
+                               scheduler: str = "dpmpp2m") -> list[dict]:
     """Step-graph inputs the pipeline itself produces, kept as arrays (the OpenVINO int8 path's NNCF
-    takes samples, not ranges): `identities` random identities, the default DPM-Solver++ schedule of
-    `steps` steps, inputs kept at `per_run` evenly spaced steps of each run. Runs with ONNX Runtime on
-    the folder's own graphs; guidance 3 for step_cfg, 1 for step."""
+    takes samples, not ranges): `identities` random identities, `scheduler`'s schedule of `steps`
+    steps, inputs kept at `per_run` evenly spaced steps of each run. Runs with ONNX Runtime on the
+    folder's own graphs; guidance 3 for step_cfg, 1 for step."""
     from arc2face_rt.pipeline import Arc2FacePipeline, GenerationOptions, random_identity
 
     guidance = 3.0 if stage == "step_cfg" else 1.0
@@ -178,7 +179,8 @@ def pipeline_calibration_feeds(engines_dir: str | Path, stage: str, identities: 
         for i in range(identities):
             log.info("calibration: %s, identity %d/%d (%d steps)", stage, i + 1, identities, steps)
             pipe.generate(random_identity(seed + 1000 + i), 1,
-                          GenerationOptions(steps=steps, guidance=guidance, seed=seed + i, batch_size=1))
+                          GenerationOptions(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed + i,
+                                            batch_size=1))
     return feeds
 
 

@@ -57,7 +57,7 @@ def cmd_openvino_int8(args) -> int:
     except ImportError as e:
         _say(f"openvino-int8 needs openvino and nncf ({e}); pip install 'arc2face-rt[openvino,export]'")
         return 2
-    ensure_ov_int8(args.engines, stages=tuple(args.stages or ("step_cfg", "step")), identities=args.identities,
+    ensure_ov_int8(args.engines, stages=tuple(args.stages) if args.stages else None, identities=args.identities,
                    steps=args.steps, per_run=args.per_run, force=args.force, say=_say)
     return 0
 
@@ -113,11 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "<stage>.ov-int8.xml/.bin and manifest['openvino_int8'].")
     p.add_argument("--engines", required=True, type=Path, help="fp32 engines folder (`arc2face-export onnx`)")
     p.add_argument("--stages", nargs="+", action="extend", choices=("step_cfg", "step"), default=None,
-                   help="step graphs to quantise (default: step_cfg step)")
+                   help="step graphs to quantise (default: those of step_cfg and step the folder has)")
     p.add_argument("--identities", type=argtypes.count(1, 4096, "a number of identities"), default=4,
                    help="random identities to calibrate on (default 4)")
-    p.add_argument("--steps", type=argtypes.count(1, 1000, "a number of steps"), default=25,
-                   help="DPM-Solver++ steps per calibration run (default 25)")
+    p.add_argument("--steps", type=argtypes.count(1, 1000, "a number of steps"), default=None,
+                   help="steps per calibration run, with the folder's sampler (default the folder's: 25 "
+                        "DPM-Solver++, or 4 LCM with an LCM-LoRA)")
     p.add_argument("--per-run", type=argtypes.count(1, 1000, "a number of steps"), default=4,
                    help="steps kept per run, evenly spaced (default 4)")
     p.add_argument("--force", action="store_true", help="quantise again even when current")

@@ -3,8 +3,9 @@
 Tool: `nncf.quantize` on the OpenVINO model read from `<stage>.onnx` (model_type TRANSFORMER: NNCF's
 scheme for networks with attention; preset MIXED: symmetric per-channel int8 weights, asymmetric int8
 activations), calibrated on step-graph inputs the pipeline itself records
-(`calib.pipeline_calibration_feeds`: random identities, the default DPM-Solver++ schedule, inputs kept at
-evenly spaced steps, run by ONNX Runtime in fp32), as the GPU int8 path is.
+(`calib.pipeline_calibration_feeds`: random identities, the folder's own sampler and step count (25
+DPM-Solver++ steps; 4 LCM steps on an LCM-LoRA folder), inputs kept at evenly spaced steps, run by ONNX
+Runtime in fp32), as the GPU int8 path is.
 
 Kept in float (NNCF's ignored scope): the sensitive layers of the GPU int8 path (first and last
 convolution, time embedding, norms: `SENSITIVE_NAME`), and every node computed from the
@@ -130,17 +131,28 @@ def _check_ours(engines_dir: Path, m: dict, stage: str) -> None:
                    "OpenVINO int8 step graph")
 
 
-def ensure_ov_int8(engines_dir: str | Path, stages=INT8_STAGES, feeds: list[dict] | None = None,
-                   identities: int = 4, steps: int = 25, per_run: int = 4, force: bool = False,
+def ensure_ov_int8(engines_dir: str | Path, stages=None, feeds: list[dict] | None = None,
+                   identities: int = 4, steps: int | None = None, per_run: int = 4, force: bool = False,
                    say=log.info) -> dict:
     """Quantise the folder's step graphs that lack a current OpenVINO int8 copy; return manifest[INT8_KEY].
 
-    `feeds` (one list for every stage) replaces the pipeline-recorded calibration inputs."""
+    `stages` None: the step graphs (step_cfg, step) the folder has. `steps` None: the folder's default
+    step count (`folder_defaults`), sampled with its default scheduler. `feeds` (one list for every
+    stage) replaces the pipeline-recorded calibration inputs."""
+    from arc2face_rt.folder_setup import folder_defaults
+
     engines_dir = Path(engines_dir)
     m = mf.load_manifest(engines_dir)
     if m.get("precision") != "fp32":
         raise InvalidInputError(f"{engines_dir}: {m.get('precision')} graphs; OpenVINO int8 is quantised from an "
                                 "fp32 export (`arc2face-export onnx --precision fp32`)")
+    if stages is None:
+        stages = tuple(s for s in INT8_STAGES if m.get("stages", {}).get(s))
+        if not stages:
+            raise InvalidInputError(f"{engines_dir}: has no step graph ({' or '.join(INT8_STAGES)}) to quantise; "
+                                    f"{mf.reexport_advice(engines_dir)}")
+    sampling = folder_defaults(m)
+    steps = steps or sampling["steps"]
     for stage in stages:
         if stage not in INT8_STAGES:
             raise InvalidInputError(f"int8 is for the step graphs {INT8_STAGES}, not {stage}")
@@ -162,8 +174,10 @@ def ensure_ov_int8(engines_dir: str | Path, stages=INT8_STAGES, feeds: list[dict
         mf.verify_files(engines_dir, src_rec["files"])
         t0 = time.perf_counter()
         if feeds is None:
-            say(f"{stage}: recording calibration inputs ({identities} identities x {per_run} of {steps} steps)")
-            calib = pipeline_calibration_feeds(engines_dir, stage, identities=identities, steps=steps, per_run=per_run)
+            say(f"{stage}: recording calibration inputs ({identities} identities x {min(per_run, steps)} of {steps} "
+                f"{sampling['scheduler']} steps)")
+            calib = pipeline_calibration_feeds(engines_dir, stage, identities=identities, steps=steps, per_run=per_run,
+                                               scheduler=sampling["scheduler"])
         else:
             calib = feeds
         say(f"{stage}: NNCF quantisation on {len(calib)} samples")
