@@ -23,6 +23,10 @@ def test_refusals_write_nothing(tiny_engines, wds_run, tmp_path, capsys):
     assert rt_main(dataset_args(tiny_engines, wds_run, "--format", "wds", "--resume", "--steps", "2")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "other settings" in err and "steps" in err
+    assert rt_main(dataset_args(tiny_engines, wds_run, "--format", "wds", "--resume", "--steps", "2",
+                                "--guidance", "2")) == 2     # every difference is named, not only the first
+    err = capsys.readouterr().err
+    assert "spec.options.guidance: 3.0 there, 2.0 now; spec.options.steps: 1 there, 2 now" in err
     assert tree(wds_run, skip_run=False) == before
     # a folder that is not a dataset, a filter without models
     other = tmp_path / "notes"
@@ -35,6 +39,12 @@ def test_refusals_write_nothing(tiny_engines, wds_run, tmp_path, capsys):
     # --workers counts Ray actors: without --ray it would be ignored, so it is refused
     assert rt_main(dataset_args(tiny_engines, tmp_path / "new", "--workers", "2")) == 2
     assert "--workers 2 needs --ray" in capsys.readouterr().err
+    # the filter's options without the filter were recorded in dataset.json though nothing was ever rejected
+    assert rt_main(dataset_args(tiny_engines, tmp_path / "new", "--on-reject", "regenerate")) == 2
+    assert "--on-reject regenerate needs --min-similarity" in capsys.readouterr().err
+    assert rt_main(dataset_args(tiny_engines, tmp_path / "new", "--models", "m", "--min-similarity", "0.3",
+                                "--max-tries", "3")) == 2
+    assert "--max-tries 3 needs --on-reject regenerate" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
 
 

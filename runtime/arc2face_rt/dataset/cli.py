@@ -68,9 +68,9 @@ def add_dataset_parser(sub) -> None:
                         "cosine to its identity recorded")
     f.add_argument("--min-similarity", type=argtypes.number(-1.0, 1.0, "a cosine"), default=None, metavar="COS",
                    help="drop images whose cosine to their identity is below COS (or that show no face)")
-    f.add_argument("--on-reject", choices=ON_REJECT, default="drop",
+    f.add_argument("--on-reject", choices=ON_REJECT, default=None,
                    help="drop: keep fewer images; regenerate: replace with the identity's next index (default drop)")
-    f.add_argument("--max-tries", type=argtypes.count(1, name="a factor"), default=4,
+    f.add_argument("--max-tries", type=argtypes.count(1, name="a factor"), default=None,
                    help="regenerate: at most K x this many images per identity (default 4)")
     r = p.add_argument_group("where it runs")
     r.add_argument("--backend", choices=BACKENDS, default="auto", help="as for `generate`")
@@ -111,6 +111,11 @@ def cmd_dataset(args) -> int:
     opts = GenerationOptions(**sampling, seed=args.seed, batch_size=args.batch)
     if note:
         _stderr(note)
+    if args.on_reject is not None and args.min_similarity is None:
+        raise InvalidInputError(f"--on-reject {args.on_reject} needs --min-similarity (the threshold that rejects)")
+    if args.max_tries is not None and args.on_reject != "regenerate":
+        raise InvalidInputError(f"--max-tries {args.max_tries} needs --on-reject regenerate (it bounds the images "
+                                "made to replace rejected ones)")
     if args.jpeg_quality is not None and args.image_format != "jpg":
         raise InvalidInputError(f"--jpeg-quality {args.jpeg_quality} needs --image-format jpg (PNG is lossless)")
     if args.identities_from and args.max_id_similarity is not None:
@@ -121,7 +126,8 @@ def cmd_dataset(args) -> int:
         identities = None
     spec = DatasetSpec(identities=len(identities) if identities is not None else args.identities,
                        per_identity=args.per_identity, options=opts, format=args.format, shard_size=args.shard_size,
-                       min_similarity=args.min_similarity, on_reject=args.on_reject, max_tries=args.max_tries,
+                       min_similarity=args.min_similarity, on_reject=args.on_reject or "drop",
+                       max_tries=args.max_tries or 4,
                        score=args.models is not None, image_format=args.image_format,
                        jpeg_quality=args.jpeg_quality or DEFAULT_JPEG_QUALITY)
     spec.check()

@@ -43,14 +43,12 @@ def _read_json(path: Path, what: str) -> dict:
     return d
 
 
-def _first_difference(got, want, where: str = "") -> str | None:
+def _differences(got, want, where: str = "") -> list[str]:
+    """Every recorded setting that differs, as "key: X there, Y now", nested keys dotted."""
     if isinstance(got, dict) and isinstance(want, dict):
-        for k in sorted(set(got) | set(want)):
-            d = _first_difference(got.get(k), want.get(k), f"{where}.{k}" if where else k)
-            if d:
-                return d
-        return None
-    return None if got == want else f"{where}: {got!r} there, {want!r} now"
+        return [d for k in sorted(set(got) | set(want))
+                for d in _differences(got.get(k), want.get(k), f"{where}.{k}" if where else k)]
+    return [] if got == want else [f"{where}: {got!r} there, {want!r} now"]
 
 
 def _image_format_named(record: dict) -> dict:
@@ -105,14 +103,14 @@ def check_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict
                                 "older arc2face-rt); if its images' read_params show this run's backend and precision "
                                 "and they were made on this kind of machine (older images record no device), add "
                                 f"these fields to it: {fields}, and --resume again; otherwise use another --out")
-    diff = _first_difference(_image_format_named(there), _image_format_named(record))
-    if diff:
-        raise InvalidInputError(f"{meta}: this dataset was made with other settings ({diff}); --resume only "
+    diffs = _differences(_image_format_named(there), _image_format_named(record))
+    if diffs:
+        raise InvalidInputError(f"{meta}: this dataset was made with other settings ({'; '.join(diffs)}); --resume only "
                                 "continues the same run: use the same flags, engines and machine kind, or another --out")
     if ids_file.exists() and not np.array_equal(read_npy(ids_file, identities.nbytes + 4096), identities):
         raise InvalidInputError(f"{ids_file}: other identities than this run's; --resume only continues "
-                                "the same run: use the same --identities and --seed (or --identities-from "
-                                "file), or another --out")
+                                "the same run: use the same --identities, --seed and --max-id-similarity (or "
+                                "--identities-from file), or another --out")
 
 
 def open_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict, resume: bool,
