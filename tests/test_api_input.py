@@ -13,7 +13,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from arc2face_rt.control import Control, load_control_image, preprocess_control
 from arc2face_rt.errors import ImageDecodeError, InvalidInputError
-from arc2face_rt.images import PARAMS_KEY, png_bytes, read_params
+from arc2face_rt.images import PARAMS_KEY, image_bytes, png_bytes, read_params
 from arc2face_rt.outputs import read_image_params
 from arc2face_rt.pipeline import GenerationOptions as G
 
@@ -31,12 +31,22 @@ def test_read_params_reads_what_png_bytes_wrote(tmp_path):
     assert read_params(tmp_path / "ok.png") == {"seed": 3, "index": 1}
 
 
+def test_read_params_reads_a_dataset_jpeg(tmp_path):
+    """`dataset --image-format jpg` records the parameters in the JPEG comment; read_params said such a
+    file records none."""
+    (tmp_path / "ok.jpg").write_bytes(image_bytes(np.zeros((8, 8, 3), np.uint8), {"seed": 3}, "jpg"))
+    assert read_params(tmp_path / "ok.jpg") == {"seed": 3}
+
+
 @pytest.mark.parametrize("case, error, words", [
     ("missing", InvalidInputError, "no such file"),
     ("folder", InvalidInputError, "is a folder"),
     ("empty", InvalidInputError, "empty"),
     ("text", ImageDecodeError, "not an image"),
-    ("jpeg", InvalidInputError, "JPEG image, not a PNG"),
+    ("jpeg", InvalidInputError, "no arc2face-rt parameters \\(no JPEG comment\\)"),
+    ("webp", InvalidInputError, "WEBP image, not a PNG"),
+    ("jpeg not json", InvalidInputError, "its JPEG comment is not valid JSON"),
+    ("jpeg truncated", ImageDecodeError, "truncated or corrupt JPEG"),
     ("no chunk", InvalidInputError, "no arc2face-rt parameters"),
     ("truncated", ImageDecodeError, "truncated or corrupt"),
     ("flipped byte", ImageDecodeError, "truncated or corrupt"),
@@ -55,6 +65,12 @@ def test_read_params_refuses_bad_files(tmp_path, case, error, words):
         p.write_text("hi")
     elif case == "jpeg":
         Image.new("RGB", (8, 8)).save(p, format="JPEG")
+    elif case == "webp":
+        Image.new("RGB", (8, 8)).save(p, format="WEBP")
+    elif case == "jpeg not json":
+        Image.new("RGB", (8, 8)).save(p, format="JPEG", comment=b"made by a camera")
+    elif case == "jpeg truncated":
+        p.write_bytes(image_bytes(np.full((64, 64, 3), 7, np.uint8), {"seed": 3}, "jpg")[:-200])
     elif case == "no chunk":
         Image.new("RGB", (8, 8)).save(p)
     elif case == "truncated":

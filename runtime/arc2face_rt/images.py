@@ -57,17 +57,19 @@ def read_params(path: str | Path) -> dict:
     """The generation parameters an arc2face-rt PNG records (a JSON object in its text chunk): the options
     (seed, index, steps, guidance, scheduler), the identity (and control image) fingerprint, and how the
     pixels were made (backend, precision, engines; ONNX Runtime on a GPU also device, ort_graphs, tf32:
-    `provenance`, whose keys an older PNG may lack). README: Commands.
+    `provenance`, whose keys an older PNG may lack). README: Commands. Also the JPEGs of `dataset
+    --image-format jpg`, which record the same JSON in their comment.
 
     Raises InvalidInputError (no such file, a folder or pipe, an image without arc2face-rt parameters)
-    or ImageDecodeError (not a PNG, truncated or corrupt)."""
-    params, _, _ = read_png_params(path)
+    or ImageDecodeError (not a PNG or JPEG, truncated or corrupt)."""
+    params, _, _ = read_png_params(path, jpeg=True)
     return params
 
 
-def read_png_params(path: str | Path) -> tuple[dict, tuple[int, int], str]:
-    """(parameters, image size, image mode) of an arc2face-rt PNG; errors as `read_params`. The whole
-    file is checked (every chunk present and its CRC right, up to IEND), not only the text chunk."""
+def read_png_params(path: str | Path, jpeg: bool = False) -> tuple[dict, tuple[int, int], str]:
+    """(parameters, image size, image mode) of an arc2face-rt PNG (with `jpeg`, or JPEG); errors as
+    `read_params`. The whole file is checked (every PNG chunk present and its CRC right, up to IEND; a
+    JPEG's pixels all decode), not only the parameters."""
     data = read_regular_file(path, MAX_PNG_BYTES, what="PNG image")
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -75,6 +77,10 @@ def read_png_params(path: str | Path) -> tuple[dict, tuple[int, int], str]:
             text = im.info.get(PARAMS_KEY) if fmt == "PNG" else None   # our tEXt chunk precedes the pixels
             if fmt == "PNG":
                 im.verify()
+            elif fmt == "JPEG" and jpeg:
+                im.load()                       # truncated data raises here
+                text = im.info.get("comment")
+                text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
         if fmt == "PNG" and text is None:       # a text chunk after the pixels (a re-saving tool moved it)
             with Image.open(io.BytesIO(data)) as im:
                 text = im.text.get(PARAMS_KEY)
@@ -88,20 +94,23 @@ def read_png_params(path: str | Path) -> tuple[dict, tuple[int, int], str]:
         raise ImageDecodeError(f"{path}: not an image (or one Pillow cannot read); read_params reads the PNGs "
                                "arc2face-rt generates") from None
     except Exception as e:              # truncated data, a bad CRC, broken chunks: Pillow raises many types
-        raise ImageDecodeError(f"{path}: truncated or corrupt PNG ({' '.join(str(e).split()) or type(e).__name__})"
+        kind = "JPEG" if data.startswith(b"\xff\xd8") else "PNG"
+        raise ImageDecodeError(f"{path}: truncated or corrupt {kind} ({' '.join(str(e).split()) or type(e).__name__})"
                                "; re-generate it") from None
-    if fmt != "PNG":
+    if fmt != "PNG" and not (jpeg and fmt == "JPEG"):
         raise InvalidInputError(f"{path}: is a {fmt} image, not a PNG; arc2face-rt records its parameters only "
-                                "in the PNGs it generates")
+                                "in the PNGs it generates" + (" (and the JPEGs of `dataset --image-format jpg`)"
+                                                              if jpeg else ""))
+    where = f"'{PARAMS_KEY}' text chunk" if fmt == "PNG" else "JPEG comment"
     if text is None:
-        raise InvalidInputError(f"{path}: has no arc2face-rt parameters (no '{PARAMS_KEY}' text chunk); it was "
-                                "not written by arc2face-rt, or an editor dropped the chunk")
+        raise InvalidInputError(f"{path}: has no arc2face-rt parameters (no {where}); it was "
+                                "not written by arc2face-rt, or an editor dropped them")
     try:
         params = json.loads(text)
     except (ValueError, RecursionError) as e:
-        raise InvalidInputError(f"{path}: its '{PARAMS_KEY}' chunk is not valid JSON ({e}); the file was "
-                                "edited or damaged") from None
+        raise InvalidInputError(f"{path}: its {where} is not valid JSON ({e}); the file was "
+                                "edited or damaged, or another program wrote it") from None
     if not isinstance(params, dict):
-        raise InvalidInputError(f"{path}: its '{PARAMS_KEY}' chunk holds {type(params).__name__} "
+        raise InvalidInputError(f"{path}: its {where} holds {type(params).__name__} "
                                 f"{str(params)[:40]}, not a JSON object of parameters; the file was edited")
     return params, size, mode
