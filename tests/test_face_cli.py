@@ -210,3 +210,18 @@ def test_files_stat_refuses_are_found_before_the_face_models_load(tmp_path, monk
 def test_score_refuses_an_empty_identity_path():
     with pytest.raises(SystemExit):
         cli("score", "--identity", "", "x.png")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--backend", "openvino", "--device", "cuda"], "--backend openvino runs on the CPU"),
+    (["--backend", "ort", "--engines", "nowhere"], "--engines nowhere: its face models' TensorRT plans are for"),
+    (["--backend", "openvino", "--engines", "nowhere"], "--backend openvino runs the ONNX files"),
+])
+def test_model_flags_that_cannot_be_honoured_are_refused(photos, tmp_path, flags, words):
+    """embed and score ran these (the first on the CPU, the others ignoring --engines), where generate refuses."""
+    save_npy_atomic(tmp_path / "id.npy", np.ones(512, np.float32))
+    for argv in (["embed", "--image", photos / "a.png", "--out", tmp_path / "e.npy"],
+                 ["score", "--identity", tmp_path / "id.npy", photos / "a.png"]):
+        with pytest.raises(InvalidInputError, match=words):
+            cli(*argv, "--models", tiny_models_dir(), *flags)
+    assert not (tmp_path / "e.npy").exists()

@@ -96,6 +96,15 @@ def add_score_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _check_where(args) -> None:
+    """Refuse the model flags that cannot be honoured (as `generate` refuses them), before any file is read."""
+    if args.backend == "openvino" and args.device == "cuda":
+        raise InvalidInputError("--backend openvino runs on the CPU; drop --device cuda or use --backend ort/trt")
+    if args.engines is not None and args.backend in ("ort", "openvino"):
+        raise InvalidInputError(f"--engines {args.engines}: its face models' TensorRT plans are for --backend trt or "
+                                f"auto; --backend {args.backend} runs the ONNX files (drop --engines)")
+
+
 def _embed_files(args, paths: list[Path]) -> EmbedReport:
     """Every file's result. Files that stat() already refuses (missing, a folder or pipe, empty, over
     the size limit) are found before the face models load, and when no file is left the models never
@@ -124,6 +133,7 @@ def run_embed(args) -> int:
     out = Path(args.out)
     if out.suffix != ".npy":
         raise InvalidInputError(f"--out {out}: must end in .npy")
+    _check_where(args)
     if os.path.lexists(out) and (not args.force or out.is_dir()):  # fail before the slow part
         raise OutputExistsError(f"--out {out}: exists{' as a folder' if out.is_dir() else ''}; choose another "
                                 f"--out{'' if out.is_dir() else ' or pass --force to replace it'}")
@@ -154,6 +164,7 @@ def run_embed(args) -> int:
 def run_score(args) -> int:
     if sys.stdout is None:
         raise InvalidInputError("standard output is closed; `score` prints its table there (redirect it to a file)")
+    _check_where(args)
     ident = load_identity(args.identity)
     paths = expand_paths(args.images, recursive=args.recursive)
     report = _embed_files(args, paths)
