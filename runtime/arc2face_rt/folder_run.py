@@ -23,6 +23,7 @@ from .errors import InvalidInputError, OutputExistsError
 from .exits import resumable
 from .images import save_png
 from .outputs import check_names, check_output_dir, existing_images, image_name, is_same_image, plan_resume
+from .write_behind import WriteBehind
 
 
 def batches(count: int, batch: int, done: set[int]) -> Iterator[list[int]]:
@@ -115,17 +116,22 @@ class FolderRun:
 
             def again() -> str | None:          # None: resumable's default, the same command with --resume
                 return self.again or (None if s.written else "run the same command again")
-            with resumable(kept, log, bar, again):
+            # the PNGs of a batch are written while the next one is generated (`write_behind`); every
+            # write submitted has finished before `resumable` says what was kept
+            with resumable(kept, log, bar, again), WriteBehind() as behind:
                 for idx in batches(self.count, options.batch_size, done):
                     res = pipe.generate(identity, options=options, on_step=bar.update if bar else None, indices=idx,
                                         **kw)
-                    for img, params, i in zip(res.images, res.params, idx):
-                        if i not in done:
-                            self._save(img, params, options.seed, i, s)
+                    behind.submit(self._save_batch, res, idx, done, options.seed, s)
                     for k, v in res.timings.items():
                         s.timings[k] = s.timings.get(k, 0.0) + v
         s.seconds = time.perf_counter() - t0
         return s
+
+    def _save_batch(self, res, idx: list[int], done: set[int], seed: int, s: RunSummary) -> None:
+        for img, params, i in zip(res.images, res.params, idx):
+            if i not in done:
+                self._save(img, params, seed, i, s)
 
     def _save(self, img, params: dict, seed: int, index: int, s: RunSummary) -> None:
         path = self.out / image_name(self.prefix, seed, index)
