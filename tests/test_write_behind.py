@@ -81,3 +81,51 @@ def test_write_errors_reach_the_caller_in_order():
             behind.submit(lambda: (threading.Event().wait(0.2), done.append(1)))
             raise ValueError("the block's own error is kept; the write still finishes first")
     assert done == [1]
+
+
+class _ManyPipe:
+    """`iter_many` in batches of 2 images; marks that batch b has started."""
+
+    def __init__(self):
+        self.started: dict[int, threading.Event] = {}
+
+    def prepare(self, options):
+        pass
+
+    def run_params(self):
+        return {"backend": "ort", "precision": "fp32", "engines": "0"}
+
+    def legacy_engine_id(self):
+        return None
+
+    def iter_many(self, identities, options, indices, seeds):
+        flat = [(j, i) for j, idx in enumerate(indices) for i in idx]
+        for b in range(0, len(flat), 2):
+            self.started.setdefault(b // 2, threading.Event()).set()
+            part = flat[b:b + 2]
+            yield GenerationResult(np.zeros((len(part), 8, 8, 3), np.uint8), [{"i": i} for _, i in part], {})
+
+
+def test_a_dataset_batch_is_written_while_the_next_is_generated(tmp_path, monkeypatch):
+    from arc2face_rt.dataset import writers
+    from arc2face_rt.dataset.spec import DatasetSpec
+    from arc2face_rt.dataset.worker import ShardWorker, WorkerConfig
+
+    spec = DatasetSpec(identities=3, per_identity=2, options=GenerationOptions(batch_size=2), shard_size=3)
+    pipe, seen, real = _ManyPipe(), [], writers.FolderShardWriter.add
+    added = []
+
+    def add(self, j, index, image, sample):
+        b = len(added) // 2
+        added.append(1)
+        if b < 2:                                       # batches 0, 1 of 0..2: a next batch exists
+            seen.append(pipe.started.setdefault(b + 1, threading.Event()).wait(10))
+        return real(self, j, index, image, sample)
+
+    monkeypatch.setattr(writers.FolderShardWriter, "add", add)
+    (tmp_path / "o" / "shards").mkdir(parents=True)
+    worker = ShardWorker(WorkerConfig(out=tmp_path / "o", spec=spec, engines=tmp_path), np.eye(3, 512, dtype=np.float32),
+                         pipe=pipe)
+    m = worker.run(0)
+    assert seen == [True] * 4
+    assert [r["file"] for r in m["images"]] == [f"id_{j:06d}/{i:04d}.png" for j in range(3) for i in range(2)]

@@ -3,7 +3,8 @@ in-process and as a Ray actor; a shard is a pure function of the spec, the engin
 identities, so which worker makes it never changes a byte.
 
 Within a shard, identities are batched together (`Arc2FacePipeline.iter_many`), images stream to
-the shard writer one batch at a time, and with face models each image is embedded with our ArcFace
+the shard writer one batch at a time (encoded and written by a background thread while the next batch
+is generated: `write_behind`), and with face models each image is embedded with our ArcFace
 path and its cosine to its identity recorded; under `min_similarity` it is dropped (counted), or with
 `on_reject="regenerate"` replaced by the identity's next unused index (at most K * max_tries tries).
 """
@@ -23,6 +24,7 @@ from ..atomic import atomic_write
 from ..errors import EngineMismatchError, NoFaceError, OutputExistsError
 from ..images import image_bytes
 from ..provenance import as_current
+from ..write_behind import WriteBehind
 from .identities import identity_seed
 from .spec import DatasetSpec, shard_name
 from .writers import WRITERS
@@ -119,23 +121,29 @@ class ShardWorker:
         records: list[dict] = []
         writer = WRITERS[spec.format](Path(c.out), shard, spec.image_format)
         try:
-            while any(need.values()):                       # one round; regenerated images in the next
-                todo = [j for j in ids if need[j]]
-                indices = [list(range(next_index[j], next_index[j] + need[j])) for j in todo]
-                items = iter([(j, i) for j, idx in zip(todo, indices) for i in idx])
-                for j in todo:
-                    next_index[j] += need[j]
-                    need[j] = 0
-                for res in self.pipe.iter_many(self.identities[todo], options=spec.options, indices=indices,
-                                               seeds=[seeds[j] for j in todo]):
-                    for image, params in zip(res.images, res.params):
-                        j, i = next(items)
-                        records.append(self._write(writer, j, i, image, params))
-                        if not records[-1]["kept"] and spec.on_reject == "regenerate" and \
-                                next_index[j] + need[j] < spec.per_identity * spec.max_tries:
-                            need[j] += 1
-                        if progress:
-                            progress(1)
+            # a batch's kept images are encoded and written while the next batch is generated (`write_behind`)
+            with WriteBehind() as behind:
+                while any(need.values()):                   # one round; regenerated images in the next
+                    todo = [j for j in ids if need[j]]
+                    indices = [list(range(next_index[j], next_index[j] + need[j])) for j in todo]
+                    items = iter([(j, i) for j, idx in zip(todo, indices) for i in idx])
+                    for j in todo:
+                        next_index[j] += need[j]
+                        need[j] = 0
+                    for res in self.pipe.iter_many(self.identities[todo], options=spec.options, indices=indices,
+                                                   seeds=[seeds[j] for j in todo]):
+                        kept = []
+                        for image, params in zip(res.images, res.params):
+                            j, i = next(items)
+                            records.append(self._judge(j, i, image))
+                            if records[-1]["kept"]:
+                                kept.append((records[-1], image, params))
+                            elif spec.on_reject == "regenerate" and \
+                                    next_index[j] + need[j] < spec.per_identity * spec.max_tries:
+                                need[j] += 1
+                            if progress:
+                                progress(1)
+                        behind.submit(self._write, writer, kept)
             committed = writer.commit()
         except BaseException:
             writer.abort()
@@ -160,15 +168,19 @@ class ShardWorker:
             return theirs
         return manifest
 
-    def _write(self, writer, j: int, i: int, image: np.ndarray, params: dict) -> dict:
+    def _judge(self, j: int, i: int, image: np.ndarray) -> dict:
+        """Image i of identity j's record: its similarity (with face models) and whether it is kept."""
         sim = self.similarity(image, j) if self.face else None
         ms = self.config.spec.min_similarity
-        rec = {"identity": j, "index": i, "similarity": sim, "kept": ms is None or (sim is not None and sim >= ms)}
-        if rec["kept"]:
-            spec = self.config.spec
+        return {"identity": j, "index": i, "similarity": sim, "kept": ms is None or (sim is not None and sim >= ms)}
+
+    def _write(self, writer, kept: list[tuple[dict, np.ndarray, dict]]) -> None:
+        """Encode and add a batch's kept images to the shard, in order; each record gets its "file"."""
+        spec = self.config.spec
+        for rec, image, params in kept:
+            j, i, sim = rec["identity"], rec["index"], rec["similarity"]
             rec["file"] = writer.add(j, i, image_bytes(image, params, spec.image_format, spec.jpeg_quality),
                                      {"identity": j, "index": i, "similarity": sim, "params": params})
-        return rec
 
     def close(self) -> None:
         self.pipe.close()
