@@ -16,6 +16,10 @@ from .fileio import read_regular_file
 
 PARAMS_KEY = "arc2face-rt"   # PNG tEXt key holding the JSON parameters
 MAX_PNG_BYTES = 64 << 20     # ours are under 1 MB (512x512 RGB); a larger file is not one of them
+# zlib level 4, not Pillow's 6: on five 512x512 photographs (scikit-image's astronaut, chelsea, coffee,
+# rocket, immunohistochemistry) it wrote 0-3% larger files 1.5-2.2x faster (astronaut: 424 kB either
+# way, 63 instead of 93 ms on a 2-core AMD EPYC), and encoding runs beside a GPU's generation
+PNG_COMPRESS_LEVEL = 4
 
 
 def png_bytes(image: np.ndarray, params: dict) -> bytes:
@@ -23,7 +27,8 @@ def png_bytes(image: np.ndarray, params: dict) -> bytes:
     info = PngInfo()
     info.add_text(PARAMS_KEY, json.dumps(params, sort_keys=True))
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image), "RGB").save(buf, format="PNG", pnginfo=info)
+    Image.fromarray(np.ascontiguousarray(image), "RGB").save(buf, format="PNG", pnginfo=info,
+                                                             compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
 
 
