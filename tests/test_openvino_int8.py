@@ -315,3 +315,13 @@ def test_a_stop_as_the_graph_lands_leaves_only_recorded_files(tiny_engines, tmp_
     assert export_main(["openvino-int8", "--engines", str(d), *_ONE_STEP]) == 0, capsys.readouterr().err
     m = json.loads((d / "manifest.json").read_text())
     assert ov_int8.is_current(d, m, "step")
+
+
+def test_int8_with_a_control_image_is_refused_before_the_missing_controlnet_graph(q_engines):
+    """On a folder without ControlNet graphs, int8 with a control image advised re-exporting with them,
+    after which the same command was refused for int8: the precision conflict is named first."""
+    from arc2face_rt.errors import InvalidInputError
+
+    with Arc2FacePipeline(q_engines, backend="openvino", cpu_precision="int8") as pipe:
+        with pytest.raises(InvalidInputError, match="no int8 ControlNet step graph"):
+            pipe.prepare(OPTS, control=True)

@@ -110,6 +110,8 @@ class Arc2FacePipeline:
 
     def session(self, name: str):
         if name not in self._sessions:
+            if self.openvino is not None:
+                self.openvino.check_stage(name)          # what this precision cannot run, before what is missing
             section = "plans" if self.backend == "trt" else "stages"
             if name in CONTROL_STAGES and name not in self.manifest[section]:
                 how = (f"`arc2face-export build-engines --out {self.engines_dir}`" if section == "plans" and

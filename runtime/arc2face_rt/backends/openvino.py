@@ -309,12 +309,17 @@ class OpenVinoStages:
                            if folder else False)
         return self._cache or None
 
-    def record(self, name: str) -> dict:
-        """The manifest record of the graph stage `name` runs from at this precision."""
+    def check_stage(self, name: str) -> None:
+        """Refuse a stage this precision cannot run (the pipeline asks first, before whether the folder
+        has it: a missing ControlNet graph's advice would otherwise lead to this refusal)."""
         if self.precision.int8_steps and name in CONTROL_STAGES:
             raise InvalidInputError(f"--cpu-precision int8 has no int8 ControlNet step graph ('{name}': `arc2face-export "
                                     "openvino-int8` quantises step and step_cfg); with --control-image use "
                                     "--cpu-precision bf16, fp32 or auto")
+
+    def record(self, name: str) -> dict:
+        """The manifest record of the graph stage `name` runs from at this precision."""
+        self.check_stage(name)
         if self.precision.int8_steps and name in ("step", "step_cfg"):
             rec = self.manifest[INT8_KEY].get(name)
             fix = INT8_FIX.format(dir=self.engines_dir)
