@@ -165,3 +165,20 @@ def test_a_range_without_an_upper_bound_reads_right(value, words, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["fit", "--model-dir", "m", "--data", "d", "--out", "o", "--max-grad-norm", value])
     assert words in capsys.readouterr().err
+
+
+def test_flags_that_would_be_ignored_are_refused(tiny_engines, tiny_fp16_engines, tmp_path, capsys):
+    """--backend ort --cpu-precision fp32 on an fp16 folder ran fp16 and recorded it (fp32 on an fp32 folder
+    asks for what runs, and is accepted); --models without --image was ignored."""
+    from arc2face_rt.cli import main
+
+    argv = ["generate", "--random-id", "-n", "1", "--steps", "1", "--backend", "ort", "--device", "cpu",
+            "--cpu-precision", "fp32"]
+    assert main([*argv, "--engines", str(tiny_fp16_engines[0]), "--out", str(tmp_path / "a")]) == 2
+    assert "--cpu-precision fp32 needs --backend openvino (the ort backend runs the folder's fp16 graphs)" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    assert main([*argv, "--engines", str(tiny_engines), "--out", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--engines", str(tiny_engines), "--models", "m", "--out", str(tmp_path / "c")]) == 2
+    assert "--models m: the face models make an identity from --image photos" in capsys.readouterr().err

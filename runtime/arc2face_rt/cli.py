@@ -77,6 +77,9 @@ def cmd_generate(args) -> int:
 
     # Everything a user can get wrong is checked before any model is loaded, and everything the
     # engines folder can get wrong before the output folder is made.
+    if args.models is not None and not args.image:
+        raise InvalidInputError(f"--models {args.models}: the face models make an identity from --image photos; "
+                                "with --embedding or --random-id they are not used (drop --models)")
     if args.control_scale is not None and not args.control_image:
         raise InvalidInputError("--control-scale needs --control-image (the pose it scales); without one the "
                                 "images are made without pose control")

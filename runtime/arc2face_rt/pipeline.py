@@ -73,7 +73,7 @@ class Arc2FacePipeline:
             from .backends.openvino import OpenVinoStages
             self.openvino = OpenVinoStages(self.engines_dir, self.manifest, cpu_precision, verify=verify,
                                            cache_key=provenance.engine_id(self.manifest, ("stages",)))
-        elif cpu_precision not in ("auto", "fp32"):
+        elif cpu_precision != "auto" and not (cpu_precision == "fp32" and self.manifest.get("precision") == "fp32"):
             raise InvalidInputError(f"--cpu-precision {cpu_precision} needs --backend openvino "
                                     f"(the {self.backend} backend runs the folder's {self.manifest.get('precision')} "
                                     "graphs); install it with `pip install 'arc2face-rt[openvino]'`")
