@@ -78,6 +78,14 @@ def test_info_notes_what_a_folder_without_a_step_graph_serves(tmp_path):
     assert len(notes) == 1 and "takes guidance 1 or below only" in notes[0] and "--model-dir MODEL" in notes[0]
     assert "--lora LORA" in notes[0] and "l.safetensors" in notes[0]
     assert "cannot run" in _missing_stage_notes({"stages": {"step_cfg": {}, "step": {}}}, tmp_path)[0]
+    # a ControlNet-only folder said both "takes guidance 1 or below only" and "takes guidance above 1 only"
+    only_control = {"stages": {"projector": {}, "step_cfg_control": {}, "vae_decoder": {}}}
+    notes = _missing_stage_notes(only_control, tmp_path)
+    assert notes[0] == "no step graph without ControlNet: `generate` here needs --control-image"
+    assert len(notes) == 2 and "`generate` with --control-image here takes guidance above 1 only" in notes[1]
+    assert "cannot run" in _missing_stage_notes({"stages": {"projector": {}, "vae_decoder": {}}}, tmp_path)[0]
+    full = {"stages": {s: {} for s in ("projector", "step_cfg", "step", "vae_decoder")}}
+    assert _missing_stage_notes(full, tmp_path) == []
 
 
 def test_export_cli_missing_weights(tmp_path, capsys):

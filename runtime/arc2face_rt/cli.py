@@ -177,20 +177,30 @@ def cmd_info(args) -> int:
 
 def _missing_stage_notes(m: dict, engines) -> list[str]:
     """What `generate` cannot do with this folder for want of a graph (the projector and the decoder serve
-    every run; step_cfg serves guidance > 1, step guidance <= 1), and the export that adds it."""
+    every run; step_cfg serves guidance > 1, step guidance <= 1, and their ControlNet twins the same with
+    --control-image), and the export that adds it."""
     from .manifest import reexport_advice
 
     have = m.get("stages", {})
     again = reexport_advice(engines)
+    base = [s for s in ("projector", "vae_decoder") if s not in have]
+    if base:
+        return [f"no {' / '.join(base)} stage: `generate` cannot run with this folder; {again}"]
     notes = []
-    if [s for s in ("projector", "vae_decoder") if s not in have]:
-        notes.append(f"no {' / '.join(s for s in ('projector', 'vae_decoder') if s not in have)} stage: `generate` "
-                     f"cannot run with this folder; {again}")
-    for stage, serves, other in (("step_cfg", "guidance above 1", "guidance 1 or below"),
-                                 ("step", "guidance 1 or below", "guidance above 1")):
-        if stage not in have:
-            notes.append(f"no {stage} stage: `generate` here takes {other} only (the folder's default guidance: "
-                         f"{folder_defaults(m)['guidance']:g}); for {serves}, export every stage (no --stages): {again}")
+    guidance = folder_defaults(m)["guidance"]
+    for pair, what in ((("step_cfg", "step"), ""), (("step_cfg_control", "step_control"), " with --control-image")):
+        present = [s for s in pair if s in have]
+        if not present:
+            if not what:
+                notes.append("no step graph without ControlNet: `generate` here needs --control-image"
+                             if any(s in have for s in ("step_cfg_control", "step_control")) else
+                             f"no step graph: `generate` cannot run with this folder; {again}")
+            continue
+        if len(present) == 1:
+            takes = "guidance above 1" if present[0] == pair[0] else "guidance 1 or below"
+            notes.append(f"no {pair[1] if present[0] == pair[0] else pair[0]} stage: `generate`{what} here takes "
+                         f"{takes} only (the folder's default guidance: {guidance:g}); for the other, export "
+                         f"every stage (no --stages): {again}")
     return notes
 
 
