@@ -76,7 +76,19 @@ def test_jpeg_folders_and_a_resume_with_another_format_is_refused(tiny_engines, 
     assert (spec["image_format"], spec["jpeg_quality"]) == ("jpg", 95)
     capsys.readouterr()
     assert rt_main(dataset_args(tiny_engines, out, "--resume", n=2)) == 2
-    assert "spec.image_format: 'jpg' there, 'png' now" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "(spec.image_format: 'jpg' there, 'png' now);" in err and "jpeg_quality" not in err
+
+
+def test_settings_that_took_no_effect_do_not_stop_a_resume(tiny_engines, tmp_path):
+    """Older versions accepted and recorded --on-reject/--max-tries without --min-similarity; this one
+    refuses those flags, so such a dataset must resume without them."""
+    out = tmp_path / "d"
+    assert rt_main(dataset_args(tiny_engines, out, n=1, k=1)) == 0
+    meta = json.loads((out / "dataset.json").read_text())
+    meta["spec"].update(on_reject="regenerate", max_tries=8)
+    (out / "dataset.json").write_text(json.dumps(meta))
+    assert rt_main(dataset_args(tiny_engines, out, "--resume", n=1, k=1)) == 0
 
 
 def test_jpeg_quality_without_jpg_is_refused_before_anything_is_written(tiny_engines, tmp_path, capsys):
@@ -92,3 +104,19 @@ def test_a_png_spec_records_what_it_recorded_before_image_formats():
                                    "min_similarity", "on_reject", "max_tries", "score"}
     jpg = DatasetSpec(identities=2, per_identity=1, options=GenerationOptions(), image_format="jpg", jpeg_quality=80)
     assert (jpg.to_json()["image_format"], jpg.to_json()["jpeg_quality"]) == ("jpg", 80)
+
+
+def test_dataset_pngs_keep_the_zlib_level_of_earlier_versions():
+    """A re-made shard is compared byte for byte with what an earlier run left; generate's PNGs moved to
+    level 4, a dataset's stay at Pillow's default, so a dataset from before still resumes."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from arc2face_rt.images import PARAMS_KEY, image_bytes, png_bytes
+
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    info = PngInfo()
+    info.add_text(PARAMS_KEY, json.dumps({"seed": 1}, sort_keys=True))
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", pnginfo=info)          # Pillow's default level
+    assert image_bytes(pixels, {"seed": 1}, "png") == buf.getvalue()
+    assert png_bytes(pixels, {"seed": 1}) != buf.getvalue()                # generate's level 4

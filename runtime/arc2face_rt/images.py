@@ -16,19 +16,22 @@ from .fileio import read_regular_file
 
 PARAMS_KEY = "arc2face-rt"   # PNG tEXt key holding the JSON parameters
 MAX_PNG_BYTES = 64 << 20     # ours are under 1 MB (512x512 RGB); a larger file is not one of them
-# zlib level 4, not Pillow's 6: on five 512x512 photographs (scikit-image's astronaut, chelsea, coffee,
-# rocket, immunohistochemistry) it wrote 0-3% larger files 1.5-2.2x faster (astronaut: 424 kB either
-# way, 63 instead of 93 ms on a 2-core AMD EPYC), and encoding runs beside a GPU's generation
+# `generate`'s PNGs at zlib level 4, not Pillow's 6: on five photographs made 512x512 (scikit-image's
+# astronaut, and chelsea, coffee, rocket, immunohistochemistry resized bicubically) it wrote 0-4% larger
+# files 1.5-2.2x faster (astronaut: 424 kB either way, 63 instead of 93 ms on a 2-core AMD EPYC).
+# `dataset` keeps level 6: a shard made again is compared byte for byte with what an earlier run (of
+# an earlier version, too) left in place, and a --resume must find the same bytes.
 PNG_COMPRESS_LEVEL = 4
+DATASET_PNG_LEVEL = 6
 
 
-def png_bytes(image: np.ndarray, params: dict) -> bytes:
+def png_bytes(image: np.ndarray, params: dict, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
     """image [H, W, 3] uint8 RGB -> PNG file content with `params` in a text chunk."""
     info = PngInfo()
     info.add_text(PARAMS_KEY, json.dumps(params, sort_keys=True))
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image), "RGB").save(buf, format="PNG", pnginfo=info,
-                                                             compress_level=PNG_COMPRESS_LEVEL)
+                                                             compress_level=compress_level)
     return buf.getvalue()
 
 
@@ -38,11 +41,12 @@ DEFAULT_JPEG_QUALITY = 95
 
 def image_bytes(image: np.ndarray, params: dict, image_format: str = "png",
                 quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
-    """image [H, W, 3] uint8 RGB -> file content: "png" (lossless; `params` in a text chunk, which
-    `read_params` reads) or "jpg" (baseline JPEG at `quality`, 4:2:0 chroma; `params` as the same JSON
-    in its comment segment, which Pillow shows as `Image.info["comment"]`)."""
+    """A dataset sample's file content, image [H, W, 3] uint8 RGB: "png" (lossless, at
+    DATASET_PNG_LEVEL; `params` in a text chunk, which `read_params` reads) or "jpg" (baseline JPEG at
+    `quality`, 4:2:0 chroma; `params` as the same JSON in its comment segment, which Pillow shows as
+    `Image.info["comment"]`)."""
     if image_format == "png":
-        return png_bytes(image, params)
+        return png_bytes(image, params, DATASET_PNG_LEVEL)
     if image_format != "jpg":
         raise InvalidInputError(f"image format must be one of {', '.join(IMAGE_FORMATS)} (got {image_format!r})")
     buf = io.BytesIO()
@@ -75,7 +79,7 @@ def read_png_params(path: str | Path, jpeg: bool = False) -> tuple[dict, tuple[i
     """(parameters, image size, image mode) of an arc2face-rt PNG (with `jpeg`, or JPEG); errors as
     `read_params`. The whole file is checked (every PNG chunk present and its CRC right, up to IEND; a
     JPEG's pixels all decode), not only the parameters."""
-    data = read_regular_file(path, MAX_PNG_BYTES, what="PNG image")
+    data = read_regular_file(path, MAX_PNG_BYTES, what="image" if jpeg else "PNG image")
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt, size, mode = im.format, im.size, im.mode

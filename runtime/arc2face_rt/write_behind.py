@@ -1,9 +1,9 @@
 """Writing one batch behind the generation: image files are encoded and written by one background thread
 while the next batch is generated.
 
-Encoding is not free: a 512x512 photograph takes Pillow 63 ms as a PNG at our zlib level (93 ms at its
-default; 1.4 ms as a JPEG) on a 2-core AMD EPYC, about half a CPU core per GPU at the 7.3 images/s one
-H200 generates (README: Making a synthetic FR dataset). Done in turn with the generation, the GPU
+Encoding is not free: a 512x512 photograph takes Pillow 63 ms as a PNG at generate's zlib level (93 ms
+at its default, which datasets keep; 1.4 ms as a JPEG) on a 2-core AMD EPYC, half a CPU core or more
+per GPU at the 7.3 images/s one H200 generates (README: Making a synthetic FR dataset). Done in turn with the generation, the GPU
 would wait for it. Pillow's
 encoder releases the GIL, and so do ONNX Runtime, OpenVINO and TensorRT while they run, so the two
 overlap.

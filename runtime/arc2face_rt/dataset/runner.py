@@ -51,13 +51,26 @@ def _differences(got, want, where: str = "") -> list[str]:
     return [] if got == want else [f"{where}: {got!r} there, {want!r} now"]
 
 
-def _image_format_named(record: dict) -> dict:
-    """`record` with its spec's image format named where it is PNG (`DatasetSpec.to_json` leaves it out),
-    so that a refused --resume says "png there, 'jpg' now", not None."""
-    spec = record.get("spec")
-    if isinstance(spec, dict) and "image_format" not in spec:
-        return {**record, "spec": {**spec, "image_format": "png"}}
-    return record
+def _comparable(there: dict, now: dict) -> tuple[dict, dict]:
+    """Two records as a --resume compares them: the spec's image format named where it is PNG
+    (`DatasetSpec.to_json` leaves it out, so a refusal says "'png' there, 'jpg' now", not None), and
+    settings that take no effect left out (the JPEG quality where either side is PNG; --on-reject and
+    --max-tries without --min-similarity, --max-tries without regenerate, which older versions
+    accepted and recorded and this one refuses)."""
+    specs = [r.get("spec") for r in (there, now)]
+    if not all(isinstance(s, dict) for s in specs):
+        return there, now
+    specs = [{"image_format": "png", **s} for s in specs]
+    png = any(s["image_format"] == "png" for s in specs)
+
+    def kept(spec: dict) -> dict:
+        moot = {"jpeg_quality"} if png else set()
+        if spec.get("min_similarity") is None:
+            moot |= {"on_reject", "max_tries"}
+        elif spec.get("on_reject") != "regenerate":
+            moot.add("max_tries")
+        return {k: v for k, v in spec.items() if k not in moot}
+    return {**there, "spec": kept(specs[0])}, {**now, "spec": kept(specs[1])}
 
 
 def dataset_record(spec: DatasetSpec, run: dict) -> dict:
@@ -103,7 +116,7 @@ def check_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict
                                 "older arc2face-rt); if its images' read_params show this run's backend and precision "
                                 "and they were made on this kind of machine (older images record no device), add "
                                 f"these fields to it: {fields}, and --resume again; otherwise use another --out")
-    diffs = _differences(_image_format_named(there), _image_format_named(record))
+    diffs = _differences(*_comparable(there, record))
     if diffs:
         raise InvalidInputError(f"{meta}: this dataset was made with other settings ({'; '.join(diffs)}); --resume only "
                                 "continues the same run: use the same flags, engines and machine kind, or another --out")
