@@ -217,6 +217,7 @@ def test_build_engines_of_another_precision_keeps_the_lora_in_its_advice(lora_en
     err = capsys.readouterr().err
     assert "holds fp32 graphs, and this build needs fp16 ones" in err
     assert "--precision fp16 --lora LORA --lora-scale 1 --force" in err and LORA_FILE in err
+    assert "then this build-engines command again" in err     # not a build at the folder's old precision
 
 
 def test_openvino_int8_on_an_lcm_folder_quantises_its_step_graph_on_lcm_steps(lora_engines, tmp_path, capsys):

@@ -42,7 +42,7 @@ def _exported(out: Path, onnx_precision: str) -> dict | None:
     if m.get("precision") != onnx_precision:
         raise EngineMismatchError(
             f"{out}: holds {m.get('precision')} graphs, and this build needs {onnx_precision} ones; choose another "
-            f"--out, or {mf.reexport_advice(out, precision=onnx_precision)}")
+            f"--out, or {mf.reexport_advice(out, precision=onnx_precision, then='this build-engines command again')}")
     return m
 
 

@@ -63,11 +63,12 @@ FILE_SECTIONS = {
 }
 
 
-def reexport_advice(engines_dir: str | Path, controlnet: bool = False, precision: str | None = None) -> str:
+def reexport_advice(engines_dir: str | Path, controlnet: bool = False, precision: str | None = None,
+                    then: str | None = None) -> str:
     """How to write an engines folder again: the whole `arc2face-export onnx` command, with the options
     its manifest records (precision, or `precision` where another is needed; a fused LoRA and its scale,
     --ort-cuda graphs; a model folder with controlnet/ for the ControlNet graphs, or when `controlnet`
-    asks for them). The manifest is read
+    asks for them), then what makes again what the manifest records beyond the graphs, or `then`. The manifest is read
     best-effort (this is advice for a folder that failed a check): from a damaged one, the command
     says which options to repeat. Paths are shell-quoted, so the command runs as written."""
     d = shlex.quote(str(engines_dir))
@@ -92,7 +93,7 @@ def reexport_advice(engines_dir: str | Path, controlnet: bool = False, precision
         notes.append(f"{model}: the model folder with its controlnet/")
     note = "; " + ", ".join(notes) if notes else ""
     return f"re-export the folder (`arc2face-export onnx --model-dir {model} --out {d}{opts} --force`{note}; " \
-           f"then {_rebuild_after(m, d)})"
+           f"then {then or _rebuild_after(m, d)})"
 
 
 def read_best_effort(engines_dir: str | Path) -> dict | None:
