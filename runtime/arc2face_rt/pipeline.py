@@ -76,7 +76,8 @@ class Arc2FacePipeline:
         elif cpu_precision != "auto" and not (cpu_precision == "fp32" and self.manifest.get("precision") == "fp32"):
             raise InvalidInputError(f"--cpu-precision {cpu_precision} needs --backend openvino "
                                     f"(the {self.backend} backend runs the folder's {self.manifest.get('precision')} "
-                                    "graphs); install it with `pip install 'arc2face-rt[openvino]'`")
+                                    "graphs): drop --cpu-precision, or run OpenVINO (`pip install "
+                                    "'arc2face-rt[openvino]'`, on an fp32 export)")
         # predicted: CUDA wanted (an explicit --device cuda is taken at its word, as Ray actors elsewhere need)
         self._ort_gpu = self.backend == "ort" and (device == "cuda" or folder_setup.ort_gpu_usable(device))
         self.precision = self.run_params()["precision"]     # the denoiser's compute precision (PNGs record it)

@@ -16,13 +16,16 @@ overlap.
 Writes run in submission order, one batch at a time: at most one batch of images waits in memory
 beside the one being generated. A write's error (a full disk) is raised in the caller at the next
 `submit` or when the block ends. However the block ends (a Ctrl-C, an error), the writes already
-submitted finish before it is left: each is atomic (`atomic_write`), so what they wrote is complete,
-and whoever reports what was kept counts them.
+submitted finish before it is left, with further stops held meanwhile (`exits.holding_stops`: a second
+Ctrl-C lands once they have): each is atomic (`atomic_write`), so what they wrote is complete, and
+whoever reports what was kept counts them.
 """
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Callable
+
+from .exits import holding_stops
 
 
 class WriteBehind:
@@ -45,11 +48,10 @@ class WriteBehind:
         return self
 
     def __exit__(self, kind, error, tb) -> None:
-        try:
-            if kind is None:
-                self.drain()
-            elif self._pending is not None:     # the block failed: let the writes end, keep its own error
+        with holding_stops():                   # a stop meanwhile is raised once the writes have ended
+            if self._pending is not None:
                 wait([self._pending])
-                self._pending = None
-        finally:
             self._pool.shutdown(wait=True)
+        if kind is None:
+            self.drain()                        # the last batch's error, if any
+        self._pending = None                    # the block failed: its own error is kept
