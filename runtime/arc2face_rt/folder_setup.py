@@ -45,14 +45,19 @@ def sampling_options(engines, chosen: dict) -> tuple[dict, str | None]:
     return {**defaults, **given}, note
 
 
+def check_backend_device(backend: str, device: str) -> None:
+    """Refuse a --backend / --device pair no machine can honour."""
+    if backend == "openvino" and device == "cuda":
+        raise InvalidInputError("--backend openvino runs on the CPU; drop --device cuda or use --backend ort/trt")
+
+
 def pick_backend(engines_dir: Path, manifest: dict, backend: str, device: str = "auto") -> str:
     """`backend` (TensorRT checked usable here), or for "auto": TensorRT when the folder has plans and TensorRT can run on this GPU
     (`backends.trt.unusable_reason`); else ONNX Runtime when it can use a GPU; else (no usable GPU)
     OpenVINO when installed; else ONNX Runtime on the CPU."""
     if backend not in BACKENDS:
         raise InvalidInputError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
-    if backend == "openvino" and device == "cuda":
-        raise InvalidInputError("--backend openvino runs on the CPU; drop --device cuda or use --backend ort/trt")
+    check_backend_device(backend, device)
     if backend == "trt":                # no GPU or library decides the outcome: say so before the folder's state
         from .backends.trt.plan import require_usable
 

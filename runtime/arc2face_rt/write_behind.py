@@ -3,10 +3,9 @@ while the next batch is generated.
 
 Encoding is not free: a 512x512 photograph takes Pillow 63 ms as a PNG at generate's zlib level (93 ms
 at its default, which datasets keep; 1.4 ms as a JPEG) on a 2-core AMD EPYC, half a CPU core or more
-per GPU at the 7.3 images/s one H200 generates (README: Making a synthetic FR dataset). Done in turn with the generation, the GPU
-would wait for it. Pillow's
-encoder releases the GIL, and so do ONNX Runtime, OpenVINO and TensorRT while they run, so the two
-overlap.
+per GPU at the 7.3 images/s one H200 generates (README: Making a synthetic FR dataset). Done in turn
+with the generation, the GPU would wait for it. Pillow's encoder releases the GIL, and so do ONNX
+Runtime, OpenVINO and TensorRT while they run, so the two overlap.
 
     with WriteBehind() as behind:
         for batch in batches:

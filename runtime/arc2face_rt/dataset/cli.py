@@ -124,12 +124,11 @@ def cmd_dataset(args) -> int:
         identities = load_identities(args.identities_from)
     else:
         identities = None
+    given = {k: getattr(args, k) for k in ("on_reject", "max_tries", "jpeg_quality") if getattr(args, k) is not None}
     spec = DatasetSpec(identities=len(identities) if identities is not None else args.identities,
                        per_identity=args.per_identity, options=opts, format=args.format, shard_size=args.shard_size,
-                       min_similarity=args.min_similarity, on_reject=args.on_reject or "drop",
-                       max_tries=args.max_tries or 4,
-                       score=args.models is not None, image_format=args.image_format,
-                       jpeg_quality=args.jpeg_quality or DEFAULT_JPEG_QUALITY)
+                       min_similarity=args.min_similarity, score=args.models is not None,
+                       image_format=args.image_format, **given)     # the rest: DatasetSpec's defaults
     spec.check()
     if identities is None:
         identities = random_identities(args.identities, args.seed, args.max_id_similarity)

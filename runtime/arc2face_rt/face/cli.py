@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import argtypes
 from ..errors import Arc2FaceError, InvalidInputError, OutputExistsError
+from ..folder_setup import check_backend_device
 from ..npyio import save_npy_atomic
 from ..outputs import check_output_file
 from ..pipeline import load_identity
@@ -98,8 +99,7 @@ def add_score_parser(subparsers) -> argparse.ArgumentParser:
 
 def _check_where(args) -> None:
     """Refuse the model flags that cannot be honoured (as `generate` refuses them), before any file is read."""
-    if args.backend == "openvino" and args.device == "cuda":
-        raise InvalidInputError("--backend openvino runs on the CPU; drop --device cuda or use --backend ort/trt")
+    check_backend_device(args.backend, args.device)
     if args.engines is not None and args.backend in ("ort", "openvino"):
         raise InvalidInputError(f"--engines {args.engines}: its face models' TensorRT plans are for --backend trt or "
                                 f"auto; --backend {args.backend} runs the ONNX files (drop --engines)")
