@@ -43,6 +43,37 @@ def test_ctrl_c_while_still_importing(tool, tiny_engines, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.parametrize("library", ["turns it into an error", "swallows it"])
+def test_a_ctrl_c_while_the_parser_is_built_stops_before_the_command(library, tmp_path):
+    """Ctrl-C while arc2face-export builds its parser (build-engines' flags import numpy, Pillow and
+    OpenCV), which the library being imported turns into an ImportError or swallows: one line, exit
+    130, and the command never starts. (CI saw numpy's ImportError swallowed there, then torch fail
+    to import the half-loaded numpy: a traceback.)"""
+    handle = ("                raise ImportError('numpy failed to initialise') from None\n"
+              if library == "turns it into an error" else "                pass\n")
+    code = ("import os, signal, sys, time\n"
+            "class Interrupting:\n"
+            "    done = False\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'numpy' and 'arc2face_export.cli' in sys.modules and not self.done:\n"
+            "            self.done = True\n"
+            "            print('interrupting', flush=True)\n"
+            "            try:\n"
+            "                os.kill(os.getpid(), signal.SIGINT)\n"
+            "                time.sleep(0.5)\n"
+            "            except KeyboardInterrupt:\n"
+            + handle +
+            "sys.meta_path.insert(0, Interrupting())\n"
+            "from arc2face_export.entry import main\n"
+            "sys.exit(main())\n")
+    out = tmp_path / "never"
+    p = subprocess.run([sys.executable, "-c", code, "random-checkpoint", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.stdout == "interrupting\n"
+    assert (p.returncode, p.stderr) == (130, "arc2face-export: interrupted\n")
+    assert not out.exists()
+
+
 def test_a_ctrl_c_as_the_import_handler_is_put_back_is_one_line(monkeypatch, capsys):
     """A Ctrl-C landing as `interruptible` puts Python's handler back (the import just finished)
     raises there: still one line and exit 130, not a traceback."""

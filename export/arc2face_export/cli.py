@@ -124,15 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="quantise again even when current")
     p.set_defaults(func=cmd_openvino_int8)
 
-    try:
-        from .build_cli import add_build_engines_parser
-    except ImportError as e:            # TensorRT support is optional
-        _missing = str(e)
-        q = sub.add_parser("build-engines", help="build TensorRT engines (needs tensorrt or tensorrt-rtx)")
-        q.set_defaults(func=lambda a: (_say(f"build-engines unavailable: {_missing}; "
-                                            "pip install 'arc2face-rt[trt]'"), 2)[1])
-    else:
-        add_build_engines_parser(sub)
+    from .build_cli import add_build_engines_parser      # TensorRT itself is imported when it builds
+    add_build_engines_parser(sub)
     return parser
 
 

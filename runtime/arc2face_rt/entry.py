@@ -2,10 +2,11 @@
 Runtime or torch are still loading ends with one line and exit 130 rather than a traceback.
 
 A KeyboardInterrupt that lands inside a C extension's import can surface as another exception
-(numpy turns it into an ImportError), so the import runs under a SIGINT handler that remembers the
-signal: whatever the import then raises, it was the user's Ctrl-C. A Ctrl-C before `main()` has
-installed that handler (Python's own start-up, the console script's first lines) is Python's: a
-traceback.
+(numpy turns it into an ImportError), so the CLI is imported, and its parser built, under a SIGINT
+handler that remembers the signal: whatever then raises, it was the user's Ctrl-C. That handler
+stays until the command's own (`exits.run_cli`) replaces it, which takes over a Ctrl-C it saw that a
+library swallowed: the command then stops before it starts. A Ctrl-C before `main()` has installed
+the handler (Python's own start-up, the console script's first lines) is Python's: a traceback.
 
 Before the import, `quiet_libraries` keeps two libraries' start-up noise off the terminal.
 """
@@ -36,14 +37,16 @@ def quiet_libraries() -> None:
 
 
 def interruptible(prog: str, load_main):
-    """Import the CLI (`load_main()` returns its main) and run it; Ctrl-C during the import gives
-    `PROG: interrupted` and exit 130 (once it runs, the CLI handles Ctrl-C itself). So does one that
-    lands as the handler is installed or put back: the whole body is inside the one `except`."""
+    """Import the CLI (`load_main()` returns its main) and run it; Ctrl-C before the command's own
+    handler is in place (the import, building the parser) gives `PROG: interrupted` and exit 130. So
+    does one that lands as the handler is installed or put back: the whole body is inside the one
+    `except`. The handler's `stops_seen` is how `exits.run_cli` learns of a Ctrl-C a library swallowed."""
     seen = []
 
     def on_sigint(signum, frame):
         seen.append(signum)
         raise KeyboardInterrupt
+    on_sigint.stops_seen = seen
 
     quiet_libraries()
     previous = None
@@ -55,6 +58,9 @@ def interruptible(prog: str, load_main):
             pass
         try:
             main = load_main()
+            if seen:                      # a library swallowed it during the import
+                raise KeyboardInterrupt
+            return main()
         except BaseException:
             if seen:                      # numpy, say, turned the KeyboardInterrupt into an ImportError
                 raise KeyboardInterrupt from None
@@ -62,9 +68,6 @@ def interruptible(prog: str, load_main):
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
-        if seen:                          # the signal arrived as the import finished
-            raise KeyboardInterrupt
-        return main()
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

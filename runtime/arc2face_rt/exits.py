@@ -252,12 +252,14 @@ def run_cli(func: Callable[[], int], prog: str, verbose: bool = False) -> int:
 
     Ctrl-C gives one line and exit 130; SIGTERM and SIGHUP are handled like Ctrl-C (exit 143). The
     signals are remembered, so one that a library swallowed still ends the command (at the next
-    `check_interrupt`, or when `func` returns or fails), never a traceback or a run that goes on. With
+    `check_interrupt`, or when `func` returns or fails), never a traceback or a run that goes on; so
+    does one the console script's own handler saw before this one replaced it. With
     `verbose`, the traceback of a mapped failure is logged too (for bug reports)."""
     old = install_signal_handlers()
-    if old:
-        _seen.clear()
+    if old:                             # a Ctrl-C the console script's handler saw (entry.interruptible)
+        _seen[:] = getattr(old.get(signal.SIGINT), "stops_seen", ())
     try:
+        check_interrupt()               # ... which a library swallowed: stop before starting
         code = func()
         return _stopped(prog) if _seen else code
     except KeyboardInterrupt as e:
