@@ -119,6 +119,40 @@ def test_face_stages_the_folder_already_has_stay_buildable_with_no_face(tmp_path
 
 # ----------------------------------------------------------------------------- calibration settings
 
+@pytest.mark.parametrize("lcm", [False, True], ids=["arc2face", "lcm-lora"])
+def test_int8_calibrates_on_the_sampler_the_folder_serves(tmp_path, monkeypatch, lcm):
+    """The pipeline calibration runs the folder's default sampler: 4 LCM steps (with their per-step
+    noise) on an LCM-LoRA folder, 25 DPM-Solver++ steps otherwise. A graph quantised before the sampler
+    was recorded (it ran DPM-Solver++) stays current on an Arc2Face folder and is made again on an LCM one."""
+    from arc2face_export import quantize
+    from arc2face_rt.pipeline import Arc2FacePipeline
+
+    d = make_engines_dir(tmp_path / "e", "fp16", stages=LCM_STAGES)
+    if lcm:
+        m = _manifest(d)
+        m["lora"] = {"file": "pytorch_lora_weights.safetensors", "sha256": "0" * 64, "bytes": 1, "scale": 1.0}
+        mf.write_json_atomic(d / mf.MANIFEST, m)
+    schedules, noises, done = [], [], []
+    real_schedule, real_denoise, real_quantize = (Arc2FacePipeline.schedule, Arc2FacePipeline.denoise,
+                                                   quantize.quantize_stage)
+    monkeypatch.setattr(Arc2FacePipeline, "schedule", lambda self, name, steps: schedules.append((name, steps))
+                        or real_schedule(self, name, steps))
+    monkeypatch.setattr(Arc2FacePipeline, "denoise", lambda self, *a, noise=None, **kw: noises.append(
+        None if noise is None else noise.shape) or real_denoise(self, *a, noise=noise, **kw))
+    monkeypatch.setattr(quantize, "quantize_stage", lambda *a, **kw: done.append(a[1]) or real_quantize(*a, **kw))
+    _run("--out", d, "--no-face", "--precision", "int8", "--stages", "step", "--calib-identities", "1")
+    want = ("lcm", 4) if lcm else ("dpmpp2m", 25)
+    assert schedules == [want]
+    assert noises == ([(4, 1, 4, 64, 64)] if lcm else [None])
+    rec = _manifest(d)["quantized"]["step"]["calibration"]
+    assert (rec["scheduler"], rec["steps"]) == want
+    m = _manifest(d)
+    del m["quantized"]["step"]["calibration"]["scheduler"]               # as recorded before the sampler was
+    mf.write_json_atomic(d / mf.MANIFEST, m)
+    _run("--out", d, "--no-face", "--precision", "int8", "--stages", "step", "--calib-identities", "1")
+    assert done == (["step", "step"] if lcm else ["step"])
+
+
 def _calib_npz(path, scale: float = 1.0):
     feeds = [random_feeds(specs.STEP, 1, seed=i) for i in range(2)]
     arrays = {k: np.stack([f[k] for f in feeds]) for k in feeds[0]}

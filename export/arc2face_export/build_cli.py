@@ -25,8 +25,9 @@ log = logging.getLogger("arc2face_export.trt_build")
 
 # The quantisation flags (int8/fp8 only) and the defaults of those that have one; None in the parser, so
 # that one given with --precision fp16/fp32 is refused instead of ignored.
-QUANT_DEFAULTS = {"calib_identities": 8, "calib_steps": 25, "calib_percentile": 99.99, "quant_level": 3.0}
-QUANT_FLAGS = ("calib_data", *QUANT_DEFAULTS, "calib_method", "smoothquant_alpha", "residual_qdq")
+# (--calib-steps' default is the folder's: 25, or 4 where an LCM-LoRA is fused.)
+QUANT_DEFAULTS = {"calib_identities": 8, "calib_percentile": 99.99, "quant_level": 3.0}
+QUANT_FLAGS = ("calib_data", *QUANT_DEFAULTS, "calib_steps", "calib_method", "smoothquant_alpha", "residual_qdq")
 
 
 def _onnx_precision(precision: str) -> str:
@@ -152,9 +153,13 @@ def cmd_build_engines(args) -> int:
         add_face_stages(out, args.face_models or args.model_dir, force=args.force,
                         explicit=args.face_models is not None)
     if quantized:
+        from arc2face_rt.folder_setup import folder_defaults
+
         from .calib import Calibration
         from .quantize import ensure_quant_graphs
-        cal = Calibration(identities=args.calib_identities, steps=args.calib_steps, percentile=args.calib_percentile)
+        sampling = folder_defaults(mf.load_manifest(out))        # the sampler the folder serves by default
+        cal = Calibration(identities=args.calib_identities, steps=args.calib_steps or sampling["steps"],
+                          scheduler=sampling["scheduler"], percentile=args.calib_percentile)
         ensure_quant_graphs(out, [recipe], cal, calib_path=args.calib_data, stages=args.stages, force=args.force)
     build_engines(out, stages=args.stages, precision=args.precision, options=options, force=args.force)
     return 0
@@ -196,7 +201,8 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calib-identities", type=argtypes.count(1, 4096, "a number of identities"), default=None,
                    metavar="K", help="int8/fp8: calibrate on K random identities x every step (default 8)")
     p.add_argument("--calib-steps", type=argtypes.count(1, 1000, "a number of steps"), default=None, metavar="N",
-                   help="int8/fp8: steps of the DPM-Solver++ schedule calibrated on: the one you serve (default 25)")
+                   help="int8/fp8: steps of the schedule calibrated on, with the folder's sampler: the one you "
+                        "serve (default the folder's: 25 DPM-Solver++, or 4 LCM with an LCM-LoRA)")
     p.add_argument("--calib-method", choices=("max", "percentile"), default=None,
                    help="int8/fp8: activation range per tensor: max |x| or a percentile of |x| over each step "
                         "(default: percentile for int8, max for fp8)")

@@ -36,7 +36,8 @@ _PERCENTILE_ELEMENTS = 1 << 18
 class Calibration:
     """Where the calibration samples come from and how a tensor's range is read from them."""
     identities: int = 8           # K random identities ...
-    steps: int = 25               # ... x every step of the served DPM-Solver++ schedule
+    steps: int = 25               # ... x every step of the served schedule
+    scheduler: str = "dpmpp2m"    # ... of this sampler ("lcm" for an LCM-LoRA folder)
     guidance: float = 3.0         # step_cfg's guidance (step runs without CFG)
     seed: int = 0
     percentile: float = 99.99     # the percentile of |x| the "percentile" method reads
@@ -136,13 +137,13 @@ def run_pipeline(engines_dir: Path, stage: str, session: ObservingSession, cal: 
     guidance = cal.guidance if stage == "step_cfg" else 1.0
     with Arc2FacePipeline(engines_dir, backend="ort", device=device) as pipe:
         pipe._sessions[stage] = session
-        sched = pipe.schedule("dpmpp2m", cal.steps)
+        sched = pipe.schedule(cal.scheduler, cal.steps)
         for i in range(cal.identities):
-            log.info("calibration %s: identity %d/%d, %d steps at guidance %g", stage, i + 1, cal.identities,
-                     cal.steps, guidance)
+            log.info("calibration %s: identity %d/%d, %d %s steps at guidance %g", stage, i + 1, cal.identities,
+                     cal.steps, cal.scheduler, guidance)
             cond = pipe.project(random_identity(cal.seed + 1000 + i)[None])
-            x = image_noise(cal.seed + i, 0, sched)[0][None]
-            pipe.denoise(cond, x, sched, guidance)
+            x, noise = image_noise(cal.seed + i, 0, sched)       # noise: for the samplers that add it (LCM)
+            pipe.denoise(cond, x[None], sched, guidance, noise=None if noise is None else noise[:, None])
 
 
 class _RecordingSession:

@@ -286,11 +286,19 @@ def _check_ours(engines_dir: Path, m: dict, stage: str, precision: str) -> None:
                    f"{precision} step graph")
 
 
+# What a record written before a field existed was calibrated with: graphs quantised before the sampler
+# was recorded ran DPM-Solver++ (on every folder: an LCM-LoRA folder's are made again, on its LCM steps).
+_RECORDED_BEFORE = {"scheduler": "dpmpp2m"}
+
+
 def calibration_fields(cal: calib.Calibration, source: str) -> dict:
     """What a graph quantised with `cal` records of its calibration; samples from a file ("recorded")
-    make the pipeline's identities, steps and guidance moot."""
+    make the pipeline's identities, steps and guidance moot (None), and record no sampler."""
     fields = {**cal.record(), "source": source}
-    return {**fields, "identities": None, "steps": None, "guidance": None} if source == "recorded" else fields
+    if source == "recorded":
+        del fields["scheduler"]
+        fields.update(identities=None, steps=None, guidance=None)
+    return fields
 
 
 def expected_calibration(cal: calib.Calibration) -> dict:
@@ -312,7 +320,7 @@ def quant_is_current(engines_dir: Path, m: dict, stage: str, recipe: QuantRecipe
         if q["source"]["sha256"] != {k: v["sha256"] for k, v in src["files"].items()}:
             return False
         want = expected_calibration(cal)
-        if {k: q["calibration"].get(k) for k in want} != want:
+        if {k: q["calibration"].get(k, _RECORDED_BEFORE.get(k)) for k in want} != want:
             return False
         verify_records(engines_dir, q["files"], mode="stamp")   # a flipped byte keeps the size: hash (once)
         return True
