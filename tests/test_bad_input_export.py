@@ -111,7 +111,7 @@ EXPORT_CASES = [
       "1,1,256", "--workspace-mib", "1"], "could not build"),
     ("build-quantisation-options-with-fp32", lambda t, m: None,
      ["build-engines", "--out", "{e}", "--precision", "fp32", "--no-face", "--calib-data", "{t}/none.npz",
-      "--quant-level", "2"], "--calib-data, --quant-level: quantisation options"),
+      "--quant-level", "2", "--calib-steps", "4"], "--calib-data, --calib-steps, --quant-level: quantisation options"),
     ("build-face-models-missing", lambda t, m: None,
      ["build-engines", "--out", "{e}", "--precision", "fp32", "--face-models", "{t}/none"], "no such folder"),
     ("build-face-models-none-there", lambda t, m: (t / "faces").mkdir(),

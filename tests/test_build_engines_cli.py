@@ -151,6 +151,11 @@ def test_int8_calibrates_on_the_sampler_the_folder_serves(tmp_path, monkeypatch,
     mf.write_json_atomic(d / mf.MANIFEST, m)
     _run("--out", d, "--no-face", "--precision", "int8", "--stages", "step", "--calib-identities", "1")
     assert done == (["step", "step"] if lcm else ["step"])
+    if lcm:                       # steps the LCM schedule cannot take: refused up front, naming the flag
+        before = _manifest(d)
+        with pytest.raises(InvalidInputError, match=r"^--calib-steps 60: scheduler 'lcm'.*1\.\.50"):
+            _run("--out", d, "--no-face", "--precision", "int8", "--stages", "step", "--calib-steps", "60")
+        assert _manifest(d) == before and done == ["step", "step"]
 
 
 def _calib_npz(path, scale: float = 1.0):

@@ -55,7 +55,7 @@ def test_a_ctrl_c_while_the_parser_is_built_stops_before_the_command(library, tm
             "class Interrupting:\n"
             "    done = False\n"
             "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'numpy' and 'arc2face_export.cli' in sys.modules and not self.done:\n"
+            "        if name == 'numpy' and 'arc2face_export.build_cli' in sys.modules and not self.done:\n"
             "            self.done = True\n"
             "            print('interrupting', flush=True)\n"
             "            try:\n"

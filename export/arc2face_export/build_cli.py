@@ -12,7 +12,9 @@ from arc2face_rt import argtypes
 from arc2face_rt import manifest as mf
 from arc2face_rt import specs
 from arc2face_rt.errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
+from arc2face_rt.folder_setup import folder_defaults
 from arc2face_rt.outputs import check_output_dir
+from arc2face_rt.schedulers import make_schedule
 
 from .engines_folder import refuse_folders_at
 from .face_plans import FACE_STAGES, add_face_stages, find_face_models
@@ -27,7 +29,8 @@ log = logging.getLogger("arc2face_export.trt_build")
 # that one given with --precision fp16/fp32 is refused instead of ignored.
 # (--calib-steps' default is the folder's: 25, or 4 where an LCM-LoRA is fused.)
 QUANT_DEFAULTS = {"calib_identities": 8, "calib_percentile": 99.99, "quant_level": 3.0}
-QUANT_FLAGS = ("calib_data", *QUANT_DEFAULTS, "calib_steps", "calib_method", "smoothquant_alpha", "residual_qdq")
+QUANT_FLAGS = ("calib_data", "calib_identities", "calib_steps", "calib_method", "calib_percentile", "smoothquant_alpha",
+               "residual_qdq", "quant_level")                                         # in --help's order
 
 
 def _onnx_precision(precision: str) -> str:
@@ -142,6 +145,13 @@ def cmd_build_engines(args) -> int:
         if args.calib_data is not None:             # an export below writes every stage
             have = set(QUANT_STAGES) if export else set(m.get("stages", {}))
             load_calibration(args.calib_data, [s for s in (args.stages or QUANT_STAGES) if s in have])
+        # the sampler the folder serves by default (an export here never fuses a LoRA: Arc2Face's)
+        sampling = folder_defaults(m)
+        if args.calib_steps is not None and args.calib_data is None:
+            try:
+                make_schedule(sampling["scheduler"], args.calib_steps, (m or {}).get("scheduler_config"))
+            except InvalidInputError as e:
+                raise InvalidInputError(f"--calib-steps {args.calib_steps}: {e}") from None
     if export:
         try:
             from .onnx_export import export_all
@@ -153,11 +163,8 @@ def cmd_build_engines(args) -> int:
         add_face_stages(out, args.face_models or args.model_dir, force=args.force,
                         explicit=args.face_models is not None)
     if quantized:
-        from arc2face_rt.folder_setup import folder_defaults
-
         from .calib import Calibration
         from .quantize import ensure_quant_graphs
-        sampling = folder_defaults(mf.load_manifest(out))        # the sampler the folder serves by default
         cal = Calibration(identities=args.calib_identities, steps=args.calib_steps or sampling["steps"],
                           scheduler=sampling["scheduler"], percentile=args.calib_percentile)
         ensure_quant_graphs(out, [recipe], cal, calib_path=args.calib_data, stages=args.stages, force=args.force)

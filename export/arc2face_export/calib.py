@@ -3,8 +3,9 @@
 The statistics come from the step graph itself, widened to fp32 (`widen_fp16_to_fp32`: same ops, the
 fp16 weights exactly, fp32 arithmetic), with every tensor the placement quantises added as a graph
 output. The pipeline (ONNX Runtime, this folder's projector) runs K random identities through every
-step of the schedule the engines will serve (default: 25-step DPM-Solver++ at guidance 3 for
-step_cfg, 1 for step) with that graph in place of the stage, so calibration sees early, noisy and
+step of the schedule the engines will serve (default: the folder's sampler, 25 DPM-Solver++ steps, or 4
+LCM steps with their noise on an LCM-LoRA folder; guidance 3 for step_cfg on every folder, 1 for step)
+with that graph in place of the stage, so calibration sees early, noisy and
 late, clean latents in the proportion generation does. Recorded step inputs (`--calib-data`) are
 an alternative source.
 

@@ -333,7 +333,8 @@ def ensure_quant_graphs(engines_dir: str | Path, recipes: Iterable[QuantRecipe],
                         device: str = "auto", force: bool = False) -> None:
     """Make `<stage>.<precision>.onnx` current for the step stages of a folder (`build-engines --precision
     int8|fp8`); stages already current for the recipe and calibration (`calib_path`: its sha256 is part of
-    it) are kept unless `force`."""
+    it) are kept unless `force`. `cal` is taken as given: `build-engines` passes the folder's sampler and
+    steps (`folder_defaults`), the default here is Arc2Face's 25 DPM-Solver++ steps on any folder."""
     engines_dir = Path(engines_dir)
     recipes = [r.resolved() for r in recipes]
     m = mf.load_manifest(engines_dir)
