@@ -255,7 +255,7 @@ def test_ort_phases_without_an_export_fail_at_once(tmp_path, isolated_gpu_check)
     gpu_check(GpuCheckOptions(out=out, phases=("ort", "row:ort"), size="tiny"))
     for name in ("ort.json", "row-ort.json"):
         doc = json.loads((out / name).read_text())
-        assert doc["status"] == "failed" and "no export.json" in doc["error"] and doc["phase_wall_s"] < 120
+        assert doc["status"] == "failed" and "no export.json" in doc["error"]
     assert not (out / "work" / "cache").exists()                   # nothing was exported inside the row
 
 

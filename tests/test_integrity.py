@@ -98,7 +98,7 @@ def test_stamp_file_that_is_a_pipe_or_device_is_ignored(engines):
             f"d = {str(engines)!r}\n"
             "f = {r: x for s in load_manifest(d)['stages'].values() for r, x in record_files(s).items()}\n"
             "print(verify_records(d, f).hashed)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip() == str(len(files)), r.stderr
     store.path.unlink()
     store.path.symlink_to("/dev/zero")

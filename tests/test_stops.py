@@ -89,6 +89,7 @@ def test_a_ctrl_c_as_the_import_handler_is_put_back_is_one_line(monkeypatch, cap
         return previous
 
     monkeypatch.setattr(entry.signal, "signal", put_back_then_interrupted)
+    monkeypatch.setattr(entry, "quiet_libraries", lambda: None)  # the worker's environment stays as it was
     assert entry.interruptible("tool", lambda: (lambda: 0)) == 130
     assert capsys.readouterr().err == "tool: interrupted\n" and len(calls) == 2
 

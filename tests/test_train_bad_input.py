@@ -56,7 +56,8 @@ def test_a_worker_error_keeps_only_its_own_line():
     """DataLoader puts the worker's whole traceback into the re-raised message; fit keeps our line."""
     from arc2face_ref.train.loop import _unwrapped
 
-    loader = torch.utils.data.DataLoader(_Damaged(), batch_size=1, num_workers=1)
+    # timeout: a worker forked from a process with threads can hang; fail then, do not hang CI
+    loader = torch.utils.data.DataLoader(_Damaged(), batch_size=1, num_workers=1, timeout=300)
     with pytest.raises(InvalidInputError) as e:
         list(_unwrapped(loader))
     assert str(e.value) == "shard-00000.tar: sample 1 has an undecodable jpg; prepare it again"

@@ -33,4 +33,6 @@ def test_a_stop_during_a_plan_build_is_one_line_and_ends_the_build(tiny_engines,
     ours = [ln for ln in err.splitlines() if not ln.startswith("arc2face_export.trt_build: ")]
     assert p.returncode == code and ours == [f"arc2face-export: {word}"], err
     assert (d / "projector.plan").is_file()     # finished work is kept
-    assert not (d / "step.plan").exists() and not (d / "vae_decoder.plan").exists()
+    # the build ended there: the last plan was never built (the signal lands in step_cfg's build unless
+    # this process was held off the CPU for whole builds, so step.plan is not asserted)
+    assert not (d / "vae_decoder.plan").exists()

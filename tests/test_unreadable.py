@@ -66,7 +66,7 @@ def _run(argv: list[str], sandbox: Path, unprivileged: bool = False) -> str:
 
 def _need_unprivileged_child(sandbox: Path) -> None:
     r = subprocess.run(_as_nobody() + [sys.executable, "-c", "import arc2face_rt"], capture_output=True,
-                       timeout=120, cwd=sandbox)
+                       timeout=600, cwd=sandbox)
     if r.returncode != 0:
         pytest.skip(f"an unprivileged child cannot import arc2face_rt here: {r.stderr.decode()[-200:]}")
 

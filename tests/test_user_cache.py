@@ -45,7 +45,7 @@ def test_reexported_folder_releases_its_old_entry(cache, tmp_path):
     a.mkdir(), b.mkdir()
     old = _entry("old0000000000000", a)
     rec = json.loads((old.folder / RECORD).read_text())
-    assert rec["folders"] == [str(a.resolve())] and time.time() - rec["used"] < 60
+    assert rec["folders"] == [str(a.resolve())] and time.time() - rec["used"] < 600
     shared = _entry("shared0000000000", b)
     assert "released" not in json.loads((old.folder / RECORD).read_text())    # another folder: nothing released
     CompileCache(shared.folder, "2026.4", CPU, source=a)             # folder a re-exported to b's graphs

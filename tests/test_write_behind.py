@@ -38,7 +38,7 @@ def test_a_batch_is_written_while_the_next_is_generated(tmp_path, monkeypatch):
     def save(path, image, params, overwrite=False):
         b = params["index"] // 2
         if b < 2:                                         # batches 0, 1 of 0..2: a next batch exists
-            seen.append(pipe.started.setdefault(b + 1, threading.Event()).wait(10))
+            seen.append(pipe.started.setdefault(b + 1, threading.Event()).wait(60))
         assert threading.current_thread() is not threading.main_thread()
         return real(path, image, params, overwrite=overwrite)
 
@@ -119,7 +119,7 @@ def test_a_dataset_batch_is_written_while_the_next_is_generated(tmp_path, monkey
         b = len(added) // 2
         added.append(1)
         if b < 2:                                       # batches 0, 1 of 0..2: a next batch exists
-            seen.append(pipe.started.setdefault(b + 1, threading.Event()).wait(10))
+            seen.append(pipe.started.setdefault(b + 1, threading.Event()).wait(60))
         return real(self, j, index, image, sample)
 
     monkeypatch.setattr(writers.FolderShardWriter, "add", add)
