@@ -2,8 +2,11 @@
 engines, in one process with warm sessions, so the difference is the dataset's own overhead
 (sharding, batching across identities, PNG/tar writing, manifests, the similarity filter).
 
+- pipeline: the same N x K images generated and kept in memory (`pipeline.generate` per identity,
+  nothing encoded or written): what the writing modes would reach if writing cost nothing.
 - generate: for each of N random identities, K images written as `arc2face-rt generate` writes
-  them (`FolderRun.write`: one `generate` call per batch, PNGs).
+  them (`FolderRun.write`: one `generate` call per batch, PNGs encoded and written by a background
+  thread while the next batch is generated).
 - dataset-folders, dataset-wds: the same N x K images (other identities and seeds, same work) as an
   ImageFolder tree / WebDataset tars, in-process.
 - dataset-filter: dataset-folders with the face models: every image detected, aligned, embedded
@@ -12,6 +15,10 @@ Each mode runs `repeats` times, interleaved. Two clocks: wall time (images/s) an
 time (all threads). On a shared machine the wall time of one run swings with the other processes'
 load (recorded), while the CPU time the work itself needs barely moves, so the overhead is reported
 on both, from the fastest run of each mode. Per-image latency = wall seconds / images of the best run.
+
+By default it exports a random-weight checkpoint's fp32 graphs and runs them on the CPU; gpu-check's
+`write` phase passes its own export (`engines`, `model_dir`) and `device="cuda"`, where the question is
+how close writing gets to `pipeline` once the GPU, not the CPU, sets the pace.
 """
 from __future__ import annotations
 
@@ -23,7 +30,8 @@ from pathlib import Path
 
 from .export_bench import CACHE, checkpoint
 
-MODES = ("generate", "dataset-folders", "dataset-wds", "dataset-filter")
+MODES = ("pipeline", "generate", "dataset-folders", "dataset-wds", "dataset-filter")
+DATASET_MODES = MODES[2:]
 
 
 def _clocks() -> tuple[float, float]:
@@ -32,6 +40,15 @@ def _clocks() -> tuple[float, float]:
 
 def _since(t: tuple[float, float]) -> tuple[float, float]:
     return time.perf_counter() - t[0], time.process_time() - t[1]
+
+
+def _pipeline(pipe, n: int, k: int, opts) -> tuple[float, float]:
+    from arc2face_rt.pipeline import random_identity
+
+    t0 = _clocks()
+    for j in range(n):
+        pipe.generate(random_identity(j), k, opts)
+    return _since(t0)
 
 
 def _generate(pipe, out: Path, n: int, k: int, opts) -> tuple[float, float]:
@@ -44,8 +61,8 @@ def _generate(pipe, out: Path, n: int, k: int, opts) -> tuple[float, float]:
     return _since(t0)
 
 
-def _dataset(pipe, engines: Path, out: Path, n: int, k: int, opts, fmt: str, models: Path | None
-             ) -> tuple[float, float]:
+def _dataset(pipe, engines: Path, out: Path, n: int, k: int, opts, fmt: str, models: Path | None,
+             device: str) -> tuple[float, float]:
     from arc2face_rt.dataset.identities import random_identities
     from arc2face_rt.dataset.runner import open_output, run_dataset
     from arc2face_rt.dataset.spec import DatasetSpec
@@ -53,7 +70,7 @@ def _dataset(pipe, engines: Path, out: Path, n: int, k: int, opts, fmt: str, mod
 
     spec = DatasetSpec(identities=n, per_identity=k, options=opts, format=fmt, shard_size=max(1, n // 2),
                        score=models is not None)
-    config = WorkerConfig(out=out, spec=spec, engines=engines, backend="ort", device="cpu", models=models)
+    config = WorkerConfig(out=out, spec=spec, engines=engines, backend="ort", device=device, models=models)
     t0 = _clocks()
     ids = random_identities(n, opts.seed)
     open_output(out, spec, ids, pipe.run_params(), False, log=lambda m: None)
@@ -62,33 +79,41 @@ def _dataset(pipe, engines: Path, out: Path, n: int, k: int, opts, fmt: str, mod
 
 
 def bench_dataset(size: str = "tiny", identities: int = 8, per_identity: int = 4, steps: int = 25, batch: int = 4,
-                  repeats: int = 2, say=print) -> dict:
-    from arc2face_export.onnx_export import export_all
+                  repeats: int = 2, say=print, engines: Path | None = None, model_dir: Path | None = None,
+                  device: str = "cpu") -> dict:
+    """`engines` None: a random-weight `size` checkpoint (or `model_dir`) exported to fp32 in the benchmark
+    cache. Given, `engines` runs as it is, with `model_dir`'s face models for the filter mode."""
+    from arc2face_rt.manifest import load_manifest
     from arc2face_rt.pipeline import Arc2FacePipeline, GenerationOptions, random_identity
 
-    model_dir = checkpoint(None, size, say)
-    engines = CACHE / f"engines-{size}-fp32"
-    export_all(model_dir, engines, precision="fp32", progress=say)
+    model_dir = checkpoint(model_dir, size, say)
+    if engines is None:
+        from arc2face_export.onnx_export import export_all
+        engines = CACHE / f"engines-{size}-fp32"
+        export_all(model_dir, engines, precision="fp32", progress=say)
+    precision = load_manifest(engines)["precision"]
     opts = GenerationOptions(steps=steps, batch_size=batch)
     images = identities * per_identity
     runs: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
     load = {"start": [round(v, 2) for v in os.getloadavg()]}   # other processes on the machine skew wall times
-    with Arc2FacePipeline(engines, backend="ort", device="cpu") as pipe, \
+    with Arc2FacePipeline(engines, backend="ort", device=device) as pipe, \
             tempfile.TemporaryDirectory(prefix="arc2face-dataset-bench-") as tmp:
-        pipe.generate(random_identity(0), 1, opts)                        # warm-up, untimed
+        pipe.generate(random_identity(0), batch, opts)                    # warm-up, untimed
         for r in range(repeats):
             for mode in MODES:
                 out = Path(tmp) / f"{mode}-{r}"
-                if mode == "generate":
+                if mode == "pipeline":
+                    wall, cpu = _pipeline(pipe, identities, per_identity, opts)
+                elif mode == "generate":
                     wall, cpu = _generate(pipe, out, identities, per_identity, opts)
                 else:
                     fmt = "wds" if mode == "dataset-wds" else "folders"
                     wall, cpu = _dataset(pipe, engines, out, identities, per_identity, opts, fmt,
-                                         model_dir if mode == "dataset-filter" else None)
+                                         model_dir if mode == "dataset-filter" else None, device)
                 runs[mode].append((round(wall, 3), round(cpu, 3)))
                 say(f"{mode} run {r + 1}/{repeats}: {images} images in {wall:.1f} s wall, {cpu:.1f} s CPU "
                     f"= {images / wall:.3f} images/s")
-                shutil.rmtree(out)
+                shutil.rmtree(out, ignore_errors=True)
     load["end"] = [round(v, 2) for v in os.getloadavg()]
     wall = {m: min(w for w, _ in v) for m, v in runs.items()}
     cpu = {m: min(c for _, c in v) for m, v in runs.items()}
@@ -96,11 +121,12 @@ def bench_dataset(size: str = "tiny", identities: int = 8, per_identity: int = 4
                 "best_cpu_s": cpu[m], "images_per_s": round(images / wall[m], 4),
                 "latency_per_image_s": round(wall[m] / images, 4),
                 "overhead_vs_generate_pct": {"wall": round((wall[m] / wall["generate"] - 1) * 100, 2),
-                                             "cpu": round((cpu[m] / cpu["generate"] - 1) * 100, 2)}}
+                                             "cpu": round((cpu[m] / cpu["generate"] - 1) * 100, 2)},
+                "images_per_s_vs_pipeline": round(wall["pipeline"] / wall[m], 4)}
             for m, v in runs.items()}
     return {"kind": "dataset", "size": size, "identities": identities, "per_identity": per_identity,
             "images": images, "steps": steps, "batch": batch, "guidance": opts.guidance, "repeats": repeats,
-            "backend": "ort (CPU, fp32)", "load_average_1_5_15min": load,
+            "backend": f"ort ({device}, {precision})", "engines": str(engines), "load_average_1_5_15min": load,
             "random_weights": (model_dir / "RANDOM_WEIGHTS.txt").is_file(), "modes": rows,
-            "max_overhead_pct": {k: max(r["overhead_vs_generate_pct"][k] for m, r in rows.items() if m != "generate")
+            "max_overhead_pct": {k: max(rows[m]["overhead_vs_generate_pct"][k] for m in DATASET_MODES)
                                  for k in ("wall", "cpu")}}

@@ -12,6 +12,8 @@
     ort         ONNX Runtime CUDA step loop at full size: fused (`--ort-cuda`) or plain graph, CUDA graph
                 on/off, convolution search; per-step time; the VAE decode per variant, with a profile
                 (needs DIR/export.json from the export phase; so does row:ort)
+    write       images/s as `generate` and `dataset` write them against the pipeline alone, on the
+                export's engines (benchmarks/dataset_bench.py; needs DIR/export.json)
     quant       int8 / FP8 (cc >= 8.9) step_cfg plans vs fp16: build time, plan size, inspector layer
                 precisions, per-step time, latent drift (benchmarks/gpu_quant.py; skipped, pending,
                 where TensorRT cannot run, e.g. TensorRT-RTX on an H100)
@@ -39,7 +41,7 @@ from pathlib import Path
 from . import env
 
 ROWS = ("diffusers", "torch-compile", "ort", "trt")
-PHASES = ("probe", "tests", "export", "ort", "quant") + tuple(f"row:{r}" for r in ROWS) + ("report",)
+PHASES = ("probe", "tests", "export", "ort", "write", "quant") + tuple(f"row:{r}" for r in ROWS) + ("report",)
 ALIASES = {"all": PHASES, "rows": tuple(f"row:{r}" for r in ROWS)}
 
 
@@ -249,7 +251,7 @@ def phase_export(opts: GpuCheckOptions, work: Path) -> dict:
 
 
 def _need_export(opts: GpuCheckOptions) -> None:
-    """The `ort` phase and `row:ort` measure DIR's export (the `export` phase, this call or an earlier
+    """The `ort` and `write` phases and `row:ort` measure DIR's export (the `export` phase, this call or an earlier
     one): without a good one, fail at once instead of exporting for minutes inside the row."""
     f = opts.out / "export.json"
     status = json.loads(f.read_text()).get("status") if f.is_file() else None
@@ -268,6 +270,15 @@ def phase_ort(opts: GpuCheckOptions, work: Path) -> dict:
                            device=opts.device)
     res["vae_decode"] = measure_vae_decode(engines, batches=(1, 4), repeats=opts.repeats, device=opts.device)
     return res
+
+
+def phase_write(opts: GpuCheckOptions, work: Path) -> dict:
+    from .dataset_bench import bench_dataset
+    _need_export(opts)
+    export = json.loads((opts.out / "export.json").read_text())
+    return bench_dataset(opts.size, identities=4, per_identity=max(opts.batches), steps=opts.steps,
+                         batch=max(opts.batches), repeats=1, say=_say, engines=Path(export["engines_dir"]),
+                         model_dir=Path(export["model_dir"]), device=opts.device)
 
 
 def phase_quant(opts: GpuCheckOptions, work: Path) -> dict:
@@ -322,7 +333,7 @@ def phase_report(opts: GpuCheckOptions, work: Path, written: list) -> dict:
 
     docs = [json.loads((opts.out / f"row-{b}.json").read_text()) for b in ROWS if (opts.out / f"row-{b}.json").is_file()]
     summary = {"kind": "gpu-check", "created": env.now_utc(), "phases": {}}
-    for p in ("install", "probe", "tests", "export", "ort", "quant"):
+    for p in ("install", "probe", "tests", "export", "ort", "write", "quant"):
         f = opts.out / f"{p}.json"
         if f.is_file():
             summary["phases"][p] = json.loads(f.read_text())
