@@ -129,3 +129,55 @@ def test_a_dataset_batch_is_written_while_the_next_is_generated(tmp_path, monkey
     m = worker.run(0)
     assert seen == [True] * 4
     assert [r["file"] for r in m["images"]] == [f"id_{j:06d}/{i:04d}.png" for j in range(3) for i in range(2)]
+
+
+class _CountingPipe(_ManyPipe):
+    """`_ManyPipe` whose images are filled with their index, batches counted across rounds."""
+
+    batches = 0
+
+    def iter_many(self, identities, options, indices, seeds):
+        flat = [(j, i) for j, idx in enumerate(indices) for i in idx]
+        for b in range(0, len(flat), 2):
+            self.started.setdefault(self.batches, threading.Event()).set()
+            self.batches += 1
+            part = flat[b:b + 2]
+            images = np.stack([np.full((8, 8, 3), i, np.uint8) for _, i in part])
+            yield GenerationResult(images, [{"i": i} for _, i in part], {})
+
+
+def test_a_dataset_batch_is_scored_while_the_next_is_generated_and_rejects_come_back_next_round(tmp_path,
+                                                                                                monkeypatch):
+    """With face models, a batch is scored in the background thread while the next one is generated (each
+    score of round 1's first two batches waits for the next batch to start); the scores still decide the
+    next round: odd indices score -1 and are made again as the identity's next index."""
+    from arc2face_rt.dataset import worker as worker_mod
+    from arc2face_rt.dataset.spec import DatasetSpec
+    from arc2face_rt.dataset.worker import ShardWorker, WorkerConfig
+
+    pipe, seen, scored = _CountingPipe(), [], []
+
+    class Face:
+        def embed_image(self, image, label):
+            assert threading.current_thread() is not threading.main_thread()
+            b = len(scored) // 2
+            scored.append(label)
+            if b < 2:                                   # round 1 has batches 0..2: a next batch exists
+                seen.append(pipe.started.setdefault(b + 1, threading.Event()).wait(60))
+            j = int(label.split()[-1])
+            return np.eye(3, 512, dtype=np.float32)[j][None] * (-1.0 if image[0, 0, 0] % 2 else 1.0)
+
+    monkeypatch.setattr(worker_mod, "open_face_models", lambda config: Face())
+    spec = DatasetSpec(identities=3, per_identity=2, options=GenerationOptions(batch_size=2), shard_size=3,
+                       score=True, min_similarity=0.5, on_reject="regenerate")
+    (tmp_path / "o" / "shards").mkdir(parents=True)
+    worker = ShardWorker(WorkerConfig(out=tmp_path / "o", spec=spec, engines=tmp_path), np.eye(3, 512, dtype=np.float32),
+                         pipe=pipe)
+    m = worker.run(0)
+    assert seen == [True] * 4
+    assert [(r["identity"], r["index"], r["kept"]) for r in m["images"]] == [
+        (0, 0, True), (0, 1, False), (1, 0, True), (1, 1, False), (2, 0, True), (2, 1, False),   # round 1
+        (0, 2, True), (1, 2, True), (2, 2, True)]                                                 # round 2
+    assert m["counts"] == {"generated": 9, "kept": 6, "dropped": 3, "no_face": 0}
+    assert sorted(p.relative_to(tmp_path / "o").as_posix() for p in (tmp_path / "o").glob("id_*/*.png")) == [
+        f"id_{j:06d}/{i:04d}.png" for j in range(3) for i in (0, 2)]
