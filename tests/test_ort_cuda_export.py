@@ -55,14 +55,17 @@ def test_onnx_runtime_type_checks_the_fused_graphs(fused, stage):
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def test_fused_attention_computes_what_torch_computes(tiny_models, tmp_path):
+def test_fused_attention_computes_what_torch_computes(tiny_models, tmp_path, capsys):
     """The optimizer's attention fusion on our classic-attention export (heads, scale, layout), with the
-    fusions that have CPU kernels, against the torch step at fp32."""
+    fusions that have CPU kernels, against the torch step at fp32; the optimizer prints nothing (its
+    "fusion" progress bar included)."""
     module = _modules_for(tiny_models, STEP_CFG.name, "fp32")
     feeds = example_inputs(STEP_CFG, batch=2)
     with attention_for(module, STEP_CFG.name):
         export_graph(module, STEP_CFG, feeds, tmp_path / "step_cfg.onnx")
+    capsys.readouterr()
     rec = fuse_for_ort_cuda(tmp_path / "step_cfg.onnx", tmp_path / "fused.onnx", STEP_CFG.name, cpu_kernels_only=True)
+    assert capsys.readouterr() == ("", "")
     assert rec["fused"].get("Attention", 0) + rec["fused"].get("MultiHeadAttention", 0) > 0
     got = ort.InferenceSession(str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
     with torch.no_grad():

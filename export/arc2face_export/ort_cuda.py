@@ -335,8 +335,9 @@ def _rename_external_data(dst: Path) -> None:
 
 @contextlib.contextmanager
 def _quiet():
-    """The optimizer logs every fusion, and prints that onnx shape inference cannot type its contrib
-    ops (expected: the fused graph is typed by ONNX Runtime)."""
+    """The optimizer logs every fusion, prints that onnx shape inference cannot type its contrib ops
+    (expected: the fused graph is typed by ONNX Runtime), and shows a bare tqdm bar ("fusion", 18
+    steps) on stderr; the export says what it is doing itself. Its errors are raised, not printed."""
     import io
 
     names = ("onnxruntime.transformers", "fusion_base", "onnx_model", "float16", "fusion_utils")
@@ -345,7 +346,7 @@ def _quiet():
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             yield
     finally:
         for lg, lv in zip(loggers, levels):
