@@ -1,5 +1,5 @@
 """Writing one batch behind the generation: image files are encoded and written by one background thread
-while the next batch is generated (`dataset` scores them with the face models there too).
+while the next batch is generated.
 
 Encoding is not free: a 512x512 photograph takes Pillow 63 ms as a PNG at generate's zlib level (93 ms
 at its default, which datasets keep; 1.4 ms as a JPEG) on a 2-core AMD EPYC, half a CPU core or more
