@@ -93,27 +93,6 @@ def _setup_paths(work: Path) -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
 
-def _link_nvidia_libraries(site: Path) -> list[str]:
-    """onnxruntime.preload_dlls() looks for the nvidia-* wheels' CUDA/cuDNN libraries next to its own
-    package folder; installed into `site` it would not see the torch image's. Link them in (idempotent)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("nvidia")
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    dst = site / "nvidia"
-    dst.mkdir(parents=True, exist_ok=True)
-    linked = []
-    for loc in list(spec.submodule_search_locations):
-        if Path(loc).resolve() == dst.resolve():
-            continue
-        for child in Path(loc).iterdir():
-            if child.is_dir() and not (dst / child.name).exists():
-                (dst / child.name).symlink_to(child)
-                linked.append(str(child))
-    return linked
-
-
 def _write(opts: GpuCheckOptions, name: str, data: dict, written: list) -> Path:
     path = opts.out / name
     tmp = path.with_suffix(".tmp")
@@ -273,12 +252,20 @@ def phase_ort(opts: GpuCheckOptions, work: Path) -> dict:
 
 
 def phase_write(opts: GpuCheckOptions, work: Path) -> dict:
+    """One identity x 4 batches of the largest --batches per mode, once: each run writes three batches
+    while the next is generated and the last one in the open, as any run's end. The fused graphs as in
+    `row:ort` (off when this DIR's `ort` phase found they do not run)."""
     from .dataset_bench import bench_dataset
+    from .gpu_ort import env_set
     _need_export(opts)
     export = json.loads((opts.out / "export.json").read_text())
-    return bench_dataset(opts.size, identities=4, per_identity=max(opts.batches), steps=opts.steps,
-                         batch=max(opts.batches), repeats=1, say=_say, engines=Path(export["engines_dir"]),
-                         model_dir=Path(export["model_dir"]), device=opts.device)
+    fused_off = _fused_failed_before(opts)
+    with env_set("ARC2FACE_ORT_FUSED", "0" if fused_off else None):
+        res = bench_dataset(opts.size, identities=1, per_identity=4 * max(opts.batches), steps=opts.steps,
+                            batch=max(opts.batches), repeats=1, say=_say, engines=Path(export["engines_dir"]),
+                            model_dir=Path(export["model_dir"]), device=opts.device, guidance=opts.guidance)
+    res["fused_graphs"] = f"off: {fused_off}" if fused_off else "used where the folder has them"
+    return res
 
 
 def phase_quant(opts: GpuCheckOptions, work: Path) -> dict:
@@ -368,7 +355,7 @@ def gpu_check(opts: GpuCheckOptions) -> list[Path]:
     written: list[Path] = []
     phases = list(opts.phases)
     if opts.wheels is not None:
-        from .wheels import install
+        from .wheels import install, link_nvidia_libraries
         phases.insert(0, "install")
     _setup_paths(work)
     for phase in phases:
@@ -377,7 +364,7 @@ def gpu_check(opts: GpuCheckOptions) -> list[Path]:
         try:
             if phase == "install":
                 data = install(opts.wheels, work / "wheels", work / "site")
-                data["nvidia_libraries_linked"] = _link_nvidia_libraries(work / "site")
+                data["nvidia_libraries_linked"] = link_nvidia_libraries(work / "site")
                 prev = opts.out / "install.json"
                 if prev.is_file():
                     data["earlier"] = json.loads(prev.read_text())

@@ -14,11 +14,13 @@ reassembled and checked against its sha256, and complete wheels not yet installe
 `pip install --no-index --no-deps --target SITE`. Calls come in order (call1, call2, ...); a wheel is
 installed by the call that completes it. A call that misses a piece an EARLIER folder brought is on a
 fresh machine (the stash is gone), or came out of order: `install` reports those pieces as "lost", and
-gpu-check stops there.
+gpu-check stops there. `link_nvidia_libraries` then links the image's nvidia-* library folders into
+SITE, where onnxruntime-gpu looks for them.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -138,3 +140,22 @@ def install(source: Path, stash: Path, site: Path) -> dict:
         report["lost"] = sorted(p for missing in report["waiting"].values() for p in missing
                                 if where.get(p, here) < here)
     return report
+
+
+def link_nvidia_libraries(site: Path) -> list[str]:
+    """onnxruntime.preload_dlls() looks for the nvidia-* wheels' CUDA/cuDNN libraries next to its own
+    package folder; installed into `site` it would not see the torch image's. Link them in (idempotent)."""
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    dst = site / "nvidia"
+    dst.mkdir(parents=True, exist_ok=True)
+    linked = []
+    for loc in list(spec.submodule_search_locations):
+        if Path(loc).resolve() == dst.resolve():
+            continue
+        for child in Path(loc).iterdir():
+            if child.is_dir() and not (dst / child.name).exists():
+                (dst / child.name).symlink_to(child)
+                linked.append(str(child))
+    return linked

@@ -74,18 +74,18 @@ def test_gpu_check_phases_write_their_json_without_a_gpu(tmp_path):
 
 def test_nvidia_libraries_are_linked_next_to_an_onnxruntime_installed_apart(tmp_path, monkeypatch):
     """onnxruntime.preload_dlls() searches the folder onnxruntime is installed in for nvidia/cu13, nvidia/cudnn."""
-    from benchmarks.gpu_check import _link_nvidia_libraries
+    from benchmarks.wheels import link_nvidia_libraries
 
     image = tmp_path / "image-site"
     (image / "nvidia" / "cu13" / "lib").mkdir(parents=True)
     (image / "nvidia" / "cudnn" / "lib").mkdir(parents=True)
     monkeypatch.syspath_prepend(str(image))
     site = tmp_path / "site"
-    linked = _link_nvidia_libraries(site)
+    linked = link_nvidia_libraries(site)
     assert sorted(Path(p).name for p in linked) == ["cu13", "cudnn"]
     assert (site / "nvidia" / "cu13" / "lib").is_dir() and (site / "nvidia" / "cu13").is_symlink()
     monkeypatch.syspath_prepend(str(site))
-    assert _link_nvidia_libraries(site) == []                         # idempotent
+    assert link_nvidia_libraries(site) == []                         # idempotent
 
 
 def test_the_ort_phase_measures_every_variant_it_can_open(tiny_fp16_engines, tmp_path, monkeypatch):
@@ -278,11 +278,13 @@ def test_the_write_phase_prices_writing_against_the_pipeline_alone(tiny_model_di
     out.mkdir()
     (out / "export.json").write_text(json.dumps({"status": "ok", "engines_dir": str(engines),
                                                  "model_dir": str(model)}))
-    gpu_check(GpuCheckOptions(out=out, phases=("write",), size="tiny", device="cpu", steps=2, batches=(1, 2)))
+    gpu_check(GpuCheckOptions(out=out, phases=("write",), size="tiny", device="cpu", steps=2, batches=(1,),
+                              guidance=1.0))
     doc = json.loads((out / "write.json").read_text())
     assert doc["status"] == "ok", doc.get("traceback")
     assert list(doc["modes"]) == ["pipeline", "generate", "dataset-folders", "dataset-wds", "dataset-filter"]
-    assert (doc["images"], doc["batch"], doc["steps"]) == (8, 2, 2)         # 4 identities x the largest batch
+    assert (doc["images"], doc["batch"], doc["steps"], doc["guidance"]) == (4, 1, 2, 1.0)   # 4 batches
+    assert doc["fused_graphs"] == "used where the folder has them" and doc["run_params"]["backend"] == "ort"
     assert doc["backend"] == "ort (cpu, fp32)" and doc["engines"] == str(engines)
     assert doc["modes"]["pipeline"]["images_per_s_vs_pipeline"] == 1.0
     assert all(m["images_per_s"] > 0 for m in doc["modes"].values())
