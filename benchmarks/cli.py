@@ -198,9 +198,9 @@ def cmd_dataset(args) -> int:
 
     res = bench_dataset(args.size, args.identities, args.per_identity, args.steps, args.batch, args.repeats, say=_say)
     path = write_from_args(args, {**header(), **res}, f"dataset-{args.size}-{_stamp()}.json")
-    _say(f"wrote {path}; " + ", ".join(f"{m} {r['images_per_s']:.3f} images/s (wall {o['wall']:+.1f}%, CPU "
-                                       f"{o['cpu']:+.1f}%)" for m, r in res["modes"].items()
-                                       for o in [r["overhead_vs_generate_pct"]]))
+    _say(f"wrote {path}; " + ", ".join(f"{m} {r['images_per_s']:.3f} images/s ({r['images_per_s_vs_pipeline']:.2f}x "
+                                       f"pipeline; vs generate: wall {o['wall']:+.1f}%, CPU {o['cpu']:+.1f}%)"
+                                       for m, r in res["modes"].items() for o in [r["overhead_vs_generate_pct"]]))
     return 0
 
 
@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("gpu-check", help="the whole first GPU session, in phases (see benchmarks/gpu_check.py)")
     r.add_argument("--out", type=argtypes.path, required=True, help="results and a work folder (kept between calls)")
-    r.add_argument("--phase", default="all", help="comma-separated: probe,tests,export,ort,quant,row:diffusers,row:torch-"
+    r.add_argument("--phase", default="all", help="comma-separated: probe,tests,export,ort,write,quant,row:diffusers,row:torch-"
                    "compile,row:ort,row:trt,report; or all, rows; install: only the --wheels install (default all)")
     r.add_argument("--wheels", type=argtypes.path, default=None, help="a folder from `benchmarks wheels` to install from first")
     r.add_argument("--copy-to", type=argtypes.path, default=None, help="also copy this call's result files here")
@@ -359,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_result_flags(r, RESULTS, "control-<size>-<UTC>.json")
     r.set_defaults(func=cmd_control)
 
-    r = sub.add_parser("dataset", help="images/s of `arc2face-rt dataset` (folders, wds, filter) vs `generate`")
+    r = sub.add_parser("dataset", help="images/s of `arc2face-rt dataset` (folders, wds, filter) vs `generate` "
+                       "and the pipeline alone")
     r.add_argument("--size", choices=("tiny", "full"), default="tiny")
     r.add_argument("--identities", type=IDENTITIES, default=8)
     r.add_argument("--per-identity", type=argtypes.count(1, 10_000, "a number of images"), default=4)

@@ -253,18 +253,29 @@ def phase_ort(opts: GpuCheckOptions, work: Path) -> dict:
 
 def phase_write(opts: GpuCheckOptions, work: Path) -> dict:
     """One identity x 4 batches of the largest --batches per mode, once: each run writes three batches
-    while the next is generated and the last one in the open, as any run's end. The fused graphs as in
-    `row:ort` (off when this DIR's `ort` phase found they do not run)."""
+    while the next is generated and the last one in the open, as any run's end. The plain graphs
+    (ARC2FACE_ORT_FUSED=0) where this DIR's `ort` phase or `row:ort` went without the fused ones, or
+    once more when this phase fails in a fused graph; `fused_graphs` says which and why."""
     from .dataset_bench import bench_dataset
-    from .gpu_ort import env_set
+    from .gpu_ort import env_set, fused_note, fused_off_before
     _need_export(opts)
     export = json.loads((opts.out / "export.json").read_text())
-    fused_off = _fused_failed_before(opts)
-    with env_set("ARC2FACE_ORT_FUSED", "0" if fused_off else None):
-        res = bench_dataset(opts.size, identities=1, per_identity=4 * max(opts.batches), steps=opts.steps,
-                            batch=max(opts.batches), repeats=1, say=_say, engines=Path(export["engines_dir"]),
-                            model_dir=Path(export["model_dir"]), device=opts.device, guidance=opts.guidance)
-    res["fused_graphs"] = f"off: {fused_off}" if fused_off else "used where the folder has them"
+    fused_off = fused_off_before(opts.out, rows=True)
+
+    def measure():
+        with env_set("ARC2FACE_ORT_FUSED", "0" if fused_off else None):
+            return bench_dataset(opts.size, identities=1, per_identity=4 * max(opts.batches), steps=opts.steps,
+                                 batch=max(opts.batches), repeats=1, say=_say, engines=Path(export["engines_dir"]),
+                                 model_dir=Path(export["model_dir"]), device=opts.device, guidance=opts.guidance)
+    try:
+        res = measure()
+    except Exception as e:  # noqa: BLE001 - a fused graph that fails: measured once more, plainly
+        if fused_off or "ARC2FACE_ORT_FUSED=0" not in str(e):
+            raise
+        fused_off = f"the phase failed in a fused graph: {str(e)[:500]}"
+        _say(f"write: {fused_off}; measuring it again with the plain graphs")
+        res = measure()
+    res["fused_graphs"] = fused_note(fused_off)
     return res
 
 
@@ -281,11 +292,11 @@ def phase_row(opts: GpuCheckOptions, work: Path, backend: str) -> dict:
     `row:ort` runs with the plain graphs (ARC2FACE_ORT_FUSED=0) when this DIR's `ort` phase found that
     the fused `--ort-cuda` graphs do not run here, or when the row itself fails in a fused graph (it is
     then measured once more, plainly); `fused_graphs` in the result says which and why."""
-    from .gpu_ort import env_set
+    from .gpu_ort import env_set, fused_note, fused_off_before
     from .harness import run
     if backend == "ort":
         _need_export(opts)
-    fused_off = _fused_failed_before(opts) if backend == "ort" else None
+    fused_off = fused_off_before(opts.out) if backend == "ort" else None
     with env_set("ARC2FACE_ORT_FUSED", "0" if fused_off else None):
         res = run(_run_options(opts, work, (backend,)), say=_say)
     row = res["rows"][0]
@@ -296,22 +307,9 @@ def phase_row(opts: GpuCheckOptions, work: Path, backend: str) -> dict:
             res = run(_run_options(opts, work, (backend,)), say=_say)
         row = res["rows"][0]
     if backend == "ort":
-        res["fused_graphs"] = f"off: {fused_off}" if fused_off else "used where the folder has them"
+        res["fused_graphs"] = fused_note(fused_off)
     res["status"] = "ok" if row["status"] in ("ok", "skipped") else row["status"]
     return res
-
-
-def _fused_failed_before(opts: GpuCheckOptions) -> str | None:
-    """Why the fused graphs did not run in this DIR's `ort` phase (ort.json), or None."""
-    from .gpu_ort import fused_failed
-    f = opts.out / "ort.json"
-    if not f.is_file():
-        return None
-    doc = json.loads(f.read_text())
-    if doc.get("status") != "ok":
-        return None
-    why = fused_failed(doc)
-    return f"no fused step graph ran in the ort phase ({why[:500]})" if why else None
 
 
 def phase_report(opts: GpuCheckOptions, work: Path, written: list) -> dict:

@@ -22,6 +22,7 @@ ONNX Runtime refused at load is recorded as "cuda_graph_refused".
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import statistics
 import time
@@ -72,6 +73,23 @@ def fused_failed(ort_json: dict) -> str | None:
         return None
     errors = [f"{k}: {v.get('error') or v.get('skipped') or 'not measured'}" for k, v in fused.items()]
     return "; ".join(errors) or "no fused variant in the ort phase"
+
+
+def fused_off_before(out: Path, rows: bool = False) -> str | None:
+    """Why a gpu-check DIR's `ort` phase (ort.json) found no fused graph running, and with `rows`, why
+    its `row:ort` (row-ort.json) went without them; None when neither says so."""
+    f, row = out / "ort.json", out / "row-ort.json"
+    doc = json.loads(f.read_text()) if f.is_file() else {}
+    why = fused_failed(doc) if doc.get("status") == "ok" else None
+    if why:
+        return f"no fused step graph ran in the ort phase ({why[:500]})"
+    said = json.loads(row.read_text()).get("fused_graphs", "") if rows and row.is_file() else ""
+    return f"row:ort went without them ({said[5:][:500]})" if said.startswith("off: ") else None
+
+
+def fused_note(fused_off: str | None) -> str:
+    """`fused_graphs` of a result: which ONNX Runtime graphs ran, and why not the fused ones."""
+    return f"off: {fused_off}" if fused_off else "used where the folder has them"
 
 
 def measure_ort_loop(engines: Path, steps: int, guidance: float, batches=(1, 4), repeats: int = 3,

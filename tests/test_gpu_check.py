@@ -259,37 +259,6 @@ def test_ort_phases_without_an_export_fail_at_once(tmp_path, isolated_gpu_check)
     assert not (out / "work" / "cache").exists()                   # nothing was exported inside the row
 
 
-def test_the_write_phase_prices_writing_against_the_pipeline_alone(tiny_model_dir, tiny_engines, tmp_path,
-                                                                    isolated_gpu_check):
-    """gpu-check's `write` phase, on this machine's CPU: the DIR's export, the same images made in every
-    mode, each mode priced against generating them alone (nothing written)."""
-    from arc2face_ref.face_models import write_face_models
-    from test_bad_input import engines_copy
-
-    from benchmarks.gpu_check import GpuCheckOptions, gpu_check
-
-    engines = engines_copy(tiny_engines, tmp_path / "engines")
-    model = tmp_path / "model"                   # the checkpoint with its face models, as the export phase's
-    model.mkdir()
-    for child in tiny_model_dir.iterdir():
-        (model / child.name).symlink_to(child)
-    write_face_models(model, seed=0, size="tiny")
-    out = tmp_path / "gc"
-    out.mkdir()
-    (out / "export.json").write_text(json.dumps({"status": "ok", "engines_dir": str(engines),
-                                                 "model_dir": str(model)}))
-    gpu_check(GpuCheckOptions(out=out, phases=("write",), size="tiny", device="cpu", steps=2, batches=(1,),
-                              guidance=1.0))
-    doc = json.loads((out / "write.json").read_text())
-    assert doc["status"] == "ok", doc.get("traceback")
-    assert list(doc["modes"]) == ["pipeline", "generate", "dataset-folders", "dataset-wds", "dataset-filter"]
-    assert (doc["images"], doc["batch"], doc["steps"], doc["guidance"]) == (4, 1, 2, 1.0)   # 4 batches
-    assert doc["fused_graphs"] == "used where the folder has them" and doc["run_params"]["backend"] == "ort"
-    assert doc["backend"] == "ort (cpu, fp32)" and doc["engines"] == str(engines)
-    assert doc["modes"]["pipeline"]["images_per_s_vs_pipeline"] == 1.0
-    assert all(m["images_per_s"] > 0 for m in doc["modes"].values())
-
-
 def test_row_ort_uses_the_plain_graphs_when_the_fused_ones_failed(tmp_path, monkeypatch, isolated_gpu_check):
     import benchmarks.harness as harness
     from benchmarks.gpu_check import GpuCheckOptions, phase_row

@@ -124,6 +124,10 @@ def cmd_build_engines(args) -> int:
     if given and not quantized:
         raise InvalidInputError(f"{', '.join(given)}: quantisation options, for --precision int8 or fp8 only; "
                                 f"drop them for {args.precision}")
+    moot = [f for f in ("--calib-identities", "--calib-steps") if f in given]
+    if args.calib_data is not None and moot:
+        raise InvalidInputError(f"{', '.join(moot)}: settings of the pipeline's calibration run; --calib-data "
+                                "calibrates on its recorded inputs instead: drop them")
     for k, default in QUANT_DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, default)
