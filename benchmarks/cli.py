@@ -305,8 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("gpu-check", help="the whole first GPU session, in phases (see benchmarks/gpu_check.py)")
     r.add_argument("--out", type=argtypes.path, required=True, help="results and a work folder (kept between calls)")
-    r.add_argument("--phase", default="all", help="comma-separated: probe,tests,export,ort,write,quant,row:diffusers,row:torch-"
-                   "compile,row:ort,row:trt,report; or all, rows; install: only the --wheels install (default all)")
+    r.add_argument("--phase", default="all", help="comma-separated: probe,tests,export,ort,write,quant,"
+                   "row:diffusers,row:torch-compile,row:ort,row:trt,report; or all, rows; install: only the "
+                   "--wheels install (default all)")
     r.add_argument("--wheels", type=argtypes.path, default=None, help="a folder from `benchmarks wheels` to install from first")
     r.add_argument("--copy-to", type=argtypes.path, default=None, help="also copy this call's result files here")
     r.add_argument("--size", choices=("tiny", "full"), default="full")

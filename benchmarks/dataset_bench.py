@@ -15,7 +15,8 @@ engines, in one process with warm sessions, so the difference is the dataset's o
 Each mode runs `repeats` times, interleaved, after an untimed warm-up of up to 4 batches. Two clocks:
 wall time (images/s) and this process's CPU time (all threads). On a shared machine the wall time of
 one run swings with the other processes' load (recorded), while the CPU time the work itself needs
-barely moves, so the overhead is reported on both, from the fastest run of each mode. Per-image latency = wall seconds / images of the best run.
+barely moves, so the overhead is reported on both, from the fastest run of each mode. Per-image
+latency = wall seconds / images of the best run.
 
 By default it exports a random-weight checkpoint's fp32 graphs and runs them on the CPU; gpu-check's
 `write` phase passes its own export (`engines`, `model_dir`) and `device="cuda"`, where the question is

@@ -21,7 +21,8 @@ class GenerationOptions:
     guidance: float = DEFAULT_GUIDANCE    # --guidance: CFG scale; <= 1 runs the no-CFG step graph
     scheduler: str = DEFAULT_SCHEDULER    # --scheduler: dpmpp2m | ddim | euler | lcm
     seed: int = 0                         # --seed: image i uses numpy default_rng([seed, i])
-    batch_size: int = DEFAULT_BATCH       # --batch: images per graph call (same noise; another batch may move a pixel by one grey level)
+    # --batch: images per graph call (the same noise; another batch size may move a pixel by one grey level)
+    batch_size: int = DEFAULT_BATCH
 
     def check(self) -> None:
         for name in ("steps", "seed", "batch_size"):

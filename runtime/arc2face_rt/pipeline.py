@@ -2,9 +2,9 @@
 
 Backends only run graphs; all host arithmetic (scheduler tables, noise) is numpy and happens before
 the loop. With TensorRT a whole batch (projector, the loop as one CUDA graph, decoder) runs on one
-stream with one host sync, two on a signature's first batch (`backends.trt.TrtGenerator`); otherwise a step session that offers
-`denoise_loop` (ONNX Runtime on CUDA: device-resident loop) runs the loop itself, and on a CPU the
-loop below calls the step graph N times.
+stream with one host sync, two on a signature's first batch (`backends.trt.TrtGenerator`); otherwise
+a step session that offers `denoise_loop` (ONNX Runtime on CUDA: device-resident loop) runs the loop
+itself, and on a CPU the loop below calls the step graph N times.
 """
 from __future__ import annotations
 

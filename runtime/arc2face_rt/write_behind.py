@@ -21,7 +21,7 @@ whoever reports what was kept counts them.
 """
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 from .exits import holding_stops
@@ -48,9 +48,7 @@ class WriteBehind:
 
     def __exit__(self, kind, error, tb) -> None:
         with holding_stops():                   # a stop meanwhile is raised once the writes have ended
-            if self._pending is not None:
-                wait([self._pending])
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=True)      # waits for the write under way
         if kind is None:
             self.drain()                        # the last batch's error, if any
         self._pending = None                    # the block failed: its own error is kept

@@ -6,8 +6,8 @@ opened, and a missing install is a BackendUnavailableError naming that command.
 Precision (`--cpu-precision`, resolved once per pipeline by `resolve_precision`):
 - `fp32`: every graph with INFERENCE_PRECISION_HINT f32. OpenVINO's own CPU default is bf16 on CPUs
   that have it, so f32 is always asked for explicitly.
-- `bf16`: the step graphs (with the ControlNet ones) and the VAE decoder with the bf16 hint; the projector and the face models
-  stay f32 (they run once per identity or photo, under 1% of the time). Needs a CPU with AMX-BF16 or
+- `bf16`: the step graphs (with the ControlNet ones) and the VAE decoder with the bf16 hint; the
+  projector and the face models stay f32 (they run once per identity or photo, under 1% of the time). Needs a CPU with AMX-BF16 or
   AVX512-BF16 (OpenVINO's `BF16` capability); elsewhere bf16 is refused rather than emulated.
 - `int8`: the step graphs from the NNCF-quantised IR that `arc2face-export openvino-int8` writes
   (manifest key `openvino_int8`), their remaining float ops and the VAE decoder at the CPU's float
