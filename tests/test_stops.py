@@ -122,6 +122,29 @@ def test_a_ctrl_c_a_library_swallowed_still_stops_the_command(after, capsys):
     assert run_cli(lambda: 0, "tool") == 0                # the next command starts afresh
 
 
+@pytest.mark.parametrize("at", ["SIGINT", "SIGTERM"])
+def test_a_ctrl_c_while_run_cli_installs_its_handlers_stops_before_the_command(at, monkeypatch, capsys):
+    """A Ctrl-C that lands between run_cli's handlers going in (after SIGINT's, after SIGTERM's) stops
+    the command before it starts, in one line, and every handler is put back (for an API caller)."""
+    from arc2face_rt import exits
+
+    before = {sig: signal.getsignal(sig) for sig in exits.STOP_SIGNALS}
+    real = signal.signal
+
+    def install(sig, handler):
+        previous = real(sig, handler)
+        if sig is getattr(signal, at) and handler is exits._on_signal:
+            signal.raise_signal(signal.SIGINT)        # Python runs the handler at the next bytecode
+        return previous
+    monkeypatch.setattr(signal, "signal", install)
+    ran = []
+    assert exits.run_cli(lambda: ran.append(1) or 0, "tool") == 130
+    monkeypatch.undo()
+    assert ran == [] and capsys.readouterr().err == "tool: interrupted\n"
+    assert {sig: signal.getsignal(sig) for sig in exits.STOP_SIGNALS} == before
+    assert exits.run_cli(lambda: 0, "tool") == 0          # the next command starts afresh
+
+
 def test_a_ctrl_c_inside_an_import_lands_after_it(tmp_path, monkeypatch, capsys):
     """Ctrl-C while a module is being imported (torch's initialisation runs Python from C++, where an
     exception aborts the process) is raised once the import is over: the module finishes, the command

@@ -255,9 +255,14 @@ def run_cli(func: Callable[[], int], prog: str, verbose: bool = False) -> int:
     `check_interrupt`, or when `func` returns or fails), never a traceback or a run that goes on; so
     does one the console script's own handler saw before this one replaced it. With
     `verbose`, the traceback of a mapped failure is logged too (for bug reports)."""
-    old = install_signal_handlers()
+    global _held
+    _held += 1                          # a stop while the handlers go in is recorded, raised below
+    try:
+        old = install_signal_handlers()
+    finally:
+        _held -= 1
     if old:                             # a Ctrl-C the console script's handler saw (entry.interruptible)
-        _seen[:] = getattr(old.get(signal.SIGINT), "stops_seen", ())
+        _seen[:0] = getattr(old.get(signal.SIGINT), "stops_seen", ())
     try:
         check_interrupt()               # ... which a library swallowed: stop before starting
         code = func()
