@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 
 import pytest
@@ -267,9 +268,13 @@ def test_the_command_refuses_a_folder_where_a_plan_goes_before_quantising(tmp_pa
     monkeypatch.setattr(quantize, "ensure_quant_graphs", no_quantising)
     d = make_engines_dir(tmp_path / "e", "fp16")
     (d / "step_cfg.plan").mkdir()
+    names = ("arc2face_export.trt_build", "arc2face_export.quantize", "arc2face_export.calib")
+    levels = [logging.getLogger(n).level for n in names]
     rc = main(["build-engines", "--out", str(d), "--precision", "int8", "--no-face"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and f"{d / 'step_cfg.plan'}: is a folder" in err[0], err
+    # its progress loggers log INFO while it runs, and are put back after (an API caller's settings)
+    assert [logging.getLogger(n).level for n in names] == levels
 
 
 def test_a_folder_where_the_timing_cache_goes_is_refused_with_the_early_checks(tmp_path, monkeypatch, capsys):

@@ -3,6 +3,7 @@ stages, quantise for int8 / fp8, then build the TensorRT plans (`trt_build.build
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -99,14 +100,30 @@ def _check_stages(args, m: dict | None, faces: dict) -> None:
                                 f"leave them out of --stages (the folder will have: {', '.join(sorted(have))})")
 
 
-def cmd_build_engines(args) -> int:
-    # Progress, build time and plan size are the point of this command: show them (stderr) even when
-    # the CLI's logging is at WARNING.
+@contextlib.contextmanager
+def _progress_shown():
+    """Progress, build time and plan size are the point of build-engines: its loggers log INFO
+    (stderr) even when the CLI's logging is at WARNING, until the command ends."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
-    for name in (log.name, __package__ + ".quantize", __package__ + ".calib"):
-        if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
-            logging.getLogger(name).setLevel(logging.INFO)
+    loggers = [logging.getLogger(n) for n in (log.name, __package__ + ".quantize", __package__ + ".calib")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        if lg.getEffectiveLevel() > logging.INFO:
+            lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def cmd_build_engines(args) -> int:
+    with _progress_shown():
+        return _build_engines(args)
+
+
+def _build_engines(args) -> int:
     out = check_output_dir(args.out)
     options = BuildOptions(batch=args.batch, opt_batch=args.opt_batch, opt_level=args.opt_level,
                            compute_capability=args.compute_capability, timing_cache=not args.no_timing_cache,
