@@ -6,9 +6,10 @@ options, so that `--resume` never mixes images of two setups that look alike on 
                 TensorRT the precision the plans were built with (fp16 | fp32 | int8 | fp8,
                 `manifest.built_precision`); OpenVINO the resolved --cpu-precision (fp32 | bf16), and
                 for int8 also the float precision of the rest: "int8 (bf16 float)" | "int8 (fp32 float)"
-    engines     16 hex digits of sha256 over the sha256 of every file the run loads: TensorRT the plans;
-                ONNX Runtime the stages, plus the fused `ort_cuda` graphs when they run; OpenVINO the
-                stages, plus the `openvino_int8` step graphs at int8
+    engines     16 hex digits of sha256 over the sha256 of the folder's generation graphs (every
+                stage's files, also those a run does not open, `step` beside `step_cfg`, say): TensorRT
+                the plans; ONNX Runtime the stages, plus the fused `ort_cuda` graphs when they run;
+                OpenVINO the stages, plus the `openvino_int8` step graphs at int8
     device      ONNX Runtime on the GPU only: "cuda" (absent: the CPU)
     ort_graphs  ONNX Runtime on the GPU with the `onnx --ort-cuda` graphs: "fused" (absent: the plain ones)
     tf32        ONNX Runtime on the GPU with fp32 graphs and ARC2FACE_ORT_TF32=1: true (absent: no TF32)
