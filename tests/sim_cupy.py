@@ -3,7 +3,7 @@ functions of `sim_trt` from the device pointers the simulated execution context 
 
 Launches are allocation-free (pointers and sizes are passed by value, nothing is allocated per call),
 so they can be captured in a CUDA graph, and they run on the stream TensorRT would have been given
-(`cupy.cuda.ExternalStream`). The first launch of each kernel compiles and loads it: the step
+(`external_stream`). The first launch of each kernel compiles and loads it: the step
 session's warm-up enqueue, before any capture, does that. The step keeps eps in the context's
 activation memory, so a context pointed at freed or too small activation memory computes garbage or
 faults, as a real engine would.
@@ -11,6 +11,25 @@ faults, as a real engine would.
 from __future__ import annotations
 
 import numpy as np
+
+
+class _StreamHandle:
+    """A raw cudaStream_t offered through the CUDA stream protocol (`__cuda_stream__`: version 0, the
+    handle), which is how CuPy 14 takes a stream it does not own."""
+
+    def __init__(self, ptr: int):
+        self.ptr = int(ptr)
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.ptr)
+
+
+def external_stream(cp, ptr: int):
+    """CuPy's view of the stream TensorRT would have been given: `Stream.from_external` (CuPy 14, where
+    `ExternalStream` is deprecated and warns on every launch), else `ExternalStream` (CuPy 13). Neither
+    destroys the stream when the view goes."""
+    from_external = getattr(cp.cuda.Stream, "from_external", None)
+    return from_external(_StreamHandle(ptr)) if from_external else cp.cuda.ExternalStream(ptr)
 
 _SOURCE = r"""
 #define LAT (4 * 64 * 64)
@@ -69,7 +88,7 @@ class CupyKernels:
     def launch(self, stage: str, ptrs: dict[str, int], batch: int, scratch: tuple[int, int], stream: int) -> None:
         u, i32 = np.uint64, np.int32
         p = {k: u(v) for k, v in ptrs.items()}
-        with self.cp.cuda.ExternalStream(stream):
+        with external_stream(self.cp, stream):
             if stage in ("step", "step_cfg"):
                 n = batch * 4 * 64 * 64
                 grid, eps = ((n + 255) // 256,), u(scratch[0])

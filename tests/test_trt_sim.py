@@ -270,3 +270,17 @@ def test_nan_latents_are_refused_not_decoded_to_black(sim, monkeypatch):
     with Arc2FacePipeline(sim.engines, backend="trt") as pipe:
         with pytest.raises(MissingWeightsError, match="NaN/inf latents"):
             pipe.generate(random_identity(3), 2, GenerationOptions(steps=3, batch_size=2))
+
+
+def test_the_gpu_kernels_see_the_stream_through_the_api_of_the_cupy_installed():
+    """CuPy 14 takes a foreign stream through the CUDA stream protocol (`Stream.from_external`; its
+    `ExternalStream` warns on every launch); CuPy 13 has only `ExternalStream`. Stand-ins for both."""
+    from sim_cupy import external_stream
+
+    seen = []
+    v14 = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        Stream=types.SimpleNamespace(from_external=lambda obj: seen.append(obj.__cuda_stream__()) or "s14"),
+        ExternalStream=lambda ptr: pytest.fail("the deprecated ExternalStream was used")))
+    assert external_stream(v14, 0x7F00) == "s14" and seen == [(0, 0x7F00)]
+    v13 = types.SimpleNamespace(cuda=types.SimpleNamespace(Stream=object, ExternalStream=lambda ptr: ("s13", ptr)))
+    assert external_stream(v13, 0x7F00) == ("s13", 0x7F00)

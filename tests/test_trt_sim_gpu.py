@@ -18,7 +18,8 @@ from arc2face_rt.backends.trt import plan as trt_plan
 from arc2face_rt.backends.trt import SharedDeviceMemory, TrtSession, TrtStepSession
 from arc2face_rt.pipeline import Arc2FacePipeline, GenerationOptions, random_identity
 
-pytestmark = pytest.mark.gpu
+# CuPy 14 deprecated ExternalStream, which warned on every simulated launch: `sim_cupy.external_stream`
+pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("error:ExternalStream is deprecated:DeprecationWarning")]
 cupy = pytest.importorskip("cupy")
 if cuda.device_count() == 0:
     pytest.skip("needs an NVIDIA GPU that cuda-python can see", allow_module_level=True)
