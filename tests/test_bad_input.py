@@ -284,6 +284,31 @@ def test_embed_refuses_unusable_photos(case, tmp_path):
     assert "usable face" not in last, last            # the cause was the file, not the face
 
 
+def test_an_engines_folder_whose_name_is_not_utf8(tiny_engines, tmp_path):
+    """A folder name with bytes that are not UTF-8 (a Latin-1 name, say): its files are verified (the
+    verification stamps hashed the name as UTF-8: a traceback), ONNX Runtime, which cannot open such a
+    path, is refused in one line that says so (it blamed the graph), and OpenVINO, which can, generates."""
+    from arc2face_rt.backends.openvino import openvino_installed
+
+    t = tmp_path / "sandbox"
+    t.mkdir()
+    e = engines_copy(tiny_engines, t / os.fsdecode(b"eng\xff"))
+    args = ["generate", "--engines", str(e), "--random-id", "-n", "1", "--steps", "1", "--out", str(t / "o")]
+    assert_refused(RT, "arc2face-rt", args + ["--backend", "ort"], t, "opens only paths that are valid UTF-8")
+    if openvino_installed():
+        r = subprocess.run(RT + args + ["--backend", "openvino"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and len(list((t / "o").glob("*.png"))) == 1, r.stderr
+
+
+def test_info_writes_a_folder_name_that_is_not_utf8_as_its_bytes(tiny_engines, tmp_path):
+    """On a UTF-8 terminal (a strict stdout), `info` on such a folder ended in UnicodeEncodeError."""
+    e = engines_copy(tiny_engines, tmp_path / os.fsdecode(b"eng\xff"))
+    r = subprocess.run([sys.executable, "-c", "import sys; from arc2face_rt.entry import main; sys.exit(main())",
+                        "info", "--engines", str(e)], capture_output=True, timeout=300,
+                       env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert r.returncode == 0 and r.stdout.startswith(os.fsencode(str(e)) + b": spec revision"), r.stderr
+
+
 def test_a_file_size_limit_names_its_fix(tiny_engines, tmp_path):
     """EFBIG (`ulimit -f`): the line names the limit to raise, not only "file too large"; the --out folder
     the run made is gone, as nothing was written into it, and the line says to run the command again."""

@@ -122,6 +122,29 @@ def test_cli_bf16_on_a_cpu_without_it_is_a_one_line_error(engines, tmp_path, cap
     assert rc == 2 and err[-1].startswith("arc2face-rt: error: --cpu-precision bf16") and "auto" in err[-1]
 
 
+def test_out_of_memory_in_a_step_is_the_one_line_out_of_memory_error(engines, tmp_path, capsys, monkeypatch):
+    """OpenVINO reports a failed allocation as its generic RuntimeError ("Exception from
+    .../infer_request.cpp:224:" then "Failed to allocate N bytes"): it was a traceback and exit 1."""
+    class Failing:
+        def infer(self, feeds):
+            raise RuntimeError("Exception from src/inference/src/cpp/infer_request.cpp:224:\n"
+                               "Failed to allocate 134217728 bytes of memory\n")
+
+    real = ovb.OpenVinoSession.__init__
+
+    def init(self, *a, **k):
+        real(self, *a, **k)
+        if self.path.name == "step_cfg.onnx":
+            self._request = Failing()
+    monkeypatch.setattr(ovb.OpenVinoSession, "__init__", init)
+    out = tmp_path / "o"
+    rc = rt_main(["generate", "--engines", str(engines), "--random-id", "-n", "1", "--steps", "1",
+                  "--backend", "openvino", "--cpu-precision", "fp32", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("arc2face-rt: error: out of memory; lower --batch"), err
+    assert "running step_cfg.onnx: Failed to allocate 134217728 bytes" in err[-1] and not out.exists()
+
+
 def test_cli_cpu_precision_needs_openvino(engines, tmp_path, capsys):
     rc = rt_main(["generate", "--engines", str(engines), "--random-id", "--backend", "ort", "--cpu-precision",
                   "bf16", "--out", str(tmp_path / "o")])

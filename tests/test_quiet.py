@@ -49,3 +49,29 @@ def test_quiet_libraries_keeps_a_users_choice_and_other_warnings(monkeypatch, ca
                                     None, None))
         root.handle(root.makeRecord("root", logging.WARNING, "/x/app.py", 1, "kept", None, None))
     assert [r.getMessage() for r in caplog.records] == ["kept"]
+
+
+def test_onnx_runtime_logs_errors_only_with_verbose(tmp_path, capfd):
+    """ONNX Runtime logs a failed run in colour on stderr (an out-of-memory, say) and then raises it,
+    which the CLI prints as its one line: the log is only wanted with -v."""
+    import numpy as np
+    from onnx import TensorProto, helper, save
+
+    from arc2face_rt.backends.ort import OrtSession, log
+
+    g = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [helper.make_tensor("s", TensorProto.INT64, [1], [3])])
+    save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "r.onnx")
+    for level, logged in ((logging.WARNING, False), (logging.INFO, True)):
+        old = log.level
+        log.setLevel(level)
+        try:
+            sess = OrtSession(tmp_path / "r.onnx", device="cpu")
+        finally:
+            log.setLevel(old)
+        capfd.readouterr()
+        with pytest.raises(Exception, match="cannot be reshaped"):
+            sess.run({"x": np.zeros(5, np.float32)})        # 5 values into shape [3]
+        assert ("ExecuteKernel" in capfd.readouterr().err) is logged

@@ -36,6 +36,15 @@ def quiet_libraries() -> None:
         root.addFilter(_not_openvino_telemetry)
 
 
+def stdout_writes_file_names() -> None:
+    """For a console script: a file name that is not valid UTF-8 (its undecodable bytes held as
+    surrogates, as Python reads such names) is written to stdout as its own bytes, as `ls` does, where
+    a strict stream (a UTF-8 locale) would raise UnicodeEncodeError in the middle of a report."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None and sys.stdout.errors == "strict":
+        reconfigure(errors="surrogateescape")
+
+
 def interruptible(prog: str, load_main):
     """Import the CLI (`load_main()` returns its main) and run it; Ctrl-C before the command's own
     handler is in place (the import, building the parser) gives `PROG: interrupted` and exit 130. So
@@ -49,6 +58,7 @@ def interruptible(prog: str, load_main):
     on_sigint.stops_seen = seen
 
     quiet_libraries()
+    stdout_writes_file_names()
     previous = None
     try:
         try:                              # a Ctrl-C the process was started ignoring stays ignored

@@ -43,3 +43,19 @@ class ModelFormatError(Arc2FaceError):
 
 class BuildFailedError(Arc2FaceError):
     """TensorRT refused to build a plan with the options given (batch profile, workspace, target)."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of a library's error (at most 300 characters), or its type's name."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def raise_if_out_of_memory(e: BaseException, doing: str) -> None:
+    """ONNX Runtime and OpenVINO report a failed allocation as a generic runtime error ("Failed to
+    allocate memory", "Failed to allocate 134217728 bytes", bad_alloc): make it the MemoryError it is,
+    so the user is told to lower --batch or free memory."""
+    text = str(e).lower()
+    if isinstance(e, MemoryError) or "failed to allocate" in text or "bad_alloc" in text \
+            or "out of memory" in text:
+        said = next((line.strip()[:300] for line in str(e).splitlines() if "allocate" in line.lower()), None)
+        raise MemoryError(f"{doing}: {said or first_line(e)}") from e

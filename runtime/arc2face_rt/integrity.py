@@ -65,7 +65,7 @@ class StampStore:
 
     def __init__(self, engines_dir: Path):
         self.folder = str(Path(engines_dir).resolve())
-        self.path = stamp_dir() / (hashlib.sha256(self.folder.encode()).hexdigest()[:24] + ".json")
+        self.path = stamp_dir() / (hashlib.sha256(os.fsencode(self.folder)).hexdigest()[:24] + ".json")
         self.stamps: dict[str, list] = {}
         self.dirty = False
         try:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..argtypes import env_count
-from ..errors import BackendUnavailableError, EngineMismatchError, InvalidInputError
+from ..errors import BackendUnavailableError, EngineMismatchError, InvalidInputError, raise_if_out_of_memory
 from ..manifest import ov_int8_advice
 from ..specs import CONTROL_STAGES, STEP_STAGES
 
@@ -243,12 +243,17 @@ class OpenVinoSession:
         try:
             self._compiled = c.compile_model(model, "CPU", config)
         except Exception as e:
+            raise_if_out_of_memory(e, f"compiling {path.name}")
             raise EngineMismatchError(f"{path}: OpenVINO cannot compile it for the CPU ({e}); "
                                       "re-export the engines folder, or use --backend ort") from e
         self._request = self._compiled.create_infer_request()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        res = self._request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+        try:
+            res = self._request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+        except RuntimeError as e:       # OpenVINO's own errors subclass it
+            raise_if_out_of_memory(e, f"running {self.path.name}")
+            raise
         return {n: res[n] for n in self.output_names}
 
     def runtime_precisions(self) -> dict[str, str]:

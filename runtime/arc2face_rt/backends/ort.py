@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ..argtypes import env_count
-from ..errors import BackendUnavailableError, EngineMismatchError
+from ..errors import (BackendUnavailableError, EngineMismatchError, InvalidInputError, raise_if_out_of_memory)
+from ..errors import first_line as _first_line
 
 log = logging.getLogger("arc2face_rt.backends.ort")
 
@@ -63,17 +64,12 @@ def _preload_cuda_libraries(ort) -> None:
             log.info("onnxruntime.preload_dlls() failed: %s", e)
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-
-
-def raise_if_out_of_memory(e: BaseException, doing: str) -> None:
-    """ONNX Runtime reports a failed allocation as its generic Fail/RuntimeException: make it the
-    MemoryError it is, so the user is told to lower --batch or free memory."""
-    text = str(e).lower()
-    if isinstance(e, MemoryError) or "failed to allocate memory" in text or "bad_alloc" in text \
-            or "out of memory" in text:
-        raise MemoryError(f"{doing}: {_first_line(e)}") from e
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:          # a file name's undecodable bytes, held as surrogates
+        return False
+    return True
 
 
 class OrtSession:
@@ -90,8 +86,13 @@ class OrtSession:
         path = Path(path)
         if not path.is_file():
             raise EngineMismatchError(f"{path}: ONNX file missing; run `arc2face-export onnx` to write it")
+        if not _utf8(str(path)):
+            raise InvalidInputError(f"{path}: ONNX Runtime opens only paths that are valid UTF-8; rename the "
+                                    "folder (or use --backend openvino, which has no such limit)")
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        # ONNX Runtime's own log prints an error again, in colour, above the one-line message its exception
+        # becomes (an out-of-memory, say): errors are only logged with -v
+        opts.log_severity_level = 3 if log.isEnabledFor(logging.INFO) else 4
         threads = threads or env_count("ARC2FACE_ORT_THREADS", lo=0)
         if threads:
             opts.intra_op_num_threads = threads
