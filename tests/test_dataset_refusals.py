@@ -178,3 +178,32 @@ def test_an_unreachable_ray_address_is_refused_before_out_is_made(tiny_engines, 
     assert rt_main(dataset_args(tiny_engines, tmp_path / "o", "--ray", f"127.0.0.1:{port}")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no Ray head answers there" in err[0] and not (tmp_path / "o").exists()
+
+
+def test_resume_refuses_other_face_models(tiny_engines, scored_run, tmp_path, capsys):
+    """The similarities, and with --min-similarity the images kept, depend on the face models: a --resume
+    with others was accepted, and scored the rest of the dataset with them. dataset.json records their
+    files' sha256; the same models in another folder resume, and a dataset recorded before that resumes
+    as it did."""
+    import shutil
+
+    from arc2face_ref.face_models import write_face_models
+    from face_fixtures import tiny_models_dir
+
+    out, other = tmp_path / "out", tmp_path / "other-models"
+    shutil.copytree(scored_run, out)
+    meta = json.loads((out / "dataset.json").read_text())
+    assert set(meta["face_models"]) == {"detector", "recognizer"}
+    (out / "shards" / "shard-000001.json").unlink()                 # work left for the resume
+    write_face_models(other, seed=1, size="tiny")
+    before = tree(out, skip_run=False)
+    assert rt_main(dataset_args(tiny_engines, out, "--models", str(other), "--resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "made with other settings (face_models.detector: " in err[0], err
+    assert tree(out, skip_run=False) == before
+    del meta["face_models"]                                         # as an older arc2face-rt wrote it
+    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    before = tree(out, skip_run=False)
+    assert rt_main(dataset_args(tiny_engines, out, "--models", str(tiny_models_dir()), "--resume")) == 0
+    images = lambda d: {k: v for k, v in tree(d).items() if k != "dataset.json"}     # noqa: E731
+    assert images(out) == images(scored_run) and "face_models" not in json.loads((out / "dataset.json").read_text())
