@@ -121,6 +121,37 @@ def _config_object(config_path: Path) -> dict:
     return config
 
 
+# What the exported graphs fix (latents [B, 4, 64, 64], the ID encoder's output [B, 77, 768]) per part:
+# (key, the default diffusers/transformers use where a config leaves it out, Arc2Face's value)
+_FIXED = {
+    "arc2face": (("in_channels", 4, 4), ("out_channels", 4, 4), ("cross_attention_dim", 1280, 768)),
+    "vae": (("latent_channels", 4, 4),),
+    "encoder": (("hidden_size", 512, 768),),
+    "controlnet": (("in_channels", 4, 4), ("conditioning_channels", 3, 3), ("cross_attention_dim", 1280, 768)),
+}
+# numbers a config may hold that must be positive and finite: (part, key, default)
+_POSITIVE = (("vae", "scaling_factor", 0.18215), ("encoder", "layer_norm_eps", 1e-5))
+
+
+def check_parts(model_dir: Path, configs: dict[str, dict]) -> None:
+    """Refuse parts each valid on its own that are not one Arc2Face model (a UNet for 8-channel
+    latents, a text encoder of another width, a VAE scale of null or 0): they failed deep inside
+    torch, or exported silently wrong. `configs`: folder name -> its config.json object."""
+    for part, keys in _FIXED.items():
+        for key, default, want in keys if part in configs else ():
+            got = configs[part].get(key, default)
+            if got != want or isinstance(got, bool):
+                raise MissingWeightsError(
+                    f"{model_dir / part / 'config.json'}: {key} is {got!r}, where Arc2Face (Stable Diffusion 1.5) "
+                    f"has {want}, which the exported graphs fix (latents [B, 4, 64, 64], the ID encoder's output "
+                    f"[B, 77, 768]): these are not the parts of one Arc2Face model; {_FIX}")
+    for part, key, default in _POSITIVE:
+        got = configs[part].get(key, default) if part in configs else default
+        if isinstance(got, bool) or not isinstance(got, (int, float)) or not 0 < got < float("inf"):
+            raise MissingWeightsError(f"{model_dir / part / 'config.json'}: {key} is {got!r}, not a positive number "
+                                      f"(Stable Diffusion 1.5 has {default}); download it again")
+
+
 def _from_config(cls, folder: Path):
     """`cls` built from folder/config.json, with its initial (random) weights."""
     config_path = folder / "config.json"
@@ -235,9 +266,7 @@ def load_models(model_dir: str | Path, dtype=torch.float32) -> Arc2FaceModels:
     found = model_files(model_dir)
     files = {p.parent.name: p for p in found if p.name != "config.json"}
     scheduler_config = read_scheduler_config(model_dir / "scheduler" / "scheduler_config.json")
-    for p in found:
-        if p.name == "config.json":
-            _config_object(p)
+    check_parts(model_dir, {p.parent.name: _config_object(p) for p in found if p.name == "config.json"})
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
     return Arc2FaceModels(
