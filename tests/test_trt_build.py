@@ -237,7 +237,14 @@ def test_quantized_from_recorded_calibration_data(tmp_path):
     (lambda p: np.savez(p, x=np.zeros((2, 1, 4, 64, 64), np.float32)), "is missing"),
     (lambda p: np.savez(p, **{k: (v[..., :8, :] if k == "x" else v) for k, v in _calib_arrays().items()}),
      "'x' is float32[1, 4, 8, 64]"),
-], ids=["npy", "garbage", "scalar", "missing-input", "wrong-shape"])
+    (lambda p: p.write_bytes(b"not an archive " * 20), "(not an .npz archive)"),   # numpy: "allow_pickle=..."
+    (lambda p: np.savez(p, **{**_calib_arrays(), "x": np.full_like(_calib_arrays()["x"], np.nan)}), "holds NaN"),
+    (lambda p: np.savez(p, **{**_calib_arrays(), "x": np.full_like(_calib_arrays()["x"], 1e30)}),
+     "beyond fp16's range"),
+    (lambda p: np.savez(p, **{k: v[:, :0] if v.ndim > 2 else v for k, v in _calib_arrays().items()}), "with B >= 1"),
+    (lambda p: np.savez(p, **{**_calib_arrays(), "cond": np.concatenate([_calib_arrays()["cond"]] * 2, axis=1)}),
+     "'cond' is float32[2, 77, 768]; the step graph takes float ['B', 77, 768] with B = 1"),
+], ids=["npy", "garbage", "scalar", "missing-input", "wrong-shape", "text", "nan", "1e30", "batch-0", "mixed-batch"])
 def test_unusable_calibration_data_is_refused_before_any_work(tmp_path, bad, words):
     d = make_engines_dir(tmp_path / "e", "fp16", stages=("step",))
     before = sorted(p.name for p in d.iterdir())

@@ -93,7 +93,9 @@ def feeds_from_npz(path: str | Path) -> list[dict[str, np.ndarray]]:
             raise ValueError("a single array, not an .npz archive of named arrays")
         arrays = {k: data[k] for k in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise InvalidInputError(f"{path}: cannot read calibration data ({e}); pass an .npz written by the pipeline") from e
+        why = "not an .npz archive" if "pickle" in str(e) else e     # numpy's advice to unpickle it: never
+        raise InvalidInputError(f"{path}: cannot read calibration data ({why}); pass an .npz written by the "
+                                "pipeline") from e
     if not arrays or any(a.ndim == 0 for a in arrays.values()):
         raise InvalidInputError(f"{path}: holds no per-sample arrays (leading axis = sample); pass an .npz written "
                                 "by the pipeline")
@@ -103,16 +105,28 @@ def feeds_from_npz(path: str | Path) -> list[dict[str, np.ndarray]]:
     return [{k: a[i] for k, a in arrays.items()} for i in range(n.pop())]
 
 
+FP16_MAX = 65504.0        # the step graphs quantised are fp16: larger inputs are inf inside them
+
+
 def check_feeds(feeds: list[dict], stage: str, source) -> None:
-    """Every input of step stage `stage`, as a float array of its spec's shape, in every sample."""
-    for t in STAGES[stage].inputs:
-        for i, feed in enumerate(feeds):
+    """Every input of step stage `stage`, in every sample: a float array of its spec's shape, one batch
+    (at least 1) for all the batched inputs of a sample, finite values in fp16's range (NaN or 1e30 gave
+    NaN scales, a quantised graph recorded as current that TensorRT then refused)."""
+    fix = "pass an .npz written by the pipeline"
+    for i, feed in enumerate(feeds):
+        batch = None
+        for t in STAGES[stage].inputs:
             a = feed.get(t.name)
-            batch = a.shape[0] if a is not None and a.ndim and "B" in t.shape else 0
-            if a is None or a.dtype.kind != "f" or a.shape != t.concrete(batch):
+            if batch is None and a is not None and a.ndim and "B" in t.shape:
+                batch = a.shape[0]
+            if a is None or a.dtype.kind != "f" or a.shape != t.concrete(batch or 0) or batch == 0:
                 got = "missing" if a is None else f"{a.dtype}{list(a.shape)}"
                 raise InvalidInputError(f"{source}: sample {i} input '{t.name}' is {got}; the {stage} graph takes float "
-                                        f"{list(t.shape)}: pass an .npz written by the pipeline")
+                                        f"{list(t.shape)}" + (f" with B = {batch}, as the sample's other inputs"
+                                                              if batch else " with B >= 1") + f": {fix}")
+            if not np.isfinite(a).all() or float(np.abs(a).max(initial=0)) > FP16_MAX:
+                raise InvalidInputError(f"{source}: sample {i} input '{t.name}' holds NaN, infinite or values beyond "
+                                        f"fp16's range ({FP16_MAX:g}), which no step makes: {fix}")
 
 
 def load_calibration(path: str | Path, stages: Iterable[str]) -> list[dict]:
