@@ -10,8 +10,9 @@ committed by writing `shard-k.tar` and then `shard-k.stats.json` (its counts and
 atomically; a later run skips every shard whose stats file exists, so an interrupted run continues
 where it stopped and a finished one is a no-op, except that a shard is redone when a photo it skipped
 has changed since (its size or modification time: fixed or replaced), so a fixed photo is used (a removed
-photo changes the input list, which is refused). `prepare.json` pins the input list and the shard size:
-a run with other photos into the same folder is refused once a shard holds a sample (extra entries that
+photo changes the input list, which is refused). `prepare.json` pins the input list, the shard size and
+the settings that decide a sample (the face models' sha256, --min-score, --min-size, the image limits):
+a run with other photos or settings into the same folder is refused once a shard holds a sample (extra entries that
 are no photo files, which an older version's walk left out, do not count: the pinned list is kept).
 `skipped.txt` lists every skipped photo with its reason (photos with no usable face, unreadable files);
 they are skipped, never fatal. A file name that is not valid UTF-8 is written there as its own bytes.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -58,6 +59,10 @@ class PrepareReport:
     skipped: list[tuple[str, str]]   # (photo, reason), all shards
 
 
+def _new_plan(files: list[Path], shard_size: int) -> dict:
+    return {"version": 1, "shard_size": shard_size, "size": TRAIN_SIZE, "files": [str(p) for p in files]}
+
+
 def _plan(out: Path, files: list[Path], shard_size: int, say: Callable[[str], None]) -> tuple[dict | None, list[Path]]:
     """(the plan (prepare.json) to write on a first run, or None on a later run; the photos to use).
 
@@ -66,7 +71,7 @@ def _plan(out: Path, files: list[Path], shard_size: int, say: Callable[[str], No
     the pinned list when the walk now finds only extra entries that are no photo files (a symbolic link to
     a folder, a dangling link, a pipe; an older version's walk left them out): they would only be
     skipped, so the shards stay the same."""
-    plan = {"version": 1, "shard_size": shard_size, "size": TRAIN_SIZE, "files": [str(p) for p in files]}
+    plan = _new_plan(files, shard_size)
     path = out / PLAN_FILE
     if not path.exists():
         # anything but our own abandoned temporary files: a data folder holds only what prepare writes
@@ -99,6 +104,28 @@ def _plan(out: Path, files: list[Path], shard_size: int, say: Callable[[str], No
     which = (f"{gone[0]!r} is gone" if gone else f"{new[0]!r} is new") if gone or new else "their order differs"
     raise InvalidInputError(f"{out}: was prepared from another list of photos ({len(then)} then, {len(now)} now: "
                             f"{which}); pass the same --images with the same photos to continue, or use a new --out")
+
+
+def _settings(analyzer: FaceAnalyzer) -> dict:
+    """What decides a sample besides its photo: the face models (their files' sha256), the detector's
+    --min-score, --min-size and the image limits. prepare.json records them."""
+    det = analyzer.detector
+    return {"face_models": analyzer.model_ids(), "min_score": det.score_threshold if det else None,
+            "min_size": analyzer.min_size, "limits": asdict(analyzer.limits)}
+
+
+def _same_settings(out: Path, settings: dict, no_sample: bool) -> bool:
+    """Whether a later run has the settings of the first (a plan from before they were recorded: any
+    settings). Other settings are refused once a shard holds a sample (its samples would mix two)."""
+    then = json.loads((out / PLAN_FILE).read_text()).get("settings")
+    if not isinstance(then, dict) or then == settings:
+        return True
+    if no_sample:
+        return False
+    diffs = [f"{k}: {then.get(k)!r} then, {settings[k]!r} now" for k in settings if then.get(k) != settings[k]]
+    raise InvalidInputError(f"{out}: was prepared with other settings ({'; '.join(diffs) or repr(then)}); its samples "
+                            "would mix two of them: pass the same --models (or --detector, --recognizer), "
+                            "--min-score, --min-size and image limits to continue, or use a new --out")
 
 
 def _ours(name: str) -> bool:
@@ -157,7 +184,17 @@ def prepare(images: Sequence[str | Path], out: str | Path, analyzer_factory: Cal
     todo = [k for k in range(n_shards) if plan is not None or not _done(out, k)]   # a new plan: every shard
     if len(todo) < n_shards:
         say(f"{n_shards - len(todo)} of {n_shards} shard(s) already done; continuing with the rest")
-    analyzer = analyzer_factory() if todo else None      # face models refused before --out is touched
+    no_sample = not any(out.glob("shard-*.tar"))
+    # face models refused before --out is touched; opened when a shard is left to do, or to compare the
+    # settings of a folder that holds no sample yet (other settings may find faces the first did not)
+    analyzer = analyzer_factory() if todo or (plan is None and no_sample and n_shards) else None
+    if analyzer is not None:
+        settings = _settings(analyzer)
+        if plan is None and not _same_settings(out, settings, no_sample):
+            say(f"{out}: holds no sample yet: starting again with these settings")
+            plan, todo = _new_plan(files, shard_size), list(range(n_shards))
+        if plan is not None:
+            plan["settings"] = settings
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     if plan is not None:

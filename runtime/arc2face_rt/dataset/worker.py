@@ -23,7 +23,6 @@ import numpy as np
 from ..atomic import atomic_write
 from ..errors import EngineMismatchError, NoFaceError, OutputExistsError
 from ..images import image_bytes
-from ..manifest import sha256_file
 from ..provenance import as_current
 from ..write_behind import WriteBehind
 from .identities import identity_seed
@@ -80,17 +79,9 @@ def open_face_models(config: WorkerConfig):
 
 
 def face_models_id(face) -> dict | None:
-    """What dataset.json records of the face models that score its images (a `--resume` with others
-    would score the rest differently): 16 hex digits of the sha256 of the file each one was opened
-    from, its ONNX file or TensorRT plan. None without face models."""
-    if face is None:
-        return None
-    ids = {}
-    for role, model in (("detector", face.detector), ("recognizer", face.recognizer)):
-        path = Path(getattr(model, "name", ""))
-        if model is not None and path.is_file():
-            ids[role] = sha256_file(path)[:16]
-    return ids or None
+    """What dataset.json records of the face models that score its images (`FaceAnalyzer.model_ids`;
+    a `--resume` with others would score the rest differently). None without face models."""
+    return (face.model_ids() or None) if face is not None else None
 
 
 class ShardWorker:

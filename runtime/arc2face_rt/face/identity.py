@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import checks
 from ..errors import ImageDecodeError, InvalidInputError, NoFaceError
+from ..manifest import sha256_file
 from ..specs import ID_DIM
 from .align import CROP_SIZE, align_face
 from .detector import Face, ScrfdDetector, check_detectable, choose_face
@@ -137,6 +138,17 @@ class FaceAnalyzer:
         check_face_choice(face, min_size)
         self.detector, self.recognizer = detector, recognizer
         self.face, self.min_size, self.limits = face, min_size, limits
+
+    def model_ids(self) -> dict[str, str]:
+        """{"detector", "recognizer": 16 hex digits of the sha256 of the file each was opened from (its
+        ONNX file or TensorRT plan)}: what a resumable run records, so that it never continues with
+        other models (their scores and the faces they find differ)."""
+        ids = {}
+        for role, model in (("detector", self.detector), ("recognizer", self.recognizer)):
+            path = Path(getattr(model, "name", "") or "")
+            if model is not None and path.is_file():
+                ids[role] = sha256_file(path)[:16]
+        return ids
 
     def embed_image(self, image: np.ndarray, name: str = "image") -> tuple[np.ndarray, Face, int]:
         """image [H, W, 3] uint8 RGB → (unit embedding [512], chosen face, eligible face count)."""
