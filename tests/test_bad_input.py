@@ -206,6 +206,11 @@ CASES = [
      ["info", "--engines", "{e}"], "validation record"),
     ("manifest-is-fifo", lambda t, e: ((e / "manifest.json").unlink(), os.mkfifo(e / "manifest.json")),
      GEN + ["--random-id"], "not a regular file"),
+    # a folder name over NAME_MAX under a new folder: refused before the models load, no folder left
+    ("out-name-too-long", lambda t, e: None, ["generate", "--engines", "{e}", "--steps", "1", "--random-id", "--out",
+                                              "{t}/new/" + "y" * 300 + "/y"], "is longer than this file system takes"),
+    ("embed-out-name-too-long", lambda t, e: None, ["embed", "--image", "{t}", "--out", "{t}/new/" + "y" * 300
+                                                    + "/id.npy"], "is longer than this file system takes"),
     ("embed-out-under-file", lambda t, e: (t / "f").write_text("x"),
      ["embed", "--image", "{t}", "--out", "{t}/f/id.npy"], "cannot be written"),
     ("embed-max-pixels-inf", lambda t, e: None, ["embed", "--image", "{t}", "--out", "{t}/id.npy", "--max-pixels",

@@ -237,3 +237,24 @@ def test_huge_n_costs_nothing_up_front(tiny_engines, tmp_path):
     from arc2face_rt.images import read_params
     assert read_params(out / "arc2face_3_0000.png")["index"] == 0
 
+
+
+def test_an_output_name_the_file_system_takes_has_a_temporary_name_too(tmp_path):
+    """The temporary file's name holds the output's and about 64 bytes more: a legal 250-byte name used to
+    fail as "file name too long", naming the temporary file, after the work was done."""
+    from arc2face_rt.atomic import atomic_write, is_temp_name
+
+    name = "é" * 100 + "n" * 46 + ".npy"                   # 250 bytes in UTF-8, cut mid-character in the temp
+    assert len(name.encode()) == 250 and is_temp_name(temp_prefix(name) + "x1.tmp")
+    atomic_write(tmp_path / name, b"data")
+    assert [p.name for p in tmp_path.iterdir()] == [name] and (tmp_path / name).read_bytes() == b"data"
+
+
+def test_new_folders_are_undone_when_making_them_fails(tmp_path):
+    """A parent made before mkdir failed deeper down (a name over NAME_MAX) was left behind."""
+    from arc2face_rt.atomic import undo_new_folders
+
+    with pytest.raises(OSError):
+        with undo_new_folders(tmp_path / "a" / "b" / ("y" * 300)):
+            pass
+    assert list(tmp_path.iterdir()) == []

@@ -39,8 +39,15 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:32]
 
 
+_TEMP_NAME_BYTES = 120      # of an output's name in its temporary file's: the rest of the name takes up to 64
+
+
 def temp_prefix(name: str) -> str:
-    """The prefix of this process's temporary files for output `name` (mkstemp adds RANDOM.tmp)."""
+    """The prefix of this process's temporary files for output `name` (mkstemp adds RANDOM.tmp); a long
+    name is cut, so that every name the file system takes (255 bytes) has a temporary one too."""
+    raw = os.fsencode(name)
+    if len(raw) > _TEMP_NAME_BYTES:
+        name = os.fsdecode(raw[:_TEMP_NAME_BYTES])
     return f".{name}.{_TAG}-{_host()}-{os.getpid()}-"
 
 
@@ -166,15 +173,17 @@ def undo_new_folders(path: str | Path):
         if os.path.lexists(p):
             break
         made.append(p)
-    path.mkdir(parents=True, exist_ok=True)
     try:
+        path.mkdir(parents=True, exist_ok=True)     # inside: a parent made before a failure is undone too
         yield path
     except BaseException:
         for p in made:                      # deepest first
             try:
                 p.rmdir()
             except OSError:
-                break
+                if os.path.lexists(p):      # not empty (or not ours to remove): nor are those above
+                    break
+                # else never made: the failure was making it (gone, or a name too long to exist)
         raise
 
 

@@ -38,16 +38,11 @@ def check_output_dir(out: str | Path, flag: str = "--out", fix: str = "choose an
     folder is made and removed in its nearest existing ancestor). Errors name `out` as option `flag`
     and end with `fix`."""
     out = Path(out)
-    probe = out
-    while not probe.exists():
-        if probe.is_symlink():
-            raise InvalidInputError(f"{flag} {out}: {probe} is a broken symbolic link; fix or remove it")
-        if probe.parent == probe:
-            break
-        probe = probe.parent
+    probe = _nearest_existing(out, flag)
     if not probe.is_dir():
         where = "is" if probe == out else f"cannot be made: {probe} is"
         raise InvalidInputError(f"{flag} {out}: {where} a file, not a folder; {fix}")
+    _check_name_lengths(out, probe, flag, fix)
     what = "is not writable" if probe == out else f"cannot be made: {probe} is not writable"
     if not os.access(probe, os.W_OK | os.X_OK):
         raise InvalidInputError(f"{flag} {out}: {what}; {fix} or fix its permissions")
@@ -63,12 +58,41 @@ def check_output_dir(out: str | Path, flag: str = "--out", fix: str = "choose an
     return out
 
 
+def _nearest_existing(out: Path, flag: str) -> Path:
+    """`out`, or its nearest ancestor that exists."""
+    probe = out
+    while not probe.exists():
+        if probe.is_symlink():
+            raise InvalidInputError(f"{flag} {out}: {probe} is a broken symbolic link; fix or remove it")
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    return probe
+
+
+def _check_name_lengths(out: Path, probe: Path, flag: str, fix: str) -> None:
+    """The folders still to make under `probe` have names the file system takes, and `out` a length
+    (found when they were made, after the models had loaded, and with the parents already made)."""
+    try:
+        name_max, path_max = os.pathconf(probe, "PC_NAME_MAX"), os.pathconf(probe, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    if len(os.fsencode(os.path.abspath(out))) >= path_max:
+        raise InvalidInputError(f"{flag} {out}: the path is longer than this file system takes ({path_max} bytes); "
+                                f"{fix}")
+    for part in out.relative_to(probe).parts if out != probe and out.is_relative_to(probe) else ():
+        if len(os.fsencode(part)) > name_max:
+            raise InvalidInputError(f"{flag} {out}: the name {part[:40]}... is longer than this file system takes "
+                                    f"({name_max} bytes); {fix}")
+
+
 def check_output_file(path: str | Path) -> Path:
     """Check, leaving nothing behind, that a file can be written at `path` (its folder is a writable
     folder or can be made into one)."""
     path = Path(path)
     try:
         check_output_dir(path.parent)
+        _check_name_lengths(path, _nearest_existing(path, "--out"), "--out", "choose a shorter name")
     except InvalidInputError as e:
         why = str(e).split(": ", 1)[-1]
         raise InvalidInputError(f"--out {path}: cannot be written ({path.parent}: {why})") from None
