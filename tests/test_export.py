@@ -278,6 +278,34 @@ def test_demo_reuses_its_folder_and_reports_failures_as_its_own(tiny_model_dir, 
     assert capsys.readouterr().err.strip().splitlines()[-1] == "arc2face-export: error: something the runtime refused"
 
 
+def test_demo_checks_its_images_folder_before_exporting_and_replaces_its_own_export(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """`images` a file was refused only after the export; an export of another checkpoint in the demo's
+    own engines folder was refused with advice to pass --force, which demo does not have."""
+    from arc2face_export import onnx_export
+    from arc2face_export.cli import main
+    from arc2face_rt.errors import InvalidInputError, OutputExistsError
+
+    calls = []
+    monkeypatch.setattr(onnx_export, "export_all", lambda *a, **k: calls.append(k))
+    d = tmp_path / "demo"
+    _linked_copy(tiny_model_dir, d / "model-tiny")
+    (d / "images").write_text("mine")
+    assert main(["demo", "--out", str(d), "-n", "1", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert calls == [] and len(err) == 1 and f"{d / 'images'}: is a file" in err[0], err
+    (d / "images").unlink()
+
+    def another_export(*a, force=False, **k):
+        calls.append(force)
+        if not force:
+            raise OutputExistsError(f"{d / 'engines-tiny-fp32'}: holds another export; ... or pass --force")
+        raise InvalidInputError("stopped here")
+    monkeypatch.setattr(onnx_export, "export_all", another_export)
+    assert main(["demo", "--out", str(d), "-n", "1", "--steps", "1"]) == 2
+    assert calls == [False, True] and "exporting again" in capsys.readouterr().err
+
+
 def test_demo_after_a_killed_export_removes_its_temporary_folder(tiny_model_dir, tiny_engines, tmp_path):
     """A demo SIGKILLed while exporting leaves `.export.arc2face-HOST-PID-*.tmp/` in its engines folder: the
     next demo run removes it and goes on (it used to refuse the folder as not an engines folder)."""

@@ -53,11 +53,17 @@ def run_demo(out: Path, size: str = "tiny", num_images: int = 4, seed: int = 0, 
     if model.exists() and not (model / MARKER).is_file() and (not model.is_dir() or any(model.iterdir())):
         raise OutputExistsError(f"{model}: is not a random checkpoint written by arc2face-export (it has no "
                                 f"{MARKER}), and the demo writes its model there; choose another --out")
+    runs = check_output_dir(out / "images")              # a file there: refused before minutes of export
     if not (model / MARKER).is_file():
         say(f"writing a random-weight {size} checkpoint to {model}")
         write_random_checkpoint(model, size=size, seed=seed, force=model.exists())
-    export_all(model, engines, precision="fp32", progress=say)
-    runs = out / "images"
+    try:
+        export_all(model, engines, precision="fp32", progress=say)
+    except OutputExistsError:
+        # the demo's own folder (anything foreign in it was refused above) holds an export of another
+        # checkpoint (its model folder was written again): replaced, as `onnx --force` would
+        say(f"{engines}: holds an export of another checkpoint: exporting again")
+        export_all(model, engines, precision="fp32", progress=say, force=True)
     runs.mkdir(parents=True, exist_ok=True)
     k = 1 + max((int(p.name[4:]) for p in runs.glob("run-[0-9][0-9][0-9]")), default=0)
     run_dir = runs / f"run-{k:03d}"
