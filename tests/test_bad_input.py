@@ -211,6 +211,10 @@ CASES = [
                                               "{t}/new/" + "y" * 300 + "/y"], "is longer than this file system takes"),
     ("embed-out-name-too-long", lambda t, e: None, ["embed", "--image", "{t}", "--out", "{t}/new/" + "y" * 300
                                                     + "/id.npy"], "is longer than this file system takes"),
+    ("embed-models-empty", lambda t, e: None, ["embed", "--image", "{t}", "--out", "{t}/id.npy", "--models", ""],
+     "--models: must not be empty"),
+    ("score-detector-empty", lambda t, e: np.save(t / "id.npy", np.ones(512, np.float32)),
+     ["score", "--identity", "{t}/id.npy", "{t}", "--detector", ""], "--detector: must not be empty"),
     ("embed-out-under-file", lambda t, e: (t / "f").write_text("x"),
      ["embed", "--image", "{t}", "--out", "{t}/f/id.npy"], "cannot be written"),
     ("embed-max-pixels-inf", lambda t, e: None, ["embed", "--image", "{t}", "--out", "{t}/id.npy", "--max-pixels",

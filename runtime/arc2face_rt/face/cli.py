@@ -39,11 +39,11 @@ def _face_choice(s: str) -> str | int:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("face models")
-    g.add_argument("--models", metavar="DIR", default=None,
+    g.add_argument("--models", metavar="DIR", type=argtypes.path, default=None,
                    help=f"folder with {DETECTOR_FILE} and {RECOGNIZER_FILE} (also looked for in DIR/antelopev2); "
                         f"default $ARC2FACE_MODELS or ./{DEFAULT_MODELS_DIR}")
-    g.add_argument("--detector", metavar="FILE", default=None, help=f"SCRFD ONNX file (default DIR/{DETECTOR_FILE})")
-    g.add_argument("--recognizer", metavar="FILE", default=None,
+    g.add_argument("--detector", metavar="FILE", type=argtypes.path, default=None, help=f"SCRFD ONNX file (default DIR/{DETECTOR_FILE})")
+    g.add_argument("--recognizer", metavar="FILE", type=argtypes.path, default=None,
                    help=f"ArcFace ONNX file (default DIR/{RECOGNIZER_FILE}, Arc2Face's own, not glintr100.onnx)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="ONNX Runtime device (auto: CUDA when onnxruntime-gpu has it)")
