@@ -211,6 +211,9 @@ CASES = [
                                               "{t}/new/" + "y" * 300 + "/y"], "is longer than this file system takes"),
     ("embed-out-name-too-long", lambda t, e: None, ["embed", "--image", "{t}", "--out", "{t}/new/" + "y" * 300
                                                     + "/id.npy"], "is longer than this file system takes"),
+    ("embed-models-a-file", lambda t, e: ((t / "m").write_text("x"), Image.new("RGB", (64, 64)).save(t / "p.png")),
+     ["embed", "--image", "{t}/p.png", "--out", "{t}/id.npy", "--models", "{t}/m"],
+     "m: is a file, not a folder of face models"),
     ("embed-models-empty", lambda t, e: None, ["embed", "--image", "{t}", "--out", "{t}/id.npy", "--models", ""],
      "--models: must not be empty"),
     ("score-detector-empty", lambda t, e: np.save(t / "id.npy", np.ones(512, np.float32)),

@@ -43,6 +43,11 @@ def resolve_model(kind: str, explicit: str | Path | None, models_dir: str | Path
     if explicit:
         return Path(explicit)
     root = Path(models_dir or os.environ.get("ARC2FACE_MODELS") or DEFAULT_MODELS_DIR)
+    if root.exists() and not root.is_dir():
+        named = f"{models_flag} {root}" if models_dir else (
+            f"$ARC2FACE_MODELS={root}" if os.environ.get("ARC2FACE_MODELS") else f"./{DEFAULT_MODELS_DIR}")
+        raise MissingWeightsError(f"{named}: is a file, not a folder of face models; name the folder that holds "
+                                  f"{DETECTOR_FILE} and {RECOGNIZER_FILE}")
     names = _DETECTOR_NAMES if kind == "detector" else (RECOGNIZER_FILE,)
     for sub in _SUBDIRS:
         for name in names:
