@@ -171,9 +171,15 @@ def run_score(args) -> int:
     describe_report(report, args.face, _stderr)
     for r in report.results:
         cos = float(r.embedding @ ident) if r.ok else float("nan")
-        _write_out(f"{cos:.4f}\t{r.path}\n")
+        _write_out(f"{cos:.4f}\t{_cell(r.path)}\n")
     _stderr(f"scored {report.n_ok} of {len(paths)} image(s)")
     return 0 if report.n_ok == len(paths) else 1
+
+
+def _cell(path) -> str:
+    """A file name as one cell of the table: a tab, newline or carriage return in it escaped (\\t,
+    \\n, \\r, as `ls -b` shows them), so each image stays one row."""
+    return str(path).translate({9: "\\t", 10: "\\n", 13: "\\r"})
 
 
 def _write_out(line: str) -> None:
