@@ -72,6 +72,8 @@ def _bad(state: dict, what: str, tmp_path) -> str:
         state = {k.replace(ren, "lora_unet_mid_block_resnets_7_conv1"): v for k, v in state.items()}
     elif what == "no up":
         state = {k: v for k, v in state.items() if "lora_up" not in k}
+    elif what == "extra key":
+        state = {**state, "random_key": torch.ones(3)}
     elif what == "folder":
         f.mkdir()
         return str(f)
@@ -95,6 +97,7 @@ def _bad(state: dict, what: str, tmp_path) -> str:
     ("no layer", "Target modules {'nothing.here'} not found"),
     ("one key off", "1 of its 79 layers name no layer of this UNet"),
     ("no up", "every lora_down needs its lora_up"),
+    ("extra key", "holds 1 tensor(s) that are not a LoRA's (e.g. 'random_key') beside its LoRA tensors"),
     ("alpha 0", "every .alpha is 0"),
     ("up 0", "every lora_up tensor is 0"),
     ("down 0", "every lora_down tensor is 0"),
@@ -148,6 +151,20 @@ def test_a_good_lora_fuses_without_library_output(tiny_model_dir, adapter, tmp_p
     assert rc == 0 and all(ln.startswith("arc2face-export: ") for ln in err), err
     assert not library_lines, library_lines[:5]
     assert "arc2face-export: LoRA fused: 79 UNet weight tensors changed" in err
+
+
+def test_a_scale_too_small_to_change_a_weight_blames_the_scale(tiny_model_dir, adapter, tmp_path, capfd):
+    """--lora-scale 1e-30 fuses a change below float32's resolution: the line blamed the adapter."""
+    from safetensors.torch import save_file
+    from arc2face_export.cli import main
+
+    f = tmp_path / "a.safetensors"
+    save_file({k: v.contiguous() for k, v in adapter.items()}, str(f))
+    rc = main(["onnx", "--model-dir", str(tiny_model_dir), "--out", str(tmp_path / "e"), "--lora", str(f),
+               "--lora-scale", "1e-30", "--stages", "step", "--no-validate"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert rc == 2 and "fused at --lora-scale 1e-30, it changed no UNet weight" in err[-1], err
+    assert "pass a larger --lora-scale" in err[-1] and not (tmp_path / "e").exists()
 
 
 def test_weights_that_make_nan_are_the_users_error_not_a_bug(tiny_model_dir, adapter, tmp_path, capfd):

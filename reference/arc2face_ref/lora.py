@@ -95,9 +95,13 @@ def read_lora(path: str | Path) -> dict[str, torch.Tensor]:
         state = load(data)
     except (SafetensorError, OSError, ValueError) as e:
         raise MissingWeightsError(f"{path}: not a readable .safetensors LoRA ({e}); download it again") from None
-    if not state or not all("lora" in k or k.endswith(".alpha") for k in state):
+    odd = sorted(k for k in state if "lora" not in k and not k.endswith(".alpha"))
+    if not state or len(odd) == len(state):
         raise MissingWeightsError(f"{path}: not a LoRA adapter (its tensors are not named *lora*); pass the "
                                   f"adapter's {LORA_FILE}")
+    if odd:
+        raise MissingWeightsError(f"{path}: holds {len(odd)} tensor(s) that are not a LoRA's (e.g. {odd[0]!r}) beside "
+                                  f"its LoRA tensors; pass the adapter's own {LORA_FILE}")
     if any(k.startswith(("lora_te", "text_encoder.")) for k in state):
         raise MissingWeightsError(f"{path}: adapts the text encoder too; Arc2Face's projector is not a text "
                                   "prompt encoder, only UNet adapters (such as LCM-LoRA) are supported")
@@ -148,6 +152,19 @@ def check_lora_fits(state: dict[str, torch.Tensor], model_dir: str | Path, sourc
         raise
 
 
+_PAIRS = (("lora_up", "lora_down"), ("lora_B", "lora_A"), ("lora.up", "lora.down"))
+
+
+def _has_a_nonzero_pair(state: dict) -> bool:
+    """Whether some layer of the adapter has a nonzero up and a nonzero down matrix."""
+    for k, up in state.items():
+        for u, d in _PAIRS:
+            down = state.get(k.replace(u, d)) if u in k else None
+            if down is not None and bool(torch.as_tensor(up).any()) and bool(torch.as_tensor(down).any()):
+                return True
+    return False
+
+
 def fuse_lora_into(unet: nn.Module, lora: str | Path | dict, scale: float = 1.0) -> int:
     """Load `lora` into `unet` through diffusers' `load_lora_weights` (peft), fuse it at `scale` and drop
     the adapter layers: `unet` keeps the fused weights. Returns how many UNet tensors changed. An
@@ -167,6 +184,9 @@ def fuse_lora_into(unet: nn.Module, lora: str | Path | dict, scale: float = 1.0)
         raise MissingWeightsError(f"{source}: fused at scale {scale:g}, it makes {len(broken)} UNet weight tensor(s) "
                                   f"NaN/inf (e.g. {broken[0]}): its values are too large; pass a trained adapter")
     if not changed and scale != 0:
+        if _has_a_nonzero_pair(state):                                 # a real adapter, a vanishing scale
+            raise MissingWeightsError(f"{source}: fused at --lora-scale {scale:g}, it changed no UNet weight (the "
+                                      "change is below float32's resolution); pass a larger --lora-scale")
         raise MissingWeightsError(f"{source}: fusing it changed no UNet weight (every layer's up @ down is zero); "
                                   "pass a trained adapter")
     return len(changed)
