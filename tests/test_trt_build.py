@@ -126,7 +126,8 @@ def test_batch_option_sets_the_profile(tmp_path):
     assert trt_build.parse_batch("8") == (1, 8, 8)
     assert trt_build.parse_batch("1,4") == (1, 4, 4)
     assert trt_build.parse_batch("1,4,8") == (1, 4, 8)
-    for bad in ("0", "4,2,8", "a", "1,2,3,4"):
+    assert trt_build.parse_batch(" 1, 4 ") == (1, 4, 4)
+    for bad in ("0", "4,2,8", "a", "1,2,3,4", "1,,4", "4,", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             trt_build.parse_batch(bad)
     d = make_engines_dir(tmp_path / "e", "fp32", stages=("vae_decoder",))

@@ -71,7 +71,7 @@ class BuildOptions:
 def parse_batch(text: str) -> tuple[int, int, int]:
     """'8' -> (1, 8, 8); '1,4' -> (1, 4, 4); '1,4,8' -> (1, 4, 8): min, opt, max of the batch axis."""
     try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
+        vals = [int(v) for v in text.split(",")]      # an empty field ('1,,4') is an error, not skipped
     except ValueError:
         vals = []
     if len(vals) == 1:
