@@ -188,6 +188,31 @@ def test_a_fit_that_fails_before_its_first_checkpoint_leaves_no_folder(tiny_mode
     assert not (tmp_path / "run").exists()                 # it held only the metrics of two failed steps
 
 
+def test_a_stopped_fit_says_how_to_continue_from_its_checkpoints(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Ctrl-C after a checkpoint: one line naming the newest checkpoint and --resume (it said only
+    "interrupted")."""
+    pytest.importorskip("accelerate")
+    from arc2face_ref.train import loop
+    from arc2face_ref.train.cli import main
+    from train_fixtures import prepared_data
+
+    data, calls = prepared_data(tmp_path / "d"), []
+    mse = loop.F.mse_loss
+
+    def stop_at_the_second_step(a, b):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return mse(a, b)
+    monkeypatch.setattr(loop.F, "mse_loss", stop_at_the_second_step)
+    rc = main(["fit", "--model-dir", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "run"),
+               "--steps", "3", "--checkpoint-every", "1", "--batch-size", "1", "--workers", "0", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 130 and err[-1] == (f"arc2face-train: interrupted: the checkpoints in {tmp_path / 'run'} are kept "
+                                     "(the newest: checkpoint-1); run the same command with --resume to continue"), err
+    assert "arc2face-train: interrupted" not in err[:-1]
+
+
 def test_fit_refuses_a_zero_adam_epsilon(tmp_path, capsys):
     """--adam-eps 0 made the first step 0/0 = NaN, which fit then blamed on --lr or fp16."""
     from arc2face_ref.train.cli import main

@@ -60,6 +60,9 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_fit(args) -> int:
+    from arc2face_rt.exits import Terminated
+
+    from .checkpoint import checkpoints
     from .config import FitConfig
     from .loop import fit
 
@@ -71,10 +74,15 @@ def cmd_fit(args) -> int:
     new_out = not cfg.out.exists()
     try:
         res = fit(cfg, resume=args.resume, say=_say, progress=not args.quiet)
-    except BaseException:
+    except BaseException as e:
         # a run that failed before its first checkpoint leaves no folder it made (only its metrics log)
         if new_out and cfg.out.is_dir() and not any(cfg.out.glob("checkpoint-*")):
             shutil.rmtree(cfg.out, ignore_errors=True)
+        kept = checkpoints(cfg.out)
+        if isinstance(e, KeyboardInterrupt) and kept:           # Ctrl-C, SIGTERM: say how to go on
+            _say(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}: the checkpoints in {cfg.out} are "
+                 f"kept (the newest: {kept[max(kept)].name}); run the same command with --resume to continue")
+            e.reported = True
         raise
     if res.checkpoints:
         _say(f"last checkpoint: {res.checkpoints[-1]} (export: arc2face-export onnx --model-dir "
