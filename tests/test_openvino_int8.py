@@ -132,7 +132,7 @@ def test_a_damaged_int8_source_record_is_redone_not_a_traceback(q_engines, tmp_p
 
     monkeypatch.setattr(ov_int8, "pipeline_calibration_feeds", calibration)
     capsys.readouterr()
-    assert export_main(["openvino-int8", "--engines", str(d), "--stages", "step_cfg", "step"]) == 2
+    assert export_main(["openvino-int8", "--engines", str(d), "--stages", "step_cfg", "step", *_AS_MADE]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == "arc2face-export: error: calibrating step"
 
 
@@ -160,6 +160,7 @@ def test_int8_without_int8_graphs_names_the_command(tiny_engines, tmp_path, caps
     assert rc == 2 and "arc2face-export openvino-int8 --engines" in capsys.readouterr().err
 
 
+_AS_MADE = ["--identities", "2", "--steps", "25", "--per-run", "2"]     # q_engines' calibration
 _ONE_STEP = ["--stages", "step", "--identities", "1", "--steps", "2", "--per-run", "1"]
 
 
@@ -325,3 +326,19 @@ def test_int8_with_a_control_image_is_refused_before_the_missing_controlnet_grap
     with Arc2FacePipeline(q_engines, backend="openvino", cpu_precision="int8") as pipe:
         with pytest.raises(InvalidInputError, match="no int8 ControlNet step graph"):
             pipe.prepare(OPTS, control=True)
+
+
+def test_other_calibration_settings_quantise_again(q_engines):
+    """The record keeps how the graph was calibrated: openvino-int8 with other --identities, --steps or
+    --per-run called the graph current and ignored them. A record from before counts as the defaults'."""
+    m = json.loads((q_engines / "manifest.json").read_text())
+    assert m[ovb.INT8_KEY]["step"]["calibration"] == {"source": "pipeline", "identities": 2, "steps": 25, "per_run": 2,
+                                                      "scheduler": "dpmpp2m"}
+    same = ov_int8.calibration_record(m, identities=2, steps=25, per_run=2)
+    assert ov_int8.is_current(q_engines, m, "step", same)
+    for other in ({"identities": 3}, {"steps": 20}, {"per_run": 4}):
+        assert not ov_int8.is_current(q_engines, m, "step", ov_int8.calibration_record(
+            m, **{"identities": 2, "steps": 25, "per_run": 2, **other}))
+    del m[ovb.INT8_KEY]["step"]["calibration"]                       # as an older version recorded it
+    assert ov_int8.is_current(q_engines, m, "step", ov_int8.calibration_record(m))
+    assert not ov_int8.is_current(q_engines, m, "step", same)

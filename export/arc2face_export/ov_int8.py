@@ -110,13 +110,31 @@ def quantization_loss(ref: str | Path, quant: str | Path, feeds: list[dict]) -> 
     return output_drift(a, b, feeds)
 
 
-def is_current(engines_dir: Path, m: dict, stage: str) -> bool:
+def calibration_record(m: dict, feeds: list[dict] | None = None, identities: int = 4, steps: int | None = None,
+                       per_run: int = 4) -> dict:
+    """How a graph of folder `m` is calibrated (what its record keeps, so that other settings quantise
+    again): the pipeline's run (identities, steps and steps kept per run, with the folder's sampler), or
+    `feeds` given by the caller."""
+    from arc2face_rt.folder_setup import folder_defaults
+
+    if feeds is not None:
+        return {"source": "given", "samples": len(feeds)}
+    sampling = folder_defaults(m)
+    steps = steps or sampling["steps"]
+    return {"source": "pipeline", "identities": identities, "steps": steps, "per_run": min(per_run, steps),
+            "scheduler": sampling["scheduler"]}
+
+
+def is_current(engines_dir: Path, m: dict, stage: str, calibration: dict | None = None) -> bool:
     """The stage's int8 graph exists, intact (sizes and sha256, hashed once and then trusted through the
-    verification stamps), quantised from the folder's current source graph. A damaged record (fields
-    missing or of other types, which the runtime refuses) is not current: the graph is made again."""
+    verification stamps), quantised from the folder's current source graph, and (`calibration` given)
+    calibrated so (a record from before calibrations were kept counts as the defaults'). A damaged record
+    (fields missing or of other types, which the runtime refuses) is not current: the graph is made again."""
     try:
         q, src = m.get(INT8_KEY, {}).get(stage), m.get("stages", {}).get(stage)
         if not q or not src or q["source"]["sha256"] != {k: v["sha256"] for k, v in src["files"].items()}:
+            return False
+        if calibration is not None and q.get("calibration", calibration_record(m)) != calibration:
             return False
         verify_records(engines_dir, q["files"], mode="stamp")   # a flipped byte keeps the size: hash (once)
         return True
@@ -158,7 +176,8 @@ def ensure_ov_int8(engines_dir: str | Path, stages=None, feeds: list[dict] | Non
             raise InvalidInputError(f"int8 is for the step graphs {INT8_STAGES}, not {stage}")
         if not m.get("stages", {}).get(stage):
             raise InvalidInputError(f"{engines_dir}: no stage '{stage}'; export it first")
-    todo = [s for s in stages if force or not is_current(engines_dir, m, s)]
+    calibration = calibration_record(m, feeds, identities, steps, per_run)
+    todo = [s for s in stages if force or not is_current(engines_dir, m, s, calibration)]
     if todo:              # refuse a folder we cannot write into before minutes of calibration
         files = " and ".join(f"{ov_int8_file(s)}/.bin" for s in todo)
         check_output_dir(engines_dir, flag="--engines", fix=f"openvino-int8 writes {files} and {mf.MANIFEST} "
@@ -193,7 +212,7 @@ def ensure_ov_int8(engines_dir: str | Path, stages=None, feeds: list[dict] | Non
             m.setdefault(INT8_KEY, {})[stage] = {
                 "file": dst.name, "files": files, "seconds": round(time.perf_counter() - t0, 1),
                 "source": {"file": src_rec["file"], "sha256": {k: v["sha256"] for k, v in src_rec["files"].items()}},
-                **info, "loss_vs_source": loss}
+                "calibration": calibration, **info, "loss_vs_source": loss}
             # recorded first: a kill at any moment leaves only files the manifest names (old files under the
             # new hashes are stale, so made again), never one the next run refuses as someone else's
             mf.write_json_atomic(engines_dir / mf.MANIFEST, m)
