@@ -211,6 +211,11 @@ CASES = [
                                               "{t}/new/" + "y" * 300 + "/y"], "is longer than this file system takes"),
     ("embed-out-name-too-long", lambda t, e: None, ["embed", "--image", "{t}", "--out", "{t}/new/" + "y" * 300
                                                     + "/id.npy"], "is longer than this file system takes"),
+    ("out-inside-the-engines-folder", lambda t, e: None, GEN[:-1] + ["{e}/images", "--random-id"],
+     "is inside the engines folder"),
+    ("dataset-out-is-the-engines-folder", lambda t, e: None, ["dataset", "--engines", "{e}", "--identities", "1",
+                                                              "--per-identity", "1", "--out", "{e}"],
+     "is inside the engines folder"),
     ("embed-models-a-file", lambda t, e: ((t / "m").write_text("x"), Image.new("RGB", (64, 64)).save(t / "p.png")),
      ["embed", "--image", "{t}/p.png", "--out", "{t}/id.npy", "--models", "{t}/m"],
      "m: is a file, not a folder of face models"),

@@ -73,6 +73,7 @@ def _add_generate(sub) -> None:
 
 def cmd_generate(args) -> int:
     from .folder_run import FolderRun
+    from .outputs import check_not_in_engines
     from .pipeline import Arc2FacePipeline, load_identity, random_identity
 
     # Everything a user can get wrong is checked before any model is loaded, and everything the
@@ -93,6 +94,7 @@ def cmd_generate(args) -> int:
         from .control import Control
         scale = DEFAULT_CONTROL_SCALE if args.control_scale is None else args.control_scale
         control = Control.from_files(args.control_image, scale, count=args.num_images, limits=limits_from(args))
+    check_not_in_engines(args.out, args.engines)
     run = FolderRun(out=args.out, count=args.num_images, prefix=args.prefix, resume=args.resume,
                     overwrite=args.overwrite, again=getattr(args, "again", None))   # demo sets `again`
     existing = run.check(args.seed)

@@ -86,6 +86,15 @@ def _check_name_lengths(out: Path, probe: Path, flag: str, fix: str) -> None:
                                     f"({name_max} bytes); {fix}")
 
 
+def check_not_in_engines(out: str | Path, engines: str | Path, flag: str = "--out") -> None:
+    """Refuse an output inside the engines folder (or the folder itself): it holds only what the tools
+    write, and a later `arc2face-export ... --force` would refuse the whole folder for it."""
+    o, e = Path(os.path.realpath(out)), Path(os.path.realpath(engines))
+    if o == e or e in o.parents:
+        raise InvalidInputError(f"{flag} {out}: is inside the engines folder {engines}, which holds only what "
+                                "arc2face-export writes; choose another --out")
+
+
 def check_output_file(path: str | Path) -> Path:
     """Check, leaving nothing behind, that a file can be written at `path` (its folder is a writable
     folder or can be made into one)."""

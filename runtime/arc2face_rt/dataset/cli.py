@@ -101,6 +101,7 @@ def cmd_dataset(args) -> int:
         recorded_run,
         run_dataset,
     )
+    from ..outputs import check_not_in_engines
     from .worker import ShardWorker, WorkerConfig, face_models_id, open_face_models
 
     if args.ray:
@@ -130,6 +131,7 @@ def cmd_dataset(args) -> int:
                        min_similarity=args.min_similarity, score=args.models is not None,
                        image_format=args.image_format, **given)     # the rest: DatasetSpec's defaults
     spec.check()
+    check_not_in_engines(args.out, args.engines)
     if identities is None:
         identities = random_identities(args.identities, args.seed, args.max_id_similarity)
     with Arc2FacePipeline(args.engines, backend=args.backend, device=args.device, verify=not args.no_verify,
