@@ -207,3 +207,20 @@ def test_resume_refuses_other_face_models(tiny_engines, scored_run, tmp_path, ca
     assert rt_main(dataset_args(tiny_engines, out, "--models", str(tiny_models_dir()), "--resume")) == 0
     images = lambda d: {k: v for k, v in tree(d).items() if k != "dataset.json"}     # noqa: E731
     assert images(out) == images(scored_run) and "face_models" not in json.loads((out / "dataset.json").read_text())
+
+
+def test_a_dataset_description_without_its_spec_is_named_damaged(tiny_engines, wds_run, tmp_path, capsys):
+    """It was "made with other settings", followed by every setting of this run."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(wds_run, out)
+    meta = json.loads((out / "dataset.json").read_text())
+    del meta["spec"]
+    (out / "dataset.json").write_text(json.dumps(meta))
+    before = tree(out, skip_run=False)
+    assert rt_main(dataset_args(tiny_engines, out, "--format", "wds", "--resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dataset.json: is not a dataset description arc2face-rt wrote (it records no spec" \
+        in err[0], err
+    assert tree(out, skip_run=False) == before

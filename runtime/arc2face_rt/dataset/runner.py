@@ -105,6 +105,9 @@ def check_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict
     if not resume:
         raise OutputExistsError(f"{out}: holds a dataset already; pass --resume to finish it, or choose another --out")
     there = _read_json(meta, "dataset description")
+    if not isinstance(there.get("spec"), dict):
+        raise InvalidInputError(f"{meta}: is not a dataset description arc2face-rt wrote (it records no spec: "
+                                "damaged); move it away or choose another --out")
     if run is None and "backend" not in there:
         raise InvalidInputError(f"{meta}: does not record the backend and precision its images were made with (an "
                                 "older arc2face-rt), which --ray actors cannot be checked against: --resume it once "
