@@ -258,3 +258,14 @@ def test_new_folders_are_undone_when_making_them_fails(tmp_path):
         with undo_new_folders(tmp_path / "a" / "b" / ("y" * 300)):
             pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_where_a_file_is_overwritten_is_named(tmp_path):
+    """os.replace onto a folder failed naming the temporary file (summary.json made a folder, say)."""
+    from arc2face_rt.atomic import atomic_write
+    from arc2face_rt.errors import OutputExistsError
+
+    (tmp_path / "summary.json").mkdir()
+    with pytest.raises(OutputExistsError, match=r"summary.json: is a folder where this file goes; move it away"):
+        atomic_write(tmp_path / "summary.json", b"{}", overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]

@@ -64,6 +64,8 @@ def atomic_write(path: str | Path, data: bytes | memoryview | Callable[[BinaryIO
     path = Path(path)
     if os.path.lexists(path) and not overwrite:        # lexists: a dangling symbolic link counts too
         raise OutputExistsError(f"{path}: exists; {hint}")
+    if overwrite and path.is_dir() and not path.is_symlink():     # os.replace's error names the temp file
+        raise OutputExistsError(f"{path}: is a folder where this file goes; move it away")
     if callable(data):
         buf = io.BytesIO()
         data(buf)
