@@ -209,6 +209,9 @@ CASES = [
     # a folder name over NAME_MAX under a new folder: refused before the models load, no folder left
     ("out-name-too-long", lambda t, e: None, ["generate", "--engines", "{e}", "--steps", "1", "--random-id", "--out",
                                               "{t}/new/" + "y" * 300 + "/y"], "is longer than this file system takes"),
+    ("out-name-too-long-in-an-existing-folder", lambda t, e: None, ["generate", "--engines", "{e}", "--steps", "1",
+                                                                    "--random-id", "--out", "{t}/" + "y" * 300],
+     "is longer than this file system takes"),
     ("embed-out-name-too-long", lambda t, e: None, ["embed", "--image", "{t}", "--out", "{t}/new/" + "y" * 300
                                                     + "/id.npy"], "is longer than this file system takes"),
     ("out-inside-the-engines-folder", lambda t, e: None, GEN[:-1] + ["{e}/images", "--random-id"],

@@ -88,11 +88,11 @@ def test_score(photos, tmp_path, capsys):
     assert -1 <= float(lines[str(photos / "b.jpg")]) < 1
     assert lines[str(photos / "broken.jpg")] == "nan"
     assert cli("score", "--identity", out, photos / "a.png", "--models", tiny_models_dir(), "--device", "cpu") == 0
-    odd = tmp_path / "odd\nname\t.png"                       # one row each, whatever the name holds
+    odd = tmp_path / "odd\nname\t\\t.png"                    # one row each, whatever the name holds
     odd.write_bytes((photos / "a.png").read_bytes())
     capsys.readouterr()
     assert cli("score", "--identity", out, odd, "--models", tiny_models_dir(), "--device", "cpu") == 0
-    assert capsys.readouterr().out.splitlines() == [f"1.0000\t{tmp_path}/odd\\nname\\t.png"]
+    assert capsys.readouterr().out.splitlines() == [f"1.0000\t{tmp_path}/odd\\nname\\t\\\\t.png"]
 
 
 def test_score_aligned_crops(tmp_path, capsys):

@@ -342,3 +342,12 @@ def test_other_calibration_settings_quantise_again(q_engines):
     del m[ovb.INT8_KEY]["step"]["calibration"]                       # as an older version recorded it
     assert ov_int8.is_current(q_engines, m, "step", ov_int8.calibration_record(m))
     assert not ov_int8.is_current(q_engines, m, "step", same)
+
+
+def test_calibration_feeds_given_through_the_api_are_told_apart_by_content():
+    """Two lists of feeds of the same length are two calibrations (the count alone called them one)."""
+    m = {"stages": {}}
+    a = [{"x": np.zeros((1, 4, 64, 64), np.float32)}]
+    b = [{"x": np.ones((1, 4, 64, 64), np.float32)}]
+    assert ov_int8.calibration_record(m, feeds=a) == ov_int8.calibration_record(m, feeds=[dict(a[0])])
+    assert ov_int8.calibration_record(m, feeds=a) != ov_int8.calibration_record(m, feeds=b)

@@ -244,8 +244,9 @@ def test_an_output_name_the_file_system_takes_has_a_temporary_name_too(tmp_path)
     fail as "file name too long", naming the temporary file, after the work was done."""
     from arc2face_rt.atomic import atomic_write, is_temp_name
 
-    name = "é" * 100 + "n" * 46 + ".npy"                   # 250 bytes in UTF-8, cut mid-character in the temp
+    name = "a" + "€" * 70 + "n" * 35 + ".npy"              # 250 bytes; byte 120 is inside a character
     assert len(name.encode()) == 250 and is_temp_name(temp_prefix(name) + "x1.tmp")
+    assert temp_prefix(name).startswith(".a" + "€" * 39 + ".")     # whole characters only: still UTF-8
     atomic_write(tmp_path / name, b"data")
     assert [p.name for p in tmp_path.iterdir()] == [name] and (tmp_path / name).read_bytes() == b"data"
 

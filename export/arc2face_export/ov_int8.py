@@ -21,6 +21,7 @@ Files of those names that the manifest does not record are someone else's: refus
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -118,7 +119,13 @@ def calibration_record(m: dict, feeds: list[dict] | None = None, identities: int
     from arc2face_rt.folder_setup import folder_defaults
 
     if feeds is not None:
-        return {"source": "given", "samples": len(feeds)}
+        h = hashlib.sha256()
+        for feed in feeds:
+            for k in sorted(feed):
+                a = np.ascontiguousarray(feed[k])
+                h.update(f"{k}:{a.dtype}:{a.shape};".encode())
+                h.update(a.tobytes())
+        return {"source": "given", "samples": len(feeds), "sha256": h.hexdigest()}
     sampling = folder_defaults(m)
     steps = steps or sampling["steps"]
     return {"source": "pipeline", "identities": identities, "steps": steps, "per_run": min(per_run, steps),

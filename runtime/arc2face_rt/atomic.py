@@ -42,12 +42,24 @@ def _host() -> str:
 _TEMP_NAME_BYTES = 120      # of an output's name in its temporary file's: the rest of the name takes up to 64
 
 
+def _whole_characters(raw: bytes) -> bytes:
+    """`raw` less a UTF-8 character cut in two at its end (bytes that are not UTF-8 stay as they are)."""
+    i = len(raw) - 1
+    while i >= 0 and len(raw) - i < 4 and raw[i] & 0xC0 == 0x80:      # continuation bytes
+        i -= 1
+    if i < 0:
+        return raw
+    lead = raw[i]
+    need = 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4 if lead >> 3 == 0b11110 else 1
+    return raw[:i] if len(raw) - i < need else raw
+
+
 def temp_prefix(name: str) -> str:
     """The prefix of this process's temporary files for output `name` (mkstemp adds RANDOM.tmp); a long
     name is cut, so that every name the file system takes (255 bytes) has a temporary one too."""
     raw = os.fsencode(name)
     if len(raw) > _TEMP_NAME_BYTES:
-        name = os.fsdecode(raw[:_TEMP_NAME_BYTES])
+        name = os.fsdecode(_whole_characters(raw[:_TEMP_NAME_BYTES]))    # never half a character
     return f".{name}.{_TAG}-{_host()}-{os.getpid()}-"
 
 

@@ -61,8 +61,8 @@ def check_output_dir(out: str | Path, flag: str = "--out", fix: str = "choose an
 def _nearest_existing(out: Path, flag: str) -> Path:
     """`out`, or its nearest ancestor that exists."""
     probe = out
-    while not probe.exists():
-        if probe.is_symlink():
+    while not os.path.exists(probe):    # Path.exists raises on a name over NAME_MAX before Python 3.12
+        if os.path.islink(probe):
             raise InvalidInputError(f"{flag} {out}: {probe} is a broken symbolic link; fix or remove it")
         if probe.parent == probe:
             break

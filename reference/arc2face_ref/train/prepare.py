@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -111,7 +111,8 @@ def _settings(analyzer: FaceAnalyzer) -> dict:
     --min-score, --min-size and the image limits. prepare.json records them."""
     det = analyzer.detector
     return {"face_models": analyzer.model_ids(), "min_score": det.score_threshold if det else None,
-            "min_size": analyzer.min_size, "limits": asdict(analyzer.limits)}
+            "min_size": analyzer.min_size,
+            "limits": asdict(analyzer.limits) if is_dataclass(analyzer.limits) else vars(analyzer.limits)}
 
 
 def _same_settings(out: Path, settings: dict, no_sample: bool) -> bool:
@@ -173,7 +174,8 @@ def prepare(images: Sequence[str | Path], out: str | Path, analyzer_factory: Cal
             say: Callable[[str], None] = lambda m: None) -> PrepareReport:
     """Write the shards for `images` (files, folders, globs; folders recursively) into `out`.
 
-    `analyzer_factory` opens the face models; it is called only when a shard is left to do. `progress(n)`
+    `analyzer_factory` opens the face models; it is called only when a shard is left to do, or to
+    compare the settings of a folder that holds no sample yet. `progress(n)`
     is called after each photo with the number done."""
     if shard_size < 1:
         raise InvalidInputError(f"--shard-size must be at least 1 (got {shard_size})")

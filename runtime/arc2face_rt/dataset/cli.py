@@ -102,7 +102,7 @@ def cmd_dataset(args) -> int:
         run_dataset,
     )
     from ..outputs import check_not_in_engines
-    from .worker import ShardWorker, WorkerConfig, face_models_id, open_face_models
+    from .worker import ShardWorker, WorkerConfig, open_face_models
 
     if args.ray:
         from .ray_runner import check_ray_address, require_ray
@@ -147,15 +147,15 @@ def cmd_dataset(args) -> int:
         if args.ray:
             from .ray_runner import ray_actors
             pipe.schedule(opts.scheduler, opts.steps)     # the actors open the sessions
-            face = open_face_models(config)
+            open_face_models(config)                     # refused here; the actors' own score (and record)
             worker = None
             actors, record = stack.enter_context(ray_actors(config, identities, args.ray, args.workers,
                                                             pending_shards(args.out, spec, args.resume), _stderr))
         else:
             worker, actors = ShardWorker(config, identities, pipe=pipe), None
-            record, face = pipe.run_params(), worker.face
+            record = worker.record()[0]
         done = open_output(args.out, spec, identities, record, args.resume, _stderr,
-                           provenance.legacy_engine_id(pipe.manifest, record), face_models_id(face))
+                           provenance.legacy_engine_id(pipe.manifest, record))
         todo = [s for s in range(spec.shards) if s not in done]
         _stderr(f"arc2face-rt dataset: {spec.identities} identities x {spec.per_identity} images in {spec.shards} "
                 f"shard(s) of {spec.shard_size}, {len(done)} already committed; {opts.steps} {opts.scheduler} steps, "

@@ -75,12 +75,11 @@ def _comparable(there: dict, now: dict) -> tuple[dict, dict]:
     return {**there, "spec": kept(specs[0])}, {**now, "spec": kept(specs[1])}
 
 
-def dataset_record(spec: DatasetSpec, run: dict, face_models: dict | None = None) -> dict:
-    """What dataset.json holds: the spec and how the pixels are made (`Arc2FacePipeline.run_params`:
-    backend, precision, engine id and, ONNX Runtime on a GPU, device, fused graphs, TF32), and with a
-    similarity filter the face models that score the images (`worker.face_models_id`)."""
-    return {"format": DATASET_FORMAT, "format_version": 1, "spec": spec.to_json(), **run,
-            **({"face_models": face_models} if face_models else {})}
+def dataset_record(spec: DatasetSpec, run: dict) -> dict:
+    """What dataset.json holds: the spec and how the pixels are made and scored (`ShardWorker.record`:
+    backend, precision, engine id and, ONNX Runtime on a GPU, device, fused graphs, TF32; with --models
+    the face models' `face_models`)."""
+    return {"format": DATASET_FORMAT, "format_version": 1, "spec": spec.to_json(), **run}
 
 
 def recorded_run(out: Path) -> dict | None:
@@ -91,13 +90,13 @@ def recorded_run(out: Path) -> dict | None:
 
 
 def check_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict | None, resume: bool,
-                 legacy_engines: str | None = None, face_models: dict | None = None) -> None:
+                 legacy_engines: str | None = None) -> None:
     """Refuse what `open_output` would refuse about a dataset already in `out`, reading only: `dataset`
     calls it before any graph is opened. A dataset.json from before backend and precision were recorded
     is refused with the fields to add once its images (`read_params`) show they match; its engine id may
     be the older name of the same graphs (`legacy_engines`: `provenance.legacy_engine_id`). `run` None
-    (`--ray`: the driver opens no graph, its actors resolve the record): everything but the record.
-    `face_models` (known once they are open) None: not compared."""
+    (`--ray`: the driver opens no graph, its actors resolve the record): everything but the record. A
+    `run` without `face_models` (the check before they are open) leaves them out of the comparison."""
     check_output_dir(out)
     meta, ids_file = out / DATASET_FILE, out / IDENTITIES_FILE
     if not meta.exists():
@@ -112,8 +111,7 @@ def check_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict
         raise InvalidInputError(f"{meta}: does not record the backend and precision its images were made with (an "
                                 "older arc2face-rt), which --ray actors cannot be checked against: --resume it once "
                                 "without --ray (which says what to add), or use another --out")
-    record = dataset_record(spec, run if run is not None else {k: there[k] for k in RUN_KEYS if k in there},
-                            face_models)
+    record = dataset_record(spec, run if run is not None else {k: there[k] for k in RUN_KEYS if k in there})
     there = as_current(there, record, legacy_engines)
     if "backend" not in there and there.get("engines") != record["engines"]:
         raise InvalidInputError(f"{meta}: was made by an older arc2face-rt with other graphs than this run loads "
@@ -136,13 +134,11 @@ def check_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict
 
 
 def open_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict, resume: bool,
-                log: Callable[[str], None], legacy_engines: str | None = None,
-                face_models: dict | None = None) -> set[int]:
+                log: Callable[[str], None], legacy_engines: str | None = None) -> set[int]:
     """Claim `out` for this dataset (or check that it holds this very dataset, with --resume) and
-    return the shards already committed. `run`: `Arc2FacePipeline.run_params()`; `face_models`: what
-    scores the images (`worker.face_models_id`). Every check comes before the first write: a refused
-    command leaves `out` as it was (absent if it was absent)."""
-    check_output(out, spec, identities, run, resume, legacy_engines, face_models)
+    return the shards already committed. `run`: the workers' `ShardWorker.record`. Every check comes
+    before the first write: a refused command leaves `out` as it was (absent if it was absent)."""
+    check_output(out, spec, identities, run, resume, legacy_engines)
     meta, ids_file = out / DATASET_FILE, out / IDENTITIES_FILE
     if meta.exists():
         done = committed_shards(out, spec)
@@ -154,7 +150,7 @@ def open_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict,
                                     "empty folder")
         done = set()
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(meta, json.dumps(dataset_record(spec, run, face_models), indent=1).encode())
+        atomic_write(meta, json.dumps(dataset_record(spec, run), indent=1).encode())
         save_npy_atomic(ids_file, identities)
     removed = remove_stale_temps(out) + remove_stale_temps(out / SHARDS_DIR)
     if removed:

@@ -100,8 +100,10 @@ class ShardWorker:
         self.face = open_face_models(config)
 
     def record(self) -> tuple[dict, str]:
-        """How this worker makes pixels (`Arc2FacePipeline.run_params` once its graphs are open), and its name."""
-        return self.pipe.run_params(), self.name
+        """How this worker makes pixels (`Arc2FacePipeline.run_params` once its graphs are open) and, with
+        face models, which ones score them (`face_models`); and its name."""
+        run, ids = self.pipe.run_params(), face_models_id(self.face)
+        return ({**run, "face_models": ids} if ids else run), self.name
 
     def similarity(self, image: np.ndarray, j: int) -> float | None:
         """ArcFace cosine of `image` to identity j; None when no face is found in it."""

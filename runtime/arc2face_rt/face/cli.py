@@ -177,9 +177,9 @@ def run_score(args) -> int:
 
 
 def _cell(path) -> str:
-    """A file name as one cell of the table: a tab, newline or carriage return in it escaped (\\t,
-    \\n, \\r, as `ls -b` shows them), so each image stays one row."""
-    return str(path).translate({9: "\\t", 10: "\\n", 13: "\\r"})
+    """A file name as one cell of the table: a backslash, tab, newline or carriage return in it escaped
+    (\\\\, \\t, \\n, \\r, as `ls -b` shows them), so each image stays one row, told apart."""
+    return str(path).translate({92: "\\\\", 9: "\\t", 10: "\\n", 13: "\\r"})
 
 
 def _write_out(line: str) -> None:
