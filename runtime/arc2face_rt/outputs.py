@@ -87,10 +87,11 @@ def _check_name_lengths(out: Path, probe: Path, flag: str, fix: str) -> None:
 
 
 def check_not_in_engines(out: str | Path, engines: str | Path, flag: str = "--out") -> None:
-    """Refuse an output inside the engines folder (or the folder itself): it holds only what the tools
-    write, and a later `arc2face-export ... --force` would refuse the whole folder for it."""
+    """Refuse an output inside an engines folder (or the folder itself): it holds only what the tools
+    write, and a later `arc2face-export ... --force` would refuse the whole folder for it. A folder
+    without a manifest is no engines folder (what is wrong with it is said where it is opened)."""
     o, e = Path(os.path.realpath(out)), Path(os.path.realpath(engines))
-    if o == e or e in o.parents:
+    if (o == e or e in o.parents) and (e / "manifest.json").is_file():
         raise InvalidInputError(f"{flag} {out}: is inside the engines folder {engines}, which holds only what "
                                 "arc2face-export writes; choose another --out")
 
