@@ -227,8 +227,10 @@ def test_the_next_run_removes_a_killed_runs_temporary_files(q_engines, tmp_path)
     shutil.copytree(q_engines, d, ignore=shutil.ignore_patterns("openvino_cache"))
     stale = killed_run_temp(d, "step_cfg.ov-int8.xml")
     running = temp_dir(d, "step.ov-int8.xml")          # another openvino-int8 still at work: left alone
-    ov_int8.ensure_ov_int8(d)                           # both graphs current: nothing else to do
+    before = json.loads((d / "manifest.json").read_text())[ovb.INT8_KEY]
+    ov_int8.ensure_ov_int8(d, identities=2, steps=25, per_run=2)      # both graphs current (as made): nothing to do
     assert not stale.exists() and running.is_dir()
+    assert json.loads((d / "manifest.json").read_text())[ovb.INT8_KEY] == before
 
 
 def test_a_read_only_engines_folder_is_refused_before_any_work(tiny_engines, tmp_path, monkeypatch, capsys):
