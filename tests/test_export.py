@@ -284,7 +284,7 @@ def test_demo_checks_its_images_folder_before_exporting_and_replaces_its_own_exp
     own engines folder was refused with advice to pass --force, which demo does not have."""
     from arc2face_export import onnx_export
     from arc2face_export.cli import main
-    from arc2face_rt.errors import InvalidInputError, OutputExistsError
+    from arc2face_rt.errors import InvalidInputError
 
     calls = []
     monkeypatch.setattr(onnx_export, "export_all", lambda *a, **k: calls.append(k))
@@ -299,7 +299,7 @@ def test_demo_checks_its_images_folder_before_exporting_and_replaces_its_own_exp
     def another_export(*a, force=False, **k):
         calls.append(force)
         if not force:
-            raise OutputExistsError(f"{d / 'engines-tiny-fp32'}: holds another export; ... or pass --force")
+            raise onnx_export.ExportExistsError(f"{d / 'engines-tiny-fp32'}: holds another export; ... or pass --force")
         raise InvalidInputError("stopped here")
     monkeypatch.setattr(onnx_export, "export_all", another_export)
     assert main(["demo", "--out", str(d), "-n", "1", "--steps", "1"]) == 2

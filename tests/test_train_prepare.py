@@ -37,6 +37,14 @@ def _analyzer():
     return FaceAnalyzer(ScrfdDetector(_NoFaceOnBlank(det.session)), rec)
 
 
+def _bigger_faces():
+    """_analyzer's models with --min-size 50: another setting."""
+    from arc2face_rt.face.identity import FaceAnalyzer
+
+    a = _analyzer()
+    return FaceAnalyzer(a.detector, a.recognizer, min_size=50.0)
+
+
 def _photos(tmp_path):
     from PIL import Image
 
@@ -265,8 +273,6 @@ def test_prepare_continues_only_with_the_settings_it_started_with(tmp_path):
     accepted, and its shards mixed two identity spaces or two filters."""
     from arc2face_ref.train.prepare import prepare
     from arc2face_rt.errors import InvalidInputError
-    from arc2face_rt.face.identity import FaceAnalyzer
-
     paths, data = astronaut_variants(tmp_path / "photos", n=2), tmp_path / "data"
     prepare(paths, data, _analyzer, shard_size=1)
     settings = json.loads((data / "prepare.json").read_text())["settings"]
@@ -274,12 +280,8 @@ def test_prepare_continues_only_with_the_settings_it_started_with(tmp_path):
     for name in ("shard-00001.tar", "shard-00001.stats.json"):      # as a run stopped before its last shard
         (data / name).unlink()
     before = _tree(data)
-
-    def bigger_faces():
-        a = _analyzer()
-        return FaceAnalyzer(a.detector, a.recognizer, min_size=50.0)
     with pytest.raises(InvalidInputError, match=r"other settings \(min_size: 0.0 then, 50.0 now\)"):
-        prepare(paths, data, bigger_faces, shard_size=1)
+        prepare(paths, data, _bigger_faces, shard_size=1)
     assert _tree(data) == before
     rep = prepare(paths, data, _analyzer, shard_size=1)                 # the same settings continue
     assert rep.shards_done_before == 1 and (data / "shard-00001.tar").is_file()
@@ -290,16 +292,11 @@ def test_a_folder_without_a_sample_starts_again_with_other_settings(tmp_path):
     from PIL import Image
 
     from arc2face_ref.train.prepare import prepare
-    from arc2face_rt.face.identity import FaceAnalyzer
 
     (tmp_path / "photos").mkdir()
     Image.fromarray(np.full((300, 400, 3), 128, np.uint8)).save(tmp_path / "photos" / "wall.png")   # no face
     data, said = tmp_path / "data", []
     assert prepare([tmp_path / "photos"], data, _analyzer, shard_size=1).written == 0
-
-    def bigger_faces():
-        a = _analyzer()
-        return FaceAnalyzer(a.detector, a.recognizer, min_size=50.0)
-    prepare([tmp_path / "photos"], data, bigger_faces, shard_size=1, say=said.append)
+    prepare([tmp_path / "photos"], data, _bigger_faces, shard_size=1, say=said.append)
     assert any("holds no sample yet: starting again with these settings" in m for m in said), said
     assert json.loads((data / "prepare.json").read_text())["settings"]["min_size"] == 50.0

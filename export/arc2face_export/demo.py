@@ -41,7 +41,7 @@ def run_demo(out: Path, size: str = "tiny", num_images: int = 4, seed: int = 0, 
     from arc2face_rt.outputs import check_output_dir
 
     from .engines_folder import foreign_entry
-    from .onnx_export import export_all
+    from .onnx_export import ExportExistsError, export_all
 
     check_demo_options(size, num_images, seed, steps)
     out = check_output_dir(out)
@@ -59,11 +59,9 @@ def run_demo(out: Path, size: str = "tiny", num_images: int = 4, seed: int = 0, 
         write_random_checkpoint(model, size=size, seed=seed, force=model.exists())
     try:
         export_all(model, engines, precision="fp32", progress=say)
-    except OutputExistsError as e:
+    except ExportExistsError:
         # the demo's own folder (anything foreign in it was refused above) holds an export of another
         # checkpoint (its model folder was written again): replaced, as `onnx --force` would
-        if "holds another export" not in str(e):
-            raise
         say(f"{engines}: holds an export of another checkpoint: exporting again")
         export_all(model, engines, precision="fp32", progress=say, force=True)
     runs.mkdir(parents=True, exist_ok=True)

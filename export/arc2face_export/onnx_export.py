@@ -185,6 +185,10 @@ def _check_up_to_date_files(out_dir: Path, old: dict, names) -> None:
             verify_records(out_dir, old["ort_cuda"][n]["files"], mode="stamp")
 
 
+class ExportExistsError(OutputExistsError):
+    """OUT_DIR holds only what the tools write, but not this export: `--force` would replace it."""
+
+
 def _replaced_entries(out_dir: Path, force: bool) -> list[str]:
     """What an export into `out_dir` replaces, after refusing a folder it may not write into."""
     if not out_dir.is_dir():
@@ -198,7 +202,7 @@ def _replaced_entries(out_dir: Path, force: bool) -> list[str]:
                                 "engines folder; choose another --out (--force replaces only an export)")
     if not force:
         what = "holds another export" if (out_dir / mf.MANIFEST).exists() else "exists and is not empty"
-        raise OutputExistsError(f"{out_dir}: {what}; choose another --out or pass --force")
+        raise ExportExistsError(f"{out_dir}: {what}; choose another --out or pass --force")
     return replaced_entries(out_dir)
 
 

@@ -78,12 +78,6 @@ def open_face_models(config: WorkerConfig):
     return FaceAnalyzer(det, rec)
 
 
-def face_models_id(face) -> dict | None:
-    """What dataset.json records of the face models that score its images (`FaceAnalyzer.model_ids`;
-    a `--resume` with others would score the rest differently). None without face models."""
-    return (face.model_ids() or None) if face is not None else None
-
-
 class ShardWorker:
     def __init__(self, config: WorkerConfig, identities: np.ndarray, pipe=None):
         from ..pipeline import Arc2FacePipeline
@@ -98,12 +92,15 @@ class ShardWorker:
             same_record([(as_current(config.run, mine, self.pipe.legacy_engine_id()), "the dataset"),
                          (mine, socket.gethostname())])
         self.face = open_face_models(config)
+        # what dataset.json records of the models that score (a --resume with others would score the rest
+        # differently); hashed once here, not with every shard's record check
+        self.face_ids = (self.face.model_ids() or None) if self.face is not None else None
 
     def record(self) -> tuple[dict, str]:
         """How this worker makes pixels (`Arc2FacePipeline.run_params` once its graphs are open) and, with
         face models, which ones score them (`face_models`); and its name."""
-        run, ids = self.pipe.run_params(), face_models_id(self.face)
-        return ({**run, "face_models": ids} if ids else run), self.name
+        run = self.pipe.run_params()
+        return ({**run, "face_models": self.face_ids} if self.face_ids else run), self.name
 
     def similarity(self, image: np.ndarray, j: int) -> float | None:
         """ArcFace cosine of `image` to identity j; None when no face is found in it."""
