@@ -136,6 +136,9 @@ def _build_engines(args) -> int:
     for name in args.stages or specs.ALL_STAGES:
         if name in specs.ALL_STAGES:
             stage_profile(specs.ALL_STAGES[name], options)
+    if args.opt_batch is not None and args.stages and not set(args.stages) & set(specs.PER_IMAGE_STAGES):
+        raise InvalidInputError(f"--opt-batch tunes the plans that run at the generation batch "
+                                f"({', '.join(specs.PER_IMAGE_STAGES)}), and --stages builds none of them: drop it")
     quantized = args.precision in mf.QUANT_SECTIONS
     given = [f"--{k.replace('_', '-')}" for k in QUANT_FLAGS if getattr(args, k) not in (None, False)]
     if given and not quantized:

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantise the step graphs of an fp32 engines folder with NNCF post-training "
                                    "quantisation, calibrated on step inputs the pipeline records; writes "
                                    "<stage>.ov-int8.xml/.bin and manifest['openvino_int8'].")
-    p.add_argument("--engines", required=True, type=Path, help="fp32 engines folder (`arc2face-export onnx`)")
+    p.add_argument("--engines", required=True, type=argtypes.path, help="fp32 engines folder (`arc2face-export onnx`)")
     p.add_argument("--stages", nargs="+", action="extend", choices=("step_cfg", "step"), default=None,
                    help="step graphs to quantise (default: those of step_cfg and step the folder has)")
     p.add_argument("--identities", type=argtypes.count(1, 4096, "a number of identities"), default=4,

@@ -246,7 +246,11 @@ def _ort_cuda_stages(ort_cuda, names: tuple[str, ...], precision: str) -> tuple[
         raise InvalidInputError(f"--ort-cuda writes fp16 graphs; export them into an fp16 folder (--precision fp16), "
                                 f"not {precision}")
     if ort_cuda is True:
-        return tuple(n for n in names if n in ORT_CUDA_STAGES)
+        fused = tuple(n for n in names if n in ORT_CUDA_STAGES)
+        if not fused:
+            raise InvalidInputError(f"--ort-cuda writes graphs for {', '.join(ORT_CUDA_STAGES)}, and --stages exports "
+                                    f"none of them ({', '.join(names)}): add one, or drop --ort-cuda")
+        return fused
     wanted = (ort_cuda,) if isinstance(ort_cuda, str) else tuple(ort_cuda)
     bad = [n for n in wanted if n not in ORT_CUDA_STAGES or n not in names]
     if bad:
