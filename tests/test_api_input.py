@@ -50,6 +50,8 @@ def test_read_params_reads_a_dataset_jpeg(tmp_path):
     ("no chunk", InvalidInputError, "no arc2face-rt parameters"),
     ("truncated", ImageDecodeError, "truncated or corrupt"),
     ("flipped byte", ImageDecodeError, "truncated or corrupt"),
+    ("idat chunk removed", ImageDecodeError, "truncated or corrupt"),
+    ("pixels damaged under a right crc", ImageDecodeError, "truncated or corrupt"),
     ("not json", InvalidInputError, "not valid JSON"),
     ("list", InvalidInputError, "not a JSON object"),
     ("number", InvalidInputError, "not a JSON object"),
@@ -78,6 +80,10 @@ def test_read_params_refuses_bad_files(tmp_path, case, error, words):
     elif case == "flipped byte":
         i = good.index(b'{"seed"') + 3
         p.write_bytes(good[:i] + bytes([good[i] ^ 1]) + good[i + 1:])      # the chunk's CRC no longer matches
+    elif case in ("idat chunk removed", "pixels damaged under a right crc"):
+        # every chunk intact and its CRC right, the pixels not all there: only decoding them tells
+        noisy = np.random.default_rng(0).integers(0, 256, (256, 256, 3), np.uint8)
+        p.write_bytes(_png_pixels_damaged(png_bytes(noisy, {"seed": 3}), case == "idat chunk removed"))
     elif case == "not json":
         _png_with_chunk(p, "{bad")
     elif case == "list":
@@ -87,6 +93,29 @@ def test_read_params_refuses_bad_files(tmp_path, case, error, words):
     with pytest.raises(error, match=words) as e:
         read_params(p)
     assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def _png_pixels_damaged(png: bytes, drop_last_idat: bool) -> bytes:
+    """`png` without its last IDAT chunk, or with bytes of its first IDAT's zlib stream changed and the
+    chunk's CRC recomputed: a file whose chunks all verify."""
+    import struct
+    import zlib
+
+    chunks, pos = [], 8
+    while pos < len(png):
+        n, kind = struct.unpack(">I4s", png[pos:pos + 8])
+        chunks.append((kind, png[pos + 8:pos + 8 + n]))
+        pos += 12 + n
+    idats = [i for i, (kind, _) in enumerate(chunks) if kind == b"IDAT"]
+    assert len(idats) > 1
+    if drop_last_idat:
+        del chunks[idats[-1]]
+    else:
+        data = bytearray(chunks[idats[0]][1])
+        data[100:400] = bytes(300)
+        chunks[idats[0]] = (b"IDAT", bytes(data))
+    return png[:8] + b"".join(struct.pack(">I4s", len(d), k) + d + struct.pack(">I", zlib.crc32(k + d))
+                              for k, d in chunks)
 
 
 def test_resume_reader_still_returns_none_for_foreign_files(tmp_path):

@@ -77,22 +77,24 @@ def read_params(path: str | Path) -> dict:
 
 def read_png_params(path: str | Path, jpeg: bool = False) -> tuple[dict, tuple[int, int], str]:
     """(parameters, image size, image mode) of an arc2face-rt PNG (with `jpeg`, or JPEG); errors as
-    `read_params`. The whole file is checked (every PNG chunk present and its CRC right, up to IEND; a
-    JPEG's pixels all decode), not only the parameters."""
+    `read_params`. The whole file is checked (every PNG chunk present and its CRC right, up to IEND, and
+    its pixels decode; a JPEG's pixels all decode), not only the parameters."""
     data = read_regular_file(path, MAX_PNG_BYTES, what="image" if jpeg else "PNG image")
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt, size, mode = im.format, im.size, im.mode
             text = im.info.get(PARAMS_KEY) if fmt == "PNG" else None   # our tEXt chunk precedes the pixels
             if fmt == "PNG":
-                im.verify()
+                im.verify()                     # every chunk's CRC, up to IEND
             elif fmt == "JPEG" and jpeg:
                 im.load()                       # truncated data raises here
                 text = im.info.get("comment")
                 text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
-        if fmt == "PNG" and text is None:       # a text chunk after the pixels (a re-saving tool moved it)
-            with Image.open(io.BytesIO(data)) as im:
-                text = im.text.get(PARAMS_KEY)
+        if fmt == "PNG":                        # the pixels decode: CRCs hold over a damaged zlib stream or
+            with Image.open(io.BytesIO(data)) as im:    # missing IDAT chunks
+                im.load()
+                if text is None:                # a text chunk after the pixels (a re-saving tool moved it)
+                    text = im.text.get(PARAMS_KEY)
     except Image.DecompressionBombError as e:    # intact, but more pixels than Pillow will decode
         raise ImageDecodeError(f"{path}: over Pillow's decompression-bomb pixel limit ({e}); arc2face-rt's PNGs "
                                f"are {512}x{512}, so this is not one of them") from None
