@@ -196,9 +196,22 @@ def test_control_refuses_wrong_types(images, scale, words):
         Control(images, scale)
 
 
+def test_control_keeps_its_own_read_only_copy():
+    """The fingerprint a PNG records describes the pixels every run uses: a caller changing its array after
+    making the Control changed the images (and skipped the [0, 1] check) under the same parameters."""
+    buf = np.full((1, 3, 512, 512), 0.2, np.float32)
+    c = Control(buf)
+    buf[:] = np.nan
+    assert float(c.images.max()) == pytest.approx(0.2) and not c.images.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        c.images[:] = 0.9
+
+
 def test_control_from_files_arguments(tmp_path):
     with pytest.raises(InvalidInputError, match="no files given"):
         Control.from_files([])
+    with pytest.raises(InvalidInputError, match="count must be a whole number"):
+        Control.from_files([EXAMPLE, EXAMPLE], count=2.0)
     one = Control.from_files(str(EXAMPLE))                     # one path (str or Path) is one file
     assert len(one.images) == 1
     np.testing.assert_array_equal(Control.from_files(EXAMPLE).images, one.images)
@@ -241,6 +254,7 @@ ID = np.random.default_rng(0).standard_normal(512).astype(np.float32)
     (dict(options=G(steps=2.0)), r"GenerationOptions\.steps must be a whole number"),
     (dict(options=G(steps=2, guidance="3")), r"GenerationOptions\.guidance must be a number"),
     (dict(options=G(steps=2, guidance=None)), r"GenerationOptions\.guidance must be a number"),
+    (dict(options=G(steps=2, guidance=2**1024)), r"GenerationOptions\.guidance is too large"),
     (dict(options=G(steps=2, batch_size=1.5), num_images=2), r"GenerationOptions\.batch_size must be a whole"),
     (dict(num_images=2.0), "num_images must be a whole number"),
     (dict(num_images="2"), "num_images must be a whole number"),
@@ -255,6 +269,50 @@ def test_generate_refuses_wrong_types_naming_the_field(pipe, kw, words):
     with pytest.raises(InvalidInputError, match=words) as e:
         pipe.generate(ID, **kw)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda p: p.generate(ID, indices=5, options=G(steps=1)), r"indices must be a sequence of image indices"),
+    (lambda p: p.generate(ID, num_images="x", indices=[0], options=G(steps=1)), "num_images must be a whole"),
+    (lambda p: p.generate(ID, first_index="x", indices=[0], options=G(steps=1)), "first_index must be a whole"),
+    (lambda p: p.iter_many(ID[None], 1, G(steps=1), indices=[0, 1]), r"one sequence of image indices per identity"),
+    (lambda p: p.generate_many(np.stack([ID, ID]), 1, G(steps=1), seeds=5), "seeds must be one seed per identity"),
+    (lambda p: p.generate_many(np.stack([ID, ID]), 2.5, G(steps=1), indices=[[0], [0]]), "num_images must be a whole"),
+    (lambda p: p.generate_many([ID, ID[:3]], 1, G(steps=1)), r"identities: not an \[M, 512\] array"),
+    (lambda p: p.generate(ID, 1, G(steps=1), on_step=5), "on_step must be a function"),
+    (lambda p: p.iter_many("junk"), "identities: shape"),       # when called, not at the first next()
+    (lambda p: p.prepare(None), "options must be a GenerationOptions"),
+    (lambda p: p.schedule(None, 2), r"scheduler \(--scheduler\) must be one of"),
+])
+def test_api_arguments_of_the_wrong_kind_are_refused_naming_them(pipe, call, words):
+    """Each used to end in a TypeError/ValueError/AttributeError of Python's (on_step: after a denoising step),
+    or, for a scheduler name of None, in advice to re-export the folder."""
+    with pytest.raises(InvalidInputError, match=words):
+        call(pipe)
+
+
+def test_a_control_run_on_a_folder_without_control_graphs_is_refused_before_any_work(tiny_engines):
+    from arc2face_rt.errors import EngineMismatchError
+    from arc2face_rt.pipeline import Arc2FacePipeline
+
+    with Arc2FacePipeline(tiny_engines, backend="ort") as p:
+        with pytest.raises(EngineMismatchError, match="has no ControlNet step graph"):
+            p.iter_many(ID[None], 1, G(steps=1), control=Control(np.full((1, 3, 512, 512), 0.5, np.float32)))
+        assert not p._sessions                  # the projector used to run first
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(verify=None), "verify must be True or False"), (dict(verify=0), "verify must be True or False"),
+    (dict(cpu_precision="xx"), r"cpu_precision \(--cpu-precision\) must be one of auto, fp32"),
+])
+def test_pipeline_flags_are_checked_before_any_file_is_hashed(tiny_engines, monkeypatch, kw, words):
+    """verify=None turned the sha256 check off (a damaged file was accepted); a bad cpu_precision was named
+    only after every file was hashed, as one OpenVINO would take."""
+    import arc2face_rt.pipeline as pl
+
+    monkeypatch.setattr(pl, "verify_records", lambda *a, **k: pytest.fail("hashed before the check"))
+    with pytest.raises(InvalidInputError, match=words):
+        pl.Arc2FacePipeline(tiny_engines, backend="ort", **kw)
 
 
 def test_numpy_integers_are_whole_numbers(pipe):

@@ -28,7 +28,10 @@ def real(v, name: str) -> float:
     InvalidInputError. Ranges and finiteness are the caller's check."""
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
         raise InvalidInputError(f"{name} must be a number, got {_got(v)}")
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:               # an int or Fraction beyond float's range
+        raise InvalidInputError(f"{name} is too large, got {_got(v)}") from None
 
 
 def choice(v, name: str, options) -> str:

@@ -91,6 +91,9 @@ class Control:
             raise InvalidInputError(f"--control-scale must be a number in 0..{MAX_SCALE:g} (got {self.scale!r}; "
                                     f"diffusers' default is {DEFAULT_CONTROL_SCALE:g})")
         object.__setattr__(self, "scale", scale)
+        imgs = imgs.copy()               # a read-only copy: the fingerprints below describe what every run uses
+        imgs.flags.writeable = False
+        object.__setattr__(self, "images", imgs)
         object.__setattr__(self, "fingerprints", tuple(hashlib.sha256(np.ascontiguousarray(a).tobytes())
                                                        .hexdigest()[:16] for a in imgs))
 
@@ -99,6 +102,8 @@ class Control:
                    limits=None) -> "Control":
         """One file for every image, or exactly `count` files (one per image, in order); `paths`: a
         list of files, or one file (a str or Path); `limits`: as load_control_image."""
+        if count is not None:
+            count = checks.whole(count, "count")
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         if not paths:
             raise InvalidInputError("--control-image: no files given; give one for all images or one per image")
