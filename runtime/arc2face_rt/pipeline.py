@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from . import __version__, checks, folder_setup, provenance
+from .backends.openvino import CPU_PRECISIONS
 from .control import Control
 from .errors import EngineMismatchError, InvalidInputError, MissingWeightsError
 from .exits import check_interrupt
@@ -26,12 +27,12 @@ from .folder_setup import BACKENDS, DEVICES, check_folder_scheduler, folder_defa
 from .inputs import (IDENTITY_MAX_BYTES, identity_fingerprint, image_noise, load_identity,  # noqa: F401
                      normalize_identity, random_identity)
 from .inputs import (IMAGE_BYTES, MAX_INDEX, index_bounds, index_count, max_images_in_memory,  # noqa: F401
-                     run_batches, run_items)
+                     run_batches, run_items, sequence)
 from .integrity import verify_records
 from .manifest import load_manifest, record_files, reexport_advice, refused, resolve_inside, stage_file
 # re-exported: the options are part of the pipeline's public API (`options`)
 from .options import MAX_GUIDANCE, GenerationOptions, checked_options  # noqa: F401
-from .schedulers import Schedule, make_schedule
+from .schedulers import SCHEDULERS, Schedule, make_schedule
 from .specs import ALL_STAGES, CONTROL_STAGES, IMAGE_SIZE, PROJECTOR, STEP_STAGES, VAE_DECODER, step_stage
 
 log = logging.getLogger("arc2face_rt")
@@ -54,6 +55,9 @@ class Arc2FacePipeline:
         `cpu_precision`: OpenVINO's auto | fp32 | bf16 | int8 (`backends.openvino`)."""
         self.engines_dir = checks.path(engines_dir, "engines folder")
         checks.choice(device, "device (--device)", DEVICES)
+        if not isinstance(verify, (bool, np.bool_)):          # None or 0 must not turn the sha256 check off
+            raise InvalidInputError(f"verify must be True or False, got {verify!r} ({type(verify).__name__})")
+        checks.choice(cpu_precision, "cpu_precision (--cpu-precision)", CPU_PRECISIONS)
         self.manifest = load_manifest(self.engines_dir)
         self.backend = pick_backend(self.engines_dir, self.manifest, backend, device)
         self.device = device
@@ -175,6 +179,7 @@ class Arc2FacePipeline:
 
     def schedule(self, name: str, steps: int) -> Schedule:
         """The coefficient table of `name` for `steps`, from this folder's scheduler config."""
+        checks.choice(name, "scheduler (--scheduler)", SCHEDULERS)
         check_folder_scheduler(self.engines_dir, self.manifest, name)
         return make_schedule(name, steps, self.manifest.get("scheduler_config"))
 
@@ -182,7 +187,7 @@ class Arc2FacePipeline:
         """Check `options` against this folder and open every session a run with them needs, so that a
         run fails before it has written anything (steps out of range, a step graph or backend missing).
         `control`: the run has a ControlNet condition image."""
-        options.check()
+        options = checked_options(options)
         schedule = self.schedule(options.scheduler, options.steps)
         for name in (PROJECTOR.name, step_stage(options.guidance > 1.0, control), VAE_DECODER.name):
             self.session(name)
@@ -243,13 +248,15 @@ class Arc2FacePipeline:
         another batch size may move its pixels by one grey level (ONNX Runtime's kernels per batch shape).
         `control`: a pose condition (ControlNet step graphs), one image for all or one per index.
         All images are kept in memory: at most `max_images_in_memory()` (`iter_many` streams more)."""
+        num_images, first_index = checks.whole(num_images, "num_images"), checks.whole(first_index, "first_index")
         if indices is None:
-            num_images, first_index = checks.whole(num_images, "num_images"), checks.whole(first_index, "first_index")
             if not 1 <= num_images <= MAX_INDEX:
                 raise InvalidInputError(f"-n / num_images must be in 1..2**63-1 (got {num_images})")
             if not 0 <= first_index <= MAX_INDEX - num_images + 1:
                 raise InvalidInputError(f"first_index must be in 0..2**63-num_images (got {first_index})")
             indices = range(first_index, first_index + num_images)
+        elif not isinstance(indices, range):            # a range is never listed (2**63 indices)
+            indices = sequence(indices, "indices", "a sequence of image indices, such as [0, 1]")
         return self.generate_many(normalize_identity(identity)[None], options=options, indices=[indices],
                                   on_step=on_step, control=control)
 
@@ -286,15 +293,24 @@ class Arc2FacePipeline:
         images, so memory stays bounded (a range of indices is never listed: any count up to 2**63-1).
         Each identity is projected alone (batch 1): its condition has the same bytes as in `generate`.
         TensorRT (one identity per generator call) splits a batch where the identity changes.
-        `control`: as in `generate`, by image index."""
+        `control`: as in `generate`, by image index. The arguments are checked, and the sessions a control
+        run needs opened, when it is called, before the first batch is asked for."""
         options = checked_options(options)
         ids, indices, seeds = run_items(identities, num_images, indices, seeds, options.seed)
+        if on_step is not None and not callable(on_step):
+            raise InvalidInputError(f"on_step must be a function of the steps done (or None), not {type(on_step).__name__}")
         if control is not None:
             if not isinstance(control, Control):
                 raise InvalidInputError(f"control must be a Control (from_files reads images), not "
                                         f"{type(control).__name__}")
             control.check_indices([max(index_bounds(idx)[1] for idx in indices if idx)])
+            self.session(step_stage(options.guidance > 1.0, True))     # a folder without them: before any work
         schedule = self.schedule(options.scheduler, options.steps)
+        return self._batches(ids, indices, seeds, options, schedule, on_step, control)
+
+    def _batches(self, ids: list, indices: list, seeds: list, options: GenerationOptions, schedule: Schedule,
+                 on_step, control: Control | None) -> Iterator[GenerationResult]:
+        """iter_many's batches, made as they are asked for (its arguments checked)."""
         gen = self._trt_generator(options.guidance > 1.0, control is not None)
         conds: dict[int, np.ndarray] = {}
         for batch in run_batches(indices, options.batch_size):
