@@ -483,3 +483,64 @@ def test_face_analyzer_refuses_a_bad_face_choice_when_made(face, min_size):
 
     with pytest.raises(InvalidInputError, match="face \\(--face\\)|min_size \\(--min-size\\)"):
         FaceAnalyzer(None, None, face=face, min_size=min_size)
+
+
+def _face_models():
+    from face_fixtures import tiny_models_dir
+
+    from arc2face_rt.face.models import load_face_models
+
+    return tiny_models_dir(), load_face_models(tiny_models_dir(), device="cpu")
+
+
+def test_face_api_refuses_arguments_of_the_wrong_kind(tmp_path):
+    """Each used to be accepted and fail later in an AttributeError or TypeError of Python's (limits=None
+    after both models had loaded), or be taken silently (aligned="no" meant True)."""
+    from arc2face_rt.face import FaceAnalyzer, ImageLimits, expand_paths, load_image
+    from arc2face_rt.face.models import identity_from_images
+
+    models, (det, rec) = _face_models()
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (64, 64), (90, 60, 30)).save(photo)
+    cases = [
+        (lambda: FaceAnalyzer(det, rec, limits=None), "limits must be an ImageLimits"),
+        (lambda: FaceAnalyzer("x", rec), "detector must be a ScrfdDetector"),
+        (lambda: FaceAnalyzer(det, None), "recognizer must be an ArcFaceRecognizer"),
+        (lambda: FaceAnalyzer(det, rec).embed_image([[1, 2, 3]]), "expected a uint8 \\[H, W, 3\\] RGB numpy array"),
+        (lambda: FaceAnalyzer(None, rec).embed_aligned([[1, 2, 3]]), "expected a uint8"),
+        (lambda: FaceAnalyzer(det, rec).embed_file(None), "a path must be a str or pathlib.Path, not NoneType"),
+        (lambda: FaceAnalyzer(det, rec).embed_file(photo, aligned="no"), "aligned must be True or False"),
+        (lambda: FaceAnalyzer(det, rec).embed_files(None), "paths must be a list of image files"),
+        (lambda: load_image(None), "not NoneType"),
+        (lambda: expand_paths(None), "paths must be a path or a list of paths"),
+        (lambda: identity_from_images(None, models), "paths must be a path or a list of paths"),
+        (lambda: identity_from_images([photo], models, limits=None), "limits must be an ImageLimits"),
+        (lambda: ImageLimits(max_bytes="x"), "ImageLimits.max_bytes must be a whole number"),
+        (lambda: ImageLimits(max_pixels=0), "ImageLimits.max_pixels must be >= 1"),
+    ]
+    for call, words in cases:
+        with pytest.raises(InvalidInputError, match=words):
+            call()
+
+
+def test_face_model_options_are_checked_when_the_models_are_opened():
+    """A min_score of 5 meant no face would ever be found; a device "gpu" or backend "x" was accepted."""
+    from arc2face_rt.face import ScrfdDetector
+    from arc2face_rt.face.models import load_face_models
+
+    models, _ = _face_models()
+    for kw, words in ((dict(min_score=5), r"min_score \(--min-score\) must be a detection score"),
+                      (dict(device="gpu"), r"device \(--device\) must be one of"),
+                      (dict(backend="x"), r"backend \(--backend\) must be one of")):
+        with pytest.raises(InvalidInputError, match=words):
+            load_face_models(models, **{"device": "cpu", **kw})
+    for kw, words in ((dict(device="gpu"), "device"), (dict(backend="x"), "backend must be one of ort, openvino")):
+        with pytest.raises(InvalidInputError, match=words):
+            ScrfdDetector.from_file(models / "scrfd_10g_bnkps.onnx", **kw)
+
+
+@pytest.mark.parametrize("bad, words", [(None, "path must be a path"), (5, "path must be a path"),
+                                        (b"/x.png", "path must be a path"), ("", "path must not be empty")])
+def test_read_params_refuses_what_is_not_a_path(bad, words):
+    with pytest.raises(InvalidInputError, match=words):
+        read_params(bad)

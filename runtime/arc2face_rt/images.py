@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from . import checks
 from .atomic import atomic_write
 from .errors import ImageDecodeError, InvalidInputError
 from .fileio import read_regular_file
@@ -79,7 +80,7 @@ def read_png_params(path: str | Path, jpeg: bool = False) -> tuple[dict, tuple[i
     """(parameters, image size, image mode) of an arc2face-rt PNG (with `jpeg`, or JPEG); errors as
     `read_params`. The whole file is checked (every PNG chunk present and its CRC right, up to IEND, and
     its pixels decode; a JPEG's pixels all decode), not only the parameters."""
-    data = read_regular_file(path, MAX_PNG_BYTES, what="image" if jpeg else "PNG image")
+    data = read_regular_file(checks.path(path, "path"), MAX_PNG_BYTES, what="image" if jpeg else "PNG image")
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt, size, mode = im.format, im.size, im.mode

@@ -13,7 +13,9 @@ import os
 import stat
 from pathlib import Path
 
+from .. import checks
 from ..errors import EngineMismatchError, MissingWeightsError, ModelFormatError
+from ..folder_setup import DEVICES
 from ..exits import os_error_reason
 
 
@@ -21,7 +23,9 @@ def open_session(path: str | Path, what: str, fix: str, device: str = "auto", th
                  backend: str = "ort"):
     """A session for a face model (ONNX Runtime, or OpenVINO in f32 with backend "openvino"), with
     errors that say which model and how to get it."""
-    path = Path(path)
+    checks.choice(device, "device (--device)", DEVICES)
+    checks.choice(backend, "backend", ("ort", "openvino"))
+    path = checks.path(path, f"the {what}'s file")
     try:
         st = os.stat(path)
         if stat.S_ISREG(st.st_mode):            # the kind first: only a regular file is opened to test it

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from ..manifest import sha256_file
 from ..specs import ID_DIM
 from .align import CROP_SIZE, align_face
 from .detector import Face, ScrfdDetector, check_detectable, choose_face
-from .image_io import DEFAULT_LIMITS, ImageLimits, load_image
+from .image_io import DEFAULT_LIMITS, ImageLimits, check_path, load_image
 from .recognizer import ArcFaceRecognizer, l2_normalize
 
 _CAUSES = {"ImageDecodeError": "unreadable", "NoFaceError": "without a usable face",
@@ -130,12 +130,26 @@ def check_face_choice(face, min_size) -> None:
         raise InvalidInputError(f"min_size (--min-size) must be a size in pixels >= 0, got {min_size!r}")
 
 
+def _check_array(image, name: str) -> None:
+    if not isinstance(image, np.ndarray):
+        raise InvalidInputError(f"{name}: expected a uint8 [H, W, 3] RGB numpy array, not {type(image).__name__} "
+                                "(load_image reads a file into one)")
+
+
 class FaceAnalyzer:
     """Detector + recognizer + the face-choice policy (checked here); embeds images and files."""
 
     def __init__(self, detector: ScrfdDetector | None, recognizer: ArcFaceRecognizer,
                  face: str | int = "largest", min_size: float = 0.0, limits: ImageLimits = DEFAULT_LIMITS):
         check_face_choice(face, min_size)
+        if detector is not None and not callable(getattr(detector, "detect", None)):
+            raise InvalidInputError(f"detector must be a ScrfdDetector (load_face_models opens one) or None for "
+                                    f"aligned crops, not {type(detector).__name__}")
+        if not callable(getattr(recognizer, "embed", None)):
+            raise InvalidInputError(f"recognizer must be an ArcFaceRecognizer (load_face_models opens one), "
+                                    f"not {type(recognizer).__name__}")
+        if not isinstance(limits, ImageLimits):
+            raise InvalidInputError(f"limits must be an ImageLimits, not {type(limits).__name__}")
         self.detector, self.recognizer = detector, recognizer
         self.face, self.min_size, self.limits = face, min_size, limits
 
@@ -154,12 +168,14 @@ class FaceAnalyzer:
         """image [H, W, 3] uint8 RGB → (unit embedding [512], chosen face, eligible face count)."""
         if self.detector is None:
             raise InvalidInputError("no face detector loaded; pass one, or use aligned 112x112 crops")
+        _check_array(image, name)
         check_detectable(image.shape[0], image.shape[1], self.detector.input_size, name)
         chosen, n = choose_face(self.detector.detect(image), self.face, self.min_size, name)
         return self.recognizer.embed(align_face(image, chosen.kps))[0], chosen, n
 
     def embed_aligned(self, image: np.ndarray, name: str = "image") -> np.ndarray:
         """An already aligned 112x112 RGB crop → unit embedding [512] (no detection)."""
+        _check_array(image, name)
         if image.shape[:2] != (CROP_SIZE, CROP_SIZE):
             raise InvalidInputError(f"{name}: {image.shape[1]}x{image.shape[0]} is not an aligned "
                                     f"{CROP_SIZE}x{CROP_SIZE} face crop; drop --aligned to detect the face")
@@ -167,7 +183,9 @@ class FaceAnalyzer:
 
     def embed_file(self, path: str | Path, aligned: bool = False) -> FileResult:
         """One file → FileResult; raises the per-file errors (see embed_files for the skipping form)."""
-        path = Path(path)
+        path = Path(check_path(path))
+        if not isinstance(aligned, (bool, np.bool_)):
+            raise InvalidInputError(f"aligned must be True or False, got {aligned!r}")
         image = load_image(path, self.limits)
         if aligned:
             return FileResult(path, embedding=self.embed_aligned(image, str(path)), n_faces=1)
@@ -178,6 +196,9 @@ class FaceAnalyzer:
         """Every file → a FileResult; unreadable files and photos without a usable face are recorded
         (error, error_type) and skipped."""
         results = []
+        if isinstance(paths, (str, bytes)) or not isinstance(paths, Iterable):
+            raise InvalidInputError(f"paths must be a list of image files, not {type(paths).__name__} "
+                                    "(expand_paths turns folders and patterns into one)")
         for p in paths:
             try:
                 results.append(self.embed_file(p, aligned))

@@ -34,11 +34,12 @@ import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .. import checks
 from ..errors import ImageDecodeError, InvalidInputError
 from ..exits import os_error_message
 
@@ -88,6 +89,11 @@ class ImageLimits:
     The defaults admit 48 MP phone photos and 16-bit PNGs of that size; raise them for larger scans."""
     max_bytes: int = 200 * 2**20
     max_pixels: int = 64_000_000
+
+    def __post_init__(self):
+        for name in ("max_bytes", "max_pixels"):
+            if checks.whole(getattr(self, name), f"ImageLimits.{name}") < 1:
+                raise InvalidInputError(f"ImageLimits.{name} must be >= 1, got {getattr(self, name)}")
 
 
 DEFAULT_LIMITS = ImageLimits()
@@ -148,7 +154,10 @@ def check_image_file(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -> 
 
 
 def check_path(path: str | Path) -> str | Path:
-    """`path`, refused with InvalidInputError when no file can have that name (empty, or a NUL byte)."""
+    """`path`, refused with InvalidInputError when it is not a str or os.PathLike, or no file can have that
+    name (empty, or a NUL byte)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidInputError(f"a path must be a str or pathlib.Path, not {type(path).__name__}")
     text = str(path)
     if not text.strip():
         raise InvalidInputError("an empty path; give an image file, folder or pattern (an empty string would "
@@ -297,7 +306,10 @@ def expand_paths(args: Iterable[str | Path] | str | Path, recursive: bool = Fals
     recurses). Raises InvalidInputError for an empty path, one that names nothing, or a folder/pattern
     without images."""
     out: set[Path] = set()
-    for arg in [args] if isinstance(args, (str, Path)) else args:
+    if not isinstance(args, (str, os.PathLike, Iterable)) or isinstance(args, bytes):
+        raise InvalidInputError(f"paths must be a path or a list of paths (files, folders, patterns), not "
+                                f"{type(args).__name__}")
+    for arg in [args] if isinstance(args, (str, os.PathLike)) else args:
         s = str(check_path(arg))
         p = _expanduser(s)
         if p.is_dir():

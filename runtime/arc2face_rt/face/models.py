@@ -110,6 +110,7 @@ def load_face_models(models_dir: str | Path | None = None, detector_path: str | 
     `file_flags`, `models_flag`: the flags a missing model's error may suggest (see `resolve_model`)."""
     from ..backends.trt import open_session as open_plan   # imports no TensorRT until a plan is opened
 
+    check_model_options(min_score, backend, device)
     det = None
     on_file = "ort" if backend == "trt" else file_backend(engines, backend, device)
     if need_detector:
@@ -171,9 +172,14 @@ def check_face_options(face, min_score, min_size, method: str = "mean", backend:
     """Refuse a bad option before any model is loaded or photo read (InvalidInputError naming it): the
     flags' own ranges (`embed --face/--min-score/--min-size/--combine/--backend/--device`)."""
     checks.choice(method, "method (--combine)", ("mean", "median"))
+    check_face_choice(face, min_size)
+    check_model_options(min_score, backend, device)
+
+
+def check_model_options(min_score, backend: str, device: str) -> None:
+    """`load_face_models`' own options (`--min-score/--backend/--device`), refused with InvalidInputError."""
     checks.choice(backend, "backend (--backend)", BACKENDS)
     checks.choice(device, "device (--device)", DEVICES)
-    check_face_choice(face, min_size)
     score = checks.real(min_score, "min_score (--min-score)")
     if not 0.0 <= score <= 1.0:            # also NaN: no detection would pass it, blaming the photo
         raise InvalidInputError(f"min_score (--min-score) must be a detection score in 0..1, got {min_score!r}")
