@@ -544,3 +544,13 @@ def test_face_model_options_are_checked_when_the_models_are_opened():
 def test_read_params_refuses_what_is_not_a_path(bad, words):
     with pytest.raises(InvalidInputError, match=words):
         read_params(bad)
+
+
+def test_save_png_refuses_other_arrays(tmp_path):
+    from arc2face_rt.images import save_png
+
+    for bad in (np.zeros((8, 8, 3), np.float32), np.zeros((8, 8, 4), np.uint8), np.zeros((8, 8), np.uint8),
+                np.zeros((8, 8, 3), np.int64), [[0, 0, 0]]):
+        with pytest.raises(InvalidInputError, match="image must be a uint8 \\[H, W, 3\\] RGB array"):
+            save_png(tmp_path / "x.png", bad, {})
+    assert not list(tmp_path.iterdir())

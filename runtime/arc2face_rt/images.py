@@ -26,8 +26,17 @@ PNG_COMPRESS_LEVEL = 4
 DATASET_PNG_LEVEL = 6
 
 
+def check_rgb8(image) -> None:
+    """InvalidInputError unless `image` is a uint8 [H, W, 3] RGB array (what the pipeline gives)."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise InvalidInputError(f"image must be a uint8 [H, W, 3] RGB array (got {got}); "
+                                "GenerationResult.images[i] is one")
+
+
 def png_bytes(image: np.ndarray, params: dict, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
     """image [H, W, 3] uint8 RGB -> PNG file content with `params` in a text chunk."""
+    check_rgb8(image)
     info = PngInfo()
     info.add_text(PARAMS_KEY, json.dumps(params, sort_keys=True))
     buf = io.BytesIO()
@@ -46,6 +55,7 @@ def image_bytes(image: np.ndarray, params: dict, image_format: str = "png",
     DATASET_PNG_LEVEL; `params` in a text chunk, which `read_params` reads) or "jpg" (baseline JPEG at
     `quality`, 4:2:0 chroma; `params` as the same JSON in its comment segment, which Pillow shows as
     `Image.info["comment"]`)."""
+    check_rgb8(image)
     if image_format == "png":
         return png_bytes(image, params, DATASET_PNG_LEVEL)
     if image_format != "jpg":
