@@ -25,6 +25,15 @@ def _torch_save(obj, path: Path) -> None:
     torch.save(obj, path)
 
 
+def _int32_weights(path: Path) -> None:
+    """`path`'s safetensors with every tensor cast to int32 (same names and shapes)."""
+    from safetensors.torch import load_file, save_file
+
+    state = {k: v.to(__import__("torch").int32) for k, v in load_file(str(path)).items()}
+    path.unlink()                                  # a hard-linked copy: never write through to the original
+    save_file(state, str(path))
+
+
 def _edit_json(path: Path, **changes) -> None:
     replace_file(path, json.dumps({**json.loads(path.read_text()), **changes}).encode())
 
@@ -77,6 +86,9 @@ EXPORT_CASES = [
      ["onnx", "--model-dir", "{t}/m2", "--out", "{t}/e2"], "pytorch_model.bin: unreadable"),
     ("onnx-encoder-a-list", lambda t, m: _torch_save([1, 2], model_copy(m, t / "m2") / "encoder" / "pytorch_model.bin"),
      ["onnx", "--model-dir", "{t}/m2", "--out", "{t}/e2"], "pytorch_model.bin: holds list, not a model's weights"),
+    ("onnx-unet-weights-int32", lambda t, m: _int32_weights(model_copy(m, t / "m2") / "arc2face" /
+                                                            "diffusion_pytorch_model.safetensors"),
+     ["onnx", "--model-dir", "{t}/m2", "--out", "{t}/e2"], "more tensors are not floating point"),
     ("onnx-scheduler-list", lambda t, m: replace_file(model_copy(m, t / "m2") / "scheduler" / "scheduler_config.json",
                                                       b"[]"),
      ["onnx", "--model-dir", "{t}/m2", "--out", "{t}/e2"], "not a scheduler config object"),

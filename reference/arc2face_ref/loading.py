@@ -93,7 +93,15 @@ def _build(config_path: Path, make):
 
 
 def _load_weights(model, state: dict, weights: Path, config_path: Path):
-    """Load `state` into `model`: every tensor present, of the shape the config gives."""
+    """Load `state` into `model`: every tensor present, of the shape the config gives, and floating point
+    where the model's is (load_state_dict would cast integers silently: weights of whole numbers)."""
+    own = model.state_dict()
+    ints = [k for k, v in state.items() if k in own and own[k].is_floating_point()
+            and isinstance(v, torch.Tensor) and not v.is_floating_point()]
+    if ints:
+        raise MissingWeightsError(f"{weights}: {ints[0]} is {str(state[ints[0]].dtype).removeprefix('torch.')}"
+                                  f"{f', and {len(ints) - 1} more tensors are not floating point' if len(ints) > 1 else ''}"
+                                  "; model weights are floating point: download it again")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:               # size mismatches, listed one per line
