@@ -313,3 +313,30 @@ def test_a_resume_with_other_options_names_the_flags_that_started_the_run(tmp_pa
     for k, text in said.items():                       # every flag named is one of fit's
         flag = next(w for w in text.split() if w.startswith("--"))
         assert flag in fit._option_string_actions, (k, text)
+
+
+def test_a_shard_sample_without_its_image_is_named_not_dropped(tmp_path):
+    """A committed shard whose sample lacks a part (here its jpg) was trained without that sample, silently;
+    the shard's stats file records how many prepare wrote."""
+    import tarfile
+
+    from arc2face_ref.train.prepare import PLAN_FILE, shard_name, stats_name
+    from arc2face_ref.train.shards import index_shards
+
+    (tmp_path / PLAN_FILE).write_text(json.dumps({"files": ["a.jpg", "b.jpg"], "shard_size": 2}))
+    (tmp_path / stats_name(0)).write_text(json.dumps({"written": 2}))
+    with tarfile.open(tmp_path / shard_name(0), "w") as tf:
+        for key, parts in (("000000", ("jpg", "id.npy", "json")), ("000001", ("id.npy", "json"))):
+            for part in parts:
+                data = b"x"
+                info = tarfile.TarInfo(f"{key}.{part}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    for written in (2, 1):
+        (tmp_path / stats_name(0)).write_text(json.dumps({"written": written}))
+        with pytest.raises(InvalidInputError, match=r"sample 000001 has no jpg; it holds 1 complete sample\(s\), and "
+                                                    rf"{stats_name(0)} records {written}; move both away"):
+            index_shards(tmp_path)
+    (tmp_path / stats_name(0)).write_text(json.dumps({"written": 3}))
+    with pytest.raises(InvalidInputError, match=r"it holds 1 complete sample\(s\), and .* records 3"):
+        index_shards(tmp_path)

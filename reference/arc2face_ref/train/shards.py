@@ -76,8 +76,14 @@ def index_shards(data: str | Path) -> list[SampleRef]:
         except (tarfile.TarError, OSError) as e:
             raise InvalidInputError(f"{shard}: unreadable shard ({e}); delete it and its .stats.json, then run "
                                     "`arc2face-train prepare` again to redo it") from None
-        refs += [SampleRef(shard, key, parts) for key, parts in sorted(by_key.items())
-                 if all(q in parts for q in _PARTS)]
+        complete = [SampleRef(shard, key, parts) for key, parts in sorted(by_key.items())
+                    if all(q in parts for q in _PARTS)]
+        lacking = next(((k, q) for k, p in sorted(by_key.items()) for q in _PARTS if q not in p), None)
+        if lacking or len(complete) != written:     # such a sample was silently trained without
+            why = f"sample {lacking[0]} has no {lacking[1]}; " if lacking else ""
+            raise InvalidInputError(f"{shard}: {why}it holds {len(complete)} complete sample(s), and {stats.name} "
+                                    f"records {written}; move both away and {redo} to redo that shard")
+        refs += complete
     if not refs:
         raise InvalidInputError(f"--data {data}: no samples (did prepare skip every photo? see its skipped.txt)")
     return refs
