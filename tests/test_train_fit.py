@@ -70,6 +70,7 @@ def test_resume_equals_straight_run(tiny_model_dir, data, tmp_path, steps):
     sa, sb = load_state(tmp_path / "a" / f"checkpoint-{steps}"), load_state(tmp_path / "b" / f"checkpoint-{steps}")
     for k in sa["trainable"]:
         torch.testing.assert_close(sb["trainable"][k], sa["trainable"][k], rtol=1e-5, atol=1e-6)
+    assert sa["processes"] == 1 and "base_model" not in sa           # recorded for a resume to compare
     rows = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
     assert len(rows) == steps + 1 and rows[-1].startswith(f"{steps},")
     base = _weights(tiny_model_dir)
@@ -78,6 +79,35 @@ def test_resume_equals_straight_run(tiny_model_dir, data, tmp_path, steps):
     from arc2face_rt.errors import InvalidInputError
     with pytest.raises(InvalidInputError, match="--lr"):
         fit(_cfg(tiny_model_dir, data, tmp_path / "b", **{**kw, "steps": steps + 10, "lr": 1.0}), resume=True)
+
+
+def test_a_resume_on_other_processes_or_another_lora_base_is_refused(tiny_model_dir, tmp_path):
+    """The order of the samples and the global batch depend on the process count (a 2-process run resumed
+    on one trained samples again); LoRA adapters sit on --model-dir's weights, which a checkpoint does not
+    hold (a resume with another --model-dir grafted them onto it)."""
+    from test_bad_input_export import model_copy
+
+    from arc2face_ref.train.loop import _check_same_run, _run_identity
+    from arc2face_rt.errors import InvalidInputError
+
+    lora = _cfg(tiny_model_dir, tmp_path, tmp_path / "run", lora_rank=4)
+    same = _run_identity(lora, 2)
+    assert same["processes"] == 2 and sorted({k.split("/")[0] for k in same["base_model"]}) == \
+        ["arc2face", "encoder", "vae"]
+    _check_same_run({"processes": 2, "base_model": same["base_model"]}, same, "ckpt", lora)
+    _check_same_run({}, same, "ckpt", lora)                          # a checkpoint from before: not checked
+    with pytest.raises(InvalidInputError, match=r"trained on 2 process\(es\), this run has 1"):
+        _check_same_run({"processes": 2}, _run_identity(lora, 1), "ckpt", lora)
+    other = model_copy(tiny_model_dir, tmp_path / "m2")
+    weights = other / "vae" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.unlink()                                                  # a hard link: never write through
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    moved = _cfg(other, tmp_path, tmp_path / "run", lora_rank=4)
+    with pytest.raises(InvalidInputError, match=r"another base model .* \(vae/diffusion_pytorch_model.safetensors "
+                                                r"differs\)"):
+        _check_same_run({"processes": 2, "base_model": same["base_model"]}, _run_identity(moved, 2), "ckpt", moved)
+    assert "base_model" not in _run_identity(_cfg(tiny_model_dir, tmp_path, tmp_path / "run"), 1)
 
 
 def test_resume_keeping_one_checkpoint_prunes_the_resumed_one_and_finishes(tiny_model_dir, data, tmp_path):

@@ -122,7 +122,8 @@ def _add_fit_parser(sub) -> None:
     p.add_argument("--freeze-unet", action="store_true", help="train the ID encoder only")
     p.add_argument("--freeze-encoder", action="store_true", help="train the UNet only")
     p.add_argument("--id-dropout", type=argtypes.number(0, 0.999), default=d["id_dropout"].default,
-                   help="probability of training a sample unconditionally (keeps CFG working)")
+                   help="probability of training a sample unconditionally: keeps CFG working, as the unconditional "
+                        "embedding moves with a training encoder")
     p.add_argument("--mixed-precision", choices=PRECISIONS, default=d["mixed_precision"].default,
                    help="autocast precision (Accelerate)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, more compute")

@@ -28,7 +28,9 @@ class FitConfig:
     resolution: int = 512           # training image side; latents are resolution/8
     train_unet: bool = True
     train_encoder: bool = True
-    id_dropout: float = 0.0         # probability of replacing a sample's condition by the unconditional one
+    # probability of replacing a sample's condition by the unconditional one: the encoder trains, so the
+    # unconditional embedding CFG subtracts moves with it, and the UNet must keep learning it (SD's 10%)
+    id_dropout: float = 0.1
     mixed_precision: str = "no"     # "no", "bf16", "fp16" (Accelerate autocast; master weights stay fp32)
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0          # 0: no EMA; else the checkpoints hold the EMA weights

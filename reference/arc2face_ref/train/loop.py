@@ -27,7 +27,9 @@ from arc2face_rt.errors import InvalidInputError, MissingWeightsError, OutputExi
 from arc2face_rt.exits import check_interrupt
 from arc2face_rt.outputs import check_output_dir
 
-from ..loading import Arc2FaceModels, cast, load_models
+from arc2face_rt.manifest import sha256_file
+
+from ..loading import Arc2FaceModels, cast, load_models, model_files
 from .checkpoint import check_resumable, checkpoints, load_state, prune_checkpoints, save_checkpoint
 from .config import FitConfig, as_flags, resume_changes
 from .model import Trainee, load_trainable_state, set_trainable, trainable_state
@@ -66,6 +68,35 @@ def _start(cfg: FitConfig, resume: bool) -> tuple[int, dict | None, Path | None]
         raise InvalidInputError(f"--resume: {path} is at step {step}, --steps is {cfg.steps}: nothing left to do; "
                                 "raise --steps to train further")
     return step, state, path
+
+
+def _run_identity(cfg: FitConfig, processes: int) -> dict:
+    """What a resumed run must share with its checkpoint besides the options: the number of processes
+    (the order of the samples and the global batch depend on it) and, with LoRA, the base model's weights
+    (sha256 per file: the adapters sit on them, and a checkpoint holds the merged weights only)."""
+    same = {"processes": processes}
+    if cfg.lora_rank:
+        same["base_model"] = {str(p.relative_to(cfg.model_dir)): sha256_file(p) for p in model_files(cfg.model_dir)
+                              if p.relative_to(cfg.model_dir).parts[0] in ("arc2face", "encoder", "vae")}
+    return same
+
+
+def _check_same_run(state: dict | None, same: dict, ckpt: Path | None, cfg: FitConfig) -> None:
+    """Refuse a resume whose processes or LoRA base differ from the checkpoint's run (a checkpoint from
+    before they were recorded is not checked)."""
+    if state is None:
+        return
+    was = state.get("processes", same["processes"])
+    if was != same["processes"]:
+        raise InvalidInputError(f"--resume: {ckpt} was trained on {was} process(es), this run has {same['processes']}; "
+                                "the order of the samples and the global batch depend on it: resume on "
+                                f"{was}, or start a new run in another --out")
+    base = state.get("base_model", same.get("base_model"))
+    if base != same.get("base_model"):
+        diff = sorted(k for k in {*base, *same["base_model"]} if base.get(k) != same["base_model"].get(k))
+        raise InvalidInputError(f"--resume: {ckpt} holds LoRA adapters trained on another base model than --model-dir "
+                                f"{cfg.model_dir} ({diff[0]} differs); resume with the --model-dir the run started "
+                                "with")
 
 
 def _load_start_models(ckpt: Path | None, model_dir: Path):
@@ -119,6 +150,8 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
                       cpu=cpu_group)
     main = acc.is_main_process
     start, state, ckpt = _start(cfg, resume)
+    same_run = _run_identity(cfg, acc.num_processes)
+    _check_same_run(state, same_run, ckpt, cfg)
     refs = index_shards(cfg.data)
     analyzer = open_face_analyzer(cfg.face_models) if main and cfg.validate_every and cfg.face_models else None
     # LoRA trains adapters on the base weights; otherwise the checkpoint's weights are the start.
@@ -135,9 +168,10 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
     if state is not None and "trainable" in state:
         load_trainable_state(unet, encoder, state["trainable"])
     if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        # transformers 5 renamed it (the old name warns); 4.x has only the old one
-        (getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable)()
+        if cfg.train_unet:
+            unet.enable_gradient_checkpointing()
+        if cfg.train_encoder:       # frozen, its input-gradient hook would backpropagate through it for nothing
+            encoder.activation_checkpointing_enable()
     ema = None
     if cfg.ema_decay:
         from diffusers.training_utils import EMAModel
@@ -158,6 +192,8 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["lr_scheduler"])
     model, opt = acc.prepare(trainee, opt)
+    if state is not None and state.get("scaler") and acc.scaler is not None:
+        acc.scaler.load_state_dict(state["scaler"])     # fp16: the loss scale reached, not 65536 again
     acc.wait_for_everyone()             # every process has checked the run folder before it is made
     if main:
         cfg.out.mkdir(parents=True, exist_ok=True)
@@ -229,7 +265,9 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
                         trainee.train()
                     if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                         st = {"step": step, "config": cfg.to_json(), "optimizer": opt.state_dict(),
-                              "lr_scheduler": sched.state_dict()}
+                              "lr_scheduler": sched.state_dict(), **same_run}
+                        if acc.scaler is not None:
+                            st["scaler"] = acc.scaler.state_dict()
                         if ema is not None:
                             st["ema"] = ema.state_dict()
                         if ema is not None or cfg.lora_rank:
