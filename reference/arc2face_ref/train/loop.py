@@ -168,8 +168,7 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
     if state is not None and "trainable" in state:
         load_trainable_state(unet, encoder, state["trainable"])
     if cfg.gradient_checkpointing:
-        if cfg.train_unet:
-            unet.enable_gradient_checkpointing()
+        unet.enable_gradient_checkpointing()    # frozen too: a training encoder's gradients pass through it
         if cfg.train_encoder:       # frozen, its input-gradient hook would backpropagate through it for nothing
             encoder.activation_checkpointing_enable()
     ema = None
