@@ -143,8 +143,10 @@ def test_stale_temporary_files(tmp_path):
     foreign = tmp_path / ".d.png.tmp"                       # not ours: never touched
     for p in (mine, theirs, other_host, foreign):
         p.write_bytes(b"x")
-    old = time.time() - 3600
-    os.utime(other_host, (old, old))
+    hour_ago, two_days_ago = time.time() - 3600, time.time() - 2 * 86400
+    os.utime(other_host, (hour_ago, hour_ago))
+    assert not is_stale_temp(other_host)        # a live shard of another host may sit unchanged that long
+    os.utime(other_host, (two_days_ago, two_days_ago))
     assert not is_stale_temp(mine) and is_stale_temp(theirs) and is_stale_temp(other_host)
     assert remove_stale_temps(tmp_path) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, foreign.name])

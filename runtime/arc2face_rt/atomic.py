@@ -26,7 +26,10 @@ from .exits import holding_stops
 
 _TAG = "arc2face"
 _TEMP_RE = re.compile(r"^\..+\." + _TAG + r"-(?P<host>[A-Za-z0-9_.-]*)-(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp$")
-_STALE_AFTER_S = 60.0       # another host's temporary file this old belongs to no live write
+# another host's temporary file unchanged this long belongs to no live write: its liveness cannot be asked,
+# and a live one can stay unchanged for many minutes (a dataset shard's staging folder between identities,
+# a checkpoint or export folder while one large file is written). A minute removed a running shard's.
+_STALE_AFTER_S = 24 * 3600.0
 
 
 def _umask() -> int:
@@ -139,7 +142,7 @@ def is_temp_name(name: str) -> bool:
 
 def is_stale_temp(path: Path, now: float | None = None) -> bool:
     """Whether `path` is one of our temporary files whose writer is gone: written on this host by a
-    process that no longer runs, or on another host (sharing the folder) over a minute ago."""
+    process that no longer runs, or on another host (sharing the folder) and unchanged for a day."""
     m = _TEMP_RE.match(path.name)
     if not m:
         return False
