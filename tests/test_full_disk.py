@@ -65,3 +65,19 @@ def test_a_library_error_on_a_full_disk_names_the_full_disk(tmp_path, monkeypatc
                 raise RuntimeError(torch_said)
         said = str(e.value)
         assert said.startswith(f"{tmp_path / 'run' / 'x.bin'}: could not be written {start}; free some"), said
+
+
+def test_dataset_on_a_full_disk_as_it_starts_keeps_no_folder_and_no_dataset(tiny_engines, tmp_path, monkeypatch,
+                                                                             capsys):
+    """It left dataset.json in the folders it made, so the same command was then refused with "holds a
+    dataset already; pass --resume" for a dataset that had no identities."""
+    from dataset_runs import dataset_args
+
+    import arc2face_rt.dataset.runner as runner
+
+    monkeypatch.setattr(runner, "save_npy_atomic", _full)
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new" / "d", tmp_path / "empty"):
+        assert rt_main(dataset_args(tiny_engines, out)) == 2
+        assert "no space left" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert sorted(os.listdir(tmp_path)) == ["empty"] and os.listdir(tmp_path / "empty") == []

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..atomic import atomic_write, is_stale_temp, remove_stale_temps
+from ..atomic import atomic_write, is_stale_temp, remove_stale_temps, undo_new_folders
 from ..errors import InvalidInputError, OutputExistsError
 from ..exits import resumable
 from ..fileio import read_regular_file
@@ -149,9 +149,14 @@ def open_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict,
             raise OutputExistsError(f"--out {out}: is not empty and holds no arc2face-rt dataset; choose a new or "
                                     "empty folder")
         done = set()
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(meta, json.dumps(dataset_record(spec, run), indent=1).encode())
-        save_npy_atomic(ids_file, identities)
+        with undo_new_folders(out):         # a failure here (a full disk) leaves no folder and no dataset behind
+            atomic_write(meta, json.dumps(dataset_record(spec, run), indent=1).encode())    # the claim: written once
+            try:
+                save_npy_atomic(ids_file, identities)
+                (out / SHARDS_DIR).mkdir(exist_ok=True)
+            except BaseException:
+                meta.unlink(missing_ok=True)    # else a rerun is told to --resume a dataset without identities
+                raise
     removed = remove_stale_temps(out) + remove_stale_temps(out / SHARDS_DIR)
     if removed:
         log(f"removed {removed} unfinished shard file(s) an interrupted run left in {out}")
