@@ -300,3 +300,19 @@ def test_a_folder_without_a_sample_starts_again_with_other_settings(tmp_path):
     prepare([tmp_path / "photos"], data, _bigger_faces, shard_size=1, say=said.append)
     assert any("holds no sample yet: starting again with these settings" in m for m in said), said
     assert json.loads((data / "prepare.json").read_text())["settings"]["min_size"] == 50.0
+
+
+def test_prepare_on_a_full_disk_as_it_starts_leaves_no_folder(tmp_path, monkeypatch):
+    """It left the empty folders it made for --out when writing its plan failed."""
+    import errno
+
+    from arc2face_ref.train import prepare as prep
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    paths = astronaut_variants(tmp_path / "photos", n=1)
+    monkeypatch.setattr(prep, "atomic_write", full)
+    with pytest.raises(OSError):
+        prep.prepare(paths, tmp_path / "new" / "data", _analyzer, shard_size=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
-from arc2face_rt.atomic import atomic_write, is_temp_name, remove_stale_temps
+from arc2face_rt.atomic import atomic_write, is_temp_name, remove_stale_temps, undo_new_folders
 from arc2face_rt.errors import ImageDecodeError, InvalidInputError
 from arc2face_rt.face.identity import SKIPPABLE, FaceAnalyzer
 from arc2face_rt.face.image_io import check_image_file, expand_paths, load_image
@@ -197,12 +197,12 @@ def prepare(images: Sequence[str | Path], out: str | Path, analyzer_factory: Cal
             plan, todo = _new_plan(files, shard_size), list(range(n_shards))
         if plan is not None:
             plan["settings"] = settings
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    if plan is not None:
-        for stats in out.glob("shard-*.stats.json"):     # an earlier run's, which kept no sample: redo those shards
-            stats.unlink()
-        atomic_write(out / PLAN_FILE, json.dumps(plan, indent=1).encode(), overwrite=True)
+    with undo_new_folders(out):         # a full disk writing the plan leaves no folder behind
+        remove_stale_temps(out)
+        if plan is not None:
+            for stats in out.glob("shard-*.stats.json"):     # an earlier run's, which kept no sample: redo those
+                stats.unlink()
+            atomic_write(out / PLAN_FILE, json.dumps(plan, indent=1).encode(), overwrite=True)
     for k in todo:
         samples, skipped = [], []
         for i, path in enumerate(files[k * shard_size:(k + 1) * shard_size]):
