@@ -554,3 +554,24 @@ def test_save_png_refuses_other_arrays(tmp_path):
         with pytest.raises(InvalidInputError, match="image must be a uint8 \\[H, W, 3\\] RGB array"):
             save_png(tmp_path / "x.png", bad, {})
     assert not list(tmp_path.iterdir())
+
+
+def test_a_graph_replaced_after_verification_is_refused_when_opened(tiny_engines, tmp_path):
+    """An export --force rewriting the folder between verification and the sessions' opening made a run of
+    one export's projector and another's step graphs, recorded under the first's engine id."""
+    from test_bad_input import engines_copy
+
+    from arc2face_rt.errors import EngineMismatchError
+    from arc2face_rt.pipeline import Arc2FacePipeline
+
+    eng = engines_copy(tiny_engines, tmp_path / "e")
+    with Arc2FacePipeline(eng, backend="ort") as p:
+        graph = eng / "vae_decoder.onnx"
+        data = graph.read_bytes()
+        (tmp_path / "new.onnx").write_bytes(data)        # the same bytes as another file: only its identity tells
+        os.replace(tmp_path / "new.onnx", graph)
+        with pytest.raises(EngineMismatchError, match="vae_decoder.onnx: was replaced or rewritten while this run"):
+            p.generate(ID, 1, G(steps=1))
+        assert "vae_decoder" not in p._sessions
+    with Arc2FacePipeline(eng, backend="ort") as p:    # verified anew: runs
+        assert p.generate(ID, 1, G(steps=1)).images.shape == (1, 512, 512, 3)

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_write
@@ -54,6 +54,24 @@ class VerifyReport:
     hashed: int = 0          # of which hashed now (no valid stamp)
     hashed_bytes: int = 0
     seconds: float = 0.0
+    stats: dict = field(default_factory=dict)   # relative path -> the stat key it was checked with
+
+
+def check_unchanged(engines_dir: str | Path, stats: dict, rels) -> None:
+    """Raise EngineMismatchError when a file among `rels` (relative paths in `stats`, a VerifyReport's)
+    is no longer the one that was checked: another process (an export or build with --force) replaced or
+    rewrote it since. Called once a session has read its files, so a run never mixes two exports."""
+    for rel in rels:
+        if rel not in stats:
+            continue
+        p = resolve_inside(engines_dir, rel)
+        try:
+            now = _stat_key(p.stat())
+        except OSError:
+            now = None
+        if now != stats[rel]:
+            raise EngineMismatchError(f"{p}: was replaced or rewritten while this run opened it (an export or "
+                                      "build writing the folder?); run again once that has finished")
 
 
 def _stat_key(st: os.stat_result) -> list[int]:
@@ -124,6 +142,7 @@ def verify_records(engines_dir: str | Path, records: dict, mode: str = "stamp", 
                 raise fail(f"{p}: {st.st_size} bytes, the manifest records {rec['bytes']} "
                            f"(truncated or replaced)")
             report.files += 1
+            report.stats[rel] = _stat_key(st)
             if store is None:
                 continue
             real = str(p.resolve())

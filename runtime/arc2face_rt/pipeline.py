@@ -28,7 +28,7 @@ from .inputs import (IDENTITY_MAX_BYTES, identity_fingerprint, image_noise, load
                      normalize_identity, random_identity)
 from .inputs import (IMAGE_BYTES, MAX_INDEX, index_bounds, index_count, max_images_in_memory,  # noqa: F401
                      run_batches, run_items, sequence)
-from .integrity import verify_records
+from .integrity import check_unchanged, verify_records
 from .manifest import load_manifest, record_files, reexport_advice, refused, resolve_inside, stage_file
 # re-exported: the options are part of the pipeline's public API (`options`)
 from .options import MAX_GUIDANCE, GenerationOptions, checked_options  # noqa: F401
@@ -138,6 +138,13 @@ class Arc2FacePipeline:
                 sess = open_ort(self._stage_path(section, name), device=self.device, step=name in STEP_STAGES,
                                 cuda_path=self._ort_cuda_path(name))
             self._check_io(name, sess)
+            try:                                # what it read is what was verified: no other export's file
+                fused = self.manifest.get(provenance.ORT_CUDA, {}).get(name) if self.backend == "ort" else None
+                check_unchanged(self.engines_dir, self.verify_report.stats,
+                                [*record_files(self.manifest[section][name]), *(record_files(fused) if fused else ())])
+            except EngineMismatchError:
+                sess.close()
+                raise
             self._sessions[name] = sess
         return self._sessions[name]
 
@@ -163,7 +170,7 @@ class Arc2FacePipeline:
         rec = self.manifest.get(provenance.ORT_CUDA, {}).get(name)
         if rec is None or not provenance.ort_fused_wanted(self.manifest) or not self._ort_gpu:
             return None
-        verify_records(self.engines_dir, record_files(rec), mode=self._verify_mode)
+        self.verify_report.stats.update(verify_records(self.engines_dir, record_files(rec), mode=self._verify_mode).stats)
         return resolve_inside(self.engines_dir, stage_file(rec))
 
     def _trt_generator(self, cfg: bool, control: bool = False):
