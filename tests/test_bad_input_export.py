@@ -217,3 +217,25 @@ def test_refusals_come_before_the_model_libraries_are_imported(call, tiny_model_
     r = subprocess.run([sys.executable, "-c", code, str(m)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.stdout.split()[1:] == ["False", "False"] and r.stdout.split()[0] in ("MissingWeightsError",
                                                                                   "InvalidInputError"), r
+
+
+@pytest.mark.parametrize("command", ["build-engines", "onnx", "openvino-int8"])
+def test_a_second_writer_of_an_engines_folder_is_refused(command, tiny_model_dir, tiny_engines, tmp_path, capsys):
+    """Two build-engines runs on one folder each wrote their manifest over the other's (both exit 0, and the
+    folder then failed verification): a command that writes a folder holds a lock on it."""
+    import fcntl
+    import os
+
+    from arc2face_export.cli import main as export_main
+
+    eng = engines_copy(tiny_engines, tmp_path / "e")
+    argv = {"build-engines": ["build-engines", "--out", str(eng), "--precision", "fp32", "--no-face"],
+            "onnx": ["onnx", "--model-dir", str(tiny_model_dir), "--out", str(eng), "--force"],
+            "openvino-int8": ["openvino-int8", "--engines", str(eng)]}[command]
+    fd = os.open(eng, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)                     # as the first writer holds it
+        assert export_main(argv) == 2
+        assert "another arc2face-export command is writing this folder" in capsys.readouterr().err
+    finally:
+        os.close(fd)

@@ -17,7 +17,7 @@ from arc2face_rt.folder_setup import folder_defaults
 from arc2face_rt.outputs import check_output_dir
 from arc2face_rt.schedulers import make_schedule
 
-from .engines_folder import refuse_folders_at
+from .engines_folder import refuse_folders_at, writing
 from .face_plans import FACE_STAGES, add_face_stages, find_face_models
 from .trt_build import (MAX_BATCH, MAX_WORKSPACE_MIB, TIMING_CACHE, BuildOptions, build_engines, import_trt,
                         is_rtx, parse_batch, parse_compute_capability, resolve_compute_capabilities,
@@ -119,7 +119,7 @@ def _progress_shown():
 
 
 def cmd_build_engines(args) -> int:
-    with _progress_shown():
+    with _progress_shown(), writing(args.out):
         return _build_engines(args)
 
 

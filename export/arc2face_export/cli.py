@@ -29,11 +29,13 @@ def cmd_random_checkpoint(args) -> int:
 
 
 def cmd_onnx(args) -> int:
+    from .engines_folder import writing
     from .onnx_export import export_all
 
-    m = export_all(args.model_dir, args.out, precision=args.precision, force=args.force,
-                   stages=tuple(args.stages) if args.stages else None, validate=not args.no_validate,
-                   progress=_say, lora=args.lora, lora_scale=args.lora_scale, ort_cuda=args.ort_cuda)
+    with writing(args.out):
+        m = export_all(args.model_dir, args.out, precision=args.precision, force=args.force,
+                       stages=tuple(args.stages) if args.stages else None, validate=not args.no_validate,
+                       progress=_say, lora=args.lora, lora_scale=args.lora_scale, ort_cuda=args.ort_cuda)
     lora = f", LoRA {m['lora']['file']} fused at {m['lora']['scale']:g}" if m.get("lora") else ""
     fused = f", {len(m['ort_cuda'])} ONNX Runtime CUDA graphs" if m.get("ort_cuda") else ""
     _say(f"manifest: {Path(args.out) / 'manifest.json'} ({len(m['stages'])} stages, {m['precision']}{lora}{fused})")
@@ -57,8 +59,11 @@ def cmd_openvino_int8(args) -> int:
     except ImportError as e:
         _say(f"openvino-int8 needs openvino and nncf ({e}); pip install 'arc2face-rt[openvino,export]'")
         return 2
-    ensure_ov_int8(args.engines, stages=tuple(args.stages) if args.stages else None, identities=args.identities,
-                   steps=args.steps, per_run=args.per_run, force=args.force, say=_say)
+    from .engines_folder import writing
+
+    with writing(args.engines):
+        ensure_ov_int8(args.engines, stages=tuple(args.stages) if args.stages else None, identities=args.identities,
+                       steps=args.steps, per_run=args.per_run, force=args.force, say=_say)
     return 0
 
 

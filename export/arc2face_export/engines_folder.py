@@ -18,6 +18,7 @@ backup folder is removed by the next export as a stale temporary.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -77,6 +78,29 @@ def check_recorded(folder: Path, names, recorded, what: str) -> None:
                f"exists and {mf.MANIFEST} does not record it as this folder's {what}")
         if why:
             raise OutputExistsError(f"{p}: {why}, so it is not replaced; move it out of {folder}, then run again")
+
+
+@contextlib.contextmanager
+def writing(folder: str | Path):
+    """Hold an exclusive advisory lock (flock) on an existing engines folder while this command writes it;
+    another `arc2face-export` command writing the same folder is refused at once (two build-engines runs
+    each wrote their manifest over the other's: a plan its record does not describe). A folder that does
+    not exist yet is not locked (an export into a new folder refuses a second one by itself)."""
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except (ImportError, OSError):                   # no flock (Windows), or no such folder yet
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputExistsError(f"{folder}: another arc2face-export command is writing this folder; run "
+                                    "this one once it has finished") from None
+        yield
+    finally:
+        os.close(fd)                                 # releases the lock
 
 
 def refuse_folders_at(paths) -> None:
