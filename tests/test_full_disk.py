@@ -81,3 +81,49 @@ def test_dataset_on_a_full_disk_as_it_starts_keeps_no_folder_and_no_dataset(tiny
         assert rt_main(dataset_args(tiny_engines, out)) == 2
         assert "no space left" in capsys.readouterr().err.strip().splitlines()[-1]
     assert sorted(os.listdir(tmp_path)) == ["empty"] and os.listdir(tmp_path / "empty") == []
+
+
+def test_a_dataset_shard_on_a_full_disk_names_its_output(tmp_path, monkeypatch):
+    """A write through a file object raises OSError without a file name: the line said only "no space
+    left on the device", not where."""
+    import builtins
+
+    import pytest
+
+    from arc2face_rt.dataset import writers
+    from arc2face_rt.exits import user_error_message
+
+    class _FullFile:
+        def __init__(self, real):
+            self.real = real
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.real.close()
+
+    tar = writers.TarShardWriter(tmp_path, 3)
+    tar.file = _FullFile(tar.file)
+    tar.tar.fileobj = tar.file
+    with pytest.raises(OSError) as e:
+        tar.add(0, 0, b"x" * 100_000, {})
+    assert user_error_message(e.value).startswith(f"{tmp_path / 'shard-000003.tar'}: no space left")
+    tar.abort()
+    folder = writers.FolderShardWriter(tmp_path, 4)
+
+    def full_open(path, mode="r", *a, **k):
+        f = builtins.open(path, mode, *a, **k)
+        return _FullFile(f) if "w" in mode else f
+
+    monkeypatch.setattr(writers, "open", full_open, raising=False)
+    with pytest.raises(OSError) as e:
+        folder.add(7, 2, b"png", {})
+    assert user_error_message(e.value).startswith(f"{tmp_path / 'id_000007' / '0002.png'}: no space left")
+    folder.abort()

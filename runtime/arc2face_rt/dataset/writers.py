@@ -14,6 +14,7 @@ silently overwritten. Memory holds one image at a time.
 """
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import hashlib
 import io
@@ -43,6 +44,18 @@ def _conflict(path: Path) -> OutputExistsError:
                              "move it away or choose another --out")
 
 
+@contextlib.contextmanager
+def _naming(path: Path):
+    """An OSError raised without a file name (a write through a file object: a full disk, a file-size
+    limit) names `path`, the output being written, so its one-line message says where."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
 class FolderShardWriter:
     """ImageFolder layout: DIR/id_000123/0007.png (or .jpg: `ext`)."""
 
@@ -56,7 +69,7 @@ class FolderShardWriter:
         d = self.stage / identity_dir(j)
         d.mkdir(exist_ok=True)
         name = f"{identity_dir(j)}/{index:04d}.{self.ext}"
-        with open(self.stage / name, "wb") as f:
+        with _naming(self.out / name), open(self.stage / name, "wb") as f:
             f.write(image)
         self.files.append(name)
         self.sizes.append(len(image))
@@ -68,7 +81,8 @@ class FolderShardWriter:
             for f in d.iterdir():                 # to the disk before the rename makes them visible
                 fd = os.open(f, os.O_RDONLY)
                 try:
-                    os.fsync(fd)
+                    with _naming(self.out / d.name / f.name):
+                        os.fsync(fd)
                 finally:
                     os.close(fd)
             target = self.out / d.name
@@ -103,18 +117,20 @@ class TarShardWriter:
 
     def add(self, j: int, index: int, image: bytes, sample: dict) -> str:
         key = image_key(j, index)
-        self._member(f"{key}.{self.ext}", image)
-        self._member(f"{key}.json", json.dumps(sample, sort_keys=True).encode())
-        self._member(f"{key}.cls", str(j).encode())        # the class label FR trainers read
+        with _naming(self.path):
+            self._member(f"{key}.{self.ext}", image)
+            self._member(f"{key}.json", json.dumps(sample, sort_keys=True).encode())
+            self._member(f"{key}.cls", str(j).encode())        # the class label FR trainers read
         self.keys.append(key)
         return key
 
     def commit(self) -> dict:
         """Close, sync and link the tar into place; {"tar", "bytes", "sha256", "keys"} for the manifest."""
-        self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        with _naming(self.path):
+            self.tar.close()
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
         h = hashlib.sha256()
         with open(self.tmp, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
