@@ -70,6 +70,22 @@ def ignored_names(model) -> list[str]:
     return sorted(keep)
 
 
+def stable_names(model) -> int:
+    """Give the nodes OpenVINO named itself (`Constant_271872`, `ShapeOf_112`, `Constant_1083_1`: a counter
+    global to the process) names numbered in graph order instead, so the saved IR, and the engine id that
+    hashes it, is the same whatever the process did before (an int8 run continued after a stop quantised
+    one graph where the first run had done two, and its IR differed in those names alone). Returns how many."""
+    import re
+
+    k = 0
+    for op in model.get_ordered_ops():
+        kind = op.get_type_name()
+        if re.fullmatch(re.escape(kind) + r"_\d+(?:_\d+)*", op.get_friendly_name()):
+            op.set_friendly_name(f"{kind}_{k}")
+            k += 1
+    return k
+
+
 def quantize_ov_int8(src_onnx: str | Path, dst_xml: str | Path, feeds: list[dict], work: Path) -> dict:
     """Write an NNCF int8 copy of `src_onnx` as OpenVINO IR calibrated on `feeds` into `work` (a temporary
     folder beside `dst_xml`, named in errors; the caller moves it in); return what was done."""
@@ -89,6 +105,7 @@ def quantize_ov_int8(src_onnx: str | Path, dst_xml: str | Path, feeds: list[dict
                       model_type=nncf.ModelType.TRANSFORMER, subset_size=len(data),
                       ignored_scope=nncf.IgnoredScope(names=ignored, validate=False))
     n_fq = sum(op.get_type_name() == "FakeQuantize" for op in q.get_ops())
+    stable_names(q)
     # OpenVINO reports a failed write (a full disk, a file-size limit) as RuntimeError("basic_ios::clear:
     # iostream error"): named as the output, with the fix; the engines folder is the only place it can go.
     with naming_output(dst_xml, library_errors=(_StreamError,), elsewhere=None):
