@@ -182,10 +182,10 @@ def test_a_fit_that_fails_before_its_first_checkpoint_leaves_no_folder(tiny_mode
     data = prepared_data(tmp_path / "d")
     mse = loop.F.mse_loss
     monkeypatch.setattr(loop.F, "mse_loss", lambda a, b: mse(a, b) * float("nan"))     # a run that diverges
-    rc = main(["fit", "--model-dir", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "run"),
+    rc = main(["fit", "--model-dir", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "new" / "run"),
                "--steps", "2", "--batch-size", "1", "--workers", "0", "-q"])
     assert rc == 2 and "loss became nan" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()                 # it held only the metrics of two failed steps
+    assert not (tmp_path / "new").exists()       # it held only the metrics of two failed steps; new/ too is undone
 
 
 def test_a_stopped_fit_says_how_to_continue_from_its_checkpoints(tiny_model_dir, tmp_path, capsys, monkeypatch):

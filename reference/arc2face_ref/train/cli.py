@@ -8,6 +8,7 @@ For several GPUs or nodes: `accelerate launch [--num_processes N] -m arc2face_re
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -72,12 +73,22 @@ def cmd_fit(args) -> int:
     kw["adam_betas"] = tuple(args.adam_betas)
     cfg = FitConfig(**kw)
     new_out = not cfg.out.exists()
+    made = []                                   # --out and its parents this run makes, deepest first
+    for p in (Path(os.path.abspath(cfg.out)), *Path(os.path.abspath(cfg.out)).parents):
+        if os.path.lexists(p):
+            break
+        made.append(p)
     try:
         res = fit(cfg, resume=args.resume, say=_say, progress=not args.quiet)
     except BaseException as e:
         # a run that failed before its first checkpoint leaves no folder it made (only its metrics log)
         if new_out and cfg.out.is_dir() and not any(cfg.out.glob("checkpoint-*")):
             shutil.rmtree(cfg.out, ignore_errors=True)
+            for p in made[1:]:                  # the parents it made, while empty
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
         kept = checkpoints(cfg.out)
         if isinstance(e, KeyboardInterrupt) and kept:           # Ctrl-C, SIGTERM: say how to go on
             _say(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}: the checkpoints in {cfg.out} are "
