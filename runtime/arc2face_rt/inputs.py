@@ -25,18 +25,13 @@ def normalize_identity(emb: np.ndarray, source: str = "embedding") -> np.ndarray
     if emb.shape not in ((ID_DIM,), (1, ID_DIM)):
         raise InvalidInputError(f"{source}: shape {emb.shape}, expected ({ID_DIM},) or (1, {ID_DIM}); "
                                 "make one with `arc2face-rt embed --image PHOTO --out id.npy`")
-    emb = emb.reshape(ID_DIM)
+    emb = emb.reshape(ID_DIM).astype(np.float64)
     if not np.all(np.isfinite(emb)):
         raise InvalidInputError(f"{source}: contains NaN or infinity")
     peak = np.abs(emb).max()
     if peak == 0:
         raise InvalidInputError(f"{source}: all zeros; not an identity")
-    if emb.dtype.itemsize > 4:
-        # wider than float32 (a float64 copy of an id.npy): its float32 values, the same as that vector saved
-        # as float32 gives, after a power-of-two scale (exact) that keeps 1e308s within float32's range
-        emb = np.ldexp(emb, -int(np.frexp(peak)[1])).astype(np.float32)
-    emb = emb.astype(np.float64)
-    emb = emb / np.abs(emb).max()          # first to the largest entry: the norm of 1e308s would overflow
+    emb = emb / peak                       # first to the largest entry: the norm of 1e308s would overflow
     return (emb / np.linalg.norm(emb)).astype(np.float32)
 
 

@@ -246,9 +246,10 @@ class Arc2FacePipeline:
     def generate(self, identity: np.ndarray, num_images: int = 1, options: GenerationOptions = GenerationOptions(),
                  on_step: Callable[[int], None] | None = None, first_index: int = 0,
                  indices: Sequence[int] | None = None, control: Control | None = None) -> GenerationResult:
-        """Images of one identity ([512] ArcFace features, any norm: it is normalised from its float32
-        values, so a copy scaled by a power of two is the same identity, while another scale rounds
-        differently and is, bit for bit, another one: another fingerprint, pixels a grey level apart):
+        """Images of one identity ([512] ArcFace features, any norm: it is normalised in float64 from the
+        values given, so a copy scaled by a power of two, or a float64 copy of float32 values, is the same
+        identity, while another scale, or float64 values rounded to float32, is, bit for bit, another one:
+        another fingerprint, pixels a grey level apart):
         indices `first_index` ..
         `first_index + num_images - 1`, or exactly `indices`. Image i's noise depends only on (identity,
         options, i, its control image), never on the batch size or on which other images are made with it;
