@@ -280,20 +280,28 @@ def test_guidance_of_any_real_type_is_checked_as_a_float():
 
 def test_a_graph_replaced_after_verification_is_refused_when_opened(tiny_engines, tmp_path):
     """An export --force rewriting the folder between verification and the sessions' opening made a run of
-    one export's projector and another's step graphs, recorded under the first's engine id."""
-    from test_bad_input import engines_copy
+    one export's projector and another's step graphs, recorded under the first's engine id. A file whose
+    metadata alone changed (a chmod, a hard link to it, a copy of the same bytes renamed over it) is kept."""
+    import shutil
 
     from arc2face_rt.errors import EngineMismatchError
     from arc2face_rt.pipeline import Arc2FacePipeline
 
-    eng = engines_copy(tiny_engines, tmp_path / "e")
+    eng = tmp_path / "e"
+    shutil.copytree(tiny_engines, eng)
     with Arc2FacePipeline(eng, backend="ort") as p:
         graph = eng / "vae_decoder.onnx"
-        data = graph.read_bytes()
-        (tmp_path / "new.onnx").write_bytes(data)        # the same bytes as another file: only its identity tells
-        os.replace(tmp_path / "new.onnx", graph)
-        with pytest.raises(EngineMismatchError, match="vae_decoder.onnx: was replaced or rewritten while this run"):
-            p.generate(ID, 1, G(steps=1))
-        assert "vae_decoder" not in p._sessions
-    with Arc2FacePipeline(eng, backend="ort") as p:    # verified anew: runs
+        os.chmod(graph, 0o444)
+        os.link(graph, tmp_path / "snapshot.onnx")
+        (tmp_path / "same.onnx").write_bytes(graph.read_bytes())
+        os.replace(tmp_path / "same.onnx", graph)
         assert p.generate(ID, 1, G(steps=1)).images.shape == (1, 512, 512, 3)
+    with Arc2FacePipeline(eng, backend="ort") as p:
+        p.session("projector")
+        other = bytearray((eng / "step.onnx").read_bytes())
+        other[-1] ^= 1                                   # another export's graph, of the same size
+        (tmp_path / "other.onnx").write_bytes(bytes(other))
+        os.replace(tmp_path / "other.onnx", eng / "step.onnx")
+        with pytest.raises(EngineMismatchError, match="step.onnx: was replaced or rewritten while this run"):
+            p.generate(ID, 1, G(steps=1, guidance=1.0))
+        assert "step" not in p._sessions

@@ -57,21 +57,27 @@ class VerifyReport:
     stats: dict = field(default_factory=dict)   # relative path -> the stat key it was checked with
 
 
-def check_unchanged(engines_dir: str | Path, stats: dict, rels) -> None:
-    """Raise EngineMismatchError when a file among `rels` (relative paths in `stats`, a VerifyReport's)
-    is no longer the one that was checked: another process (an export or build with --force) replaced or
-    rewrote it since. Called once a session has read its files, so a run never mixes two exports."""
-    for rel in rels:
+def check_unchanged(engines_dir: str | Path, stats: dict, records: dict) -> None:
+    """Raise EngineMismatchError when a file of `records` ({relative path: {"sha256", ...}}) checked into
+    `stats` (a VerifyReport's) is no longer what was checked: another process (an export or build with
+    --force) replaced or rewrote it with other content since. Called once a session has read its files,
+    so a run never mixes two exports. A file whose size, mtime, inode or device moved is hashed again and
+    kept when its content is still the recorded one (a copy renamed over it); a changed ctime alone (a
+    chmod, a hard link made to it) is no change."""
+    for rel, rec in records.items():
         if rel not in stats:
             continue
         p = resolve_inside(engines_dir, rel)
         try:
-            now = _stat_key(p.stat())
+            st = p.stat()
+            same = _stat_key(st)[:2] + _stat_key(st)[3:] == stats[rel][:2] + stats[rel][3:] or \
+                sha256_file(p) == rec["sha256"]
         except OSError:
-            now = None
-        if now != stats[rel]:
+            same = False
+        if not same:
             raise EngineMismatchError(f"{p}: was replaced or rewritten while this run opened it (an export or "
                                       "build writing the folder?); run again once that has finished")
+        stats[rel] = _stat_key(st)
 
 
 def _stat_key(st: os.stat_result) -> list[int]:

@@ -141,7 +141,7 @@ class Arc2FacePipeline:
             try:                                # what it read is what was verified: no other export's file
                 fused = self.manifest.get(provenance.ORT_CUDA, {}).get(name) if self.backend == "ort" else None
                 check_unchanged(self.engines_dir, self.verify_report.stats,
-                                [*record_files(self.manifest[section][name]), *(record_files(fused) if fused else ())])
+                                {**record_files(self.manifest[section][name]), **(record_files(fused) if fused else {})})
             except EngineMismatchError:
                 sess.close()
                 raise
