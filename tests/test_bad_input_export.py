@@ -228,6 +228,9 @@ def test_a_second_writer_of_an_engines_folder_is_refused(command, tiny_model_dir
 
     from arc2face_export.cli import main as export_main
 
+    if command == "openvino-int8":
+        pytest.importorskip("openvino")
+        pytest.importorskip("nncf")
     eng = engines_copy(tiny_engines, tmp_path / "e")
     argv = {"build-engines": ["build-engines", "--out", str(eng), "--precision", "fp32", "--no-face"],
             "onnx": ["onnx", "--model-dir", str(tiny_model_dir), "--out", str(eng), "--force"],

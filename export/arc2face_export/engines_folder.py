@@ -83,24 +83,28 @@ def check_recorded(folder: Path, names, recorded, what: str) -> None:
 @contextlib.contextmanager
 def writing(folder: str | Path):
     """Hold an exclusive advisory lock (flock) on an existing engines folder while this command writes it;
-    another `arc2face-export` command writing the same folder is refused at once (two build-engines runs
-    each wrote their manifest over the other's: a plan its record does not describe). A folder that does
-    not exist yet is not locked (an export into a new folder refuses a second one by itself)."""
+    another `arc2face-export` command writing the same folder on this machine is refused at once (two
+    build-engines runs each wrote their manifest over the other's: a plan its record does not describe).
+    A folder that does not exist yet is not locked (an export into a new folder refuses a second one by
+    itself), nor is one whose file system has no flock; flock is not shared between NFS clients."""
     try:
         import fcntl
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except (ImportError, OSError):                   # no flock (Windows), or no such folder yet
-        yield
-        return
+        fd = None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputExistsError(f"{folder}: another arc2face-export command is writing this folder; run "
-                                    "this one once it has finished") from None
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OutputExistsError(f"{folder}: another arc2face-export command is writing this folder; run "
+                                        "this one once it has finished") from None
+            except OSError:                          # ENOLCK, EOPNOTSUPP: this file system cannot lock
+                pass
         yield
     finally:
-        os.close(fd)                                 # releases the lock
+        if fd is not None:
+            os.close(fd)                             # releases the lock
 
 
 def refuse_folders_at(paths) -> None:
