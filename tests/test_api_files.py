@@ -245,11 +245,16 @@ def test_face_api_refuses_arguments_of_the_wrong_kind(tmp_path):
         (lambda: FaceAnalyzer(det, rec, limits=None), "limits must be an ImageLimits"),
         (lambda: FaceAnalyzer("x", rec), "detector must be a ScrfdDetector"),
         (lambda: FaceAnalyzer(det, None), "recognizer must be an ArcFaceRecognizer"),
-        (lambda: FaceAnalyzer(det, rec).embed_image([[1, 2, 3]]), "expected a uint8 \\[H, W, 3\\] RGB numpy array"),
-        (lambda: FaceAnalyzer(None, rec).embed_aligned([[1, 2, 3]]), "expected a uint8"),
+        (lambda: FaceAnalyzer(det, rec).embed_image([[1, 2, 3]]), r"must be a uint8 \[H, W, 3\] RGB array"),
+        (lambda: FaceAnalyzer(None, rec).embed_aligned([[1, 2, 3]]), "must be a uint8"),
         (lambda: FaceAnalyzer(det, rec).embed_file(None), "a path must be a str or pathlib.Path, not NoneType"),
         (lambda: FaceAnalyzer(det, rec).embed_file(photo, aligned="no"), "aligned must be True or False"),
         (lambda: FaceAnalyzer(det, rec).embed_files(None), "paths must be a list of image files"),
+        (lambda: FaceAnalyzer(det, rec).embed_files([None]), "paths must hold file names"),
+        (lambda: FaceAnalyzer(det, rec).embed_files([photo], aligned="no"), "aligned must be True or False"),
+        (lambda: FaceAnalyzer(None, rec).embed_aligned(np.zeros(5, np.uint8)), r"uint8 \[H, W, 3\] RGB array"),
+        (lambda: identity_from_images([photo], models, aligned="no"), "aligned must be True or False"),
+        (lambda: identity_from_images([photo], models, verify=None), "verify must be True or False"),
         (lambda: load_image(None), "not NoneType"),
         (lambda: expand_paths(None), "paths must be a path or a list of paths"),
         (lambda: identity_from_images(None, models), "paths must be a path or a list of paths"),
@@ -270,7 +275,8 @@ def test_face_model_options_are_checked_when_the_models_are_opened():
     models, _ = _face_models()
     for kw, words in ((dict(min_score=5), r"min_score \(--min-score\) must be a detection score"),
                       (dict(device="gpu"), r"device \(--device\) must be one of"),
-                      (dict(backend="x"), r"backend \(--backend\) must be one of")):
+                      (dict(backend="x"), r"backend \(--backend\) must be one of"),
+                      (dict(verify=None), "verify must be True or False")):
         with pytest.raises(InvalidInputError, match=words):
             load_face_models(models, **{"device": "cpu", **kw})
     for kw, words in ((dict(device="gpu"), "device"), (dict(backend="x"), "backend must be one of ort, openvino")):

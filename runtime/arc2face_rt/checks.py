@@ -5,6 +5,7 @@ a float where a count, seed or index belongs is a bug in the caller, not a value
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +51,23 @@ def path(v, name: str) -> Path:
     if not str(v).strip():
         raise InvalidInputError(f"{name} must not be empty (it would mean the current folder)")
     return p
+
+
+def sequence(v, name: str, what: str, nested: bool = False) -> list:
+    """`v` as a list when it is a sequence (a list, tuple, range or array; not a str or bytes), of sequences
+    when `nested`; else InvalidInputError naming `name` and saying what it must be (`what`)."""
+    ok = isinstance(v, (Sequence, np.ndarray)) and not isinstance(v, (str, bytes))
+    items = list(v) if ok else []
+    if ok and nested:
+        ok = all(isinstance(x, (Sequence, np.ndarray, range)) and not isinstance(x, (str, bytes)) for x in items)
+    if not ok:
+        raise InvalidInputError(f"{name} must be {what}, got {_got(v)}")
+    return items
+
+
+def flag(v, name: str) -> bool:
+    """`v` when it is True or False (a numpy bool too); else InvalidInputError (None or 0 must not turn a
+    check off, nor "no" turn an option on)."""
+    if not isinstance(v, (bool, np.bool_)):
+        raise InvalidInputError(f"{name} must be True or False, got {_got(v)}")
+    return bool(v)

@@ -26,12 +26,12 @@ PNG_COMPRESS_LEVEL = 4
 DATASET_PNG_LEVEL = 6
 
 
-def check_rgb8(image) -> None:
-    """InvalidInputError unless `image` is a uint8 [H, W, 3] RGB array (what the pipeline gives)."""
+def check_rgb8(image, name: str = "image", fix: str = "GenerationResult.images[i] is one") -> None:
+    """InvalidInputError naming `name` unless `image` is a uint8 [H, W, 3] RGB array; `fix` says where one
+    comes from."""
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise InvalidInputError(f"image must be a uint8 [H, W, 3] RGB array (got {got}); "
-                                "GenerationResult.images[i] is one")
+        raise InvalidInputError(f"{name} must be a uint8 [H, W, 3] RGB array (got {got}); {fix}")
 
 
 def png_bytes(image: np.ndarray, params: dict, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:

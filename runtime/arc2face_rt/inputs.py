@@ -87,10 +87,10 @@ def run_items(identities, num_images, indices, seeds, default_seed: int) -> tupl
         indices = [range(num_images)] * len(ids)
     else:
         indices = [idx if isinstance(idx, range) else [checks.whole(i, "image index") for i in idx]
-                   for idx in sequence(indices, "indices", "one sequence of image indices per identity, such as "
+                   for idx in checks.sequence(indices, "indices", "one sequence of image indices per identity, such as "
                                                            "[[0, 1]] for one identity", nested=True)]
     seeds = [default_seed] * len(ids) if seeds is None else \
-        [checks.whole(s, "seed") for s in sequence(seeds, "seeds", "one seed per identity, such as [7]")]
+        [checks.whole(s, "seed") for s in checks.sequence(seeds, "seeds", "one seed per identity, such as [7]")]
     if len(indices) != len(ids) or len(seeds) != len(ids) or not all(0 <= s <= MAX_INDEX for s in seeds):
         raise InvalidInputError(f"{len(ids)} identities need as many index lists and seeds in 0..2**63-1 "
                                 f"(got {len(indices)} and {len(seeds)})")
@@ -99,18 +99,6 @@ def run_items(identities, num_images, indices, seeds, default_seed: int) -> tupl
         raise InvalidInputError("image indices must be a non-empty list of numbers in 0..2**63-1 "
                                 f"(got {[idx if isinstance(idx, range) else idx[:4] for idx in indices[:2]]})")
     return ids, indices, seeds
-
-
-def sequence(v, name: str, what: str, nested: bool = False) -> list:
-    """`v` as a list when it is a sequence (a list, tuple, range or array; not a str or bytes), of sequences
-    when `nested`; else InvalidInputError naming `name` and saying what it must be (`what`)."""
-    ok = isinstance(v, (Sequence, np.ndarray)) and not isinstance(v, (str, bytes))
-    items = list(v) if ok else []
-    if ok and nested:
-        ok = all(isinstance(x, (Sequence, np.ndarray, range)) and not isinstance(x, (str, bytes)) for x in items)
-    if not ok:
-        raise InvalidInputError(f"{name} must be {what}, got {str(v)[:40]} ({type(v).__name__})")
-    return items
 
 
 def index_count(idx: Sequence[int]) -> int:

@@ -27,7 +27,7 @@ from .folder_setup import BACKENDS, DEVICES, check_folder_scheduler, folder_defa
 from .inputs import (IDENTITY_MAX_BYTES, identity_fingerprint, image_noise, load_identity,  # noqa: F401
                      normalize_identity, random_identity)
 from .inputs import (IMAGE_BYTES, MAX_INDEX, index_bounds, index_count, max_images_in_memory,  # noqa: F401
-                     run_batches, run_items, sequence)
+                     run_batches, run_items)
 from .integrity import check_unchanged, verify_records
 from .manifest import load_manifest, record_files, reexport_advice, refused, resolve_inside, stage_file
 # re-exported: the options are part of the pipeline's public API (`options`)
@@ -55,8 +55,7 @@ class Arc2FacePipeline:
         `cpu_precision`: OpenVINO's auto | fp32 | bf16 | int8 (`backends.openvino`)."""
         self.engines_dir = checks.path(engines_dir, "engines folder")
         checks.choice(device, "device (--device)", DEVICES)
-        if not isinstance(verify, (bool, np.bool_)):          # None or 0 must not turn the sha256 check off
-            raise InvalidInputError(f"verify must be True or False, got {verify!r} ({type(verify).__name__})")
+        verify = checks.flag(verify, "verify")
         checks.choice(cpu_precision, "cpu_precision (--cpu-precision)", CPU_PRECISIONS)
         self.manifest = load_manifest(self.engines_dir)
         self.backend = pick_backend(self.engines_dir, self.manifest, backend, device)
@@ -264,7 +263,7 @@ class Arc2FacePipeline:
                 raise InvalidInputError(f"first_index must be in 0..2**63-num_images (got {first_index})")
             indices = range(first_index, first_index + num_images)
         elif not isinstance(indices, range):            # a range is never listed (2**63 indices)
-            indices = sequence(indices, "indices", "a sequence of image indices, such as [0, 1]")
+            indices = checks.sequence(indices, "indices", "a sequence of image indices, such as [0, 1]")
         return self.generate_many(normalize_identity(identity)[None], options=options, indices=[indices],
                                   on_step=on_step, control=control)
 

@@ -5,6 +5,7 @@ batch: results say per file what happened and how many succeeded. Library code h
 """
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 
 from .. import checks
 from ..errors import ImageDecodeError, InvalidInputError, NoFaceError
+from ..images import check_rgb8
 from ..manifest import sha256_file
 from ..specs import ID_DIM
 from .align import CROP_SIZE, align_face
@@ -130,12 +132,6 @@ def check_face_choice(face, min_size) -> None:
         raise InvalidInputError(f"min_size (--min-size) must be a size in pixels >= 0, got {min_size!r}")
 
 
-def _check_array(image, name: str) -> None:
-    if not isinstance(image, np.ndarray):
-        raise InvalidInputError(f"{name}: expected a uint8 [H, W, 3] RGB numpy array, not {type(image).__name__} "
-                                "(load_image reads a file into one)")
-
-
 class FaceAnalyzer:
     """Detector + recognizer + the face-choice policy (checked here); embeds images and files."""
 
@@ -168,14 +164,14 @@ class FaceAnalyzer:
         """image [H, W, 3] uint8 RGB → (unit embedding [512], chosen face, eligible face count)."""
         if self.detector is None:
             raise InvalidInputError("no face detector loaded; pass one, or use aligned 112x112 crops")
-        _check_array(image, name)
+        check_rgb8(image, name, "load_image reads a file into one")
         check_detectable(image.shape[0], image.shape[1], self.detector.input_size, name)
         chosen, n = choose_face(self.detector.detect(image), self.face, self.min_size, name)
         return self.recognizer.embed(align_face(image, chosen.kps))[0], chosen, n
 
     def embed_aligned(self, image: np.ndarray, name: str = "image") -> np.ndarray:
         """An already aligned 112x112 RGB crop → unit embedding [512] (no detection)."""
-        _check_array(image, name)
+        check_rgb8(image, name, "load_image reads a file into one")
         if image.shape[:2] != (CROP_SIZE, CROP_SIZE):
             raise InvalidInputError(f"{name}: {image.shape[1]}x{image.shape[0]} is not an aligned "
                                     f"{CROP_SIZE}x{CROP_SIZE} face crop; drop --aligned to detect the face")
@@ -184,8 +180,7 @@ class FaceAnalyzer:
     def embed_file(self, path: str | Path, aligned: bool = False) -> FileResult:
         """One file → FileResult; raises the per-file errors (see embed_files for the skipping form)."""
         path = Path(check_path(path))
-        if not isinstance(aligned, (bool, np.bool_)):
-            raise InvalidInputError(f"aligned must be True or False, got {aligned!r}")
+        checks.flag(aligned, "aligned")
         image = load_image(path, self.limits)
         if aligned:
             return FileResult(path, embedding=self.embed_aligned(image, str(path)), n_faces=1)
@@ -199,6 +194,11 @@ class FaceAnalyzer:
         if isinstance(paths, (str, bytes)) or not isinstance(paths, Iterable):
             raise InvalidInputError(f"paths must be a list of image files, not {type(paths).__name__} "
                                     "(expand_paths turns folders and patterns into one)")
+        paths = list(paths)          # arguments, not photos: refused for the whole call, never skipped per file
+        checks.flag(aligned, "aligned")
+        bad = [type(p).__name__ for p in paths if not isinstance(p, (str, os.PathLike))]
+        if bad:
+            raise InvalidInputError(f"paths must hold file names (str or pathlib.Path), not {bad[0]}")
         for p in paths:
             try:
                 results.append(self.embed_file(p, aligned))

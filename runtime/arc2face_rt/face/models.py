@@ -111,6 +111,7 @@ def load_face_models(models_dir: str | Path | None = None, detector_path: str | 
     from ..backends.trt import open_session as open_plan   # imports no TensorRT until a plan is opened
 
     check_model_options(min_score, backend, device)
+    checks.flag(verify, "verify")
     det = None
     on_file = "ort" if backend == "trt" else file_backend(engines, backend, device)
     if need_detector:
@@ -152,6 +153,8 @@ def identity_from_images(paths: Iterable[str | Path], models_dir: str | Path | N
     FaceWarning). Raises NoFaceError (or InvalidInputError) when no photo gives a usable face; a single
     photo's problem is raised only, not also logged."""
     check_face_options(face, min_score, min_size, method, backend, device)
+    checks.flag(aligned, "aligned")
+    checks.flag(verify, "verify")
     if log is None:
         def log(msg: str) -> None:
             warnings.warn(msg, FaceWarning, stacklevel=3)
