@@ -337,6 +337,12 @@ def test_a_shard_sample_without_its_image_is_named_not_dropped(tmp_path):
         with pytest.raises(InvalidInputError, match=r"sample 000001 has no jpg; it holds 1 complete sample\(s\), and "
                                                     rf"{stats_name(0)} records {written}; move both away"):
             index_shards(tmp_path)
-    (tmp_path / stats_name(0)).write_text(json.dumps({"written": 3}))
-    with pytest.raises(InvalidInputError, match=r"it holds 1 complete sample\(s\), and .* records 3"):
+    with tarfile.open(tmp_path / shard_name(0), "w") as tf:           # every sample complete, one fewer than
+        for part in ("jpg", "id.npy", "json"):                         # its stats file records
+            info = tarfile.TarInfo(f"000000.{part}")
+            info.size = 1
+            tf.addfile(info, io.BytesIO(b"x"))
+    (tmp_path / stats_name(0)).write_text(json.dumps({"written": 2}))
+    with pytest.raises(InvalidInputError, match=rf"shard-00000.tar: it holds 1 complete sample\(s\), and "
+                                                rf"{stats_name(0)} records 2"):
         index_shards(tmp_path)

@@ -108,6 +108,9 @@ def test_a_resume_on_other_processes_or_another_lora_base_is_refused(tiny_model_
                                                 r"differs\)"):
         _check_same_run({"processes": 2, "base_model": same["base_model"]}, _run_identity(moved, 2), "ckpt", moved)
     assert "base_model" not in _run_identity(_cfg(tiny_model_dir, tmp_path, tmp_path / "run"), 1)
+    assert "base_model" not in _run_identity(lora, 2, hash_base=False)      # the other processes: not hashed
+    _check_same_run({"processes": 2, "base_model": same["base_model"]}, _run_identity(moved, 2, hash_base=False),
+                    "ckpt", moved)
 
 
 def test_resume_keeping_one_checkpoint_prunes_the_resumed_one_and_finishes(tiny_model_dir, data, tmp_path):

@@ -70,12 +70,13 @@ def _start(cfg: FitConfig, resume: bool) -> tuple[int, dict | None, Path | None]
     return step, state, path
 
 
-def _run_identity(cfg: FitConfig, processes: int) -> dict:
+def _run_identity(cfg: FitConfig, processes: int, hash_base: bool = True) -> dict:
     """What a resumed run must share with its checkpoint besides the options: the number of processes
-    (the order of the samples and the global batch depend on it) and, with LoRA, the base model's weights
-    (sha256 per file: the adapters sit on them, and a checkpoint holds the merged weights only)."""
+    (the order of the samples and the global batch depend on it) and, with LoRA and `hash_base` (the main
+    process: one hash of the base per start, not one per process), the base model's weights (sha256 per
+    file: the adapters sit on them, and a checkpoint holds the merged weights only)."""
     same = {"processes": processes}
-    if cfg.lora_rank:
+    if cfg.lora_rank and hash_base:
         same["base_model"] = {str(p.relative_to(cfg.model_dir)): sha256_file(p) for p in model_files(cfg.model_dir)
                               if p.relative_to(cfg.model_dir).parts[0] in ("arc2face", "encoder", "vae")}
     return same
@@ -92,7 +93,7 @@ def _check_same_run(state: dict | None, same: dict, ckpt: Path | None, cfg: FitC
                                 "the order of the samples and the global batch depend on it: resume on "
                                 f"{was}, or start a new run in another --out")
     base = state.get("base_model", same.get("base_model"))
-    if base != same.get("base_model"):
+    if "base_model" in same and base != same["base_model"]:
         diff = sorted(k for k in {*base, *same["base_model"]} if base.get(k) != same["base_model"].get(k))
         raise InvalidInputError(f"--resume: {ckpt} holds LoRA adapters trained on another base model than --model-dir "
                                 f"{cfg.model_dir} ({diff[0]} differs); resume with the --model-dir the run started "
@@ -150,9 +151,9 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
                       cpu=cpu_group)
     main = acc.is_main_process
     start, state, ckpt = _start(cfg, resume)
-    same_run = _run_identity(cfg, acc.num_processes)
-    _check_same_run(state, same_run, ckpt, cfg)
     refs = index_shards(cfg.data)
+    same_run = _run_identity(cfg, acc.num_processes, hash_base=main)     # the main process saves and checks
+    _check_same_run(state, same_run, ckpt, cfg)
     analyzer = open_face_analyzer(cfg.face_models) if main and cfg.validate_every and cfg.face_models else None
     # LoRA trains adapters on the base weights; otherwise the checkpoint's weights are the start.
     models = _load_start_models(ckpt if ckpt is not None and not cfg.lora_rank else None, cfg.model_dir)
