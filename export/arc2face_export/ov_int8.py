@@ -75,8 +75,6 @@ def stable_names(model) -> int:
     global to the process) names numbered in graph order instead, so the saved IR, and the engine id that
     hashes it, is the same whatever the process did before (an int8 run continued after a stop quantised
     one graph where the first run had done two, and its IR differed in those names alone). Returns how many."""
-    import re
-
     k = 0
     for op in model.get_ordered_ops():
         kind = op.get_type_name()

@@ -184,24 +184,36 @@ def undo_new_folders(path: str | Path):
     """Make folder `path` and its missing parents; if the block fails, remove those of them that are
     still empty, so a failed run leaves no folder behind that was not there before."""
     path = Path(path)
-    full = Path(os.path.abspath(path))
-    made = []                               # deepest first; above the first existing one all exist
-    for p in (full, *full.parents):
-        if os.path.lexists(p):
-            break
-        made.append(p)
+    made = missing_folders(path)
     try:
         path.mkdir(parents=True, exist_ok=True)     # inside: a parent made before a failure is undone too
         yield path
     except BaseException:
-        for p in made:                      # deepest first
-            try:
-                p.rmdir()
-            except OSError:
-                if os.path.lexists(p):      # not empty (or not ours to remove): nor are those above
-                    break
-                # else never made: the failure was making it (gone, or a name too long to exist)
+        remove_empty_folders(made)
         raise
+
+
+def missing_folders(path: str | Path) -> list[Path]:
+    """`path` and its parents that do not exist yet, deepest first (above the first existing one all exist):
+    what making `path` makes."""
+    full = Path(os.path.abspath(path))
+    made = []
+    for p in (full, *full.parents):
+        if os.path.lexists(p):
+            break
+        made.append(p)
+    return made
+
+
+def remove_empty_folders(made: list[Path]) -> None:
+    """Remove the folders of `missing_folders` (deepest first) that are empty, up to the first that is not."""
+    for p in made:
+        try:
+            p.rmdir()
+        except OSError:
+            if os.path.lexists(p):      # not empty (or not ours to remove): nor are those above
+                break
+            # else never made, or gone: the failure was making it (a name too long to exist)
 
 
 def remove_stale_temps(folder: str | Path) -> int:

@@ -55,11 +55,11 @@ def image_bytes(image: np.ndarray, params: dict, image_format: str = "png",
     DATASET_PNG_LEVEL; `params` in a text chunk, which `read_params` reads) or "jpg" (baseline JPEG at
     `quality`, 4:2:0 chroma; `params` as the same JSON in its comment segment, which Pillow shows as
     `Image.info["comment"]`)."""
-    check_rgb8(image)
     if image_format == "png":
-        return png_bytes(image, params, DATASET_PNG_LEVEL)
+        return png_bytes(image, params, DATASET_PNG_LEVEL)          # which checks the image
     if image_format != "jpg":
         raise InvalidInputError(f"image format must be one of {', '.join(IMAGE_FORMATS)} (got {image_format!r})")
+    check_rgb8(image)
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image), "RGB").save(
         buf, format="JPEG", quality=quality, comment=json.dumps(params, sort_keys=True).encode())

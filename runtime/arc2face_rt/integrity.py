@@ -54,7 +54,7 @@ class VerifyReport:
     hashed: int = 0          # of which hashed now (no valid stamp)
     hashed_bytes: int = 0
     seconds: float = 0.0
-    stats: dict = field(default_factory=dict)   # relative path -> the stat key it was checked with
+    stats: dict = field(default_factory=dict)   # relative path -> the `_file_key` it was checked with
 
 
 def check_unchanged(engines_dir: str | Path, stats: dict, records: dict) -> None:
@@ -69,19 +69,24 @@ def check_unchanged(engines_dir: str | Path, stats: dict, records: dict) -> None
             continue
         p = resolve_inside(engines_dir, rel)
         try:
-            st = p.stat()
-            same = _stat_key(st)[:2] + _stat_key(st)[3:] == stats[rel][:2] + stats[rel][3:] or \
-                sha256_file(p) == rec["sha256"]
+            now = _file_key(p.stat())
+            same = now == stats[rel] or sha256_file(p) == rec["sha256"]
         except OSError:
             same = False
         if not same:
             raise EngineMismatchError(f"{p}: was replaced or rewritten while this run opened it (an export or "
                                       "build writing the folder?); run again once that has finished")
-        stats[rel] = _stat_key(st)
+        stats[rel] = now
 
 
 def _stat_key(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _file_key(st: os.stat_result) -> list[int]:
+    """Which file with which content, as far as metadata tells: `_stat_key` less the ctime, which a chmod or
+    a hard link made to the file moves too."""
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
 
 
 class StampStore:
@@ -148,7 +153,7 @@ def verify_records(engines_dir: str | Path, records: dict, mode: str = "stamp", 
                 raise fail(f"{p}: {st.st_size} bytes, the manifest records {rec['bytes']} "
                            f"(truncated or replaced)")
             report.files += 1
-            report.stats[rel] = _stat_key(st)
+            report.stats[rel] = _file_key(st)
             if store is None:
                 continue
             real = str(p.resolve())

@@ -8,7 +8,6 @@ For several GPUs or nodes: `accelerate launch [--num_processes N] -m arc2face_re
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -61,6 +60,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_fit(args) -> int:
+    from arc2face_rt.atomic import missing_folders, remove_empty_folders
     from arc2face_rt.exits import Terminated
 
     from .checkpoint import checkpoints
@@ -73,22 +73,14 @@ def cmd_fit(args) -> int:
     kw["adam_betas"] = tuple(args.adam_betas)
     cfg = FitConfig(**kw)
     new_out = not cfg.out.exists()
-    made = []                                   # --out and its parents this run makes, deepest first
-    for p in (Path(os.path.abspath(cfg.out)), *Path(os.path.abspath(cfg.out)).parents):
-        if os.path.lexists(p):
-            break
-        made.append(p)
+    made = missing_folders(cfg.out)             # --out and the parents this run makes
     try:
         res = fit(cfg, resume=args.resume, say=_say, progress=not args.quiet)
     except BaseException as e:
         # a run that failed before its first checkpoint leaves no folder it made (only its metrics log)
         if new_out and cfg.out.is_dir() and not any(cfg.out.glob("checkpoint-*")):
             shutil.rmtree(cfg.out, ignore_errors=True)
-            for p in made[1:]:                  # the parents it made, while empty
-                try:
-                    p.rmdir()
-                except OSError:
-                    break
+            remove_empty_folders(made)          # the parents it made, while empty
         kept = checkpoints(cfg.out)
         if isinstance(e, KeyboardInterrupt) and kept:           # Ctrl-C, SIGTERM: say how to go on
             _say(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}: the checkpoints in {cfg.out} are "

@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from arc2face_rt.atomic import remove_stale_temps
 from arc2face_rt.errors import InvalidInputError, MissingWeightsError, OutputExistsError
 from arc2face_rt.exits import check_interrupt
-from arc2face_rt.outputs import check_output_dir
-
 from arc2face_rt.manifest import sha256_file
+from arc2face_rt.outputs import check_output_dir
 
 from ..loading import Arc2FaceModels, cast, load_models, model_files
 from .checkpoint import check_resumable, checkpoints, load_state, prune_checkpoints, save_checkpoint

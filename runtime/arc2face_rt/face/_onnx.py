@@ -15,8 +15,8 @@ from pathlib import Path
 
 from .. import checks
 from ..errors import EngineMismatchError, MissingWeightsError, ModelFormatError
-from ..folder_setup import DEVICES
 from ..exits import os_error_reason
+from ..folder_setup import DEVICES
 
 
 def open_session(path: str | Path, what: str, fix: str, device: str = "auto", threads: int | None = None,
