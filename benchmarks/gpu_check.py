@@ -197,6 +197,10 @@ def _junit_summary(path: Path) -> dict:
     return {"counts": {k: len(v) for k, v in res.items()}, **res}
 
 
+# what each call may set apart and a merged run keeps per row (the run's own options are the first row's)
+ROW_OPTIONS = ("batches", "repeats", "warmup", "row_timeout_s", "compile_mode")
+
+
 def _run_options(opts: GpuCheckOptions, work: Path, backends=()):
     from .harness import RunOptions
     batches = opts.compile_batches if tuple(backends) == ("torch-compile",) and opts.compile_batches else opts.batches
@@ -325,9 +329,10 @@ def phase_report(opts: GpuCheckOptions, work: Path, written: list) -> dict:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     if docs:
         run = dict(docs[0])
-        for d in docs:                     # each row ran in its own call, maybe with other libraries
+        for d in docs:                     # each row ran in its own call, maybe with other libraries and options
             for r in d["rows"]:
                 r.setdefault("libraries", d.get("libraries"))
+                r.setdefault("options", {k: d["options"][k] for k in ROW_OPTIONS if k in d.get("options", {})})
         run["rows"] = [r for d in docs for r in d["rows"]]
         run["libraries"] = docs[-1].get("libraries")     # the last call's (the earlier ones are in the rows)
         for r in run["rows"]:

@@ -68,12 +68,22 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
+def _batches_and_repeats(d: dict) -> str:
+    """'batches [1, 4], median of 2 repeat(s)', or per row where the rows of a merged run differ."""
+    o = d["options"]
+    per_row = [(r["backend"], r.get("options", {}).get("batches", o["batches"]), r.get("options", {}).get("repeats", o["repeats"]))
+               for r in d["rows"] if r.get("status") != "skipped"]
+    if len({(tuple(b), n) for _, b, n in per_row}) <= 1:
+        return f"batches {o['batches']}, median of {o['repeats']} repeat(s)"
+    return "per row: " + "; ".join(f"{name} batches {b}, median of {n}" for name, b, n in per_row)
+
+
 def run_section(d: dict, chart: str | None) -> list[str]:
     o = d["options"]
     lines = [f"## Run `{d['_file']}`", "",
              f"- size **{o['size']}**, device **{d['device_kind']}** ({_machine(d)}), engines precision "
              f"{o.get('precision_resolved')}, {o['steps']} DPM-Solver++ steps, guidance {o['guidance']}, 512x512, "
-             f"batches {o['batches']}, median of {o['repeats']} repeat(s){' (smoke)' if o.get('smoke') else ''}",
+             f"{_batches_and_repeats(d)}{' (smoke)' if o.get('smoke') else ''}",
              f"- {d['created']}, commit {_commit(d)}"]
     if d.get("peaks"):
         rates = ", ".join(f"{p} **{v['tflops']:.3g}**" + (f" ({', '.join(f'{m} {r:.3g}' for m, r in v['methods'].items())})"

@@ -306,6 +306,30 @@ def test_the_merged_run_keeps_each_rows_libraries(tmp_path):
     assert run["libraries"]["onnxruntime"] == "1.31.1 (onnxruntime-gpu)"
 
 
+def test_the_merged_run_keeps_each_rows_batches_and_repeats_and_the_report_says_them(tmp_path):
+    """Calls 1 and 6 of a session pass other --batches/--repeats/--row-timeout than call 5: the merged run
+    took the first row's options for all, and RESULTS.md said 'median of 2' for rows measured 3 times."""
+    from benchmarks.gpu_check import GpuCheckOptions, phase_report
+    from benchmarks.report import run_section
+
+    out = tmp_path / "gc"
+    out.mkdir()
+    for backend, batches, repeats in (("diffusers", [1, 4, 16], 2), ("torch-compile", [1, 16], 3)):
+        (out / f"row-{backend}.json").write_text(json.dumps({
+            "schema": 1, "kind": "run", "libraries": {}, "device_kind": "cuda", "machine": {},
+            "options": {"size": "tiny", "steps": 2, "guidance": 3.0, "batches": batches, "repeats": repeats,
+                        "row_timeout_s": 540.0 if repeats == 2 else 225.0},
+            "rows": [{"backend": backend, "status": "ok"}]}))
+    summary = phase_report(GpuCheckOptions(out=out, size="tiny"), out / "work", [])
+    run = json.loads((out / summary["run"]).read_text())
+    rows = {r["backend"]: r["options"] for r in run["rows"]}
+    assert rows["torch-compile"] == {"batches": [1, 16], "repeats": 3, "row_timeout_s": 225.0}
+    assert rows["diffusers"]["repeats"] == 2
+    run["_file"] = summary["run"]
+    header = run_section(run, None)[2]
+    assert "diffusers batches [1, 4, 16], median of 2; torch-compile batches [1, 16], median of 3" in header
+
+
 def test_the_torch_compile_row_compiles_without_autotuning_at_every_batch_unless_asked(tmp_path):
     """max-autotune never compiled the UNet within 400 s on an H200, so the default is reduce-overhead, whose
     compiles take about a minute, at the row's batches; a slow mode is asked for with its own batches."""
@@ -378,3 +402,4 @@ def test_kernel_profile_says_why_it_cannot_run_without_a_cuda_torch():
     calls = []
     assert kernel_profile(lambda: calls.append(1)) == {"skipped": "torch sees no CUDA device"}
     assert calls == []
+
