@@ -2,16 +2,17 @@
 
 Step loop: for an exported engines folder this opens the CFG step graph as an OrtStepSession once per
 variant (the `--ort-cuda` fused graph or the plain fp16 graph; ONNX Runtime's CUDA graph on/off;
-cuDNN's convolution search by heuristic or exhaustive), and for each batch times the first loop
+cuDNN's convolution search by heuristic or exhaustive; for the fused graph, each convolution's bias
+added inside cuDNN's convolution, "conv-bias"), and for each batch times the first loop
 (session warm-up and graph capture included) and warm loops (median of `repeats`), each ending in its
 one host sync. Latents of each variant are compared with those of the plain graph without a CUDA
 graph (relative L2), so a variant that is fast but wrong shows.
 
-VAE decode: the plain and fused graphs under both convolution searches, with an ONNX Runtime profile
-(time per op type and per node) of the first variant measured.
+VAE decode: the plain and fused graphs under both convolution searches, and the fused one with
+"conv-bias", with an ONNX Runtime profile (time per op type and per node) of the first variant measured.
 
-On a GPU, the variants without a CUDA graph ("fused", "plain") and the first VAE variant measured also
-get `kernels_batch_N`: GPU time per CUDA kernel and per kernel family from CUPTI (`gpu_kernels.py`),
+On a GPU, the variants without a CUDA graph ("fused", "fused+conv-bias", "plain"), the first VAE
+variant measured and the VAE's "fused+conv-bias" also get `kernels_batch_N`: GPU time per CUDA kernel and per kernel family from CUPTI (`gpu_kernels.py`),
 per step at the largest batch for the loop, per decode at batch 1 for the VAE. ONNX Runtime's own
 profile times nodes on the host, which on CUDA is mostly the launch.
 
@@ -34,16 +35,31 @@ from .env import onnxruntime_in_use
 from .gpu_kernels import kernel_profile
 from .loop_timing import loop_inputs, rel_l2, time_denoise_loop
 
-# name: (graph file of the stage, CUDA graph on, ARC2FACE_ORT_CONV_SEARCH)
+# cuDNN adds each convolution's bias inside the convolution (ARC2FACE_ORT_FUSE_CONV_BIAS, which ONNX Runtime
+# honours only with TF32 allowed): in 20261127T220618Z the separate bias kernel took 9% of the fused step
+CONV_BIAS = {"ARC2FACE_ORT_FUSE_CONV_BIAS": "1", "ARC2FACE_ORT_TF32": "1"}
+
+# name: (graph file of the stage, CUDA graph on, environment: ARC2FACE_ORT_CONV_SEARCH and the like)
 VARIANTS = {
-    "fused+graph": ("{stage}.ort-cuda.onnx", True, "HEURISTIC"),
-    "fused": ("{stage}.ort-cuda.onnx", False, "HEURISTIC"),
-    "plain+graph": ("{stage}.onnx", True, "HEURISTIC"),
-    "plain+graph+exhaustive": ("{stage}.onnx", True, "EXHAUSTIVE"),
-    "plain": ("{stage}.onnx", False, "HEURISTIC"),
+    "fused+graph": ("{stage}.ort-cuda.onnx", True, {"ARC2FACE_ORT_CONV_SEARCH": "HEURISTIC"}),
+    "fused": ("{stage}.ort-cuda.onnx", False, {"ARC2FACE_ORT_CONV_SEARCH": "HEURISTIC"}),
+    "fused+graph+conv-bias": ("{stage}.ort-cuda.onnx", True, {"ARC2FACE_ORT_CONV_SEARCH": "HEURISTIC", **CONV_BIAS}),
+    "fused+conv-bias": ("{stage}.ort-cuda.onnx", False, {"ARC2FACE_ORT_CONV_SEARCH": "HEURISTIC", **CONV_BIAS}),
+    "plain+graph": ("{stage}.onnx", True, {"ARC2FACE_ORT_CONV_SEARCH": "HEURISTIC"}),
+    "plain+graph+exhaustive": ("{stage}.onnx", True, {"ARC2FACE_ORT_CONV_SEARCH": "EXHAUSTIVE"}),
+    "plain": ("{stage}.onnx", False, {"ARC2FACE_ORT_CONV_SEARCH": "HEURISTIC"}),
 }
 REFERENCE = "plain"
-KERNEL_PROFILED = ("fused", "plain")      # without a CUDA graph: every kernel is launched where it is seen
+KERNEL_PROFILED = ("fused", "fused+conv-bias", "plain")   # no CUDA graph: each kernel is launched where it is seen
+
+
+@contextlib.contextmanager
+def envs_set(values: dict):
+    """env_set for each of `values` (name: value) while the block runs."""
+    with contextlib.ExitStack() as stack:
+        for name, value in values.items():
+            stack.enter_context(env_set(name, value))
+        yield
 
 
 @contextlib.contextmanager
@@ -106,20 +122,21 @@ def measure_ort_loop(engines: Path, steps: int, guidance: float, batches=(1, 4),
     out = {"engines": str(engines), "precision": m.get("precision"), "steps": steps, "guidance": guidance,
            "onnxruntime": onnxruntime_in_use(), "variants": {}}
     latents = {}
-    for name, (file, graph, search) in VARIANTS.items():
+    for name, (file, graph, env) in VARIANTS.items():
         path = engines / file.format(stage="step_cfg")
         if not path.is_file():
             out["variants"][name] = {"skipped": f"{path.name} is not in the folder"}
             continue
         t = time.perf_counter()
         try:
-            with env_set("ARC2FACE_ORT_CONV_SEARCH", search):
+            with envs_set(env):
                 sess = OrtStepSession(path, device=device, options=CudaLoopOptions(cuda_graph=graph))
         except EngineMismatchError as e:      # e.g. the fused graph where only the CPU provider runs
             out["variants"][name] = {"graph": path.name, "error": str(e)[:300]}
             continue
         res = out["variants"][name] = {
-            "graph": path.name, "conv_search": search, "load_s": time.perf_counter() - t, "providers": sess.providers,
+            "graph": path.name, "conv_search": env["ARC2FACE_ORT_CONV_SEARCH"], "env": env,
+            "load_s": time.perf_counter() - t, "providers": sess.providers,
             "cuda_graph": sess.cuda_graph, "cuda_graph_refused": sess.cuda_graph_refused, "batches": {}}
         try:
             for b in batches:
@@ -143,11 +160,13 @@ def measure_ort_loop(engines: Path, steps: int, guidance: float, batches=(1, 4),
 
 
 VAE_VARIANTS = {
-    "fused": ("vae_decoder.ort-cuda.onnx", "HEURISTIC"),
-    "fused+exhaustive": ("vae_decoder.ort-cuda.onnx", "EXHAUSTIVE"),
-    "plain": ("vae_decoder.onnx", "HEURISTIC"),
-    "plain+exhaustive": ("vae_decoder.onnx", "EXHAUSTIVE"),
+    "fused": ("vae_decoder.ort-cuda.onnx", {"ARC2FACE_ORT_CONV_SEARCH": "HEURISTIC"}),
+    "fused+conv-bias": ("vae_decoder.ort-cuda.onnx", {"ARC2FACE_ORT_CONV_SEARCH": "HEURISTIC", **CONV_BIAS}),
+    "fused+exhaustive": ("vae_decoder.ort-cuda.onnx", {"ARC2FACE_ORT_CONV_SEARCH": "EXHAUSTIVE"}),
+    "plain": ("vae_decoder.onnx", {"ARC2FACE_ORT_CONV_SEARCH": "HEURISTIC"}),
+    "plain+exhaustive": ("vae_decoder.onnx", {"ARC2FACE_ORT_CONV_SEARCH": "EXHAUSTIVE"}),
 }
+VAE_KERNEL_PROFILED = ("fused+conv-bias",)   # besides the first variant measured, which gets ORT's profile too
 
 
 def measure_vae_decode(engines: Path, batches=(1,), repeats: int = 3, top: int = 12, device: str = "cuda") -> dict:
@@ -162,19 +181,19 @@ def measure_vae_decode(engines: Path, batches=(1,), repeats: int = 3, top: int =
     out = {"variants": {}}
     rng = np.random.default_rng(0)
     profiled = False
-    for name, (file, search) in VAE_VARIANTS.items():
+    for name, (file, env) in VAE_VARIANTS.items():
         path = engines / file
         if not path.is_file():
             out["variants"][name] = {"skipped": f"{path.name} is not in the folder"}
             continue
         try:
-            with env_set("ARC2FACE_ORT_CONV_SEARCH", search):
+            with envs_set(env):
                 sess = OrtSession(path, device=device)
         except EngineMismatchError as e:
             out["variants"][name] = {"graph": path.name, "error": str(e)[:300]}
             continue
-        res = out["variants"][name] = {"graph": path.name, "conv_search": search, "providers": sess.providers,
-                                       "batches": {}}
+        res = out["variants"][name] = {"graph": path.name, "conv_search": env["ARC2FACE_ORT_CONV_SEARCH"],
+                                       "env": env, "providers": sess.providers, "batches": {}}
         try:
             for b in batches:
                 lat = {"latents": rng.standard_normal((b, 4, 64, 64)).astype(np.float32)}
@@ -188,11 +207,11 @@ def measure_vae_decode(engines: Path, batches=(1,), repeats: int = 3, top: int =
                     times.append(time.perf_counter() - t)
                 res["batches"][str(b)] = {"first_s": first, "median_s": statistics.median(times)}
             if not profiled:                   # a second session of the same graph, with ORT's profiler
-                res["profile_batch_1"] = _profile(ort, path, search, sess.on_gpu, engines, rng, repeats, top)
-                if sess.on_gpu:
-                    one = {"latents": rng.standard_normal((1, 4, 64, 64)).astype(np.float32)}
-                    res["kernels_batch_1"] = _kernels(lambda: sess.run(one))
-                profiled = True
+                res["profile_batch_1"] = _profile(ort, path, env, sess.on_gpu, engines, rng, repeats, top)
+            if sess.on_gpu and (not profiled or name in VAE_KERNEL_PROFILED):
+                one = {"latents": rng.standard_normal((1, 4, 64, 64)).astype(np.float32)}
+                res["kernels_batch_1"] = _kernels(lambda: sess.run(one))
+            profiled = True
         except Exception as e:  # noqa: BLE001 - a variant that fails at run time: recorded, the others still run
             res["error"] = _error_text(e)
         finally:
@@ -208,17 +227,17 @@ def _kernels(run, per: int = 1) -> dict:
         return {"error": _error_text(e)}
 
 
-def _profile(ort, path: Path, search: str, on_gpu: bool, engines: Path, rng, repeats: int, top: int) -> dict:
+def _profile(ort, path: Path, env: dict, on_gpu: bool, engines: Path, rng, repeats: int, top: int) -> dict:
     import json
 
-    from arc2face_rt.backends.ort import CPU_EP, CUDA_EP
+    from arc2face_rt.backends.ort import CPU_EP, CUDA_EP, cuda_provider_options
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.enable_profiling = True
     so.profile_file_prefix = str(engines.parent / "vae-profile")
-    with env_set("ARC2FACE_ORT_CONV_SEARCH", search):
-        providers = [(CUDA_EP, {"cudnn_conv_algo_search": search}), CPU_EP] if on_gpu else [CPU_EP]
+    with envs_set(env):
+        providers = [(CUDA_EP, cuda_provider_options()), CPU_EP] if on_gpu else [CPU_EP]
         profile = ort.InferenceSession(str(path), so, providers=providers)
     lat = {"latents": rng.standard_normal((1, 4, 64, 64)).astype(np.float32)}
     for _ in range(repeats + 1):

@@ -403,3 +403,14 @@ def test_kernel_profile_says_why_it_cannot_run_without_a_cuda_torch():
     assert kernel_profile(lambda: calls.append(1)) == {"skipped": "torch sees no CUDA device"}
     assert calls == []
 
+
+def test_the_conv_bias_variants_ask_for_the_fused_bias_with_tf32_which_onnxruntime_needs_for_it(monkeypatch):
+    from arc2face_rt.backends.ort import cuda_provider_options
+    from benchmarks.gpu_ort import CONV_BIAS, VAE_VARIANTS, VARIANTS, envs_set
+
+    for name in ("ARC2FACE_ORT_FUSE_CONV_BIAS", "ARC2FACE_ORT_TF32"):
+        monkeypatch.delenv(name, raising=False)
+    with envs_set(VARIANTS["fused+graph+conv-bias"][2]):
+        assert cuda_provider_options()["fuse_conv_bias"] == "1" and cuda_provider_options()["use_tf32"] == "1"
+    assert "fuse_conv_bias" not in cuda_provider_options() and cuda_provider_options()["use_tf32"] == "0"
+    assert VAE_VARIANTS["fused+conv-bias"][1].items() >= CONV_BIAS.items()

@@ -54,6 +54,28 @@ def conv_search() -> str:
     return value
 
 
+def cuda_provider_options() -> dict:
+    """The CUDA execution provider's options from the environment.
+
+    - `use_tf32`: fp32 graphs stay fp32 on the GPU (TF32 matmuls would cost the one-grey-level parity
+      with the CPU); ARC2FACE_ORT_TF32=1 allows TF32. With it off, ONNX Runtime's cuDNN convolutions of
+      fp16 graphs first ask for plans without tensor cores, find none, and retry with them (its
+      `nn/conv.cc`), so fp16 results do not depend on it.
+    - `cudnn_conv_algo_search`: heuristic, not ONNX Runtime's default exhaustive search: the full fp16
+      VAE decode took 92 ms with EXHAUSTIVE and 20 ms with HEURISTIC on an H200 (ORT 1.31,
+      benchmarks/results/gpu-check-ort-20261126T012714Z.json). ARC2FACE_ORT_CONV_SEARCH overrides it.
+    - `fuse_conv_bias`, only with ARC2FACE_ORT_FUSE_CONV_BIAS=1 (not measured as a default yet): each
+      convolution's bias added inside cuDNN's convolution instead of by a second kernel (about 9% of a
+      fused fp16 CFG step and 18% of the fused VAE decode on an H200,
+      gpu-check-ort-20261127T220618Z.json). ONNX Runtime builds such a fused plan only where TF32 is
+      allowed, so it needs ARC2FACE_ORT_TF32=1 too; otherwise it falls back to the separate addition."""
+    opts = {"use_tf32": "1" if os.environ.get("ARC2FACE_ORT_TF32") == "1" else "0",
+            "cudnn_conv_algo_search": conv_search()}
+    if os.environ.get("ARC2FACE_ORT_FUSE_CONV_BIAS") == "1":   # older onnxruntime refuses keys it does not know
+        opts["fuse_conv_bias"] = "1"
+    return opts
+
+
 def _preload_cuda_libraries(ort) -> None:
     global _preloaded
     if not _preloaded and hasattr(ort, "preload_dlls"):
@@ -99,13 +121,11 @@ class OrtSession:
         requested = ort_providers(device)
         if CUDA_EP in requested:
             _preload_cuda_libraries(ort)
-        # fp32 graphs stay fp32 on the GPU (TF32 matmuls would cost the one-grey-level parity with the CPU);
-        # ARC2FACE_ORT_TF32=1 allows TF32. fp16 graphs are unaffected.
-        # cuDNN convolution algorithms by heuristic, not ONNX Runtime's default exhaustive search: the full
-        # fp16 VAE decode took 92 ms with EXHAUSTIVE and 20 ms with HEURISTIC on an H200 (ORT 1.31,
-        # benchmarks/results/gpu-check-ort-20261126T012714Z.json). ARC2FACE_ORT_CONV_SEARCH overrides it.
-        providers = [(p, {"use_tf32": "1" if os.environ.get("ARC2FACE_ORT_TF32") == "1" else "0",
-                          "cudnn_conv_algo_search": conv_search(), **(cuda_options or {})}) if p == CUDA_EP else p
+            # the CUDA provider's cuDNN convolutions log plans they retry ("No execution plans support the
+            # graph", once per convolution) through ONNX Runtime's process-wide logger, which the session's
+            # level does not govern: it follows -v as the session's does
+            ort.set_default_logger_severity(opts.log_severity_level)
+        providers = [(p, {**cuda_provider_options(), **(cuda_options or {})}) if p == CUDA_EP else p
                      for p in requested]
         try:
             self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
