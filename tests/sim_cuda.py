@@ -77,6 +77,7 @@ class FakeCudart:
     cudaStreamCaptureMode = cudaStreamCaptureMode
     cudaDeviceAttr = cudaDeviceAttr
     cudaStreamNonBlocking = 1
+    cudaEventBlockingSync, cudaEventDisableTiming = 1, 2
 
     def __init__(self, cc: str = "8.9", name: str = "Simulated GPU", devices: int = 1):
         self.cc, self.name, self.devices = cc, name, devices
@@ -262,6 +263,19 @@ class FakeCudart:
         h = self._handle()
         self.events[h] = None
         return cudaError_t.cudaSuccess, h
+
+    def cudaEventCreateWithFlags(self, flags):
+        self.event_flags = flags
+        return self.cudaEventCreate()
+
+    def cudaEventSynchronize(self, event):
+        if self._capturing():                   # a host wait during capture: invalidates it
+            self._invalidate_all()
+            return (cudaError_t.cudaErrorStreamCaptureUnsupported,)
+        if int(event) not in self.events:
+            return (cudaError_t.cudaErrorInvalidResourceHandle,)
+        self.syncs += 1
+        return (cudaError_t.cudaSuccess,)
 
     def cudaEventRecord(self, event, stream):
         self.enqueue(stream, lambda: self.events.__setitem__(int(event), time.perf_counter()))
