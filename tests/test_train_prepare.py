@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -316,3 +317,35 @@ def test_prepare_on_a_full_disk_as_it_starts_leaves_no_folder(tmp_path, monkeypa
     with pytest.raises(OSError):
         prep.prepare(paths, tmp_path / "new" / "data", _analyzer, shard_size=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+
+
+def test_a_second_prepare_into_the_same_folder_is_refused_while_the_first_runs(tmp_path):
+    """Two runs into one new --out both ended well, the second's plan and shards written over the first's
+    (or mixed with them): the folder is locked while a run reads and writes it."""
+    import threading
+
+    from arc2face_ref.train.prepare import prepare
+    from arc2face_rt.errors import OutputExistsError
+
+    mine, other = astronaut_variants(tmp_path / "mine", n=2), astronaut_variants(tmp_path / "other", n=1)
+    data, opening, go, first = tmp_path / "new" / "data", threading.Event(), threading.Event(), {}
+
+    def slow_models():                     # the first run holds the folder while its face models open
+        opening.set()
+        go.wait(60)
+        return _analyzer()
+    run = threading.Thread(target=lambda: first.update(report=prepare(mine, data, slow_models, shard_size=1)))
+    run.start()
+    try:
+        assert opening.wait(60)
+        with pytest.raises(OutputExistsError, match="another arc2face-train prepare is writing this folder"):
+            prepare(other, data, _analyzer, shard_size=1)
+    finally:
+        go.set()
+        run.join(120)
+    assert first["report"].written == 2
+    sources = []
+    for shard in sorted(data.glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            sources += [json.load(tar.extractfile(m))["source"] for m in tar.getmembers() if m.name.endswith(".json")]
+    assert len(sources) == 2 and all(s.startswith(str(tmp_path / "mine")) for s in sources), sources

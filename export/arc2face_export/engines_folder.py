@@ -18,7 +18,6 @@ backup folder is removed by the next export as a stale temporary.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -27,7 +26,7 @@ import shutil
 from pathlib import Path
 
 from arc2face_rt import manifest as mf
-from arc2face_rt.atomic import is_temp_name, set_usual_modes, temp_dir
+from arc2face_rt.atomic import is_temp_name, locked, set_usual_modes, temp_dir
 from arc2face_rt.errors import InvalidInputError, OutputExistsError
 from arc2face_rt.specs import ALL_STAGES
 
@@ -80,31 +79,12 @@ def check_recorded(folder: Path, names, recorded, what: str) -> None:
             raise OutputExistsError(f"{p}: {why}, so it is not replaced; move it out of {folder}, then run again")
 
 
-@contextlib.contextmanager
 def writing(folder: str | Path):
-    """Hold an exclusive advisory lock (flock) on an existing engines folder while this command writes it;
-    another `arc2face-export` command writing the same folder on this machine is refused at once (two
-    build-engines runs each wrote their manifest over the other's: a plan its record does not describe).
-    A folder that does not exist yet is not locked (an export into a new folder refuses a second one by
-    itself), nor is one whose file system has no flock; flock is not shared between NFS clients."""
-    try:
-        import fcntl
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except (ImportError, OSError):                   # no flock (Windows), or no such folder yet
-        fd = None
-    try:
-        if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise OutputExistsError(f"{folder}: another arc2face-export command is writing this folder; run "
-                                        "this one once it has finished") from None
-            except OSError:                          # ENOLCK, EOPNOTSUPP: this file system cannot lock
-                pass
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)                             # releases the lock
+    """`atomic.locked` on an existing engines folder while an arc2face-export command writes it: another
+    one writing the same folder on this machine is refused at once (two build-engines runs each wrote
+    their manifest over the other's: a plan its record does not describe). A folder that does not exist
+    yet is not locked (an export into a new folder refuses a second one by itself)."""
+    return locked(folder, "arc2face-export command")
 
 
 def refuse_folders_at(paths) -> None:

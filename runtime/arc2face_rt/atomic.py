@@ -193,6 +193,32 @@ def undo_new_folders(path: str | Path):
         raise
 
 
+@contextmanager
+def locked(folder: str | Path, who: str):
+    """Hold an exclusive advisory lock (flock) on the existing folder `folder` while the block writes it;
+    another command holding it (`who` names that kind of command) is refused at once with
+    OutputExistsError. A folder that does not exist is not locked, nor is one whose file system has no
+    flock; flock is not shared between NFS clients, so this guards one machine."""
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except (ImportError, OSError):                   # no flock (Windows), or no such folder yet
+        fd = None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OutputExistsError(f"{folder}: another {who} is writing this folder; run this one once "
+                                        "it has finished") from None
+            except OSError:                          # ENOLCK, EOPNOTSUPP: this file system cannot lock
+                pass
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)                             # releases the lock
+
+
 def missing_folders(path: str | Path) -> list[Path]:
     """`path` and its parents that do not exist yet, deepest first (above the first existing one all exist):
     what making `path` makes."""

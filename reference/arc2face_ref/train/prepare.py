@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
-from arc2face_rt.atomic import atomic_write, is_temp_name, remove_stale_temps, undo_new_folders
+from arc2face_rt.atomic import atomic_write, is_temp_name, locked, remove_stale_temps, undo_new_folders
 from arc2face_rt.errors import ImageDecodeError, InvalidInputError
 from arc2face_rt.face.identity import SKIPPABLE, FaceAnalyzer
 from arc2face_rt.face.image_io import check_image_file, expand_paths, load_image
@@ -176,11 +176,20 @@ def prepare(images: Sequence[str | Path], out: str | Path, analyzer_factory: Cal
 
     `analyzer_factory` opens the face models; it is called only when a shard is left to do, or to
     compare the settings of a folder that holds no sample yet. `progress(n)`
-    is called after each photo with the number done."""
+    is called after each photo with the number done. `out` is made, and locked while the run reads and
+    writes it: a second run into the same folder on this machine is refused at once (two runs into one
+    new folder both ended well, one's shards replaced by the other's photos). A run that fails before
+    its first file removes the folders it made."""
     if shard_size < 1:
         raise InvalidInputError(f"--shard-size must be at least 1 (got {shard_size})")
     files = expand_paths(images, recursive=True)
     out = check_output_dir(out)
+    with undo_new_folders(out), locked(out, "arc2face-train prepare"):
+        return _prepare(files, out, analyzer_factory, shard_size, progress, say)
+
+
+def _prepare(files: list[Path], out: Path, analyzer_factory: Callable[[], FaceAnalyzer], shard_size: int,
+             progress: Callable[[int], None] | None, say: Callable[[str], None]) -> PrepareReport:
     plan, files = _plan(out, files, shard_size, say)
     n_shards = -(-len(files) // shard_size)
     todo = [k for k in range(n_shards) if plan is not None or not _done(out, k)]   # a new plan: every shard
@@ -197,12 +206,11 @@ def prepare(images: Sequence[str | Path], out: str | Path, analyzer_factory: Cal
             plan, todo = _new_plan(files, shard_size), list(range(n_shards))
         if plan is not None:
             plan["settings"] = settings
-    with undo_new_folders(out):         # a full disk writing the plan leaves no folder behind
-        remove_stale_temps(out)
-        if plan is not None:
-            for stats in out.glob("shard-*.stats.json"):     # an earlier run's, which kept no sample: redo those
-                stats.unlink()
-            atomic_write(out / PLAN_FILE, json.dumps(plan, indent=1).encode(), overwrite=True)
+    remove_stale_temps(out)
+    if plan is not None:
+        for stats in out.glob("shard-*.stats.json"):         # an earlier run's, which kept no sample: redo those
+            stats.unlink()
+        atomic_write(out / PLAN_FILE, json.dumps(plan, indent=1).encode(), overwrite=True)
     for k in todo:
         samples, skipped = [], []
         for i, path in enumerate(files[k * shard_size:(k + 1) * shard_size]):
