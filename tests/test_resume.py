@@ -272,3 +272,31 @@ def test_a_folder_where_a_file_is_overwritten_is_named(tmp_path):
     with pytest.raises(OutputExistsError, match=r"summary.json: is a folder where this file goes; move it away"):
         atomic_write(tmp_path / "summary.json", b"{}", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_a_run_refused_by_the_lock_never_removes_the_folder_another_run_made(tmp_path, monkeypatch):
+    """The folders a run 'made' were those missing when it looked: another run that made --out just after
+    (and locked it) had it removed when the first was refused, and went on writing into a new, unlocked
+    folder. Only folders this process's own mkdir made count, and a refused run removes none."""
+    import contextlib
+
+    from arc2face_rt import atomic
+    from arc2face_rt.errors import OutputExistsError
+
+    out, other_run, real = tmp_path / "new" / "data", contextlib.ExitStack(), atomic.missing_folders
+
+    def another_run_makes_it_meanwhile(path):
+        found = real(path)
+        out.mkdir(parents=True)
+        other_run.enter_context(atomic.locked(out, "other run"))
+        return found
+    monkeypatch.setattr(atomic, "missing_folders", another_run_makes_it_meanwhile)
+    with other_run, pytest.raises(OutputExistsError, match="another x is writing"):
+        with atomic.locked_folder(out, "x"):
+            pass
+    assert out.is_dir()
+    monkeypatch.setattr(atomic, "missing_folders", real)
+    with pytest.raises(RuntimeError):                    # a run that fails removes what it made, lock held
+        with atomic.locked_folder(tmp_path / "mine" / "data", "x"):
+            raise RuntimeError("failed before its first file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]

@@ -181,15 +181,54 @@ def temp_dir(parent: str | Path, name: str) -> Path:
 
 @contextmanager
 def undo_new_folders(path: str | Path):
-    """Make folder `path` and its missing parents; if the block fails, remove those of them that are
-    still empty, so a failed run leaves no folder behind that was not there before."""
+    """Make folder `path` and its missing parents; if the block fails, remove those of them that this
+    call made and are still empty, so a failed run leaves no folder behind that was not there before."""
     path = Path(path)
-    made = missing_folders(path)
+    made = make_folders(path)
     try:
-        path.mkdir(parents=True, exist_ok=True)     # inside: a parent made before a failure is undone too
         yield path
     except BaseException:
         remove_empty_folders(made)
+        raise
+
+
+def make_folders(path: str | Path) -> list[Path]:
+    """Make folder `path` and its missing parents; return those this call made, deepest first. One that
+    another process makes meanwhile is not counted (so it is never removed as ours). If making one
+    fails, those made are removed again (when still empty) and the error is raised."""
+    made: list[Path] = []
+    try:
+        for p in reversed(missing_folders(path)):
+            try:
+                os.mkdir(p)
+            except FileExistsError:
+                continue
+            made.insert(0, p)
+        Path(path).mkdir(parents=True, exist_ok=True)  # the error for a file at `path`; else nothing to do
+    except BaseException:
+        remove_empty_folders(made)
+        raise
+    return made
+
+
+@contextmanager
+def locked_folder(path: str | Path, who: str):
+    """`undo_new_folders` and `locked` together, without their races: make folder `path`, lock it, and
+    if the block fails remove the folders this call made (when still empty) before the lock is let go.
+    A run refused because another holds the lock removes nothing: the folder is the other run's."""
+    path = Path(path)
+    made, held = make_folders(path), False
+    try:
+        with locked(path, who):
+            held = True
+            try:
+                yield path
+            except BaseException:
+                remove_empty_folders(made)          # while the lock is held
+                raise
+    except BaseException as e:
+        if not held and not isinstance(e, OutputExistsError):
+            remove_empty_folders(made)
         raise
 
 
@@ -198,7 +237,8 @@ def locked(folder: str | Path, who: str):
     """Hold an exclusive advisory lock (flock) on the existing folder `folder` while the block writes it;
     another command holding it (`who` names that kind of command) is refused at once with
     OutputExistsError. A folder that does not exist is not locked, nor is one whose file system has no
-    flock; flock is not shared between NFS clients, so this guards one machine."""
+    flock for folders: on NFS Linux emulates flock with whole-file write locks, which a folder (opened
+    read-only) cannot take, so no lock is taken there. It guards one machine's local file systems."""
     try:
         import fcntl
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)

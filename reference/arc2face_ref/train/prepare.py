@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
-from arc2face_rt.atomic import atomic_write, is_temp_name, locked, remove_stale_temps, undo_new_folders
+from arc2face_rt.atomic import atomic_write, is_temp_name, locked_folder, remove_stale_temps
 from arc2face_rt.errors import ImageDecodeError, InvalidInputError
 from arc2face_rt.face.identity import SKIPPABLE, FaceAnalyzer
 from arc2face_rt.face.image_io import check_image_file, expand_paths, load_image
@@ -184,7 +184,7 @@ def prepare(images: Sequence[str | Path], out: str | Path, analyzer_factory: Cal
         raise InvalidInputError(f"--shard-size must be at least 1 (got {shard_size})")
     files = expand_paths(images, recursive=True)
     out = check_output_dir(out)
-    with undo_new_folders(out), locked(out, "arc2face-train prepare"):
+    with locked_folder(out, "arc2face-train prepare"):
         return _prepare(files, out, analyzer_factory, shard_size, progress, say)
 
 
@@ -196,8 +196,8 @@ def _prepare(files: list[Path], out: Path, analyzer_factory: Callable[[], FaceAn
     if len(todo) < n_shards:
         say(f"{n_shards - len(todo)} of {n_shards} shard(s) already done; continuing with the rest")
     no_sample = not any(out.glob("shard-*.tar"))
-    # face models refused before --out is touched; opened when a shard is left to do, or to compare the
-    # settings of a folder that holds no sample yet (other settings may find faces the first did not)
+    # face models opened when a shard is left to do, or to compare the settings of a folder that holds no
+    # sample yet (other settings may find faces the first did not); refused, they leave --out as it was
     analyzer = analyzer_factory() if todo or (plan is None and no_sample and n_shards) else None
     if analyzer is not None:
         settings = _settings(analyzer)
