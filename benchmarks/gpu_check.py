@@ -197,7 +197,8 @@ def _junit_summary(path: Path) -> dict:
     return {"counts": {k: len(v) for k, v in res.items()}, **res}
 
 
-# what each call may set apart and a merged run keeps per row (the run's own options are the first row's)
+# what each call may set apart and a merged run keeps per row (the run's own options are the first row's;
+# the compile mode only on the torch-compile row)
 ROW_OPTIONS = ("batches", "repeats", "warmup", "row_timeout_s", "compile_mode")
 
 
@@ -332,7 +333,8 @@ def phase_report(opts: GpuCheckOptions, work: Path, written: list) -> dict:
         for d in docs:                     # each row ran in its own call, maybe with other libraries and options
             for r in d["rows"]:
                 r.setdefault("libraries", d.get("libraries"))
-                r.setdefault("options", {k: d["options"][k] for k in ROW_OPTIONS if k in d.get("options", {})})
+                r.setdefault("options", {k: d["options"][k] for k in ROW_OPTIONS if k in d.get("options", {})
+                                         and (k != "compile_mode" or r.get("backend") == "torch-compile")})
         run["rows"] = [r for d in docs for r in d["rows"]]
         run["libraries"] = docs[-1].get("libraries")     # the last call's (the earlier ones are in the rows)
         for r in run["rows"]:

@@ -3,18 +3,19 @@
 Step loop: for an exported engines folder this opens the CFG step graph as an OrtStepSession once per
 variant (the `--ort-cuda` fused graph or the plain fp16 graph; ONNX Runtime's CUDA graph on/off;
 cuDNN's convolution search by heuristic or exhaustive; for the fused graph, each convolution's bias
-added inside cuDNN's convolution, "conv-bias"), and for each batch times the first loop
-(session warm-up and graph capture included) and warm loops (median of `repeats`), each ending in its
-one host sync. Latents of each variant are compared with those of the plain graph without a CUDA
-graph (relative L2), so a variant that is fast but wrong shows.
+added inside cuDNN's convolution, "conv-bias", and TF32 allowed alone, "tf32"), and for each batch
+times the first loop (session warm-up and graph capture included) and warm loops (median of
+`repeats`), each ending in its one host sync. Latents of each variant are compared with those of the
+plain graph without a CUDA graph (relative L2), so a variant that is fast but wrong shows.
 
 VAE decode: the plain and fused graphs under both convolution searches, and the fused one with
 "conv-bias", with an ONNX Runtime profile (time per op type and per node) of the first variant measured.
 
 On a GPU, the variants without a CUDA graph ("fused", "fused+conv-bias", "plain"), the first VAE
-variant measured and the VAE's "fused+conv-bias" also get `kernels_batch_N`: GPU time per CUDA kernel and per kernel family from CUPTI (`gpu_kernels.py`),
-per step at the largest batch for the loop, per decode at batch 1 for the VAE. ONNX Runtime's own
-profile times nodes on the host, which on CUDA is mostly the launch.
+variant measured and the VAE's "fused+conv-bias" also get `kernels_batch_N`: GPU time per CUDA
+kernel and per kernel family from CUPTI (`gpu_kernels.py`), per step at the largest batch for the
+loop, per decode at batch 1 for the VAE. ONNX Runtime's own profile times nodes on the host, which on
+CUDA is mostly the launch.
 
 A variant that cannot be opened, or that fails while it runs (a fused kernel refusing a shape, a CUDA
 graph capture error, out of memory), is recorded with its "error" and the next one runs; a CUDA graph
@@ -35,19 +36,24 @@ from .env import onnxruntime_in_use
 from .gpu_kernels import kernel_profile
 from .loop_timing import loop_inputs, rel_l2, time_denoise_loop
 
-# cuDNN adds each convolution's bias inside the convolution (ARC2FACE_ORT_FUSE_CONV_BIAS, which ONNX Runtime
-# honours only with TF32 allowed): in 20261127T220618Z the separate bias kernel took 9% of the fused step
-CONV_BIAS = {"ARC2FACE_ORT_FUSE_CONV_BIAS": "1", "ARC2FACE_ORT_TF32": "1"}
+# every variant sets these, so one exported before gpu-check ran changes no baseline
+BASE = {"ARC2FACE_ORT_CONV_SEARCH": "HEURISTIC", "ARC2FACE_ORT_TF32": "0", "ARC2FACE_ORT_FUSE_CONV_BIAS": "0"}
+# cuDNN adds each convolution's bias inside the convolution (the fused graphs then allow TF32, which ONNX
+# Runtime needs for that plan): in 20261127T220618Z the separate bias kernel took 9% of the fused step.
+# "tf32" alone tells what allowing TF32 does by itself (fp16 convolutions may then pick other plans).
+CONV_BIAS = {**BASE, "ARC2FACE_ORT_FUSE_CONV_BIAS": "1"}
+TF32 = {**BASE, "ARC2FACE_ORT_TF32": "1"}
 
-# name: (graph file of the stage, CUDA graph on, environment: ARC2FACE_ORT_CONV_SEARCH and the like)
+# name: (graph file of the stage, CUDA graph on, environment while the session opens)
 VARIANTS = {
-    "fused+graph": ("{stage}.ort-cuda.onnx", True, {"ARC2FACE_ORT_CONV_SEARCH": "HEURISTIC"}),
-    "fused": ("{stage}.ort-cuda.onnx", False, {"ARC2FACE_ORT_CONV_SEARCH": "HEURISTIC"}),
-    "fused+graph+conv-bias": ("{stage}.ort-cuda.onnx", True, {"ARC2FACE_ORT_CONV_SEARCH": "HEURISTIC", **CONV_BIAS}),
-    "fused+conv-bias": ("{stage}.ort-cuda.onnx", False, {"ARC2FACE_ORT_CONV_SEARCH": "HEURISTIC", **CONV_BIAS}),
-    "plain+graph": ("{stage}.onnx", True, {"ARC2FACE_ORT_CONV_SEARCH": "HEURISTIC"}),
-    "plain+graph+exhaustive": ("{stage}.onnx", True, {"ARC2FACE_ORT_CONV_SEARCH": "EXHAUSTIVE"}),
-    "plain": ("{stage}.onnx", False, {"ARC2FACE_ORT_CONV_SEARCH": "HEURISTIC"}),
+    "fused+graph": ("{stage}.ort-cuda.onnx", True, BASE),
+    "fused": ("{stage}.ort-cuda.onnx", False, BASE),
+    "fused+graph+conv-bias": ("{stage}.ort-cuda.onnx", True, CONV_BIAS),
+    "fused+conv-bias": ("{stage}.ort-cuda.onnx", False, CONV_BIAS),
+    "fused+graph+tf32": ("{stage}.ort-cuda.onnx", True, TF32),
+    "plain+graph": ("{stage}.onnx", True, BASE),
+    "plain+graph+exhaustive": ("{stage}.onnx", True, {**BASE, "ARC2FACE_ORT_CONV_SEARCH": "EXHAUSTIVE"}),
+    "plain": ("{stage}.onnx", False, BASE),
 }
 REFERENCE = "plain"
 KERNEL_PROFILED = ("fused", "fused+conv-bias", "plain")   # no CUDA graph: each kernel is launched where it is seen
@@ -160,11 +166,11 @@ def measure_ort_loop(engines: Path, steps: int, guidance: float, batches=(1, 4),
 
 
 VAE_VARIANTS = {
-    "fused": ("vae_decoder.ort-cuda.onnx", {"ARC2FACE_ORT_CONV_SEARCH": "HEURISTIC"}),
-    "fused+conv-bias": ("vae_decoder.ort-cuda.onnx", {"ARC2FACE_ORT_CONV_SEARCH": "HEURISTIC", **CONV_BIAS}),
-    "fused+exhaustive": ("vae_decoder.ort-cuda.onnx", {"ARC2FACE_ORT_CONV_SEARCH": "EXHAUSTIVE"}),
-    "plain": ("vae_decoder.onnx", {"ARC2FACE_ORT_CONV_SEARCH": "HEURISTIC"}),
-    "plain+exhaustive": ("vae_decoder.onnx", {"ARC2FACE_ORT_CONV_SEARCH": "EXHAUSTIVE"}),
+    "fused": ("vae_decoder.ort-cuda.onnx", BASE),
+    "fused+conv-bias": ("vae_decoder.ort-cuda.onnx", CONV_BIAS),
+    "fused+exhaustive": ("vae_decoder.ort-cuda.onnx", {**BASE, "ARC2FACE_ORT_CONV_SEARCH": "EXHAUSTIVE"}),
+    "plain": ("vae_decoder.onnx", BASE),
+    "plain+exhaustive": ("vae_decoder.onnx", {**BASE, "ARC2FACE_ORT_CONV_SEARCH": "EXHAUSTIVE"}),
 }
 VAE_KERNEL_PROFILED = ("fused+conv-bias",)   # besides the first variant measured, which gets ORT's profile too
 
@@ -230,14 +236,14 @@ def _kernels(run, per: int = 1) -> dict:
 def _profile(ort, path: Path, env: dict, on_gpu: bool, engines: Path, rng, repeats: int, top: int) -> dict:
     import json
 
-    from arc2face_rt.backends.ort import CPU_EP, CUDA_EP, cuda_provider_options
+    from arc2face_rt.backends.ort import CPU_EP, CUDA_EP, FUSED_SUFFIX, cuda_provider_options
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.enable_profiling = True
     so.profile_file_prefix = str(engines.parent / "vae-profile")
     with envs_set(env):
-        providers = [(CUDA_EP, cuda_provider_options()), CPU_EP] if on_gpu else [CPU_EP]
+        providers = [(CUDA_EP, cuda_provider_options(path.name.endswith(FUSED_SUFFIX))), CPU_EP] if on_gpu else [CPU_EP]
         profile = ort.InferenceSession(str(path), so, providers=providers)
     lat = {"latents": rng.standard_normal((1, 4, 64, 64)).astype(np.float32)}
     for _ in range(repeats + 1):

@@ -69,13 +69,20 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _batches_and_repeats(d: dict) -> str:
-    """'batches [1, 4], median of 2 repeat(s)', or per row where the rows of a merged run differ."""
+    """'batches [1, 4], median of 2 repeat(s)', or per row where the rows of a merged run differ (their
+    batches, repeats or row timeout)."""
     o = d["options"]
-    per_row = [(r["backend"], r.get("options", {}).get("batches", o["batches"]), r.get("options", {}).get("repeats", o["repeats"]))
-               for r in d["rows"] if r.get("status") != "skipped"]
-    if len({(tuple(b), n) for _, b, n in per_row}) <= 1:
+    rows = [r for r in d["rows"] if r.get("status") != "skipped"]
+
+    def of(r: dict, key: str):
+        return r.get("options", {}).get(key, o.get(key))
+    differ = {k for k in ("batches", "repeats", "row_timeout_s") if len({repr(of(r, k)) for r in rows}) > 1}
+    if not differ:
         return f"batches {o['batches']}, median of {o['repeats']} repeat(s)"
-    return "per row: " + "; ".join(f"{name} batches {b}, median of {n}" for name, b, n in per_row)
+    return "per row: " + "; ".join(
+        f"{r['backend']} batches {of(r, 'batches')}, median of {of(r, 'repeats')}"
+        + (f", row timeout {of(r, 'row_timeout_s'):g} s" if "row_timeout_s" in differ and of(r, "row_timeout_s") else "")
+        for r in rows)
 
 
 def run_section(d: dict, chart: str | None) -> list[str]:

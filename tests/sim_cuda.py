@@ -33,6 +33,7 @@ class cudaError_t(enum.IntEnum):
     cudaErrorIllegalAddress = 700
     cudaErrorStreamCaptureUnsupported = 900
     cudaErrorStreamCaptureInvalidated = 901
+    cudaErrorCapturedEvent = 907
 
 
 class cudaMemcpyKind(enum.IntEnum):
@@ -86,6 +87,7 @@ class FakeCudart:
         self.graphs: dict[int, list] = {}
         self.execs: dict[int, list] = {}
         self.events: dict[int, float | None] = {}
+        self.captured_events: set[int] = set()
         self._next = 1
         self.syncs = self.device_syncs = self.captures = self.instantiations = self.launches = 0
         self.copies: list[tuple[str, int, bool]] = []
@@ -269,15 +271,18 @@ class FakeCudart:
         return self.cudaEventCreate()
 
     def cudaEventSynchronize(self, event):
-        if self._capturing():                   # a host wait during capture: invalidates it
-            self._invalidate_all()
-            return (cudaError_t.cudaErrorStreamCaptureUnsupported,)
         if int(event) not in self.events:
             return (cudaError_t.cudaErrorInvalidResourceHandle,)
+        if int(event) in self.captured_events:  # last recorded in a capturing stream: refused, capture kept
+            return (cudaError_t.cudaErrorCapturedEvent,)
         self.syncs += 1
         return (cudaError_t.cudaSuccess,)
 
     def cudaEventRecord(self, event, stream):
+        if self.streams[int(stream)]["capture"] is not None:
+            self.captured_events.add(int(event))
+        else:
+            self.captured_events.discard(int(event))
         self.enqueue(stream, lambda: self.events.__setitem__(int(event), time.perf_counter()))
         return (cudaError_t.cudaSuccess,)
 

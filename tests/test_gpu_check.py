@@ -318,16 +318,18 @@ def test_the_merged_run_keeps_each_rows_batches_and_repeats_and_the_report_says_
         (out / f"row-{backend}.json").write_text(json.dumps({
             "schema": 1, "kind": "run", "libraries": {}, "device_kind": "cuda", "machine": {},
             "options": {"size": "tiny", "steps": 2, "guidance": 3.0, "batches": batches, "repeats": repeats,
-                        "row_timeout_s": 540.0 if repeats == 2 else 225.0},
+                        "row_timeout_s": 540.0 if repeats == 2 else 225.0, "compile_mode": "reduce-overhead"},
             "rows": [{"backend": backend, "status": "ok"}]}))
     summary = phase_report(GpuCheckOptions(out=out, size="tiny"), out / "work", [])
     run = json.loads((out / summary["run"]).read_text())
     rows = {r["backend"]: r["options"] for r in run["rows"]}
-    assert rows["torch-compile"] == {"batches": [1, 16], "repeats": 3, "row_timeout_s": 225.0}
-    assert rows["diffusers"]["repeats"] == 2
+    assert rows["torch-compile"] == {"batches": [1, 16], "repeats": 3, "row_timeout_s": 225.0,
+                                     "compile_mode": "reduce-overhead"}
+    assert rows["diffusers"] == {"batches": [1, 4, 16], "repeats": 2, "row_timeout_s": 540.0}
     run["_file"] = summary["run"]
     header = run_section(run, None)[2]
-    assert "diffusers batches [1, 4, 16], median of 2; torch-compile batches [1, 16], median of 3" in header
+    assert ("diffusers batches [1, 4, 16], median of 2, row timeout 540 s; torch-compile batches [1, 16], "
+            "median of 3, row timeout 225 s") in header
 
 
 def test_the_torch_compile_row_compiles_without_autotuning_at_every_batch_unless_asked(tmp_path):
@@ -404,13 +406,20 @@ def test_kernel_profile_says_why_it_cannot_run_without_a_cuda_torch():
     assert calls == []
 
 
-def test_the_conv_bias_variants_ask_for_the_fused_bias_with_tf32_which_onnxruntime_needs_for_it(monkeypatch):
+def test_the_conv_bias_variants_fuse_the_bias_of_the_fused_graphs_only_and_the_others_never(monkeypatch):
+    """conv-bias: fuse_conv_bias with TF32 (ONNX Runtime builds the fused plan only with it) for the
+    --ort-cuda graphs, never for the plain ones; every variant sets the variables, so one exported before
+    gpu-check ran changes no baseline."""
     from arc2face_rt.backends.ort import cuda_provider_options
-    from benchmarks.gpu_ort import CONV_BIAS, VAE_VARIANTS, VARIANTS, envs_set
+    from benchmarks.gpu_ort import VAE_VARIANTS, VARIANTS, envs_set
 
-    for name in ("ARC2FACE_ORT_FUSE_CONV_BIAS", "ARC2FACE_ORT_TF32"):
-        monkeypatch.delenv(name, raising=False)
-    with envs_set(VARIANTS["fused+graph+conv-bias"][2]):
-        assert cuda_provider_options()["fuse_conv_bias"] == "1" and cuda_provider_options()["use_tf32"] == "1"
-    assert "fuse_conv_bias" not in cuda_provider_options() and cuda_provider_options()["use_tf32"] == "0"
-    assert VAE_VARIANTS["fused+conv-bias"][1].items() >= CONV_BIAS.items()
+    monkeypatch.setenv("ARC2FACE_ORT_FUSE_CONV_BIAS", "1")
+    monkeypatch.setenv("ARC2FACE_ORT_TF32", "1")
+    for name, (_, _, env) in VARIANTS.items():
+        with envs_set(env):
+            fused, plain = cuda_provider_options(fused=True), cuda_provider_options(fused=False)
+        assert "fuse_conv_bias" not in plain and plain["use_tf32"] == ("1" if name == "fused+graph+tf32" else "0")
+        assert fused.get("fuse_conv_bias") == ("1" if "conv-bias" in name else None), name
+        assert fused["use_tf32"] == ("1" if "conv-bias" in name or "tf32" in name else "0"), name
+    with envs_set(VAE_VARIANTS["fused+conv-bias"][1]):
+        assert cuda_provider_options(fused=True)["fuse_conv_bias"] == "1"

@@ -83,27 +83,48 @@ def test_device_loop_keeps_its_bound_addresses_and_matches_the_host_loop(tiny_en
         assert sorted(loop._bound) == [1, 2] and not loop.cuda_graph and loop.device_type == "cpu"
 
 
-@pytest.mark.parametrize("env,verbose", [({}, False), ({"ARC2FACE_ORT_FUSE_CONV_BIAS": "1", "ARC2FACE_ORT_TF32": "1"}, True)])
+@pytest.mark.parametrize("loads", [False, True])
+@pytest.mark.parametrize("env,verbose", [({}, False), ({"ARC2FACE_ORT_FUSE_CONV_BIAS": "1"}, True)])
 def test_cuda_sessions_take_their_provider_options_from_the_environment_and_quiet_the_process_logger(
-        tiny_engines, cuda_fails_to_load, monkeypatch, caplog, env, verbose):
-    """ARC2FACE_ORT_FUSE_CONV_BIAS=1 asks cuDNN to add the convolutions' bias itself; without it the key is
-    left out (an onnxruntime older than the option refuses keys it does not know). The cuDNN plans ONNX
-    Runtime retries are logged through its process-wide logger, which follows -v like the session's."""
+        tiny_engines, cuda_fails_to_load, monkeypatch, caplog, tmp_path, env, verbose, loads):
+    """ARC2FACE_ORT_FUSE_CONV_BIAS=1 asks cuDNN to add the convolutions' bias itself, in the --ort-cuda
+    graphs only, with TF32 (which ONNX Runtime needs for that plan); without it the key is left out (an
+    onnxruntime older than the option refuses keys it does not know). The cuDNN plans ONNX Runtime
+    retries are logged through its process-wide logger: once CUDA has loaded, it follows -v like the
+    session's; a CUDA that did not load leaves it alone, so ONNX Runtime's reason stays visible."""
+    import shutil
+
     seen, levels = [], []
     real = onnxruntime.InferenceSession
 
+    class OnCuda:                             # a session that reports CUDA, as onnxruntime-gpu's does
+        def __init__(self, sess):
+            self._sess = sess
+
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+        def __getattr__(self, name):
+            return getattr(self._sess, name)
+
     def spy(path, sess_options=None, providers=None, **kw):
-        seen.append(providers)
-        return real(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+        seen.append((path, providers))
+        sess = real(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+        return OnCuda(sess) if loads else sess
     monkeypatch.setattr(onnxruntime, "InferenceSession", spy)
     monkeypatch.setattr(onnxruntime, "set_default_logger_severity", levels.append)
     for name in ("ARC2FACE_ORT_FUSE_CONV_BIAS", "ARC2FACE_ORT_TF32"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    fused = shutil.copy(tiny_engines / "projector.onnx", tmp_path / "projector.ort-cuda.onnx")
     with caplog.at_level(logging.INFO if verbose else logging.WARNING, logger="arc2face_rt"):
-        ort_backend.OrtSession(tiny_engines / "projector.onnx", device="auto")
-    cuda_options = next(p[1] for p in seen[0] if isinstance(p, tuple) and p[0] == "CUDAExecutionProvider")
-    assert cuda_options.get("fuse_conv_bias") == ("1" if env else None)
-    assert cuda_options["use_tf32"] == ("1" if env else "0") and cuda_options["cudnn_conv_algo_search"] == "HEURISTIC"
-    assert levels == [3 if verbose else 4]
+        for path in (tiny_engines / "projector.onnx", fused):
+            ort_backend.OrtSession(path, device="auto")
+    for path, providers in seen:
+        cuda_options = next(p[1] for p in providers if isinstance(p, tuple) and p[0] == "CUDAExecutionProvider")
+        conv_bias = bool(env) and path.endswith(".ort-cuda.onnx")
+        assert cuda_options.get("fuse_conv_bias") == ("1" if conv_bias else None)
+        assert cuda_options["use_tf32"] == ("1" if conv_bias else "0")
+        assert cuda_options["cudnn_conv_algo_search"] == "HEURISTIC"
+    assert levels == ([3 if verbose else 4] * 2 if loads else [])

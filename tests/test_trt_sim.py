@@ -296,6 +296,6 @@ def test_the_host_waits_for_a_stream_asleep_on_a_blocking_sync_event(monkeypatch
     cuda.synchronize(stream)
     assert rt.syncs == 1 and rt.event_flags & rt.cudaEventBlockingSync and not rt.events
     rt.cudaStreamBeginCapture(stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
-    with pytest.raises(RuntimeError, match="cudaEventSynchronize failed"):
+    with pytest.raises(RuntimeError, match="cudaEventSynchronize failed: cudaErrorCapturedEvent"):
         cuda.synchronize(stream)                 # a wait inside a capture is refused, as CUDA does
     assert not rt.events

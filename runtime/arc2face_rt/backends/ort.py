@@ -54,25 +54,30 @@ def conv_search() -> str:
     return value
 
 
-def cuda_provider_options() -> dict:
-    """The CUDA execution provider's options from the environment.
+FUSED_SUFFIX = ".ort-cuda.onnx"        # `arc2face-export onnx --ort-cuda`: fp16, NHWC convolutions
+
+
+def cuda_provider_options(fused: bool = False) -> dict:
+    """The CUDA execution provider's options from the environment, for a plain graph or (`fused`) one of
+    the `--ort-cuda` graphs.
 
     - `use_tf32`: fp32 graphs stay fp32 on the GPU (TF32 matmuls would cost the one-grey-level parity
-      with the CPU); ARC2FACE_ORT_TF32=1 allows TF32. With it off, ONNX Runtime's cuDNN convolutions of
-      fp16 graphs first ask for plans without tensor cores, find none, and retry with them (its
-      `nn/conv.cc`), so fp16 results do not depend on it.
+      with the CPU); ARC2FACE_ORT_TF32=1 allows TF32. With it off, ONNX Runtime's cuDNN convolutions
+      (its `nn/conv.cc`) ask for plans without tensor cores, also in fp16 graphs, and retry with tensor
+      cores where cuDNN has none (most of them: the H200 log shows the refusals).
     - `cudnn_conv_algo_search`: heuristic, not ONNX Runtime's default exhaustive search: the full fp16
       VAE decode took 92 ms with EXHAUSTIVE and 20 ms with HEURISTIC on an H200 (ORT 1.31,
       benchmarks/results/gpu-check-ort-20261126T012714Z.json). ARC2FACE_ORT_CONV_SEARCH overrides it.
-    - `fuse_conv_bias`, only with ARC2FACE_ORT_FUSE_CONV_BIAS=1 (not measured as a default yet): each
-      convolution's bias added inside cuDNN's convolution instead of by a second kernel (about 9% of a
-      fused fp16 CFG step and 18% of the fused VAE decode on an H200,
-      gpu-check-ort-20261127T220618Z.json). ONNX Runtime builds such a fused plan only where TF32 is
-      allowed, so it needs ARC2FACE_ORT_TF32=1 too; otherwise it falls back to the separate addition."""
+    - `fuse_conv_bias`, for the fused graphs only and only with ARC2FACE_ORT_FUSE_CONV_BIAS=1 (not yet
+      measured, so not the default): each convolution's bias added inside cuDNN's convolution instead
+      of by a second kernel (9% of a fused fp16 CFG step at batch 4 and 18% of the fused VAE decode on
+      an H200, gpu-check-ort-20261127T220618Z.json). ONNX Runtime builds that plan only where TF32 is
+      allowed, so TF32 is allowed for those graphs with it. Not for the plain graphs: ONNX Runtime's
+      NCHW fused path clears the output with a synchronous memset outside the loop's stream."""
     opts = {"use_tf32": "1" if os.environ.get("ARC2FACE_ORT_TF32") == "1" else "0",
             "cudnn_conv_algo_search": conv_search()}
-    if os.environ.get("ARC2FACE_ORT_FUSE_CONV_BIAS") == "1":   # older onnxruntime refuses keys it does not know
-        opts["fuse_conv_bias"] = "1"
+    if fused and os.environ.get("ARC2FACE_ORT_FUSE_CONV_BIAS") == "1":   # an older onnxruntime refuses
+        opts.update(fuse_conv_bias="1", use_tf32="1")                  # keys it does not know
     return opts
 
 
@@ -98,8 +103,8 @@ class OrtSession:
     """One ONNX graph in an onnxruntime InferenceSession.
 
     `providers` is what the session runs on (ONNX Runtime's own report); `on_gpu` whether that is CUDA.
-    `cuda_options` are CUDA execution provider options (strings), used when CUDA is asked for; TF32
-    is off unless ARC2FACE_ORT_TF32=1."""
+    `cuda_options` are CUDA execution provider options (strings), used when CUDA is asked for, over
+    those `cuda_provider_options` takes from the environment (TF32 off, heuristic convolution search)."""
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None,
                  cuda_options: dict | None = None):
@@ -121,11 +126,8 @@ class OrtSession:
         requested = ort_providers(device)
         if CUDA_EP in requested:
             _preload_cuda_libraries(ort)
-            # the CUDA provider's cuDNN convolutions log plans they retry ("No execution plans support the
-            # graph", once per convolution) through ONNX Runtime's process-wide logger, which the session's
-            # level does not govern: it follows -v as the session's does
-            ort.set_default_logger_severity(opts.log_severity_level)
-        providers = [(p, {**cuda_provider_options(), **(cuda_options or {})}) if p == CUDA_EP else p
+        fused = path.name.endswith(FUSED_SUFFIX)
+        providers = [(p, {**cuda_provider_options(fused), **(cuda_options or {})}) if p == CUDA_EP else p
                      for p in requested]
         try:
             self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
@@ -135,6 +137,12 @@ class OrtSession:
                                       "re-export it with `arc2face-export onnx`") from e
         self.providers = list(self._sess.get_providers())
         self.on_gpu = self.providers[0] == CUDA_EP
+        if self.on_gpu:
+            # the CUDA provider's cuDNN convolutions log the plans they retry ("No execution plans support the
+            # graph", once per convolution, at the first run) through ONNX Runtime's process-wide logger,
+            # which the session's level does not govern. Once CUDA has loaded (why it did not is logged there
+            # too, and stays visible) that logger follows -v as the session's does.
+            ort.set_default_logger_severity(opts.log_severity_level)
         if CUDA_EP in requested and not self.on_gpu:
             why = ("ONNX Runtime could not load its CUDA execution provider (the CUDA 13 / cuDNN 9 libraries "
                    "onnxruntime-gpu needs are missing or of another version; `pip install "
