@@ -272,7 +272,8 @@ def missing_folders(path: str | Path) -> list[Path]:
 
 
 def remove_empty_folders(made: list[Path]) -> None:
-    """Remove the folders of `missing_folders` (deepest first) that are empty, up to the first that is not."""
+    """Remove the folders `made` (deepest first: `make_folders`'s or `missing_folders`'s list) that are
+    empty, up to the first that is not."""
     for p in made:
         try:
             p.rmdir()
