@@ -73,6 +73,17 @@ def test_resume_equals_straight_run(tiny_model_dir, data, tmp_path, steps):
     assert sa["processes"] == 1 and "base_model" not in sa           # recorded for a resume to compare
     rows = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
     assert len(rows) == steps + 1 and rows[-1].startswith(f"{steps},")
+    # each row's lr is the rate its update used (diffusers' schedule: 0 at the first warm-up step)
+    from diffusers.optimization import get_scheduler
+    oracle = get_scheduler("cosine", torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3),
+                           num_warmup_steps=3, num_training_steps=steps)
+    used = []
+    for _ in range(steps):
+        used.append(oracle.get_last_lr()[0])
+        oracle.step()
+    lr_column = rows[0].split(",").index("lr")
+    np.testing.assert_allclose([float(r.split(",")[lr_column]) for r in rows[1:]], used, rtol=1e-5, atol=1e-12)
+    assert used[0] == 0
     base = _weights(tiny_model_dir)
     assert any(not torch.equal(base[k], wa[k]) for k in base if k.startswith("encoder."))   # both trained
     assert any(not torch.equal(base[k], wa[k]) for k in base if k.startswith("unet."))

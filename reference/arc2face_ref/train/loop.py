@@ -240,6 +240,7 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
         step_losses.append(acc.gather(loss.detach()[None]).mean().item())
         if not acc.sync_gradients:
             continue
+        lr = sched.get_last_lr()[0]         # the rate this update used (sched.step sets the next one's)
         sched.step()
         if ema is not None:
             ema.step(params)
@@ -247,7 +248,6 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
         loss_value = sum(step_losses) / len(step_losses)
         step_losses = []
         result.losses.append(loss_value)
-        lr = sched.get_last_lr()[0]
         rate = (step - start) * samples_per_step / max(time.perf_counter() - t0, 1e-9)
         if not math.isfinite(loss_value):
             raise InvalidInputError(f"the loss became {loss_value} at step {step}; lower --lr, or use bf16 instead "
