@@ -11,7 +11,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from arc2face_rt.errors import ImageDecodeError, InvalidInputError
-from arc2face_rt.images import PARAMS_KEY, image_bytes, png_bytes, read_params
+from arc2face_rt.images import PARAMS_KEY, image_bytes, png_bytes, read_params, read_png_params
 from arc2face_rt.outputs import read_image_params
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pose_yaw30.png"
@@ -130,6 +130,25 @@ def test_resume_reader_still_returns_none_for_foreign_files(tmp_path):
     assert read_image_params(tmp_path / "good.png") == {"seed": 3}
     for name in ("trunc.png", "list.png", "small.png", "dir.png", "missing.png"):
         assert read_image_params(tmp_path / name) is None, name
+
+
+def test_resume_reader_answers_a_large_foreign_png_from_its_header(tmp_path, monkeypatch):
+    """A 4096x4096 PNG with our parameters (another tool's resize, say) in a resumed --out is refused by
+    its size without its 50 MB of pixels being decoded."""
+    from PIL import ImageFile
+
+    info = PngInfo()
+    info.add_text("arc2face-rt", '{"seed": 3}')
+    Image.new("RGB", (4096, 4096)).save(tmp_path / "big.png", pnginfo=info, compress_level=1)
+    decoded = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.size) or load(im))
+    assert read_image_params(tmp_path / "big.png") is None
+    assert decoded == []
+    with pytest.raises(InvalidInputError, match=r"big.png: is 4096x4096, not 512x512"):
+        read_png_params(tmp_path / "big.png", size=(512, 512))
+    assert read_png_params(tmp_path / "big.png")[:2] == ({"seed": 3}, (4096, 4096))   # without size: read
+    assert decoded == [(4096, 4096)]
 
 
 def test_decode_image_refuses_a_str():

@@ -86,14 +86,19 @@ def read_params(path: str | Path) -> dict:
     return params
 
 
-def read_png_params(path: str | Path, jpeg: bool = False) -> tuple[dict, tuple[int, int], str]:
+def read_png_params(path: str | Path, jpeg: bool = False,
+                    size: tuple[int, int] | None = None) -> tuple[dict, tuple[int, int], str]:
     """(parameters, image size, image mode) of an arc2face-rt PNG (with `jpeg`, or JPEG); errors as
     `read_params`. The whole file is checked (every PNG chunk present and its CRC right, up to IEND, and
-    its pixels decode; a JPEG's pixels all decode), not only the parameters."""
+    its pixels decode; a JPEG's pixels all decode), not only the parameters. With `size` (width, height),
+    an image of another size is refused (InvalidInputError) from its header, before any pixel is decoded."""
     data = read_regular_file(checks.path(path, "path"), MAX_PNG_BYTES, what="image" if jpeg else "PNG image")
+    want = size
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt, size, mode = im.format, im.size, im.mode
+            if want is not None and size != tuple(want):
+                raise InvalidInputError(f"{path}: is {size[0]}x{size[1]}, not {want[0]}x{want[1]}")
             text = im.info.get(PARAMS_KEY) if fmt == "PNG" else None   # our tEXt chunk precedes the pixels
             if fmt == "PNG":
                 im.verify()                     # every chunk's CRC, up to IEND
@@ -106,6 +111,8 @@ def read_png_params(path: str | Path, jpeg: bool = False) -> tuple[dict, tuple[i
                 im.load()
                 if text is None:                # a text chunk after the pixels (a re-saving tool moved it)
                     text = im.text.get(PARAMS_KEY)
+    except InvalidInputError:
+        raise
     except Image.DecompressionBombError as e:    # intact, but more pixels than Pillow will decode
         raise ImageDecodeError(f"{path}: over Pillow's decompression-bomb pixel limit ({e}); arc2face-rt's PNGs "
                                f"are {512}x{512}, so this is not one of them") from None

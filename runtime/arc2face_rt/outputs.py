@@ -133,16 +133,15 @@ def existing_images(out: Path, prefix: str, seed: int, count: int) -> dict[int, 
 
 def read_image_params(path: Path) -> dict | None:
     """The parameters a finished arc2face-rt PNG records, or None when the file is not one (unreadable,
-    truncated, another image, no parameters)."""
+    truncated, another image, no parameters). An image of another size is answered from its header, so
+    a large foreign PNG is not decoded."""
     if not path.is_file():
         return None
     try:
-        params, size, mode = read_png_params(path)
+        params, _, mode = read_png_params(path, size=(512, 512))
     except Arc2FaceError:
         return None
-    if size != (512, 512) or mode != "RGB":
-        return None
-    return params
+    return params if mode == "RGB" else None
 
 
 def params_differ(got: dict, want: dict) -> list[str]:
