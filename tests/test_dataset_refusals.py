@@ -34,6 +34,15 @@ def test_refusals_write_nothing(tiny_engines, wds_run, tmp_path, capsys):
     (other / "mine.txt").write_text("x")
     assert rt_main(dataset_args(tiny_engines, other)) == 2
     assert "not empty" in capsys.readouterr().err
+    # a claim another host was writing (a killed run, or one still running there) is named, with its writer
+    claimed = tmp_path / "claimed"
+    claimed.mkdir()
+    (claimed / ".dataset.json.arc2face-node7-4242-x1y2.tmp").write_text("{")
+    assert rt_main(dataset_args(tiny_engines, claimed)) == 2
+    err = capsys.readouterr().err
+    assert "holds .dataset.json.arc2face-node7-4242-x1y2.tmp, unfinished output of a run (host node7, process " \
+           "4242)" in err and "delete" in err
+    assert [p.name for p in claimed.iterdir()] == [".dataset.json.arc2face-node7-4242-x1y2.tmp"]
     assert rt_main(dataset_args(tiny_engines, tmp_path / "new", "--min-similarity", "0.3")) == 2
     assert "--models" in capsys.readouterr().err
     # --workers counts Ray actors: without --ray it would be ignored, so it is refused
@@ -45,7 +54,7 @@ def test_refusals_write_nothing(tiny_engines, wds_run, tmp_path, capsys):
     assert rt_main(dataset_args(tiny_engines, tmp_path / "new", "--models", "m", "--min-similarity", "0.3",
                                 "--max-tries", "3")) == 2
     assert "--max-tries 3 needs --on-reject regenerate" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["claimed", "notes"]
 
 
 def test_missing_face_models_refused_before_out_is_written(tiny_engines, tmp_path, capsys):

@@ -140,6 +140,12 @@ def is_temp_name(name: str) -> bool:
     return bool(_TEMP_RE.match(name))
 
 
+def temp_writer(name: str) -> str | None:
+    """"host HOST, process PID" for one of our temporary files or folders, else None."""
+    m = _TEMP_RE.match(name)
+    return f"host {m['host']}, process {m['pid']}" if m else None
+
+
 def is_stale_temp(path: Path, now: float | None = None) -> bool:
     """Whether `path` is one of our temporary files whose writer is gone: written on this host by a
     process that no longer runs, or on another host (sharing the folder) and unchanged for a day."""

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..atomic import atomic_write, is_stale_temp, remove_stale_temps, undo_new_folders
+from ..atomic import atomic_write, is_stale_temp, remove_stale_temps, temp_writer, undo_new_folders
 from ..errors import InvalidInputError, OutputExistsError
 from ..exits import resumable
 from ..fileio import read_regular_file
@@ -145,9 +145,8 @@ def open_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict,
         if not ids_file.exists():
             save_npy_atomic(ids_file, identities)
     else:
-        if out.is_dir() and any(not (e.name.endswith(".tmp") and is_stale_temp(Path(e.path))) for e in os.scandir(out)):
-            raise OutputExistsError(f"--out {out}: is not empty and holds no arc2face-rt dataset; choose a new or "
-                                    "empty folder")
+        if out.is_dir():
+            _refuse_occupied(out)
         done = set()
         with undo_new_folders(out):         # a failure here (a full disk) leaves no folder and no dataset behind
             atomic_write(meta, json.dumps(dataset_record(spec, run), indent=1).encode())    # the claim: written once
@@ -162,6 +161,23 @@ def open_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict,
         log(f"removed {removed} unfinished shard file(s) an interrupted run left in {out}")
     (out / SHARDS_DIR).mkdir(exist_ok=True)
     return done
+
+
+def _refuse_occupied(out: Path) -> None:
+    """OutputExistsError unless `out` (a folder without a dataset) is empty but for temporary files whose
+    writer is gone. Another host's is only known gone after a day: until then it is named, with its writer."""
+    left = sorted(e.name for e in os.scandir(out) if not (e.name.endswith(".tmp") and is_stale_temp(Path(e.path))))
+    if not left:
+        return
+    writers = [temp_writer(name) for name in left]
+    if all(writers):
+        writers = sorted(set(writers))
+        raise OutputExistsError(f"--out {out}: holds {left[0]}{f' and {len(left) - 1} more' if len(left) > 1 else ''}, "
+                                f"unfinished output of a run ({'; '.join(writers)}) that is still writing or was "
+                                "stopped; if it no longer runs, delete the file(s) (another host's are removed on "
+                                "their own a day after their last change) or choose a new --out")
+    raise OutputExistsError(f"--out {out}: is not empty and holds no arc2face-rt dataset; choose a new or "
+                            "empty folder")
 
 
 def pending_shards(out: Path, spec: DatasetSpec, resume: bool) -> int:
