@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 
 import pytest
@@ -15,6 +16,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # Set before any test module imports torch; child processes inherit it.
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ARC2FACE_ORT_THREADS", "ARC2FACE_OV_THREADS"):
         os.environ.setdefault(_var, "1")
+
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    # pytest started with `cmd &` in a script (or under nohup) inherits SIGINT ignored, and so would every
+    # command a test starts: the tests that stop one with SIGINT would fail and leave it running. Children
+    # start with SIGINT at its default again (run_cli keeps an inherited SIG_IGN, as nohup expects).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _has_cuda_gpu() -> bool:

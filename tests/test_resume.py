@@ -228,13 +228,17 @@ def test_huge_n_costs_nothing_up_front(tiny_engines, tmp_path):
     args = _generate_args(tiny_engines, out)
     args[args.index("-n") + 1] = str(10**9)
     p = subprocess.Popen(RT + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 600                   # as the other runs: CI shares two cores
-    while time.monotonic() < deadline and not (out.is_dir() and any(q.suffix == ".png" for q in out.iterdir())):
-        assert p.poll() is None, p.stderr.read()
-        time.sleep(0.05)
-    p.send_signal(signal.SIGINT)
-    assert p.wait(timeout=120) == 130
-    p.stderr.close()
+    try:
+        deadline = time.monotonic() + 600                   # as the other runs: CI shares two cores
+        while time.monotonic() < deadline and not (out.is_dir() and any(q.suffix == ".png" for q in out.iterdir())):
+            assert p.poll() is None, p.stderr.read()
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=120) == 130
+    finally:
+        p.kill()                                            # a failed test leaves no endless run behind
+        p.wait()
+        p.stderr.close()
     assert any(q.suffix == ".png" for q in out.iterdir())
     from arc2face_rt.images import read_params
     assert read_params(out / "arc2face_3_0000.png")["index"] == 0
