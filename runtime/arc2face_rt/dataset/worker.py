@@ -3,8 +3,8 @@ in-process and as a Ray actor; a shard is a pure function of the spec, the engin
 identities, so which worker makes it never changes a byte.
 
 Within a shard, identities are batched together (`Arc2FacePipeline.iter_many`), images stream to
-the shard writer one batch at a time (judged, encoded and written by a background thread while the
-next batch is generated: `write_behind`), and with face models each image is embedded with our ArcFace
+the shard writer one batch at a time (encoded and written by a background thread while the next batch
+is generated: `write_behind`), and with face models each image is embedded with our ArcFace
 path and its cosine to its identity recorded; under `min_similarity` it is dropped (counted), or with
 `on_reject="regenerate"` replaced by the identity's next unused index (at most K * max_tries tries).
 """
@@ -126,8 +126,7 @@ class ShardWorker:
         records: list[dict] = []
         writer = WRITERS[spec.format](Path(c.out), shard, spec.image_format)
         try:
-            # a batch's images are judged (with face models), and the kept ones encoded and written, while the
-            # next batch is generated (`write_behind`)
+            # a batch's kept images are encoded and written while the next batch is generated (`write_behind`)
             with WriteBehind() as behind:
                 while any(need.values()):                   # one round; regenerated images in the next
                     todo = [j for j in ids if need[j]]
@@ -138,11 +137,18 @@ class ShardWorker:
                         need[j] = 0
                     for res in self.pipe.iter_many(self.identities[todo], options=spec.options, indices=indices,
                                                    seeds=[seeds[j] for j in todo]):
-                        batch = [(next(items), image, params) for image, params in zip(res.images, res.params)]
-                        behind.submit(self._judge_and_write, writer, batch, records, need, next_index)
-                        if progress:
-                            progress(len(batch))
-                    behind.drain()                  # this round's judgements decide the next round
+                        kept = []
+                        for image, params in zip(res.images, res.params):
+                            j, i = next(items)
+                            records.append(self._judge(j, i, image))
+                            if records[-1]["kept"]:
+                                kept.append((records[-1], image, params))
+                            elif spec.on_reject == "regenerate" and \
+                                    next_index[j] + need[j] < spec.per_identity * spec.max_tries:
+                                need[j] += 1
+                            if progress:
+                                progress(1)
+                        behind.submit(self._write, writer, kept)
             committed = writer.commit()
         except BaseException:
             writer.abort()
@@ -172,20 +178,6 @@ class ShardWorker:
         sim = self.similarity(image, j) if self.face else None
         ms = self.config.spec.min_similarity
         return {"identity": j, "index": i, "similarity": sim, "kept": ms is None or (sim is not None and sim >= ms)}
-
-    def _judge_and_write(self, writer, batch: list, records: list[dict], need: dict, next_index: dict) -> None:
-        """Judge a batch's images ((identity, index), image, params) in order, append their records, count
-        each rejected image its identity may still replace into `need`, and write the kept ones. Runs on
-        the write-behind thread, beside the next batch's generation: the caller reads `records` and
-        `need` only once it has drained the writes."""
-        spec, kept = self.config.spec, []
-        for (j, i), image, params in batch:
-            records.append(self._judge(j, i, image))
-            if records[-1]["kept"]:
-                kept.append((records[-1], image, params))
-            elif spec.on_reject == "regenerate" and next_index[j] + need[j] < spec.per_identity * spec.max_tries:
-                need[j] += 1
-        self._write(writer, kept)
 
     def _write(self, writer, kept: list[tuple[dict, np.ndarray, dict]]) -> None:
         """Encode and add a batch's kept images to the shard, in order; each record gets its "file"."""
