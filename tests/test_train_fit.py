@@ -92,6 +92,22 @@ def test_resume_equals_straight_run(tiny_model_dir, data, tmp_path, steps):
         fit(_cfg(tiny_model_dir, data, tmp_path / "b", **{**kw, "steps": steps + 10, "lr": 1.0}), resume=True)
 
 
+def test_a_skipped_update_does_not_advance_the_lr_schedule(tiny_model_dir, data, tmp_path, monkeypatch):
+    """An fp16 step whose update the loss scaler skipped (an overflow) leaves the schedule where it was, as
+    Accelerate's scheduler wrapper does; the first step is made to look skipped (fp16 needs a GPU)."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from arc2face_ref.train.loop import fit
+
+    skipped = iter([True])
+    monkeypatch.setattr(AcceleratedOptimizer, "step_was_skipped", property(lambda self: next(skipped, False)))
+    fit(_cfg(tiny_model_dir, data, tmp_path / "run", steps=4, batch_size=2, warmup_steps=3), progress=False)
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    lr_column = rows[0].split(",").index("lr")
+    np.testing.assert_allclose([float(r.split(",")[lr_column]) for r in rows[1:]],
+                               [0, 0, 1e-3 / 3, 2e-3 / 3], rtol=1e-5)
+
+
 def test_a_resume_on_other_processes_or_another_lora_base_is_refused(tiny_model_dir, tmp_path):
     """The order of the samples and the global batch depend on the process count (a 2-process run resumed
     on one trained samples again); LoRA adapters sit on --model-dir's weights, which a checkpoint does not

@@ -241,7 +241,8 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
         if not acc.sync_gradients:
             continue
         lr = sched.get_last_lr()[0]         # the rate this update used (sched.step sets the next one's)
-        sched.step()
+        if not opt.step_was_skipped:        # an fp16 overflow skipped the update: the schedule waits, as
+            sched.step()                    # Accelerate's own scheduler wrapper does
         if ema is not None:
             ema.step(params)
         step += 1

@@ -126,7 +126,9 @@ class ShardWorker:
         records: list[dict] = []
         writer = WRITERS[spec.format](Path(c.out), shard, spec.image_format)
         try:
-            # a batch's kept images are encoded and written while the next batch is generated (`write_behind`)
+            # a batch's kept images are encoded and written while the next batch is generated (`write_behind`);
+            # they are judged here, in turn: ONNX Runtime records its CUDA graphs in global capture mode, which
+            # the face models' CUDA calls on another thread (while a new batch size is captured) would spoil
             with WriteBehind() as behind:
                 while any(need.values()):                   # one round; regenerated images in the next
                     todo = [j for j in ids if need[j]]
