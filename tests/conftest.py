@@ -18,9 +18,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.setdefault(_var, "1")
 
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-    # pytest started with `cmd &` in a script (or under nohup) inherits SIGINT ignored, and so would every
-    # command a test starts: the tests that stop one with SIGINT would fail and leave it running. Children
-    # start with SIGINT at its default again (run_cli keeps an inherited SIG_IGN, as nohup expects).
+    # pytest started with `cmd &` in a non-interactive script inherits SIGINT ignored, and so would every
+    # command a test starts and run_cli in-process (it keeps an inherited SIG_IGN): the tests that stop one
+    # with SIGINT would fail, and leave the command running. Python's handler goes back in, so a Ctrl-C
+    # to the script's process group now stops this pytest too.
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 

@@ -145,7 +145,7 @@ def test_resume_reader_answers_a_large_foreign_png_from_its_header(tmp_path, mon
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.size) or load(im))
     assert read_image_params(tmp_path / "big.png") is None
     assert decoded == []
-    with pytest.raises(InvalidInputError, match=r"big.png: is 4096x4096, not 512x512"):
+    with pytest.raises(InvalidInputError, match=r"big.png: is 4096x4096; arc2face-rt's images here are 512x512"):
         read_png_params(tmp_path / "big.png", size=(512, 512))
     assert read_png_params(tmp_path / "big.png")[:2] == ({"seed": 3}, (4096, 4096))   # without size: read
     assert decoded == [(4096, 4096)]

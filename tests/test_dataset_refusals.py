@@ -41,7 +41,7 @@ def test_refusals_write_nothing(tiny_engines, wds_run, tmp_path, capsys):
     assert rt_main(dataset_args(tiny_engines, claimed)) == 2
     err = capsys.readouterr().err
     assert "holds .dataset.json.arc2face-node7-4242-x1y2.tmp, unfinished output of a run (host node7, process " \
-           "4242)" in err and "delete" in err
+           "4242) still writing or stopped; if none runs, delete them" in err
     assert [p.name for p in claimed.iterdir()] == [".dataset.json.arc2face-node7-4242-x1y2.tmp"]
     assert rt_main(dataset_args(tiny_engines, tmp_path / "new", "--min-similarity", "0.3")) == 2
     assert "--models" in capsys.readouterr().err

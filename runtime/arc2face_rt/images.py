@@ -98,7 +98,8 @@ def read_png_params(path: str | Path, jpeg: bool = False,
         with Image.open(io.BytesIO(data)) as im:
             fmt, size, mode = im.format, im.size, im.mode
             if want is not None and size != tuple(want):
-                raise InvalidInputError(f"{path}: is {size[0]}x{size[1]}, not {want[0]}x{want[1]}")
+                raise InvalidInputError(f"{path}: is {size[0]}x{size[1]}; arc2face-rt's images here are "
+                                        f"{want[0]}x{want[1]}, so this is not one of them")
             text = im.info.get(PARAMS_KEY) if fmt == "PNG" else None   # our tEXt chunk precedes the pixels
             if fmt == "PNG":
                 im.verify()                     # every chunk's CRC, up to IEND

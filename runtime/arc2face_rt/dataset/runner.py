@@ -173,9 +173,9 @@ def _refuse_occupied(out: Path) -> None:
     if all(writers):
         writers = sorted(set(writers))
         raise OutputExistsError(f"--out {out}: holds {left[0]}{f' and {len(left) - 1} more' if len(left) > 1 else ''}, "
-                                f"unfinished output of a run ({'; '.join(writers)}) that is still writing or was "
-                                "stopped; if it no longer runs, delete the file(s) (another host's are removed on "
-                                "their own a day after their last change) or choose a new --out")
+                                f"unfinished output of {'a run' if len(writers) == 1 else 'runs'} "
+                                f"({'; '.join(writers)}) still writing or stopped; if none runs, delete them (a run "
+                                "here removes another host's a day after their last change) or choose a new --out")
     raise OutputExistsError(f"--out {out}: is not empty and holds no arc2face-rt dataset; choose a new or "
                             "empty folder")
 
