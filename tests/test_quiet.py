@@ -36,6 +36,16 @@ def test_generate_prints_no_library_noise_where_home_is_unwritable(backend, tiny
     assert "client ID" not in r.stderr, r.stderr
 
 
+def test_generate_with_stderr_closed_writes_its_images(tiny_engines, tmp_path):
+    """`2>&-`: Python starts with sys.stderr None; the status lines went to stdout and tqdm then failed
+    (exit 1) once the work had begun."""
+    r = subprocess.run(RT_SCRIPT + ["generate", "--engines", str(tiny_engines), "--random-id", "-n", "1",
+                                    "--steps", "2", "--out", str(tmp_path / "out")],
+                       stdout=subprocess.PIPE, text=True, timeout=300, preexec_fn=lambda: os.close(2))
+    assert r.returncode == 0 and r.stdout == ""
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
 def test_quiet_libraries_keeps_a_users_choice_and_other_warnings(monkeypatch, caplog):
     monkeypatch.setenv("ORT_DISABLE_TELEMETRY", "0")
     root = logging.getLogger()

@@ -45,6 +45,14 @@ def stdout_writes_file_names() -> None:
         reconfigure(errors="surrogateescape")
 
 
+def stderr_to_devnull_when_closed() -> None:
+    """For a console script started with stderr closed (`2>&-`), where Python sets sys.stderr to None:
+    status lines and progress bars go nowhere, instead of print() falling back to stdout and tqdm
+    failing on None after the work has begun."""
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
+
+
 def interruptible(prog: str, load_main):
     """Import the CLI (`load_main()` returns its main) and run it; Ctrl-C before the command's own
     handler is in place (the import, building the parser) gives `PROG: interrupted` and exit 130. So
@@ -59,6 +67,7 @@ def interruptible(prog: str, load_main):
 
     quiet_libraries()
     stdout_writes_file_names()
+    stderr_to_devnull_when_closed()
     previous = None
     try:
         try:                              # a Ctrl-C the process was started ignoring stays ignored

@@ -36,7 +36,7 @@ _MAX_JSON = 256 << 20
 def _read_json(path: Path, what: str) -> dict:
     try:
         d = json.loads(read_regular_file(path, _MAX_JSON, what=what, fix="move it away or choose another --out"))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         d = None
     if not isinstance(d, dict):
         raise InvalidInputError(f"{path}: is not a {what} arc2face-rt wrote; move it away or choose another --out")
