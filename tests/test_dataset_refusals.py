@@ -233,3 +233,13 @@ def test_a_dataset_description_without_its_spec_is_named_damaged(tiny_engines, w
     assert len(err) == 1 and "dataset.json: is not a dataset description arc2face-rt wrote (it records no spec" \
         in err[0], err
     assert tree(out, skip_run=False) == before
+
+
+def test_a_deeply_nested_record_is_refused_in_one_line(tmp_path):
+    """json raises RecursionError (not ValueError) on deep nesting: `--resume` printed a traceback."""
+    from arc2face_rt.dataset.runner import _read_json
+    from arc2face_rt.errors import InvalidInputError
+
+    (tmp_path / "dataset.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(InvalidInputError, match="is not a dataset record arc2face-rt wrote"):
+        _read_json(tmp_path / "dataset.json", "dataset record")
