@@ -1,6 +1,7 @@
 """The two commands as a user runs them: exit codes, one-line errors, files written or left alone."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -136,6 +137,8 @@ def test_a_bad_thread_count_variable_is_one_line(tiny_engines, tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith(f"arc2face-rt: error: ARC2FACE_ORT_THREADS={value}:"), err
     assert not (tmp_path / "out").exists()
+    if value == "99999":                # more threads than CPUs only contend: 256 on two cores took minutes
+        assert f"this process may use {len(os.sched_getaffinity(0))} CPU(s)" in err[-1]
 
 
 def test_repeated_list_flags_add_up_instead_of_replacing():

@@ -55,9 +55,9 @@ def count(lo: int = 0, hi: int = 2**63 - 1, name: str = "a whole number"):
 seed = count(0, 2**63 - 1, "a seed")
 
 
-def env_count(name: str, lo: int = 1, hi: int = 4096) -> int | None:
-    """A whole-number environment variable such as ARC2FACE_ORT_THREADS: None when unset or empty, else
-    its value in [lo, hi]; anything else is an InvalidInputError naming the variable."""
+def env_count(name: str, lo: int = 1, hi: int = 4096, why: str = "") -> int | None:
+    """A whole-number environment variable: None when unset or empty, else its value in [lo, hi];
+    anything else is an InvalidInputError naming the variable (and `why` the bounds are what they are)."""
     from .errors import InvalidInputError
 
     text = os.environ.get(name, "").strip()
@@ -66,7 +66,20 @@ def env_count(name: str, lo: int = 1, hi: int = 4096) -> int | None:
     try:
         return count(lo, hi, "a whole number")(text)
     except argparse.ArgumentTypeError as e:
-        raise InvalidInputError(f"{name}={text}: {e} (unset it for the default)") from None
+        raise InvalidInputError(f"{name}={text}: {e}{why} (unset it for the default)") from None
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def env_threads(name: str) -> int | None:
+    """A thread-count variable such as ARC2FACE_ORT_THREADS: None when unset or empty, else 0 (the
+    library's default) up to the usable CPUs. More threads than CPUs only contend: 256 on two cores made
+    a one-step run take minutes, and it answered SIGTERM 30 s late."""
+    cpus = usable_cpus()
+    return env_count(name, lo=0, hi=cpus, why=f": this process may use {cpus} CPU(s)")
 
 
 class Parser(argparse.ArgumentParser):

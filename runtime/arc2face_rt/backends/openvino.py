@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..argtypes import env_count
+from ..argtypes import env_threads
 from ..errors import BackendUnavailableError, EngineMismatchError, InvalidInputError, raise_if_out_of_memory
 from ..manifest import ov_int8_advice
 from ..specs import CONTROL_STAGES, STEP_STAGES
@@ -235,7 +235,7 @@ class OpenVinoSession:
             d.get_length() if d.is_static else None for d in p.get_partial_shape())) for p in model.inputs}
         self.extra_outputs = keep_f32_from(model) if hint != "f32" else 0
         config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
-        threads = threads or env_count("ARC2FACE_OV_THREADS", lo=0)
+        threads = threads or env_threads("ARC2FACE_OV_THREADS")
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         if cache_dir is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..argtypes import env_count
+from ..argtypes import env_threads
 from ..errors import (BackendUnavailableError, EngineMismatchError, InvalidInputError, raise_if_out_of_memory)
 from ..errors import first_line as _first_line
 
@@ -120,7 +120,7 @@ class OrtSession:
         # ONNX Runtime's own log prints an error again, in colour, above the one-line message its exception
         # becomes (an out-of-memory, say): errors are only logged with -v
         opts.log_severity_level = 3 if log.isEnabledFor(logging.INFO) else 4
-        threads = threads or env_count("ARC2FACE_ORT_THREADS", lo=0)
+        threads = threads or env_threads("ARC2FACE_ORT_THREADS")
         if threads:
             opts.intra_op_num_threads = threads
         requested = ort_providers(device)
