@@ -108,6 +108,13 @@ def test_resume_refuses_a_committed_shard_whose_files_are_gone(tiny_engines, wds
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"{tar}: {words}" in err[0] and "shard-000001.json" in err[0], err
         assert tree(tars, skip_run=False) == before
+    # identities.npy gone with shards committed: a run with other identities would have taken over its name
+    (tars / "identities.npy").unlink()
+    before = tree(tars, skip_run=False)
+    assert rt_main(dataset_args(tiny_engines, tars, "--format", "wds", "--resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{tars / 'identities.npy'}: is missing, and shards are committed" in err[0], err
+    assert tree(tars, skip_run=False) == before
 
 
 def test_shard_check_without_recorded_sizes_checks_presence(tmp_path):

@@ -127,6 +127,9 @@ def check_output(out: Path, spec: DatasetSpec, identities: np.ndarray, run: dict
     if diffs:
         raise InvalidInputError(f"{meta}: this dataset was made with other settings ({'; '.join(diffs)}); --resume only "
                                 "continues the same run: use the same flags, engines and machine kind, or another --out")
+    if not ids_file.exists() and committed_shards(out, spec, check_files=False):
+        raise InvalidInputError(f"{ids_file}: is missing, and shards are committed: the identities their images were "
+                                "made from cannot be checked against this run's; put it back, or use another --out")
     if ids_file.exists() and not np.array_equal(read_npy(ids_file, identities.nbytes + 4096), identities):
         raise InvalidInputError(f"{ids_file}: other identities than this run's; --resume only continues "
                                 "the same run: use the same --identities, --seed and --max-id-similarity (or "
