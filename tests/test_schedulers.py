@@ -280,6 +280,10 @@ def test_sd15_config_as_released():
     ("dpmpp2m", 25, {**SD15_SCHEDULER_CONFIG, "trained_betas": [[0.1], [0.1, 0.2]]}, "trained_betas"),
     ("dpmpp2m", 25, {**SD15_SCHEDULER_CONFIG, "trained_betas": [None] * 1000}, "trained_betas"),
     ("lcm", 4, {**SD15_SCHEDULER_CONFIG, "original_inference_steps": 1e400}, "is not a number"),
+    # betas in range whose alpha_bar all but vanishes: coefficients past float32 (NaN latents, blamed on weights)
+    *[(name, 4 if name == "lcm" else 25, {**SD15_SCHEDULER_CONFIG, **betas}, "beyond float32")
+      for name in ("dpmpp2m", "ddim", "euler", "lcm")
+      for betas in ({"beta_end": 0.9}, {"beta_schedule": "linear", "beta_end": 0.5})],
 ])
 def test_errors(name, steps, config, match):
     with pytest.raises(InvalidInputError, match=match):

@@ -393,6 +393,11 @@ def make_schedule(name: str, steps: int, config: Mapping | None = None) -> Sched
         raise InvalidInputError(f"scheduler {name!r} with steps={steps} gives non-finite coefficients (repeated "
                                 "timesteps, or a noise schedule that reaches zero signal); use fewer steps or "
                                 "check the scheduler config's betas")
+    big = max(float(np.abs(rows).max()), abs(init_noise_sigma))
+    if big > float(np.finfo(np.float32).max):   # the device table and the graphs are float32: inf, then NaN latents
+        raise InvalidInputError(f"scheduler {name!r} with steps={steps} gives coefficients up to {big:.3g}, beyond "
+                                "float32 (a noise schedule that all but reaches zero signal); check the scheduler "
+                                "config's betas (Stable Diffusion: scaled_linear, 0.00085 .. 0.012)")
     rows = np.ascontiguousarray(rows, dtype=np.float64)
     rows.setflags(write=False)
     return Schedule(name=name, coeffs=rows, init_noise_sigma=float(init_noise_sigma),
