@@ -40,7 +40,7 @@ def test_a_damaged_identity_in_a_shard_is_named(tmp_path, payload, words):
 
     with pytest.raises(InvalidInputError, match=words) as e:
         read_id(_ref(tmp_path, payload))
-    assert "sample 000000001" in str(e.value) and "prepare it again" in str(e.value)
+    assert "sample 000000001" in str(e.value) and "delete the shard and its .stats.json" in str(e.value)
     assert read_id(_ref(tmp_path, _npy(np.ones((1, 512), np.float64)))).shape == (512,)
 
 
@@ -273,7 +273,11 @@ def test_a_damaged_checkpoint_to_resume_from_is_named_with_its_fix(tiny_model_di
 
 
 @pytest.mark.parametrize("flags,words", [(["--lora-alpha", "8"], "--lora-alpha scales LoRA adapters"),
-                                         (["--face-models", "fm"], "--face-models serves validation only")])
+                                         (["--face-models", "fm"], "--face-models serves validation only"),
+                                         # 100000 started 1,270 loader processes and used all 23 GB of RAM
+                                         (["--workers", "100000"], "--workers 100000: at most"),
+                                         # 1e8 hung building the sampler's index list
+                                         (["--batch-size", "100000000"], "at most 4096 per process")])
 def test_fit_refuses_a_flag_that_would_be_ignored(tmp_path, capsys, flags, words):
     """--lora-alpha without --lora-rank trained every weight; --face-models without --validate-every was
     never read: both ran to exit 0 without a word (like --lora-scale without --lora, refused)."""

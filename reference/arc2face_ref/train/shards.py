@@ -27,6 +27,9 @@ from .prepare import PLAN_FILE, shard_name, stats_name
 
 _PARTS = ("jpg", "id.npy", "json")
 
+# a damaged shard: `prepare` skips a shard it recorded as finished, so it is redone only once removed
+REDO = "delete the shard and its .stats.json, then run `arc2face-train prepare` again to redo it"
+
 
 @dataclass(frozen=True)
 class SampleRef:
@@ -74,8 +77,7 @@ def index_shards(data: str | Path) -> list[SampleRef]:
                     key, _, part = m.name.partition(".")
                     by_key.setdefault(key, {})[part] = (m.offset_data, m.size)
         except (tarfile.TarError, OSError) as e:
-            raise InvalidInputError(f"{shard}: unreadable shard ({e}); delete it and its .stats.json, then run "
-                                    "`arc2face-train prepare` again to redo it") from None
+            raise InvalidInputError(f"{shard}: unreadable shard ({e}); {REDO}") from None
         complete = [SampleRef(shard, key, parts) for key, parts in sorted(by_key.items())
                     if all(q in parts for q in _PARTS)]
         lacking = next(((k, q) for k, p in sorted(by_key.items()) for q in _PARTS if q not in p), None)
@@ -103,12 +105,12 @@ def read_id(ref: SampleRef) -> np.ndarray:
     try:
         a = np.load(io.BytesIO(read_part(ref, "id.npy")), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise InvalidInputError(f"{bad} ({' '.join(str(e).split())[:120]}); prepare it again") from None
+        raise InvalidInputError(f"{bad} ({' '.join(str(e).split())[:120]}); {REDO}") from None
     if a.dtype.kind not in "fiu" or a.shape not in ((512,), (1, 512)):
-        raise InvalidInputError(f"{bad} (a {a.dtype} array of shape {a.shape}, not 512 numbers); prepare it again")
+        raise InvalidInputError(f"{bad} (a {a.dtype} array of shape {a.shape}, not 512 numbers); {REDO}")
     a = a.reshape(512).astype(np.float32)
     if not np.isfinite(a).all():
-        raise InvalidInputError(f"{bad} (values that are not finite); prepare it again")
+        raise InvalidInputError(f"{bad} (values that are not finite); {REDO}")
     return a
 
 
@@ -130,7 +132,7 @@ class ShardDataset(torch.utils.data.Dataset):
         buf = np.frombuffer(read_part(ref, "jpg"), np.uint8)
         bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
         if bgr is None:
-            raise InvalidInputError(f"{ref.shard}: sample {ref.key} has an undecodable jpg; prepare it again")
+            raise InvalidInputError(f"{ref.shard}: sample {ref.key} has an undecodable jpg; {REDO}")
         if bgr.shape[:2] != (self.resolution, self.resolution):
             bgr = cv2.resize(bgr, (self.resolution, self.resolution), interpolation=cv2.INTER_AREA)
         img = torch.from_numpy(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).float() / 127.5 - 1
