@@ -76,6 +76,34 @@ def test_a_stage_the_export_lacks_names_advice_that_works_when_followed(tmp_path
     assert export_calls == [{"out": d, "precision": "fp16", "force": True}]
 
 
+def test_a_complete_export_of_other_model_files_is_not_built_silently(tmp_path, tiny_model_dir, export_calls):
+    """build-engines --model-dir run/checkpoint-2000 into a folder exported from checkpoint-1000 built the
+    old graphs' plans, exit 0; now the differing files are named, and --force re-exports."""
+    import shutil
+
+    from arc2face_ref.loading import model_files
+
+    d = make_engines_dir(tmp_path / "e", "fp16", stages=LCM_STAGES)
+    m = _manifest(d)
+    m["source"]["files"] = {str(p.relative_to(tiny_model_dir)): mf.file_record(p) for p in model_files(tiny_model_dir)}
+    mf.write_json_atomic(d / mf.MANIFEST, m)
+    newer = tmp_path / "checkpoint-2000"
+    shutil.copytree(tiny_model_dir, newer)
+    changed = model_files(newer)[0]
+    changed.write_bytes(changed.read_bytes() + b" ")
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    with pytest.raises(EngineMismatchError, match=rf"exported from other model files than --model-dir {newer} "
+                                                  rf"\({changed.relative_to(newer)} differ\); pass --force"):
+        _run("--out", d, "--no-face", "--model-dir", newer)
+    assert not export_calls and {p.name: p.read_bytes() for p in d.iterdir()} == before
+    with pytest.raises(_Exported):
+        _run("--out", d, "--no-face", "--model-dir", newer, "--force")
+    assert export_calls == [{"out": d, "precision": "fp16", "force": True}]
+    export_calls.clear()
+    assert _run("--out", d, "--no-face", "--model-dir", tiny_model_dir) == 0     # the same files: built as is
+    assert not export_calls and sorted(_manifest(d)["plans"]) == sorted(LCM_STAGES)
+
+
 def test_a_lora_export_is_not_re_exported_without_its_lora(tmp_path, tiny_model_dir, export_calls):
     d = make_engines_dir(tmp_path / "lcm", "fp16", stages=LCM_STAGES)
     m = _manifest(d)

@@ -76,6 +76,32 @@ def _check_export(args, out: Path, m: dict | None, lacking: list[str], onnx_prec
         raise EngineMismatchError(f"{what}; pass {need} to re-export it (every stage){skip}")
 
 
+def _other_source(model_dir: Path, m: dict) -> str:
+    """Which of the model files the export in `m` was made from differ in `model_dir` (missing, other
+    bytes), named; "" when none does, or the manifest records none (a hand-made folder)."""
+    files = (m.get("source") or {}).get("files") or {}
+    differ = [rel for rel, rec in sorted(files.items())
+              if not (model_dir / rel).is_file() or mf.file_record(model_dir / rel) != rec]
+    return ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+
+
+def _check_source(args, out: Path, m: dict) -> bool:
+    """Whether a complete export in `out` must be redone from --model-dir: it was made from other model
+    files (a newer checkpoint of a run, say), whose plans would otherwise be built from the old graphs
+    without a word. Without --force that is refused; a LoRA export is never redone here."""
+    differ = _other_source(Path(args.model_dir), m)
+    if not differ:
+        return False
+    what = f"{out}: its graphs were exported from other model files than --model-dir {args.model_dir} ({differ} differ)"
+    if m.get("lora"):
+        raise EngineMismatchError(f"{what}, and build-engines would re-export it without its LoRA: "
+                                  f"{mf.reexport_advice(out)}")
+    if not args.force:
+        raise EngineMismatchError(f"{what}; pass --force to re-export from it, or drop --model-dir to build the "
+                                  "graphs there")
+    return True
+
+
 def _check_stages(args, m: dict | None, faces: dict) -> None:
     """Refuse, before any work, a --stages choice the folder will not have once exported (`m` None: it
     will be) and given its face stages."""
@@ -154,7 +180,7 @@ def _build_engines(args) -> int:
     onnx_precision = _onnx_precision(args.precision)
     m = _exported(out, onnx_precision)
     lacking = _lacking(out, m, args.stages) if m is not None else list(specs.STAGES)
-    export = m is None or bool(lacking)
+    export = m is None or bool(lacking) or (args.model_dir is not None and _check_source(args, out, m))
     faces = {} if args.no_face else find_face_models(args.face_models or args.model_dir,
                                                       explicit=args.face_models is not None)
     _check_stages(args, None if export else m, faces)
@@ -202,7 +228,7 @@ def add_build_engines_parser(subparsers) -> argparse.ArgumentParser:
         description="Build a TensorRT / TensorRT-RTX plan per stage. Exports the ONNX graphs first when the "
                     "folder lacks them. Plans are rebuilt only when the ONNX, the options, the library or the "
                     "target GPU changed (recorded in manifest.json under 'plans').")
-    p.add_argument("--model-dir", type=argtypes.path, help="model folder to export from when --out lacks the ONNX graphs")
+    p.add_argument("--model-dir", type=argtypes.path, help="model folder to export from when --out lacks the ONNX graphs (or, with --force, holds another model's)")
     p.add_argument("--out", required=True, type=argtypes.path, help="engines folder (ONNX graphs + manifest.json)")
     p.add_argument("--face-models", default=None, type=argtypes.path,
                    help="folder with scrfd_10g_bnkps.onnx / arcface.onnx (default: --model-dir); each one found "
