@@ -181,6 +181,19 @@ def test_engines_from_another_revision_or_damaged_are_refused(tiny_engines, tmp_
         Arc2FacePipeline(tmp_path, backend="ort")
 
 
+def test_a_model_or_dataset_folder_given_as_engines_says_what_it_is(tiny_model_dir, tmp_path):
+    """A model folder as --engines was told to run `onnx --model-dir MODEL --out` that very folder, which the
+    export then refused (it holds other files); a dataset folder got the same advice."""
+    from arc2face_rt.pipeline import Arc2FacePipeline
+
+    with pytest.raises(EngineMismatchError, match=rf"{tiny_model_dir}: is a model folder .* `arc2face-export onnx "
+                                                  rf"--model-dir {tiny_model_dir} --out ENGINES`"):
+        Arc2FacePipeline(tiny_model_dir, backend="ort")
+    (tmp_path / "dataset.json").write_text("{}")
+    with pytest.raises(EngineMismatchError, match="is a dataset that `arc2face-rt dataset` made"):
+        Arc2FacePipeline(tmp_path, backend="ort")
+
+
 def _linked_copy(src, dst):
     """A copy whose files are hard links: renames in it never touch the shared fixture's files."""
     shutil.copytree(src, dst, copy_function=os.link)

@@ -185,6 +185,13 @@ def load_manifest(engines_dir: str | Path) -> dict:
     try:
         os.lstat(path)
     except FileNotFoundError:
+        if any(os.path.isfile(engines_dir / sub / "config.json") for sub in ("arc2face", "unet")):
+            raise EngineMismatchError(f"{engines_dir}: is a model folder (weights), not an engines folder; export it "
+                                      f"with `arc2face-export onnx --model-dir {engines_dir} --out ENGINES` and pass "
+                                      "--engines ENGINES") from None
+        if os.path.isfile(engines_dir / "dataset.json"):
+            raise EngineMismatchError(f"{engines_dir}: is a dataset that `arc2face-rt dataset` made, not an engines "
+                                      "folder; pass the engines folder it was made with") from None
         raise EngineMismatchError(f"{engines_dir}: no {MANIFEST}; write this folder with {write}") from None
     except OSError as e:                 # a folder we may not search: say so, not that it lacks a manifest
         raise EngineMismatchError(f"{engines_dir}: cannot read the engines folder: "
