@@ -45,6 +45,7 @@ def test_generate_writes_pngs_with_parameters(tiny_engines, tmp_path, capsys):
     (lambda d: None, ["--random-id", "-n", "0"], "-n must be"),
     (lambda d: None, ["--random-id", "--steps", "0"], "--steps must be"),
     (lambda d: None, ["--random-id", "--control-scale", "2"], "--control-scale needs --control-image"),
+    (lambda d: None, ["--random-id", "--max-pixels", "5"], "--max-pixels 5: limits the photos of --image"),
 ])
 def test_generate_bad_input(tiny_engines, tmp_path, capsys, setup, args, msg):
     setup(tmp_path)

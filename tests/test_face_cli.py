@@ -221,6 +221,11 @@ def test_score_refuses_an_empty_identity_path():
     (["--backend", "openvino", "--device", "cuda"], "--backend openvino runs on the CPU"),
     (["--backend", "ort", "--engines", "nowhere"], "--engines nowhere: its face models' TensorRT plans are for"),
     (["--backend", "openvino", "--engines", "nowhere"], "--backend openvino runs the ONNX files"),
+    # flags that were read and then ignored, exit 0 (the detector file need not even exist)
+    (["--aligned", "--face", "3", "--min-score", "0.99", "--detector", "/nonexistent.onnx"],
+     r"--detector, --face, --min-score: detection settings, and --aligned inputs are not detected"),
+    (["--aligned", "--min-size", "500"], "--min-size: detection settings"),
+    (["--no-verify"], "without --engines there are none"),
 ])
 def test_model_flags_that_cannot_be_honoured_are_refused(photos, tmp_path, flags, words):
     """embed and score ran these (the first on the CPU, the others ignoring --engines), where generate refuses."""

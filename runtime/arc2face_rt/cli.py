@@ -14,6 +14,7 @@ from .errors import InvalidInputError
 from .exits import cli_main
 from .face.cli import add_embed_parser, add_score_parser
 from .face.flags import add_max_pixels, limits_from
+from .face.image_io import DEFAULT_LIMITS
 from .folder_setup import BACKENDS, check_folder_scheduler, folder_defaults, sampling_options
 from .pipeline import GenerationOptions
 from .schedulers import SCHEDULERS
@@ -81,6 +82,9 @@ def cmd_generate(args) -> int:
     if args.models is not None and not args.image:
         raise InvalidInputError(f"--models {args.models}: the face models make an identity from --image photos; "
                                 "with --embedding or --random-id they are not used (drop --models)")
+    if args.max_pixels != DEFAULT_LIMITS.max_pixels and not (args.image or args.control_image):
+        raise InvalidInputError(f"--max-pixels {args.max_pixels}: limits the photos of --image and --control-image, "
+                                "and this run reads none (drop it)")
     if args.control_scale is not None and not args.control_image:
         raise InvalidInputError("--control-scale needs --control-image (the pose it scales); without one the "
                                 "images are made without pose control")

@@ -100,6 +100,15 @@ def add_score_parser(subparsers) -> argparse.ArgumentParser:
 def _check_where(args) -> None:
     """Refuse the model flags that cannot be honoured (as `generate` refuses them), before any file is read."""
     check_backend_device(args.backend, args.device)
+    detection = [flag for flag, value, default in (("--detector", args.detector, None), ("--face", args.face, "largest"),
+                                                   ("--min-score", args.min_score, SCORE_THRESHOLD),
+                                                   ("--min-size", args.min_size, 0.0)) if value != default]
+    if args.aligned and detection:
+        raise InvalidInputError(f"{', '.join(detection)}: detection settings, and --aligned inputs are not detected "
+                                "(drop them, or drop --aligned)")
+    if args.no_verify and args.engines is None:
+        raise InvalidInputError("--no-verify skips checking the --engines folder's face plans; without --engines "
+                                "there are none (drop it)")
     if args.engines is not None and args.backend in ("ort", "openvino"):
         raise InvalidInputError(f"--engines {args.engines}: its face models' TensorRT plans are for --backend trt or "
                                 f"auto; --backend {args.backend} runs the ONNX files (drop --engines)")
