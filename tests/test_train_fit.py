@@ -125,6 +125,18 @@ def test_a_resume_on_other_processes_or_another_lora_base_is_refused(tiny_model_
     _check_same_run({}, same, "ckpt", lora)                          # a checkpoint from before: not checked
     with pytest.raises(InvalidInputError, match=r"trained on 2 process\(es\), this run has 1"):
         _check_same_run({"processes": 2}, _run_identity(lora, 1), "ckpt", lora)
+    # other samples (a resume with another --data trained on, exit 0); a moved folder is the same data
+    from arc2face_ref.train.shards import data_fingerprint, index_shards
+    from train_fixtures import prepared_data
+
+    data = prepared_data(tmp_path / "data")
+    mine = {"processes": 1, "data": data_fingerprint(index_shards(data))}
+    shutil.move(data, tmp_path / "moved")
+    _check_same_run(mine, {"processes": 1, "data": data_fingerprint(index_shards(tmp_path / "moved"))}, "ckpt", lora)
+    fewer = {"processes": 1, "data": data_fingerprint(index_shards(tmp_path / "moved")[:-1])}
+    with pytest.raises(InvalidInputError, match=r"trained on other samples than --data .* \(8 there, 7 here"):
+        _check_same_run(mine, fewer, "ckpt", lora)
+    _check_same_run({"processes": 1}, fewer, "ckpt", lora)          # a checkpoint from before: not checked
     other = model_copy(tiny_model_dir, tmp_path / "m2")
     weights = other / "vae" / "diffusion_pytorch_model.safetensors"
     data = weights.read_bytes()

@@ -32,7 +32,7 @@ from ..loading import Arc2FaceModels, cast, load_models, model_files
 from .checkpoint import check_resumable, checkpoints, load_state, prune_checkpoints, save_checkpoint
 from .config import FitConfig, as_flags, resume_changes
 from .model import Trainee, load_trainable_state, set_trainable, trainable_state
-from .shards import RunSampler, ShardDataset, index_shards, sample_seed
+from .shards import RunSampler, ShardDataset, data_fingerprint, index_shards, sample_seed
 from .validation import RunLog, Validator, open_face_analyzer
 
 
@@ -82,8 +82,8 @@ def _run_identity(cfg: FitConfig, processes: int, hash_base: bool = True) -> dic
 
 
 def _check_same_run(state: dict | None, same: dict, ckpt: Path | None, cfg: FitConfig) -> None:
-    """Refuse a resume whose processes or LoRA base differ from the checkpoint's run (a checkpoint from
-    before they were recorded is not checked)."""
+    """Refuse a resume whose processes, samples (`data`) or LoRA base differ from the checkpoint's run (a
+    checkpoint from before they were recorded is not checked)."""
     if state is None:
         return
     was = state.get("processes", same["processes"])
@@ -91,6 +91,12 @@ def _check_same_run(state: dict | None, same: dict, ckpt: Path | None, cfg: FitC
         raise InvalidInputError(f"--resume: {ckpt} was trained on {was} process(es), this run has {same['processes']}; "
                                 "the order of the samples and the global batch depend on it: resume on "
                                 f"{was}, or start a new run in another --out")
+    data = state.get("data", same.get("data"))
+    if "data" in same and data != same["data"]:
+        raise InvalidInputError(f"--resume: {ckpt} was trained on other samples than --data {cfg.data} holds "
+                                f"({data.get('samples') if isinstance(data, dict) else '?'} there, {same['data']['samples']} here, or other ones); the "
+                                "order of the samples depends on them: resume with the data the run started with, "
+                                "or start a new run in another --out")
     base = state.get("base_model", same.get("base_model"))
     if "base_model" in same and base != same["base_model"]:
         diff = sorted(k for k in {*base, *same["base_model"]} if base.get(k) != same["base_model"].get(k))
@@ -151,7 +157,8 @@ def fit(cfg: FitConfig, resume: bool = False, say: Callable[[str], None] = print
     main = acc.is_main_process
     start, state, ckpt = _start(cfg, resume)
     refs = index_shards(cfg.data)
-    same_run = _run_identity(cfg, acc.num_processes, hash_base=main)     # the main process saves and checks
+    same_run = {**_run_identity(cfg, acc.num_processes, hash_base=main),     # the main process saves and checks
+                "data": data_fingerprint(refs)}
     _check_same_run(state, same_run, ckpt, cfg)
     analyzer = open_face_analyzer(cfg.face_models) if main and cfg.validate_every and cfg.face_models else None
     # LoRA trains adapters on the base weights; otherwise the checkpoint's weights are the start.

@@ -11,6 +11,7 @@ noise, VAE sample, ID dropout) comes from a generator seeded by (seed, k), so on
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -36,6 +37,16 @@ class SampleRef:
     shard: Path
     key: str
     parts: dict            # part name -> (offset, size) in the tar
+
+
+def data_fingerprint(refs: list[SampleRef]) -> dict:
+    """What a resumed run's samples must share with its checkpoint's (their order in the run depends on
+    them): their count, and a sha256 over each one's shard name, key and part sizes, so a moved --data
+    folder is the same data and a re-prepared or other one is not. The pixels are not read."""
+    h = hashlib.sha256()
+    for r in refs:
+        h.update(json.dumps([r.shard.name, r.key, sorted((k, v[1]) for k, v in r.parts.items())]).encode())
+    return {"samples": len(refs), "sha256": h.hexdigest()}
 
 
 def index_shards(data: str | Path) -> list[SampleRef]:
