@@ -245,7 +245,11 @@ def test_quantized_from_recorded_calibration_data(tmp_path):
     (lambda p: np.savez(p, **{k: v[:, :0] if v.ndim > 2 else v for k, v in _calib_arrays().items()}), "with B >= 1"),
     (lambda p: np.savez(p, **{**_calib_arrays(), "cond": np.concatenate([_calib_arrays()["cond"]] * 2, axis=1)}),
      "'cond' is float32[2, 77, 768]; the step graph takes float ['B', 77, 768] with B = 1"),
-], ids=["npy", "garbage", "scalar", "missing-input", "wrong-shape", "text", "nan", "1e30", "batch-0", "mixed-batch"])
+    # all zeros: accepted, and the manifest then held NaN and Infinity, which strict JSON readers refuse
+    (lambda p: np.savez(p, **{k: np.zeros_like(v) for k, v in _calib_arrays().items()}),
+     "input 'x' holds the one value 0 in every sample"),
+], ids=["npy", "garbage", "scalar", "missing-input", "wrong-shape", "text", "nan", "1e30", "batch-0", "mixed-batch",
+        "zeros"])
 def test_unusable_calibration_data_is_refused_before_any_work(tmp_path, bad, words):
     d = make_engines_dir(tmp_path / "e", "fp16", stages=("step",))
     before = sorted(p.name for p in d.iterdir())

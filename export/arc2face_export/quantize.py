@@ -127,6 +127,11 @@ def check_feeds(feeds: list[dict], stage: str, source) -> None:
             if not np.isfinite(a).all() or float(np.abs(a).max(initial=0)) > FP16_MAX:
                 raise InvalidInputError(f"{source}: sample {i} input '{t.name}' holds NaN, infinite or values beyond "
                                         f"fp16's range ({FP16_MAX:g}), which no step makes: {fix}")
+    for name in ("x", "cond"):      # the latents and the identity: constant in every sample, no step's inputs
+        if feeds and all(np.ptp(f[name]) == 0 and f[name].flat[0] == feeds[0][name].flat[0] for f in feeds):
+            raise InvalidInputError(f"{source}: input '{name}' holds the one value {float(feeds[0][name].flat[0]):g} "
+                                    "in every sample, which no step makes (the ranges measured on it would quantise "
+                                    f"nothing, and the loss against fp16 is NaN): {fix}")
 
 
 def load_calibration(path: str | Path, stages: Iterable[str]) -> list[dict]:
