@@ -350,3 +350,18 @@ def test_a_shard_sample_without_its_image_is_named_not_dropped(tmp_path):
     with pytest.raises(InvalidInputError, match=rf"shard-00000.tar: it holds 1 complete sample\(s\), and "
                                                 rf"{stats_name(0)} records 2"):
         index_shards(tmp_path)
+
+
+def test_a_lora_rank_above_the_narrowest_adapted_layer_is_refused(tiny_model_dir):
+    """--lora-rank 100000 was killed for memory without a word; past min(in, out) a rank adds nothing."""
+    import re
+
+    from arc2face_ref.loading import load_models
+    from arc2face_ref.train.model import set_trainable
+
+    m = load_models(tiny_model_dir)
+    with pytest.raises(InvalidInputError, match=r"--lora-rank 100000: above the unet's narrowest adapted layer") as e:
+        set_trainable(m.unet, m.encoder, True, True, lora_rank=100000)
+    widest = int(re.search(r"use at most (\d+)", str(e.value))[1])
+    assert not any("lora_" in n for n, _ in m.unet.named_parameters())      # refused before any adapter went in
+    assert set_trainable(m.unet, m.encoder, True, False, lora_rank=widest)   # the largest useful rank trains
