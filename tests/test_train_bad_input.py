@@ -352,16 +352,18 @@ def test_a_shard_sample_without_its_image_is_named_not_dropped(tmp_path):
         index_shards(tmp_path)
 
 
-def test_a_lora_rank_above_the_narrowest_adapted_layer_is_refused(tiny_model_dir):
-    """--lora-rank 100000 was killed for memory without a word; past min(in, out) a rank adds nothing."""
+def test_a_lora_rank_above_every_adapted_layer_is_refused(tiny_model_dir):
+    """--lora-rank 100000 was killed for memory without a word; past every layer's min(in, out) a rank adds
+    nothing (the UNet and the encoder together: the tiny UNet's layers are narrower than the encoder's)."""
     import re
 
     from arc2face_ref.loading import load_models
     from arc2face_ref.train.model import set_trainable
 
     m = load_models(tiny_model_dir)
-    with pytest.raises(InvalidInputError, match=r"--lora-rank 100000: above the unet's narrowest adapted layer") as e:
+    with pytest.raises(InvalidInputError, match=r"--lora-rank 100000: above every adapted layer's width") as e:
         set_trainable(m.unet, m.encoder, True, True, lora_rank=100000)
     widest = int(re.search(r"use at most (\d+)", str(e.value))[1])
+    assert widest == 768 == m.encoder.config.hidden_size                    # the encoder's, wider than the UNet's
     assert not any("lora_" in n for n, _ in m.unet.named_parameters())      # refused before any adapter went in
-    assert set_trainable(m.unet, m.encoder, True, False, lora_rank=widest)   # the largest useful rank trains
+    assert set_trainable(m.unet, m.encoder, True, True, lora_rank=widest)    # the largest useful rank trains

@@ -80,15 +80,17 @@ def _other_source(model_dir: Path, m: dict) -> str:
     """Which of the model files the export in `m` was made from differ in `model_dir` (missing, other
     bytes), named; "" when none does, or the manifest records none (a hand-made folder)."""
     files = (m.get("source") or {}).get("files") or {}
-    differ = [rel for rel, rec in sorted(files.items())
-              if not (model_dir / rel).is_file() or mf.file_record(model_dir / rel) != rec]
+    def same(p: Path, rec: dict) -> bool:      # sizes first: a file of another size is never hashed
+        return p.is_file() and p.stat().st_size == rec.get("bytes") and mf.file_record(p) == rec
+    differ = [rel for rel, rec in sorted(files.items()) if not same(model_dir / rel, rec)]
     return ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
 
 
 def _check_source(args, out: Path, m: dict) -> bool:
     """Whether a complete export in `out` must be redone from --model-dir: it was made from other model
     files (a newer checkpoint of a run, say), whose plans would otherwise be built from the old graphs
-    without a word. Without --force that is refused; a LoRA export is never redone here."""
+    without a word. Without --force that is refused; a LoRA export is never redone here. The model files
+    are hashed (seconds for SD1.5's 5 GB from the page cache) only where their sizes match."""
     differ = _other_source(Path(args.model_dir), m)
     if not differ:
         return False
@@ -98,7 +100,7 @@ def _check_source(args, out: Path, m: dict) -> bool:
                                   f"{mf.reexport_advice(out)}")
     if not args.force:
         raise EngineMismatchError(f"{what}; pass --force to re-export from it, or drop --model-dir to build the "
-                                  "graphs there")
+                                  "graphs there (with --face-models DIR for its face models)")
     return True
 
 

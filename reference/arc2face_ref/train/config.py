@@ -8,7 +8,7 @@ from arc2face_rt.argtypes import usable_cpus
 from arc2face_rt.errors import InvalidInputError
 
 LR_SCHEDULES = ("cosine", "constant")
-MAX_BATCH = 4096                    # per process: 512x512 images, far past any GPU's memory
+MAX_BATCH = 4096                    # per process: at 512x512, far past any GPU's memory
 PRECISIONS = ("no", "bf16", "fp16")
 
 
@@ -55,11 +55,11 @@ class FitConfig:
                 raise InvalidInputError(msg)
         need(self.steps >= 1, f"--steps must be at least 1 (got {self.steps})")
         need(self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be at least 1")
-        need(self.batch_size <= MAX_BATCH, f"--batch-size {self.batch_size}: at most {MAX_BATCH} per process (512x512 "
-                                           "images; a larger global batch comes from --grad-accum and processes)")
-        cpus = max(usable_cpus(), 2)    # the default, 2, anywhere
-        need(self.workers <= cpus, f"--workers {self.workers}: at most {cpus}, the CPUs this process may use (each "
-                                   "worker is a process with its own copy of the data set's index)")
+        need(self.batch_size <= MAX_BATCH, f"--batch-size {self.batch_size}: at most {MAX_BATCH} per process (a "
+                                           "larger global batch comes from --grad-accum and more processes)")
+        most = max(4 * usable_cpus(), 8)    # loaders waiting on network storage may outnumber the cores
+        need(self.workers <= most, f"--workers {self.workers}: at most {most}, four per CPU this process may use "
+                                   "(each worker is a process with its own copy of the data set's index)")
         need(self.resolution >= 64 and self.resolution % 64 == 0,
              f"--resolution must be a multiple of 64 (got {self.resolution})")
         need(self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {LR_SCHEDULES}")

@@ -96,7 +96,7 @@ def _check_same_run(state: dict | None, same: dict, ckpt: Path | None, cfg: FitC
         raise InvalidInputError(f"--resume: {ckpt} was trained on other samples than --data {cfg.data} holds "
                                 f"({data.get('samples') if isinstance(data, dict) else '?'} there, {same['data']['samples']} here, or other ones); the "
                                 "order of the samples depends on them: resume with the data the run started with, "
-                                "or start a new run in another --out")
+                                f"or start a new run in another --out with --model-dir {ckpt}")
     base = state.get("base_model", same.get("base_model"))
     if "base_model" in same and base != same["base_model"]:
         diff = sorted(k for k in {*base, *same["base_model"]} if base.get(k) != same["base_model"].get(k))

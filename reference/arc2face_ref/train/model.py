@@ -48,26 +48,27 @@ def set_trainable(unet: nn.Module, encoder: nn.Module, train_unet: bool, train_e
     if lora_rank:
         from peft import LoraConfig, inject_adapter_in_model
 
-        for name, model, on in (("unet", unet, train_unet), ("encoder", encoder, train_encoder)):
-            if on:
-                _check_lora_rank(name, model, lora_rank)
-                cfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, init_lora_weights="gaussian",
-                                 target_modules=LORA_TARGETS[name])
-                inject_adapter_in_model(cfg, model)
-                for n, p in model.named_parameters():
-                    p.requires_grad_("lora_" in n)
+        trained = [(name, model) for name, model, on in (("unet", unet, train_unet), ("encoder", encoder, train_encoder))
+                   if on]
+        _check_lora_rank(trained, lora_rank)
+        for name, model in trained:
+            cfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, init_lora_weights="gaussian",
+                             target_modules=LORA_TARGETS[name])
+            inject_adapter_in_model(cfg, model)
+            for n, p in model.named_parameters():
+                p.requires_grad_("lora_" in n)
     return [p for m in (unet, encoder) for p in m.parameters() if p.requires_grad]
 
 
-def _check_lora_rank(name: str, model: nn.Module, rank: int) -> None:
-    """Refuse a rank above the narrowest layer the adapters go on: an adapter's update B @ A has rank
-    at most min(in, out) there, so the rest only costs memory (100000 on the tiny model was killed
-    for memory without a word)."""
-    widths = [min(m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)
-              and any(n == t or n.endswith("." + t) for t in LORA_TARGETS[name])]
-    if widths and rank > min(widths):
-        raise InvalidInputError(f"--lora-rank {rank}: above the {name}'s narrowest adapted layer ({min(widths)} "
-                                f"features), where a larger rank adds nothing but memory; use at most {min(widths)}")
+def _check_lora_rank(trained: list[tuple[str, nn.Module]], rank: int) -> None:
+    """Refuse a rank above every adapted layer's min(in, out): an adapter's update B @ A has at most that
+    rank, so past the widest layer's a larger rank adds nothing anywhere but memory (100000 on the tiny
+    model was killed for memory without a word). SD1.5's UNet: 1280; its text encoder: 768."""
+    widths = [min(m.in_features, m.out_features) for name, model in trained for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in LORA_TARGETS[name])]
+    if widths and rank > max(widths):
+        raise InvalidInputError(f"--lora-rank {rank}: above every adapted layer's width (at most {max(widths)} "
+                                f"features), where a larger rank adds nothing but memory; use at most {max(widths)}")
 
 
 def trainable_state(unet: nn.Module, encoder: nn.Module) -> dict[str, torch.Tensor]:

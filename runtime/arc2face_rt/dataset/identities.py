@@ -14,9 +14,7 @@ from ..pipeline import normalize_identity
 from ..specs import ID_DIM
 
 MAX_IDENTITIES_FILE_BYTES = 1 << 32          # 2 M float32 embeddings
-# rejection sampling gives up after this many draws in a row find no identity: an impossible threshold
-# (-1, say) fails at once, not after 1000 draws per identity (hours at 10^6 identities)
-_MISSES_IN_A_ROW = 1000
+_DRAWS_PER_IDENTITY = 1000                    # rejection sampling gives up after this many draws per identity
 
 
 def identity_seed(seed: int, j: int) -> int:
@@ -39,22 +37,24 @@ def random_identities(n: int, seed: int, max_similarity: float | None = None,
     down to ~0.2 cost few rejections for thousands of identities; the check is O(n^2)."""
     if n < 1:
         raise InvalidInputError(f"--identities must be >= 1 (got {n})")
+    if max_similarity is not None and n > 1 and max_similarity < -1 / (n - 1):
+        # the cosines of n unit vectors sum (over pairs) to at least -n/2: the largest is >= -1/(n-1)
+        raise InvalidInputError(f"--max-id-similarity {max_similarity}: no {n} directions are that far apart (the "
+                                f"most similar pair of any {n} has a cosine of at least {-1 / (n - 1):.3g}); raise it "
+                                "(random identities have cosines around 0 +- 0.044)")
     out = np.empty((n, ID_DIM), np.float64)
-    kept, k, misses = 0, 0, 0
+    kept, k = 0, 0
     while kept < n:
         v = _candidate(seed, k)
         k += 1
         if max_similarity is None or kept == 0 or float((out[:kept] @ v).max()) <= max_similarity:
             out[kept] = v
-            kept, misses = kept + 1, 0
+            kept += 1
             if progress:
                 progress(1)
-        else:
-            misses += 1
-            if misses >= _MISSES_IN_A_ROW:
-                raise InvalidInputError(f"--max-id-similarity {max_similarity}: only {kept} of {n} identities found, "
-                                        f"the last {misses} draws none; raise it (random identities have cosines "
-                                        "around 0 +- 0.044)")
+        elif k > _DRAWS_PER_IDENTITY * n:
+            raise InvalidInputError(f"--max-id-similarity {max_similarity}: only {kept} of {n} identities found "
+                                    f"in {k} draws; raise it (random identities have cosines around 0 +- 0.044)")
     return out.astype(np.float32)
 
 
