@@ -75,11 +75,12 @@ def test_resume_equals_straight_run(tiny_model_dir, data, tmp_path, steps):
     assert len(rows) == steps + 1 and rows[-1].startswith(f"{steps},")
     # each row's lr is the rate its update used (diffusers' schedule: 0 at the first warm-up step)
     from diffusers.optimization import get_scheduler
-    oracle = get_scheduler("cosine", torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3),
-                           num_warmup_steps=3, num_training_steps=steps)
+    sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    oracle = get_scheduler("cosine", sgd, num_warmup_steps=3, num_training_steps=steps)
     used = []
     for _ in range(steps):
         used.append(oracle.get_last_lr()[0])
+        sgd.step()                                      # as training does (torch warns of a schedule stepped first)
         oracle.step()
     lr_column = rows[0].split(",").index("lr")
     np.testing.assert_allclose([float(r.split(",")[lr_column]) for r in rows[1:]], used, rtol=1e-5, atol=1e-12)
