@@ -104,13 +104,14 @@ def test_loop_variants_agree_and_sync_once(fp32, monkeypatch, env):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     variant = OrtStepSession(fp32 / "step_cfg.onnx", device="cuda")
-    syncs = {"n": 0}
-    real = cuda.synchronize
-    monkeypatch.setattr(cuda, "synchronize", lambda s: (syncs.__setitem__("n", syncs["n"] + 1), real(s)))
+    calls = []
+    sync, download = cuda.synchronize, cuda.download
+    monkeypatch.setattr(cuda, "synchronize", lambda s: (calls.append("sync"), sync(s)))
+    monkeypatch.setattr(cuda, "download", lambda *a: (calls.append("download"), download(*a)))
     for sess in (base, variant, base):                            # the second base call replays its graph
         got = sess.denoise_loop(x, cond, sched.table(), 3.0)
         np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
-    assert syncs["n"] == 3                                        # one host sync per loop
+    assert calls == ["sync", "download"] * 3      # one host sync per loop, asleep, before the pageable copy
     assert variant.cuda_graph == (env.get("ARC2FACE_ORT_CUDA_GRAPH") != "0")
     base.close(), variant.close()
 

@@ -10,8 +10,9 @@ x_out, m0 out), which is what ONNX Runtime's CUDA graphs need
 size has its own id). Between steps only the CONTENTS of those tensors change, by device-to-device
 copies on the stream ONNX Runtime computes on (`user_compute_stream`): row k of the coefficient table
 (kept on the device) into `coeffs`, step k's noise into `noise`, then x_out -> x and m0 -> m_prev.
-Runs are not synchronised (`disable_synchronize_execution_providers`); the host waits once, for the
-final latents. On the CPU provider the same loop runs with host copies (how it is tested here).
+Runs are not synchronised (`disable_synchronize_execution_providers`); the host waits once, asleep,
+before it copies the final latents back. On the CPU provider the same loop runs with host copies (how
+it is tested here).
 
 Environment: ARC2FACE_ORT_CUDA_GRAPH=0 turns the CUDA graph off. (The CUDA provider's `prefer_nhwc`
 is not offered: on an H200 it made the plain fp16 step 17% slower and ONNX Runtime 1.31 then refuses
@@ -230,9 +231,12 @@ class OrtStepSession(OrtSession):
                 raise
             c.copy(b.ptr("x"), b.ptr("x_out"), lat)
             c.copy(b.ptr("m_prev"), b.ptr("m0"), lat)
+        # The one host synchronisation of the loop, asleep (cuda.synchronize), BEFORE the download: a
+        # device-to-host copy into pageable memory returns only once it has completed, so the host would
+        # otherwise wait for the whole loop inside cudaMemcpyAsync, spinning a core.
+        c.sync()
         out = np.empty_like(x)
         c.download(out, b.ptr("x"))
-        c.sync()                                  # the one host synchronisation of the loop
         return out
 
     def close(self) -> None:
