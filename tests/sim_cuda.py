@@ -11,6 +11,9 @@ What the capture rules forbid (a host synchronisation of the capturing stream, c
 capturing thread) invalidates the capture, as CUDA does. Counters (`syncs`, `captures`,
 `instantiations`, `launches`) and a log of memcpys (`copies`: kind, bytes, pinned host side) let
 tests assert the protocol: one host synchronisation per batch, pinned host buffers, no re-capture.
+`pageable_waits` counts the copies into pageable host memory issued while their stream still had
+unsynchronised work: CUDA returns from those only when that work is done, waiting its default way
+(spinning a core) instead of on the caller's blocking-sync event.
 """
 from __future__ import annotations
 
@@ -92,6 +95,9 @@ class FakeCudart:
         self.syncs = self.device_syncs = self.captures = self.instantiations = self.launches = 0
         self.copies: list[tuple[str, int, bool]] = []
         self.invalidate_next_capture = False
+        self.pending: set[int] = set()          # streams with work enqueued since their last sync
+        self.event_streams: dict[int, int] = {}
+        self.pageable_waits = 0
 
     # ---- memory -----------------------------------------------------------------------------
     def _handle(self) -> int:
@@ -165,6 +171,7 @@ class FakeCudart:
             s["capture"].append(fn)
         else:
             fn()
+            self.pending.add(int(stream))
 
     def _invalidate_all(self):
         for s in self.streams.values():
@@ -177,6 +184,7 @@ class FakeCudart:
             s["invalidated"] = True
             return (cudaError_t.cudaErrorStreamCaptureUnsupported,)
         self.syncs += 1
+        self.pending.discard(int(stream))
         return (cudaError_t.cudaSuccess,)
 
     def cudaDeviceSynchronize(self):
@@ -184,6 +192,7 @@ class FakeCudart:
             self._invalidate_all()
             return (cudaError_t.cudaErrorStreamCaptureUnsupported,)
         self.device_syncs += 1
+        self.pending.clear()
         return (cudaError_t.cudaSuccess,)
 
     def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
@@ -194,6 +203,7 @@ class FakeCudart:
         elif kind == cudaMemcpyKind.cudaMemcpyDeviceToHost:
             self.device_view(src, nbytes)
             pinned = self.find(dst, nbytes, pinned=True) is not None
+            self.pageable_waits += int(not pinned and int(stream) in self.pending)
         elif kind == cudaMemcpyKind.cudaMemcpyDeviceToDevice:
             self.device_view(src, nbytes)
             self.device_view(dst, nbytes)
@@ -276,6 +286,7 @@ class FakeCudart:
         if int(event) in self.captured_events:  # last recorded in a capturing stream: refused, capture kept
             return (cudaError_t.cudaErrorCapturedEvent,)
         self.syncs += 1
+        self.pending.discard(self.event_streams.get(int(event)))
         return (cudaError_t.cudaSuccess,)
 
     def cudaEventRecord(self, event, stream):
@@ -283,6 +294,7 @@ class FakeCudart:
             self.captured_events.add(int(event))
         else:
             self.captured_events.discard(int(event))
+        self.event_streams[int(event)] = int(stream)
         self.enqueue(stream, lambda: self.events.__setitem__(int(event), time.perf_counter()))
         return (cudaError_t.cudaSuccess,)
 

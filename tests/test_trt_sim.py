@@ -70,6 +70,7 @@ def test_graph_loop_equals_plain_loop_and_reference(sim, stage, guidance, with_n
         np.testing.assert_array_equal(got, plain.denoise_loop(x, cond, table, guidance, noise))
         np.testing.assert_array_equal(got, loop_reference(x, cond, table, guidance, noise))
     assert graph.mode == "graph" and sim.rt.launches == len(SIGNATURES)
+    assert sim.rt.pageable_waits == 0             # the loop waits asleep, then copies the latents back
     graph.close(), plain.close()
     assert sim.rt.live_device_bytes() == 0
 
@@ -161,6 +162,7 @@ def test_shared_memory_starts_with_a_zero_byte_engine(sim):
     assert mem.nbytes >= max(s.engine.device_memory_size_v2 for s in sessions.values())
     ids = np.random.default_rng(5).standard_normal((2, 512)).astype(np.float32)
     np.testing.assert_array_equal(sessions["projector"].run({"id": ids})["cond"], projector_reference(ids))
+    assert sim.rt.pageable_waits == 0             # run() waits asleep before copying into numpy arrays
     for s in sessions.values():
         s.close()
     assert sim.rt.live_device_bytes() == 0
@@ -245,6 +247,7 @@ def test_pipeline_one_host_sync_per_batch_through_pinned_memory(sim, scheduler, 
         syncs, copies = sim.rt.syncs, len(sim.rt.copies)
         again = pipe.generate(identity, 6, opts)
         assert sim.rt.syncs - syncs == 2                                # two batches, one sync each
+        assert sim.rt.pageable_waits == 0
         host_copies = [c for c in sim.rt.copies[copies:] if c[0] != "DeviceToDevice"]
         assert host_copies and all(pinned for _, _, pinned in host_copies)
         assert set(again.timings) >= {"project", "denoise", "decode", "total"}

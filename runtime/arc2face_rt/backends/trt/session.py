@@ -238,9 +238,9 @@ class TrtSession:
         for name, arr in outs.items():
             bindings[name] = self._debug_buffer(name, arr.nbytes)
         self.enqueue(bindings, stream, batch)
+        cuda.synchronize(stream)        # asleep, before the copies into pageable memory (see cuda.download)
         for name, arr in outs.items():
             cuda.download(arr, bindings[name], stream)
-        cuda.synchronize(stream)
         self.mark_warm()
         return outs
 

@@ -242,9 +242,9 @@ class TrtStepSession(TrtSession):
         self.upload_inputs(st, stream, x=x, cond=cond, table=self.padded_table(table), noise=noise, guidance=g,
                            **ctrl)
         self.enqueue_loop(st, stream)
+        cuda.synchronize(stream)        # the one host synchronisation of the loop, asleep (see cuda.download)
         out = np.empty_like(x)
         cuda.download(out, self.output_ptr(st), stream)
-        cuda.synchronize(stream)        # the one host synchronisation of the loop
         self.mark_warm()
         return out
 
