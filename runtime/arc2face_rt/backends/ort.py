@@ -68,11 +68,12 @@ def cuda_provider_options(fused: bool = False) -> dict:
     - `cudnn_conv_algo_search`: heuristic, not ONNX Runtime's default exhaustive search: the full fp16
       VAE decode took 92 ms with EXHAUSTIVE and 20 ms with HEURISTIC on an H200 (ORT 1.31,
       benchmarks/results/gpu-check-ort-20261126T012714Z.json). ARC2FACE_ORT_CONV_SEARCH overrides it.
-    - `fuse_conv_bias`, for the fused graphs only and only with ARC2FACE_ORT_FUSE_CONV_BIAS=1 (not yet
-      measured, so not the default): each convolution's bias added inside cuDNN's convolution instead
-      of by a second kernel (9% of a fused fp16 CFG step at batch 4 and 18% of the fused VAE decode on
-      an H200, gpu-check-ort-20261127T220618Z.json). ONNX Runtime builds that plan only where TF32 is
-      allowed, so TF32 is allowed for those graphs with it. Not for the plain graphs: ONNX Runtime's
+    - `fuse_conv_bias`, for the fused graphs only and only with ARC2FACE_ORT_FUSE_CONV_BIAS=1: each
+      convolution's bias added inside cuDNN's convolution instead of by a second kernel (9% of a fused
+      fp16 CFG step at batch 4 and 18% of the fused VAE decode on an H200). Not the default: on an H200
+      it made the fused step (CUDA graph on) 7% slower at batch 1 and 3% faster at batch 4, and the VAE
+      decode 13-18% faster, under 1% of an image (gpu-check-ort-20261128T025959Z.json). ONNX Runtime
+      builds that plan only where TF32 is allowed, so TF32 is allowed for those graphs with it. Not for the plain graphs: ONNX Runtime's
       NCHW fused path clears the output with a synchronous memset outside the loop's stream."""
     opts = {"use_tf32": "1" if os.environ.get("ARC2FACE_ORT_TF32") == "1" else "0",
             "cudnn_conv_algo_search": conv_search()}
