@@ -228,6 +228,21 @@ def test_fit_refuses_a_zero_adam_epsilon(tmp_path, capsys):
         FitConfig(model_dir=tmp_path, data=tmp_path, out=tmp_path, adam_eps=0.0)
 
 
+def test_fit_refuses_more_validation_steps_than_the_scheduler_has(tmp_path, capsys):
+    """--val-steps 1e9 was accepted and failed (or ran for days) at the first validation, after training."""
+    from arc2face_ref.train.cli import main
+    from arc2face_ref.train.config import FitConfig
+
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--model-dir", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+              "--val-steps", "1e9"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--val-steps: 1e9 is outside 1..1000" in err[0], err
+    with pytest.raises(InvalidInputError, match="--val-steps 1001: at most 1000"):
+        FitConfig(model_dir=tmp_path, data=tmp_path, out=tmp_path, val_steps=1001)
+    FitConfig(model_dir=tmp_path, data=tmp_path, out=tmp_path, val_steps=1000)
+
+
 def test_fit_help_shows_every_default():
     """fit's description promises every option's default in --help (argparse shows it only with help text)."""
     from arc2face_ref.train.cli import build_parser

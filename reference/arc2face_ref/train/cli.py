@@ -94,7 +94,7 @@ def cmd_fit(args) -> int:
 
 
 def _add_fit_parser(sub) -> None:
-    from .config import FitConfig, LR_SCHEDULES, PRECISIONS
+    from .config import MAX_VAL_STEPS, FitConfig, LR_SCHEDULES, PRECISIONS
 
     d = FitConfig.__dataclass_fields__
     p = sub.add_parser("fit", help="fine-tune UNet + ID encoder; checkpoints in the released layout",
@@ -140,7 +140,8 @@ def _add_fit_parser(sub) -> None:
     p.add_argument("--validate-every", type=num, default=d["validate_every"].default, help="0: off")
     p.add_argument("--val-ids", type=pos, default=d["val_ids"].default, help="validation identities")
     p.add_argument("--val-images", type=pos, default=d["val_images"].default, help="validation images per identity")
-    p.add_argument("--val-steps", type=pos, default=d["val_steps"].default, help="sampling steps of a validation image")
+    p.add_argument("--val-steps", type=argtypes.count(1, MAX_VAL_STEPS, "a number of steps"),
+                   default=d["val_steps"].default, help="sampling steps of a validation image")
     p.add_argument("--val-guidance", type=argtypes.number(0, 100), default=d["val_guidance"].default,
                    help="guidance of a validation image")
     p.add_argument("--face-models", type=argtypes.path, help="detector + arcface.onnx for the validation ID similarity")

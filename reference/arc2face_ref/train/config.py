@@ -9,6 +9,7 @@ from arc2face_rt.errors import InvalidInputError
 
 LR_SCHEDULES = ("cosine", "constant")
 MAX_BATCH = 4096                    # per process: at 512x512, far past any GPU's memory
+MAX_VAL_STEPS = 1000                # SD1.5's num_train_timesteps: a sampler takes at most that many
 PRECISIONS = ("no", "bf16", "fp16")
 
 
@@ -73,6 +74,8 @@ class FitConfig:
         need(self.checkpoint_every >= 1, "--checkpoint-every must be at least 1")
         need(self.val_ids >= 1 and self.val_images >= 1 and self.val_steps >= 1,
              "--val-ids, --val-images and --val-steps must be at least 1")
+        need(self.val_steps <= MAX_VAL_STEPS, f"--val-steps {self.val_steps}: at most {MAX_VAL_STEPS}, SD1.5's "
+                                              "training timesteps (the sampler has no more to take)")
         need(not self.lora_alpha or self.lora_rank,     # it would train every weight, ignoring the alpha
              "--lora-alpha scales LoRA adapters: it needs --lora-rank N (without it fit trains every weight)")
         need(self.face_models is None or self.validate_every,
