@@ -8,10 +8,11 @@ from . import env
 if importlib.util.find_spec("arc2face_rt") is None:
     sys.path[:0] = [str(env.REPO / d) for d in env.PACKAGE_DIRS]
 
-from arc2face_rt.entry import quiet_libraries  # noqa: E402
+from arc2face_rt.entry import quiet_libraries, stderr_to_devnull_when_closed  # noqa: E402
 
 from .cli import main  # noqa: E402
 
 quiet_libraries()
+stderr_to_devnull_when_closed()
 
 sys.exit(main())

@@ -46,6 +46,16 @@ def test_generate_with_stderr_closed_writes_its_images(tiny_engines, tmp_path):
     assert len(list((tmp_path / "out").glob("*.png"))) == 1
 
 
+def test_benchmarks_with_stderr_closed_keep_errors_off_stdout():
+    """`python -m benchmarks ... 2>&-`: its error line went to stdout, into the output being captured."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "digest", "no-such-rev"], cwd=repo,
+                       stdout=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(2))
+    assert r.returncode == 2 and r.stdout == ""
+
+
 def test_quiet_libraries_keeps_a_users_choice_and_other_warnings(monkeypatch, caplog):
     monkeypatch.setenv("ORT_DISABLE_TELEMETRY", "0")
     root = logging.getLogger()
