@@ -159,6 +159,21 @@ def test_text_renamed_jpg(tmp_path):
     assert "PNG or JPEG" in _refused(p, "not an image")
 
 
+def test_png_whose_header_pillow_refuses_is_to_be_resaved_not_converted(tmp_path, rgb):
+    """A PNG with a zTXt chunk that inflates past Pillow's text limit was told to be converted to PNG."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    p = tmp_path / "notes.png"
+    Image.fromarray(rgb).save(p, "PNG")
+    data = p.read_bytes()
+    p.write_bytes(data[:33] + chunk(b"zTXt", b"note\0\0" + zlib.compress(b"x" * 2_000_000)) + data[33:])
+    msg = _refused(p, "unreadable image header")
+    assert msg.endswith("re-save or re-export the PNG") and "convert" not in msg
+
+
 def test_unsupported_format(tmp_path):
     p = tmp_path / "photo.heic"  # an ISO-BMFF/HEIF header Pillow has no plugin for
     p.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)

@@ -99,6 +99,20 @@ class ImageLimits:
 DEFAULT_LIMITS = ImageLimits()
 
 _FIX_FORMAT = "convert it to PNG or JPEG"
+_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
+
+
+def _header_fix(fp) -> str:
+    """Advice for a header Pillow refused: a PNG or JPEG by its first bytes (a damaged one, or one
+    whose metadata Pillow will not read, such as a text chunk that inflates past its limit) is to be
+    re-saved, not converted to the format it already has."""
+    try:
+        fp.seek(0)
+        head = fp.read(8)
+    except Exception:
+        return _FIX_FORMAT
+    fmt = next((f for sig, f in _SIGNATURES.items() if head.startswith(sig)), None)
+    return f"re-save or re-export the {fmt}" if fmt else _FIX_FORMAT
 
 
 def load_image(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS, pillow_rgb: bool = False) -> np.ndarray:
@@ -196,7 +210,7 @@ def _decode(fp, name: str, limits: ImageLimits, pillow_rgb: bool = False) -> np.
         except UnidentifiedImageError as e:
             raise ImageDecodeError(f"{name}: not an image, or a format Pillow cannot read; {_FIX_FORMAT}") from e
         except Exception as e:  # a malformed header raises SyntaxError/OSError/ValueError by plugin
-            raise ImageDecodeError(f"{name}: unreadable image header ({e}); {_FIX_FORMAT}") from e
+            raise ImageDecodeError(f"{name}: unreadable image header ({e}); {_header_fix(fp)}") from e
         w, h = im.size
         fmt = im.format or "image"
         if fmt == "EPS" or isinstance(im, ImageFile.StubImageFile):   # Ghostscript, or a decoder we never install
