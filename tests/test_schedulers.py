@@ -284,6 +284,10 @@ def test_sd15_config_as_released():
     *[(name, 4 if name == "lcm" else 25, {**SD15_SCHEDULER_CONFIG, **betas}, "beyond float32")
       for name in ("dpmpp2m", "ddim", "euler", "lcm")
       for betas in ({"beta_end": 0.9}, {"beta_schedule": "linear", "beta_end": 0.5})],
+    # betas whose alpha_bar reaches exactly 0: a ZeroDivisionError traceback in DDIM's and LCM's scalar maths
+    ("lcm", 4, {**SD15_SCHEDULER_CONFIG, "beta_schedule": "linear", "beta_end": 0.9}, "non-finite"),
+    ("lcm", 1, {**SD15_SCHEDULER_CONFIG, "beta_schedule": "linear", "beta_end": 0.9}, "non-finite"),
+    ("ddim", 25, {**SD15_SCHEDULER_CONFIG, "beta_schedule": "linear", "beta_end": 0.99}, "non-finite"),
 ])
 def test_errors(name, steps, config, match):
     with pytest.raises(InvalidInputError, match=match):

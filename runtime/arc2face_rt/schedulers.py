@@ -388,7 +388,11 @@ def make_schedule(name: str, steps: int, config: Mapping | None = None) -> Sched
     if not 1 <= steps <= n:
         raise InvalidInputError(f"--steps {steps} is out of range for this model: use 1..{n} "
                                 "(its scheduler's num_train_timesteps)")
-    rows, init_noise_sigma = _BUILDERS[name](cfg, steps)
+    try:
+        with np.errstate(all="ignore"):         # numpy's inf/NaN are refused just below
+            rows, init_noise_sigma = _BUILDERS[name](cfg, steps)
+    except (ZeroDivisionError, OverflowError):  # math's scalar arithmetic raises where numpy's gives inf
+        rows, init_noise_sigma = np.array([math.inf]), math.inf
     if not np.all(np.isfinite(rows)) or not math.isfinite(init_noise_sigma):
         raise InvalidInputError(f"scheduler {name!r} with steps={steps} gives non-finite coefficients (repeated "
                                 "timesteps, or a noise schedule that reaches zero signal); use fewer steps or "
