@@ -175,6 +175,22 @@ def test_a_damaged_plan_is_named(tmp_path):
         prepare(paths, tmp_path / "data", _analyzer, shard_size=2)
 
 
+def test_deeply_nested_json_in_a_data_folder_is_refused_in_one_line(tmp_path):
+    """json raises RecursionError on deep nesting, which fit's and prepare's `except ValueError` let
+    through as a traceback; every reader now gets a ValueError (fileio.loads_json)."""
+    from arc2face_rt.errors import InvalidInputError
+    from arc2face_ref.train.prepare import prepare
+    from arc2face_ref.train.shards import index_shards
+
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "prepare.json").write_text(deep)
+    with pytest.raises(InvalidInputError, match=r"prepare.json: damaged \(nested too deeply\)"):
+        index_shards(tmp_path / "data")
+    with pytest.raises(InvalidInputError, match=r"prepare.json: unreadable \(nested too deeply\)"):
+        prepare(astronaut_variants(tmp_path / "photos", n=1), tmp_path / "data", _analyzer, shard_size=2)
+
+
 def test_reader_matches_webdataset(tmp_path):
     """fit's random-access reader gives the samples webdataset streams, in key order."""
     from arc2face_ref.train.shards import ShardDataset, index_shards, read_id

@@ -19,7 +19,6 @@ backup folder is removed by the next export as a stale temporary.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import shutil
@@ -28,6 +27,7 @@ from pathlib import Path
 from arc2face_rt import manifest as mf
 from arc2face_rt.atomic import is_temp_name, locked, set_usual_modes, temp_dir
 from arc2face_rt.errors import InvalidInputError, OutputExistsError
+from arc2face_rt.fileio import loads_json
 from arc2face_rt.specs import ALL_STAGES
 
 _STAGE_NAMES = "|".join(re.escape(n) for n in (*ALL_STAGES, *mf.FACE_STAGES))
@@ -40,8 +40,8 @@ def _foreign_manifest(folder: Path) -> str | None:
     """Why a folder's manifest.json is someone else's: a JSON object without our `format`. One that
     cannot be read as an object at all is a damaged one of ours (what `--force` is there to repair)."""
     try:
-        m = json.loads((folder / mf.MANIFEST).read_bytes())
-    except (OSError, ValueError, RecursionError):
+        m = loads_json((folder / mf.MANIFEST).read_bytes())
+    except (OSError, ValueError):
         return None
     if isinstance(m, dict) and m.get("format") != mf.FORMAT:
         return f"format {m.get('format')!r}, not an engines manifest"

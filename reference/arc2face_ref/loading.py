@@ -9,7 +9,6 @@ Either weight format (.safetensors or .bin) is accepted in each folder.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from arc2face_rt.errors import MissingWeightsError
+from arc2face_rt.fileio import loads_json
 
 # folder -> (config file, accepted weight files)
 LAYOUT = {
@@ -120,7 +120,7 @@ def _config_object(config_path: Path) -> dict:
     """A model's config.json as a JSON object, or MissingWeightsError naming the file. Plain JSON: no
     model library is imported for it, so a broken config is refused at once."""
     try:
-        config = json.loads(config_path.read_text())
+        config = loads_json(config_path.read_text())
     except (ValueError, OSError) as e:
         raise MissingWeightsError(f"{config_path}: unreadable or invalid ({_first_line(e)}); download it again") from e
     if not isinstance(config, dict):
@@ -242,7 +242,7 @@ def read_scheduler_config(path: Path) -> dict:
     from arc2face_rt.schedulers import SCHEDULERS, make_schedule
 
     try:
-        config = json.loads(path.read_text())
+        config = loads_json(path.read_text())
     except ValueError as e:
         raise MissingWeightsError(f"{path}: not valid JSON ({e}); download it again") from e
     if not isinstance(config, dict):

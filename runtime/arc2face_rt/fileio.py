@@ -2,12 +2,23 @@
 would block an open() forever, /dev/zero would never end) of at most `max_bytes`, read in one go."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
 
 from .errors import Arc2FaceError, InvalidInputError
 from .exits import os_error_message
+
+
+def loads_json(data: str | bytes):
+    """json.loads, where JSON nested too deeply for Python's parser raises the ValueError any other
+    malformed JSON raises (json itself raises RecursionError, which a reader's `except ValueError`
+    would let through as a traceback)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def read_regular_file(path: str | Path, max_bytes: int, what: str = "file", fix: str = "",

@@ -13,7 +13,7 @@ from PIL.PngImagePlugin import PngInfo
 from . import checks
 from .atomic import atomic_write
 from .errors import ImageDecodeError, InvalidInputError
-from .fileio import read_regular_file
+from .fileio import loads_json, read_regular_file
 
 PARAMS_KEY = "arc2face-rt"   # PNG tEXt key holding the JSON parameters
 MAX_PNG_BYTES = 64 << 20     # ours are under 1 MB (512x512 RGB); a larger file is not one of them
@@ -136,8 +136,8 @@ def read_png_params(path: str | Path, jpeg: bool = False,
         raise InvalidInputError(f"{path}: has no arc2face-rt parameters (no {where}); it was "
                                 "not written by arc2face-rt, or an editor dropped them")
     try:
-        params = json.loads(text)
-    except (ValueError, RecursionError) as e:
+        params = loads_json(text)
+    except ValueError as e:
         raise InvalidInputError(f"{path}: its {where} is not valid JSON ({e}); the file was "
                                 "edited or damaged, or another program wrote it") from None
     if not isinstance(params, dict):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .atomic import atomic_write
 from .errors import Arc2FaceError, EngineMismatchError
-from .fileio import read_regular_file
+from .fileio import loads_json, read_regular_file
 from .manifest import refused, resolve_inside, sha256_file
 
 log = logging.getLogger(__name__)
@@ -98,10 +98,10 @@ class StampStore:
         self.stamps: dict[str, list] = {}
         self.dirty = False
         try:
-            data = json.loads(read_regular_file(self.path, _MAX_STAMP_BYTES, what="stamp file"))
+            data = loads_json(read_regular_file(self.path, _MAX_STAMP_BYTES, what="stamp file"))
             if isinstance(data, dict) and data.get("version") == _STAMP_VERSION and isinstance(data.get("files"), dict):
                 self.stamps = data["files"]
-        except (Arc2FaceError, ValueError, RecursionError):
+        except (Arc2FaceError, ValueError):
             pass                      # no stamps yet, or not a stamp file we wrote: hash again
 
     def matches(self, real: str, st: os.stat_result, sha256: str) -> bool:

@@ -40,7 +40,7 @@ from pathlib import Path
 from .atomic import atomic_write
 from .errors import EngineMismatchError
 from .exits import os_error_reason
-from .fileio import read_regular_file
+from .fileio import loads_json, read_regular_file
 from .specs import ALL_STAGES, CONTROL_STAGES, PRECISIONS, SPEC_REVISION, STEP, STEP_CFG, VAE_DECODER
 
 MANIFEST = "manifest.json"
@@ -99,7 +99,7 @@ def reexport_advice(engines_dir: str | Path, controlnet: bool = False, precision
 def read_best_effort(engines_dir: str | Path) -> dict | None:
     """The folder's manifest as JSON, unchecked, or None: for advice about a folder that failed a check."""
     try:
-        m = json.loads(read_regular_file(Path(engines_dir) / MANIFEST, MAX_MANIFEST_BYTES))
+        m = loads_json(read_regular_file(Path(engines_dir) / MANIFEST, MAX_MANIFEST_BYTES))
     except Exception:
         return None
     return m if isinstance(m, dict) else None
@@ -201,8 +201,8 @@ def load_manifest(engines_dir: str | Path) -> dict:
     except EngineMismatchError as e:
         raise refused(engines_dir, str(e)) from None
     try:
-        m = json.loads(raw)
-    except (ValueError, RecursionError) as e:
+        m = loads_json(raw)
+    except ValueError as e:
         raise refused(engines_dir, f"{path}: unreadable manifest ({' '.join(str(e).split())})") from None
     check_manifest(m, engines_dir)
     return m

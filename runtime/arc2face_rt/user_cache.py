@@ -14,7 +14,6 @@ is removed, so a process that opens it at that moment finds it missing (and comp
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .backends.ov_cache import TRASH, cache_root, is_entry, read_record, record_used, remove_entry, root_is_ours
+from .fileio import loads_json
 from .integrity import stamp_dir
 
 DAY = 86400.0
@@ -123,8 +123,8 @@ def _stamp_entries() -> list[CacheEntry]:
             continue
         try:
             st = p.stat()
-            data = json.loads(p.read_text()) if st.st_size < 64 << 20 else None
-        except (OSError, ValueError, RecursionError):
+            data = loads_json(p.read_text()) if st.st_size < 64 << 20 else None
+        except (OSError, ValueError):
             data, st = None, p.lstat()
         folder, n = _stamp_folder(data)
         out.append(CacheEntry("stamps", p, st.st_size, st.st_mtime, [folder] if folder else [],

@@ -33,6 +33,7 @@ from arc2face_rt.atomic import atomic_write, is_temp_name, locked_folder, remove
 from arc2face_rt.errors import ImageDecodeError, InvalidInputError
 from arc2face_rt.face.identity import SKIPPABLE, FaceAnalyzer
 from arc2face_rt.face.image_io import check_image_file, expand_paths, load_image
+from arc2face_rt.fileio import loads_json
 from arc2face_rt.outputs import PROBE_PREFIX, check_output_dir
 
 from .crop import TRAIN_SIZE, train_crop
@@ -81,7 +82,7 @@ def _plan(out: Path, files: list[Path], shard_size: int, say: Callable[[str], No
                                     f", which prepare did not write (no {PLAN_FILE}); move them away or use a new --out")
         return plan, files
     try:
-        old = json.loads(path.read_text())
+        old = loads_json(path.read_text())
     except ValueError as e:
         raise InvalidInputError(f"{path}: unreadable ({e}); use a new --out") from None
     if not isinstance(old, dict) or not isinstance(old.get("files", []), list):
@@ -118,7 +119,7 @@ def _settings(analyzer: FaceAnalyzer) -> dict:
 def _same_settings(out: Path, settings: dict, no_sample: bool) -> bool:
     """Whether a later run has the settings of the first (a plan from before they were recorded: any
     settings). Other settings are refused once a shard holds a sample (its samples would mix two)."""
-    then = json.loads((out / PLAN_FILE).read_text()).get("settings")
+    then = loads_json((out / PLAN_FILE).read_text()).get("settings")
     if not isinstance(then, dict) or then == settings:
         return True
     if no_sample:
@@ -241,7 +242,7 @@ def _signature(path: str | Path) -> list[int] | None:
 def _done(out: Path, k: int) -> bool:
     """Shard k is committed and none of the photos it skipped has changed since."""
     try:
-        stats = json.loads((out / stats_name(k)).read_text())
+        stats = loads_json((out / stats_name(k)).read_text())
         return all(s.get("stat") == _signature(s["path"]) for s in stats["skipped"])
     except FileNotFoundError:
         return False
@@ -262,7 +263,7 @@ def _summarise(out: Path, photos: int, n_shards: int, done_before: int) -> Prepa
     written, skipped = 0, []
     for k in range(n_shards):
         try:
-            stats = json.loads((out / stats_name(k)).read_text())
+            stats = loads_json((out / stats_name(k)).read_text())
             written += int(stats["written"])
             skipped += [(str(s["path"]), str(s["reason"])) for s in stats["skipped"]]
         except (ValueError, KeyError, TypeError) as e:

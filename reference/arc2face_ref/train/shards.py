@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from arc2face_rt.errors import InvalidInputError
+from arc2face_rt.fileio import loads_json
 
 from .prepare import PLAN_FILE, shard_name, stats_name
 
@@ -59,7 +60,7 @@ def index_shards(data: str | Path) -> list[SampleRef]:
         raise InvalidInputError(f"--data {data}: not a folder written by `arc2face-train prepare` (no {PLAN_FILE})")
     redo = "run the same `arc2face-train prepare` command again"
     try:
-        plan = json.loads(plan_path.read_text())
+        plan = loads_json(plan_path.read_text())
         n_shards = -(-len(plan["files"]) // int(plan["shard_size"]))
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
         raise InvalidInputError(f"{plan_path}: damaged ({' '.join(str(e).split())[:80]}); prepare the data again "
@@ -72,7 +73,7 @@ def index_shards(data: str | Path) -> list[SampleRef]:
     for k in range(n_shards):
         shard, stats = data / shard_name(k), data / stats_name(k)
         try:
-            written = int(json.loads(stats.read_text())["written"])
+            written = int(loads_json(stats.read_text())["written"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise InvalidInputError(f"{stats}: damaged ({' '.join(str(e).split())[:80]}); move it and "
                                     f"{shard.name} away and {redo} to redo that shard") from None
@@ -126,7 +127,7 @@ def read_id(ref: SampleRef) -> np.ndarray:
 
 
 def read_meta(ref: SampleRef) -> dict:
-    return json.loads(read_part(ref, "json"))
+    return loads_json(read_part(ref, "json"))
 
 
 class ShardDataset(torch.utils.data.Dataset):

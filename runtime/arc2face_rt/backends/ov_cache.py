@@ -23,7 +23,6 @@ Writes of the record are atomic (temporary file, then rename).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 
 from ..errors import Arc2FaceError
-from ..fileio import read_regular_file
+from ..fileio import loads_json, read_regular_file
 from ..manifest import write_json_atomic
 
 log = logging.getLogger("arc2face_rt")
@@ -144,8 +143,8 @@ def read_record(entry: Path) -> dict:
     """The record of one cache entry folder: {} when missing, unreadable or not ours (an entry is ours
     when its record says so). The fields are as the file has them: see `usable_record`."""
     try:       # a regular file of sane size: a FIFO or /dev/zero put there must not hang or fill memory
-        rec = json.loads(read_regular_file(entry / RECORD, MAX_RECORD_BYTES, what="cache record"))
-    except (OSError, ValueError, RecursionError, Arc2FaceError):
+        rec = loads_json(read_regular_file(entry / RECORD, MAX_RECORD_BYTES, what="cache record"))
+    except (OSError, ValueError, Arc2FaceError):
         return {}
     return rec if isinstance(rec, dict) and rec.get("format") == FORMAT else {}
 

@@ -21,7 +21,7 @@ import numpy as np
 from ..atomic import atomic_write, is_stale_temp, remove_stale_temps, temp_writer, undo_new_folders
 from ..errors import InvalidInputError, OutputExistsError
 from ..exits import resumable
-from ..fileio import read_regular_file
+from ..fileio import loads_json, read_regular_file
 from ..npyio import read_npy, save_npy_atomic
 from ..outputs import check_output_dir
 from ..provenance import RUN_KEYS, as_current
@@ -35,8 +35,8 @@ _MAX_JSON = 256 << 20
 
 def _read_json(path: Path, what: str) -> dict:
     try:
-        d = json.loads(read_regular_file(path, _MAX_JSON, what=what, fix="move it away or choose another --out"))
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        d = loads_json(read_regular_file(path, _MAX_JSON, what=what, fix="move it away or choose another --out"))
+    except ValueError:
         d = None
     if not isinstance(d, dict):
         raise InvalidInputError(f"{path}: is not a {what} arc2face-rt wrote; move it away or choose another --out")

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..errors import EngineMismatchError, NoFaceError, OutputExistsError
+from ..fileio import loads_json
 from ..images import image_bytes
 from ..provenance import as_current
 from ..write_behind import WriteBehind
@@ -199,7 +200,7 @@ def _less_run(manifest: dict) -> dict:
 
 def _manifest_or_none(path: Path) -> dict | None:
     try:
-        m = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):
+        m = loads_json(path.read_bytes())
+    except (OSError, ValueError):
         return None
     return m if isinstance(m, dict) else None
