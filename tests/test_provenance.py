@@ -90,6 +90,9 @@ def test_trt_records_built_plans_and_ort_gpu_records_device_fused_tf32(monkeypat
                                                      fused=provenance.ort_fused_wanted(m))
     monkeypatch.setenv("ARC2FACE_ORT_TF32", "1")
     assert "tf32" not in gpu and provenance.run_record({**m, "precision": "fp32"}, "ort", on_gpu=True)["tf32"]
+    monkeypatch.setenv("ARC2FACE_ORT_FUSE_CONV_BIAS", "1")      # other cuDNN kernels, TF32 on: other pixels
+    assert "ort_conv_bias" not in gpu and provenance.run_record(m, "ort", on_gpu=True, fused=True)["ort_conv_bias"]
+    assert "ort_conv_bias" not in provenance.run_record(m, "ort", on_gpu=True)        # the plain graphs ignore it
     # only the generation stages' plans are in the id: not the face models' (build-engines adds them), nor others
     face = {**m, "plans": {**m["plans"], "detector": f("5"), "arcface": f("6"), "some_future_plan": f("7")}}
     assert provenance.run_record(face, "trt")["engines"] == trt["engines"]

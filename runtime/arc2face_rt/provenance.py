@@ -13,6 +13,8 @@ options, so that `--resume` never mixes images of two setups that look alike on 
     device      ONNX Runtime on the GPU only: "cuda" (absent: the CPU)
     ort_graphs  ONNX Runtime on the GPU with the `onnx --ort-cuda` graphs: "fused" (absent: the plain ones)
     tf32        ONNX Runtime on the GPU with fp32 graphs and ARC2FACE_ORT_TF32=1: true (absent: no TF32)
+    ort_conv_bias  ONNX Runtime on the GPU with the fused graphs and ARC2FACE_ORT_FUSE_CONV_BIAS=1: true
+                (cuDNN's fused convolution-and-bias kernels, with TF32; absent: the bias added by its own kernel)
 
 Everything here is known from the manifest, the environment and this machine before any graph is opened
 (`predicted`), so a `--resume` with another setup is refused before a model loads; once sessions are open,
@@ -26,7 +28,7 @@ import os
 from .manifest import built_precision, record_files
 from .specs import ALL_STAGES
 
-RUN_KEYS = ("backend", "precision", "engines", "device", "ort_graphs", "tf32")
+RUN_KEYS = ("backend", "precision", "engines", "device", "ort_graphs", "tf32", "ort_conv_bias")
 ORT_CUDA = "ort_cuda"                  # manifest section of `arc2face-export onnx --ort-cuda`
 
 
@@ -84,6 +86,8 @@ def run_record(manifest: dict, backend: str, ov_precision=None, on_gpu: bool = F
         rec["device"] = "cuda"
         if fused:
             rec["ort_graphs"] = "fused"
+            if os.environ.get("ARC2FACE_ORT_FUSE_CONV_BIAS") == "1":
+                rec["ort_conv_bias"] = True
         if manifest.get("precision") == "fp32" and os.environ.get("ARC2FACE_ORT_TF32") == "1":
             rec["tf32"] = True
     return rec
