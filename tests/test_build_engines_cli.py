@@ -102,6 +102,12 @@ def test_a_complete_export_of_other_model_files_is_not_built_silently(tmp_path, 
     export_calls.clear()
     assert _run("--out", d, "--no-face", "--model-dir", tiny_model_dir) == 0     # the same files: built as is
     assert not export_calls and sorted(_manifest(d)["plans"]) == sorted(LCM_STAGES)
+    m = _manifest(d)                              # a damaged record was an AttributeError traceback
+    rel = str(model_files(tiny_model_dir)[0].relative_to(tiny_model_dir))
+    m["source"]["files"] = {rel: "x"}
+    mf.write_json_atomic(d / mf.MANIFEST, m)
+    with pytest.raises(EngineMismatchError, match=rf"\({rel} differ\); pass --force"):
+        _run("--out", d, "--no-face", "--model-dir", tiny_model_dir)
 
 
 def test_a_lora_export_is_not_re_exported_without_its_lora(tmp_path, tiny_model_dir, export_calls):

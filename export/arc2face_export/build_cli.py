@@ -79,9 +79,13 @@ def _check_export(args, out: Path, m: dict | None, lacking: list[str], onnx_prec
 def _other_source(model_dir: Path, m: dict) -> str:
     """Which of the model files the export in `m` was made from differ in `model_dir` (missing, other
     bytes), named; "" when none does, or the manifest records none (a hand-made folder)."""
-    files = (m.get("source") or {}).get("files") or {}
-    def same(p: Path, rec: dict) -> bool:      # sizes first: a file of another size is never hashed
-        return p.is_file() and p.stat().st_size == rec.get("bytes") and mf.file_record(p) == rec
+    source = m.get("source")
+    files = source.get("files") if isinstance(source, dict) else None
+    if not isinstance(files, dict):             # none recorded, or a damaged record: nothing to compare
+        return ""
+    def same(p: Path, rec) -> bool:             # sizes first: a file of another size is never hashed
+        return (isinstance(rec, dict) and p.is_file() and p.stat().st_size == rec.get("bytes")
+                and mf.file_record(p) == rec)
     differ = [rel for rel, rec in sorted(files.items()) if not same(model_dir / rel, rec)]
     return ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
 
