@@ -37,12 +37,16 @@ def _face_choice(s: str) -> str | int:
     return i
 
 
+# the detection flags' defaults: `--aligned` (no detection) refuses any other value
+_DETECTION = {"detector": None, "face": "largest", "min_score": SCORE_THRESHOLD, "min_size": 0.0}
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("face models")
     g.add_argument("--models", metavar="DIR", type=argtypes.path, default=None,
                    help=f"folder with {DETECTOR_FILE} and {RECOGNIZER_FILE} (also looked for in DIR/antelopev2); "
                         f"default $ARC2FACE_MODELS or ./{DEFAULT_MODELS_DIR}")
-    g.add_argument("--detector", metavar="FILE", type=argtypes.path, default=None, help=f"SCRFD ONNX file (default DIR/{DETECTOR_FILE})")
+    g.add_argument("--detector", metavar="FILE", type=argtypes.path, default=_DETECTION["detector"], help=f"SCRFD ONNX file (default DIR/{DETECTOR_FILE})")
     g.add_argument("--recognizer", metavar="FILE", type=argtypes.path, default=None,
                    help=f"ArcFace ONNX file (default DIR/{RECOGNIZER_FILE}, Arc2Face's own, not glintr100.onnx)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -55,12 +59,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-verify", action="store_true",
                    help="with --engines: check the plans' sizes only, not their content (sha256)")
     f = p.add_argument_group("face choice")
-    f.add_argument("--face", type=_face_choice, default="largest", metavar="largest|INDEX",
+    f.add_argument("--face", type=_face_choice, default=_DETECTION["face"], metavar="largest|INDEX",
                    help="which face of a photo with several: the largest (Arc2Face's choice) or the INDEX-th "
                         "in detection order (best score first)")
-    f.add_argument("--min-score", type=argtypes.number(0.0, 1.0, "a score"), default=SCORE_THRESHOLD, metavar="S",
+    f.add_argument("--min-score", type=argtypes.number(0.0, 1.0, "a score"), default=_DETECTION["min_score"],
+                   metavar="S",
                    help=f"detection score threshold (default {SCORE_THRESHOLD})")
-    f.add_argument("--min-size", type=argtypes.number(0.0, name="a size in pixels"), default=0.0, metavar="PX",
+    f.add_argument("--min-size", type=argtypes.number(0.0, name="a size in pixels"), default=_DETECTION["min_size"],
+                   metavar="PX",
                    help="ignore faces whose box is narrower or shorter than PX pixels")
     add_max_pixels(f)
     f.add_argument("--aligned", action="store_true",
@@ -100,9 +106,7 @@ def add_score_parser(subparsers) -> argparse.ArgumentParser:
 def _check_where(args) -> None:
     """Refuse the model flags that cannot be honoured (as `generate` refuses them), before any file is read."""
     check_backend_device(args.backend, args.device)
-    detection = [flag for flag, value, default in (("--detector", args.detector, None), ("--face", args.face, "largest"),
-                                                   ("--min-score", args.min_score, SCORE_THRESHOLD),
-                                                   ("--min-size", args.min_size, 0.0)) if value != default]
+    detection = [f"--{k.replace('_', '-')}" for k, default in _DETECTION.items() if getattr(args, k) != default]
     if args.aligned and detection:
         raise InvalidInputError(f"{', '.join(detection)}: detection settings, and --aligned inputs are not detected "
                                 "(drop them, or drop --aligned)")
