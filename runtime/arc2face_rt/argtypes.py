@@ -55,7 +55,7 @@ def count(lo: int = 0, hi: int = 2**63 - 1, name: str = "a whole number"):
 seed = count(0, 2**63 - 1, "a seed")
 
 
-def env_count(name: str, lo: int = 1, hi: int = 4096, why: str = "") -> int | None:
+def env_count(name: str, lo: int, hi: int, why: str = "") -> int | None:
     """A whole-number environment variable: None when unset or empty, else its value in [lo, hi];
     anything else is an InvalidInputError naming the variable (and `why` the bounds are what they are)."""
     from .errors import InvalidInputError

@@ -14,6 +14,7 @@ from . import checks
 from .atomic import atomic_write
 from .errors import ImageDecodeError, InvalidInputError
 from .fileio import loads_json, read_regular_file
+from .specs import IMAGE_SIZE
 
 PARAMS_KEY = "arc2face-rt"   # PNG tEXt key holding the JSON parameters
 MAX_PNG_BYTES = 64 << 20     # ours are under 1 MB (512x512 RGB); a larger file is not one of them
@@ -116,7 +117,7 @@ def read_png_params(path: str | Path, jpeg: bool = False,
         raise
     except Image.DecompressionBombError as e:    # intact, but more pixels than Pillow will decode
         raise ImageDecodeError(f"{path}: over Pillow's decompression-bomb pixel limit ({e}); arc2face-rt's PNGs "
-                               f"are {512}x{512}, so this is not one of them") from None
+                               f"are {IMAGE_SIZE}x{IMAGE_SIZE}, so this is not one of them") from None
     except UnidentifiedImageError:
         if data.startswith(b"\x89PNG\r\n\x1a\n"):     # a PNG whose header chunks are broken (a bad CRC)
             raise ImageDecodeError(f"{path}: truncated or corrupt PNG (Pillow cannot read its header chunks); "

@@ -15,6 +15,7 @@ from .errors import Arc2FaceError, InvalidInputError
 from .exits import os_error_message, os_error_reason
 from .images import read_png_params
 from .provenance import as_current
+from .specs import IMAGE_SIZE
 
 PROBE_PREFIX = ".arc2face-probe-"    # check_output_dir's test folder, made and removed at once
 _NAME_MAX = 170        # file systems allow 255 bytes; atomic_write adds ~80 for its temporary name
@@ -138,7 +139,7 @@ def read_image_params(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        params, _, mode = read_png_params(path, size=(512, 512))
+        params, _, mode = read_png_params(path, size=(IMAGE_SIZE, IMAGE_SIZE))
     except Arc2FaceError:
         return None
     return params if mode == "RGB" else None
