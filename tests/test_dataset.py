@@ -55,7 +55,9 @@ def test_random_identities_are_seeded_and_distinct():
     assert not np.array_equal(a, free)                  # the threshold rejected some draws
     assert np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
     assert len({identity_seed(3, j) for j in range(40)}) == 40
-    # a threshold no n directions meet is refused at once, not after 1000 draws per identity (2000: 79 s of CPU)
+    # a threshold no n directions meet (below -1/(n-1)) is refused at once, not after 1000 draws per identity
+    # (2000: 79 s of CPU); one that n directions can meet but random draws hardly do (0 for 2000) still
+    # spends that budget before it is refused
     from arc2face_rt.errors import InvalidInputError
     with pytest.raises(InvalidInputError, match=r"-0.01: no 2000 directions are that far apart .* at least -0.0005"):
         random_identities(2000, seed=3, max_similarity=-0.01)

@@ -59,8 +59,8 @@ class FitConfig:
         need(self.batch_size <= MAX_BATCH, f"--batch-size {self.batch_size}: at most {MAX_BATCH} per process (a "
                                            "larger global batch comes from --grad-accum and more processes)")
         most = max(4 * usable_cpus(), 8)    # loaders waiting on network storage may outnumber the cores
-        need(self.workers <= most, f"--workers {self.workers}: at most {most}, four per CPU this process may use "
-                                   "(each worker is a process with its own copy of the data set's index)")
+        need(self.workers <= most, f"--workers {self.workers}: at most {most}, four per CPU this process may use and "
+                                   "at least 8 (each worker is a process with its own copy of the data set's index)")
         need(self.resolution >= 64 and self.resolution % 64 == 0,
              f"--resolution must be a multiple of 64 (got {self.resolution})")
         need(self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {LR_SCHEDULES}")
