@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +43,33 @@ def _clocks() -> tuple[float, float]:
 
 def _since(t: tuple[float, float]) -> tuple[float, float]:
     return time.perf_counter() - t[0], time.process_time() - t[1]
+
+
+def _thread_cpu() -> dict[int, tuple[str, float]]:
+    """This process's threads: native id -> (name, CPU seconds so far); {} where psutil or /proc is missing."""
+    try:
+        import psutil
+
+        threads = psutil.Process().threads()
+    except Exception:
+        return {}
+    main = threading.main_thread().native_id
+    out = {}
+    for t in threads:
+        try:
+            name = Path(f"/proc/self/task/{t.id}/comm").read_text().strip()
+        except OSError:
+            name = "?"
+        out[t.id] = ("main" if t.id == main else name, t.user_time + t.system_time)
+    return out
+
+
+def _threads_used(before: dict, after: dict) -> list:
+    """[name, CPU seconds] of the threads that used at least 0.05 s between two `_thread_cpu` snapshots,
+    busiest first: where a mode's CPU time went (the generating thread waiting, ONNX Runtime's pools).
+    A thread that ended in between is not counted."""
+    used = [(name, round(cpu - before.get(tid, (name, 0.0))[1], 3)) for tid, (name, cpu) in after.items()]
+    return [list(u) for u in sorted(used, key=lambda u: -u[1]) if u[1] >= 0.05]
 
 
 def _pipeline(pipe, n: int, k: int, opts) -> tuple[float, float]:
@@ -102,6 +130,7 @@ def bench_dataset(size: str = "tiny", identities: int = 8, per_identity: int = 4
     opts = GenerationOptions(steps=steps, guidance=guidance, batch_size=batch)
     images = identities * per_identity
     runs: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
+    threads: list[list] = []                    # per pipeline run: the threads' CPU seconds
     load = {"start": [round(v, 2) for v in os.getloadavg()]}   # other processes on the machine skew wall times
     with Arc2FacePipeline(engines, backend="ort", device=device) as pipe, \
             tempfile.TemporaryDirectory(prefix="arc2face-dataset-bench-") as tmp:
@@ -115,7 +144,9 @@ def bench_dataset(size: str = "tiny", identities: int = 8, per_identity: int = 4
             for mode in MODES:
                 out = Path(tmp) / f"{mode}-{r}"
                 if mode == "pipeline":
+                    before = _thread_cpu()
                     wall, cpu = _pipeline(pipe, identities, per_identity, opts)
+                    threads.append(_threads_used(before, _thread_cpu()))
                 elif mode == "generate":
                     wall, cpu = _generate(pipe, out, identities, per_identity, opts)
                 else:
@@ -139,7 +170,7 @@ def bench_dataset(size: str = "tiny", identities: int = 8, per_identity: int = 4
     return {"kind": "dataset", "size": size, "identities": identities, "per_identity": per_identity,
             "images": images, "steps": steps, "batch": batch, "guidance": opts.guidance, "repeats": repeats,
             "backend": f"ort ({device}, {precision})", "engines": str(engines), "run_params": run_params,
-            "load_average_1_5_15min": load,
+            "load_average_1_5_15min": load, "pipeline_threads_cpu_s": threads,
             "random_weights": (model_dir / "RANDOM_WEIGHTS.txt").is_file(), "modes": rows,
             "max_overhead_pct": {k: max(rows[m]["overhead_vs_generate_pct"][k] for m in DATASET_MODES)
                                  for k in ("wall", "cpu")}}
