@@ -287,3 +287,21 @@ def test_folders_not_named_as_ours_are_never_entries(cache, tmp_path, monkeypatc
     os.mkfifo(fifo / RECORD)
     [e] = user_cache.scan()
     assert e.path == fifo and e.detail.startswith("no record")
+
+
+def test_blank_folder_variables_mean_unset(tmp_path, monkeypatch):
+    """`ARC2FACE_CACHE_DIR=" "` made a folder named " " in the working directory, and
+    `ARC2FACE_MODELS=" "` looked for the face models there: blank is unset, as empty is."""
+    from arc2face_rt.backends.ov_cache import cache_root, root_is_ours
+    from arc2face_rt.errors import MissingWeightsError
+    from arc2face_rt.face.models import resolve_model
+    from arc2face_rt.integrity import cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    for name in ("ARC2FACE_CACHE_DIR", "ARC2FACE_OV_CACHE", "ARC2FACE_MODELS"):
+        monkeypatch.setenv(name, "  ")
+    assert cache_dir() == tmp_path / "xdg" / "arc2face-rt"
+    assert cache_root() == tmp_path / "xdg" / "arc2face-rt" / "openvino" and root_is_ours()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MissingWeightsError, match=r"^models: no "):
+        resolve_model("detector", None, None)

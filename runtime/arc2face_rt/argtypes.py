@@ -69,6 +69,13 @@ def env_count(name: str, lo: int, hi: int, why: str = "") -> int | None:
         raise InvalidInputError(f"{name}={text}: {e}{why} (unset it for the default)") from None
 
 
+def env_path(name: str) -> str | None:
+    """A folder-naming environment variable such as ARC2FACE_CACHE_DIR: None when unset, empty or only
+    blanks (`VAR=" "` would otherwise name a folder " " in the working directory), else its value."""
+    text = os.environ.get(name)
+    return text if text and text.strip() else None
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity mask where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

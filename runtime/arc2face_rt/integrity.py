@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .argtypes import env_path
 from .atomic import atomic_write
 from .errors import Arc2FaceError, EngineMismatchError
 from .fileio import loads_json, read_regular_file
@@ -37,9 +38,9 @@ _MAX_STAMP_BYTES = 64 << 20
 
 def cache_dir() -> Path:
     """arc2face-rt's per-user cache folder (not created here)."""
-    if os.environ.get("ARC2FACE_CACHE_DIR"):
+    if env_path("ARC2FACE_CACHE_DIR"):
         return Path(os.environ["ARC2FACE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = env_path("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "arc2face-rt"
 
 

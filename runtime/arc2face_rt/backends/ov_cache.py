@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..argtypes import env_path
 from ..errors import Arc2FaceError
 from ..fileio import loads_json, read_regular_file
 from ..manifest import write_json_atomic
@@ -61,7 +62,7 @@ def user_cache_root() -> Path:
 def cache_root() -> Path | None:
     """The folder holding one cache entry per engines id: ARC2FACE_OV_CACHE, else the per-user cache's
     `openvino/`; None when ARC2FACE_OV_CACHE=0 turns the cache off."""
-    env = os.environ.get("ARC2FACE_OV_CACHE")
+    env = env_path("ARC2FACE_OV_CACHE")
     if env == "0":
         return None
     return Path(env) if env else user_cache_root()
@@ -187,7 +188,7 @@ def is_entry(p: Path, any_folder: bool = False) -> bool:
 def root_is_ours() -> bool:
     """Whether the cache root is the per-user one (not a folder ARC2FACE_OV_CACHE names, which other
     programs may share)."""
-    return not os.environ.get("ARC2FACE_OV_CACHE")
+    return not env_path("ARC2FACE_OV_CACHE")
 
 
 def remove_entry(entry: Path) -> None:

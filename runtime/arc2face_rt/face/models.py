@@ -6,7 +6,6 @@ exporter's face-plan builder use these; the CLI modules only parse flags.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable
@@ -14,6 +13,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .. import checks
+from ..argtypes import env_path
 from ..errors import EngineMismatchError, InvalidInputError, MissingWeightsError
 from ..folder_setup import BACKENDS, DEVICES, pick_backend
 from ..integrity import verify_records
@@ -42,10 +42,10 @@ def resolve_model(kind: str, explicit: str | Path | None, models_dir: str | Path
     `generate` or `dataset`)."""
     if explicit:
         return Path(explicit)
-    root = Path(models_dir or os.environ.get("ARC2FACE_MODELS") or DEFAULT_MODELS_DIR)
+    root = Path(models_dir or env_path("ARC2FACE_MODELS") or DEFAULT_MODELS_DIR)
     if root.exists() and not root.is_dir():
         named = f"{models_flag} {root}" if models_dir else (
-            f"$ARC2FACE_MODELS={root}" if os.environ.get("ARC2FACE_MODELS") else f"./{DEFAULT_MODELS_DIR}")
+            f"$ARC2FACE_MODELS={root}" if env_path("ARC2FACE_MODELS") else f"./{DEFAULT_MODELS_DIR}")
         raise MissingWeightsError(f"{named}: is a file, not a folder of face models; name the folder that holds "
                                   f"{DETECTOR_FILE} and {RECOGNIZER_FILE}")
     names = _DETECTOR_NAMES if kind == "detector" else (RECOGNIZER_FILE,)
