@@ -11,9 +11,10 @@ What the capture rules forbid (a host synchronisation of the capturing stream, c
 capturing thread) invalidates the capture, as CUDA does. Counters (`syncs`, `captures`,
 `instantiations`, `launches`) and a log of memcpys (`copies`: kind, bytes, pinned host side) let
 tests assert the protocol: one host synchronisation per batch, pinned host buffers, no re-capture.
-`pageable_waits` counts the copies into pageable host memory issued while their stream still had
-unsynchronised work: CUDA returns from those only when that work is done, waiting its default way
-(spinning a core) instead of on the caller's blocking-sync event.
+`pageable_waits` counts the copies into pageable host memory issued while their stream still had work
+the host has not seen finish (by a sync, an event sync up to the event's record, or an earlier such
+copy, which returns done): CUDA returns from those only when that work is done, waiting its default
+way (spinning a core) instead of on the caller's blocking-sync event.
 """
 from __future__ import annotations
 
@@ -95,8 +96,11 @@ class FakeCudart:
         self.syncs = self.device_syncs = self.captures = self.instantiations = self.launches = 0
         self.copies: list[tuple[str, int, bool]] = []
         self.invalidate_next_capture = False
-        self.pending: set[int] = set()          # streams with work enqueued since their last sync
-        self.event_streams: dict[int, int] = {}
+        # per stream: work items enqueued so far, and how many of them the host has seen finish (a
+        # sync, an event sync up to the event's record, a pageable copy that returned)
+        self.work: dict[int, int] = {}
+        self.seen_done: dict[int, int] = {}
+        self.event_marks: dict[int, tuple[int, int]] = {}      # event -> (stream, work count at its record)
         self.pageable_waits = 0
 
     # ---- memory -----------------------------------------------------------------------------
@@ -171,7 +175,7 @@ class FakeCudart:
             s["capture"].append(fn)
         else:
             fn()
-            self.pending.add(int(stream))
+            self.work[int(stream)] = self.work.get(int(stream), 0) + 1
 
     def _invalidate_all(self):
         for s in self.streams.values():
@@ -184,7 +188,7 @@ class FakeCudart:
             s["invalidated"] = True
             return (cudaError_t.cudaErrorStreamCaptureUnsupported,)
         self.syncs += 1
-        self.pending.discard(int(stream))
+        self.seen_done[int(stream)] = self.work.get(int(stream), 0)
         return (cudaError_t.cudaSuccess,)
 
     def cudaDeviceSynchronize(self):
@@ -192,7 +196,7 @@ class FakeCudart:
             self._invalidate_all()
             return (cudaError_t.cudaErrorStreamCaptureUnsupported,)
         self.device_syncs += 1
-        self.pending.clear()
+        self.seen_done.update(self.work)
         return (cudaError_t.cudaSuccess,)
 
     def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
@@ -203,7 +207,8 @@ class FakeCudart:
         elif kind == cudaMemcpyKind.cudaMemcpyDeviceToHost:
             self.device_view(src, nbytes)
             pinned = self.find(dst, nbytes, pinned=True) is not None
-            self.pageable_waits += int(not pinned and int(stream) in self.pending)
+            busy = self.work.get(int(stream), 0) > self.seen_done.get(int(stream), 0)
+            self.pageable_waits += int(not pinned and busy)
         elif kind == cudaMemcpyKind.cudaMemcpyDeviceToDevice:
             self.device_view(src, nbytes)
             self.device_view(dst, nbytes)
@@ -219,6 +224,8 @@ class FakeCudart:
                 self.device_view(src, nbytes)
             ctypes.memmove(dst, src, nbytes)
         self.enqueue(stream, run)
+        if kind == cudaMemcpyKind.cudaMemcpyDeviceToHost and not pinned and not self.streams[int(stream)]["capture"]:
+            self.seen_done[int(stream)] = self.work.get(int(stream), 0)   # it returned done: the stream is idle
         return (cudaError_t.cudaSuccess,)
 
     def cudaMemsetAsync(self, ptr, value, nbytes, stream):
@@ -286,7 +293,9 @@ class FakeCudart:
         if int(event) in self.captured_events:  # last recorded in a capturing stream: refused, capture kept
             return (cudaError_t.cudaErrorCapturedEvent,)
         self.syncs += 1
-        self.pending.discard(self.event_streams.get(int(event)))
+        if int(event) in self.event_marks:      # the work up to the event's record is done, not what came after
+            stream, mark = self.event_marks[int(event)]
+            self.seen_done[stream] = max(self.seen_done.get(stream, 0), mark)
         return (cudaError_t.cudaSuccess,)
 
     def cudaEventRecord(self, event, stream):
@@ -294,8 +303,8 @@ class FakeCudart:
             self.captured_events.add(int(event))
         else:
             self.captured_events.discard(int(event))
-        self.event_streams[int(event)] = int(stream)
         self.enqueue(stream, lambda: self.events.__setitem__(int(event), time.perf_counter()))
+        self.event_marks[int(event)] = (int(stream), self.work.get(int(stream), 0))
         return (cudaError_t.cudaSuccess,)
 
     def cudaEventElapsedTime(self, start, end):

@@ -302,3 +302,26 @@ def test_the_host_waits_for_a_stream_asleep_on_a_blocking_sync_event(monkeypatch
     with pytest.raises(RuntimeError, match="cudaEventSynchronize failed: cudaErrorCapturedEvent"):
         cuda.synchronize(stream)                 # a wait inside a capture is refused, as CUDA does
     assert not rt.events
+
+
+def test_the_simulated_runtime_counts_waits_inside_pageable_copies(sim):
+    """The counter the loops' tests rely on: a copy into a numpy array waits (spinning) only for work the
+    host has not seen finish; an event sync covers the work up to the event's record, not after it."""
+    rt = sim.rt
+    stream, buf = cuda.create_stream(), cuda.DeviceBuffer(1024)
+    host = np.empty(256, np.float32)
+    cuda.memset(buf.ptr, 1024, stream)
+    cuda.download(host, buf.ptr, stream)                      # waits for the memset
+    cuda.download(host, buf.ptr, stream)                      # the first returned done: nothing to wait for
+    assert rt.pageable_waits == 1
+    cuda.memset(buf.ptr, 1024, stream)
+    cuda.synchronize(stream)                                  # event sync up to here
+    cuda.download(host, buf.ptr, stream)
+    assert rt.pageable_waits == 1
+    event = cuda.Event()
+    event.record(stream)
+    cuda.memset(buf.ptr, 1024, stream)                        # after the record
+    assert rt.cudaEventSynchronize(event.handle) == (0,)
+    cuda.download(host, buf.ptr, stream)
+    assert rt.pageable_waits == 2
+    event.destroy(), buf.free(), cuda.destroy_stream(stream)
