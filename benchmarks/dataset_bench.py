@@ -64,12 +64,18 @@ def _thread_cpu() -> dict[int, tuple[str, float]]:
     return out
 
 
-def _threads_used(before: dict, after: dict) -> list:
-    """[name, CPU seconds] of the threads that used at least 0.05 s between two `_thread_cpu` snapshots,
-    busiest first: where a mode's CPU time went (the generating thread waiting, ONNX Runtime's pools).
-    A thread that ended in between is not counted."""
-    used = [(name, round(cpu - before.get(tid, (name, 0.0))[1], 3)) for tid, (name, cpu) in after.items()]
-    return [list(u) for u in sorted(used, key=lambda u: -u[1]) if u[1] >= 0.05]
+def _threads_used(before: dict, after: dict, cpu_s: float) -> list:
+    """Where a mode's `cpu_s` of process CPU time went between two `_thread_cpu` snapshots, by thread
+    name (ONNX Runtime's and CUDA's threads often share one): [name, threads alive at the end, CPU
+    seconds] for the names that used at least 0.05 s, busiest first, then ["(other)", None, the rest]:
+    smaller groups and threads that ended in between."""
+    groups: dict[str, tuple[int, float]] = {}
+    for tid, (name, cpu) in after.items():
+        n, used = groups.get(name, (0, 0.0))
+        groups[name] = (n + 1, used + cpu - before.get(tid, (name, 0.0))[1])
+    rows = [[name, n, round(used, 3)] for name, (n, used) in sorted(groups.items(), key=lambda g: -g[1][1])
+            if used >= 0.05]
+    return rows + [["(other)", None, round(max(cpu_s - sum(r[2] for r in rows), 0.0), 3)]]
 
 
 def _pipeline(pipe, n: int, k: int, opts) -> tuple[float, float]:
@@ -146,7 +152,7 @@ def bench_dataset(size: str = "tiny", identities: int = 8, per_identity: int = 4
                 if mode == "pipeline":
                     before = _thread_cpu()
                     wall, cpu = _pipeline(pipe, identities, per_identity, opts)
-                    threads.append(_threads_used(before, _thread_cpu()))
+                    threads.append(_threads_used(before, _thread_cpu(), cpu))
                 elif mode == "generate":
                     wall, cpu = _generate(pipe, out, identities, per_identity, opts)
                 else:
