@@ -172,6 +172,9 @@ def test_png_whose_header_pillow_refuses_is_to_be_resaved_not_converted(tmp_path
     p.write_bytes(data[:33] + chunk(b"zTXt", b"note\0\0" + zlib.compress(b"x" * 2_000_000)) + data[33:])
     msg = _refused(p, "unreadable image header")
     assert msg.endswith("re-save or re-export the PNG") and "convert" not in msg
+    p.write_bytes(data[:29] + b"\0\0\0\0" + data[33:])      # IHDR's CRC broken: Pillow cannot identify it
+    msg = _refused(p, "not an image, or a format Pillow cannot read")
+    assert msg.endswith("re-save or re-export the PNG"), msg
 
 
 def test_unsupported_format(tmp_path):

@@ -175,6 +175,13 @@ def test_a_cache_folder_that_is_a_file_is_named(tmp_path, monkeypatch, capsys):
     assert rt_main(["cache", "list"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"ARC2FACE_OV_CACHE={tmp_path / 'f'}: is a file, not a folder" in err[0], err
+    monkeypatch.setenv("ARC2FACE_CACHE_DIR", " ")                      # blank: unset, so the default folder
+    monkeypatch.delenv("ARC2FACE_OV_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    (tmp_path / "arc2face-rt").write_text("x")
+    assert rt_main(["cache", "list"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"the cache folder {tmp_path / 'arc2face-rt'}: is a file" in err[0], err
 
 
 def test_cache_touches_only_its_own_entries(cache, tmp_path, monkeypatch, capsys):

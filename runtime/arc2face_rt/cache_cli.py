@@ -55,7 +55,7 @@ def cmd_cache(args) -> int:
     # a root that is a file would be listed as empty: a user would think nothing is cached
     for root, var in ((cache_dir(), "ARC2FACE_CACHE_DIR"), (cache_root(), "ARC2FACE_OV_CACHE")):
         if root is not None and root.exists() and not root.is_dir():
-            where = f"{var}=" if os.environ.get(var) else "the cache folder "
+            where = f"{var}=" if argtypes.env_path(var) else "the cache folder "
             raise InvalidInputError(f"{where}{root}: is a file, not a folder; point {var} at a folder")
     entries = scan()
     if args.action == "list":

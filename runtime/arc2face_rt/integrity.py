@@ -38,8 +38,8 @@ _MAX_STAMP_BYTES = 64 << 20
 
 def cache_dir() -> Path:
     """arc2face-rt's per-user cache folder (not created here)."""
-    if env_path("ARC2FACE_CACHE_DIR"):
-        return Path(os.environ["ARC2FACE_CACHE_DIR"])
+    if chosen := env_path("ARC2FACE_CACHE_DIR"):
+        return Path(chosen)
     base = env_path("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "arc2face-rt"
 

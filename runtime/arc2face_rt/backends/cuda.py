@@ -170,9 +170,10 @@ def upload(dst_ptr: int, array, stream: int) -> None:
 
 
 def download(array, src_ptr: int, stream: int) -> None:
-    """Device -> host copy into a C-contiguous numpy array, enqueued on `stream` (sync before reading).
-    Into pageable memory (a plain numpy array, not a PinnedBuffer) CUDA returns only once the copy is
-    done, waiting for the stream's earlier work in CUDA's default way (spinning): `synchronize` first."""
+    """Device -> host copy into a C-contiguous numpy array, enqueued on `stream`. Into pinned memory (a
+    PinnedBuffer's array) the copy is asynchronous: `synchronize` after it, before reading. Into pageable
+    memory (a plain numpy array) CUDA returns only once the copy is done, waiting for the stream's earlier
+    work in CUDA's default way (spinning): `synchronize` before it; the array is ready when this returns."""
     rt = cudart()
     check(rt.cudaMemcpyAsync(array.ctypes.data, src_ptr, array.nbytes,
                              rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync D2H")

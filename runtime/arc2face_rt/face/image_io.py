@@ -208,7 +208,7 @@ def _decode(fp, name: str, limits: ImageLimits, pillow_rgb: bool = False) -> np.
             raise ImageDecodeError(f"{name}: refused by Pillow's decompression-bomb guard ({e}); "
                                    "downscale the image") from e
         except UnidentifiedImageError as e:
-            raise ImageDecodeError(f"{name}: not an image, or a format Pillow cannot read; {_FIX_FORMAT}") from e
+            raise ImageDecodeError(f"{name}: not an image, or a format Pillow cannot read; {_header_fix(fp)}") from e
         except Exception as e:  # a malformed header raises SyntaxError/OSError/ValueError by plugin
             raise ImageDecodeError(f"{name}: unreadable image header ({e}); {_header_fix(fp)}") from e
         w, h = im.size
