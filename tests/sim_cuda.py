@@ -83,6 +83,7 @@ class FakeCudart:
     cudaDeviceAttr = cudaDeviceAttr
     cudaStreamNonBlocking = 1
     cudaEventBlockingSync, cudaEventDisableTiming = 1, 2
+    cudaDeviceScheduleBlockingSync = 4
 
     def __init__(self, cc: str = "8.9", name: str = "Simulated GPU", devices: int = 1):
         self.cc, self.name, self.devices = cc, name, devices
@@ -96,6 +97,8 @@ class FakeCudart:
         self.syncs = self.device_syncs = self.captures = self.instantiations = self.launches = 0
         self.copies: list[tuple[str, int, bool]] = []
         self.invalidate_next_capture = False
+        self.device_flags: int | None = None     # cudaSetDeviceFlags' last flags
+        self.refuse_device_flags = False
         # per stream: work items enqueued so far, and how many of them the host has seen finish (a
         # sync, an event sync up to the event's record, a pageable copy that returned)
         self.work: dict[int, int] = {}
@@ -318,6 +321,12 @@ class FakeCudart:
         return (cudaError_t.cudaSuccess,)
 
     # ---- device -------------------------------------------------------------------------------
+    def cudaSetDeviceFlags(self, flags):
+        if self.refuse_device_flags:
+            return (cudaError_t.cudaErrorInvalidValue,)
+        self.device_flags = int(flags)
+        return (cudaError_t.cudaSuccess,)
+
     def cudaGetDeviceCount(self):
         if not self.devices:
             return cudaError_t.cudaErrorNoDevice, 0

@@ -155,3 +155,18 @@ def test_cuda_sessions_take_their_provider_options_from_the_environment_and_quie
         assert cuda_options["use_tf32"] == ("1" if conv_bias else "0")
         assert cuda_options["cudnn_conv_algo_search"] == "HEURISTIC"
     assert levels == ([3 if verbose else 4] * 2 if loads else [])
+
+
+def test_blocking_sync_variable_without_cuda_python_is_said_once(tiny_engines, cuda_fails_to_load, monkeypatch,
+                                                                 caplog):
+    """ARC2FACE_CUDA_BLOCKING_SYNC=1 is set through cuda-python before ONNX Runtime's first CUDA session;
+    where cuda-python is missing the variable cannot act, and one warning says so."""
+    def missing():
+        raise BackendUnavailableError("no cuda-python")
+    monkeypatch.setattr(cuda, "cudart", missing)
+    monkeypatch.setattr(ort_backend, "_blocking_sync_warned", False)
+    monkeypatch.setenv("ARC2FACE_CUDA_BLOCKING_SYNC", "1")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            ort_backend.OrtSession(tiny_engines / "projector.onnx", device="auto").close()
+    assert caplog.text.count("ARC2FACE_CUDA_BLOCKING_SYNC=1 needs cuda-python") == 1

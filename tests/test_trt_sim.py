@@ -325,3 +325,28 @@ def test_the_simulated_runtime_counts_waits_inside_pageable_copies(sim):
     cuda.download(host, buf.ptr, stream)
     assert rt.pageable_waits == 2
     event.destroy(), buf.free(), cuda.destroy_stream(stream)
+
+
+def test_blocking_sync_for_every_wait_only_with_its_variable(monkeypatch, caplog):
+    """ARC2FACE_CUDA_BLOCKING_SYNC=1 makes every CUDA wait in the process sleep (ONNX Runtime's too), on
+    cuda-python's first use; without it the device keeps CUDA's default; a refusal is a warning."""
+    import logging
+
+    from sim_cuda import FakeCudart
+
+    bindings = pytest.importorskip("cuda.bindings")
+    fake = FakeCudart()
+    monkeypatch.setattr(bindings, "runtime", fake, raising=False)        # what cudart() imports
+    try:
+        cuda.cudart.cache_clear()
+        assert cuda.cudart() is fake and fake.device_flags is None
+        monkeypatch.setenv("ARC2FACE_CUDA_BLOCKING_SYNC", "1")
+        cuda.cudart.cache_clear()
+        assert cuda.cudart() is fake and fake.device_flags == fake.cudaDeviceScheduleBlockingSync
+        fake.device_flags, fake.refuse_device_flags = None, True
+        cuda.cudart.cache_clear()
+        with caplog.at_level(logging.WARNING):
+            assert cuda.cudart() is fake
+        assert "ARC2FACE_CUDA_BLOCKING_SYNC=1: cudaSetDeviceFlags(cudaDeviceScheduleBlockingSync) failed" in caplog.text
+    finally:
+        cuda.cudart.cache_clear()

@@ -7,6 +7,8 @@ cuda-python moved its runtime module from `cuda.cudart` (<= 12.x) to `cuda.bindi
 from __future__ import annotations
 
 import ctypes
+import logging
+import os
 from functools import lru_cache
 
 import numpy as np
@@ -14,9 +16,16 @@ import numpy as np
 from ..errors import BackendUnavailableError
 
 
+log = logging.getLogger(__name__)
+
+BLOCKING_SYNC_ENV = "ARC2FACE_CUDA_BLOCKING_SYNC"
+
+
 @lru_cache(maxsize=1)
 def cudart():
-    """The cuda-python runtime module, or BackendUnavailableError naming the package to install."""
+    """The cuda-python runtime module, or BackendUnavailableError naming the package to install. On
+    first use with ARC2FACE_CUDA_BLOCKING_SYNC=1, the device's scheduling becomes blocking-sync
+    (`_sleep_in_every_wait`)."""
     try:
         from cuda.bindings import runtime as rt
     except ImportError:
@@ -26,7 +35,22 @@ def cudart():
             raise BackendUnavailableError(
                 "the TensorRT backend needs cuda-python; install it with "
                 "`pip install 'arc2face-rt[gpu]'` (or `pip install cuda-python`), or use --backend ort") from e
+    if os.environ.get(BLOCKING_SYNC_ENV) == "1":
+        _sleep_in_every_wait(rt)
     return rt
+
+
+def _sleep_in_every_wait(rt) -> None:
+    """cudaDeviceScheduleBlockingSync on the current device: every host wait in this process sleeps,
+    ONNX Runtime's and TensorRT's own included (stream syncs, copies into pageable memory), not only
+    ours (`synchronize`). An experiment, off by default: on an H200, generation at batch 16 still used
+    7.1 s of CPU in 8.2 s with our waits asleep (gpu-check-write-20261128T043034Z.json), and the cost,
+    a thread's wake-up per wait, is not measured yet. A failure is logged, never raised: the waits then
+    spin as by default."""
+    err, *_ = rt.cudaSetDeviceFlags(rt.cudaDeviceScheduleBlockingSync)
+    if err != rt.cudaError_t.cudaSuccess:
+        log.warning("%s=1: cudaSetDeviceFlags(cudaDeviceScheduleBlockingSync) failed (%s); CUDA's waits "
+                    "keep their default scheduling", BLOCKING_SYNC_ENV, err)
 
 
 def check(result, what: str = "CUDA call"):

@@ -92,6 +92,25 @@ def _preload_cuda_libraries(ort) -> None:
             log.info("onnxruntime.preload_dlls() failed: %s", e)
 
 
+_blocking_sync_warned = False
+
+
+def _blocking_sync_from_env() -> None:
+    """ARC2FACE_CUDA_BLOCKING_SYNC=1 (`cuda.cudart`'s first use sets it) also for ONNX Runtime's own
+    waits, before its first CUDA session; without cuda-python it cannot be set, which is said once."""
+    from . import cuda
+
+    if os.environ.get(cuda.BLOCKING_SYNC_ENV) != "1":
+        return
+    global _blocking_sync_warned
+    try:
+        cuda.cudart()
+    except BackendUnavailableError:
+        if not _blocking_sync_warned:
+            _blocking_sync_warned = True
+            log.warning("%s=1 needs cuda-python (`pip install cuda-python`); ignored", cuda.BLOCKING_SYNC_ENV)
+
+
 def _utf8(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -127,6 +146,7 @@ class OrtSession:
         requested = ort_providers(device)
         if CUDA_EP in requested:
             _preload_cuda_libraries(ort)
+            _blocking_sync_from_env()
         fused = path.name.endswith(FUSED_SUFFIX)
         providers = [(p, {**cuda_provider_options(fused), **(cuda_options or {})}) if p == CUDA_EP else p
                      for p in requested]
