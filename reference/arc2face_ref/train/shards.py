@@ -126,10 +126,6 @@ def read_id(ref: SampleRef) -> np.ndarray:
     return a
 
 
-def read_meta(ref: SampleRef) -> dict:
-    return loads_json(read_part(ref, "json"))
-
-
 class ShardDataset(torch.utils.data.Dataset):
     """index -> (image [3, R, R] float in [-1, 1], id [512] float32)."""
 
